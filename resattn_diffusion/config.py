@@ -1,0 +1,154 @@
+"""``ResTunerConfig``: which tuner, where it sits, how strongly, and its hyperparameters. JSON round trip."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from .registry import get_tuner_spec
+from .tuners.base import ConfigError, TunerParams, check_choice
+
+#: Operations of a transformer block that can get a tuner.
+TARGETS = ("attn1", "attn2", "ff")
+#: Linear projections of an attention that a linear tuner (Res-LoRA, GLoRA, SURM) can sit beside.
+#: On the ``ff`` target a linear tuner sits beside both of the feed-forward's linears.
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+PLACEMENTS = ("parallel", "sequential")
+
+_COMMON = ("tuner", "targets", "blocks", "projections", "placement", "scale")
+
+
+class ResTunerConfig:
+    """Configuration of one named tuner on a UNet.
+
+    Args:
+        tuner: a registered tuner name (``resattn_diffusion.tuner_names()``), e.g. ``"res_attn"``.
+        targets: operations of each transformer block that get a branch: any of ``"attn1"`` (self-attention),
+            ``"attn2"`` (cross-attention), ``"ff"`` (feed-forward).
+        blocks: glob patterns on the transformer block's path selecting where tuners go, e.g. ``["up_blocks.*"]``
+            or ``["mid_block", "up_blocks.1"]`` (a pattern also matches everything below the path it names).
+            ``None`` means every transformer block. A pattern that matches no block is an error when the config
+            is applied to a UNet.
+        projections: for linear tuners (Res-LoRA, GLoRA, SURM), which attention projections get a branch.
+        placement: ``"parallel"`` (``y + s T(x)``, Res-Tuning) or ``"sequential"`` (``y + s T(y)``, U-Tuning).
+        scale: the branch scale ``s``; 0 gives the frozen model exactly.
+        **hyperparameters: the tuner's own (e.g. ``rank=8, heads=2`` for ``res_attn``); defaults otherwise.
+    """
+
+    def __init__(
+        self,
+        tuner: str = "res_attn",
+        targets: Iterable[str] = ("attn1", "attn2"),
+        blocks: Iterable[str] | None = None,
+        projections: Iterable[str] = PROJECTIONS,
+        placement: str = "parallel",
+        scale: float = 1.0,
+        **hyperparameters: Any,
+    ):
+        self.spec = get_tuner_spec(tuner)
+        self.tuner = tuner
+        self.targets = _as_tuple("targets", targets)
+        self.blocks = None if blocks is None else _as_tuple("blocks", blocks)
+        self.projections = _as_tuple("projections", projections)
+        self.placement = placement
+        self.scale = float(scale)
+        self.params: TunerParams = self.spec.make_params(**hyperparameters)
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        if not self.targets:
+            raise ConfigError(f"targets is empty; choose from {list(TARGETS)}")
+        for target in self.targets:
+            check_choice("target", target, TARGETS)
+        for projection in self.projections:
+            check_choice("projection", projection, PROJECTIONS)
+        if self.spec.kind == "linear" and "ff" not in self.targets and not self.projections:
+            raise ConfigError(f"{self.tuner} sits beside linear projections: give projections from {list(PROJECTIONS)}")
+        check_choice("placement", self.placement, PLACEMENTS)
+        if self.placement == "sequential" and not getattr(self.spec.module_cls, "supports_sequential", True):
+            raise ConfigError(f"{self.tuner} re-parameterises its own layer's weight and is parallel only; use placement='parallel'")
+        if self.spec.kind == "operation" and "ff" in self.targets and getattr(self.spec.module_cls, "needs_frozen_attention", False):
+            raise ConfigError(f"{self.tuner} reads an attention's frozen projections and cannot sit on 'ff'; use targets attn1/attn2")
+        if self.blocks is not None and not self.blocks:
+            raise ConfigError("blocks is empty; use None for every transformer block, or patterns like 'up_blocks.*'")
+        if not isinstance(self.scale, float) or self.scale != self.scale:
+            raise ConfigError(f"scale must be a finite number, got {self.scale!r}")
+        self.params.validate()
+
+    # -- serialisation ----------------------------------------------------------------------------------------
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        return self.params.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tuner": self.tuner,
+            "targets": list(self.targets),
+            "blocks": None if self.blocks is None else list(self.blocks),
+            "projections": list(self.projections),
+            "placement": self.placement,
+            "scale": self.scale,
+            "hyperparameters": self.hyperparameters,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResTunerConfig":
+        if not isinstance(data, dict) or "tuner" not in data:
+            raise ConfigError("a tuner config is a JSON object with at least a 'tuner' key, e.g. {\"tuner\": \"res_attn\"}")
+        data = dict(data)
+        hyperparameters = data.pop("hyperparameters", {}) or {}
+        unknown = set(data) - set(_COMMON)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {sorted(unknown)}; allowed: {list(_COMMON) + ['hyperparameters']}")
+        return cls(**data, **hyperparameters)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ResTunerConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"tuner config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> "ResTunerConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def replace(self, **changes: Any) -> "ResTunerConfig":
+        data = self.to_dict()
+        hyper = data.pop("hyperparameters")
+        for key, value in changes.items():
+            (data if key in _COMMON else hyper)[key] = value
+        return ResTunerConfig(**data, **hyper)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ResTunerConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
+        return (
+            f"ResTunerConfig(tuner={self.tuner!r}, targets={list(self.targets)}, blocks={self.blocks}, "
+            f"placement={self.placement!r}, scale={self.scale}, {hyper})"
+        )
+
+
+def _as_tuple(name: str, values: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        values = [values]
+    try:
+        out = tuple(values)
+    except TypeError:
+        raise ConfigError(f"{name} must be a list of strings, got {values!r}") from None
+    for value in out:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a list of strings, got {values!r}")
+    return out

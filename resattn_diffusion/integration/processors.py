@@ -1,0 +1,332 @@
+"""Where branches run: the attention processor and the hooks on feed-forwards and linear projections.
+
+A :class:`TunerBank` holds the named tuners that sit beside one frozen operation, with each tuner's scale,
+placement and on/off state, and adds their branches to the frozen output. Three places own a bank:
+
+* :class:`ResTunerAttnProcessor` -- an ``nn.Module`` attention processor on ``attn1``/``attn2``. It computes the
+  frozen attention itself for the stock SDPA and xformers processors (so the frozen query is shared with the
+  branches that need it), and otherwise wraps whatever processor it replaced, calling it unchanged.
+* a feed-forward (``ff``) -- the bank is a child module of the ``FeedForward`` and a forward hook adds branches;
+* a linear projection (``to_q`` ... ``to_out.0``, the ff's linears) -- likewise, on the ``nn.Linear``.
+
+Hooks, not wrapper modules, keep every frozen module where it was and of its own class: the UNet's state-dict
+keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` beside our branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..tuners.base import FrozenAttention
+
+try:  # the frozen attention runs through xformers only where diffusers already chose it
+    import xformers.ops as xformers_ops
+except Exception:  # pragma: no cover - xformers has no CPU kernels; absent on most machines
+    xformers_ops = None
+
+#: The key of ``cross_attention_kwargs`` that sets tuner scales for one call (diffusers consumes ``scale``):
+#: a float for every tuner, or a dict ``{adapter_name: scale}``.
+SCALE_KWARG = "res_tuner_scale"
+
+
+@dataclass
+class TunerSetting:
+    scale: float = 1.0
+    placement: str = "parallel"
+    enabled: bool = True
+    fused: bool = False
+
+
+class TunerBank(nn.Module):
+    """The named tuners beside one frozen operation, and how each one's branch is added."""
+
+    def __init__(self, layer_path: str):
+        super().__init__()
+        self.layer_path = layer_path
+        self.tuners = nn.ModuleDict()
+        self.settings: dict[str, TunerSetting] = {}
+        #: Set for the duration of one UNet call from ``cross_attention_kwargs[SCALE_KWARG]``.
+        self.call_scale: float | dict[str, float] | None = None
+
+    def add(self, name: str, tuner: nn.Module, scale: float, placement: str) -> None:
+        self.tuners[name] = tuner
+        self.settings[name] = TunerSetting(scale=scale, placement=placement)
+
+    def remove(self, name: str) -> None:
+        del self.tuners[name]
+        del self.settings[name]
+
+    def __len__(self) -> int:
+        return len(self.tuners)
+
+    def active(self):
+        """(name, tuner, scale, placement) of every branch to compute in this call."""
+        override = self.call_scale
+        for name, tuner in self.tuners.items():
+            setting = self.settings[name]
+            if not setting.enabled or setting.fused:
+                continue
+            scale = setting.scale
+            if override is not None:
+                scale = override.get(name, scale) if isinstance(override, dict) else override
+            if scale != 0.0:
+                yield name, tuner, scale, setting.placement
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_path!r}, settings={self.settings}"
+
+
+class OperationBank(TunerBank):
+    """Branches ``T(x, c)`` beside an attention or a feed-forward."""
+
+    def add_branches(
+        self,
+        frozen_out: torch.Tensor,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        frozen: FrozenAttention | None,
+    ) -> torch.Tensor:
+        out = frozen_out
+        sequential_frozen = None
+        for _, tuner, scale, placement in self.active():
+            if placement == "parallel":
+                branch = tuner(x, context, frozen)
+            else:
+                if sequential_frozen is None and frozen is not None:
+                    # The branch reads OP's output, so the frozen query of x does not apply to it.
+                    sequential_frozen = FrozenAttention(frozen.to_q, frozen.to_k, frozen.to_v, frozen.out_weight, frozen.heads)
+                branch = tuner(frozen_out, context, sequential_frozen)
+            out = out + scale * branch.to(out.dtype)
+        return out
+
+
+class LinearBank(TunerBank):
+    """Branches beside a frozen ``y = W0 x + b0``; folds them into the weight on request."""
+
+    def __init__(self, layer_path: str):
+        super().__init__(layer_path)
+        self.original_weight: torch.Tensor | None = None
+        self.original_bias: torch.Tensor | None = None
+
+    def add_branches(self, frozen_out: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        out = frozen_out
+        weight, bias = self.frozen_weight_and_bias(linear)
+        for _, tuner, scale, placement in self.active():
+            source = x if placement == "parallel" else frozen_out
+            out = out + scale * tuner(source, weight, bias).to(out.dtype)
+        return out
+
+    def frozen_weight_and_bias(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W0 and b0: the weights as they were before any fuse (GLoRA is defined relative to them)."""
+        if self.original_weight is not None:
+            return self.original_weight, self.original_bias
+        return linear.weight, linear.bias
+
+    @torch.no_grad()
+    def fuse(self, linear: nn.Linear, names: list[str]) -> None:
+        """Fold ``W0 + sum s dW`` (and the biases) into ``linear``, always from the original W0."""
+        if self.original_weight is None:
+            self.original_weight = linear.weight.detach().clone()
+            self.original_bias = None if linear.bias is None else linear.bias.detach().clone()
+        for name in names:
+            self.settings[name].fused = True
+        weight = self.original_weight.float()
+        bias = None if self.original_bias is None else self.original_bias.float()
+        new_weight, new_bias = weight.clone(), None if bias is None else bias.clone()
+        for name, setting in self.settings.items():
+            if not setting.fused:
+                continue
+            tuner = self.tuners[name]
+            delta_w, delta_b = tuner.fold(weight, bias)
+            delta_w = delta_w.float()
+            delta_b = None if delta_b is None else delta_b.float()
+            if setting.placement == "sequential":
+                # T(y) = dW (W0 x + b0) + db
+                seq_b = delta_w @ bias if bias is not None else None
+                delta_b = seq_b if delta_b is None else (delta_b if seq_b is None else delta_b + seq_b)
+                delta_w = delta_w @ weight
+            new_weight += setting.scale * delta_w
+            if delta_b is not None:
+                if new_bias is None:
+                    new_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+                new_bias += setting.scale * delta_b
+        linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
+        if new_bias is not None:
+            if linear.bias is None:
+                raise ValueError(
+                    f"{self.layer_path}: the tuner adds a bias but the frozen linear has none, so it cannot be "
+                    "folded into the weights; keep it unfused"
+                )
+            linear.bias.data.copy_(new_bias.to(linear.bias.dtype))
+
+    @torch.no_grad()
+    def unfuse(self, linear: nn.Linear) -> None:
+        """Restore W0 and b0 exactly."""
+        if self.original_weight is None:
+            return
+        linear.weight.data.copy_(self.original_weight)
+        if self.original_bias is not None:
+            linear.bias.data.copy_(self.original_bias)
+        self.original_weight = self.original_bias = None
+        for setting in self.settings.values():
+            setting.fused = False
+
+
+# --- hooks (module-level functions: a deep-copied UNet keeps working, and removal finds them by identity) ---
+def linear_bank_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    bank: LinearBank = module.res_tuner_bank
+    if not len(bank):
+        return output
+    return bank.add_branches(output, args[0], module)
+
+
+def ff_bank_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    bank: OperationBank = module.res_tuner_bank
+    if not len(bank):
+        return output
+    return bank.add_branches(output, args[0], None, None)
+
+
+# --- the attention processor -------------------------------------------------------------------------------
+def _processor_backend(processor: Any) -> str:
+    """How the frozen attention is computed: inline SDPA / xformers for diffusers' stock processors (so the
+    branch can reuse the frozen query), or by calling the wrapped processor as it is."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+    if type(processor) is AttnProcessor2_0:
+        return "sdpa"
+    if type(processor) is XFormersAttnProcessor and xformers_ops is not None:
+        return "xformers"
+    return "wrapped"
+
+
+class ResTunerAttnProcessor(nn.Module):
+    """An attention processor that runs the frozen attention and adds the branches of its :class:`OperationBank`.
+
+    ``base_processor`` is the processor it replaced (diffusers' stock one, or xformers', sliced, ...). It is
+    restored when the last tuner is removed, and it is swapped, never lost, when diffusers installs another
+    processor (see ``inject.guard_processor``).
+    """
+
+    def __init__(self, base_processor: Any, layer_path: str):
+        super().__init__()
+        self.bank = OperationBank(layer_path)
+        self.set_base_processor(base_processor)
+
+    def set_base_processor(self, processor: Any) -> None:
+        if isinstance(processor, ResTunerAttnProcessor):
+            processor = processor.base_processor
+        # Kept outside the module tree: a stock processor has no weights, and one that has (IP-Adapter) stays
+        # owned by whoever installed it.
+        self.__dict__["base_processor"] = processor
+        self.backend = _processor_backend(processor)
+
+    # Attention.forward passes a cross_attention_kwargs key only if __call__ names it, hence the explicit signature.
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        res_tuner_scale: float | dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        bank = self.bank
+        if res_tuner_scale is not None:
+            bank.call_scale = res_tuner_scale
+        try:
+            if self.backend == "wrapped":
+                if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
+                    kwargs["temb"] = temb
+                frozen_out = self.base_processor(
+                    attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+                )
+                query = None
+            else:
+                frozen_out, query = self._frozen_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            if not len(bank):
+                return frozen_out
+            x, context = hidden_states, encoder_hidden_states
+            if attn.norm_cross and context is not None:
+                context = attn.norm_encoder_hidden_states(context)
+            frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query)
+            if x.ndim == 4:  # spatial input (not in SD's transformer blocks, but Attention allows it)
+                b, c, h, w = x.shape
+                x = x.view(b, c, h * w).transpose(1, 2)
+                out = frozen_out.view(b, c, h * w).transpose(1, 2)
+                out = bank.add_branches(out, x, context, frozen)
+                return out.transpose(1, 2).reshape(b, c, h, w)
+            return bank.add_branches(frozen_out, x, context, frozen)
+        finally:
+            if res_tuner_scale is not None:
+                bank.call_scale = None
+
+    def _frozen_attention(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diffusers' stock attention (AttnProcessor2_0 / XFormersAttnProcessor), returning the frozen query too."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, key_tokens, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        # The branches may only reuse the query when they see the same input as the frozen attention.
+        shared_query = query if (input_ndim == 3 and attn.spatial_norm is None and attn.group_norm is None) else None
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        if self.backend == "xformers":
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch_size)
+                attention_mask = attention_mask.expand(-1, hidden_states.shape[1], -1)
+            q = attn.head_to_batch_dim(query).contiguous()
+            k = attn.head_to_batch_dim(key).contiguous()
+            v = attn.head_to_batch_dim(value).contiguous()
+            out = xformers_ops.memory_efficient_attention(
+                q, k, v, attn_bias=attention_mask, op=self.base_processor.attention_op, scale=attn.scale
+            )
+            out = attn.batch_to_head_dim(out.to(query.dtype))
+        else:
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch_size)
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            head_dim = key.shape[-1] // attn.heads
+            q = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            k = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            v = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+            out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        out = out / attn.rescale_output_factor
+        return out, shared_query

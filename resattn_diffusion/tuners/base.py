@@ -1,0 +1,183 @@
+"""What every tuner shares: the shapes it is built from, the frozen parts it may read, and two small protocols.
+
+This layer is pure torch: it knows nothing of diffusers. The integration layer (``resattn_diffusion.integration``)
+reads the shapes off diffusers modules, decides where a branch sits (parallel or sequential) and its scale, and
+calls the tuner. A tuner never learns where it sits.
+
+Two kinds of tuner exist:
+
+* :class:`OperationTuner` -- a branch ``T(x, c)`` beside a whole frozen operation (an attention or a feed-forward):
+  ``y' = OP(x, c) + s * T(x, c)`` (parallel) or ``y' = OP(x, c) + s * T(OP(x, c))`` (sequential).
+* :class:`LinearTuner` -- a branch beside one frozen linear projection ``y = W0 x + b0``. Its output is affine in
+  its input, ``T(x) = dW x + db``, so it folds into the weight (:meth:`LinearTuner.fold`).
+
+Contract checked by the tests for every registered tuner: an exact no-op at init (one factor of each product, or a
+gate, is zero), and a non-zero gradient on that factor at the first step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    """A tuner or config value that cannot work; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """The dims of the frozen operation a tuner sits beside.
+
+    ``in_dim`` is d (features of x), ``out_dim`` is d_out (features of OP's output), ``context_dim`` is d_c
+    (features of c; equal to ``in_dim`` for self-attention and the feed-forward). ``inner_dim`` and ``heads``
+    describe the frozen attention's q/k/v (0 for a feed-forward).
+    """
+
+    in_dim: int
+    out_dim: int
+    context_dim: int
+    inner_dim: int = 0
+    heads: int = 0
+
+    @property
+    def is_attention(self) -> bool:
+        return self.heads > 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class FrozenAttention:
+    """Frozen pieces of an attention that a branch may reuse (never trained, never copied).
+
+    ``query`` is the frozen ``to_q(x)`` when the frozen attention already computed it for this very input
+    (so a branch does not compute it twice); otherwise None and the branch calls ``to_q`` itself.
+    """
+
+    to_q: Callable[[torch.Tensor], torch.Tensor]
+    to_k: Callable[[torch.Tensor], torch.Tensor]
+    to_v: Callable[[torch.Tensor], torch.Tensor]
+    out_weight: torch.Tensor
+    heads: int
+    query: torch.Tensor | None = None
+
+    def frozen_query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.query if self.query is not None else self.to_q(x)
+
+
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """``MHA_h``: scaled dot-product attention over ``heads`` heads, softmax scale ``1/sqrt(head_dim)``.
+
+    q (B, N, h*dh), k and v (B or 1, M, h*dh) -> (B, N, h*dv). Keys/values with batch 1 (learned prefixes) are
+    broadcast without copying.
+    """
+    batch, n_q, width = q.shape
+    head_dim = width // heads
+    q = q.view(batch, n_q, heads, head_dim).transpose(1, 2)
+    k = k.view(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
+    v = v.view(v.shape[0], v.shape[1], heads, v.shape[-1] // heads).transpose(1, 2)
+    if k.shape[0] != batch:
+        k = k.expand(batch, -1, -1, -1)
+        v = v.expand(batch, -1, -1, -1)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, n_q, -1)
+
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}; allowed: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def check_choice(name: str, value: object, allowed: tuple | list | set) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {sorted(map(str, allowed))}")
+
+
+def check_positive(name: str, value: int | float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_dropout(value: float) -> None:
+    if not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {value!r}")
+
+
+def init_down_projection(weight: torch.Tensor) -> None:
+    """The trainable factor that is *not* zero: LoRA's kaiming-uniform init, so the product starts at zero
+    but its zero factor gets a non-zero gradient on the first step."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class TunerParams:
+    """Base of every tuner's hyperparameter dataclass. Subclasses are dataclasses with defaults for every field
+    and override :meth:`validate` (shape-free checks) and :meth:`validate_for` (checks against one layer)."""
+
+    def validate(self) -> None:  # pragma: no cover - trivial default
+        return None
+
+    def validate_for(self, shape: OpShape) -> None:
+        return None
+
+    def for_layer(self, layer_path: str) -> "TunerParams":
+        """The hyperparameters for one layer (tuners with per-layer settings, e.g. GLoRA, override this)."""
+        return self
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+
+class OperationTuner(nn.Module):
+    """A branch ``T(x, c)`` beside a frozen attention or feed-forward.
+
+    ``forward(x, context, frozen)``: x (B, N, in_dim), context (B, M, context_dim) or None (self-attention / ff),
+    frozen the :class:`FrozenAttention` of the operation (None for a feed-forward). Returns (B, N, out_dim).
+    """
+
+    #: Needs the frozen attention's projections (Res-Prefix, Res-Prompt); such a tuner cannot sit on ``ff``.
+    needs_frozen_attention: ClassVar[bool] = False
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None, frozen: FrozenAttention | None
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LinearTuner(nn.Module):
+    """A branch beside one frozen linear ``y = W0 x + b0``: ``y' = y + s * T(x)``, with ``T`` affine in x.
+
+    ``forward(x, weight, bias)`` gets the frozen ``W0`` (d_out x d_in) and ``b0`` (or None), since some tuners
+    (GLoRA) are defined relative to them. :meth:`fold` returns ``(dW, db)`` with ``T(x) = dW x + db`` exactly,
+    so the integration can fold ``W0 + s dW`` into the weight and restore ``W0`` afterwards.
+    """
+
+    #: Whether the tuner may also act on the output (U-Tuning's sequential form). Tuners defined relative to
+    #: their own layer's weight (GLoRA) are parallel only.
+    supports_sequential: ClassVar[bool] = True
+
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fold(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError

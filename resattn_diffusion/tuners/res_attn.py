@@ -1,0 +1,77 @@
+"""Res-Attn: a parallel low-rank multi-head attention beside a frozen operation (the project's headline tuner)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .base import (
+    ConfigError,
+    FrozenAttention,
+    OperationTuner,
+    OpShape,
+    TunerParams,
+    check_dropout,
+    check_positive,
+    init_down_projection,
+    multi_head_attention,
+)
+
+
+@dataclass
+class ResAttnParams(TunerParams):
+    rank: int = 8
+    heads: int = 2
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        check_positive("rank", self.rank)
+        check_positive("heads", self.heads)
+        check_dropout(self.dropout)
+        if self.rank % self.heads:
+            divisors = [h for h in range(1, self.rank + 1) if self.rank % h == 0]
+            raise ConfigError(
+                f"res_attn: rank={self.rank} is not divisible by heads={self.heads}; "
+                f"with rank {self.rank} use heads in {divisors}, or pick a rank that is a multiple of {self.heads}"
+            )
+
+
+class ResAttn(OperationTuner):
+    r"""Res-Attn: ``T(x, c) = W_up MHA_h(x A_q, c A_k, c A_v)``.
+
+    ``A_q``: d x r, ``A_k``, ``A_v``: d_c x r (kaiming init), ``W_up``: r x d_out (zero init); ``MHA_h`` is
+    scaled dot-product attention over ``h`` heads of ``r/h`` channels (softmax scale ``1/sqrt(r/h)``).
+    On cross-attention the keys and values come from the text context, so the branch learns new text-to-image
+    correspondences at low rank; on self-attention and the feed-forward ``c = x``.
+    ``T = 0`` at init, and ``dL/dW_up = g MHA(...)^T`` is non-zero on the first step.
+    Trainable parameters: ``r (d + 2 d_c + d_out)``.
+    """
+
+    def __init__(self, shape: OpShape, params: ResAttnParams):
+        super().__init__()
+        self.heads = params.heads
+        self.rank = params.rank
+        self.q_proj = nn.Linear(shape.in_dim, params.rank, bias=False)
+        # k and v in one matrix: one matmul on the context instead of two.
+        self.kv_proj = nn.Linear(shape.context_dim, 2 * params.rank, bias=False)
+        self.dropout = nn.Dropout(params.dropout)
+        self.out_proj = nn.Linear(params.rank, shape.out_dim, bias=False)
+        init_down_projection(self.q_proj.weight)
+        init_down_projection(self.kv_proj.weight)
+        nn.init.zeros_(self.out_proj.weight)
+        self._self_attention_ok = shape.context_dim == shape.in_dim
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, frozen: FrozenAttention | None = None
+    ) -> torch.Tensor:
+        if context is None and self._self_attention_ok:
+            # Self-attention: q, k and v from the same input in a single matmul.
+            qkv = F.linear(x, torch.cat([self.q_proj.weight, self.kv_proj.weight]))
+            q, k, v = qkv.split(self.rank, dim=-1)
+        else:
+            q = self.q_proj(x)
+            k, v = self.kv_proj(x if context is None else context).split(self.rank, dim=-1)
+        return self.out_proj(self.dropout(multi_head_attention(q, k, v, self.heads)))

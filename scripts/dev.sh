@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One entry point for the README's two set-up commands:
+#   bash scripts/dev.sh demo   -- install into .venv and run the main job
+#   bash scripts/dev.sh test   -- install into .venv (with dev extras) and run the tests
+# torch is installed first, pinned: on a CPU-only machine a bare "torch" requirement pulls a multi-GB CUDA build.
+# Set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>") to choose another build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-test}"; shift || true
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+PY=.venv/bin/python
+if ! $PY -c "import torch" >/dev/null 2>&1; then
+  $PY -m pip install -q $TORCH_SPEC
+fi
+extras="dev"
+[ "$what" = "demo" ] && extras="demo,train"
+# pip keeps the torch already installed: its requirement (torch>=2.1) is satisfied, so nothing more is pulled.
+$PY -m pip install -q -e ".[$extras]" 2>&1 | grep -v "is ignored" || true
+$PY -c "import resattn_diffusion, torch; print('resattn-diffusion', resattn_diffusion.__version__, '| torch', torch.__version__)"
+
+case "$what" in
+  test)
+    exec $PY -m pytest -n 2 -p no:cacheprovider "$@" tests
+    ;;
+  demo)
+    exec $PY -m resattn_diffusion.demo "$@"
+    ;;
+  *)
+    echo "usage: bash scripts/dev.sh [test|demo] [extra args]" >&2; exit 2
+    ;;
+esac
