@@ -261,6 +261,17 @@ def _module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     return param.dtype, param.device
 
 
+def _ensure_state(unet: nn.Module) -> ResTunerState:
+    state = get_state(unet)
+    if state is None:
+        state = ResTunerState()
+        setattr(unet, STATE_ATTR, state)
+        unet.set_default_attn_processor = functools.partial(_set_default_attn_processor_keeping_tuners, unet)
+        unet.register_forward_pre_hook(_unet_scale_pre_hook, with_kwargs=True)
+        unet.register_forward_hook(_unet_scale_post_hook, with_kwargs=True, always_call=True)
+    return state
+
+
 def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "default") -> list[str]:
     """Put a tuner named ``adapter_name`` beside every layer ``config`` selects; returns the layer paths.
 
@@ -277,7 +288,10 @@ def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "
     if config.spec.kind == "unet":
         from .unet_tuners import attach_unet_tuner  # the bypass side network
 
-        return attach_unet_tuner(unet, config, adapter_name)
+        state = _ensure_state(unet)
+        paths = attach_unet_tuner(unet, config, adapter_name)
+        state.configs[adapter_name] = config
+        return paths
 
     layers = find_layers(unet, config)
     # Build every module before touching the UNet, so a failure leaves it unchanged.
@@ -289,12 +303,7 @@ def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "
         dtype, device = _module_dtype_device(layer.module)
         built.append((layer, config.spec.module_cls(shape, params).to(device=device, dtype=dtype)))
 
-    if state is None:
-        state = ResTunerState()
-        setattr(unet, STATE_ATTR, state)
-        unet.set_default_attn_processor = functools.partial(_set_default_attn_processor_keeping_tuners, unet)
-        unet.register_forward_pre_hook(_unet_scale_pre_hook, with_kwargs=True)
-        unet.register_forward_hook(_unet_scale_post_hook, with_kwargs=True, always_call=True)
+    state = _ensure_state(unet)
     for layer, tuner in built:
         bank, owner = _bank_for(layer)
         bank.add(adapter_name, tuner, config.scale, config.placement)
