@@ -25,7 +25,7 @@ class TunerSpec:
     params_cls: type
     module_cls: type
     kind: TunerKind
-    summary: str
+    summary: str  # the branch's formula, shown in tables
 
     def make_params(self, **values):
         allowed = set(self.params_cls.__dataclass_fields__)
@@ -65,9 +65,28 @@ from .tuners.prefix import ResPrefix, ResPrefixParams  # noqa: E402
 from .tuners.prompt import ResPrompt, ResPromptParams  # noqa: E402
 from .tuners.res_attn import ResAttn, ResAttnParams  # noqa: E402
 from .tuners.lora import ResLoRA, ResLoRAParams  # noqa: E402
+from .tuners.glora import GLoRA, GLoRAParams  # noqa: E402
+from .tuners.surm import (  # noqa: E402
+    SURMAdapter,
+    SURMAdapterParams,
+    SURMCirculant,
+    SURMCirculantParams,
+    SURMKronecker,
+    SURMKroneckerParams,
+    SURMLDR,
+    SURMLDRParams,
+    SURMToeplitz,
+    SURMToeplitzParams,
+)
 
-register_tuner("res_attn", ResAttnParams, ResAttn, "operation", "parallel low-rank multi-head attention")
-register_tuner("res_adapter", ResAdapterParams, ResAdapter, "operation", "bottleneck adapter W_up act(W_down x)")
-register_tuner("res_prefix", ResPrefixParams, ResPrefix, "operation", "learned prefix keys/values, frozen query")
-register_tuner("res_prompt", ResPromptParams, ResPrompt, "operation", "learned prompt tokens through frozen k/v")
-register_tuner("res_lora", ResLoRAParams, ResLoRA, "linear", "LoRA in unbound form on a linear projection")
+register_tuner("res_attn", ResAttnParams, ResAttn, "operation", "W_up MHA_h(x A_q, c A_k, c A_v)")
+register_tuner("res_adapter", ResAdapterParams, ResAdapter, "operation", "W_up act(W_down x)")
+register_tuner("res_prefix", ResPrefixParams, ResPrefix, "operation", "W_o MHA(to_q(x), P_k, P_v)")
+register_tuner("res_prompt", ResPromptParams, ResPrompt, "operation", "g ⊙ W_o MHA(to_q(x), to_k(P), to_v(P))")
+register_tuner("res_lora", ResLoRAParams, ResLoRA, "linear", "B A x, beside each linear")
+register_tuner("glora", GLoRAParams, GLoRA, "linear", "generalised LoRA: W0 + W0*A + B, b0 + b0*D + E + W0 C; supernet")
+register_tuner("surm_circulant", SURMCirculantParams, SURMCirculant, "linear", "SURM circulant update circ(v), by FFT")
+register_tuner("surm_toeplitz", SURMToeplitzParams, SURMToeplitz, "linear", "SURM Toeplitz update T(t), by FFT")
+register_tuner("surm_kronecker", SURMKroneckerParams, SURMKronecker, "linear", "SURM Kronecker update A (x) B")
+register_tuner("surm_ldr", SURMLDRParams, SURMLDR, "linear", "SURM low displacement rank: sum circ(g_i) skew(h_i), by FFT")
+register_tuner("surm_adapter", SURMAdapterParams, SURMAdapter, "operation", "adapter U act(D x) with structured D, U")

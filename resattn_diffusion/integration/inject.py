@@ -73,7 +73,9 @@ def attention_shape(attn: nn.Module) -> OpShape:
 
 
 def _linear_shape(linear: nn.Linear) -> OpShape:
-    return OpShape(in_dim=linear.in_features, out_dim=linear.out_features, context_dim=linear.in_features)
+    return OpShape(
+        in_dim=linear.in_features, out_dim=linear.out_features, context_dim=linear.in_features, has_bias=linear.bias is not None
+    )
 
 
 def _base_linear(module: nn.Module) -> nn.Linear:

@@ -44,12 +44,14 @@ class OpShape:
     context_dim: int
     inner_dim: int = 0
     heads: int = 0
+    #: whether the frozen linear has a bias (linear tuners only; GLoRA's ``b0 ⊙ D`` needs one)
+    has_bias: bool = True
 
     @property
     def is_attention(self) -> bool:
         return self.heads > 0
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | bool]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 

@@ -1,0 +1,61 @@
+"""Tables the README shows, computed by the library itself (no weights needed: UNets are built on the meta device)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .config import ResTunerConfig
+from .integration.inject import add_res_tuner, res_tuner_summary
+from .registry import get_tuner_spec, tuner_names
+
+
+def _formula(tuner: str) -> str:
+    return get_tuner_spec(tuner).summary.replace("|", "\\|")
+
+
+def count_tuner_parameters(unet_config: dict, config: ResTunerConfig) -> int:
+    """Trainable parameters of ``config`` on a UNet built from ``unet_config`` on the meta device."""
+    from .testing import unet_from_config
+
+    unet = unet_from_config(unet_config)
+    add_res_tuner(unet, config)
+    return res_tuner_summary(unet)["tuners"]["default"]["parameters"]
+
+
+def count_peft_lora_parameters(unet_config: dict, rank: int = 4, targets: Iterable[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> int:
+    """diffusers/peft LoRA of ``rank`` on the attention projections: the standard it is compared with."""
+    from peft import LoraConfig
+
+    from .testing import unet_from_config
+
+    unet = unet_from_config(unet_config)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+
+
+def parameter_table(unet_config: dict | None = None, configs: list[ResTunerConfig] | None = None) -> str:
+    """Markdown table: tuner, formula, default hyperparameters, trainable parameters and share of the UNet."""
+    from .testing import SD15_UNET_CONFIG, unet_from_config
+
+    unet_config = unet_config or SD15_UNET_CONFIG
+    total = sum(p.numel() for p in unet_from_config(unet_config).parameters())
+    if configs is None:
+        configs = []
+        for name in tuner_names():
+            spec = get_tuner_spec(name)
+            configs.append(ResTunerConfig(tuner=name))
+    rows = ["| tuner | T (the branch) | hyperparameters | where | trainable params | % of UNet |", "|---|---|---|---|---|---|"]
+    for config in configs:
+        count = count_tuner_parameters(unet_config, config)
+        hyper = ", ".join(f"{k}={v}" for k, v in config.hyperparameters.items() if k not in ("dropout",))
+        where = "decoder side network" if config.spec.kind == "unet" else "+".join(config.targets) + (
+            " (q,k,v,out)" if config.spec.kind == "linear" else ""
+        )
+        rows.append(f"| `{config.tuner}` | `{_formula(config.tuner)}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |")
+    lora = count_peft_lora_parameters(unet_config, 4)
+    rows.append(f"| peft LoRA (diffusers) | `B A x` on q,k,v,out | r=4 | attn1+attn2 (q,k,v,out) | {lora:,} | {100 * lora / total:.3f} |")
+    return "\n".join(rows) + f"\n\nUNet parameters: {total:,}."
+
+
+if __name__ == "__main__":
+    print(parameter_table())

@@ -1,0 +1,412 @@
+r"""Structured matrices applied without materialising them: circulant, skew-circulant, Toeplitz, Kronecker and
+low displacement rank (LDR). The building blocks of SURM (:mod:`resattn_diffusion.tuners.surm`).
+
+Conventions (all vectors are indexed from 0; ``x`` is applied along its last dim, any leading dims are a batch):
+
+* circulant, first column ``v`` (length n): ``circ(v)[i, j] = v[(i - j) mod n]``, so ``circ(v) x`` is the
+  cyclic convolution ``v (*) x = irfft(rfft(v) * rfft(x))``.
+* skew-circulant, first column ``h``: ``skew(h)[i, j] = h[i - j]`` for ``i >= j`` and ``-h[n + i - j]`` for
+  ``i < j`` (a circulant whose wrapped-around upper triangle is negated), so ``skew(h) x`` is the negacyclic
+  convolution. With ``w = exp(i pi / n)`` (a 2n-th root of unity, ``w^n = -1``) and ``M = diag(w^0, ..., w^(n-1))``:
+  ``skew(h) = M^-1 circ(M h) M``, i.e. ``skew(h) x = conj(w^t) * ifft(fft(w^t h) * fft(w^t x))``.
+* Toeplitz d_out x d_in, parameters ``t`` of length ``d_out + d_in - 1``: ``T(t)[i, j] = t[i - j + d_in - 1]``
+  (``t[d_in - 1:]`` is the first column, ``t[d_in - 1::-1]`` the first row). ``T(t) x`` is the slice
+  ``[d_in - 1, d_in - 1 + d_out)`` of the linear convolution ``t * x``; zero-padding both to a length
+  ``L >= d_out + d_in - 1`` (the embedding of ``T(t)`` in an L x L circulant) makes the cyclic convolution agree
+  with the linear one on that slice, so ``T(t) x = irfft(rfft(t, L) * rfft(x, L))[d_in - 1 : d_in - 1 + d_out]``.
+  ``L`` is rounded up to a fast FFT length (a product of 2, 3 and 5).
+* Kronecker ``A (x) B`` with ``A`` a1 x a2, ``B`` b1 x b2: ``(A (x) B)[i1 b1 + i2, j1 b2 + j2] = A[i1, j1] B[i2, j2]``
+  (``torch.kron``). With torch's row-major reshape ``X = x.reshape(a2, b2)``:
+  ``(A (x) B) x = (A X B^T).reshape(a1 b1)``. (This is the textbook ``vec(B X' A^T)`` identity written for
+  row-major ``vec``, where ``X' = X^T``.)
+* LDR of displacement rank k: ``sum_{i<k} circ(g_i) skew(h_i)``.
+
+Rectangular matrices: circulant and LDR are defined square of size ``n = max(d_in, d_out)``; a d_out x d_in
+operator is its top-left block, applied by zero-padding x to n and keeping the first d_out outputs. Every
+parameter still reaches the block (each ``v[k]`` appears in it, since the block spans n rows or n columns).
+Toeplitz and Kronecker are rectangular by definition.
+
+FFT paths compute in float32 (float64 for float64 inputs) with autocast disabled -- half-precision FFTs lose too
+much and only allow powers of two -- and cast the result back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .base import ConfigError
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def next_fast_fft_length(n: int) -> int:
+    """The smallest integer >= n whose only prime factors are 2, 3 and 5 (fast for every FFT backend)."""
+    if n < 1:
+        raise ValueError(f"FFT length must be positive, got {n}")
+    candidate = n
+    while True:
+        remainder = candidate
+        for prime in (2, 3, 5):
+            while remainder % prime == 0:
+                remainder //= prime
+        if remainder == 1:
+            return candidate
+        candidate += 1
+
+
+@contextlib.contextmanager
+def float32_fft_region(device: torch.device) -> Iterator[None]:
+    """Disable autocast on ``device`` so the FFTs inside run in the float32 the caller casts to."""
+    if torch.amp.is_autocast_available(device.type):
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def fft_dtype(x: torch.Tensor) -> torch.dtype:
+    """The real dtype FFTs run in: float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# --- functional forms ------------------------------------------------------------------------------------------
+
+
+def circulant_matrix(v: torch.Tensor) -> torch.Tensor:
+    """``circ(v)`` materialised: n x n with ``[i, j] = v[(i - j) mod n]`` (first column v)."""
+    n = v.shape[-1]
+    index = torch.arange(n, device=v.device)
+    return v[(index[:, None] - index[None, :]) % n]
+
+
+def skew_circulant_matrix(h: torch.Tensor) -> torch.Tensor:
+    """``skew(h)`` materialised: ``[i, j] = h[i - j]`` if ``i >= j`` else ``-h[n + i - j]`` (first column h)."""
+    n = h.shape[-1]
+    index = torch.arange(n, device=h.device)
+    difference = index[:, None] - index[None, :]
+    sign = torch.where(difference >= 0, 1.0, -1.0).to(h.dtype)
+    return h[difference % n] * sign
+
+
+def toeplitz_matrix(t: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """``T(t)`` materialised: d_out x d_in with ``[i, j] = t[i - j + d_in - 1]``."""
+    if t.shape[-1] != d_out + d_in - 1:
+        raise ValueError(f"a {d_out} x {d_in} Toeplitz matrix has {d_out + d_in - 1} parameters, got {t.shape[-1]}")
+    rows = torch.arange(d_out, device=t.device)
+    cols = torch.arange(d_in, device=t.device)
+    return t[rows[:, None] - cols[None, :] + d_in - 1]
+
+
+#: On CPU the FFT paths run over blocks of rows of about this many elements: intermediates that fit the cache
+#: (and come from the allocator's free lists instead of fresh, page-faulting memory) make the FFT path 2-4x
+#: faster at SD widths than one pass over tens of megabytes. GPUs run the whole batch at once.
+CPU_ROW_BLOCK_ELEMENTS = 1 << 19
+
+
+def _over_row_blocks(fn, x: torch.Tensor, width: int) -> torch.Tensor:
+    """``fn`` applied to x (..., d) -- on CPU block by block over the flattened rows, each block about
+    ``CPU_ROW_BLOCK_ELEMENTS / width`` rows (``width``: the widest intermediate per row)."""
+    rows = x.reshape(-1, x.shape[-1])
+    block = max(1, CPU_ROW_BLOCK_ELEMENTS // width)
+    if x.device.type != "cpu" or rows.shape[0] <= block:
+        return fn(x)
+    out = torch.cat([fn(part) for part in rows.split(block)], dim=0)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def circulant_apply(v: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor:
+    """``circ(v)[:d_out, :d_in] x = irfft(rfft(pad_n(x)) * rfft(v))[:d_out]`` (float32 or wider).
+    ``v``: (n,), ``x``: (..., d_in) with d_in, d_out <= n."""
+    n = v.shape[-1]
+    dtype = fft_dtype(x)
+    with float32_fft_region(x.device):
+        v_spectrum = torch.fft.rfft(v.to(dtype))
+
+        def apply(rows: torch.Tensor) -> torch.Tensor:
+            return torch.fft.irfft(torch.fft.rfft(rows, n=n) * v_spectrum, n=n)[..., :d_out]
+
+        y = _over_row_blocks(apply, x.to(dtype), n)
+    return y.to(x.dtype)
+
+
+def toeplitz_apply(t: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor:
+    """``T(t) x`` by FFT through the circulant embedding of fast length ``L >= d_out + d_in - 1`` (float32 or
+    wider): ``irfft(rfft(x, L) * rfft(t, L))[d_in - 1 : d_in - 1 + d_out]``. ``t``: (d_out + d_in - 1,), ``x``: (..., d_in)."""
+    d_in = x.shape[-1]
+    length = next_fast_fft_length(d_out + d_in - 1)
+    dtype = fft_dtype(x)
+    with float32_fft_region(x.device):
+        t_spectrum = torch.fft.rfft(t.to(dtype), n=length)
+
+        def apply(rows: torch.Tensor) -> torch.Tensor:
+            return torch.fft.irfft(torch.fft.rfft(rows, n=length) * t_spectrum, n=length)[..., d_in - 1 : d_in - 1 + d_out]
+
+        y = _over_row_blocks(apply, x.to(dtype), length)
+    return y.to(x.dtype)
+
+
+def _skew_modulation(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``w^t = exp(i pi t / n)`` for t < n (the diagonal M of ``skew(h) = M^-1 circ(M h) M``), complex of ``dtype``."""
+    angle = torch.arange(n, device=device, dtype=torch.float64) * (math.pi / n)
+    return torch.polar(torch.ones_like(angle), angle).to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+
+
+def skew_circulant_apply(h: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor:
+    """``skew(h)[:d_out, :d_in] x = (conj(w^t) ifft(fft(w^t h) fft(w^t pad_n(x)))).real[:d_out]`` (float32 or wider)."""
+    n = h.shape[-1]
+    dtype = fft_dtype(x)
+    with float32_fft_region(x.device):
+        modulation = _skew_modulation(n, x.device, dtype)
+        h_spectrum = torch.fft.fft(modulation * h.to(dtype))
+
+        def apply(rows: torch.Tensor) -> torch.Tensor:
+            rows = torch.nn.functional.pad(rows, (0, n - rows.shape[-1]))
+            return (modulation.conj() * torch.fft.ifft(torch.fft.fft(modulation * rows) * h_spectrum)).real[..., :d_out]
+
+        y = _over_row_blocks(apply, x.to(dtype), 2 * n)
+    return y.to(x.dtype)
+
+
+def ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor:
+    """``(sum_i circ(g_i) skew(h_i))[:d_out, :d_in] x`` by FFT (float32 or wider), O(k n log n) per row of x.
+
+    ``g``, ``h``: (k, n). The spectrum of the modulated x is computed once; each term needs one inverse complex
+    FFT (back from the skew-circulant's modulated domain) and one real FFT (into the circulant's domain); the k
+    circulant products are summed in the frequency domain so only one inverse real FFT remains.
+    """
+    n = h.shape[-1]
+    rank = h.shape[0]
+    dtype = fft_dtype(x)
+    with float32_fft_region(x.device):
+        modulation = _skew_modulation(n, x.device, dtype)
+        h_spectrum = torch.fft.fft(modulation * h.to(dtype))  # (k, n)
+        g_spectrum = torch.fft.rfft(g.to(dtype))  # (k, n // 2 + 1)
+
+        def apply(rows: torch.Tensor) -> torch.Tensor:
+            rows = torch.nn.functional.pad(rows, (0, n - rows.shape[-1]))
+            x_spectrum = torch.fft.fft(modulation * rows).unsqueeze(-2)  # (..., 1, n)
+            skew_out = (modulation.conj() * torch.fft.ifft(x_spectrum * h_spectrum)).real  # (..., k, n)
+            summed = (torch.fft.rfft(skew_out) * g_spectrum).sum(dim=-2)  # (..., n // 2 + 1)
+            return torch.fft.irfft(summed, n=n)[..., :d_out]
+
+        y = _over_row_blocks(apply, x.to(dtype), 2 * rank * n)
+    return y.to(x.dtype)
+
+
+def kronecker_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(A (x) B) x`` without forming the product: ``(A X B^T).reshape(..., a1 b1)`` with ``X = x.reshape(..., a2, b2)``."""
+    a1, a2 = a.shape
+    b1, b2 = b.shape
+    a = a.to(x.dtype)
+    b = b.to(x.dtype)
+    grid = x.reshape(*x.shape[:-1], a2, b2)
+    y = torch.matmul(torch.matmul(a, grid), b.transpose(0, 1))
+    return y.reshape(*x.shape[:-1], a1 * b1)
+
+
+# --- kronecker factor shapes -----------------------------------------------------------------------------------
+
+
+def default_kronecker_factor(n: int) -> int:
+    """The largest divisor of n that is <= sqrt(n): near-square factors minimise ``a1 a2 + b1 b2`` in practice."""
+    return max(d for d in divisors(n) if d * d <= n)
+
+
+def resolve_kronecker_factors(d_out: int, d_in: int, out_factor: int = 0, in_factor: int = 0) -> tuple[int, int, int, int]:
+    """``(a1, a2, b1, b2)`` with ``a1 b1 = d_out`` and ``a2 b2 = d_in``; a factor of 0 means the default.
+
+    Raises :class:`ConfigError` listing the valid choices when a given factor does not divide its dim.
+    """
+    problems = []
+    for label, dim, factor in (("out_factor (a1, rows of A)", d_out, out_factor), ("in_factor (a2, columns of A)", d_in, in_factor)):
+        if factor < 0 or (factor > 0 and dim % factor != 0):
+            problems.append(f"{label}={factor} does not divide {dim}; valid values: {divisors(dim)} (or 0 for automatic)")
+    if problems:
+        raise ConfigError(
+            f"Kronecker factors for a {d_out} x {d_in} weight (A (x) B needs a1*b1 = {d_out}, a2*b2 = {d_in}): "
+            + "; ".join(problems)
+            + f". The automatic choice is out_factor={default_kronecker_factor(d_out)}, in_factor={default_kronecker_factor(d_in)}."
+        )
+    a1 = out_factor or default_kronecker_factor(d_out)
+    a2 = in_factor or default_kronecker_factor(d_in)
+    return a1, a2, d_out // a1, d_in // a2
+
+
+# --- modules ---------------------------------------------------------------------------------------------------
+
+#: Initialisations of a structured matrix: "zero" (the matrix is exactly 0, only one factor is zeroed) or
+#: "random" (every factor uniform in +-1/sqrt(fan_in), LoRA's down-projection scale).
+INITS = ("zero", "random")
+
+
+def _uniform_(tensor: torch.Tensor, fan_in: int) -> None:
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(tensor, -bound, bound)
+
+
+class StructuredMatrix(nn.Module, abc.ABC):
+    """A d_out x d_in structured matrix M: ``forward(x) = M x`` (x: (..., d_in)), ``materialize() = M``."""
+
+    def __init__(self, d_out: int, d_in: int):
+        super().__init__()
+        if d_out < 1 or d_in < 1:
+            raise ConfigError(f"a structured matrix needs positive dims, got {d_out} x {d_in}")
+        self.d_out = d_out
+        self.d_in = d_in
+
+    def _check_init(self, init: str) -> None:
+        if init not in INITS:
+            raise ConfigError(f"init={init!r} is not allowed; choose one of {list(INITS)}")
+
+    @abc.abstractmethod
+    def materialize(self) -> torch.Tensor:
+        """M as a dense d_out x d_in tensor (exact; for folding, tests and benchmarks)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def count_parameters(d_out: int, d_in: int, **kwargs: int) -> int:
+        """The number of parameters of a d_out x d_in matrix of this family (the documented formula)."""
+
+    def extra_repr(self) -> str:
+        return f"d_out={self.d_out}, d_in={self.d_in}"
+
+
+class CirculantMatrix(StructuredMatrix):
+    r"""``M = circ(v)[:d_out, :d_in]``, ``v`` of length ``n = max(d_in, d_out)``: n parameters, FFT in O(n log n).
+
+    Init "zero": ``v = 0``. A single-factor family is linear in v, so ``dL/dv = sum_rows corr(g, x) != 0`` for
+    x != 0 even at ``v = 0``.
+    """
+
+    def __init__(self, d_out: int, d_in: int, init: str = "zero"):
+        super().__init__(d_out, d_in)
+        self._check_init(init)
+        self.size = max(d_out, d_in)
+        self.v = nn.Parameter(torch.zeros(self.size))
+        if init == "random":
+            _uniform_(self.v, self.size)
+
+    @staticmethod
+    def count_parameters(d_out: int, d_in: int, **kwargs: int) -> int:
+        return max(d_out, d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return circulant_apply(self.v, x, self.d_out)
+
+    def materialize(self) -> torch.Tensor:
+        return circulant_matrix(self.v)[: self.d_out, : self.d_in]
+
+
+class ToeplitzMatrix(StructuredMatrix):
+    r"""``M = T(t)``, ``[i, j] = t[i - j + d_in - 1]``: ``d_out + d_in - 1`` parameters, FFT through a circulant
+    embedding of fast length ``L >= d_out + d_in - 1``. Init "zero": ``t = 0`` (single factor, as for circulant)."""
+
+    def __init__(self, d_out: int, d_in: int, init: str = "zero"):
+        super().__init__(d_out, d_in)
+        self._check_init(init)
+        self.t = nn.Parameter(torch.zeros(d_out + d_in - 1))
+        if init == "random":
+            _uniform_(self.t, d_in)
+
+    @staticmethod
+    def count_parameters(d_out: int, d_in: int, **kwargs: int) -> int:
+        return d_out + d_in - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return toeplitz_apply(self.t, x, self.d_out)
+
+    def materialize(self) -> torch.Tensor:
+        return toeplitz_matrix(self.t, self.d_out, self.d_in)
+
+
+class KroneckerMatrix(StructuredMatrix):
+    r"""``M = A (x) B``, ``A`` a1 x a2, ``B`` b1 x b2 with ``a1 b1 = d_out``, ``a2 b2 = d_in``: ``a1 a2 + b1 b2``
+    parameters, applied as ``(A X B^T)`` on the row-major ``X = x.reshape(a2, b2)`` (never forming the product).
+
+    Init "zero": ``A = 0`` and B random, so ``M = 0`` and ``dL/dA[i1, j1] = sum_{i2, j2} G[i1, i2] B[i2, j2] X[j1, j2]``
+    (i.e. ``G B X^T`` summed over rows) is non-zero; B gets its gradient once A has moved. Never both zero.
+    """
+
+    def __init__(self, d_out: int, d_in: int, init: str = "zero", out_factor: int = 0, in_factor: int = 0):
+        super().__init__(d_out, d_in)
+        self._check_init(init)
+        a1, a2, b1, b2 = resolve_kronecker_factors(d_out, d_in, out_factor, in_factor)
+        self.a = nn.Parameter(torch.zeros(a1, a2))
+        self.b = nn.Parameter(torch.zeros(b1, b2))
+        _uniform_(self.b, b2)
+        if init == "random":
+            _uniform_(self.a, a2)
+
+    @staticmethod
+    def count_parameters(d_out: int, d_in: int, out_factor: int = 0, in_factor: int = 0, **kwargs: int) -> int:
+        a1, a2, b1, b2 = resolve_kronecker_factors(d_out, d_in, out_factor, in_factor)
+        return a1 * a2 + b1 * b2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kronecker_apply(self.a, self.b, x)
+
+    def materialize(self) -> torch.Tensor:
+        return torch.kron(self.a, self.b)
+
+    def extra_repr(self) -> str:
+        return f"d_out={self.d_out}, d_in={self.d_in}, A={tuple(self.a.shape)}, B={tuple(self.b.shape)}"
+
+
+class LDRMatrix(StructuredMatrix):
+    r"""Low displacement rank: ``M = (sum_{i<k} circ(g_i) skew(h_i))[:d_out, :d_in]``, ``g``, ``h``: k x n,
+    ``n = max(d_in, d_out)``: ``2 k n`` parameters, O(k n log n) by FFT.
+
+    (These sums are the low-displacement-rank matrices of Sindhwani et al., 2015, "Structured transforms for
+    small-footprint deep learning": k bounds the displacement rank for the Sylvester operator built from the
+    unit-circulant and unit-skew-circulant shifts; ``k = 1`` already contains every circulant and every
+    skew-circulant matrix, and large k approaches a dense matrix.)
+
+    Init "zero": ``g = 0``, h random, so ``M = 0`` and ``dL/dg_i = sum_rows corr(g_out, skew(h_i) x) != 0``;
+    h gets its gradient once g has moved. Never both zero.
+    """
+
+    def __init__(self, d_out: int, d_in: int, init: str = "zero", displacement_rank: int = 1):
+        super().__init__(d_out, d_in)
+        self._check_init(init)
+        if displacement_rank < 1:
+            raise ConfigError(f"displacement_rank must be >= 1, got {displacement_rank}")
+        self.size = max(d_out, d_in)
+        self.g = nn.Parameter(torch.zeros(displacement_rank, self.size))
+        self.h = nn.Parameter(torch.zeros(displacement_rank, self.size))
+        _uniform_(self.h, self.size)
+        if init == "random":
+            # Each of the k terms adds its own variance: scale g down so the sum keeps the single-term scale.
+            _uniform_(self.g, self.size * displacement_rank)
+
+    @staticmethod
+    def count_parameters(d_out: int, d_in: int, displacement_rank: int = 1, **kwargs: int) -> int:
+        return 2 * displacement_rank * max(d_out, d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ldr_apply(self.g, self.h, x, self.d_out)
+
+    def materialize(self) -> torch.Tensor:
+        total = sum(circulant_matrix(g) @ skew_circulant_matrix(h) for g, h in zip(self.g, self.h))
+        return total[: self.d_out, : self.d_in]
+
+    def extra_repr(self) -> str:
+        return f"d_out={self.d_out}, d_in={self.d_in}, displacement_rank={self.g.shape[0]}"
+
+
+STRUCTURES: dict[str, type[StructuredMatrix]] = {
+    "circulant": CirculantMatrix,
+    "toeplitz": ToeplitzMatrix,
+    "kronecker": KroneckerMatrix,
+    "ldr": LDRMatrix,
+}
