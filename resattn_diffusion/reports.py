@@ -47,7 +47,10 @@ def parameter_table(unet_config: dict | None = None, configs: list[ResTunerConfi
     rows = ["| tuner | T (the branch) | hyperparameters | where | trainable params | % of UNet |", "|---|---|---|---|---|---|"]
     for config in configs:
         count = count_tuner_parameters(unet_config, config)
-        hyper = ", ".join(f"{k}={v}" for k, v in config.hyperparameters.items() if k not in ("dropout",))
+        # dropout and empty/off settings (GLoRA's overrides, supernet) say nothing about size
+        hyper = ", ".join(
+            f"{k}={v}" for k, v in config.hyperparameters.items() if k != "dropout" and v not in ({}, "", False, None)
+        )
         where = "decoder side network" if config.spec.kind == "unet" else "+".join(config.targets) + (
             " (q,k,v,out)" if config.spec.kind == "linear" else ""
         )
