@@ -17,6 +17,7 @@ from .integration.inject import (
     unfuse_res_tuner,
 )
 from .integration.io import ResTunerFileError, load_res_tuner, save_res_tuner
+from .integration.loader_mixin import ResTunerLoaderMixin
 from .integration.processors import SCALE_KWARG, ResTunerAttnProcessor
 from .registry import get_tuner_spec, register_tuner, tuner_names
 from .tuners.base import ConfigError
@@ -29,6 +30,7 @@ __all__ = [
     "ResTunerConfig",
     "ResTunerError",
     "ResTunerFileError",
+    "ResTunerLoaderMixin",
     "SCALE_KWARG",
     "TARGETS",
     "add_res_tuner",

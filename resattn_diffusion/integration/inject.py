@@ -418,6 +418,20 @@ def set_res_tuner_enabled(unet: nn.Module, enabled: bool, adapter_name: str | li
         setting.enabled = bool(enabled)
 
 
+def res_tuner_settings(unet: nn.Module) -> dict[str, dict[str, float | bool]]:
+    """Name -> ``{"scale", "enabled", "fused"}`` of every tuner on ``unet`` (empty when none): what the pipeline
+    mixin checks before it changes several tuners, so that a refused change leaves all of them as they were."""
+    state = get_state(unet)
+    if state is None or not state.configs:
+        return {}
+    status = {name: {"scale": config.scale, "enabled": False, "fused": False} for name, config in state.configs.items()}
+    for name, _, setting in _settings(unet, list(state.configs)):
+        status[name]["scale"] = setting.scale
+        status[name]["enabled"] = status[name]["enabled"] or setting.enabled
+        status[name]["fused"] = status[name]["fused"] or setting.fused
+    return status
+
+
 def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None) -> None:
     """Fold linear tuners (Res-LoRA, GLoRA, SURM) into the frozen weights: zero inference cost. Raises, naming
     them, for tuners that cannot fold (attention-side branches), before changing anything."""

@@ -1,0 +1,312 @@
+"""``ResTunerLoaderMixin``: load, mix, scale, switch, fuse and unload res tuners on a diffusers pipeline.
+
+The pipeline-level face of :mod:`resattn_diffusion.integration.inject` and :mod:`~resattn_diffusion.integration.io`,
+shaped like diffusers' ``IPAdapterMixin`` / ``StableDiffusionLoraLoaderMixin``: the tuners live on ``pipe.unet``,
+these methods only find the file (local or on the Hub), check requests against what is loaded, and call the core.
+
+Every method that changes several tuners checks the whole request first, so a refused call leaves the pipeline as
+it was (same processors, same outputs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+from torch import nn
+
+from ..config import ResTunerConfig
+from .inject import (
+    ResTunerError,
+    fuse_res_tuner,
+    get_res_tuner_configs,
+    remove_res_tuner,
+    res_tuner_settings,
+    set_res_tuner_enabled,
+    set_res_tuner_scale,
+    unfuse_res_tuner,
+)
+from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
+
+#: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
+HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+# "user/repo" or "repo": what a Hub repo id looks like (and a local path, absolute or with 3+ parts, does not).
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_repo_id(path: str) -> bool:
+    return bool(_REPO_ID.match(path)) and not path.endswith(".safetensors") and ".." not in path
+
+
+def resolve_tuner_source(
+    path_or_repo: str | os.PathLike, weight_name: str | None = None, **hub_kwargs: Any
+) -> tuple[str, str | None]:
+    """Where to read a tuner from: ``(local file or folder, weight_name for the folder)``.
+
+    A path that exists is used as it is. Otherwise a string shaped like a Hub repo id (``"user/my-tuner"``) is
+    fetched with ``huggingface_hub.hf_hub_download`` (file ``weight_name``, default ``res_tuner.safetensors``).
+    Anything else, and a failed download, is a :class:`ResTunerFileError` saying what was tried.
+    """
+    unknown = set(hub_kwargs) - set(HUB_KWARGS)
+    if unknown:
+        raise TypeError(f"load_res_tuner got unexpected keyword argument(s) {sorted(unknown)}; Hub options are {list(HUB_KWARGS)}")
+    if not isinstance(path_or_repo, (str, os.PathLike)):
+        raise TypeError(f"load_res_tuner takes a path or a Hub repo id, got {type(path_or_repo).__name__}")
+    if os.path.exists(path_or_repo):
+        if hub_kwargs.get("subfolder"):
+            path_or_repo = os.path.join(path_or_repo, hub_kwargs["subfolder"])
+        return str(path_or_repo), weight_name
+    path = str(path_or_repo)
+    if not isinstance(path_or_repo, str) or not _looks_like_repo_id(path):
+        raise ResTunerFileError(
+            f"no tuner file or folder at {path!r}; pass a .safetensors file saved by save_res_tuner, a training "
+            "output folder holding res_tuner.safetensors, or a Hugging Face Hub repo id like 'user/my-tuner'"
+        )
+
+    from huggingface_hub import constants, hf_hub_download
+
+    filename = weight_name or WEIGHT_NAME
+    try:
+        return hf_hub_download(path, filename, **hub_kwargs), None
+    except Exception as err:  # huggingface_hub raises a family of errors: offline, not found, gated, HTTP
+        offline = constants.HF_HUB_OFFLINE or type(err).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+        reason = (
+            "the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1) and the file is not in the local Hub cache"
+            if offline
+            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        )
+        raise ResTunerFileError(
+            f"{path!r} is not a local file or folder, and fetching {filename!r} from the Hugging Face Hub repo "
+            f"{path!r} failed: {reason}. Pass a local path (a .safetensors file or a training output folder), or "
+            "go online / download the file first."
+        ) from None
+
+
+class ResTunerLoaderMixin:
+    """Load and manage res tuners (Res-Attn, Res-Tuning, GLoRA, SURM, ...) on a pipeline's UNet.
+
+    Mixed into a diffusers pipeline (see ``pipelines/``)::
+
+        pipe = ResTunerStableDiffusionPipeline.from_pretrained(model)
+        pipe.load_res_tuner("output/my-tuner", adapter_name="style")
+        image = pipe("a photo of a dog", generator=torch.Generator().manual_seed(0)).images[0]
+
+    Put the mixin before the diffusers pipeline class in the bases, so that its guards on ``save_pretrained`` and
+    ``fuse_qkv_projections`` (which cannot keep tuners) take effect.
+
+    The tuners sit on ``pipe.unet`` and run inside any diffusers call; they survive ``enable_attention_slicing()``,
+    ``enable_xformers_memory_efficient_attention()``, ``unet.set_default_attn_processor()`` and ``load_lora_weights``
+    in either order. A per-call scale goes through ``cross_attention_kwargs={"res_tuner_scale": 0.5}`` (or a dict
+    ``{name: scale}``).
+    """
+
+    @property
+    def _res_tuner_unet(self) -> nn.Module:
+        unet = getattr(self, "unet", None)
+        if unet is None:
+            raise ResTunerError(f"{type(self).__name__} has no UNet (pipe.unet is None); res tuners sit on a UNet")
+        return unet
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    def load_res_tuner(
+        self,
+        path_or_folder: str | os.PathLike,
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        **hub_kwargs: Any,
+    ) -> str:
+        """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet``.
+
+        Args:
+            path_or_folder: a ``.safetensors`` tuner file; a folder holding ``res_tuner.safetensors`` (a training
+                output folder); or a Hugging Face Hub repo id (``"user/my-tuner"``), downloaded when online.
+            adapter_name: the name to load it under; default: the name it was saved with.
+            weight_name: the file inside a folder or Hub repo, when it is not ``res_tuner.safetensors``.
+            **hub_kwargs: for a Hub repo, passed to ``huggingface_hub.hf_hub_download`` (``subfolder``,
+                ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``proxies``).
+
+        Returns:
+            The adapter name the tuner was loaded under.
+
+        Raises:
+            ResTunerFileError: missing file, a folder without a tuner, an unreadable or foreign file, a tuner made for
+                another base model, or a failed download. The pipeline is unchanged.
+            ResTunerError: a tuner of that name is already loaded. The pipeline is unchanged.
+        """
+        unet = self._res_tuner_unet
+        _check_not_offloaded_to_meta(unet)
+        if any(getattr(module, "fused_projections", False) for module in unet.modules()):
+            raise ResTunerError(
+                "the UNet's attention projections are fused (fuse_qkv_projections); call pipe.unfuse_qkv_projections() "
+                "before loading res tuners"
+            )
+        source, folder_weight_name = resolve_tuner_source(path_or_folder, weight_name, **hub_kwargs)
+        return load_res_tuner(unet, source, adapter_name=adapter_name, weight_name=folder_weight_name)
+
+    def unload_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
+        """Remove the named tuner(s), or all of them with ``adapter_name=None`` (a no-op when none is loaded).
+
+        Fused tuners are unfused first; the UNet's processors, weights and outputs are restored exactly.
+        """
+        unet = self._res_tuner_unet
+        loaded = get_res_tuner_configs(unet)
+        if adapter_name is None:
+            if loaded:
+                remove_res_tuner(unet)
+            return
+        for name in self._check_names(adapter_name):
+            remove_res_tuner(unet, name)
+
+    # -- scale, mixing, on/off ----------------------------------------------------------------------------------
+    def set_res_tuner_scale(self, scale: float, adapter_name: str | list[str] | None = None) -> None:
+        """Set the branch scale ``s`` of the named tuner(s) (all when None). 0 gives the base model exactly."""
+        names = self._check_names(adapter_name)
+        scale = _check_weight(scale)
+        self._refuse_fused(names, "changing its scale", unless=lambda status: status["scale"] == scale)
+        set_res_tuner_scale(self._res_tuner_unet, scale, names)
+
+    def set_res_tuners(
+        self, adapter_names: str | list[str], weights: float | list[float] | None = None
+    ) -> None:
+        """Mix loaded tuners: the named ones run with ``weights`` as their scales, every other loaded tuner is
+        disabled (kept loaded; ``enable_res_tuner`` brings it back). Like diffusers' ``set_adapters``.
+
+        Args:
+            adapter_names: the tuners to use.
+            weights: one scale per name, one scale for all, or None for 1.0 each.
+        """
+        names = self._check_names(adapter_names)
+        if len(set(names)) != len(names):
+            raise ValueError(f"set_res_tuners: adapter_names has duplicates: {names}")
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(weights, (int, float)):
+            weights = [weights] * len(names)
+        weights = [_check_weight(w) for w in weights]
+        if len(weights) != len(names):
+            raise ValueError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} weight(s) {weights}")
+        self._refuse_fused(list(res_tuner_settings(self._res_tuner_unet)), "mixing tuners")
+
+        unet = self._res_tuner_unet
+        for name in get_res_tuner_configs(unet):
+            if name in names:
+                set_res_tuner_scale(unet, weights[names.index(name)], name)
+                set_res_tuner_enabled(unet, True, name)
+            else:
+                set_res_tuner_enabled(unet, False, name)
+
+    def disable_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
+        """Switch the named tuner(s) (all when None) off without unloading them: the base model's outputs exactly."""
+        names = self._check_names(adapter_name)
+        self._refuse_fused(names, "disabling it")
+        set_res_tuner_enabled(self._res_tuner_unet, False, names)
+
+    def enable_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
+        """Switch the named tuner(s) (all when None) back on."""
+        names = self._check_names(adapter_name)
+        set_res_tuner_enabled(self._res_tuner_unet, True, names)
+
+    # -- fusing -------------------------------------------------------------------------------------------------
+    def fuse_res_tuner(self, adapter_names: str | list[str] | None = None) -> None:
+        """Fold tuners into the UNet's weights at their current scales: no extra inference cost.
+
+        Only linear tuners (``res_lora``, ``glora``, ``surm_*``) fold. ``adapter_names=None`` fuses every enabled
+        tuner. A request naming a tuner that cannot fold (or is disabled) raises, naming it, before any weight
+        changes. ``unfuse_res_tuner`` restores the original weights exactly.
+        """
+        if adapter_names is None:
+            status = res_tuner_settings(self._res_tuner_unet)
+            if not status:
+                raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
+            names = [name for name, s in status.items() if s["enabled"]]
+        else:
+            names = self._check_names(adapter_names)
+            status = res_tuner_settings(self._res_tuner_unet)
+            disabled = [name for name in names if not status[name]["enabled"]]
+            if disabled:
+                raise ResTunerError(f"tuner(s) {disabled} are disabled; enable_res_tuner({disabled!r}) before fusing them")
+        if names:
+            fuse_res_tuner(self._res_tuner_unet, names)
+
+    def unfuse_res_tuner(self) -> None:
+        """Restore the weights every fused tuner changed, exactly; the tuners run as branches again."""
+        if get_res_tuner_configs(self._res_tuner_unet):
+            unfuse_res_tuner(self._res_tuner_unet)
+
+    # -- inspection -----------------------------------------------------------------------------------------------
+    def get_res_tuners(self) -> dict[str, dict[str, Any]]:
+        """Name -> ``{"config": ResTunerConfig, "scale": float, "enabled": bool, "fused": bool}`` of every loaded tuner."""
+        unet = self._res_tuner_unet
+        configs: dict[str, ResTunerConfig] = get_res_tuner_configs(unet)
+        status = res_tuner_settings(unet)
+        return {name: {"config": config, **status[name]} for name, config in configs.items()}
+
+    # -- diffusers methods that cannot keep tuners: a clear error instead of a silent loss ------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, refused while res tuners are loaded: their weights would be written into
+        the UNet's file, where ``from_pretrained`` drops them (and fused ones would become the base weights)."""
+        loaded = list(get_res_tuner_configs(self.unet)) if getattr(self, "unet", None) is not None else []
+        if loaded:
+            raise ResTunerError(
+                f"res tuner(s) {loaded} are loaded; save_pretrained would write them into the UNet weights where "
+                "from_pretrained does not load them back. Save each with resattn_diffusion.save_res_tuner(pipe.unet, "
+                "path, adapter_name=name), call pipe.unload_res_tuner(), then pipe.save_pretrained(...)"
+            )
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def fuse_qkv_projections(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``fuse_qkv_projections``, refused while res tuners are loaded: the fused ``to_qkv`` bypasses the
+        ``to_q``/``to_k``/``to_v`` layers linear tuners sit on, and unfusing would not restore the tuners' processors."""
+        loaded = list(get_res_tuner_configs(self.unet)) if getattr(self, "unet", None) is not None else []
+        if loaded:
+            raise ResTunerError(
+                f"fuse_qkv_projections() is not supported while res tuners {loaded} are loaded; unload them first "
+                "(SDPA attention is already memory-efficient)"
+            )
+        super().fuse_qkv_projections(*args, **kwargs)
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def _check_names(self, adapter_name: str | list[str] | None) -> list[str]:
+        """The loaded tuner names a request refers to (all for None); an error naming the ones not loaded."""
+        loaded = list(get_res_tuner_configs(self._res_tuner_unet))
+        if not loaded:
+            raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
+        if adapter_name is None:
+            return loaded
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ValueError("no adapter name given; pass a name or a list of names of loaded tuners")
+        missing = [name for name in names if name not in loaded]
+        if missing:
+            raise ResTunerError(f"no tuner named {missing[0]!r} is loaded; loaded tuners: {loaded}")
+        return names
+
+    def _refuse_fused(self, names: list[str], action: str, unless=None) -> None:
+        status = res_tuner_settings(self._res_tuner_unet)
+        fused = [name for name in names if status[name]["fused"] and not (unless and unless(status[name]))]
+        if fused:
+            raise ResTunerError(
+                f"tuner(s) {fused} are fused into the UNet's weights; call pipe.unfuse_res_tuner() before {action}"
+            )
+
+
+def _check_weight(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"a tuner scale must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_not_offloaded_to_meta(unet: nn.Module) -> None:
+    """Sequential CPU offload keeps weights on the ``meta`` device between calls; a tuner built there would have no
+    values, so refuse instead of loading into nothing."""
+    if any(p.device.type == "meta" for p in unet.parameters()):
+        raise ResTunerError(
+            "the UNet's weights are on the 'meta' device (enable_sequential_cpu_offload or device_map); load res "
+            "tuners before enabling sequential offload, or call pipe.remove_all_hooks() first"
+        )
+
+
+__all__ = ["HUB_KWARGS", "ResTunerLoaderMixin", "resolve_tuner_source"]
