@@ -296,6 +296,7 @@ def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "
         return paths
 
     layers = find_layers(unet, config)
+    config.params.validate_layers([layer.path for layer in layers])
     # Build every module before touching the UNet, so a failure leaves it unchanged.
     built = []
     for layer in layers:

@@ -106,12 +106,34 @@ class OperationBank(TunerBank):
 
 
 class LinearBank(TunerBank):
-    """Branches beside a frozen ``y = W0 x + b0``; folds them into the weight on request."""
+    """Branches beside a frozen ``y = W0 x + b0``; folds them into the weight on request.
+
+    Fusing writes ``W0 + sum_i s_i dW_i`` (and ``b0 + sum_i s_i db_i``) into the linear, always computed from the
+    original W0/b0 kept aside, so fusing twice or fusing a second tuner never compounds. A tuner that creates a
+    bias where the frozen linear has none (GLoRA's ``E + W0 C``) gets one: a frozen bias parameter is added on
+    fuse and removed on unfuse, which restores the module exactly (``bias is None``, same state-dict keys).
+    Fused tuners are skipped by the branch hook; a bank whose tuners are all fused returns at once.
+    """
 
     def __init__(self, layer_path: str):
         super().__init__(layer_path)
         self.original_weight: torch.Tensor | None = None
         self.original_bias: torch.Tensor | None = None
+        #: the frozen linear had no bias and fusing added one (removed again on unfuse)
+        self.added_bias = False
+        #: every tuner of the bank is fused: the hook has nothing to add
+        self.all_fused = False
+
+    def add(self, name: str, tuner: nn.Module, scale: float, placement: str) -> None:
+        super().add(name, tuner, scale, placement)
+        self._update_all_fused()
+
+    def remove(self, name: str) -> None:
+        super().remove(name)
+        self._update_all_fused()
+
+    def _update_all_fused(self) -> None:
+        self.all_fused = bool(self.settings) and all(setting.fused for setting in self.settings.values())
 
     def add_branches(self, frozen_out: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         out = frozen_out
@@ -129,20 +151,18 @@ class LinearBank(TunerBank):
 
     @torch.no_grad()
     def fuse(self, linear: nn.Linear, names: list[str]) -> None:
-        """Fold ``W0 + sum s dW`` (and the biases) into ``linear``, always from the original W0."""
+        """Fold ``W0 + sum s dW`` (and the biases) into ``linear``, always from the original W0 and b0."""
         if self.original_weight is None:
             self.original_weight = linear.weight.detach().clone()
             self.original_bias = None if linear.bias is None else linear.bias.detach().clone()
-        for name in names:
-            self.settings[name].fused = True
         weight = self.original_weight.float()
         bias = None if self.original_bias is None else self.original_bias.float()
+        fused = [name for name, setting in self.settings.items() if setting.fused or name in names]
+        # Compute everything before changing the linear or the settings, so an error leaves both as they were.
         new_weight, new_bias = weight.clone(), None if bias is None else bias.clone()
-        for name, setting in self.settings.items():
-            if not setting.fused:
-                continue
-            tuner = self.tuners[name]
-            delta_w, delta_b = tuner.fold(weight, bias)
+        for name in fused:
+            setting = self.settings[name]
+            delta_w, delta_b = self.tuners[name].fold(weight, bias)
             delta_w = delta_w.float()
             delta_b = None if delta_b is None else delta_b.float()
             if setting.placement == "sequential":
@@ -158,29 +178,41 @@ class LinearBank(TunerBank):
         linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
         if new_bias is not None:
             if linear.bias is None:
-                raise ValueError(
-                    f"{self.layer_path}: the tuner adds a bias but the frozen linear has none, so it cannot be "
-                    "folded into the weights; keep it unfused"
+                # The tuner creates a bias the frozen linear lacks (e.g. GLoRA's E + W0 C on a bias-free to_q).
+                linear.bias = nn.Parameter(
+                    new_bias.to(device=linear.weight.device, dtype=linear.weight.dtype), requires_grad=False
                 )
-            linear.bias.data.copy_(new_bias.to(linear.bias.dtype))
+                self.added_bias = True
+            else:
+                linear.bias.data.copy_(new_bias.to(linear.bias.dtype))
+        elif self.added_bias:  # re-fused after the tuners' bias terms went away (e.g. another GLoRA subnet)
+            linear.bias = None
+            self.added_bias = False
+        for name in fused:
+            self.settings[name].fused = True
+        self._update_all_fused()
 
     @torch.no_grad()
     def unfuse(self, linear: nn.Linear) -> None:
-        """Restore W0 and b0 exactly."""
+        """Restore W0 and b0 exactly (and drop a bias that fusing added)."""
         if self.original_weight is None:
             return
         linear.weight.data.copy_(self.original_weight)
-        if self.original_bias is not None:
+        if self.added_bias:
+            linear.bias = None  # nn.Linear registers "bias" as a parameter slot; None is how a bias-free one has it
+            self.added_bias = False
+        elif self.original_bias is not None:
             linear.bias.data.copy_(self.original_bias)
         self.original_weight = self.original_bias = None
         for setting in self.settings.values():
             setting.fused = False
+        self._update_all_fused()
 
 
 # --- hooks (module-level functions: a deep-copied UNet keeps working, and removal finds them by identity) ---
 def linear_bank_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
     bank: LinearBank = module.res_tuner_bank
-    if not len(bank):
+    if not len(bank) or bank.all_fused:
         return output
     return bank.add_branches(output, args[0], module)
 

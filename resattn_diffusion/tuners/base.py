@@ -142,6 +142,11 @@ class TunerParams:
         """The hyperparameters for one layer (tuners with per-layer settings, e.g. GLoRA, override this)."""
         return self
 
+    def validate_layers(self, layer_paths: list[str]) -> None:
+        """Checks against the paths of all the layers the tuner is put on (e.g. GLoRA: every override pattern
+        matches one of them). Raises :class:`ConfigError`."""
+        return None
+
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 

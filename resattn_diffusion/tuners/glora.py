@@ -48,10 +48,11 @@ factors up to ``r_max``, plus the vector and scalar parameters) and evaluates an
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Mapping
 
 import torch
@@ -209,7 +210,7 @@ def num_parameters(config: GLoRALayerConfig | str, d_out: int, d_in: int, has_bi
 # --- choice space (supernet) -----------------------------------------------------------------------------------
 
 
-def _form_size_key(form: str) -> tuple[int, int]:
+def form_size_key(form: str) -> tuple[int, int]:
     """Orders forms by size: none < scalar < vector < lora<r> (by r)."""
     kind, rank = form_kind_and_rank(form)
     return {"none": 0, "scalar": 1, "vector": 2, "lora": 3}[kind], rank
@@ -275,7 +276,7 @@ class GLoRAChoiceSpace:
 
     def largest(self) -> GLoRALayerConfig:
         """The configuration with the largest form of every support (lora of the highest rank > vector > scalar > none)."""
-        return GLoRALayerConfig(**{support: max(self.choices(support), key=_form_size_key) for support in SUPPORTS})
+        return GLoRALayerConfig(**{support: max(self.choices(support), key=form_size_key) for support in SUPPORTS})
 
     def without_bias(self) -> GLoRAChoiceSpace:
         """The space for a layer without bias: D is always ``none``."""
@@ -319,7 +320,9 @@ class GLoRAParams(TunerParams):
 
     * ``rank``: the rank of a bare ``lora`` in ``config``, ``overrides`` and ``choices``.
     * ``config``: the default layer configuration (short form; omitted support tensors are ``none``).
-    * ``overrides``: name pattern -> configuration for the layers it matches (resolved by the integration).
+    * ``overrides``: name pattern -> configuration for the layers it matches (see :meth:`for_layer`), e.g.
+      ``{"up_blocks.*.attn2.to_k": "A=lora8,B=lora8", "*.attn1": "A=vector,E=scalar"}``. Exact layer paths are
+      patterns too (the structure search writes its result that way).
     * ``supernet``: hold the largest forms of ``choices`` and evaluate sampled configurations.
     * ``choices``: the supernet's choice space in short form (``"A=lora8|lora4|vector|scalar|none,..."``);
       empty = :meth:`GLoRAChoiceSpace.default` at ``rank``. ``config``/``overrides`` are unused by a supernet.
@@ -357,6 +360,45 @@ class GLoRAParams(TunerParams):
             # Overrides are checked by the module built for the layers they match (they may not match this one).
             check_lora_ranks(self.layer_config(), shape, "config")
 
+    def matching_override(self, layer_path: str) -> str | None:
+        """The override pattern that decides ``layer_path``'s configuration, or None (the default ``config``).
+
+        A pattern matches a layer when ``fnmatch`` (case-sensitive; ``*`` also crosses dots) matches the layer's
+        path or one of its parents, like block patterns: ``"up_blocks.1"`` and ``"*.attn1"`` match every layer
+        below them. When several patterns match, the most specific wins: an exact path (no wildcard) first,
+        then the pattern with the most literal (non-wildcard) characters, and among equals the one listed last.
+        """
+        best: tuple[tuple[bool, int, int], str] | None = None
+        for index, pattern in enumerate(self.overrides):
+            if not override_matches(pattern, layer_path):
+                continue
+            rank = (pattern == layer_path, _literal_length(pattern), index)
+            if best is None or rank > best[0]:
+                best = (rank, pattern)
+        return None if best is None else best[1]
+
+    def for_layer(self, layer_path: str) -> GLoRAParams:
+        """The parameters of one layer: a copy with ``config`` set to the override that wins for ``layer_path``
+        (:meth:`matching_override`) and no overrides. A supernet ignores ``config`` and ``overrides``."""
+        if self.supernet or not self.overrides:
+            return self
+        pattern = self.matching_override(layer_path)
+        config = self.config if pattern is None else self.overrides[pattern]
+        return replace(self, config=config, overrides={})
+
+    def validate_layers(self, layer_paths: list[str]) -> None:
+        """Every override pattern must match at least one of the layers the tuner sits on."""
+        if self.supernet or not self.overrides:
+            return
+        for pattern in self.overrides:
+            if not any(override_matches(pattern, path) for path in layer_paths):
+                example = layer_paths[0] if layer_paths else "(none)"
+                raise ConfigError(
+                    f"GLoRA override pattern {pattern!r} matches none of the {len(layer_paths)} layers this tuner "
+                    f"sits on (they are named like {example!r}); fix the pattern, e.g. 'up_blocks.*.attn2.to_k' or "
+                    "'*.attn1', or check the config's targets, blocks and projections"
+                )
+
     def layer_config(self, override_pattern: str | None = None) -> GLoRALayerConfig:
         """The default configuration, or the one ``overrides[override_pattern]`` gives."""
         text = self.config if override_pattern is None else self.overrides[override_pattern]
@@ -366,6 +408,17 @@ class GLoRAParams(TunerParams):
         if not str(self.choices).strip():
             return GLoRAChoiceSpace.default(self.rank)
         return GLoRAChoiceSpace.parse(self.choices, default_rank=self.rank)
+
+
+def override_matches(pattern: str, layer_path: str) -> bool:
+    """Whether an override pattern selects ``layer_path``: an ``fnmatch`` of the path or of one of its parents."""
+    return fnmatch.fnmatchcase(layer_path, pattern) or fnmatch.fnmatchcase(layer_path, pattern + ".*")
+
+
+def _literal_length(pattern: str) -> int:
+    """Characters of a pattern that are not wildcards (a ``[...]`` set counts as one): its specificity."""
+    without_sets = re.sub(r"\[[^\]]*\]", "#", pattern)
+    return len(without_sets.replace("*", "").replace("?", ""))
 
 
 # --- the module ------------------------------------------------------------------------------------------------
@@ -602,8 +655,10 @@ __all__ = [
     "GLoRALayerConfig",
     "GLoRAParams",
     "SUPPORTS",
+    "form_size_key",
     "format_layer_config",
     "num_parameters",
+    "override_matches",
     "parse_form",
     "parse_layer_config",
     "sample_layer_config",

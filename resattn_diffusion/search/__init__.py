@@ -1,0 +1,31 @@
+"""GLoRA's supernet sampling and evolutionary structure search (see :mod:`.supernet` and :mod:`.evolution`)."""
+
+from .evolution import DenoisingFitness, LayerSpace, SearchResult, evolutionary_search, search_glora
+from .supernet import (
+    fixed_glora_config,
+    get_subnet,
+    is_glora_supernet,
+    sample_subnet,
+    save_subnet,
+    set_subnet,
+    subnet_parameter_count,
+    subnet_spaces,
+    supernet_layers,
+)
+
+__all__ = [
+    "DenoisingFitness",
+    "LayerSpace",
+    "SearchResult",
+    "evolutionary_search",
+    "fixed_glora_config",
+    "get_subnet",
+    "is_glora_supernet",
+    "sample_subnet",
+    "save_subnet",
+    "search_glora",
+    "set_subnet",
+    "subnet_parameter_count",
+    "subnet_spaces",
+    "supernet_layers",
+]

@@ -1,0 +1,284 @@
+"""``resattn-glora-search`` / ``python -m resattn_diffusion.search``: pick a trained GLoRA supernet's configuration.
+
+Loads a diffusers pipeline folder and a supernet tuner file, encodes a held-out image folder (VAE latents and text
+embeddings, once), runs :func:`resattn_diffusion.search.evolution.search_glora` and writes to ``--output_dir``:
+
+* ``glora_search.json`` -- the chosen per-layer configuration, its parameter count and fitness, the fitness history
+  and the search settings;
+* ``res_tuner.safetensors`` -- a fixed-configuration GLoRA tuner cut from the supernet, which loads like any other
+  tuner (``load_res_tuner(pipe.unet, output_dir)`` or ``pipe.load_res_tuner(output_dir)``) and fuses.
+
+Held-out folder: images with a ``metadata.jsonl`` (one JSON object per line with ``file_name`` and a caption column,
+``text`` by default -- the Hugging Face imagefolder layout), or images with same-named ``.txt`` caption files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..integration.inject import ResTunerError
+from ..integration.io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
+from ..tuners.base import ConfigError
+from .evolution import search_glora
+from .supernet import save_subnet
+
+RESULT_NAME = "glora_search.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SUPERNET_NAME = "supernet"
+
+
+class SearchInputError(ValueError):
+    """Bad command-line input (a missing folder, an unreadable image, a malformed number); the message says what to do."""
+
+
+# --- held-out data ---------------------------------------------------------------------------------------------
+
+
+def read_captioned_images(
+    folder: str | Path, caption_column: str = "text", image_column: str = "file_name"
+) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs of a folder with ``metadata.jsonl`` or with same-named ``.txt`` captions."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SearchInputError(f"held-out data folder {str(folder)!r} does not exist or is not a folder")
+    metadata = folder / "metadata.jsonl"
+    pairs: list[tuple[Path, str]] = []
+    if metadata.is_file():
+        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SearchInputError(f"{metadata}: line {number} is not JSON ({err})") from None
+            for column in (image_column, caption_column):
+                if column not in row:
+                    raise SearchInputError(
+                        f"{metadata}: line {number} has no {column!r} column (it has {sorted(row)}); "
+                        "pass --caption_column / --image_column"
+                    )
+            image = folder / row[image_column]
+            if not image.is_file():
+                raise SearchInputError(f"{metadata}: line {number} names {row[image_column]!r}, which is not in the folder")
+            pairs.append((image, str(row[caption_column])))
+    else:
+        for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+            caption = image.with_suffix(".txt")
+            if not caption.is_file():
+                raise SearchInputError(
+                    f"image {image.name!r} has no caption: give it a same-named .txt file, or put a metadata.jsonl "
+                    f"(file_name + {caption_column}) in {str(folder)!r}"
+                )
+            pairs.append((image, caption.read_text(encoding="utf-8").strip()))
+    if not pairs:
+        raise SearchInputError(
+            f"held-out data folder {str(folder)!r} holds no captioned images ({', '.join(IMAGE_EXTENSIONS)} files with "
+            "a metadata.jsonl or same-named .txt captions)"
+        )
+    return pairs
+
+
+def load_image_tensor(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """An image resized (shorter side) and centre-cropped to ``resolution``, as a (3, r, r) tensor in [-1, 1];
+    also its original (height, width) and the crop's top-left corner (SDXL's added time ids)."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SearchInputError(f"cannot read image {str(path)!r} ({err}); remove or replace it") from None
+    original = (image.height, image.width)
+    scale = resolution / min(image.width, image.height)
+    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR)
+    top, left = (height - resolution) // 2, (width - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original, (top, left)
+
+
+@torch.no_grad()
+def encode_held_out(
+    pipeline, pairs: Sequence[tuple[Path, str]], resolution: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """VAE latents (the posterior mean times the scaling factor: deterministic), text embeddings and, for SDXL, the
+    added conditions (pooled text embeddings and time ids) of every held-out pair."""
+    device = pipeline.unet.device
+    is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+    latents, embeddings, pooled, time_ids = [], [], [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        loaded = [load_image_tensor(path, resolution) for path, _ in batch]
+        pixels = torch.stack([pixels for pixels, _, _ in loaded]).to(device=device, dtype=pipeline.vae.dtype)
+        latents.append(pipeline.vae.encode(pixels).latent_dist.mean.float().cpu() * pipeline.vae.config.scaling_factor)
+        captions = [caption for _, caption in batch]
+        if is_sdxl:
+            embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
+                prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            pooled.append(pooled_embeds.float().cpu())
+            time_ids.extend(
+                torch.tensor([*original, *crop, resolution, resolution], dtype=torch.float32) for _, original, crop in loaded
+            )
+        else:
+            embeds, _ = pipeline.encode_prompt(captions, device, 1, False)
+        embeddings.append(embeds.float().cpu())
+    added = {"text_embeds": torch.cat(pooled), "time_ids": torch.stack(time_ids)} if is_sdxl else None
+    return torch.cat(latents), torch.cat(embeddings), added
+
+
+# --- arguments -------------------------------------------------------------------------------------------------
+
+
+def parse_budget(text: str | None) -> int | None:
+    """``"250000"``, ``"250k"``, ``"1.5M"`` -> a parameter count; ``None``/``"none"`` -> no budget."""
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)\s*", str(text))
+    if not match:
+        raise SearchInputError(f"--budget must be a parameter count like 250000, 250k or 1.5M, got {text!r}")
+    factor = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2).lower()]
+    return int(round(float(match.group(1)) * factor))
+
+
+def parse_timesteps(text: str) -> int | list[int]:
+    """``"4"`` -> 4 evenly spread timesteps; ``"100,500,900"`` -> those timesteps."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise SearchInputError(f"--timesteps must be a count (4) or a list (100,500,900), got {text!r}") from None
+    if not values:
+        raise SearchInputError("--timesteps is empty; give a count (4) or a list (100,500,900)")
+    return values[0] if len(values) == 1 and "," not in str(text) else values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resattn-glora-search",
+        description="Evolutionary search of a trained GLoRA supernet's per-layer configuration under a parameter "
+        "budget; fitness is the held-out denoising loss at fixed timesteps and noise.",
+    )
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder (or hub id)")
+    parser.add_argument("--supernet", required=True, help="the GLoRA supernet tuner file, or the training output folder holding it")
+    parser.add_argument("--data_dir", required=True, help="held-out images with metadata.jsonl or same-named .txt captions")
+    parser.add_argument("--caption_column", default="text", help="caption key in metadata.jsonl (default: text)")
+    parser.add_argument("--image_column", default="file_name", help="image key in metadata.jsonl (default: file_name)")
+    parser.add_argument("--max_samples", type=int, default=None, help="use at most this many held-out images (first by name)")
+    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the UNet's sample size x the VAE factor)")
+    parser.add_argument("--output_dir", required=True, help="where glora_search.json and res_tuner.safetensors go")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --output_dir")
+    parser.add_argument("--population_size", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=10, help="generations after the initial population")
+    parser.add_argument("--mutation_rate", type=float, default=0.1, help="probability to re-draw each layer of a child")
+    parser.add_argument("--crossover_rate", type=float, default=0.5, help="probability that a child mixes two parents")
+    parser.add_argument("--budget", default=None, help="max trainable parameters of the result, e.g. 500k or 1.2M (default: none)")
+    parser.add_argument(
+        "--timesteps", default="4", help="a count of evenly spread timesteps (4), or a list (100,500,900; one timestep: 500,)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the evolution and the fixed noise")
+    parser.add_argument("--batch_size", type=int, default=8, help="UNet batch size while scoring")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _load_pipeline(name_or_path: str, device: torch.device, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise SearchInputError(
+            f"could not load the pipeline {name_or_path!r}: {err}\nOffline, pass a local diffusers folder (with model_index.json)"
+        ) from None
+    if getattr(pipeline, "unet", None) is None or getattr(pipeline, "vae", None) is None:
+        raise SearchInputError(f"{name_or_path!r} is not a Stable Diffusion pipeline with a UNet and a VAE")
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The search as the CLI runs it; returns the result JSON's path."""
+    from diffusers import DDPMScheduler
+
+    output_dir = Path(args.output_dir)
+    outputs = [output_dir / RESULT_NAME, output_dir / WEIGHT_NAME]
+    existing = [str(path) for path in outputs if path.exists()]
+    if existing and not args.overwrite:
+        raise SearchInputError(f"{existing[0]!r} exists; pass --overwrite to replace it or choose another --output_dir")
+    budget = parse_budget(args.budget)
+    timesteps = parse_timesteps(args.timesteps)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise SearchInputError(f"--max_samples must be >= 1, got {args.max_samples}")
+    pairs = read_captioned_images(args.data_dir, args.caption_column, args.image_column)[: args.max_samples]
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    pipeline = _load_pipeline(args.pretrained_model_name_or_path, device, dtype)
+    unet = pipeline.unet
+    unet.requires_grad_(False)
+    load_res_tuner(unet, args.supernet, adapter_name=SUPERNET_NAME)
+    resolution = args.resolution or unet.config.sample_size * pipeline.vae_scale_factor
+    # the training noise schedule (as diffusers' training scripts build it), not the pipeline's sampler
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    latents, embeddings, added = encode_held_out(pipeline, pairs, resolution, args.batch_size)
+
+    result = search_glora(
+        unet,
+        latents,
+        embeddings,
+        noise_scheduler,
+        added_cond_kwargs=added,
+        adapter_name=SUPERNET_NAME,
+        population_size=args.population_size,
+        iterations=args.iterations,
+        mutation_rate=args.mutation_rate,
+        crossover_rate=args.crossover_rate,
+        budget=budget,
+        seed=args.seed,
+        timesteps=timesteps,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    result.settings.update(
+        {
+            "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
+            "supernet": str(args.supernet),
+            "data_dir": str(args.data_dir),
+            "resolution": resolution,
+        }
+    )
+    tuner_path = save_subnet(unet, result.configs, output_dir, adapter_name=SUPERNET_NAME, saved_name="default")
+    result.settings["tuner_file"] = str(tuner_path)
+    result_path = result.save(output_dir / RESULT_NAME)
+    print(
+        f"best held-out loss {result.fitness:.6f} with {result.parameters:,} trainable parameters "
+        f"({len(result.configs)} layers, {len(result.evaluated)} subnets evaluated)\n"
+        f"configuration: {result_path}\ntuner file: {tuner_path} (load it with load_res_tuner / pipe.load_res_tuner)"
+    )
+    return result_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (SearchInputError, ConfigError, ResTunerError, ResTunerFileError, FileExistsError) as err:
+        print(f"resattn-glora-search: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""Evolutionary search of a GLoRA supernet's per-layer configuration under a trainable-parameter budget.
+
+Fitness is the held-out denoising loss (lower is better) of the UNet with the candidate subnet active, at FIXED
+timesteps and noise: :class:`DenoisingFitness` draws, once from the seed, a noise tensor for every (held-out
+sample, timestep) pair, so every candidate is scored on exactly the same noisy latents.
+
+The search (as in GLoRA / AutoFormer):
+
+1. an initial population of ``population_size`` random subnets;
+2. each iteration keeps the best half as parents and breeds ``population_size`` children: with probability
+   ``crossover_rate`` a child takes each layer's configuration from one of two random parents (uniform crossover),
+   otherwise it copies one parent; then every layer is re-drawn from its choice space with probability
+   ``mutation_rate``;
+3. a candidate over the parameter ``budget`` is *repaired*: random (layer, support tensor) forms are stepped down to
+   the next smaller form of their choice space (lora r -> a smaller lora -> vector -> scalar -> none) until it fits,
+   so every evaluated and returned subnet respects the budget;
+4. the next population is the best ``population_size`` of parents and children (elitist; duplicates are never
+   evaluated twice).
+
+Everything random comes from ``random.Random(seed)`` (the evolution) and ``torch.Generator().manual_seed(seed)``
+(noise and timesteps), so the same seed gives the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..tuners.base import ConfigError
+from ..tuners.glora import (
+    SUPPORTS,
+    GLoRAChoiceSpace,
+    GLoRALayerConfig,
+    form_size_key,
+    num_parameters,
+    sample_layer_config,
+)
+from .supernet import _require_unfused, get_subnet, set_subnet, supernet_layers
+
+__all__ = [
+    "DenoisingFitness",
+    "LayerSpace",
+    "SearchResult",
+    "evolutionary_search",
+    "search_glora",
+]
+
+#: A subnet as the search handles it: one canonical configuration string per layer, in layer order.
+Genome = tuple[str, ...]
+
+
+# --- fitness -----------------------------------------------------------------------------------------------------
+
+
+class DenoisingFitness:
+    """Held-out denoising loss of ``unet`` at fixed timesteps and noise (lower is better).
+
+    Args:
+        unet: the UNet (with its tuner loaded); called as ``unet(noisy, t, encoder_hidden_states, ...)``.
+        latents: clean held-out latents (N, C, H, W), already scaled by the VAE's scaling factor.
+        encoder_hidden_states: their text embeddings (N, M, d_c).
+        noise_scheduler: a diffusers noise scheduler (``add_noise``, ``get_velocity``, ``config.num_train_timesteps``,
+            ``config.prediction_type``) -- the one the model was trained with.
+        timesteps: an int k (k timesteps spread evenly over the schedule, at the centres of k equal bins) or the
+            timesteps themselves. Every sample is scored at every timestep.
+        seed: seeds the noise (one independent draw per sample and timestep).
+        added_cond_kwargs: SDXL's ``{"text_embeds": (N, ...), "time_ids": (N, 6)}``; None for SD 1.x/2.x.
+        batch_size: UNet batch size while scoring.
+
+    Calling the object scores the UNet as it is now: the mean squared error between the UNet's prediction and its
+    target (the noise for epsilon-prediction, the velocity for v-prediction, the latents for sample-prediction),
+    averaged over all samples and timesteps, computed in float32.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        noise_scheduler,
+        timesteps: int | Sequence[int] = 4,
+        seed: int = 0,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int = 8,
+    ):
+        if latents.ndim != 4 or latents.shape[0] == 0:
+            raise ValueError(f"latents must be a non-empty (N, C, H, W) tensor, got shape {tuple(latents.shape)}")
+        count = latents.shape[0]
+        if encoder_hidden_states.shape[0] != count:
+            raise ValueError(
+                f"{count} latents but {encoder_hidden_states.shape[0]} encoder_hidden_states; give one per latent"
+            )
+        for key, value in (added_cond_kwargs or {}).items():
+            if value.shape[0] != count:
+                raise ValueError(f"added_cond_kwargs[{key!r}] has {value.shape[0]} rows; give one per latent ({count})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.unet = unet
+        self.batch_size = int(batch_size)
+        self.timesteps = self.fixed_timesteps(timesteps, noise_scheduler.config.num_train_timesteps)
+        prediction_type = noise_scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
+
+        # Every (sample, timestep) pair, sample-major, with its own noise drawn once from the seed.
+        generator = torch.Generator().manual_seed(int(seed))
+        latents = latents.detach().float().cpu()
+        pairs = len(self.timesteps)
+        repeated = latents.repeat_interleave(pairs, dim=0)
+        noise = torch.randn(repeated.shape, generator=generator, dtype=torch.float32)
+        steps = torch.tensor(self.timesteps, dtype=torch.long).repeat(count)
+        self.noisy_latents = noise_scheduler.add_noise(repeated, noise, steps)
+        if prediction_type == "epsilon":
+            self.targets = noise
+        elif prediction_type == "v_prediction":
+            self.targets = noise_scheduler.get_velocity(repeated, noise, steps)
+        else:
+            self.targets = repeated
+        self.steps = steps
+        self.encoder_hidden_states = encoder_hidden_states.detach().cpu().repeat_interleave(pairs, dim=0)
+        self.added_cond_kwargs = {
+            key: value.detach().cpu().repeat_interleave(pairs, dim=0) for key, value in (added_cond_kwargs or {}).items()
+        }
+
+    @staticmethod
+    def fixed_timesteps(timesteps: int | Sequence[int], num_train_timesteps: int) -> list[int]:
+        if isinstance(timesteps, int):
+            if timesteps < 1:
+                raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+            width = num_train_timesteps / timesteps
+            return [min(num_train_timesteps - 1, int(width * (index + 0.5))) for index in range(timesteps)]
+        steps = [int(t) for t in timesteps]
+        if not steps or any(t < 0 or t >= num_train_timesteps for t in steps):
+            raise ValueError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {steps}")
+        return steps
+
+    def __len__(self) -> int:
+        return self.noisy_latents.shape[0]
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        unet = self.unet
+        parameter = next(unet.parameters())
+        device, dtype = parameter.device, parameter.dtype
+        was_training = unet.training
+        unet.eval()
+        total = 0.0
+        try:
+            for start in range(0, len(self), self.batch_size):
+                stop = start + self.batch_size
+                kwargs = {}
+                if self.added_cond_kwargs:
+                    kwargs["added_cond_kwargs"] = {
+                        key: value[start:stop].to(device=device, dtype=dtype) for key, value in self.added_cond_kwargs.items()
+                    }
+                prediction = unet(
+                    self.noisy_latents[start:stop].to(device=device, dtype=dtype),
+                    self.steps[start:stop].to(device),
+                    encoder_hidden_states=self.encoder_hidden_states[start:stop].to(device=device, dtype=dtype),
+                    **kwargs,
+                ).sample
+                error = (prediction.float().cpu() - self.targets[start:stop]).pow(2)
+                total += error.mean(dim=tuple(range(1, error.ndim))).sum().item()
+        finally:
+            unet.train(was_training)
+        return total / len(self)
+
+
+# --- the evolution (independent of the UNet) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSpace:
+    """One searchable layer: its path, choice space and the dims its parameter count depends on."""
+
+    path: str
+    space: GLoRAChoiceSpace
+    d_out: int
+    d_in: int
+    has_bias: bool = True
+
+    def count(self, config: str) -> int:
+        return num_parameters(config, self.d_out, self.d_in, self.has_bias)
+
+    def smallest(self) -> str:
+        return str(GLoRALayerConfig(**{s: min(self.space.choices(s), key=form_size_key) for s in SUPPORTS}))
+
+
+@dataclass
+class SearchResult:
+    """What the search found: ``configs`` (layer path -> configuration), its parameter count and fitness, and how it
+    got there (``history``: one entry per generation; ``evaluated``: size and fitness of every evaluated subnet)."""
+
+    configs: dict[str, str]
+    parameters: int
+    fitness: float
+    history: list[dict] = field(default_factory=list)
+    evaluated: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as JSON (parent folders are created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchResult:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _smaller_forms(space: GLoRAChoiceSpace, support: str, form: str) -> list[str]:
+    return sorted((f for f in space.choices(support) if form_size_key(f) < form_size_key(form)), key=form_size_key)
+
+
+class _Evolution:
+    """The state of one search: layers, budget, random stream and the cache of evaluated genomes."""
+
+    def __init__(self, layers: Sequence[LayerSpace], evaluate: Callable[[Genome], float], budget: int | None, rng: random.Random):
+        self.layers = list(layers)
+        self.evaluate_fn = evaluate
+        self.budget = budget
+        self.rng = rng
+        self.fitness: dict[Genome, float] = {}
+        self.evaluated: list[dict] = []
+
+    def count(self, genome: Genome) -> int:
+        return sum(layer.count(config) for layer, config in zip(self.layers, genome))
+
+    def random_genome(self) -> Genome:
+        return tuple(str(sample_layer_config(layer.space, self.rng)) for layer in self.layers)
+
+    def repair(self, genome: Genome) -> Genome:
+        """Step random forms down to the next smaller one until the genome fits the budget."""
+        if self.budget is None:
+            return genome
+        configs = [GLoRALayerConfig.parse(text) for text in genome]
+        total = self.count(genome)
+        while total > self.budget:
+            shrinkable = [
+                (index, support)
+                for index, (layer, config) in enumerate(zip(self.layers, configs))
+                for support in SUPPORTS
+                if _smaller_forms(layer.space, support, getattr(config, support))
+            ]
+            index, support = self.rng.choice(shrinkable)  # non-empty: the smallest genome fits (checked up front)
+            layer, config = self.layers[index], configs[index]
+            smaller = _smaller_forms(layer.space, support, getattr(config, support))[-1]
+            before = layer.count(str(config))
+            configs[index] = GLoRALayerConfig(**{**{s: getattr(config, s) for s in SUPPORTS}, support: smaller})
+            total += layer.count(str(configs[index])) - before
+        return tuple(str(config) for config in configs)
+
+    def crossover(self, first: Genome, second: Genome) -> Genome:
+        return tuple(a if self.rng.random() < 0.5 else b for a, b in zip(first, second))
+
+    def mutate(self, genome: Genome, rate: float) -> Genome:
+        return tuple(
+            str(sample_layer_config(layer.space, self.rng)) if self.rng.random() < rate else config
+            for layer, config in zip(self.layers, genome)
+        )
+
+    def score(self, genome: Genome) -> float:
+        if genome not in self.fitness:
+            parameters = self.count(genome)
+            if self.budget is not None and parameters > self.budget:  # a guard: repair() makes this unreachable
+                raise RuntimeError(f"internal error: a subnet of {parameters} parameters exceeds the budget {self.budget}")
+            value = float(self.evaluate_fn(genome))
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the held-out loss of a subnet is {value}; the supernet weights are not finite (diverged training?)"
+                )
+            self.fitness[genome] = value
+            self.evaluated.append({"parameters": parameters, "fitness": value})
+        return self.fitness[genome]
+
+    def sort_key(self, genome: Genome) -> tuple[float, int, Genome]:
+        # lower loss first; ties: fewer parameters, then the configuration strings (deterministic)
+        return self.fitness[genome], self.count(genome), genome
+
+
+def evolutionary_search(
+    layers: Sequence[LayerSpace],
+    evaluate: Callable[[Genome], float],
+    *,
+    population_size: int = 16,
+    iterations: int = 10,
+    mutation_rate: float = 0.1,
+    crossover_rate: float = 0.5,
+    budget: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> SearchResult:
+    """The evolution itself, over per-layer choice spaces; ``evaluate(genome)`` returns a fitness (lower is better)
+    for a tuple of configuration strings in the order of ``layers``. See the module docstring for the algorithm."""
+    from tqdm.auto import tqdm
+
+    if not layers:
+        raise ConfigError("nothing to search: the supernet has no layers")
+    if not isinstance(population_size, int) or population_size < 2:
+        raise ConfigError(f"population_size must be an integer >= 2, got {population_size!r}")
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ConfigError(f"iterations must be an integer >= 0, got {iterations!r}")
+    for name, rate in (("mutation_rate", mutation_rate), ("crossover_rate", crossover_rate)):
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {rate!r}")
+    evolution = _Evolution(layers, evaluate, budget, random.Random(seed))
+    smallest = tuple(layer.smallest() for layer in layers)
+    largest = tuple(str(layer.space.largest()) for layer in layers)
+    if budget is not None:
+        if not isinstance(budget, int) or budget < 0:
+            raise ConfigError(f"budget must be a non-negative number of parameters, got {budget!r}")
+        minimum = evolution.count(smallest)
+        if minimum > budget:
+            raise ConfigError(
+                f"budget {budget:,} is below the smallest subnet of this supernet ({minimum:,} parameters); "
+                f"raise the budget to at least {minimum:,} or add 'none' to the choice space"
+            )
+    space_size = math.prod(layer.space.size() for layer in layers)
+    # A tiny space (tests) cannot supply population_size distinct subnets; never loop forever looking for new ones.
+    max_attempts = 20 * population_size
+
+    bar = tqdm(total=population_size * (iterations + 1), desc="GLoRA search", unit="subnet", disable=not progress)
+    history: list[dict] = []
+
+    def record(iteration: int, population: list[Genome]) -> None:
+        best = population[0]
+        scores = [evolution.fitness[g] for g in population]
+        history.append(
+            {
+                "iteration": iteration,
+                "best_fitness": evolution.fitness[best],
+                "mean_fitness": sum(scores) / len(scores),
+                "best_parameters": evolution.count(best),
+                "evaluations": len(evolution.fitness),
+            }
+        )
+        bar.set_postfix(best=f"{evolution.fitness[best]:.5f}", params=f"{evolution.count(best):,}")
+
+    def new_candidates(make: Callable[[], Genome], wanted: int, seen: set[Genome]) -> list[Genome]:
+        candidates: list[Genome] = []
+        attempts = 0
+        while len(candidates) < wanted and attempts < max_attempts and len(seen) < space_size:
+            attempts += 1
+            genome = evolution.repair(make())
+            if genome in seen:
+                continue
+            seen.add(genome)
+            candidates.append(genome)
+        return candidates
+
+    try:
+        seen: set[Genome] = set()
+        population = new_candidates(evolution.random_genome, population_size, seen)
+        for genome in population:
+            evolution.score(genome)
+            bar.update(1)
+        population.sort(key=evolution.sort_key)
+        record(0, population)
+        for iteration in range(1, iterations + 1):
+            parents = population[: max(2, len(population) // 2)]
+
+            def child() -> Genome:
+                if len(parents) >= 2 and evolution.rng.random() < crossover_rate:
+                    first, second = evolution.rng.sample(parents, 2)
+                    genome = evolution.crossover(first, second)
+                else:
+                    genome = evolution.rng.choice(parents)
+                return evolution.mutate(genome, mutation_rate)
+
+            children = new_candidates(child, population_size, seen)
+            for genome in children:
+                evolution.score(genome)
+                bar.update(1)
+            population = sorted(set(population) | set(children), key=evolution.sort_key)[:population_size]
+            record(iteration, population)
+    finally:
+        bar.close()
+
+    best = population[0]
+    return SearchResult(
+        configs={layer.path: config for layer, config in zip(layers, best)},
+        parameters=evolution.count(best),
+        fitness=evolution.fitness[best],
+        history=history,
+        evaluated=evolution.evaluated,
+        settings={
+            "population_size": population_size,
+            "iterations": iterations,
+            "mutation_rate": mutation_rate,
+            "crossover_rate": crossover_rate,
+            "budget": budget,
+            "seed": seed,
+            "layers": len(layers),
+            "supernet_largest_parameters": evolution.count(largest),
+            "smallest_parameters": evolution.count(smallest),
+        },
+    )
+
+
+# --- on a UNet -----------------------------------------------------------------------------------------------
+
+
+def search_glora(
+    unet: nn.Module,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    noise_scheduler,
+    *,
+    added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    population_size: int = 16,
+    iterations: int = 10,
+    mutation_rate: float = 0.1,
+    crossover_rate: float = 0.5,
+    budget: int | None = None,
+    seed: int = 0,
+    timesteps: int | Sequence[int] = 4,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SearchResult:
+    """Search the per-layer configuration of the GLoRA supernet ``adapter_name`` on ``unet``.
+
+    Held-out data: ``latents`` (N, C, H, W; VAE latents times its scaling factor) with their ``encoder_hidden_states``
+    (and SDXL's ``added_cond_kwargs``). Fitness: :class:`DenoisingFitness` at ``timesteps`` with noise fixed by
+    ``seed``. ``budget``: the most trainable parameters the chosen fixed GLoRA may have (None: no limit). The same
+    seed gives the same result. Afterwards the supernet evaluates the chosen subnet; save it with
+    :func:`resattn_diffusion.search.supernet.save_subnet` (``result.configs``).
+    """
+    modules = list(supernet_layers(unet, adapter_name))
+    _require_unfused(unet, adapter_name)
+    layers = [LayerSpace(path, module.space, module.d_out, module.d_in, module.has_bias) for path, module in modules]
+    fitness = DenoisingFitness(
+        unet,
+        latents,
+        encoder_hidden_states,
+        noise_scheduler,
+        timesteps=timesteps,
+        seed=seed,
+        added_cond_kwargs=added_cond_kwargs,
+        batch_size=batch_size,
+    )
+    previous = get_subnet(unet, adapter_name)
+
+    def evaluate(genome: Genome) -> float:
+        for (_, module), config in zip(modules, genome):
+            module.set_active(config)
+        return fitness()
+
+    try:
+        result = evolutionary_search(
+            layers,
+            evaluate,
+            population_size=population_size,
+            iterations=iterations,
+            mutation_rate=mutation_rate,
+            crossover_rate=crossover_rate,
+            budget=budget,
+            seed=seed,
+            progress=progress,
+        )
+    except BaseException:
+        set_subnet(unet, previous, adapter_name)
+        raise
+    set_subnet(unet, result.configs, adapter_name)
+    result.settings.update(
+        {"adapter_name": adapter_name, "timesteps": fitness.timesteps, "held_out_samples": int(latents.shape[0])}
+    )
+    return result

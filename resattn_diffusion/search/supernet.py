@@ -1,0 +1,204 @@
+"""GLoRA supernet on a UNet: sample, set and count per-layer configurations; cut out a fixed GLoRA tuner file.
+
+A GLoRA tuner added with ``supernet=True`` (``ResTunerConfig(tuner="glora", supernet=True, rank=8, ...)``) holds, on
+every layer it sits beside, the largest forms of its choice space and evaluates whichever configuration is active.
+A model's *configuration* (a *subnet*) is a dict ``{layer path: layer configuration string}``, e.g.
+``{"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "A=lora4,B=vector,C=none,D=scalar,E=none", ...}``.
+
+* Training: call :func:`sample_subnet` once per optimisation step (a random configuration per layer per step),
+  before the forward pass; the step then trains the weights that subnet uses.
+* Search: :func:`set_subnet` evaluates a given configuration, :func:`subnet_parameter_count` is its size (what the
+  budget limits); :mod:`resattn_diffusion.search.evolution` picks the best one.
+* Export: :func:`save_subnet` writes the chosen configuration as an ordinary tuner file of a *fixed-configuration*
+  GLoRA (default ``config`` plus exact per-layer ``overrides``), with weights cut out of the supernet; it loads with
+  :func:`resattn_diffusion.load_res_tuner` like any other tuner and fuses into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..config import ResTunerConfig
+from ..integration.inject import ResTunerError, get_state, iter_tuners
+from ..integration.io import FORMAT_NAME, FORMAT_VERSION, WEIGHT_NAME, base_description, expected_fingerprint
+from ..tuners.base import ConfigError
+from ..tuners.glora import GLoRA, GLoRAChoiceSpace, num_parameters, parse_layer_config, sample_layer_config
+
+__all__ = [
+    "fixed_glora_config",
+    "get_subnet",
+    "is_glora_supernet",
+    "sample_subnet",
+    "save_subnet",
+    "set_subnet",
+    "subnet_parameter_count",
+    "subnet_spaces",
+    "supernet_layers",
+]
+
+
+def is_glora_supernet(unet: nn.Module, adapter_name: str = "default") -> bool:
+    """Whether ``unet`` carries a GLoRA supernet tuner named ``adapter_name`` (what a training loop checks to
+    know it must call :func:`sample_subnet` every step)."""
+    state = get_state(unet)
+    if state is None or adapter_name not in state.configs:
+        return False
+    config = state.configs[adapter_name]
+    return config.tuner == "glora" and bool(config.hyperparameters.get("supernet"))
+
+
+def supernet_layers(unet: nn.Module, adapter_name: str = "default") -> Iterator[tuple[str, GLoRA]]:
+    """(layer path, GLoRA supernet module) of the named tuner, in module order; a clear error if it is not one."""
+    state = get_state(unet)
+    if state is None or adapter_name not in state.configs:
+        loaded = [] if state is None else list(state.configs)
+        raise ResTunerError(
+            f"no tuner named {adapter_name!r} on this UNet (loaded: {loaded}); add a GLoRA supernet with "
+            "add_res_tuner(unet, ResTunerConfig(tuner='glora', supernet=True), adapter_name) or load its file"
+        )
+    if not is_glora_supernet(unet, adapter_name):
+        config = state.configs[adapter_name]
+        raise ResTunerError(
+            f"tuner {adapter_name!r} is {config.tuner!r}"
+            + (" with a fixed configuration" if config.tuner == "glora" else "")
+            + ", not a GLoRA supernet; train one with --tuner glora --supernet (hyperparameter supernet=True)"
+        )
+    yield from iter_tuners(unet, adapter_name)
+
+
+def _require_unfused(unet: nn.Module, adapter_name: str) -> None:
+    for bank, _ in get_state(unet).banks:
+        setting = bank.settings.get(adapter_name)
+        if setting is not None and setting.fused:
+            raise ResTunerError(
+                f"tuner {adapter_name!r} is fused into the weights; unfuse_res_tuner(unet) before changing its subnet"
+            )
+
+
+def subnet_spaces(unet: nn.Module, adapter_name: str = "default") -> dict[str, GLoRAChoiceSpace]:
+    """Layer path -> the choice space of that layer (without D on a bias-free layer)."""
+    return {path: module.space for path, module in supernet_layers(unet, adapter_name)}
+
+
+def get_subnet(unet: nn.Module, adapter_name: str = "default") -> dict[str, str]:
+    """The configuration every layer evaluates now."""
+    return {path: str(module.active_config) for path, module in supernet_layers(unet, adapter_name)}
+
+
+def sample_subnet(
+    unet: nn.Module, generator: torch.Generator | random.Random, adapter_name: str = "default"
+) -> dict[str, str]:
+    """Draw and set a random configuration on every layer (each layer and support independently, uniformly over its
+    choice space); returns it. Reproducible for a seeded ``generator``. Call once per training step."""
+    _require_unfused(unet, adapter_name)
+    configs = {}
+    for path, module in supernet_layers(unet, adapter_name):
+        layer_config = sample_layer_config(module.space, generator)
+        module.set_active(layer_config)
+        configs[path] = str(module.active_config)
+    return configs
+
+
+def _check_layers(layers: list[tuple[str, GLoRA]], configs: Mapping[str, str]) -> None:
+    paths = {path for path, _ in layers}
+    missing = [path for path, _ in layers if path not in configs]
+    unknown = [path for path in configs if path not in paths]
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} layer(s) of the supernet have no configuration, e.g. {missing[0]!r}")
+        if unknown:
+            problems.append(f"{len(unknown)} configured layer(s) are not in the supernet, e.g. {unknown[0]!r}")
+        raise ConfigError(
+            "the subnet does not fit this supernet: " + "; ".join(problems) + ". Give one configuration per layer "
+            "(get_subnet(unet) lists them)"
+        )
+
+
+def set_subnet(unet: nn.Module, configs: Mapping[str, str], adapter_name: str = "default") -> None:
+    """Make every layer evaluate ``configs[layer path]``; every layer needs one and each must lie in the supernet.
+    Checked before anything changes."""
+    _require_unfused(unet, adapter_name)
+    layers = list(supernet_layers(unet, adapter_name))
+    _check_layers(layers, configs)
+    parsed = {}
+    for path, module in layers:
+        layer_config = parse_layer_config(configs[path])
+        if not module.space.contains(layer_config if module.has_bias else layer_config.without_bias()):
+            raise ConfigError(f"layer {path}: configuration {layer_config} is outside its choice space {module.space}")
+        parsed[path] = layer_config
+    for path, module in layers:
+        module.set_active(parsed[path])
+
+
+def subnet_parameter_count(unet: nn.Module, configs: Mapping[str, str], adapter_name: str = "default") -> int:
+    """Trainable parameters of the fixed GLoRA that ``configs`` describes (what the search's budget limits)."""
+    layers = list(supernet_layers(unet, adapter_name))
+    _check_layers(layers, configs)
+    return sum(num_parameters(configs[path], module.d_out, module.d_in, module.has_bias) for path, module in layers)
+
+
+def fixed_glora_config(supernet_config: ResTunerConfig, configs: Mapping[str, str]) -> ResTunerConfig:
+    """The config of a fixed-configuration GLoRA equal to the subnet ``configs``: the most common layer configuration
+    as ``config`` and an exact-path override for every layer that differs (exact paths always win)."""
+    canonical = {path: str(parse_layer_config(text)) for path, text in configs.items()}
+    counts = Counter(canonical.values())
+    # most common first; ties by the configuration string so the choice is deterministic
+    default = min(counts, key=lambda text: (-counts[text], text))
+    overrides = {path: text for path, text in canonical.items() if text != default}
+    return supernet_config.replace(supernet=False, choices="", config=default, overrides=overrides)
+
+
+def save_subnet(
+    unet: nn.Module,
+    configs: Mapping[str, str],
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    saved_name: str = "default",
+    overwrite: bool = True,
+) -> Path:
+    """Write the subnet ``configs`` of the supernet ``adapter_name`` as a tuner file of a fixed-configuration GLoRA
+    (``path``: a ``.safetensors`` file, or a folder that gets ``res_tuner.safetensors``). ``saved_name`` is the name
+    it loads under by default. Same format as :func:`resattn_diffusion.save_res_tuner` (atomic write)."""
+    from safetensors.torch import save_file
+
+    layers = list(supernet_layers(unet, adapter_name))
+    _check_layers(layers, configs)
+    config = fixed_glora_config(get_state(unet).configs[adapter_name], configs)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer_path, module in layers:
+        for key, value in module.fixed_state_dict(configs[layer_path]).items():
+            tensors[f"{layer_path}.{key}"] = value.contiguous().cpu()
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / WEIGHT_NAME
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (or --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "adapter_name": saved_name,
+        "config": config.to_json(indent=None),
+        "layers": json.dumps(expected_fingerprint(unet, config)),
+        "base": json.dumps(base_description(unet)),
+    }
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path

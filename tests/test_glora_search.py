@@ -1,0 +1,342 @@
+"""GLoRA per-layer configuration, supernet training mode, evolutionary structure search and its CLI (issue 3)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import resattn_diffusion as rd
+from resattn_diffusion.integration.inject import iter_tuners
+from resattn_diffusion.search import (
+    LayerSpace,
+    evolutionary_search,
+    fixed_glora_config,
+    get_subnet,
+    is_glora_supernet,
+    sample_subnet,
+    save_subnet,
+    search_glora,
+    set_subnet,
+    subnet_parameter_count,
+)
+from resattn_diffusion.search.cli import main as search_main
+from resattn_diffusion.search.cli import parse_budget, parse_timesteps
+from resattn_diffusion.testing import save_tiny_pipeline, tiny_unet, unet_inputs
+from resattn_diffusion.tuners.glora import GLoRAChoiceSpace, GLoRAParams, parse_layer_config
+
+Q1 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+UP_K2 = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+UP_K1 = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+
+_UNETS: dict[str, torch.nn.Module] = {}
+
+
+def frozen_unet(kind: str = "sd1") -> torch.nn.Module:
+    if kind not in _UNETS:
+        unet = tiny_unet(kind)
+        unet.requires_grad_(False)
+        _UNETS[kind] = unet
+    return copy.deepcopy(_UNETS[kind])
+
+
+def randomize(unet, adapter_name: str = "default", seed: int = 0, std: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in rd.res_tuner_parameters(unet, adapter_name):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+def run(unet, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def supernet_unet(kind: str = "sd1", **hyper):
+    unet = frozen_unet(kind)
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="glora", supernet=True, rank=4, **hyper))
+    randomize(unet)
+    return unet
+
+
+def noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+# --- per-layer overrides ------------------------------------------------------------------------------------------
+
+
+def test_override_precedence_is_exact_then_most_specific_then_last():
+    params = GLoRAParams(
+        config="A=lora2",
+        overrides={
+            "*.attn1.*": "A=vector",  # 8 literal (non-wildcard) characters
+            "up_blocks.1": "B=scalar",  # a parent path: everything below it; 11
+            "up_blocks.*.attn2.to_k": "C=vector",  # 20
+            "*.attn2.to_q": "E=scalar",  # 11, listed after "up_blocks.1": wins that tie
+            UP_K2: "A=scalar,E=vector",  # exact: always wins
+        },
+    )
+    assert params.matching_override(Q1) == "*.attn1.*"
+    assert params.matching_override(UP_K1) == "up_blocks.1"  # 11 beats 8
+    assert params.matching_override(UP_K2) == UP_K2
+    assert params.matching_override("up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k") == "up_blocks.*.attn2.to_k"
+    assert params.matching_override("up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_q") == "*.attn2.to_q"
+    assert params.matching_override("mid_block.attentions.0.transformer_blocks.0.ff.net.2") is None
+
+    layer = params.for_layer(UP_K2)
+    assert layer.config == "A=scalar,E=vector" and layer.overrides == {} and layer.rank == params.rank
+    assert params.for_layer("mid_block.attentions.0.transformer_blocks.0.ff.net.2").config == "A=lora2"
+    assert params.overrides[UP_K2] == "A=scalar,E=vector"  # the original is untouched
+
+    # equally specific patterns (11 literal characters each): the one listed last wins
+    assert GLoRAParams(overrides={"*.attn1.to_q": "A=vector", "down_blocks*": "A=none"}).matching_override(Q1) == "down_blocks*"
+    assert GLoRAParams(overrides={"down_blocks*": "A=none", "*.attn1.to_q": "A=vector"}).matching_override(Q1) == "*.attn1.to_q"
+
+
+def test_overrides_give_each_layer_its_module():
+    unet = frozen_unet()
+    overrides = {"*.attn1": "A=vector,B=none,C=none,D=none,E=scalar", UP_K2: "A=lora1,B=scalar", "up_blocks.*.ff": "E=vector"}
+    config = rd.ResTunerConfig(tuner="glora", targets=["attn1", "attn2", "ff"], config="A=lora2,B=lora2", overrides=overrides)
+    rd.add_res_tuner(unet, config)
+    active = {path: str(module.active_config) for path, module in iter_tuners(unet, "default")}
+    assert active[Q1] == "A=vector,B=none,C=none,D=none,E=scalar"
+    assert active[UP_K2] == "A=lora1,B=scalar,C=none,D=none,E=none"
+    assert active["up_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj"] == "A=none,B=none,C=none,D=none,E=vector"
+    assert active["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"] == "A=lora2,B=lora2,C=none,D=none,E=none"
+    assert active["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"] == "A=lora2,B=lora2,C=none,D=none,E=none"
+
+
+def test_override_that_matches_no_layer_is_an_error_at_add_time(tmp_path):
+    unet = frozen_unet()
+    inputs = unet_inputs(unet, batch_size=1, seed=0)
+    base = run(unet, inputs)
+    with pytest.raises(rd.ConfigError, match="'up_blocks.*.attn2.to_z'"):
+        rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="glora", overrides={"up_blocks.*.attn2.to_z": "A=vector"}))
+    # a pattern for a layer the config does not select (ff is not a target) is an error too
+    with pytest.raises(rd.ConfigError, match="matches none of the"):
+        rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="glora", overrides={"*.ff.*": "A=vector"}))
+    assert rd.get_res_tuner_configs(unet) == {}
+    assert torch.equal(run(unet, inputs), base)
+
+
+def test_overrides_round_trip_through_a_tuner_file(tmp_path):
+    unet = frozen_unet()
+    config = rd.ResTunerConfig(tuner="glora", config="A=lora2", overrides={"*.attn2.to_k": "A=vector,C=lora1,E=scalar"})
+    rd.add_res_tuner(unet, config)
+    randomize(unet)
+    inputs = unet_inputs(unet, batch_size=1, seed=1)
+    expected = run(unet, inputs)
+    rd.save_res_tuner(unet, tmp_path)
+    fresh = frozen_unet()
+    rd.load_res_tuner(fresh, tmp_path)
+    assert rd.get_res_tuner_configs(fresh)["default"] == config
+    assert torch.equal(run(fresh, inputs), expected)
+
+
+# --- supernet -----------------------------------------------------------------------------------------------------
+
+
+def test_supernet_sampling_is_reproducible_and_changes_outputs():
+    unet = supernet_unet()
+    assert is_glora_supernet(unet)
+    inputs = unet_inputs(unet, batch_size=1, seed=2)
+    first = sample_subnet(unet, torch.Generator().manual_seed(7))
+    out_first = run(unet, inputs)
+    second = sample_subnet(unet, torch.Generator().manual_seed(7))
+    assert first == second and torch.equal(run(unet, inputs), out_first)
+    assert get_subnet(unet) == first
+
+    generator = torch.Generator().manual_seed(7)
+    step_one, step_two = sample_subnet(unet, generator), sample_subnet(unet, generator)
+    assert step_one == first and step_two != step_one  # a new configuration per step
+    assert not torch.allclose(run(unet, inputs), out_first)
+    # per layer: the layers of one sample do not all share one configuration
+    assert len(set(first.values())) > 1
+    # a random.Random works the same way
+    assert sample_subnet(unet, random.Random(3)) == sample_subnet(unet, random.Random(3))
+
+
+def test_set_subnet_and_parameter_count_match_a_fixed_glora():
+    unet = supernet_unet()
+    configs = sample_subnet(unet, torch.Generator().manual_seed(1))
+    count = subnet_parameter_count(unet, configs)
+    fixed = frozen_unet()
+    rd.add_res_tuner(fixed, fixed_glora_config(rd.get_res_tuner_configs(unet)["default"], configs))
+    assert rd.res_tuner_summary(fixed)["tuners"]["default"]["parameters"] == count
+    assert {path: str(m.active_config) for path, m in iter_tuners(fixed, "default")} == configs
+
+    set_subnet(unet, {path: "A=none,B=none,C=none,D=none,E=none" for path in configs})
+    assert torch.equal(run(unet, unet_inputs(unet, 1, 0)), run(frozen_unet(), unet_inputs(unet, 1, 0)))
+    with pytest.raises(rd.ConfigError, match="have no configuration"):
+        set_subnet(unet, dict(list(configs.items())[1:]))
+    with pytest.raises(rd.ConfigError, match="outside its choice space"):
+        set_subnet(unet, {**configs, Q1: "A=lora3"})
+    with pytest.raises(rd.ResTunerError, match="not a GLoRA supernet"):
+        fixed_unet = frozen_unet()
+        rd.add_res_tuner(fixed_unet, rd.ResTunerConfig(tuner="glora"))
+        sample_subnet(fixed_unet, torch.Generator())
+    rd.fuse_res_tuner(unet)
+    with pytest.raises(rd.ResTunerError, match="unfuse"):
+        sample_subnet(unet, torch.Generator())
+
+
+def test_supernet_trains_the_sampled_subnet():
+    unet = supernet_unet()
+    inputs = unet_inputs(unet, batch_size=1, seed=3)
+    sample_subnet(unet, torch.Generator().manual_seed(0))
+    unet(**inputs).sample.pow(2).mean().backward()
+    active = {path: module.active_config for path, module in iter_tuners(unet, "default")}
+    for path, module in iter_tuners(unet, "default"):
+        for name, parameter in module.named_parameters():
+            support, kind = name.split("_")[:2]
+            used = active[path].form(support)[0] == kind
+            assert (parameter.grad is not None and parameter.grad.abs().sum() > 0) == used, (path, name)
+
+
+# --- the evolution ------------------------------------------------------------------------------------------------
+
+
+def synthetic_layers(count: int = 6) -> list[LayerSpace]:
+    space = GLoRAChoiceSpace.default(4)
+    return [LayerSpace(f"layer{i}", space, d_out=16 + 8 * i, d_in=24, has_bias=i % 2 == 0) for i in range(count)]
+
+
+def test_evolution_improves_respects_the_budget_and_is_seeded():
+    layers = synthetic_layers()
+    target = tuple(str(parse_layer_config("A=lora2,B=vector,C=vector,D=scalar,E=none")) for _ in layers)
+
+    def distance(genome):  # a fitness with a known optimum: how many support tensors differ from the target
+        return float(sum(a != b for g, t in zip(genome, target) for a, b in zip(g.split(","), t.split(","))))
+
+    budget = 600
+    kwargs = dict(population_size=8, iterations=12, mutation_rate=0.2, crossover_rate=0.5, budget=budget, progress=False)
+    result = evolutionary_search(layers, distance, seed=5, **kwargs)
+    again = evolutionary_search(layers, distance, seed=5, **kwargs)
+    assert result == again
+    other = evolutionary_search(layers, distance, seed=6, **kwargs)
+    assert other.evaluated != result.evaluated
+    assert result.parameters <= budget
+    assert all(entry["parameters"] <= budget for entry in result.evaluated)
+    assert result.history[-1]["best_fitness"] < result.history[0]["best_fitness"]
+    assert [h["best_fitness"] for h in result.history] == sorted((h["best_fitness"] for h in result.history), reverse=True)
+    assert sum(layer.count(result.configs[layer.path]) for layer in layers) == result.parameters
+
+    with pytest.raises(rd.ConfigError, match="below the smallest subnet"):
+        small = [LayerSpace("l", GLoRAChoiceSpace(A=("vector",)), 16, 8)]
+        evolutionary_search(small, distance, budget=10, progress=False)
+
+
+def test_search_glora_is_reproducible_respects_the_budget_and_exports_a_loadable_fixed_tuner(tmp_path):
+    unet = supernet_unet()
+    held_out = unet_inputs(unet, batch_size=2, seed=11)
+    largest = subnet_parameter_count(unet, get_subnet(unet))
+    budget = largest // 4
+    kwargs = dict(population_size=4, iterations=2, budget=budget, seed=3, timesteps=2, progress=False)
+    result = search_glora(unet, held_out["sample"], held_out["encoder_hidden_states"], noise_scheduler(), **kwargs)
+    again = search_glora(unet, held_out["sample"], held_out["encoder_hidden_states"], noise_scheduler(), **kwargs)
+    assert result.configs == again.configs and result.history == again.history and result.fitness == again.fitness
+    assert result.parameters <= budget and all(entry["parameters"] <= budget for entry in result.evaluated)
+    assert len(result.evaluated) > kwargs["population_size"]
+    assert subnet_parameter_count(unet, result.configs) == result.parameters
+    assert get_subnet(unet) == result.configs  # the supernet is left at the chosen subnet
+
+    inputs = unet_inputs(unet, batch_size=2, seed=12)
+    expected = run(unet, inputs)
+    path = save_subnet(unet, result.configs, tmp_path)
+    fresh = frozen_unet()
+    name = rd.load_res_tuner(fresh, path)
+    config = rd.get_res_tuner_configs(fresh)[name]
+    assert name == "default" and config.tuner == "glora" and not config.hyperparameters["supernet"]
+    assert all("*" not in pattern for pattern in config.hyperparameters["overrides"])
+    assert rd.res_tuner_summary(fresh)["tuners"]["default"]["parameters"] == result.parameters
+    torch.testing.assert_close(run(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
+    rd.fuse_res_tuner(fresh)
+    torch.testing.assert_close(run(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_search_on_sdxl_with_added_conditions():
+    unet = supernet_unet("sdxl")
+    held_out = unet_inputs(unet, batch_size=2, seed=13)
+    result = search_glora(
+        unet,
+        held_out["sample"],
+        held_out["encoder_hidden_states"],
+        noise_scheduler(),
+        added_cond_kwargs=held_out["added_cond_kwargs"],
+        population_size=2,
+        iterations=1,
+        timesteps=[500],
+        progress=False,
+    )
+    assert np.isfinite(result.fitness) and len(result.configs) == len(get_subnet(unet))
+
+
+def test_cli_argument_parsing():
+    assert parse_budget("250k") == 250_000 and parse_budget("1.5M") == 1_500_000 and parse_budget("123") == 123
+    assert parse_budget(None) is None and parse_budget("none") is None
+    assert parse_timesteps("4") == 4 and parse_timesteps("100,500,900") == [100, 500, 900] and parse_timesteps("500,") == [500]
+    with pytest.raises(ValueError, match="--budget"):
+        parse_budget("lots")
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+
+def write_held_out(folder, count: int = 3, metadata: bool = True) -> None:
+    folder.mkdir(parents=True)
+    rows = []
+    for index in range(count):
+        pixels = np.random.default_rng(index).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+        caption = f"a photo of a {['red', 'blue', 'green'][index % 3]} dog"
+        if metadata:
+            rows.append(json.dumps({"file_name": f"{index}.png", "text": caption}))
+        else:
+            (folder / f"{index}.txt").write_text(caption)
+    if metadata:
+        (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_cli_end_to_end(kind, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    model = save_tiny_pipeline(kind, tmp_path / "model")
+    unet = DiffusionPipeline.from_pretrained(model).unet
+    unet.requires_grad_(False)
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="glora", supernet=True, rank=2))
+    randomize(unet)
+    rd.save_res_tuner(unet, tmp_path / "supernet")
+    write_held_out(tmp_path / "held_out", metadata=kind == "sd1")
+
+    def arguments(data_dir, output_dir):
+        return [
+            "--pretrained_model_name_or_path", str(model), "--supernet", str(tmp_path / "supernet"),
+            "--data_dir", str(data_dir), "--output_dir", str(output_dir),
+            "--population_size", "3", "--iterations", "1", "--budget", "3k", "--timesteps", "2", "--seed", "1",
+            "--no_progress",
+        ]  # fmt: skip
+
+    argv = arguments(tmp_path / "held_out", tmp_path / "out")
+    assert search_main(argv) == 0
+    result = json.loads((tmp_path / "out" / "glora_search.json").read_text())
+    assert result["parameters"] <= 3000 and result["history"] and len(result["configs"]) == len(get_subnet(unet))
+    assert "best held-out loss" in capsys.readouterr().out
+
+    pipeline = DiffusionPipeline.from_pretrained(model)
+    rd.load_res_tuner(pipeline.unet, tmp_path / "out")
+    assert rd.res_tuner_summary(pipeline.unet)["tuners"]["default"]["parameters"] == result["parameters"]
+
+    # an existing result is not overwritten unless asked; bad input is a clear error
+    assert search_main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert search_main(arguments(tmp_path / "missing", tmp_path / "other")) == 2
+    assert "does not exist" in capsys.readouterr().err
