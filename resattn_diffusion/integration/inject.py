@@ -288,8 +288,9 @@ def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "
             f"a tuner named {adapter_name!r} is already on this UNet; remove it first or pick another adapter_name"
         )
     if config.spec.kind == "unet":
-        from .unet_tuners import attach_unet_tuner  # the bypass side network
+        from .unet_tuners import attach_unet_tuner, unet_tuner_fingerprint  # the bypass side network
 
+        unet_tuner_fingerprint(unet, config)  # raises on a config or UNet it cannot take, before anything changes
         state = _ensure_state(unet)
         paths = attach_unet_tuner(unet, config, adapter_name)
         state.configs[adapter_name] = config
