@@ -217,9 +217,17 @@ def _unet_scale_post_hook(unet: nn.Module, args: tuple, kwargs: dict, output):
     return None
 
 
-def _remove_hook(hooks: dict, fn) -> None:
-    for key in [k for k, hook in hooks.items() if hook is fn]:
-        del hooks[key]
+def remove_forward_hooks(module: nn.Module, fn) -> None:
+    """Remove ``fn`` from the module's forward (pre-)hooks, with its entries in torch's bookkeeping dicts (found by
+    identity, so a deep-copied UNet's hooks are found too: no handle is kept)."""
+    for hooks, extras in (
+        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+        (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
+    ):
+        for hook_id in [k for k, hook in hooks.items() if hook is fn]:
+            del hooks[hook_id]
+            for extra in extras:
+                extra.pop(hook_id, None)
 
 
 # --- install / remove ----------------------------------------------------------------------------------------
@@ -253,8 +261,8 @@ def _detach_bank(bank: TunerBank, owner: nn.Module) -> None:
         _remove_guard(owner)
         Attention.set_processor(owner, base)
         return
-    _remove_hook(owner._forward_hooks, linear_bank_hook)
-    _remove_hook(owner._forward_hooks, ff_bank_hook)
+    remove_forward_hooks(owner, linear_bank_hook)
+    remove_forward_hooks(owner, ff_bank_hook)
     del owner.res_tuner_bank
 
 
@@ -340,8 +348,8 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
                     state.banks = [(b, o) for b, o in state.banks if b is not bank]
         del state.configs[name]
     if not state.configs:
-        _remove_hook(unet._forward_pre_hooks, _unet_scale_pre_hook)
-        _remove_hook(unet._forward_hooks, _unet_scale_post_hook)
+        remove_forward_hooks(unet, _unet_scale_pre_hook)
+        remove_forward_hooks(unet, _unet_scale_post_hook)
         delattr(unet, STATE_ATTR)
         unet.__dict__.pop("set_default_attn_processor", None)
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
-from .inject import ResTunerError, get_state
+from .inject import ResTunerError, get_state, remove_forward_hooks
 from .processors import TunerBank, TunerSetting
 
 #: The UNet child module holding the bank of bypasses (its parameters are named ``res_tuner_bypass.*``).
@@ -280,27 +280,15 @@ def _install(unet: nn.Module, bank: BypassBank, sources: list[tuple[str, nn.Modu
     unet.register_forward_hook(_bypass_unet_post_hook, always_call=True)
 
 
-def _remove_hooks(module: nn.Module, fn) -> None:
-    """Remove ``fn`` from the module's forward (pre-)hooks, with its entries in torch's bookkeeping dicts."""
-    for hooks, extras in (
-        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-        (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
-    ):
-        for hook_id in [k for k, hook in hooks.items() if hook is fn]:
-            del hooks[hook_id]
-            for extra in extras:
-                extra.pop(hook_id, None)
-
-
 def _uninstall(unet: nn.Module, bank: BypassBank) -> None:
     for module in unet.modules():
         slot = module.__dict__.get(_SLOT_ATTR)
         if slot is not None and slot[0] is bank:
-            _remove_hooks(module, _capture_hook)
-            _remove_hooks(module, _inject_pre_hook)
+            remove_forward_hooks(module, _capture_hook)
+            remove_forward_hooks(module, _inject_pre_hook)
             del module.__dict__[_SLOT_ATTR]
-    _remove_hooks(unet, _bypass_unet_pre_hook)
-    _remove_hooks(unet, _bypass_unet_post_hook)
+    remove_forward_hooks(unet, _bypass_unet_pre_hook)
+    remove_forward_hooks(unet, _bypass_unet_post_hook)
     if bank.body_without_grad:  # only if removed from inside a UNet call; give the caller its mode back
         torch.set_grad_enabled(True)
         bank.body_without_grad = False
