@@ -148,6 +148,7 @@ def test_save_is_atomic_a_crash_leaves_the_old_file(tmp_path, monkeypatch):
         rd.save_res_tuner(unet, path)
     assert path.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temp file left behind
+    assert path.stat().st_mode & 0o044  # readable by others, like any file open() creates (not mkstemp's 0600)
 
 
 def test_no_overwrite_unless_asked(tmp_path):

@@ -85,6 +85,12 @@ def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) 
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_res_tuner(
     unet: nn.Module, path: str | os.PathLike, adapter_name: str = "default", overwrite: bool = True
 ) -> Path:
@@ -122,6 +128,7 @@ def save_res_tuner(
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
