@@ -1,0 +1,301 @@
+"""The command line of ``train_dreambooth.py`` and ``train_text2img.py``: one argparse builder for both.
+
+Flags carry the names and meanings of diffusers' ``train_dreambooth_lora.py`` / ``train_text_to_image_lora.py``
+(and their SDXL variants) wherever the meaning is the same, so habits carry over. What is new is the tuner:
+
+* ``--tuner NAME`` picks any registered tuner (``resattn_diffusion.tuner_names()``);
+* ``--targets``, ``--blocks``, ``--projections``, ``--placement``, ``--tuner_scale`` say where it sits;
+* ``--rank`` / ``--heads`` are shortcuts for the common hyperparameters, and ``--tuner_arg key=value`` sets any
+  hyperparameter of any tuner, so a newly registered tuner needs no change here;
+* ``--tuner_config file.json`` loads a saved :class:`~resattn_diffusion.ResTunerConfig`; flags given beside it
+  override its fields.
+
+Only flags given explicitly reach the tuner config (their defaults are ``None``); everything else keeps the
+defaults of :class:`~resattn_diffusion.ResTunerConfig` and of the tuner's own hyperparameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from typing import Any, Literal, Sequence
+
+from diffusers.optimization import SchedulerType
+
+from ..config import PLACEMENTS, PROJECTIONS, TARGETS, ResTunerConfig
+from ..registry import get_tuner_spec, tuner_names
+from ..tuners.base import ConfigError
+
+Task = Literal["dreambooth", "text2img"]
+TASKS: tuple[str, ...] = ("dreambooth", "text2img")
+
+#: Defaults that differ between the two scripts (diffusers' values for the same flags).
+_TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dreambooth": {
+        "output_dir": "res-tuner-dreambooth",
+        "train_batch_size": 4,
+        "num_train_epochs": 1,
+        "learning_rate": 5e-4,
+        "validation_epochs": 50,
+    },
+    "text2img": {
+        "output_dir": "res-tuner-text2img",
+        "train_batch_size": 16,
+        "num_train_epochs": 100,
+        "learning_rate": 1e-4,
+        "validation_epochs": 1,
+    },
+}
+_DESCRIPTIONS = {
+    "dreambooth": "Train a res tuner on a subject with DreamBooth (optionally with prior preservation).",
+    "text2img": "Train a res tuner on captioned images (a style, a domain) for text-to-image generation.",
+}
+
+
+def build_parser(task: Task) -> argparse.ArgumentParser:
+    """The argument parser of one training script (``task`` is ``"dreambooth"`` or ``"text2img"``)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    defaults = _TASK_DEFAULTS[task]
+    parser = argparse.ArgumentParser(
+        description=_DESCRIPTIONS[task],
+        epilog=f"Registered tuners: {', '.join(tuner_names())}. Multi-GPU / multi-node: run with `accelerate launch`.",
+    )
+
+    model = parser.add_argument_group("base model")
+    model.add_argument(
+        "--pretrained_model_name_or_path", type=str, required=True,
+        help="A diffusers model folder (or hub id) of SD 1.x / 2.x or SDXL; SDXL is detected from the folder.",
+    )
+    model.add_argument(
+        "--pretrained_vae_model_name_or_path", type=str, default=None,
+        help="Another VAE to use, e.g. an fp16-safe SDXL VAE (default: the model's own).",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
+    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
+    model.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+
+    tuner = parser.add_argument_group("tuner (defaults: those of ResTunerConfig and of the tuner itself)")
+    tuner.add_argument("--tuner", type=str, default=None, help=f"Tuner name (default res_attn): {', '.join(tuner_names())}.")
+    tuner.add_argument("--rank", type=int, default=None, help="The tuner's 'rank' hyperparameter (only for tuners that have one).")
+    tuner.add_argument("--heads", type=int, default=None, help="The tuner's 'heads' hyperparameter (only for tuners that have one).")
+    tuner.add_argument(
+        "--tuner_arg", type=str, nargs="+", action="extend", default=None, metavar="KEY=VALUE",
+        help="Any hyperparameter of the tuner, e.g. --tuner_arg activation=relu prefix_length=16 (repeatable).",
+    )
+    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=TARGETS, help="Operations that get a branch (default: attn1 attn2).")
+    tuner.add_argument(
+        "--blocks", type=str, nargs="+", default=None,
+        help="Glob patterns of transformer blocks, e.g. 'up_blocks.*' mid_block (default: every block).",
+    )
+    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=PROJECTIONS, help="Linear tuners: projections that get a branch (default: all).")
+    tuner.add_argument("--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.")
+    tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
+    tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
+
+    data = parser.add_argument_group("data")
+    if task == "dreambooth":
+        data.add_argument("--instance_data_dir", type=str, required=True, help="Folder with the images of the subject.")
+        data.add_argument("--instance_prompt", type=str, required=True, help="Prompt with the subject's identifier, e.g. 'a photo of sks dog'.")
+        data.add_argument("--class_data_dir", type=str, default=None, help="Folder of class images (missing ones are generated).")
+        data.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
+        data.add_argument("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images.")
+        data.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+        data.add_argument("--num_class_images", type=int, default=100, help="Class images wanted; missing ones are generated by the base model.")
+        data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size (per device) when generating class images.")
+        data.add_argument(
+            "--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+            help="Precision of class image generation (default fp16 on a GPU, fp32 otherwise).",
+        )
+    else:
+        data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` name or a local dataset path (load_dataset / save_to_disk folder).")
+        data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
+        data.add_argument(
+            "--train_data_dir", type=str, default=None,
+            help="Folder of images with a metadata.jsonl (file_name + caption column) or same-named .txt captions.",
+        )
+        data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+        data.add_argument("--caption_column", type=str, default="text", help="Caption column (a caption or a list of captions).")
+        data.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of training on the empty caption (for classifier-free guidance).")
+        data.add_argument("--max_train_samples", type=int, default=None, help="Use only this many (randomly chosen) examples.")
+    data.add_argument(
+        "--resolution", type=int, default=None,
+        help="Training resolution; images are resized (shorter side) and cropped to it (default: the model's native size).",
+    )
+    data.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
+    data.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: in the main process).")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default=defaults["output_dir"], help="Where the tuner, checkpoints, logs and validation images go.")
+    train.add_argument("--overwrite_output", action="store_true", help="Replace a tuner already saved in --output_dir.")
+    train.add_argument("--seed", type=int, default=None, help="Seed of the whole run (data order, noise, tuner init); chosen and recorded if not given.")
+    train.add_argument("--train_batch_size", type=int, default=defaults["train_batch_size"], help="Batch size per device.")
+    train.add_argument("--num_train_epochs", type=int, default=defaults["num_train_epochs"])
+    train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step.")
+    train.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass to save memory.")
+    train.add_argument("--learning_rate", type=float, default=defaults["learning_rate"], help="Learning rate (after warmup).")
+    train.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch size.")
+    train.add_argument("--lr_scheduler", type=str, default="constant", choices=[t.value for t in SchedulerType], help="diffusers' get_scheduler name.")
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the learning-rate scheduler.")
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is the recommended value).")
+    train.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the noise offset.")
+    train.add_argument(
+        "--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+        help="Training target (default: the model scheduler's prediction type).",
+    )
+    train.add_argument(
+        "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        help="Frozen weights in this dtype, tuner weights in fp32 (default: accelerate's config).",
+    )
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Run the frozen attention with xformers.")
+
+    ckpt = parser.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every X optimizer steps.")
+    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    ckpt.add_argument(
+        "--resume_from_checkpoint", type=str, default=None,
+        help="'latest' (the newest checkpoint in --output_dir) or a checkpoint folder.",
+    )
+
+    val = parser.add_argument_group("validation and logging")
+    val.add_argument("--validation_prompt", type=str, default=None, help="Prompt generated at intervals (PNG grids under output_dir/validation).")
+    val.add_argument("--num_validation_images", type=int, default=4)
+    val.add_argument("--validation_steps", type=int, default=None, help="Validate every X optimizer steps (instead of --validation_epochs).")
+    val.add_argument("--validation_epochs", type=int, default=defaults["validation_epochs"], help="Validate every X epochs.")
+    val.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps of validation images.")
+    val.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all, or none.")
+    val.add_argument("--logging_dir", type=str, default="logs", help="Logs folder, relative to --output_dir.")
+    val.add_argument("--tracker_project_name", type=str, default=f"res-tuner-{task}", help="Project name of the trackers.")
+    return parser
+
+
+def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags of one script; a bad combination exits with a message saying what to do."""
+    parser = build_parser(task)
+    args = parser.parse_args(argv)
+    args.task = task
+    try:
+        tuner_config_from_args(args)
+    except (ConfigError, OSError) as err:
+        parser.error(f"bad tuner settings: {err}")
+
+    positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "num_validation_images"]
+    positive += ["max_train_steps", "resolution", "checkpoints_total_limit", "validation_steps", "validation_epochs"]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if task == "dreambooth":
+        if args.with_prior_preservation:
+            if args.class_data_dir is None or args.class_prompt is None:
+                parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
+            if args.num_class_images < 1:
+                parser.error(f"--num_class_images must be at least 1, got {args.num_class_images}")
+    else:
+        if (args.dataset_name is None) == (args.train_data_dir is None):
+            parser.error("give exactly one of --dataset_name (a datasets name or path) or --train_data_dir (a folder of images)")
+        if not 0.0 <= args.caption_dropout <= 1.0:
+            parser.error(f"--caption_dropout is a probability in [0, 1], got {args.caption_dropout}")
+    report_to = [name.strip() for name in args.report_to.split(",")]
+    unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
+    if unknown:
+        parser.error(f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none")
+    return args
+
+
+# --- the tuner config ------------------------------------------------------------------------------------------
+def tuner_config_from_args(args: argparse.Namespace) -> ResTunerConfig:
+    """The :class:`ResTunerConfig` the flags describe (validated; raises ConfigError naming the allowed values)."""
+    if args.tuner_config is not None:
+        base = ResTunerConfig.load(args.tuner_config)
+        if args.tuner is not None and args.tuner != base.tuner:
+            raise ConfigError(
+                f"--tuner {args.tuner} conflicts with --tuner_config {args.tuner_config} (a {base.tuner} config); "
+                "drop one of them"
+            )
+        data = base.to_dict()
+        hyperparameters = data.pop("hyperparameters")
+    else:
+        data = {"tuner": args.tuner or "res_attn"}
+        hyperparameters = {}
+
+    for flag, field in [("targets", "targets"), ("blocks", "blocks"), ("projections", "projections"), ("placement", "placement"), ("tuner_scale", "scale")]:
+        value = getattr(args, flag)
+        if value is not None:
+            data[field] = value
+    for flag in ("rank", "heads"):
+        if getattr(args, flag) is not None:
+            hyperparameters[flag] = getattr(args, flag)
+    own_flags = {"targets": "--targets", "blocks": "--blocks", "projections": "--projections", "placement": "--placement", "scale": "--tuner_scale"}
+    for item in args.tuner_arg or []:
+        key, value = _split_key_value(item)
+        if key in own_flags:
+            raise ConfigError(f"--tuner_arg {item!r}: {key} is not a hyperparameter; use {own_flags[key]}")
+        hyperparameters[key] = _parse_hyperparameter(data["tuner"], key, value)
+    return ResTunerConfig(**data, **hyperparameters)
+
+
+def _split_key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--tuner_arg {item!r} is not KEY=VALUE, e.g. --tuner_arg rank=8")
+    return key.strip(), value.strip()
+
+
+def _parse_hyperparameter(tuner: str, key: str, text: str) -> Any:
+    """Turn ``text`` into the type the tuner's hyperparameter dataclass declares for ``key``.
+
+    Unknown keys are passed through as strings: the tuner's own validation then names its hyperparameters.
+    """
+    params_cls = get_tuner_spec(tuner).params_cls
+    try:
+        hints = typing.get_type_hints(params_cls)
+    except Exception:  # unresolvable annotations: fall back to JSON-or-string below
+        hints = {}
+    kind = hints.get(key)
+    if key not in getattr(params_cls, "__dataclass_fields__", {}):
+        return text
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--tuner_arg {key}={text}: {key} is a boolean; use true or false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--tuner_arg {key}={text}: {key} is an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--tuner_arg {key}={text}: {key} is a number") from None
+    if kind is str:
+        return text
+    try:  # structured values (dicts, lists) are given as JSON
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if kind is None:
+            return text
+        raise ConfigError(f"--tuner_arg {key}={text}: {key} is {kind}; give it as JSON, e.g. {key}='{{\"a\": \"b\"}}'") from None
+
+
+def args_to_json(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments as plain JSON values (written to ``output_dir/args.json``)."""
+    return {key: value for key, value in sorted(vars(args).items()) if isinstance(value, (str, int, float, bool, list, type(None)))}

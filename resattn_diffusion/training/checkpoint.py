@@ -1,0 +1,149 @@
+"""Checkpoints: ``output_dir/checkpoint-<step>/`` holds accelerate's training state and the tuner file.
+
+accelerate's ``save_state`` / ``load_state`` write the optimizer, learning-rate scheduler, gradient scaler and
+random states. The frozen UNet is not written: a save hook replaces its multi-GB state dict by the tuner file
+(``res_tuner.safetensors``), and a load hook copies that file's weights into the tuner being trained (in place,
+so the optimizer keeps its parameters). ``training_state.json`` is written last; a folder without it is an
+interrupted save and is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ResTunerConfig
+from ..integration.inject import get_res_tuner_configs, iter_tuners
+from ..integration.io import WEIGHT_NAME, read_tuner_file, save_res_tuner
+from .errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.json"
+ADAPTER_NAME = "default"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir`` as ``(step, folder)``, oldest first."""
+    output_dir = Path(output_dir)
+    found = []
+    if output_dir.is_dir():
+        for folder in output_dir.iterdir():
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", folder.name)
+            if match and folder.is_dir() and (folder / STATE_FILE).is_file():
+                found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def resolve_resume_checkpoint(output_dir: str | Path, value: str | None) -> Path | None:
+    """The checkpoint folder ``--resume_from_checkpoint`` names: ``latest`` (None when there is none yet) or a path
+    (as given, or relative to ``output_dir``)."""
+    if value is None:
+        return None
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", output_dir)
+            return None
+        return checkpoints[-1][1]
+    for candidate in (Path(value), Path(output_dir) / value):
+        if candidate.is_dir():
+            if not (candidate / STATE_FILE).is_file():
+                raise TrainingError(f"checkpoint {str(candidate)!r} is incomplete (no {STATE_FILE}; the save was interrupted); pick an older one")
+            return candidate
+    available = [folder.name for _, folder in list_checkpoints(output_dir)]
+    raise TrainingError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder; checkpoints in {str(output_dir)!r}: {available or 'none'}")
+
+
+def read_training_state(folder: Path) -> dict[str, Any]:
+    with open(folder / STATE_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_checkpoint_matches(folder: Path, config: ResTunerConfig) -> None:
+    """Resuming continues the same tuner: the checkpoint's tuner config must equal this run's."""
+    metadata, _ = read_tuner_file(folder / WEIGHT_NAME)
+    saved = ResTunerConfig.from_json(metadata["config"])
+    if saved != config:
+        raise TrainingError(
+            f"checkpoint {str(folder)!r} trained {saved}, but this run asks for {config}; resume with the same tuner flags "
+            "(or --tuner_config the args of that run) or start a new --output_dir"
+        )
+
+
+def prune_checkpoints(output_dir: Path, total_limit: int | None) -> None:
+    """Delete the oldest checkpoints so that one more fits under ``--checkpoints_total_limit``."""
+    if total_limit is None:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    excess = len(checkpoints) + 1 - total_limit
+    for _, folder in checkpoints[: max(excess, 0)]:
+        logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", folder, total_limit)
+        shutil.rmtree(folder)
+
+
+def tuner_is_finite(unet: nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for _, tuner in iter_tuners(unet, ADAPTER_NAME) for p in tuner.parameters())
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, global_step: int, total_limit: int | None, state: dict[str, Any]) -> Path:
+    """Save the training state as ``checkpoint-<global_step>`` on every process (each writes its random state);
+    the main process prunes old checkpoints first and marks the new one complete last."""
+    folder = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+    if accelerator.is_main_process:
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(folder / STATE_FILE, "w", encoding="utf-8") as f:
+            json.dump({**state, "global_step": global_step}, f, indent=2)
+        logger.info("saved checkpoint %s", folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def register_tuner_checkpoint_hooks(accelerator: Any, unet: nn.Module) -> None:
+    """Make ``save_state`` / ``load_state`` store the tuner file instead of the whole UNet."""
+
+    def is_our_unet(model: nn.Module) -> bool:
+        return accelerator.unwrap_model(model) is unet
+
+    def save_hook(models: list[nn.Module], weights: list[dict], folder: str) -> None:
+        for index in reversed(range(len(models))):
+            if is_our_unet(models[index]):
+                if accelerator.is_main_process:
+                    save_res_tuner(unet, folder, ADAPTER_NAME)
+                weights.pop(index)  # the frozen UNet is not part of a checkpoint
+
+    def load_hook(models: list[nn.Module], folder: str) -> None:
+        for index in reversed(range(len(models))):
+            if is_our_unet(models[index]):
+                load_tuner_weights_in_place(unet, Path(folder) / WEIGHT_NAME)
+                models.pop(index)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+@torch.no_grad()
+def load_tuner_weights_in_place(unet: nn.Module, file: Path) -> None:
+    """Copy a tuner file's weights into the tuner already on ``unet`` (same config), keeping its parameters."""
+    metadata, tensors = read_tuner_file(file)
+    config = get_res_tuner_configs(unet)[ADAPTER_NAME]
+    if ResTunerConfig.from_json(metadata["config"]) != config:
+        raise TrainingError(f"{str(file)!r} holds another tuner config than the one being trained; resume with the same tuner flags")
+    for layer_path, tuner in iter_tuners(unet, ADAPTER_NAME):
+        own = tuner.state_dict()
+        missing = [f"{layer_path}.{key}" for key in own if f"{layer_path}.{key}" not in tensors]
+        if missing:
+            raise TrainingError(f"{str(file)!r} lacks {missing[0]}; the checkpoint is incomplete")
+        tuner.load_state_dict({key: tensors[f"{layer_path}.{key}"] for key in own})
