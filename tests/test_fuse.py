@@ -8,7 +8,6 @@ tuner costs nothing at run time (its hook returns at once).
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -203,24 +202,21 @@ def test_fused_tuners_do_no_work_at_run_time(monkeypatch):
     assert all(bank.all_fused for bank in banks)
 
 
-def test_fused_unet_runs_at_base_speed():
-    """Timing on a shared CPU is noisy: interleave the models and compare each one's fastest run. SURM-LDR on every
-    projection costs several times the base model as a branch, so the check tells a fused UNet from one that still
-    runs branches."""
-    base = frozen_unet()
-    inputs = unet_inputs(base, batch_size=2, seed=6)
-    unfused = copy.deepcopy(base)
-    rd.add_res_tuner(unfused, rd.ResTunerConfig(tuner="surm_ldr", targets=["attn1", "attn2", "ff"], displacement_rank=4))
-    randomize(unfused)
-    fused = copy.deepcopy(unfused)
-    rd.fuse_res_tuner(fused)
-
-    times: dict[str, list[float]] = {"base": [], "unfused": [], "fused": []}
-    for _ in range(8):
-        for name, model in (("base", base), ("unfused", unfused), ("fused", fused)):
-            start = time.perf_counter()
-            run(model, inputs)
-            times[name].append(time.perf_counter() - start)
-    fastest = {name: min(values) for name, values in times.items()}
-    assert fastest["unfused"] > 1.3 * fastest["base"], fastest  # the check can tell the two apart
-    assert fastest["fused"] < 1.3 * fastest["base"], fastest
+def test_fused_unet_runs_no_branch_work():
+    """A fused UNet runs at the base model's speed because no tuner computes anything: checked by counting tuner
+    calls, not by timing (timing belongs in benchmarks/perf, measured as ratios)."""
+    unet = frozen_unet()
+    inputs = unet_inputs(unet, batch_size=2, seed=6)
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="surm_ldr", targets=["attn1", "attn2", "ff"], displacement_rank=4))
+    randomize(unet)
+    calls = []
+    tuners = [m for n, m in unet.named_modules() if n.endswith("res_tuner_bank.tuners.default")]
+    handles = [t.register_forward_hook(lambda *_: calls.append(1)) for t in tuners]
+    run(unet, inputs)
+    assert len(calls) == len(tuners) > 0  # unfused: every branch runs
+    calls.clear()
+    rd.fuse_res_tuner(unet)
+    run(unet, inputs)
+    assert calls == []  # fused: the hooks return at once
+    for h in handles:
+        h.remove()

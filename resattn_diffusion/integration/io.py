@@ -99,21 +99,31 @@ def save_res_tuner(
     The file is written to a temporary name beside the target and renamed into place, so a crash mid-save leaves
     any older file intact. With ``overwrite=False`` an existing file is an error.
     """
-    from safetensors.torch import save_file
-
     state = get_state(unet)
     if state is None or adapter_name not in state.configs:
         loaded = [] if state is None else list(state.configs)
         raise ResTunerError(f"no tuner named {adapter_name!r} on this UNet to save; loaded tuners: {loaded}")
     config = state.configs[adapter_name]
+    return write_tuner_file(unet, path, config, tuner_state_dict(unet, adapter_name), adapter_name, overwrite)
+
+
+def write_tuner_file(
+    unet: nn.Module,
+    path: str | os.PathLike,
+    config: ResTunerConfig,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    overwrite: bool = True,
+) -> Path:
+    """Write ``tensors`` (file keys) with ``config`` as a tuner file for ``unet``: atomic, never pickled."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / WEIGHT_NAME
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (or --overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    tensors = tuner_state_dict(unet, adapter_name)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),

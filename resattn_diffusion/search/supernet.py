@@ -16,10 +16,8 @@ A model's *configuration* (a *subnet*) is a dict ``{layer path: layer configurat
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -29,7 +27,7 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from ..integration.inject import ResTunerError, get_state, iter_tuners
-from ..integration.io import FORMAT_NAME, FORMAT_VERSION, WEIGHT_NAME, base_description, expected_fingerprint
+from ..integration.io import write_tuner_file
 from ..tuners.base import ConfigError
 from ..tuners.glora import GLoRA, GLoRAChoiceSpace, num_parameters, parse_layer_config, sample_layer_config
 
@@ -169,8 +167,6 @@ def save_subnet(
     """Write the subnet ``configs`` of the supernet ``adapter_name`` as a tuner file of a fixed-configuration GLoRA
     (``path``: a ``.safetensors`` file, or a folder that gets ``res_tuner.safetensors``). ``saved_name`` is the name
     it loads under by default. Same format as :func:`resattn_diffusion.save_res_tuner` (atomic write)."""
-    from safetensors.torch import save_file
-
     layers = list(supernet_layers(unet, adapter_name))
     _check_layers(layers, configs)
     config = fixed_glora_config(get_state(unet).configs[adapter_name], configs)
@@ -179,26 +175,4 @@ def save_subnet(
         for key, value in module.fixed_state_dict(configs[layer_path]).items():
             tensors[f"{layer_path}.{key}"] = value.contiguous().cpu()
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / WEIGHT_NAME
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (or --overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "adapter_name": saved_name,
-        "config": config.to_json(indent=None),
-        "layers": json.dumps(expected_fingerprint(unet, config)),
-        "base": json.dumps(base_description(unet)),
-    }
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    return write_tuner_file(unet, path, config, tensors, saved_name, overwrite)
