@@ -116,6 +116,14 @@ def test_next_fast_fft_length():
     assert [next_fast_fft_length(n) for n in (1, 7, 11, 320, 1087, 2047)] == [1, 8, 12, 320, 1125, 2048]
 
 
+@pytest.fixture(autouse=True)
+def force_structured_path(monkeypatch):
+    """These tests are about the FFT / Kronecker paths; on CPU the "auto" path takes a dense matmul for small
+    widths, which would make them compare the materialised matrix with itself. (auto == structured is checked in
+    tests/test_perf_benchmarks.py.)"""
+    monkeypatch.setattr(structured.StructuredMatrix, "path", "structured")
+
+
 # --- fast paths equal the materialised matrix ----------------------------------------------------------------------
 
 

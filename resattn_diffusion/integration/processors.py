@@ -15,8 +15,8 @@ keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` bes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -40,6 +40,20 @@ class TunerSetting:
     placement: str = "parallel"
     enabled: bool = True
     fused: bool = False
+    #: Called after any other field changes: the owning bank drops its cached list of branches to run.
+    on_change: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        callback = self.__dict__.get("on_change")
+        if callback is not None and name != "on_change":
+            callback()
+
+
+def _add_scaled(out: torch.Tensor, branch: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out + scale * branch`` in out's dtype; at scale 1 without the multiplication (same result: 1 * b == b)."""
+    branch = branch.to(out.dtype)
+    return out + branch if scale == 1.0 else out + scale * branch
 
 
 class TunerBank(nn.Module):
@@ -52,30 +66,50 @@ class TunerBank(nn.Module):
         self.settings: dict[str, TunerSetting] = {}
         #: Set for the duration of one UNet call from ``cross_attention_kwargs[SCALE_KWARG]``.
         self.call_scale: float | dict[str, float] | None = None
+        # (name, tuner, scale, placement) of the enabled, unfused tuners, and of those whose scale is not 0:
+        # computed when a tuner or a setting changes, not on every call (see ``active``).
+        self._running: list[tuple[str, nn.Module, float, str]] | None = None
+        self._nonzero: list[tuple[str, nn.Module, float, str]] = []
 
     def add(self, name: str, tuner: nn.Module, scale: float, placement: str) -> None:
         self.tuners[name] = tuner
-        self.settings[name] = TunerSetting(scale=scale, placement=placement)
+        self.settings[name] = TunerSetting(scale=scale, placement=placement, on_change=self._settings_changed)
+        self._running = None
 
     def remove(self, name: str) -> None:
         del self.tuners[name]
         del self.settings[name]
+        self._running = None
+
+    def _settings_changed(self) -> None:
+        self._running = None
 
     def __len__(self) -> int:
         return len(self.tuners)
 
-    def active(self):
-        """(name, tuner, scale, placement) of every branch to compute in this call."""
-        override = self.call_scale
-        for name, tuner in self.tuners.items():
-            setting = self.settings[name]
-            if not setting.enabled or setting.fused:
-                continue
-            scale = setting.scale
-            if override is not None:
-                scale = override.get(name, scale) if isinstance(override, dict) else override
+    def active(self, call_scale: float | dict[str, float] | None = None) -> list[tuple[str, nn.Module, float, str]]:
+        """(name, tuner, scale, placement) of every branch to compute in this call, in the order added.
+
+        ``call_scale`` (else ``self.call_scale``) overrides the scales for this call: a float for every tuner or a
+        dict ``{name: scale}``. Without an override this is a list kept from the last change of tuners or settings.
+        """
+        if self._running is None:
+            running = []
+            for name, tuner in self.tuners.items():
+                setting = self.settings[name]
+                if setting.enabled and not setting.fused:
+                    running.append((name, tuner, setting.scale, setting.placement))
+            self._running = running
+            self._nonzero = [branch for branch in running if branch[2] != 0.0]
+        override = self.call_scale if call_scale is None else call_scale
+        if override is None:
+            return self._nonzero
+        branches = []
+        for name, tuner, scale, placement in self._running:
+            scale = override.get(name, scale) if isinstance(override, dict) else override
             if scale != 0.0:
-                yield name, tuner, scale, setting.placement
+                branches.append((name, tuner, scale, placement))
+        return branches
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_path!r}, settings={self.settings}"
@@ -90,10 +124,11 @@ class OperationBank(TunerBank):
         x: torch.Tensor,
         context: torch.Tensor | None,
         frozen: FrozenAttention | None,
+        call_scale: float | dict[str, float] | None = None,
     ) -> torch.Tensor:
         out = frozen_out
         sequential_frozen = None
-        for _, tuner, scale, placement in self.active():
+        for _, tuner, scale, placement in self.active(call_scale):
             if placement == "parallel":
                 branch = tuner(x, context, frozen)
             else:
@@ -101,7 +136,7 @@ class OperationBank(TunerBank):
                     # The branch reads OP's output, so the frozen query of x does not apply to it.
                     sequential_frozen = FrozenAttention(frozen.to_q, frozen.to_k, frozen.to_v, frozen.out_weight, frozen.heads)
                 branch = tuner(frozen_out, context, sequential_frozen)
-            out = out + scale * branch.to(out.dtype)
+            out = _add_scaled(out, branch, scale)
         return out
 
 
@@ -140,7 +175,7 @@ class LinearBank(TunerBank):
         weight, bias = self.frozen_weight_and_bias(linear)
         for _, tuner, scale, placement in self.active():
             source = x if placement == "parallel" else frozen_out
-            out = out + scale * tuner(source, weight, bias).to(out.dtype)
+            out = _add_scaled(out, tuner(source, weight, bias), scale)
         return out
 
     def frozen_weight_and_bias(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -269,35 +304,31 @@ class ResTunerAttnProcessor(nn.Module):
         res_tuner_scale: float | dict[str, float] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        # A per-call scale passed to the attention itself (the UNet's pre-hook sets ``bank.call_scale`` instead) goes
+        # to the bank as an argument, not as state: nothing to restore afterwards, so no try/finally in the hot path.
         bank = self.bank
-        if res_tuner_scale is not None:
-            bank.call_scale = res_tuner_scale
-        try:
-            if self.backend == "wrapped":
-                if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
-                    kwargs["temb"] = temb
-                frozen_out = self.base_processor(
-                    attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
-                )
-                query = None
-            else:
-                frozen_out, query = self._frozen_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-            if not len(bank):
-                return frozen_out
-            x, context = hidden_states, encoder_hidden_states
-            if attn.norm_cross and context is not None:
-                context = attn.norm_encoder_hidden_states(context)
-            frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query)
-            if x.ndim == 4:  # spatial input (not in SD's transformer blocks, but Attention allows it)
-                b, c, h, w = x.shape
-                x = x.view(b, c, h * w).transpose(1, 2)
-                out = frozen_out.view(b, c, h * w).transpose(1, 2)
-                out = bank.add_branches(out, x, context, frozen)
-                return out.transpose(1, 2).reshape(b, c, h, w)
-            return bank.add_branches(frozen_out, x, context, frozen)
-        finally:
-            if res_tuner_scale is not None:
-                bank.call_scale = None
+        if self.backend == "wrapped":
+            if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
+                kwargs["temb"] = temb
+            frozen_out = self.base_processor(
+                attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+            )
+            query = None
+        else:
+            frozen_out, query = self._frozen_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if not len(bank):
+            return frozen_out
+        x, context = hidden_states, encoder_hidden_states
+        if attn.norm_cross and context is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query)
+        if x.ndim == 4:  # spatial input (not in SD's transformer blocks, but Attention allows it)
+            b, c, h, w = x.shape
+            x = x.view(b, c, h * w).transpose(1, 2)
+            out = frozen_out.view(b, c, h * w).transpose(1, 2)
+            out = bank.add_branches(out, x, context, frozen, res_tuner_scale)
+            return out.transpose(1, 2).reshape(b, c, h, w)
+        return bank.add_branches(frozen_out, x, context, frozen, res_tuner_scale)
 
     def _frozen_attention(
         self,
@@ -360,5 +391,6 @@ class ResTunerAttnProcessor(nn.Module):
             out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             out = out + residual
-        out = out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
+            out = out / attn.rescale_output_factor
         return out, shared_query

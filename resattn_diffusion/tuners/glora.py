@@ -590,32 +590,32 @@ class GLoRA(LinearTuner):
     # -- LinearTuner ------------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``T(x)``. With A = lora one dense matmul with ``W0 ⊙ A + B``; with A = vector/scalar ``a ⊙ (W0 x) + B x``;
-        a lora B alone runs as two thin matmuls, a vector/scalar B as ``b (1^T x)``."""
+        """``T(x)``. With A = lora one dense matmul with ``W0 ⊙ A + B``, the bias terms riding on it as its bias;
+        with A = vector/scalar ``a ⊙ (W0 x) + B x``; a lora B alone runs as two thin matmuls, a vector/scalar B as
+        ``b (1^T x)``."""
         dtype = x.dtype
         kind_a, _ = self._active_forms["A"]
         kind_b, _ = self._active_forms["B"]
-        a = self._weight_support("A")
-        out: torch.Tensor | None = None
-        b_applied = False
+        bias_delta = self._bias_delta(weight, bias)
+        if bias_delta is not None:
+            bias_delta = bias_delta.to(dtype)
         if kind_a == "lora":
-            matrix = weight * a
+            matrix = weight * self._weight_support("A")
             if kind_b != "none":
                 matrix = matrix + self._weight_support("B")
-                b_applied = True
-            out = F.linear(x, matrix.to(dtype))
-        elif a is not None:
+            return F.linear(x, matrix.to(dtype), bias_delta)
+        out: torch.Tensor | None = None
+        a = self._weight_support("A")
+        if a is not None:
             out = F.linear(x, weight.to(dtype)) * a.squeeze(-1).to(dtype)
-        if not b_applied and kind_b != "none":
+        if kind_b != "none":
             if kind_b == "lora":
                 up, down = self._lora_factors("B")
                 b_x = F.linear(F.linear(x, down.to(dtype)), up.to(dtype))
             else:
                 b_x = x.sum(dim=-1, keepdim=True) * getattr(self, f"B_{kind_b}").to(dtype).expand(self.d_out)
             out = b_x if out is None else out + b_x
-        bias_delta = self._bias_delta(weight, bias)
         if bias_delta is not None:
-            bias_delta = bias_delta.to(dtype)
             out = bias_delta.expand(*x.shape[:-1], self.d_out) if out is None else out + bias_delta
         if out is None:
             out = x.new_zeros(*x.shape[:-1], self.d_out)

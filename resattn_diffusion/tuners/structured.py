@@ -204,14 +204,29 @@ def ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, d_out: int) -> 
     return y.to(x.dtype)
 
 
+def dense_apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix x`` for a materialised structured matrix, in float32 or wider like the FFT paths (autocast off)."""
+    dtype = fft_dtype(x)
+    with float32_fft_region(x.device):
+        y = torch.nn.functional.linear(x.to(dtype), matrix.to(dtype))
+    return y.to(x.dtype)
+
+
+def _n_log_n(n: int) -> float:
+    return n * math.log2(max(n, 2))
+
+
 def kronecker_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``(A (x) B) x`` without forming the product: ``(A X B^T).reshape(..., a1 b1)`` with ``X = x.reshape(..., a2, b2)``."""
     a1, a2 = a.shape
     b1, b2 = b.shape
     a = a.to(x.dtype)
     b = b.to(x.dtype)
-    grid = x.reshape(*x.shape[:-1], a2, b2)
-    y = torch.matmul(torch.matmul(a, grid), b.transpose(0, 1))
+    grid = x.reshape(-1, a2, b2)
+    # Two large matmuls rather than one small one per row: X B^T over all rows at once ((rows a2) x b2 x b1),
+    # then A over the a2 axis of every row at once (a1 x a2 x (rows b1)).
+    right = torch.matmul(grid, b.transpose(0, 1))
+    y = torch.einsum("ij,njk->nik", a, right)
     return y.reshape(*x.shape[:-1], a1 * b1)
 
 
@@ -255,8 +270,28 @@ def _uniform_(tensor: torch.Tensor, fan_in: int) -> None:
     nn.init.uniform_(tensor, -bound, bound)
 
 
+#: How a structured matrix is applied (:attr:`StructuredMatrix.path`): ``"auto"`` takes, per call, the cheaper of
+#: its structured path (FFT, or matmuls with Kronecker's factors) and one dense matmul with the materialised matrix,
+#: by :meth:`StructuredMatrix.structured_cost` / :meth:`StructuredMatrix.dense_cost`; the others force one path.
+PATHS = ("auto", "structured", "dense")
+
+#: CPU multiply-adds per row of an FFT path, per ``L log2 L`` (L: FFT length): rfft + spectrum product + irfft,
+#: measured against dense matmuls on an x86 CPU with torch 2.13 (``benchmarks/perf/fft_paths.py``). At SD widths
+#: the FFT wins from about 128 (circulant), 512 (Toeplitz, whose FFT is twice as long) and 400 (LDR).
+FFT_COST_PER_ELEMENT = {"circulant": 30.0, "toeplitz": 25.0, "ldr": 50.0}
+
+
 class StructuredMatrix(nn.Module, abc.ABC):
-    """A d_out x d_in structured matrix M: ``forward(x) = M x`` (x: (..., d_in)), ``materialize() = M``."""
+    """A d_out x d_in structured matrix M: ``forward(x) = M x`` (x: (..., d_in)), ``materialize() = M``.
+
+    ``forward`` takes the structured path (:meth:`structured_forward`) or, where that is slower -- small widths
+    on CPU, where a dense matmul beats an FFT of the same size -- a matmul with ``materialize()``; the two agree
+    up to rounding, and both compute in float32 (or wider) with autocast disabled. ``path`` (see :data:`PATHS`)
+    forces one of them.
+    """
+
+    #: "auto", "structured" or "dense" (per module; assign to change).
+    path: str = "auto"
 
     def __init__(self, d_out: int, d_in: int):
         super().__init__()
@@ -264,6 +299,35 @@ class StructuredMatrix(nn.Module, abc.ABC):
             raise ConfigError(f"a structured matrix needs positive dims, got {d_out} x {d_in}")
         self.d_out = d_out
         self.d_in = d_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_dense_path(x):
+            return dense_apply(self.materialize(), x)
+        return self.structured_forward(x)
+
+    @abc.abstractmethod
+    def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``M x`` without materialising M (FFT, or Kronecker's factor matmuls)."""
+
+    def structured_cost(self, rows: int) -> float:
+        """Estimated CPU multiply-adds of :meth:`structured_forward` on ``rows`` rows."""
+        return 0.0  # families without a cost model always take the structured path
+
+    def dense_cost(self, rows: int) -> float:
+        """Estimated CPU multiply-adds of materialising M and one dense matmul on ``rows`` rows."""
+        return float(self.d_out * self.d_in) * (rows + 1)
+
+    def uses_dense_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` multiplies by the materialised matrix (``path``, or the cost model on CPU;
+        other devices keep the structured path, the model being measured on CPU)."""
+        if self.path == "auto":
+            if x.device.type != "cpu":
+                return False
+            rows = x.numel() // max(x.shape[-1], 1)
+            return self.dense_cost(rows) < self.structured_cost(rows)
+        if self.path not in PATHS:
+            raise ConfigError(f"path={self.path!r} is not allowed; choose one of {list(PATHS)}")
+        return self.path == "dense"
 
     def _check_init(self, init: str) -> None:
         if init not in INITS:
@@ -301,8 +365,11 @@ class CirculantMatrix(StructuredMatrix):
     def count_parameters(d_out: int, d_in: int, **kwargs: int) -> int:
         return max(d_out, d_in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return circulant_apply(self.v, x, self.d_out)
+
+    def structured_cost(self, rows: int) -> float:
+        return rows * FFT_COST_PER_ELEMENT["circulant"] * _n_log_n(self.size)
 
     def materialize(self) -> torch.Tensor:
         return circulant_matrix(self.v)[: self.d_out, : self.d_in]
@@ -323,8 +390,12 @@ class ToeplitzMatrix(StructuredMatrix):
     def count_parameters(d_out: int, d_in: int, **kwargs: int) -> int:
         return d_out + d_in - 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return toeplitz_apply(self.t, x, self.d_out)
+
+    def structured_cost(self, rows: int) -> float:
+        length = next_fast_fft_length(self.d_out + self.d_in - 1)
+        return rows * FFT_COST_PER_ELEMENT["toeplitz"] * _n_log_n(length)
 
     def materialize(self) -> torch.Tensor:
         return toeplitz_matrix(self.t, self.d_out, self.d_in)
@@ -353,7 +424,7 @@ class KroneckerMatrix(StructuredMatrix):
         a1, a2, b1, b2 = resolve_kronecker_factors(d_out, d_in, out_factor, in_factor)
         return a1 * a2 + b1 * b2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return kronecker_apply(self.a, self.b, x)
 
     def materialize(self) -> torch.Tensor:
@@ -393,8 +464,15 @@ class LDRMatrix(StructuredMatrix):
     def count_parameters(d_out: int, d_in: int, displacement_rank: int = 1, **kwargs: int) -> int:
         return 2 * displacement_rank * max(d_out, d_in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ldr_apply(self.g, self.h, x, self.d_out)
+
+    def structured_cost(self, rows: int) -> float:
+        return rows * self.g.shape[0] * FFT_COST_PER_ELEMENT["ldr"] * _n_log_n(self.size)
+
+    def dense_cost(self, rows: int) -> float:
+        # materialising is k products of n x n matrices
+        return float(self.d_out * self.d_in) * rows + self.g.shape[0] * float(self.size) ** 3
 
     def materialize(self) -> torch.Tensor:
         total = sum(circulant_matrix(g) @ skew_circulant_matrix(h) for g, h in zip(self.g, self.h))

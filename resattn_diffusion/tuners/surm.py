@@ -321,7 +321,7 @@ def benchmark_fft_vs_dense(
 
         seconds = _interleaved_median_seconds(
             {
-                "fast": lambda: run(lambda: matrix(x)),
+                "fast": lambda: run(lambda: matrix.structured_forward(x)),
                 "dense": lambda: run(lambda: F.linear(x, dense)),
                 "materialize_dense": lambda: run(lambda: F.linear(x, matrix.materialize())),
             },
