@@ -27,7 +27,7 @@ case "$what" in
     exec $PY -m pytest -n 2 -p no:cacheprovider "$@" tests
     ;;
   demo)
-    exec $PY -m resattn_diffusion.demo "$@"
+    exec $PY -m benchmarks.digits.demo "$@"
     ;;
   *)
     echo "usage: bash scripts/dev.sh [test|demo] [extra args]" >&2; exit 2

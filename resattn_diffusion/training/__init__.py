@@ -2,6 +2,8 @@
 
 - :func:`parse_args` / :func:`build_parser`: the shared command line (diffusers' flag names + the tuner flags);
 - :func:`train`: accelerate training of a res tuner on a frozen SD 1.x / 2.x / SDXL model; returns the tuner file;
+  ``--peft_method lora|glora|c3a`` / ``--full_finetune`` train the peers instead (:mod:`.trainable`);
+- :func:`load_tuned_pipeline` / :func:`load_trained_unet`: put any training result back on the base model;
 - :func:`run_script`: run a script's ``main`` and turn the errors below into a one-line message and exit code 1.
 """
 
@@ -16,12 +18,15 @@ from ..tuners.base import ConfigError
 from .args import build_parser, parse_args, tuner_config_from_args
 from .errors import NonFiniteLossError, TrainingDataError, TrainingError
 from .loop import train
+from .trainable import load_trained_unet, load_tuned_pipeline
 
 __all__ = [
     "NonFiniteLossError",
     "TrainingDataError",
     "TrainingError",
     "build_parser",
+    "load_trained_unet",
+    "load_tuned_pipeline",
     "parse_args",
     "run_script",
     "train",

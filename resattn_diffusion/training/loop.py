@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import time
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..integration.inject import format_summary, res_tuner_summary
-from ..integration.io import WEIGHT_NAME, save_res_tuner
 from .args import args_to_json, tuner_config_from_args
 from .checkpoint import (
     check_checkpoint_matches,
@@ -34,7 +34,6 @@ from .checkpoint import (
     register_tuner_checkpoint_hooks,
     resolve_resume_checkpoint,
     save_checkpoint,
-    tuner_is_finite,
 )
 from .data import (
     DreamBoothDataset,
@@ -49,9 +48,10 @@ from .data import (
     read_image_folder,
 )
 from .errors import NonFiniteLossError, TrainingError
-from .models import BaseModel, native_resolution, prepare_unet_for_training
+from .models import BaseModel, native_resolution
 from .prior import generate_class_images
 from ..search.supernet import is_glora_supernet, sample_subnet
+from .trainable import describe_trainable, parameters_are_finite, prepare_trainable, result_path, save_trained, training_method
 from .validation import log_validation
 
 logger = logging.getLogger(__name__)
@@ -59,18 +59,24 @@ logger = logging.getLogger(__name__)
 
 def train(args: Namespace) -> Path:
     """Train a res tuner as ``args`` (from :func:`~resattn_diffusion.training.args.parse_args`) say; returns the
-    path of the saved tuner, ``output_dir/res_tuner.safetensors``."""
+    path of the saved tuner, ``output_dir/res_tuner.safetensors``.
+
+    With ``--peft_method`` or ``--full_finetune`` a peft adapter or the whole UNet is trained instead and the path
+    of its saved folder is returned (see :mod:`.trainable`). Every run also writes ``train_stats.json``: trainable
+    parameters, steps, and the seconds per optimizer step of the training loop.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     # --- checks that need no model: fail before anything slow happens ---------------------------------------
     output_dir = Path(args.output_dir)
     config = tuner_config_from_args(args)
+    method = training_method(args)
     check_optional_packages(args)
     resume_folder = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, args, resume_folder)
     resume_state = read_training_state(resume_folder) if resume_folder else None
-    if resume_folder:
+    if resume_folder and method == "res_tuner":
         check_checkpoint_matches(resume_folder, config)
     data_source = check_training_data(args)
 
@@ -98,7 +104,7 @@ def train(args: Namespace) -> Path:
         raise TrainingError(f"--resolution {resolution} is not a multiple of the VAE's factor {base.vae_scale_factor}")
     dataset = make_dataset(args, data_source, resolution, seed)
     base.to(accelerator.device, weight_dtype)
-    parameters = prepare_unet_for_training(base.unet, config, weight_dtype)
+    parameters = prepare_trainable(base.unet, args, weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         base.unet.enable_xformers_memory_efficient_attention()  # the tuners wrap xformers' processor and stay
     if args.gradient_checkpointing:
@@ -124,17 +130,18 @@ def train(args: Namespace) -> Path:
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     lr_scheduler = make_lr_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
     lr_scheduler = accelerator.prepare(lr_scheduler)
-    register_tuner_checkpoint_hooks(accelerator, base.unet)
+    if method == "res_tuner":  # peft adapters and full fine-tuning keep accelerate's default: the whole UNet
+        register_tuner_checkpoint_hooks(accelerator, base.unet)
 
     if accelerator.is_main_process:
-        write_run_files(output_dir, args, config, seed, base, resolution)
+        write_run_files(output_dir, args, config if method == "res_tuner" else None, seed, base, resolution)
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, seed))
         logger.info(
             "%s%s | %d examples, %d batch(es) per epoch per process, batch %d x %d process(es) x %d accumulation, "
             "%d steps (%d epochs)\n%s",
             "SDXL " if base.sdxl else "SD ", base.path, len(dataset), len(dataloader), args.train_batch_size,
             accelerator.num_processes, args.gradient_accumulation_steps, max_train_steps, num_epochs,
-            format_summary(res_tuner_summary(base.unet)),
+            format_summary(res_tuner_summary(base.unet)) if method == "res_tuner" else describe_trainable(base.unet, args, parameters),
         )
 
     global_step = 0
@@ -146,6 +153,7 @@ def train(args: Namespace) -> Path:
     first_epoch = global_step // steps_per_epoch
     batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     last_checkpoint = resume_folder
+    first_step, loop_start = global_step, time.perf_counter()
 
     # --- the loop -------------------------------------------------------------------------------------------
     progress = tqdm(total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
@@ -193,7 +201,7 @@ def train(args: Namespace) -> Path:
                 step_loss = 0.0
 
                 if global_step % args.checkpointing_steps == 0:
-                    if not tuner_is_finite(base.unet):
+                    if not parameters_are_finite(parameters):
                         raise NonFiniteLossError(non_finite_message(None, global_step, last_checkpoint))
                     last_checkpoint = save_checkpoint(
                         accelerator, output_dir, global_step, args.checkpoints_total_limit, {"seed": seed, "epoch": epoch}
@@ -211,13 +219,15 @@ def train(args: Namespace) -> Path:
 
         # --- the result ---------------------------------------------------------------------------------------
         progress.close()
+        loop_seconds = time.perf_counter() - loop_start
         accelerator.wait_for_everyone()
-        tuner_file = output_dir / WEIGHT_NAME
+        tuner_file = result_path(output_dir, method)
         if accelerator.is_main_process:
-            if not tuner_is_finite(base.unet):
+            if not parameters_are_finite(parameters):
                 raise NonFiniteLossError(non_finite_message(None, global_step, last_checkpoint))
-            save_res_tuner(base.unet, output_dir)
-            logger.info("saved the tuner to %s", tuner_file)
+            save_trained(base.unet, output_dir, args)
+            logger.info("saved the %s to %s", "tuner" if method == "res_tuner" else "result", tuner_file)
+            write_train_stats(output_dir, method, parameters, global_step - first_step, loop_seconds)
             if args.validation_prompt:
                 log_validation(accelerator, base, base.unet, args, resolution, seed, global_step, "final")
         accelerator.wait_for_everyone()
@@ -313,7 +323,7 @@ def trackers_of(report_to: str) -> list[str] | str | None:
 
 def check_output_dir(output_dir: Path, args: Namespace, resume_folder: Path | None) -> None:
     """A tuner already in ``output_dir`` is replaced only with ``--overwrite_output`` or when that run is resumed."""
-    existing = output_dir / WEIGHT_NAME
+    existing = result_path(output_dir, training_method(args))
     if existing.exists() and not args.overwrite_output and resume_folder is None:
         raise TrainingError(
             f"{str(existing)!r} exists: --output_dir holds a trained tuner. Pass --overwrite_output to replace it, "
@@ -418,12 +428,28 @@ def configure_logging(accelerator: Any) -> None:
 
 
 def write_run_files(output_dir: Path, args: Namespace, config: Any, seed: int, base: BaseModel, resolution: int) -> None:
-    """``args.json`` (every flag, with the seed and resolution actually used) and ``tuner_config.json``."""
+    """``args.json`` (every flag, with the seed and resolution actually used) and, for a res tuner (``config`` not
+    None), ``tuner_config.json``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     run = {**args_to_json(args), "seed": seed, "resolution": resolution, "model_type": "sdxl" if base.sdxl else "sd"}
     with open(output_dir / "args.json", "w", encoding="utf-8") as f:
         json.dump(run, f, indent=2)
-    config.save(str(output_dir / "tuner_config.json"))
+    if config is not None:
+        config.save(str(output_dir / "tuner_config.json"))
+
+
+def write_train_stats(output_dir: Path, method: str, parameters: list[torch.nn.Parameter], steps: int, seconds: float) -> None:
+    """``train_stats.json``: the method, its trainable parameters, and the wall time per optimizer step of this
+    run's loop (data loading, forward, backward, optimizer, and any checkpoints and validation in between; no model loading)."""
+    stats = {
+        "method": method,
+        "trainable_parameters": sum(p.numel() for p in parameters),
+        "steps": steps,
+        "loop_seconds": round(seconds, 3),
+        "seconds_per_step": round(seconds / steps, 5) if steps else None,
+    }
+    with open(output_dir / "train_stats.json", "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
 
 
 def tracker_config(args: Namespace, seed: int) -> dict[str, Any]:
