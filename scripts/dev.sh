@@ -17,7 +17,7 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
   $PY -m pip install -q $TORCH_SPEC
 fi
 extras="dev"
-[ "$what" = "demo" ] && extras="demo,train"
+[ "$what" = "demo" ] && extras="demo,train,peers"
 # pip keeps the torch already installed: its requirement (torch>=2.1) is satisfied, so nothing more is pulled.
 $PY -m pip install -q -e ".[$extras]" 2>&1 | grep -v "is ignored" || true
 $PY -c "import resattn_diffusion, torch; print('resattn-diffusion', resattn_diffusion.__version__, '| torch', torch.__version__)"
