@@ -38,19 +38,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import math
 import sys
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -69,6 +65,7 @@ from benchmarks.perf.common import (  # noqa: E402
     log,
     machine_info,
     markdown_table,
+    peak_memory_bytes,
     ratio,
     size_from_args,
     write_json,
@@ -158,48 +155,7 @@ def step_peak_memory_bytes(step: Callable[[], Any], device: torch.device) -> int
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    return new_storage_peak_bytes(step)
-
-
-class _NewStoragePeak(TorchDispatchMode):
-    """Live bytes of the storages ops create (not those of their inputs: views and in-place results alias them)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[weakref.ref, int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in pytree.tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = id(storage)
-            if storage.data_ptr() in inputs or not storage.nbytes() or (key in self.live and self.live[key][0]() is storage):
-                continue
-            # the storage's Python object lives as long as the storage itself, so the weakref fires when it is freed
-            self.live[key] = (weakref.ref(storage, functools.partial(self._freed, key)), storage.nbytes())
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-        return out
-
-    def _freed(self, key: int, reference: weakref.ref) -> None:
-        entry = self.live.get(key)
-        if entry is not None and entry[0] is reference:
-            del self.live[key]
-            self.current -= entry[1]
-
-
-def new_storage_peak_bytes(step: Callable[[], Any]) -> int:
-    """Peak of the bytes of new tensor storages alive during ``step`` (the CPU method of ``peak_memory_mb``)."""
-    gc.collect()
-    tracker = _NewStoragePeak()
-    with tracker:
-        step()
-    return tracker.peak
+    return peak_memory_bytes(step)  # CPU: torch keeps no allocator statistics; count new storages op by op
 
 
 def allocator_peak_bytes(step: Callable[[], Any]) -> int | None:
