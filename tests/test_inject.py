@@ -229,3 +229,40 @@ def test_bf16_autocast_training_step_on_cpu():
     out.float().pow(2).mean().backward()
     assert all(p.dtype == torch.float32 for p in rd.res_tuner_parameters(unet))
     assert any(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in rd.res_tuner_parameters(unet))
+
+
+def test_scale_and_enable_refusals_change_no_tuner():
+    unet = _frozen_unet("sd1")
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_attn"), adapter_name="attn")
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_lora"), adapter_name="lora")
+    rd.fuse_res_tuner(unet, "lora")
+    for change in (lambda: rd.set_res_tuner_scale(unet, 0.5), lambda: rd.set_res_tuner_enabled(unet, False)):
+        with pytest.raises(rd.ResTunerError, match="'lora' is fused"):
+            change()
+        status = rd.integration.inject.res_tuner_settings(unet)
+        assert status["attn"] == {"scale": 1.0, "enabled": True, "fused": False}  # the unfused one is untouched too
+        assert rd.get_res_tuner_configs(unet)["attn"].scale == 1.0
+
+
+def test_branches_get_the_normalised_context_on_both_processor_paths():
+    """With cross_attention_norm the context is normalised once, in the frozen attention, and the branches reuse it;
+    the wrapped path (any other processor) must hand them the same context."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from resattn_diffusion.integration.processors import ResTunerAttnProcessor
+    from resattn_diffusion.tuners.res_attn import ResAttn, ResAttnParams
+
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8, cross_attention_norm="layer_norm")
+    tuner = ResAttn(rd.integration.inject.attention_shape(attn), ResAttnParams(rank=4, heads=2))
+    torch.nn.init.normal_(tuner.out_proj.weight)
+    x, context = torch.randn(2, 5, 16), 3 * torch.randn(2, 7, 12) + 1
+    outputs = []
+    for base in (AttnProcessor2_0(), AttnProcessor()):
+        processor = ResTunerAttnProcessor(base, "attn")
+        processor.bank.add("t", tuner, 1.0, "parallel")
+        assert processor.backend == ("sdpa" if isinstance(base, AttnProcessor2_0) else "wrapped")
+        with torch.no_grad():
+            outputs.append(processor(attn, x, context) - base(attn, x, context))  # the branch alone
+    expected = tuner(x, attn.norm_encoder_hidden_states(context), None)
+    torch.testing.assert_close(outputs[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[1], expected, rtol=1e-5, atol=1e-6)

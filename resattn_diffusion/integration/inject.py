@@ -408,23 +408,30 @@ def _settings(unet: nn.Module, names: list[str]):
 
 
 def set_res_tuner_scale(unet: nn.Module, scale: float, adapter_name: str | list[str] | None = None) -> None:
-    """Set the scale ``s`` of the named tuner(s) (all when None)."""
+    """Set the scale ``s`` of the named tuner(s) (all when None). Refused, changing nothing, if any of them is
+    fused with another scale."""
+    scale = float(scale)
     names = _names(_require_state(unet), adapter_name)
-    for name, bank, setting in _settings(unet, names):
-        if setting.fused and setting.scale != float(scale):
+    settings = list(_settings(unet, names))
+    for name, _, setting in settings:  # check every tuner before changing any
+        if setting.fused and setting.scale != scale:
             raise ResTunerError(f"tuner {name!r} is fused into the weights; unfuse it before changing its scale")
-        setting.scale = float(scale)
+    for _, _, setting in settings:
+        setting.scale = scale
+    state = get_state(unet)
     for name in names:
-        state = get_state(unet)
-        state.configs[name] = state.configs[name].replace(scale=float(scale))
+        state.configs[name] = state.configs[name].replace(scale=scale)
 
 
 def set_res_tuner_enabled(unet: nn.Module, enabled: bool, adapter_name: str | list[str] | None = None) -> None:
-    """Switch the named tuner(s) (all when None) on or off without removing them."""
+    """Switch the named tuner(s) (all when None) on or off without removing them. Refused, changing nothing, if
+    any of them is fused and would be switched off."""
     names = _names(_require_state(unet), adapter_name)
-    for name, bank, setting in _settings(unet, names):
+    settings = list(_settings(unet, names))
+    for name, _, setting in settings:  # check every tuner before changing any
         if setting.fused and not enabled:
             raise ResTunerError(f"tuner {name!r} is fused into the weights; unfuse it before disabling it")
+    for _, _, setting in settings:
         setting.enabled = bool(enabled)
 
 

@@ -277,7 +277,7 @@ class ResTunerAttnProcessor(nn.Module):
 
     ``base_processor`` is the processor it replaced (diffusers' stock one, or xformers', sliced, ...). It is
     restored when the last tuner is removed, and it is swapped, never lost, when diffusers installs another
-    processor (see ``inject.guard_processor``).
+    processor (see ``inject._set_processor_keeping_tuners``).
     """
 
     def __init__(self, base_processor: Any, layer_path: str):
@@ -313,22 +313,18 @@ class ResTunerAttnProcessor(nn.Module):
             frozen_out = self.base_processor(
                 attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
             )
-            query = None
+            query, context = None, encoder_hidden_states
+            if attn.norm_cross and context is not None:
+                context = attn.norm_encoder_hidden_states(context)
         else:
-            frozen_out, query = self._frozen_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            frozen_out, query, context = self._frozen_attention(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb
+            )
         if not len(bank):
             return frozen_out
-        x, context = hidden_states, encoder_hidden_states
-        if attn.norm_cross and context is not None:
-            context = attn.norm_encoder_hidden_states(context)
+        # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
         frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query)
-        if x.ndim == 4:  # spatial input (not in SD's transformer blocks, but Attention allows it)
-            b, c, h, w = x.shape
-            x = x.view(b, c, h * w).transpose(1, 2)
-            out = frozen_out.view(b, c, h * w).transpose(1, 2)
-            out = bank.add_branches(out, x, context, frozen, res_tuner_scale)
-            return out.transpose(1, 2).reshape(b, c, h, w)
-        return bank.add_branches(frozen_out, x, context, frozen, res_tuner_scale)
+        return bank.add_branches(frozen_out, hidden_states, context, frozen, res_tuner_scale)
 
     def _frozen_attention(
         self,
@@ -337,8 +333,9 @@ class ResTunerAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         temb: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """diffusers' stock attention (AttnProcessor2_0 / XFormersAttnProcessor), returning the frozen query too."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """diffusers' stock attention (AttnProcessor2_0 / XFormersAttnProcessor). Also returns what the branches
+        reuse instead of computing again: the frozen query and the (normalised) context, None for self-attention."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -354,9 +351,12 @@ class ResTunerAttnProcessor(nn.Module):
         # The branches may only reuse the query when they see the same input as the frozen attention.
         shared_query = query if (input_ndim == 3 and attn.spatial_norm is None and attn.group_norm is None) else None
         if encoder_hidden_states is None:
+            branch_context = None
             encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        else:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            branch_context = encoder_hidden_states
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
@@ -393,4 +393,4 @@ class ResTunerAttnProcessor(nn.Module):
             out = out + residual
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
             out = out / attn.rescale_output_factor
-        return out, shared_query
+        return out, shared_query, branch_context
