@@ -674,3 +674,28 @@ def unet_from_config(config: dict[str, Any], device: str | torch.device = "meta"
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(copy.deepcopy(config))
     return unet.eval()
+
+
+_FROZEN_UNETS: dict[tuple[str, int], UNet2DConditionModel] = {}
+
+
+def frozen_tiny_unet(kind: str = "sd1", seed: int = 0) -> UNet2DConditionModel:
+    """A fresh copy of the frozen (``requires_grad_(False)``) tiny UNet of ``kind``: built once per process, then
+    deep-copied, so tests that change it stay independent of each other and cheap."""
+    key = (kind, seed)
+    if key not in _FROZEN_UNETS:
+        unet = tiny_unet(kind, seed)
+        unet.requires_grad_(False)
+        _FROZEN_UNETS[key] = unet
+    return copy.deepcopy(_FROZEN_UNETS[key])
+
+
+def randomize_tuner(unet: torch.nn.Module, adapter_name: str = "default", seed: int = 0, std: float = 0.05) -> None:
+    """Give a tuner trained-looking weights (seeded normal noise): at init every branch is zero, which would make
+    checks such as fused == unfused or save/load round trips trivially exact."""
+    from .integration.inject import res_tuner_parameters  # here, so that testing.py loads without the rest
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in res_tuner_parameters(unet, adapter_name):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype) * std)

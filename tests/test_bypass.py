@@ -11,19 +11,10 @@ from torch import nn
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration.unet_tuners import BANK_ATTR, requires_unet_backward
-from resattn_diffusion.testing import tiny_pipeline, tiny_unet, tiny_unet_config, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_unet as _frozen_unet, tiny_pipeline, tiny_unet_config, unet_inputs
 from resattn_diffusion.tuners.bypass import ResBypass, ResBypassParams
 
 KINDS = ("sd1", "sd2", "sdxl")
-_UNETS: dict[str, nn.Module] = {}
-
-
-def _frozen_unet(kind: str) -> nn.Module:
-    if kind not in _UNETS:
-        unet = tiny_unet(kind)
-        unet.requires_grad_(False)
-        _UNETS[kind] = unet
-    return copy.deepcopy(_UNETS[kind])
 
 
 def _run(unet, inputs, **kwargs):

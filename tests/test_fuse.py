@@ -7,7 +7,6 @@ tuner costs nothing at run time (its hook returns at once).
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 import resattn_diffusion as rd
 from resattn_diffusion.integration.inject import get_state
 from resattn_diffusion.integration.processors import LinearBank
-from resattn_diffusion.testing import tiny_unet, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_unet as frozen_unet, randomize_tuner as randomize, unet_inputs
 
 GLORA_CONFIGS = [
     "A=lora4,B=lora4,C=lora2,D=vector,E=vector",
@@ -29,24 +28,6 @@ CASES = (
     + [("glora", {"config": config}) for config in GLORA_CONFIGS]
     + [(name, {}) for name in SURM_TUNERS]
 )
-
-_UNETS: dict[str, torch.nn.Module] = {}
-
-
-def frozen_unet(kind: str = "sd1") -> torch.nn.Module:
-    if kind not in _UNETS:
-        unet = tiny_unet(kind)
-        unet.requires_grad_(False)
-        _UNETS[kind] = unet
-    return copy.deepcopy(_UNETS[kind])
-
-
-def randomize(unet: torch.nn.Module, adapter_name: str = "default", seed: int = 0, std: float = 0.05) -> None:
-    """Trained-looking tuner weights (at init every branch is zero, which would make fusing trivially exact)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in rd.res_tuner_parameters(unet, adapter_name):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
 def run(unet, inputs) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 
@@ -27,29 +26,12 @@ from resattn_diffusion.search import (
 )
 from resattn_diffusion.search.cli import main as search_main
 from resattn_diffusion.search.cli import parse_budget, parse_timesteps
-from resattn_diffusion.testing import save_tiny_pipeline, tiny_unet, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_unet as frozen_unet, randomize_tuner as randomize, save_tiny_pipeline, unet_inputs
 from resattn_diffusion.tuners.glora import GLoRAChoiceSpace, GLoRAParams, parse_layer_config
 
 Q1 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 UP_K2 = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 UP_K1 = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
-
-_UNETS: dict[str, torch.nn.Module] = {}
-
-
-def frozen_unet(kind: str = "sd1") -> torch.nn.Module:
-    if kind not in _UNETS:
-        unet = tiny_unet(kind)
-        unet.requires_grad_(False)
-        _UNETS[kind] = unet
-    return copy.deepcopy(_UNETS[kind])
-
-
-def randomize(unet, adapter_name: str = "default", seed: int = 0, std: float = 0.05) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in rd.res_tuner_parameters(unet, adapter_name):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
 def run(unet, inputs) -> torch.Tensor:

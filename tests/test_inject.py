@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 import resattn_diffusion as rd
-from resattn_diffusion.testing import tiny_unet, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_unet as _frozen_unet, unet_inputs
 
 KINDS = ("sd1", "sd2", "sdxl")
 LAYER_TUNERS = [n for n in rd.tuner_names() if rd.get_tuner_spec(n).kind != "unet"]
@@ -24,18 +23,6 @@ def _cases():
                     if target == "ff" and getattr(spec.module_cls, "needs_frozen_attention", False):
                         continue
                     yield kind, tuner, placement, target
-
-
-_UNETS: dict[str, torch.nn.Module] = {}
-
-
-def _frozen_unet(kind: str) -> torch.nn.Module:
-    # One frozen UNet per kind per worker; every test deep-copies it, so tests stay independent.
-    if kind not in _UNETS:
-        unet = tiny_unet(kind)
-        unet.requires_grad_(False)
-        _UNETS[kind] = unet
-    return copy.deepcopy(_UNETS[kind])
 
 
 def _run(unet, inputs, **kwargs):
