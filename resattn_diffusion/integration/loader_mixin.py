@@ -105,9 +105,14 @@ class ResTunerLoaderMixin:
 
     @property
     def _res_tuner_unet(self) -> nn.Module:
+        # The denoiser: pipe.unet (SD 1/2/XL) or pipe.transformer (SD3, Flux).
         unet = getattr(self, "unet", None)
         if unet is None:
-            raise ResTunerError(f"{type(self).__name__} has no UNet (pipe.unet is None); res tuners sit on a UNet")
+            unet = getattr(self, "transformer", None)
+        if unet is None:
+            raise ResTunerError(
+                f"{type(self).__name__} has no denoiser (pipe.unet / pipe.transformer is None); res tuners sit on it"
+            )
         return unet
 
     # -- loading ------------------------------------------------------------------------------------------------
