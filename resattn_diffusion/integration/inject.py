@@ -24,7 +24,11 @@ from .state import (
     ResTunerState,
     get_state,
     remove_forward_hooks,
+)
+from .state import (
     require_name as _require_name,
+)
+from .state import (
     require_state as _require_state,
 )
 
@@ -261,10 +265,9 @@ def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> li
     return params
 
 
-def _resolved_targets(model: nn.Module, state: ResTunerState | None, config: ResTunerConfig) -> list[str]:
-    if config.targets is not None or state is None:
-        return list(config.targets or ())
-    return list(state.family.resolve_targets(config))
+def _resolved_targets(state: ResTunerState, config: ResTunerConfig) -> list[str]:
+    """The config's targets, or the family's defaults it stands for."""
+    return list(config.targets) if config.targets is not None else list(state.family.resolve_targets(config))
 
 
 def res_tuner_summary(unet: nn.Module) -> dict:
@@ -278,7 +281,7 @@ def res_tuner_summary(unet: nn.Module) -> dict:
         count = sum(p.numel() for _, t in tuners for p in t.parameters())
         rows[name] = {
             "tuner": config.tuner,
-            "targets": _resolved_targets(unet, state, config),
+            "targets": _resolved_targets(state, config),
             "placement": config.placement,
             "layers": len(tuners),
             "parameters": count,

@@ -17,7 +17,15 @@ from torch import nn
 from ...config import ResTunerConfig
 from ...tuners.base import OpShape
 from ..families.base import Layer, ModelFamily, base_linear, linear_shape
-from ..processors import LinearBank, OperationBank, ResTunerAttnProcessor, TunerBank, TunerSetting, ff_bank_hook, linear_bank_hook
+from ..processors import (
+    LinearBank,
+    OperationBank,
+    ResTunerAttnProcessor,
+    TunerBank,
+    TunerSetting,
+    ff_bank_hook,
+    linear_bank_hook,
+)
 from ..state import ResTunerError, ResTunerState, module_dtype_device, remove_forward_hooks
 from .base import TunerKindAttach
 

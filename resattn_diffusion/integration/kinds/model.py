@@ -11,10 +11,10 @@ from typing import Iterator
 from torch import nn
 
 from ...config import ResTunerConfig
+from .. import unet_tuners
 from ..families.base import ModelFamily
 from ..processors import TunerSetting
 from ..state import ResTunerState
-from .. import unet_tuners
 from .base import TunerKindAttach
 
 
