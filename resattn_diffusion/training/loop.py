@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..integration.inject import format_summary, res_tuner_summary
-from .args import args_to_json, tuner_config_from_args
+from .args import FP16_ON_CPU, args_to_json, tuner_config_from_args
 from .checkpoint import (
     check_checkpoint_matches,
     list_checkpoints,
@@ -89,6 +89,8 @@ def train(args: Namespace) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     configure_logging(accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise TrainingError(FP16_ON_CPU + " (fp16 came from the accelerate config)")
     seed = choose_seed(args, resume_state, accelerator)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
