@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from ..integration.inject import ResTunerError, get_state, iter_tuners
-from ..integration.io import write_tuner_file
+from ..integration.io import file_tensors, write_tuner_file
 from ..tuners.base import ConfigError
 from ..training.data import derive_seed
 from ..training.trainable import TrainingCallback
@@ -197,9 +197,5 @@ def save_subnet(
     layers = list(supernet_layers(unet, adapter_name))
     _check_layers(layers, configs)
     config = fixed_glora_config(get_state(unet).configs[adapter_name], configs)
-    tensors: dict[str, torch.Tensor] = {}
-    for layer_path, module in layers:
-        for key, value in module.fixed_state_dict(configs[layer_path]).items():
-            tensors[f"{layer_path}.{key}"] = value.contiguous().cpu()
-
+    tensors = file_tensors((layer_path, module.fixed_state_dict(configs[layer_path])) for layer_path, module in layers)
     return write_tuner_file(unet, path, config, tensors, saved_name, overwrite)
