@@ -134,6 +134,7 @@ class SURMLinear(LinearTuner):
     """Shared body of the SURM linear tuners: ``T(x) = dW x`` with ``dW = self.delta`` a structured matrix."""
 
     structure: ClassVar[str]
+    fold_reads_base = False  # dW is the structured matrix alone
 
     def __init__(self, shape: OpShape, params: TunerParams):
         super().__init__()
