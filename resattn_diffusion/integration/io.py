@@ -248,17 +248,16 @@ def load_res_tuner(
     return name
 
 
-@torch.no_grad()
-def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: str) -> None:
-    """Copy ``tensors`` (file keys) into the tuner ``name`` already on ``unet``, in place: its parameters stay the
-    same objects (an optimizer holding them keeps working). Every tensor is checked first -- present, of the
-    tuner's shape, finite, none left over -- so on any error the tuner is unchanged."""
+def checked_tuner_tensors(
+    tuners: Iterable[tuple[str, nn.Module]], tensors: dict[str, torch.Tensor], file: str
+) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Each ``(layer path, tuner)`` with its state dict from ``tensors`` (file keys), every tensor checked: present,
+    of the tuner's shape, finite, and none left over. The one place a tuner file's tensors are checked."""
     remaining = dict(tensors)
     checked = []
-    for layer_path, tuner in iter_tuners(unet, name):
-        own = tuner.state_dict()
+    for layer_path, tuner in tuners:
         values = {}
-        for key, target in own.items():
+        for key, target in tuner.state_dict().items():
             file_key = tuner_file_key(layer_path, key)
             if file_key not in remaining:
                 raise ResTunerFileError(f"{file!r} lacks tensor {file_key!r}; the file is incomplete: re-save it")
@@ -269,9 +268,18 @@ def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tens
                 )
             if not torch.isfinite(value.float()).all():
                 raise ResTunerFileError(f"{file!r}: tensor {file_key!r} holds NaN or inf; the tuner diverged when trained")
-            values[key] = value.to(device=target.device, dtype=target.dtype)
+            values[key] = value
         checked.append((tuner, values))
     if remaining:
         raise ResTunerFileError(f"{file!r} has {len(remaining)} tensor(s) this tuner does not use, e.g. {next(iter(remaining))!r}")
-    for tuner, values in checked:
-        tuner.load_state_dict(values)
+    return checked
+
+
+@torch.no_grad()
+def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: str) -> None:
+    """Copy ``tensors`` (file keys) into the tuner ``name`` already on ``unet``, in place: its parameters stay the
+    same objects (an optimizer holding them keeps working). Every tensor is checked first
+    (:func:`checked_tuner_tensors`), so on any error the tuner is unchanged."""
+    for tuner, values in checked_tuner_tensors(iter_tuners(unet, name), tensors, file):
+        own = tuner.state_dict()
+        tuner.load_state_dict({key: value.to(device=own[key].device, dtype=own[key].dtype) for key, value in values.items()})
