@@ -41,9 +41,8 @@ from ..tuners.glora import (
     GLoRALayerConfig,
     form_size_key,
     num_parameters,
-    sample_layer_config,
 )
-from .supernet import _require_unfused, get_subnet, set_subnet, supernet_layers
+from .supernet import _require_unfused, get_subnet, sample_layer_config, set_subnet, supernet_layers
 
 __all__ = [
     "DenoisingFitness",
