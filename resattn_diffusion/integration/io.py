@@ -14,6 +14,7 @@ import stat
 import struct
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -68,13 +69,23 @@ def expected_fingerprint(unet: nn.Module, config: ResTunerConfig) -> dict[str, d
     return layer_fingerprint(find_layers(unet, config))
 
 
+def tuner_file_key(layer_path: str, key: str) -> str:
+    """The key of one tuner tensor in a tuner file: ``<layer path>.<parameter>`` (the one place it is spelled)."""
+    return f"{layer_path}.{key}"
+
+
 def tuner_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The named tuner's weights under file keys ``<layer path>.<parameter>``."""
-    tensors = {}
-    for layer_path, tuner in iter_tuners(unet, adapter_name):
-        for key, value in tuner.state_dict().items():
-            tensors[f"{layer_path}.{key}"] = value.detach().contiguous().cpu()
-    return tensors
+    """The named tuner's weights under file keys (:func:`tuner_file_key`)."""
+    return file_tensors((layer_path, tuner.state_dict()) for layer_path, tuner in iter_tuners(unet, adapter_name))
+
+
+def file_tensors(layers: Iterable[tuple[str, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """``(layer path, state dict)`` pairs as the tensors of a tuner file: file keys, contiguous, on the CPU."""
+    return {
+        tuner_file_key(layer_path, key): value.detach().contiguous().cpu()
+        for layer_path, state in layers
+        for key, value in state.items()
+    }
 
 
 def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) -> Path:
@@ -431,20 +442,24 @@ def load_res_tuner(
 
     add_res_tuner(unet, config, name)
     try:
-        _load_tensors(unet, name, tensors, file)
+        load_tuner_tensors(unet, name, tensors, file)
     except Exception:
         remove_res_tuner(unet, name)
         raise
     return name
 
 
-@torch.no_grad()
-def _load_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: str) -> None:
+def checked_tuner_tensors(
+    tuners: Iterable[tuple[str, nn.Module]], tensors: dict[str, torch.Tensor], file: str
+) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Each ``(layer path, tuner)`` with its state dict from ``tensors`` (file keys), every tensor checked: present,
+    of the tuner's shape, finite, and none left over. The one place a tuner file's tensors are checked."""
     remaining = dict(tensors)
-    for layer_path, tuner in iter_tuners(unet, name):
-        own = tuner.state_dict()
-        for key, target in own.items():
-            file_key = f"{layer_path}.{key}"
+    checked = []
+    for layer_path, tuner in tuners:
+        values = {}
+        for key, target in tuner.state_dict().items():
+            file_key = tuner_file_key(layer_path, key)
             if file_key not in remaining:
                 raise ResTunerFileError(f"{file!r} lacks tensor {file_key!r}; the file is incomplete: re-save it")
             value = remaining.pop(file_key)
@@ -452,8 +467,20 @@ def _load_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
                 raise ResTunerFileError(
                     f"{file!r}: tensor {file_key!r} has shape {tuple(value.shape)}, the tuner here needs {tuple(target.shape)}"
                 )
-        tuner.load_state_dict(
-            {key: tensors[f"{layer_path}.{key}"].to(device=own[key].device, dtype=own[key].dtype) for key in own}
-        )
+            if not torch.isfinite(value.float()).all():
+                raise ResTunerFileError(f"{file!r}: tensor {file_key!r} holds NaN or inf; the tuner diverged when trained")
+            values[key] = value
+        checked.append((tuner, values))
     if remaining:
         raise ResTunerFileError(f"{file!r} has {len(remaining)} tensor(s) this tuner does not use, e.g. {next(iter(remaining))!r}")
+    return checked
+
+
+@torch.no_grad()
+def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: str) -> None:
+    """Copy ``tensors`` (file keys) into the tuner ``name`` already on ``unet``, in place: its parameters stay the
+    same objects (an optimizer holding them keeps working). Every tensor is checked first
+    (:func:`checked_tuner_tensors`), so on any error the tuner is unchanged."""
+    for tuner, values in checked_tuner_tensors(iter_tuners(unet, name), tensors, file):
+        own = tuner.state_dict()
+        tuner.load_state_dict({key: value.to(device=own[key].device, dtype=own[key].dtype) for key, value in values.items()})
