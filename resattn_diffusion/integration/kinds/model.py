@@ -24,6 +24,12 @@ class ModelKind(TunerKindAttach):
     def fingerprint(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> dict[str, dict]:
         return unet_tuners.unet_tuner_fingerprint(model, config)
 
+    def plan(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[tuple[str, nn.Module]]:
+        unet_tuners.unet_tuner_fingerprint(model, config)  # the bypass's own checks of config and UNet
+        sources = unet_tuners.bypass_sources(model)
+        bypass = config.spec.module_cls([width for _, _, width in sources], config.params)
+        return list(zip([path for path, _, _ in sources], bypass.stages))
+
     def attach(
         self, model: nn.Module, family: ModelFamily, config: ResTunerConfig, adapter_name: str, state: ResTunerState
     ) -> list[str]:
