@@ -132,7 +132,7 @@ class LayerKind(TunerKindAttach):
             bank, owner = bank_for(layer)
             bank.add(adapter_name, tuner, config.scale, config.placement)
             state.add_bank(bank, owner)
-        return [layer.path for layer in layers]
+        return [layer.path for layer, _ in built]
 
     def detach(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> None:
         for bank, owner in list(state.banks):
