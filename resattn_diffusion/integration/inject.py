@@ -20,7 +20,7 @@ from .families.unet import attention_shape, transformer_blocks
 from .kinds import kind_of
 from .kinds.layers import LayerKind, layer_fingerprint, tuner_input_shape
 from .processors import SCALE_KWARG, TunerSetting
-from .state import STATE_ATTR, ResTunerError, ResTunerState, get_state, remove_forward_hooks, require_state
+from .state import STATE_ATTR, ResTunerError, ResTunerState, get_state, remove_forward_hooks
 from .state import require_name as _require_name
 
 __all__ = [
@@ -165,7 +165,11 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
 
 def _require_state(unet: nn.Module) -> ResTunerState:
     check_model(unet, pipelines_ok=False)
-    return require_state(unet)
+    state = get_state(unet)
+    if state is None or not state.configs:
+        word = family_of(unet).model_word  # a model no family describes is told what to pass instead
+        raise ResTunerError(f"this {word} has no res tuner; add one with add_res_tuner or load one with load_res_tuner")
+    return state
 
 
 def _names(state: ResTunerState, adapter_name: str | list[str] | None) -> list[str]:
