@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -60,7 +61,8 @@ def expected_fingerprint(unet: nn.Module, config: ResTunerConfig) -> dict[str, d
 
 
 def tuner_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The named tuner's weights under file keys ``<layer path>.<parameter>``."""
+    """The named tuner's weights under file keys ``<layer path>.<parameter>`` (CPU copies): what a tuner file holds,
+    and what ``load_res_tuner(unet, state_dict, config=...)`` takes back."""
     tensors = {}
     for layer_path, tuner in iter_tuners(unet, adapter_name):
         for key, value in tuner.state_dict().items():
@@ -202,28 +204,49 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
 
 def load_res_tuner(
     unet: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike | Mapping[str, torch.Tensor],
     adapter_name: str | None = None,
     weight_name: str | None = None,
+    hotswap: bool = False,
+    config: ResTunerConfig | None = None,
 ) -> str:
-    """Load a tuner file (or a folder holding one) onto ``unet`` under ``adapter_name`` (default: the name it was
-    saved with); returns the name. Everything is checked before the UNet changes; on any error it is unchanged."""
-    metadata, tensors = read_tuner_file(path, weight_name)
-    file = str(resolve_tuner_file(path, weight_name))
+    """Load a tuner file (or a folder holding one, or a state dict) onto ``unet`` under ``adapter_name`` (default:
+    the name it was saved with); returns the name. Everything is checked before the UNet changes; on any error it
+    is unchanged.
+
+    ``path`` may be a state dict (file keys, as :func:`tuner_state_dict` returns); it then needs ``config``, except
+    with ``hotswap`` where the loaded tuner's config is the default. ``hotswap=True`` copies the weights into the
+    loaded tuner ``adapter_name`` in place (same tuner and shapes; see :mod:`~resattn_diffusion.integration.hotswap`)
+    so a compiled UNet does not recompile.
+    """
+    if isinstance(path, Mapping):
+        metadata, tensors, file = _state_dict_source(unet, path, adapter_name, hotswap, config)
+    else:
+        if config is not None:
+            raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
+        metadata, tensors = read_tuner_file(path, weight_name)
+        file = str(resolve_tuner_file(path, weight_name))
     try:
         config = ResTunerConfig.from_json(metadata["config"])
     except (KeyError, ConfigError) as err:
         raise ResTunerFileError(f"{file!r} has no valid tuner config in its metadata: {err}") from None
     name = adapter_name or metadata.get("adapter_name") or "default"
+    if hotswap:
+        from .hotswap import hotswap_res_tuner
+
+        if adapter_name is None:
+            raise ResTunerError("hotswap=True needs adapter_name=, the loaded tuner whose weights to replace")
+        return hotswap_res_tuner(unet, name, config, tensors, file)
     state = get_state(unet)
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
 
-    saved = json.loads(metadata.get("layers", "{}"))
     try:
         expected = expected_fingerprint(unet, config)
     except (ConfigError, ResTunerError) as err:
         raise ResTunerFileError(f"tuner file {file!r} does not fit this UNet: {err}") from None
+    # A state dict has no fingerprint: its tensor shapes are checked one by one below.
+    saved = json.loads(metadata["layers"]) if "layers" in metadata else expected
     problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
     if problem:
         raise ResTunerFileError(problem)
@@ -235,6 +258,30 @@ def load_res_tuner(
         remove_res_tuner(unet, name)
         raise
     return name
+
+
+def _state_dict_source(
+    unet: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    adapter_name: str | None,
+    hotswap: bool,
+    config: ResTunerConfig | None,
+) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(metadata, tensors, a name for messages) of a state dict, as :func:`read_tuner_file` gives them for a file."""
+    bad = [key for key, value in tensors.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if bad:
+        raise ResTunerFileError(f"a tuner state dict maps names to tensors; entry {bad[0]!r} is not one")
+    if config is None and hotswap:
+        state = get_state(unet)
+        config = None if state is None else state.configs.get(adapter_name)
+    if config is None:
+        raise ResTunerFileError(
+            "a state dict carries no tuner config: pass config= (the ResTunerConfig it was trained with), or load "
+            "the tuner file, which holds it"
+        )
+    if not isinstance(config, ResTunerConfig):
+        raise TypeError(f"config must be a ResTunerConfig, got {type(config).__name__}")
+    return {"config": config.to_json(indent=None)}, dict(tensors), "the state dict"
 
 
 @torch.no_grad()
@@ -258,3 +305,7 @@ def _load_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
         )
     if remaining:
         raise ResTunerFileError(f"{file!r} has {len(remaining)} tensor(s) this tuner does not use, e.g. {next(iter(remaining))!r}")
+
+
+#: The public name of :func:`tuner_state_dict` (diffusers' ``get_peft_model_state_dict`` role).
+res_tuner_state_dict = tuner_state_dict
