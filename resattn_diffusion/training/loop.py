@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import time
 from argparse import Namespace
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..hub import check_pretrained_source
+from ..quiet import quiet_libraries
 from .args import args_to_json, tuner_config_from_args
 from .checkpoint import list_checkpoints, read_training_state, resolve_resume_checkpoint, save_checkpoint
 from .data import (
@@ -63,6 +66,8 @@ def train(
 
     # --- checks that need no model: fail before anything slow happens ---------------------------------------
     output_dir = Path(args.output_dir)
+    quiet_libraries(training_log_file(output_dir, args), main_process=os.environ.get("RANK", "0") == "0")
+    check_model_sources(args)
     if trainable is None:
         trainable = ResTunerTrainable(tuner_config_from_args(args))
     check_optional_packages(args)
@@ -81,7 +86,6 @@ def train(
         # some tuners (a GLoRA supernet's sampled subnet) leave parameters unused in a step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    configure_logging(accelerator)
     seed = choose_seed(args, resume_state, accelerator)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -410,15 +414,25 @@ def choose_seed(args: Namespace, resume_state: dict[str, Any] | None, accelerato
     return seed[0]
 
 
-def configure_logging(accelerator: Any) -> None:
-    import diffusers
-    import transformers
+def training_log_file(output_dir: Path, args: Namespace) -> Path:
+    """Where library logs go (``output_dir/<logging_dir>/train.log``; one file per process under ``accelerate
+    launch``), so that the console shows only the progress bar and our messages."""
+    rank = os.environ.get("RANK", "0")
+    name = "train.log" if rank == "0" else f"train-rank{rank}.log"
+    return output_dir / args.logging_dir / name
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    logging.getLogger("resattn_diffusion").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    if not accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
+
+def check_model_sources(args: Namespace) -> None:
+    """The base model (and another VAE) exist locally or on a reachable Hub: offline, a missing one fails in a
+    second with what to pass, instead of after huggingface_hub's retries."""
+    check_pretrained_source(
+        args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", cache_dir=args.cache_dir, revision=args.revision
+    )
+    if args.pretrained_vae_model_name_or_path is not None:
+        check_pretrained_source(
+            args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", filename="config.json",
+            cache_dir=args.cache_dir,
+        )
 
 
 def write_run_files(output_dir: Path, args: Namespace, seed: int, base: BaseModel, resolution: int) -> None:
