@@ -34,6 +34,7 @@ from .data import (
     DreamBoothDataset,
     EpochShuffleSampler,
     ImageTransform,
+    RepeatedSource,
     SubsetSource,
     TextImageDataset,
     collate_examples,
@@ -45,6 +46,8 @@ from .data import (
 from .errors import NonFiniteLossError, TrainingError
 from .models import BaseModel, native_resolution
 from .prior import generate_class_images
+from .publish import check_export_flags, create_hub_repo, finish_run, push_output_dir
+from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
 from .trainable import ResTunerTrainable, TrainableProvider, TrainingCallback, TrainingSummary, parameters_are_finite
 from .validation import log_validation
 
@@ -71,6 +74,7 @@ def train(
     if trainable is None:
         trainable = ResTunerTrainable(tuner_config_from_args(args))
     check_optional_packages(args)
+    check_export_flags(args, getattr(trainable, "config", None))
     resume_folder = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, trainable.result_path(output_dir), args.overwrite_output, resume_folder)
     resume_state = read_training_state(resume_folder) if resume_folder else None
@@ -86,6 +90,7 @@ def train(
         # some tuners (a GLoRA supernet's sampled subnet) leave parameters unused in a step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    repo_id = create_hub_repo(args) if getattr(args, "push_to_hub", False) and accelerator.is_main_process else None
     seed = choose_seed(args, resume_state, accelerator)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -200,6 +205,8 @@ def train(
                     last_checkpoint = save_checkpoint(
                         accelerator, output_dir, global_step, args.checkpoints_total_limit, {"seed": seed, "epoch": epoch}
                     )
+                    if repo_id is not None and args.push_checkpoints_to_hub:
+                        push_output_dir(repo_id, output_dir, args.hub_token, f"checkpoint {global_step}", required=False)
                 validate_now = args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
                 if validate_now and global_step < max_train_steps:  # the last step gets the final validation below
                     if accelerator.is_main_process:
@@ -228,6 +235,7 @@ def train(
                 callback.on_train_end(summary)
             if args.validation_prompt:
                 log_validation(accelerator, base, base.unet, args, resolution, seed, global_step, "final")
+            finish_run(args, trainable, result, base.unet, base.sdxl, repo_id)
         accelerator.wait_for_everyone()
     finally:
         progress.close()
@@ -301,6 +309,7 @@ def check_optional_packages(args: Namespace) -> None:
     """Optional packages a flag needs, checked before anything is loaded."""
     from diffusers.utils.import_utils import is_xformers_available
 
+    check_optimizer_package(args)
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
@@ -345,28 +354,20 @@ def check_training_data(args: Namespace) -> Any:
 
 
 def make_dataset(args: Namespace, source: Any, resolution: int, seed: int) -> Any:
-    transform = ImageTransform(resolution, center_crop=args.center_crop, random_flip=args.random_flip)
+    transform = ImageTransform(
+        resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+        interpolation=INTERPOLATION_MODES[getattr(args, "image_interpolation_mode", "bilinear")],
+    )
+    repeats = getattr(args, "repeats", 1)
     if args.task == "text2img":
+        if repeats > 1:
+            source = RepeatedSource(source, repeats)
         return TextImageDataset(source, transform, seed, caption_dropout=args.caption_dropout)
     class_images = None
     if args.with_prior_preservation:
         class_images = list_images(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
-    return DreamBoothDataset(source, args.instance_prompt, transform, seed, class_images=class_images, class_prompt=args.class_prompt)
-
-
-def make_optimizer(args: Namespace, parameters: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(
-        parameters,
-        lr=learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+    return DreamBoothDataset(
+        list(source) * repeats, args.instance_prompt, transform, seed, class_images=class_images, class_prompt=args.class_prompt
     )
 
 
