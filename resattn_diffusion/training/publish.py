@@ -107,7 +107,8 @@ def validation_images(output_dir: Path) -> list[Path]:
 
 
 def _card_description(
-    args: Namespace, config: ResTunerConfig | None, result: Path, lora: Path | None, sdxl: bool, images: list[Path]
+    args: Namespace, config: ResTunerConfig | None, result: Path, lora: Path | None, sdxl: bool, images: list[Path],
+    source: str,
 ) -> str:
     output_dir = Path(args.output_dir)
     base = args.pretrained_model_name_or_path
@@ -141,7 +142,7 @@ def _card_description(
         f"from pipelines import {pipeline}",
         "",
         f'pipe = {pipeline}.from_pretrained("{base}")',
-        f'pipe.load_res_tuner("{hub_repo_id(args) if args.push_to_hub else output_dir}")',
+        f'pipe.load_res_tuner("{source}")',
         f'image = pipe("{args.validation_prompt or getattr(args, "instance_prompt", None) or "a photo"}").images[0]',
         "```",
         "",
@@ -153,7 +154,7 @@ def _card_description(
             f"The same weights as a plain LoRA (`{lora.name}`), for diffusers, ComfyUI, A1111 and kohya tools:",
             "",
             "```python",
-            f'pipe.load_lora_weights("{hub_repo_id(args) if args.push_to_hub else output_dir}", weight_name="{lora.name}")',
+            f'pipe.load_lora_weights("{source}", weight_name="{lora.name}")',
             "```",
             "",
         ]
@@ -161,7 +162,12 @@ def _card_description(
 
 
 def write_model_card(
-    args: Namespace, config: ResTunerConfig | None, result: Path, sdxl: bool, lora: Path | None = None
+    args: Namespace,
+    config: ResTunerConfig | None,
+    result: Path,
+    sdxl: bool,
+    lora: Path | None = None,
+    repo_id: str | None = None,
 ) -> Path:
     """``output_dir/README.md``: diffusers' training model card (``load_or_create_model_card`` +
     ``populate_model_card``) with the base model, the tuner and its config, the training flags, the validation
@@ -177,11 +183,11 @@ def write_model_card(
     # diffusers first looks for an existing card on the Hub; this card is new, so that lookup is switched off
     with mock.patch.object(hub_constants, "HF_HUB_OFFLINE", True):
         card = load_or_create_model_card(
-            hub_repo_id(args),
+            repo_id or hub_repo_id(args),
             from_training=True,
             base_model=str(args.pretrained_model_name_or_path),
             prompt=getattr(args, "instance_prompt", None),
-            model_description=_card_description(args, config, result, lora, sdxl, images),
+            model_description=_card_description(args, config, result, lora, sdxl, images, repo_id or str(output_dir)),
             widget=widget or None,
             inference=True,
         )
@@ -202,7 +208,7 @@ def finish_run(args: Namespace, trainable: Any, result: Path, unet: Any, sdxl: b
     output_dir = Path(args.output_dir)
     config = getattr(trainable, "config", None)
     lora = export_trained_lora(args, output_dir, result, unet)
-    card = write_model_card(args, config if isinstance(config, ResTunerConfig) else None, result, sdxl, lora)
+    card = write_model_card(args, config if isinstance(config, ResTunerConfig) else None, result, sdxl, lora, repo_id)
     logger.info("model card: %s", card)
     if repo_id is not None:
         push_output_dir(repo_id, output_dir, args.hub_token, "End of training", required=True)
