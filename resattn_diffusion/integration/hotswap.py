@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from .inject import ResTunerError, get_state, iter_tuners, set_res_tuner_scale
-from .io import ResTunerFileError
+from .inject import ResTunerError, get_state, res_tuner_settings, set_res_tuner_scale
+from .io import ResTunerFileError, load_tuner_tensors
 
 
 def _structure(config: ResTunerConfig) -> dict:
@@ -22,7 +22,6 @@ def _structure(config: ResTunerConfig) -> dict:
     return data
 
 
-@torch.no_grad()
 def hotswap_res_tuner(
     unet: nn.Module, adapter_name: str, config: ResTunerConfig, tensors: dict[str, torch.Tensor], source: str
 ) -> str:
@@ -44,32 +43,10 @@ def hotswap_res_tuner(
             f"(loaded: {[mine.get(k) for k in differing]}, new: {[theirs.get(k) for k in differing]}). Hotswap needs "
             "the same tuner, targets, blocks, projections, placement and hyperparameters; unload and load instead"
         )
-    from .inject import res_tuner_settings
-
     if res_tuner_settings(unet)[adapter_name]["fused"]:
         raise ResTunerError(f"tuner {adapter_name!r} is fused into the weights; unfuse it before hotswapping")
-    remaining = dict(tensors)
-    copies = []
-    for layer_path, tuner in iter_tuners(unet, adapter_name):
-        for key, target in tuner.state_dict(keep_vars=True).items():
-            file_key = f"{layer_path}.{key}"
-            value = remaining.pop(file_key, None)
-            if value is None:
-                raise ResTunerFileError(f"cannot hotswap {source!r}: it lacks tensor {file_key!r} of the loaded tuner")
-            if value.shape != target.shape:
-                raise ResTunerFileError(
-                    f"cannot hotswap {source!r}: tensor {file_key!r} has shape {tuple(value.shape)}, the loaded tuner "
-                    f"has {tuple(target.shape)}"
-                )
-            if not torch.isfinite(value.float()).all():
-                raise ResTunerFileError(f"{source!r}: tensor {file_key!r} holds NaN or inf; the tuner diverged when trained")
-            copies.append((target, value))
-    if remaining:
-        raise ResTunerFileError(
-            f"cannot hotswap {source!r}: it has {len(remaining)} tensor(s) the loaded tuner lacks, e.g. {next(iter(remaining))!r}"
-        )
-    for target, value in copies:
-        target.data.copy_(value.to(device=target.device, dtype=target.dtype))
+    # every tensor checked first (present, shape, finite, none left over), then copied into the same parameters
+    load_tuner_tensors(unet, adapter_name, tensors, source)
     if current.scale != config.scale:
         set_res_tuner_scale(unet, config.scale, adapter_name)
     return adapter_name

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..hub import check_pretrained_source
 from ..quiet import quiet_libraries
-from .args import args_to_json, tuner_config_from_args
+from .args import FP16_ON_CPU, args_to_json, tuner_config_from_args
 from .checkpoint import list_checkpoints, read_training_state, resolve_resume_checkpoint, save_checkpoint
 from .data import (
     DreamBoothDataset,
@@ -45,6 +45,7 @@ from .data import (
 )
 from .errors import NonFiniteLossError, TrainingError
 from .models import BaseModel, native_resolution
+from .objective import prediction_target
 from .prior import generate_class_images
 from .publish import check_export_flags, create_hub_repo, finish_run, push_output_dir
 from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
@@ -91,6 +92,8 @@ def train(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     repo_id = create_hub_repo(args) if getattr(args, "push_to_hub", False) and accelerator.is_main_process else None
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise TrainingError(FP16_ON_CPU + " (fp16 came from the accelerate config)")
     seed = choose_seed(args, resume_state, accelerator)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -272,12 +275,9 @@ def diffusion_loss(
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
+    if prediction_type not in ("epsilon", "v_prediction"):  # Min-SNR weighting below knows these two
         raise TrainingError(f"the model's scheduler predicts {prediction_type!r}; pass --prediction_type epsilon or v_prediction")
+    target = prediction_target(scheduler, latents, noise, timesteps)
 
     prediction = unet(noisy_latents, timesteps, context, added_cond_kwargs=added_conditions, return_dict=False)[0]
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
