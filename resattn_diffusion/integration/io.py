@@ -14,6 +14,7 @@ import stat
 import struct
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from .inject import (
     ResTunerError,
     add_res_tuner,
     find_layers,
+    get_res_tuner_configs,
     get_state,
     iter_tuners,
     layer_fingerprint,
@@ -68,13 +70,23 @@ def expected_fingerprint(unet: nn.Module, config: ResTunerConfig) -> dict[str, d
     return layer_fingerprint(find_layers(unet, config))
 
 
+def tuner_file_key(layer_path: str, key: str) -> str:
+    """The key of one tuner tensor in a tuner file: ``<layer path>.<parameter>`` (the one place it is spelled)."""
+    return f"{layer_path}.{key}"
+
+
 def tuner_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The named tuner's weights under file keys ``<layer path>.<parameter>``."""
-    tensors = {}
-    for layer_path, tuner in iter_tuners(unet, adapter_name):
-        for key, value in tuner.state_dict().items():
-            tensors[f"{layer_path}.{key}"] = value.detach().contiguous().cpu()
-    return tensors
+    """The named tuner's weights under file keys (:func:`tuner_file_key`)."""
+    return file_tensors((layer_path, tuner.state_dict()) for layer_path, tuner in iter_tuners(unet, adapter_name))
+
+
+def file_tensors(layers: Iterable[tuple[str, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """``(layer path, state dict)`` pairs as the tensors of a tuner file: file keys, contiguous, on the CPU."""
+    return {
+        tuner_file_key(layer_path, key): value.detach().contiguous().cpu()
+        for layer_path, state in layers
+        for key, value in state.items()
+    }
 
 
 def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) -> Path:
@@ -384,14 +396,25 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
 
 def load_res_tuner(
     unet: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike | Mapping[str, torch.Tensor],
     adapter_name: str | None = None,
     weight_name: str | None = None,
+    hotswap: bool = False,
+    config: ResTunerConfig | None = None,
 ) -> str:
     """Load a tuner file (or a folder holding one) onto ``unet`` (or a pipeline's UNet) under ``adapter_name``
     (default: the name it was saved with); returns the name. Everything is checked before the UNet changes -- the
     file's type and header size, its metadata, the config, the layers against this UNet, every tensor's dtype and
-    shape against modules planned on the meta device, the values -- so on any error it is unchanged."""
+    shape against modules planned on the meta device, the values -- so on any error it is unchanged.
+
+    ``path`` may also be a state dict (file keys, as :func:`res_tuner_state_dict` returns); it then needs
+    ``config``, except with ``hotswap``, where the loaded tuner's config is the default. ``hotswap=True`` copies the
+    weights into the loaded tuner ``adapter_name`` in place (same tuner, config and shapes), so that a
+    ``torch.compile``-d UNet runs them without recompiling (:mod:`~resattn_diffusion.integration.hotswap`)."""
+    if isinstance(path, Mapping) or hotswap:
+        return _load_state_dict_or_hotswap(unet, path, adapter_name, weight_name, hotswap, config)
+    if config is not None:
+        raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
     unet = check_model(unet)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
@@ -431,20 +454,79 @@ def load_res_tuner(
 
     add_res_tuner(unet, config, name)
     try:
-        _load_tensors(unet, name, tensors, file)
+        load_tuner_tensors(unet, name, tensors, file)
     except Exception:
         remove_res_tuner(unet, name)
         raise
     return name
 
 
-@torch.no_grad()
-def _load_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: str) -> None:
+def _load_state_dict_or_hotswap(
+    unet: nn.Module,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    adapter_name: str | None,
+    weight_name: str | None,
+    hotswap: bool,
+    config: ResTunerConfig | None,
+) -> str:
+    """:func:`load_res_tuner` from a state dict, or with ``hotswap``: the same checks of names, config and every
+    tensor (:func:`checked_tuner_tensors`) before the UNet changes."""
+    unet = check_model(unet)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    if isinstance(source, Mapping):
+        file = "the state dict"
+        bad = [key for key, value in source.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+        if bad:
+            raise ResTunerFileError(f"a tuner state dict maps file keys to tensors; entry {bad[0]!r} is not one")
+        tensors = dict(source)
+        if config is None and hotswap and adapter_name is not None:
+            config = get_res_tuner_configs(unet).get(adapter_name)
+        if config is None:
+            raise ResTunerFileError(
+                "a state dict carries no tuner config: pass config= (the ResTunerConfig it was trained with), or "
+                "load the tuner file, which holds it"
+            )
+        if not isinstance(config, ResTunerConfig):
+            raise TypeError(f"config must be a ResTunerConfig, got {type(config).__name__}")
+        name = adapter_name or "default"
+    else:
+        if config is not None:
+            raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
+        metadata, tensors = read_tuner_file(source, weight_name)
+        file = str(resolve_tuner_file(source, weight_name))
+        config = _file_config(file, metadata)
+        name = adapter_name or metadata.get("adapter_name") or "default"
+    _check_weight_values(file, tensors)
+    if hotswap:
+        if adapter_name is None:
+            raise ResTunerError("hotswap=True needs adapter_name=, the loaded tuner whose weights to replace")
+        from .hotswap import hotswap_res_tuner
+
+        return hotswap_res_tuner(unet, adapter_name, config, tensors, file)
+    state = get_state(unet)
+    if state is not None and name in state.configs:
+        raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
+    add_res_tuner(unet, config, name)
+    try:
+        load_tuner_tensors(unet, name, tensors, file)
+    except Exception:
+        remove_res_tuner(unet, name)
+        raise
+    return name
+
+
+def checked_tuner_tensors(
+    tuners: Iterable[tuple[str, nn.Module]], tensors: dict[str, torch.Tensor], file: str
+) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Each ``(layer path, tuner)`` with its state dict from ``tensors`` (file keys), every tensor checked: present,
+    of the tuner's shape, finite, and none left over. The one place a tuner file's tensors are checked."""
     remaining = dict(tensors)
-    for layer_path, tuner in iter_tuners(unet, name):
-        own = tuner.state_dict()
-        for key, target in own.items():
-            file_key = f"{layer_path}.{key}"
+    checked = []
+    for layer_path, tuner in tuners:
+        values = {}
+        for key, target in tuner.state_dict().items():
+            file_key = tuner_file_key(layer_path, key)
             if file_key not in remaining:
                 raise ResTunerFileError(f"{file!r} lacks tensor {file_key!r}; the file is incomplete: re-save it")
             value = remaining.pop(file_key)
@@ -452,8 +534,24 @@ def _load_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
                 raise ResTunerFileError(
                     f"{file!r}: tensor {file_key!r} has shape {tuple(value.shape)}, the tuner here needs {tuple(target.shape)}"
                 )
-        tuner.load_state_dict(
-            {key: tensors[f"{layer_path}.{key}"].to(device=own[key].device, dtype=own[key].dtype) for key in own}
-        )
+            if not torch.isfinite(value.float()).all():
+                raise ResTunerFileError(f"{file!r}: tensor {file_key!r} holds NaN or inf; the tuner diverged when trained")
+            values[key] = value
+        checked.append((tuner, values))
     if remaining:
         raise ResTunerFileError(f"{file!r} has {len(remaining)} tensor(s) this tuner does not use, e.g. {next(iter(remaining))!r}")
+    return checked
+
+
+@torch.no_grad()
+def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: str) -> None:
+    """Copy ``tensors`` (file keys) into the tuner ``name`` already on ``unet``, in place: its parameters stay the
+    same objects (an optimizer holding them keeps working). Every tensor is checked first
+    (:func:`checked_tuner_tensors`), so on any error the tuner is unchanged."""
+    for tuner, values in checked_tuner_tensors(iter_tuners(unet, name), tensors, file):
+        own = tuner.state_dict()
+        tuner.load_state_dict({key: value.to(device=own[key].device, dtype=own[key].dtype) for key, value in values.items()})
+
+
+#: The public name of :func:`tuner_state_dict` (the role of peft's ``get_peft_model_state_dict``).
+res_tuner_state_dict = tuner_state_dict
