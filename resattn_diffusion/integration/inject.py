@@ -19,7 +19,7 @@ from .processors import (
     ResTunerAttnProcessor,
     TunerBank,
     ff_bank_hook,
-    linear_bank_hook,
+    linear_bank_forward,
 )
 
 #: The attribute on the UNet that holds its tuners' state (a plain object, not a module).
@@ -247,7 +247,12 @@ def _bank_for(layer: Layer) -> tuple[TunerBank, nn.Module]:
     if bank is None:
         bank = LinearBank(layer.path) if layer.kind == "linear" else OperationBank(layer.path)
         module.res_tuner_bank = bank
-        module.register_forward_hook(linear_bank_hook if layer.kind == "linear" else ff_bank_hook)
+        if layer.kind == "linear":
+            # The bank computes the frozen projection itself (see processors.linear_bank_forward): an instance
+            # attribute, so the module keeps its class and state-dict keys; a deep copy binds to the copy.
+            module.forward = functools.partial(linear_bank_forward, module)
+        else:
+            module.register_forward_hook(ff_bank_hook)
     return bank, module
 
 
@@ -261,7 +266,9 @@ def _detach_bank(bank: TunerBank, owner: nn.Module) -> None:
         _remove_guard(owner)
         Attention.set_processor(owner, base)
         return
-    remove_forward_hooks(owner, linear_bank_hook)
+    forward = owner.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is linear_bank_forward:
+        del owner.forward  # back to the class's forward (one that wrapped ours, e.g. accelerate's, is left alone)
     remove_forward_hooks(owner, ff_bank_hook)
     del owner.res_tuner_bank
 
