@@ -558,7 +558,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="frozen weights' dtype (default fp32 on CPU, fp16 on CUDA)"
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="real sizes: batch (default 4; SDXL 1)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="batch size (default: 2 full, 1 tiny; real sizes 4, SDXL 1)"
+    )
 
 
 def size_from_args(args: argparse.Namespace) -> BenchmarkSize:
@@ -578,4 +580,9 @@ def size_from_args(args: argparse.Namespace) -> BenchmarkSize:
         size = BenchmarkSize.real(model, device, dtype, getattr(args, "batch_size", None))
     if args.repeats is not None:
         size = dataclasses.replace(size, repeats=args.repeats)
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise SystemExit(f"--batch-size must be >= 1, got {batch_size}")
+        size = dataclasses.replace(size, batch_size=batch_size)
     return size

@@ -40,7 +40,7 @@ from resattn_diffusion.tuners.fast_paths import forced_paths
 from . import compile_breaks, sampling, train_step
 from .common import BenchmarkSize, describe_error, log, machine_info, markdown_table, write_json
 
-PARTS = ("train_sd15", "train_sdxl", "sampling", "graph_breaks", "sampling_compiled")
+PARTS = ("train_sd15", "sampling", "train_sdxl", "graph_breaks", "sampling_compiled")  # gpu_run.sh's order
 #: Part -> (model, dtype, batch, timed rounds, warm-up rounds) on a GPU.
 GPU_SIZES = {
     "train_sd15": ("sd15", "fp16", 4, 5, 2),
