@@ -133,5 +133,5 @@ def test_shell_script_runs_every_part_with_a_time_guard(tmp_path):
     assert all("--tiny --device cpu" in line and "--started-at" in line for line in calls[:-1])
     log = (out / "run.log").read_text()
     assert "train_sdxl: exit 3" in log and "done in" in log
-    assert "bash benchmarks/perf/gpu_run.sh" in SCRIPT.read_text().splitlines()[2]
+    assert "#   bash benchmarks/perf/gpu_run.sh gpu_results" in SCRIPT.read_text().splitlines()[:5]
     assert sampling.COMPILED_ROWS[0] == "base"
