@@ -227,7 +227,8 @@ def frozen_unet(size: BenchmarkSize, seed: int = 0) -> torch.nn.Module:
     """A UNet of ``size`` with seeded random weights, every parameter frozen, in eval mode, on ``size.device`` in
     ``size.dtype`` (built on the device itself: initialising SDXL's 2.6 B weights on the CPU takes a minute)."""
     device = torch.device(size.device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda_index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]):
         torch.manual_seed(seed)
         unet = unet_from_config(size.unet_config, device=device)
     unet.requires_grad_(False)

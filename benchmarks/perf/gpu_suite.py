@@ -340,9 +340,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
-    if not args.tiny:
-        torch.backends.cuda.matmul.allow_tf32 = True  # what diffusers' training scripts allow on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
     _quiet_libraries()
     log(f"gpu_suite: {args.part} (budget {args.budget:.0f} s) -> {out}")
     try:
