@@ -25,6 +25,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..checks import check_call_scale
 from ..tuners.base import ConfigError, FrozenAttention
 from ..tuners.fast_paths import fast_path_wanted
 
@@ -144,6 +145,23 @@ class OperationBank(TunerBank):
         return out
 
 
+def effective_delta(
+    tuner: nn.Module, placement: str, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dW, db)`` in float32 with ``branch(x) = dW x + db`` for a linear tuner at ``placement`` beside
+    ``y = W0 x + b0`` (unscaled): the tuner's own fold when parallel; ``dW W0`` and ``dW b0 + db`` when sequential,
+    since there it reads ``y``. Shared by fusing and by the LoRA export, so both fold the same delta."""
+    delta_w, delta_b = tuner.fold(weight, bias)
+    delta_w = delta_w.float()
+    delta_b = None if delta_b is None else delta_b.float()
+    if placement == "sequential":
+        # T(y) = dW (W0 x + b0) + db
+        seq_b = delta_w @ bias.float() if bias is not None else None
+        delta_b = seq_b if delta_b is None else (delta_b if seq_b is None else delta_b + seq_b)
+        delta_w = delta_w @ weight.float()
+    return delta_w, delta_b
+
+
 #: How a :class:`LinearBank` runs its branches (``LinearBank.path``): ``"branch"`` -- the frozen GEMM, then each
 #: tuner's ``T(x)`` added (the reference); ``"merged"`` -- one GEMM with ``W + sum_i s_i dW_i`` (and the biases),
 #: the deltas formed from the tuners' parameters once per call (see :func:`select_linear_path`); ``"auto"``.
@@ -248,31 +266,37 @@ class LinearBank(TunerBank):
         return linear.weight, linear.bias
 
     @torch.no_grad()
-    def fuse(self, linear: nn.Linear, names: list[str]) -> None:
-        """Fold ``W0 + sum s dW`` (and the biases) into ``linear``, always from the original W0 and b0."""
-        if self.original_weight is None:
-            self.original_weight = linear.weight.detach().clone()
-            self.original_bias = None if linear.bias is None else linear.bias.detach().clone()
-        weight = self.original_weight.float()
-        bias = None if self.original_bias is None else self.original_bias.float()
+    def plan_fuse(
+        self, linear: nn.Linear, names: list[str]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """``(fused names, new weight, new bias)`` in float32 that fusing ``names`` (beside the tuners already fused)
+        would write, computed from the original W0 and b0; nothing changes (``safe_fusing`` checks it first)."""
+        weight, bias = self.frozen_weight_and_bias(linear)
+        weight = weight.detach().float()
+        bias = None if bias is None else bias.detach().float()
         fused = [name for name, setting in self.settings.items() if setting.fused or name in names]
-        # Compute everything before changing the linear or the settings, so an error leaves both as they were.
         new_weight, new_bias = weight.clone(), None if bias is None else bias.clone()
         for name in fused:
             setting = self.settings[name]
-            delta_w, delta_b = self.tuners[name].fold(weight, bias)
-            delta_w = delta_w.float()
-            delta_b = None if delta_b is None else delta_b.float()
-            if setting.placement == "sequential":
-                # T(y) = dW (W0 x + b0) + db
-                seq_b = delta_w @ bias if bias is not None else None
-                delta_b = seq_b if delta_b is None else (delta_b if seq_b is None else delta_b + seq_b)
-                delta_w = delta_w @ weight
+            delta_w, delta_b = effective_delta(self.tuners[name], setting.placement, weight, bias)
             new_weight += setting.scale * delta_w
             if delta_b is not None:
                 if new_bias is None:
                     new_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
                 new_bias += setting.scale * delta_b
+        return fused, new_weight, new_bias
+
+    @torch.no_grad()
+    def fuse(
+        self, linear: nn.Linear, names: list[str], plan: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
+    ) -> None:
+        """Fold ``W0 + sum s dW`` (and the biases) into ``linear``, always from the original W0 and b0 (``plan``: what
+        :meth:`plan_fuse` returned for the same names, to write without computing it again)."""
+        # Compute everything before changing the linear or the settings, so an error leaves both as they were.
+        fused, new_weight, new_bias = self.plan_fuse(linear, names) if plan is None else plan
+        if self.original_weight is None:
+            self.original_weight = linear.weight.detach().clone()
+            self.original_bias = None if linear.bias is None else linear.bias.detach().clone()
         linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
         if new_bias is not None:
             if linear.bias is None:
@@ -291,10 +315,12 @@ class LinearBank(TunerBank):
         self._update_all_fused()
 
     @torch.no_grad()
-    def unfuse(self, linear: nn.Linear) -> None:
-        """Restore W0 and b0 exactly (and drop a bias that fusing added)."""
+    def unfuse(self, linear: nn.Linear, names: list[str] | None = None) -> None:
+        """Restore W0 and b0 exactly (and drop a bias that fusing added). With ``names``, only those tuners leave
+        the weight: the others stay fused, refolded from the original W0 and b0."""
         if self.original_weight is None:
             return
+        keep = [] if names is None else [n for n, s in self.settings.items() if s.fused and n not in names]
         linear.weight.data.copy_(self.original_weight)
         if self.added_bias:
             linear.bias = None  # nn.Linear registers "bias" as a parameter slot; None is how a bias-free one has it
@@ -305,6 +331,8 @@ class LinearBank(TunerBank):
         for setting in self.settings.values():
             setting.fused = False
         self._update_all_fused()
+        if keep:
+            self.fuse(linear, keep)
 
 
 # --- hooks (module-level functions: a deep-copied UNet keeps working, and removal finds them by identity) ---
@@ -372,6 +400,8 @@ class ResTunerAttnProcessor(nn.Module):
         # A per-call scale passed to the attention itself (the UNet's pre-hook sets ``bank.call_scale`` instead) goes
         # to the bank as an argument, not as state: nothing to restore afterwards, so no try/finally in the hot path.
         bank = self.bank
+        if res_tuner_scale is not None:  # only when the attention itself is given a scale (the UNet's hook checks its own)
+            check_call_scale(res_tuner_scale)
         if self.backend == "wrapped":
             if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
                 kwargs["temb"] = temb
