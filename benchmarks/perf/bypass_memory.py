@@ -334,7 +334,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="block_out_channels (default 64 128 256)")
     parser.add_argument("--layers-per-block", type=int, default=None, help="layers per block (default 2)")
     parser.add_argument("--latent-size", type=int, default=None, help="latent height = width (default 32)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 2)")
     parser.add_argument("--context-tokens", type=int, default=None, help="text context tokens (default 77)")
     parser.add_argument("--bypass-rank", type=int, default=16, help="rank of the bypass's lateral/vertical tuners")
     parser.add_argument("--bypass-up-rank", type=int, default=None, help="low-rank up convs (default: full 3x3 convs)")

@@ -7,10 +7,13 @@ placement and on/off state, and adds their branches to the frozen output. Three 
   frozen attention itself for the stock SDPA and xformers processors (so the frozen query is shared with the
   branches that need it), and otherwise wraps whatever processor it replaced, calling it unchanged.
 * a feed-forward (``ff``) -- the bank is a child module of the ``FeedForward`` and a forward hook adds branches;
-* a linear projection (``to_q`` ... ``to_out.0``, the ff's linears) -- likewise, on the ``nn.Linear``.
+* a linear projection (``to_q`` ... ``to_out.0``, the ff's linears) -- the bank is a child module of the
+  ``nn.Linear``, whose ``forward`` is replaced *on the instance* by :func:`linear_bank_forward`: it computes the
+  frozen projection itself, so that on a GPU it can run the frozen weight and every branch as one GEMM
+  (:func:`select_linear_path`), which a forward hook -- called after the frozen GEMM -- could not.
 
-Hooks, not wrapper modules, keep every frozen module where it was and of its own class: the UNet's state-dict
-keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` beside our branch.
+Hooks and instance attributes, not wrapper modules, keep every frozen module where it was and of its own class: the
+UNet's state-dict keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` beside our branch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..checks import check_call_scale
-from ..tuners.base import FrozenAttention
+from ..tuners.base import ConfigError, FrozenAttention
+from ..tuners.fast_paths import fast_path_wanted
 
 try:  # the frozen attention runs through xformers only where diffusers already chose it
     import xformers.ops as xformers_ops
@@ -159,6 +163,34 @@ def effective_delta(
     return delta_w, delta_b
 
 
+#: How a :class:`LinearBank` runs its branches (``LinearBank.path``): ``"branch"`` -- the frozen GEMM, then each
+#: tuner's ``T(x)`` added (the reference); ``"merged"`` -- one GEMM with ``W + sum_i s_i dW_i`` (and the biases),
+#: the deltas formed from the tuners' parameters once per call (see :func:`select_linear_path`); ``"auto"``.
+LINEAR_PATHS = ("auto", "branch", "merged")
+
+
+def select_linear_path(bank: LinearBank, x: torch.Tensor, branches: list[tuple[str, nn.Module, float, str]]) -> str:
+    """``"merged"`` or ``"branch"`` for one call of ``bank`` on ``x``.
+
+    ``bank.path`` forces one (``"merged"`` raises :class:`ConfigError` if a branch cannot merge). ``"auto"``
+    merges when every branch is parallel and its tuner says it can (``mergeable``: e.g. no dropout on its input
+    while training) and the fast paths are wanted -- on CUDA, or under ``forced_paths("fast")``: there one GEMM
+    with a d_out x d_in delta beats two passes over the activations and (SURM) float32 FFT spectra of every token.
+    On CPU the branches stay separate: the low-rank branch is cheaper than a second full-size weight gradient.
+    """
+    mergeable = all(placement == "parallel" and getattr(tuner, "mergeable", False) for _, tuner, _, placement in branches)
+    if bank.path == "auto":
+        return "merged" if mergeable and fast_path_wanted(x.device.type) else "branch"
+    if bank.path not in LINEAR_PATHS:
+        raise ConfigError(f"LinearBank.path={bank.path!r} is not allowed; choose one of {list(LINEAR_PATHS)}")
+    if bank.path == "merged" and not mergeable:
+        raise ConfigError(
+            f"{bank.layer_path}: path='merged' needs every active tuner parallel and mergeable (no input dropout "
+            "while training); set path='auto' or 'branch'"
+        )
+    return bank.path
+
+
 class LinearBank(TunerBank):
     """Branches beside a frozen ``y = W0 x + b0``; folds them into the weight on request.
 
@@ -168,6 +200,9 @@ class LinearBank(TunerBank):
     fuse and removed on unfuse, which restores the module exactly (``bias is None``, same state-dict keys).
     Fused tuners are skipped by the branch hook; a bank whose tuners are all fused returns at once.
     """
+
+    #: :data:`LINEAR_PATHS`; a class default, set on one bank to force its path.
+    path: str = "auto"
 
     def __init__(self, layer_path: str):
         super().__init__(layer_path)
@@ -189,6 +224,14 @@ class LinearBank(TunerBank):
     def _update_all_fused(self) -> None:
         self.all_fused = bool(self.settings) and all(setting.fused for setting in self.settings.values())
 
+    def forward_linear(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """The linear's output with every active branch: merged into one GEMM or added branch by branch
+        (:func:`select_linear_path`)."""
+        branches = self.active()
+        if branches and select_linear_path(self, x, branches) == "merged":
+            return self.merged_forward(x, linear, branches)
+        return self.add_branches(F.linear(x, linear.weight, linear.bias), x, linear)
+
     def add_branches(self, frozen_out: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         out = frozen_out
         weight, bias = self.frozen_weight_and_bias(linear)
@@ -196,6 +239,26 @@ class LinearBank(TunerBank):
             source = x if placement == "parallel" else frozen_out
             out = _add_scaled(out, tuner(source, weight, bias), scale)
         return out
+
+    def merged_forward(
+        self, x: torch.Tensor, linear: nn.Linear, branches: list[tuple[str, nn.Module, float, str]]
+    ) -> torch.Tensor:
+        """``F.linear(x, W + sum_i s_i dW_i, b + sum_i s_i db_i)``, ``(dW_i, db_i) = tuner_i.fold(W0, b0)`` formed
+        from the parameters in this call (so the gradient reaches them), summed in float32 onto the linear's
+        current weight (which holds any fused tuners), then cast to x's dtype -- the GEMM runs in the precision
+        the frozen one would (autocast's, under autocast)."""
+        weight0, bias0 = self.frozen_weight_and_bias(linear)
+        wide = torch.promote_types(linear.weight.dtype, torch.float32)  # float32, or float64 for a float64 model
+        weight = linear.weight.to(wide)
+        bias = None if linear.bias is None else linear.bias.to(wide)
+        for _, tuner, scale, _ in branches:
+            delta_w, delta_b = tuner.fold(weight0, bias0)
+            delta_w = delta_w.to(wide) if scale == 1.0 else scale * delta_w.to(wide)
+            weight = weight + delta_w
+            if delta_b is not None:
+                delta_b = delta_b.to(wide) if scale == 1.0 else scale * delta_b.to(wide)
+                bias = delta_b if bias is None else bias + delta_b
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def frozen_weight_and_bias(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W0 and b0: the weights as they were before any fuse (GLoRA is defined relative to them)."""
@@ -274,11 +337,13 @@ class LinearBank(TunerBank):
 
 
 # --- hooks (module-level functions: a deep-copied UNet keeps working, and removal finds them by identity) ---
-def linear_bank_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    bank: LinearBank = module.res_tuner_bank
-    if not len(bank) or bank.all_fused:
-        return output
-    return bank.add_branches(output, args[0], module)
+def linear_bank_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``module.forward`` of a linear with a bank (bound with ``functools.partial``): ``nn.Linear.forward`` when
+    nothing is to be added, else the bank's :meth:`LinearBank.forward_linear`."""
+    bank: LinearBank | None = getattr(module, "res_tuner_bank", None)
+    if bank is None or not len(bank) or bank.all_fused:
+        return F.linear(x, module.weight, module.bias)
+    return bank.forward_linear(x, module)
 
 
 def ff_bank_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
