@@ -75,7 +75,7 @@ def resolve_tuner_source(
         # hf_hub_download would retry for many seconds before saying the same thing
         raise ResTunerFileError(
             f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and it cannot be fetched "
-            f"as a Hugging Face Hub repo: {offline}. Pass the path of a local .safetensors file or training output "
+            f"from the Hugging Face Hub: offline ({offline}). Pass the path of a local .safetensors file or training output "
             "folder, or go online."
         )
     try:
