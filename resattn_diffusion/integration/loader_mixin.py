@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..checks import check_scale
-from ..tuners.base import ConfigError
-from ..hub import hub_unreachable_reason, in_hub_cache, looks_like_repo_id
+from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
 from ..config import ResTunerConfig
+from ..tuners.base import ConfigError
 from .inject import (
     ResTunerError,
     fuse_res_tuner,
@@ -69,15 +69,19 @@ def resolve_tuner_source(
     from huggingface_hub import constants, hf_hub_download
 
     filename = weight_name or WEIGHT_NAME
-    offline = hub_unreachable_reason()
-    cached = in_hub_cache(path, filename, hub_kwargs.get("cache_dir"), hub_kwargs.get("revision"), hub_kwargs.get("subfolder"))
-    if offline and not hub_kwargs.get("local_files_only") and not cached:
-        # hf_hub_download would retry for many seconds before saying the same thing
-        raise ResTunerFileError(
-            f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and it cannot be fetched "
-            f"from the Hugging Face Hub: offline ({offline}). Pass the path of a local .safetensors file or training output "
-            "folder, or go online."
-        )
+    if not hub_kwargs.get("local_files_only"):
+        # hf_hub_download would retry an unreachable Hub for many seconds before saying the same thing
+        subfolder = hub_kwargs.get("subfolder")
+        try:
+            check_pretrained_source(
+                path, "load_res_tuner", filename=f"{subfolder}/{filename}" if subfolder else filename,
+                cache_dir=hub_kwargs.get("cache_dir"), revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"),
+            )
+        except ModelSourceError as err:
+            raise ResTunerFileError(
+                f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and the Hugging Face "
+                f"Hub cannot provide it (offline, unreachable or no such repo): {err}"
+            ) from None
     try:
         return hf_hub_download(path, filename, **hub_kwargs), None
     except Exception as err:  # huggingface_hub raises a family of errors: offline, not found, gated, HTTP
@@ -225,13 +229,13 @@ class ResTunerLoaderMixin:
         """
         names = self._check_names(adapter_names)
         if len(set(names)) != len(names):
-            raise ValueError(f"set_res_tuners: adapter_names has duplicates: {names}")
+            raise ConfigError(f"set_res_tuners: adapter_names has duplicates: {names}")
         if weights is None:
             weights = [1.0] * len(names)
         elif isinstance(weights, (int, float, dict)):
             weights = [weights] * len(names)
         if len(weights) != len(names):
-            raise ValueError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} weight(s) {weights}")
+            raise ConfigError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} scale weight(s) {weights}")
         unet = self._res_tuner_unet
         # Expand and check every weight before any tuner changes.
         weights = [_expand_block_weights(unet, w, name) if isinstance(w, dict) else _check_weight(w) for w, name in zip(weights, names)]
@@ -329,9 +333,12 @@ class ResTunerLoaderMixin:
             raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
         if adapter_name is None:
             return loaded
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if not names:
-            raise ValueError("no adapter name given; pass a name or a list of names of loaded tuners")
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(name, str) for name in names):
+            raise ResTunerError(
+                f"adapter_name must be a loaded tuner's name, a non-empty list of names or None (all), got {adapter_name!r}"
+            )
+        names = list(names)
         missing = [name for name in names if name not in loaded]
         if missing:
             raise ResTunerError(f"no tuner named {missing[0]!r} is loaded; loaded tuners (adapter names): {loaded}")
