@@ -11,6 +11,7 @@ Python API::
 Command line: ``resattn-eval {generate,metrics,stats,all} ...`` (see :mod:`.cli`).
 """
 
+from .collapse import between_group_variance, label_entropy, per_group_accuracy, prompt_separation
 from .errors import EvaluationError, EvaluationWarning
 from .features import (
     CLIPEncoder,
@@ -91,4 +92,8 @@ __all__ = [
     "resize_bilinear_tf1",
     "save_reference_statistics",
     "write_reports",
+    "between_group_variance",
+    "label_entropy",
+    "per_group_accuracy",
+    "prompt_separation",
 ]
