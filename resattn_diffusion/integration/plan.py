@@ -11,10 +11,11 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from .inject import ResTunerError, find_layers, tuner_input_shape
+from .io import tuner_file_key
 
 
 def planned_tensor_shapes(unet: nn.Module, config: ResTunerConfig) -> dict[str, tuple[int, ...]]:
-    """File key (``<layer path>.<parameter>``, as :func:`~.io.tuner_state_dict` writes them) -> shape of every
+    """File key (:func:`~.io.tuner_file_key`, as :func:`~.io.tuner_state_dict` writes them) -> shape of every
     tensor of the tuner ``config`` puts on ``unet``. Raises ``ConfigError`` / ``ResTunerError`` like adding it."""
     modules: list[tuple[str, nn.Module]] = []
     with torch.device("meta"):
@@ -33,7 +34,9 @@ def planned_tensor_shapes(unet: nn.Module, config: ResTunerConfig) -> dict[str, 
                 shape = tuner_input_shape(layer.shape, layer.kind, config.placement)
                 params.validate_for(shape)
                 modules.append((layer.path, config.spec.module_cls(shape, params)))
-    return {f"{path}.{key}": tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()}
+    return {
+        tuner_file_key(path, key): tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()
+    }
 
 
 def own_parameter_count(unet: nn.Module) -> int:
