@@ -352,7 +352,7 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
                 if name not in bank.tuners:
                     continue
                 if isinstance(bank, LinearBank) and bank.settings[name].fused:
-                    unfuse_res_tuner(unet)
+                    bank.unfuse(owner, [name])  # other fused tuners of the layer stay fused
                 bank.remove(name)
                 if not len(bank):
                     _detach_bank(bank, owner)
@@ -468,9 +468,13 @@ def res_tuner_settings(unet: nn.Module) -> dict[str, dict[str, float | bool]]:
     return status
 
 
-def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None) -> None:
+def fuse_res_tuner(
+    unet: nn.Module, adapter_name: str | list[str] | None = None, safe_fusing: bool = False
+) -> None:
     """Fold linear tuners (Res-LoRA, GLoRA, SURM) into the frozen weights: zero inference cost. Raises, naming
-    them, for tuners that cannot fold (attention-side branches), before changing anything."""
+    them, for tuners that cannot fold (attention-side branches), before changing anything. With ``safe_fusing``
+    (as in diffusers' ``fuse_lora``) every fused weight is computed and checked first, and a NaN or inf anywhere
+    refuses the whole fuse, changing nothing."""
     state = _require_state(unet)
     names = _names(state, adapter_name)
     cannot = [n for n in names if state.configs[n].spec.kind != "linear"]
@@ -480,10 +484,21 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None)
             "into a weight; only linear tuners (res_lora, glora, surm_*) can be fused. Fuse the others' names only."
         )
     _refuse_disabled(unet, names)
+    plans = []
     for bank, owner in state.banks:
         present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
         if present and isinstance(bank, LinearBank):
-            bank.fuse(owner, present)
+            plan = bank.plan_fuse(owner, present) if safe_fusing else None
+            if plan is not None and not (
+                torch.isfinite(plan[1]).all() and (plan[2] is None or torch.isfinite(plan[2]).all())
+            ):
+                raise ResTunerError(
+                    f"fusing {present} into {bank.layer_path} gives NaN or inf weights (a diverged tuner or a huge "
+                    "scale); nothing was fused. Check the tuner's weights, or run it unfused."
+                )
+            plans.append((bank, owner, present, plan))
+    for bank, owner, present, plan in plans:
+        bank.fuse(owner, present, plan)
 
 
 def _refuse_disabled(unet: nn.Module, names: list[str]) -> None:
@@ -497,12 +512,38 @@ def _refuse_disabled(unet: nn.Module, names: list[str]) -> None:
         )
 
 
-def unfuse_res_tuner(unet: nn.Module) -> None:
-    """Restore every fused layer's original weights exactly; the tuners run as branches again."""
+def unfuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None) -> None:
+    """Restore the weights fused tuners changed, exactly; the tuners run as branches again. With
+    ``adapter_name``, only the named tuner(s) leave the weights; other fused tuners stay fused."""
     state = _require_state(unet)
+    names = None if adapter_name is None else _names(state, adapter_name)
     for bank, owner in state.banks:
         if isinstance(bank, LinearBank):
-            bank.unfuse(owner)
+            bank.unfuse(owner, names)
+
+
+def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[str, float]) -> None:
+    """Per-layer scales of one tuner: ``scales`` maps a module path prefix (``"down_blocks.1.attentions.0"``,
+    ``"mid_block"``) to the scale of every branch of the tuner under it; branches under no prefix keep their scale.
+    The longest matching prefix wins. Refused, changing nothing, if a fused branch would change."""
+    state = _require_state(unet)
+    _require_name(state, adapter_name)
+    if state.configs[adapter_name].spec.kind == "unet":
+        raise ResTunerError(f"tuner {adapter_name!r} is a side network over the whole UNet; it has one scale, not per-block ones")
+    changes = []
+    for bank, _ in state.banks:
+        setting = bank.settings.get(adapter_name)
+        if setting is None:
+            continue
+        prefixes = [p for p in scales if bank.layer_path == p or bank.layer_path.startswith(p + ".")]
+        if not prefixes:
+            continue
+        scale = float(scales[max(prefixes, key=len)])
+        if setting.fused and setting.scale != scale:
+            raise ResTunerError(f"tuner {adapter_name!r} is fused into the weights; unfuse it before changing its scales")
+        changes.append((setting, scale))
+    for setting, scale in changes:
+        setting.scale = scale
 
 
 def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
