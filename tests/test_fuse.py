@@ -7,14 +7,15 @@ tuner costs nothing at run time (its hook returns at once).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration.inject import get_state
 from resattn_diffusion.integration.processors import LinearBank
-from resattn_diffusion.testing import frozen_tiny_unet as frozen_unet, randomize_tuner as randomize, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_unet as frozen_unet
+from resattn_diffusion.testing import randomize_tuner as randomize
+from resattn_diffusion.testing import unet_inputs
 
 GLORA_CONFIGS = [
     "A=lora4,B=lora4,C=lora2,D=vector,E=vector",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import resattn_diffusion as rd
-from resattn_diffusion.testing import frozen_tiny_unet as _frozen_unet, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_unet as _frozen_unet
+from resattn_diffusion.testing import unet_inputs
 
 KINDS = ("sd1", "sd2", "sdxl")
 LAYER_TUNERS = [n for n in rd.tuner_names() if rd.get_tuner_spec(n).kind != "unet"]
@@ -187,7 +187,7 @@ def test_summary_counts_match_the_formulas():
     unet = _frozen_unet("sd1")
     rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_attn", rank=8, heads=2, targets=["attn2"]))
     expected = 0
-    for path, block in rd.integration.inject.transformer_blocks(unet):
+    for _, block in rd.integration.inject.transformer_blocks(unet):
         a = block.attn2
         d, dc, dout = a.to_q.in_features, a.to_k.in_features, a.to_out[0].out_features
         expected += 8 * (d + 2 * dc + dout)

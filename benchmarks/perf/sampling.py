@@ -12,7 +12,8 @@ Run alone: ``python -m benchmarks.perf.sampling [--tiny] [--repeats N] [--thread
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

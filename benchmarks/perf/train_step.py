@@ -22,8 +22,9 @@ Run alone: ``python -m benchmarks.perf.train_step [--tiny] [--repeats N] [--thre
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

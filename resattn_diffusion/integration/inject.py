@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import re
 import socket
-from urllib.parse import urlparse
-from typing import Any, Mapping
-
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn

@@ -15,12 +15,13 @@ keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` bes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..checks import check_call_scale
 from ..tuners.base import FrozenAttention

@@ -35,13 +35,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from .base import ConfigError
-
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
