@@ -244,8 +244,8 @@ def _config_variants(config: dict[str, Any], common: bool = True) -> list[tuple[
     wrong_types = [5, 1.5, None, True, [], {}, [5], {"a": 1}, "x", [[["deep"]]]]
     for field in ("tuner", "targets", "blocks", "projections", "placement") if common else ():
         for value in wrong_types:
-            if field == "blocks" and value is None:
-                continue  # None is every block: valid
+            if field in ("blocks", "targets", "projections") and value is None:
+                continue  # None is every block / the model family's default targets and projections: valid
             if field == "projections" and config["tuner"] not in ("res_lora", "glora", "surm_circulant") and value in ([], {}):
                 continue  # projections are unused by operation tuners: an empty list is valid there
             out.append((f"{field}={value!r}", field[:-1] if field.endswith("s") else field, {**config, field: value}))

@@ -419,6 +419,8 @@ class GLoRA(LinearTuner):
     """
 
     supports_sequential: ClassVar[bool] = False
+    #: ``fold`` is differentiable in every support tensor: the GPU fast path runs ``W0 + T`` as one GEMM.
+    mergeable: ClassVar[bool] = True
 
     def __init__(
         self,
