@@ -3,7 +3,6 @@ Flux transformers (issue 17): one test, parametrised over model families."""
 
 from __future__ import annotations
 
-
 import functools
 
 import pytest
@@ -14,10 +13,12 @@ from resattn_diffusion.integration.families import family_of
 from resattn_diffusion.testing import (
     TRANSFORMER_KINDS,
     frozen_tiny_model,
-    frozen_tiny_unet as _frozen_unet,
     model_inputs,
     present_targets,
     unet_inputs,
+)
+from resattn_diffusion.testing import (
+    frozen_tiny_unet as _frozen_unet,
 )
 
 KINDS = ("sd1", "sd2", "sdxl")

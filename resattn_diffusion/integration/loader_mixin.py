@@ -11,19 +11,17 @@ it was (same processors, same outputs).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
-
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from ..checks import check_scale
-from ..tuners.base import ConfigError
-from ..hub import hub_unreachable_reason, in_hub_cache, looks_like_repo_id
 from ..config import ResTunerConfig
+from ..hub import hub_unreachable_reason, in_hub_cache, looks_like_repo_id
+from ..tuners.base import ConfigError
 from .inject import (
     ResTunerError,
     fuse_res_tuner,

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from .families import family_of
+from .io import tuner_file_key
 from .kinds import kind_of
 from .state import ResTunerError
 
@@ -22,7 +23,9 @@ def planned_tensor_shapes(unet: nn.Module, config: ResTunerConfig) -> dict[str, 
     family.check_kind(config)
     with torch.device("meta"):
         modules = kind_of(config).plan(unet, family, config)
-    return {f"{path}.{key}": tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()}
+    return {
+        tuner_file_key(path, key): tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()
+    }
 
 
 def own_parameter_count(unet: nn.Module) -> int:

@@ -19,6 +19,7 @@ UNet's state-dict keys do not change, and peft/diffusers LoRA can still find and
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 

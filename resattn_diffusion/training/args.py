@@ -28,10 +28,8 @@ import torch
 from diffusers.optimization import SchedulerType
 
 from ..config import PLACEMENTS, ResTunerConfig
-from ..registry import known_projections, known_targets
-from ..registry import get_tuner_spec, tuner_names
 from ..integration.inject import ResTunerError
-from ..registry import get_tuner_spec, tuner_names
+from ..registry import get_tuner_spec, known_projections, known_targets, tuner_names
 from ..tuners.base import ConfigError
 from .user_flags import SECRET_FLAGS, add_user_flags, check_user_flags
 
@@ -92,13 +90,21 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--tuner_arg", type=str, nargs="+", action="extend", default=None, metavar="KEY=VALUE",
         help="Any hyperparameter of the tuner, e.g. --tuner_arg activation=relu prefix_length=16 (repeatable).",
     )
-    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=known_targets(), help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).")
+    tuner.add_argument(
+        "--targets", type=str, nargs="+", default=None, choices=known_targets(),
+        help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).",
+    )
     tuner.add_argument(
         "--blocks", type=str, nargs="+", default=None,
         help="Glob patterns of transformer blocks, e.g. 'up_blocks.*' mid_block (default: every block).",
     )
-    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=known_projections(), help="Linear tuners: projections that get a branch (default: all the model has).")
-    tuner.add_argument("--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.")
+    tuner.add_argument(
+        "--projections", type=str, nargs="+", default=None, choices=known_projections(),
+        help="Linear tuners: projections that get a branch (default: all the model has).",
+    )
+    tuner.add_argument(
+        "--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.",
+    )
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
     tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
 

@@ -36,7 +36,6 @@ import abc
 import contextlib
 import math
 from collections.abc import Iterator
-
 from typing import ClassVar
 
 import torch
