@@ -13,8 +13,8 @@ import os
 import stat
 import struct
 import tempfile
-from pathlib import Path
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,7 +98,13 @@ def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) 
 
 def _check_weight_name(weight_name: Any) -> None:
     """A file name inside the folder: no separators or '..' (an absolute or relative path would leave the folder)."""
-    if not isinstance(weight_name, str) or not weight_name or weight_name in (".", "..") or os.path.basename(weight_name) != weight_name or (os.altsep and os.altsep in weight_name):
+    if (
+        not isinstance(weight_name, str)
+        or not weight_name
+        or weight_name in (".", "..")
+        or os.path.basename(weight_name) != weight_name
+        or (os.altsep and os.altsep in weight_name)
+    ):
         raise ResTunerFileError(
             f"weight_name must be the name of a file inside the folder (like {WEIGHT_NAME!r}, no '/' or '..'), got {weight_name!r}"
         )

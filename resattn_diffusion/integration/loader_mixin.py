@@ -11,16 +11,16 @@ it was (same processors, same outputs).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
-
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..checks import check_scale
-from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
 from ..config import ResTunerConfig
+from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
 from ..tuners.base import ConfigError
 from .inject import (
     ResTunerError,

@@ -19,12 +19,13 @@ UNet's state-dict keys do not change, and peft/diffusers LoRA can still find and
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..checks import check_call_scale
 from ..tuners.base import ConfigError, FrozenAttention
@@ -42,6 +43,14 @@ SCALE_KWARG = "res_tuner_scale"
 
 @dataclass
 class TunerSetting:
+    """How one named tuner's branch is added beside one operation: scale, placement, enabled, fused.
+
+    Hot path: nothing here runs per call. Assigning any field calls ``on_change`` (the bank's
+    ``_settings_changed``), which drops the bank's cached list of branches; the next call rebuilds that list once
+    (:meth:`TunerBank.active`). A per-call scale (``cross_attention_kwargs["res_tuner_scale"]``) never writes
+    here, so it invalidates nothing.
+    """
+
     scale: float = 1.0
     placement: str = "parallel"
     enabled: bool = True
@@ -132,6 +141,15 @@ class OperationBank(TunerBank):
         frozen: FrozenAttention | None,
         call_scale: float | dict[str, float] | None = None,
     ) -> torch.Tensor:
+        """``frozen_out + sum_i s_i T_i(...)`` over the running branches: ``T_i(x, context, frozen)`` when parallel,
+        ``T_i(frozen_out, context, ...)`` when sequential (U-Tuning).
+
+        Hot path, per call: one look-up of the running branches (cached by :meth:`TunerBank.active` until a tuner
+        or a :class:`TunerSetting` changes; a per-call scale filters that cached list instead), then per branch
+        the tuner's forward and one add (no multiply at scale 1). ``frozen`` carries the frozen projections and
+        query the processor already computed, so a branch does not recompute them; for sequential branches a
+        query-less copy is made once per call (they read the operation's output, not ``x``).
+        """
         out = frozen_out
         sequential_frozen = None
         for _, tuner, scale, placement in self.active(call_scale):
@@ -413,9 +431,7 @@ class ResTunerAttnProcessor(nn.Module):
             if attn.norm_cross and context is not None:
                 context = attn.norm_encoder_hidden_states(context)
         else:
-            frozen_out, query, context = self._frozen_attention(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb
-            )
+            frozen_out, query, context = self._frozen_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
         if not len(bank):
             return frozen_out
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
@@ -428,24 +444,21 @@ class ResTunerAttnProcessor(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        temb: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """diffusers' stock attention (AttnProcessor2_0 / XFormersAttnProcessor). Also returns what the branches
-        reuse instead of computing again: the frozen query and the (normalised) context, None for self-attention."""
+        reuse instead of computing again: the frozen query and the (normalised) context, None for self-attention.
+
+        Only the attentions of transformer blocks get this processor: their input is always (B, N, d) and they have
+        no spatial norm (the VAE's attention, which has both, never gets one), so those paths of the stock
+        processor are left out."""
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         batch_size, key_tokens, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
         # The branches may only reuse the query when they see the same input as the frozen attention.
-        shared_query = query if (input_ndim == 3 and attn.spatial_norm is None and attn.group_norm is None) else None
+        shared_query = query if attn.group_norm is None else None
         if encoder_hidden_states is None:
             branch_context = None
             encoder_hidden_states = hidden_states
@@ -483,8 +496,6 @@ class ResTunerAttnProcessor(nn.Module):
             out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
         out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             out = out + residual
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)

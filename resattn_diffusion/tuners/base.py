@@ -18,12 +18,13 @@ gate, is zero), and a non-zero gradient on that factor at the first step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class ConfigError(ValueError):
@@ -219,7 +220,7 @@ class TunerParams:
     def validate_for(self, shape: OpShape) -> None:
         return None
 
-    def for_layer(self, layer_path: str) -> "TunerParams":
+    def for_layer(self, layer_path: str) -> TunerParams:
         """The hyperparameters for one layer (tuners with per-layer settings, e.g. GLoRA, override this)."""
         return self
 

@@ -35,8 +35,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from typing import Iterator
-
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -45,7 +44,6 @@ from torch import nn
 
 from .base import ConfigError
 from .fast_paths import fast_path_wanted, forced_path
-
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 

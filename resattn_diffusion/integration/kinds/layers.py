@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import torch
 from torch import nn
