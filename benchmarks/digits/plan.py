@@ -37,7 +37,7 @@ class Case:
     """What all runs of one benchmark share; part of every result file, and the name of their folder."""
 
     heldout: int = 9
-    style: str = "mirrored"
+    style: str = "rotated"
     dreambooth_steps: int = 200
     style_steps: int = 400
     samples: int = 32
@@ -193,8 +193,10 @@ def make_plan(tasks: Sequence[str], methods: Sequence[Method], seeds: Sequence[i
                 continue
             eval_runs += [spec for seed in wanted_seeds
                           if (spec := RunSpec(task, method.name, state.chosen, seed, "eval")).key not in finished]
-    # sweeps first (they unlock evaluation runs), then evaluation seed by seed so partial results cover every method
-    pending += sweep_runs + sorted(eval_runs, key=lambda spec: (spec.seed, spec.task))
+    # the headline comparison first (res_attn, peft_lora, full_finetune: a partial benchmark still answers it),
+    # sweeps before evaluation (they unlock it), evaluation seed by seed so partial results cover every method
+    pending += sorted(sweep_runs + eval_runs, key=lambda spec: (
+        spec.method not in HEADLINE_METHODS, spec.role != "sweep", spec.seed, spec.task))
     return Plan(sweeps, pending, unresolved, finished)
 
 

@@ -220,7 +220,7 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
     remaining = len(plan.pending) + plan.unresolved_eval_runs
     command = "python -m benchmarks.digits.run_benchmark --workers N" + (
         f" --heldout {case.heldout}" if case.heldout != 9 else "") + (
-        f" --style {case.style}" if case.style != "mirrored" else "")
+        f" --style {case.style}" if case.style != Case.style else "")
     text = [
         f"# Digits benchmark: held-out digit {case.heldout}, style `{case.style}`",
         "",

@@ -17,9 +17,10 @@ classifier (:func:`~benchmarks.digits.classifier.load_digit_classifier`). Metric
   identifier and the nine seen digits), against the real digits grouped by label: 0 when every prompt gives the
   same image, about 1 when prompts differ as real digits do.
 
-**Task B, style** (:class:`StyleTask`): a style the base never saw (``mirrored`` by default; any of
+**Task B, style** (:class:`StyleTask`): a style the base never saw (``rotated`` by default; any of
 :data:`~benchmarks.digits.data.STYLES`) learned from a few hundred captioned styled digits of the seen classes
-("a photo of digit seven in mirrored style"). Judge: the style-aware classifier
+("a photo of digit seven in rotated style"). The default is a geometric style whose presence can be judged on every
+digit: a mirrored 0, 1 or 8 is a plain one, so ``mirrored`` caps the style accuracy of well-drawn symmetric digits. Judge: the style-aware classifier
 (:func:`~benchmarks.digits.classifier.load_style_classifier`), which names the digit whatever the style (>= 0.95
 on real styled test digits for every style) and the style itself. Metrics, on samples of that caption for every
 seen digit:
@@ -67,7 +68,7 @@ from benchmarks.digits.evaluate_base import (
 )
 
 TASKS: tuple[str, ...] = ("dreambooth", "style")
-DEFAULT_STYLE = "mirrored"
+DEFAULT_STYLE = "rotated"
 INSTANCE_PROMPT = "a photo of sks digit"
 CLASS_PROMPT = "a photo of digit"
 STYLE_TEMPLATE = "a photo of digit {name} in {style} style"
