@@ -204,3 +204,15 @@ def test_sweep_score_rewards_the_styled_digit_over_ignoring_the_style():
     assert sweep_score("style", learned) > max(sweep_score("style", ignored), sweep_score("style", blob))
     assert sweep_score("dreambooth", {"subject_fidelity": 0.9, "prior_retention": 0.9, "subject_fd": 5}) > sweep_score(
         "dreambooth", {"subject_fidelity": 1.0, "prior_retention": 0.5, "subject_fd": 2})
+
+
+def test_style_classifier_round_trip_keeps_its_style_head(tmp_path, style_classifier):
+    from benchmarks.digits.classifier import save_digit_classifier
+
+    save_digit_classifier(style_classifier, tmp_path / "clf")
+    reloaded = load_style_classifier(tmp_path / "clf")
+    images = load_digits_split("test").first(16).styled("outline").images
+    assert reloaded.predict_style(images) == style_classifier.predict_style(images)
+    save_digit_classifier(load_digit_classifier(), tmp_path / "plain")
+    with pytest.raises(ValueError, match="no style head"):
+        load_style_classifier(tmp_path / "plain")

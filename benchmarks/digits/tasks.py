@@ -233,7 +233,7 @@ class DreamBoothTask:
         if grid is not None:
             columns = min(12, samples)
             rows = [subject[:columns], class_samples[:columns]] + [seen[d][:columns] for d in digits]
-            save_image_grid(rows, grid, ["sks", "cls"] + [str(d) for d in digits], zoom=2)
+            save_image_grid(rows, grid, ["sks", "cls"] + [str(d) for d in digits], zoom=2, mode="L")
         if keep_samples:
             metrics["_samples"] = {"subject": subject, "seen": seen, "class": class_samples}
         return metrics
@@ -300,7 +300,7 @@ class StyleTask:
         metrics = self.score(generated, classifier)
         metrics["style_samples"] = int(per_digit * len(digits))
         if grid is not None:
-            save_image_grid([generated[d][:12] for d in digits], grid, [str(d) for d in digits], zoom=2)
+            save_image_grid([generated[d][:12] for d in digits], grid, [str(d) for d in digits], zoom=2, mode="L")
         if keep_samples:
             metrics["_samples"] = generated
         return metrics
