@@ -5,8 +5,8 @@ process, one thread). A run writes three files named by its key (:class:`benchma
 case's folder, and nothing else survives it (the trained weights go to a scratch folder that is removed):
 
 * ``<key>.json`` -- self-contained: the case, task, method (name, family, flags), learning rate, seed, role, every
-  metric, the trainable parameters, the seconds per optimizer step (from the training core's
-  ``train_stats.json``), wall seconds, memory, the machine. Written last and atomically, so a file that exists is
+  metric, the trainable parameters, the seconds per optimizer step (from ``train_stats.json``,
+  :mod:`benchmarks.peers.train`), wall seconds, memory, the machine. Written last and atomically, so a file that exists is
   a finished run, and files from several machines merge by copying;
 * ``<key>.png`` -- the sample grid the metrics were computed on (rows: see the task's ``evaluate``);
 * ``<key>.log`` -- the run's output.
@@ -82,7 +82,7 @@ def prepare_class_images(task, folders: dict[str, Path], base_model: Path, seed:
         return
     from accelerate import Accelerator
 
-    from resattn_diffusion.training import parse_args
+    from benchmarks.peers.train import parse_args
     from resattn_diffusion.training.prior import generate_class_images
 
     argv = training_argv(task, [], folders, folders["class_dir"].parent / "unused", 1e-4, 1, seed, base_model)
@@ -122,7 +122,8 @@ def execute(spec, case, folder: Path, data_dir: Path = DEFAULT_DATA_DIR, base_mo
     from benchmarks.digits.methods import method_by_name
     from benchmarks.digits.plan import BASE
     from benchmarks.digits.tasks import make_task
-    from resattn_diffusion.training import load_tuned_pipeline, parse_args, train
+    from benchmarks.peers.train import parse_args, train
+    from benchmarks.peers.trainables import load_tuned_pipeline
 
     wall_start = time.perf_counter()
     folder = Path(folder)
