@@ -28,6 +28,9 @@ from typing import Iterable, Sequence
 from benchmarks.digits.methods import HEADLINE_METHODS, INITIAL_SWEEP, RATE_LADDER, Method
 
 BASE = "base"
+#: the version of the metrics a result file holds; files of another version are not this benchmark's results (they
+#: are ignored and their runs made again)
+RESULT_VERSION = 2
 #: seconds per run assumed before any run of that kind has finished (one thread, measured on the 2-core machine)
 DEFAULT_RUN_SECONDS: dict[str, float] = {"dreambooth": 25.0, "style": 35.0}
 
@@ -216,7 +219,7 @@ def read_finished(folder: Path, case: Case, cache: dict[Path, dict] | None = Non
             except (OSError, json.JSONDecodeError):
                 continue  # a file being copied in: read it next time
         record = cache[path]
-        if record.get("case") == asdict(case):
+        if isinstance(record, dict) and record.get("case") == asdict(case) and record.get("version") == RESULT_VERSION:
             finished[path.stem] = record
     return finished
 
