@@ -22,7 +22,8 @@ from .features import (
     images_to_tensor,
 )
 from .generate import GenerationResult, generate_images, image_file_name, load_pipeline
-from .images import IMAGE_EXTENSIONS, MANIFEST_NAME, list_images, load_image, read_manifest, read_prompts
+from ..images import IMAGE_EXTENSIONS
+from .images import MANIFEST_NAME, list_images, load_image, read_manifest, read_prompts
 from .inception import (
     FID_WEIGHTS_NAME,
     FID_WEIGHTS_URL,

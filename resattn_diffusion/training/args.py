@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import typing
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import torch
 from diffusers.optimization import SchedulerType
 
-from ..config import PLACEMENTS, PROJECTIONS, TARGETS, ResTunerConfig
+from ..config import PLACEMENTS, ResTunerConfig
+from ..registry import known_projections, known_targets
 from ..registry import get_tuner_spec, tuner_names
+from ..integration.inject import ResTunerError
 from ..tuners.base import ConfigError
+from .user_flags import SECRET_FLAGS, add_user_flags, check_user_flags
 
 Task = Literal["dreambooth", "text2img"]
 TASKS: tuple[str, ...] = ("dreambooth", "text2img")
@@ -84,12 +90,12 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--tuner_arg", type=str, nargs="+", action="extend", default=None, metavar="KEY=VALUE",
         help="Any hyperparameter of the tuner, e.g. --tuner_arg activation=relu prefix_length=16 (repeatable).",
     )
-    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=TARGETS, help="Operations that get a branch (default: attn1 attn2).")
+    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=known_targets(), help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).")
     tuner.add_argument(
         "--blocks", type=str, nargs="+", default=None,
         help="Glob patterns of transformer blocks, e.g. 'up_blocks.*' mid_block (default: every block).",
     )
-    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=PROJECTIONS, help="Linear tuners: projections that get a branch (default: all).")
+    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=known_projections(), help="Linear tuners: projections that get a branch (default: all the model has).")
     tuner.add_argument("--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.")
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
     tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
@@ -178,6 +184,7 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     val.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all, or none.")
     val.add_argument("--logging_dir", type=str, default="logs", help="Logs folder, relative to --output_dir.")
     val.add_argument("--tracker_project_name", type=str, default=f"res-tuner-{task}", help="Project name of the trackers.")
+    add_user_flags(parser)
     return parser
 
 
@@ -193,9 +200,12 @@ def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namesp
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks of :func:`parse_args` on parsed ``args`` (for a parser that extends :func:`build_parser`)."""
     task = args.task
+    check_finite_flags(parser, args)
+    check_mixed_precision(parser, args)
     try:
-        tuner_config_from_args(args)
-    except (ConfigError, OSError) as err:
+        config = tuner_config_from_args(args)
+        check_tuner_fits_model(args, config)
+    except (ConfigError, ResTunerError, OSError) as err:
         parser.error(f"bad tuner settings: {err}")
 
     positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "num_validation_images"]
@@ -217,10 +227,61 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error("give exactly one of --dataset_name (a datasets name or path) or --train_data_dir (a folder of images)")
         if not 0.0 <= args.caption_dropout <= 1.0:
             parser.error(f"--caption_dropout is a probability in [0, 1], got {args.caption_dropout}")
+    check_user_flags(parser, args)
     report_to = [name.strip() for name in args.report_to.split(",")]
     unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
     if unknown:
         parser.error(f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none")
+
+
+def check_finite_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every number flag is finite: ``--learning_rate nan`` would train on NaN and fail later, blaming the model."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{action.option_strings[0]} must be a finite number, got {value}")
+
+
+def fp16_device_available() -> bool:
+    """Whether this machine has an accelerator that runs float16 (CUDA/ROCm, XPU or Apple MPS)."""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool(
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or (mps is not None and mps.is_available())
+    )
+
+
+#: Why fp16 is refused on a CPU, in one place for the flag check and the training loop (accelerate's own config).
+FP16_ON_CPU = (
+    "mixed precision fp16 needs a GPU, and this machine has none: on a CPU float16 weights meet the float32 inputs "
+    "of the tuners and training fails. Use --mixed_precision bf16 (the CPU's half precision) or --mixed_precision no"
+)
+
+
+def check_mixed_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.mixed_precision == "fp16" and not fp16_device_available():
+        parser.error(FP16_ON_CPU)
+
+
+def check_tuner_fits_model(args: argparse.Namespace, config: ResTunerConfig) -> None:
+    """Refuse a tuner bigger than its model before anything is loaded (``--rank 1000000``): the UNet of a local
+    model folder is built from its ``unet/config.json`` on the meta device (no weights read), and the tuner is
+    planned on it there. A Hub id is checked the same way once the UNet is loaded, still before allocation."""
+    config_file = Path(args.pretrained_model_name_or_path) / "unet" / "config.json"
+    if not config_file.is_file():
+        return
+    from diffusers import UNet2DConditionModel
+
+    from ..integration.plan import check_tuner_size
+
+    unet_config = UNet2DConditionModel.load_config(str(config_file.parent))
+    if unet_config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        return  # another model family: its own loader checks it
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    check_tuner_size(unet, config)
 
 
 # --- the tuner config ------------------------------------------------------------------------------------------
@@ -304,4 +365,8 @@ def _parse_hyperparameter(tuner: str, key: str, text: str) -> Any:
 
 def args_to_json(args: argparse.Namespace) -> dict[str, Any]:
     """The run's arguments as plain JSON values (written to ``output_dir/args.json``)."""
-    return {key: value for key, value in sorted(vars(args).items()) if isinstance(value, (str, int, float, bool, list, type(None)))}
+    return {
+        key: value
+        for key, value in sorted(vars(args).items())
+        if isinstance(value, (str, int, float, bool, list, type(None))) and key not in SECRET_FLAGS
+    }

@@ -153,9 +153,15 @@ class BaseModel:
         """SDXL's ``added_cond_kwargs``: pooled text embedding and (original size, crop top-left, target size)."""
         if not self.sdxl:
             return None
-        target = torch.tensor([resolution, resolution]).expand(len(batch["original_sizes"]), 2)
-        time_ids = torch.cat([batch["original_sizes"].cpu(), batch["crop_top_lefts"].cpu(), target], dim=1)
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution)
         return {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(device=pooled.device, dtype=dtype)}
+
+
+def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, resolution: int) -> torch.Tensor:
+    """SDXL's six size/crop conditions per image, (batch, 6) on the CPU: original (height, width), the crop's
+    top-left (top, left), and the target size (``resolution``, ``resolution``)."""
+    target = torch.tensor([resolution, resolution]).expand(len(original_sizes), 2)
+    return torch.cat([original_sizes.cpu(), crop_top_lefts.cpu(), target.to(original_sizes.dtype)], dim=1)
 
 
 def move(module: nn.Module, device: torch.device | None, dtype: torch.dtype) -> None:
