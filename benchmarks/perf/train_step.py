@@ -289,6 +289,8 @@ def run(
     log(f"train_step: timing {len(steps)} cases x {size.repeats} interleaved rounds")
     clock = clock or default_clock()
     errors: dict[str, str] = {}
+    if checkpoint is not None:  # the rows as built (parameter counts, build errors), should the timing be killed
+        checkpoint(_result(size, clock, cases, {}, {}, errors))
     timings = interleaved_timings(
         steps,
         size.repeats,
