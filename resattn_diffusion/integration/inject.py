@@ -21,6 +21,7 @@ from .processors import (
     ff_bank_hook,
     linear_bank_hook,
 )
+from .fusion import resolve_others
 
 #: The attribute on the UNet that holds its tuners' state (a plain object, not a module).
 STATE_ATTR = "_res_tuner_state"
@@ -251,6 +252,13 @@ def _bank_for(layer: Layer) -> tuple[TunerBank, nn.Module]:
     return bank, module
 
 
+def _bind_linear_parent(unet: nn.Module, bank: LinearBank) -> None:
+    """Tell a linear bank the module holding its projection: where diffusers' LoRA puts a peft wrapper whose merges
+    the bank must see (``fuse_lora`` writes into the same weight)."""
+    parent_path = bank.layer_path.rsplit(".", 1)[0]
+    bank.bind_parent(unet.get_submodule(parent_path) if parent_path != bank.layer_path else unet)
+
+
 def _detach_bank(bank: TunerBank, owner: nn.Module) -> None:
     """Put the frozen module back exactly as it was once its bank is empty."""
     processor = getattr(owner, "processor", None)
@@ -318,6 +326,8 @@ def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "
     state = _ensure_state(unet)
     for layer, tuner in built:
         bank, owner = _bank_for(layer)
+        if isinstance(bank, LinearBank) and bank.parent_module is None:
+            _bind_linear_parent(unet, bank)
         bank.add(adapter_name, tuner, config.scale, config.placement)
         if not any(b is bank for b, _ in state.banks):
             state.banks.append((bank, owner))
@@ -330,6 +340,9 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
     processors and the UNet's outputs are restored exactly."""
     state = _require_state(unet)
     names = list(state.configs) if adapter_name is None else [_require_name(state, adapter_name)]
+    fused = [name for name in names if any(name in bank.fused_names() for bank, _ in _linear_banks(state))]
+    if fused:
+        unfuse_res_tuner(unet, fused)  # refuses, changing nothing, where the weights cannot be restored exactly
     for name in names:
         config = state.configs[name]
         if config.spec.kind == "unet":
@@ -340,8 +353,6 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
             for bank, owner in list(state.banks):
                 if name not in bank.tuners:
                     continue
-                if isinstance(bank, LinearBank) and bank.settings[name].fused:
-                    unfuse_res_tuner(unet)
                 bank.remove(name)
                 if not len(bank):
                     _detach_bank(bank, owner)
@@ -449,9 +460,17 @@ def res_tuner_settings(unet: nn.Module) -> dict[str, dict[str, float | bool]]:
     return status
 
 
+def _linear_banks(state: ResTunerState) -> list[tuple[LinearBank, nn.Module]]:
+    return [(bank, owner) for bank, owner in state.banks if isinstance(bank, LinearBank)]
+
+
 def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None) -> None:
     """Fold linear tuners (Res-LoRA, GLoRA, SURM) into the frozen weights: zero inference cost. Raises, naming
-    them, for tuners that cannot fold (attention-side branches), before changing anything."""
+    them, for tuners that cannot fold (attention-side branches), before changing anything.
+
+    Composes with a diffusers LoRA (``pipe.load_lora_weights`` / ``fuse_lora`` / ``unfuse_lora``) in any order: the
+    tuners fold from the base weight W0 (without the LoRA's delta) and unfusing removes exactly what fusing added.
+    An order that cannot be made exact (see :mod:`.fusion`) is refused, changing nothing."""
     state = _require_state(unet)
     names = _names(state, adapter_name)
     cannot = [n for n in names if state.configs[n].spec.kind != "linear"]
@@ -460,18 +479,35 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None)
             f"tuner(s) {cannot} ({', '.join(state.configs[n].tuner for n in cannot)}) add a branch that does not fold "
             "into a weight; only linear tuners (res_lora, glora, surm_*) can be fused. Fuse the others' names only."
         )
-    for bank, owner in state.banks:
+    plans = []
+    for bank, owner in _linear_banks(state):  # check every layer before changing any
         present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
-        if present and isinstance(bank, LinearBank):
-            bank.fuse(owner, present)
+        if present:
+            keep = bank.fused_names() + [n for n in present if n not in bank.fused_names()]
+            plans.append((bank, owner, resolve_others(bank, owner, action="fuse_res_tuner"), keep))
+    for bank, owner, others, keep in plans:
+        bank.apply_fused(owner, others, keep)
 
 
-def unfuse_res_tuner(unet: nn.Module) -> None:
-    """Restore every fused layer's original weights exactly; the tuners run as branches again."""
+def unfuse_res_tuner(
+    unet: nn.Module, adapter_name: str | list[str] | None = None, accept_changed_weights: bool = False
+) -> None:
+    """Unfold the named fused tuners (all when None): they run as branches again and the weights are what the rest
+    of the model makes them (bit for bit the original ones when nothing else was folded in between).
+
+    Refused, changing nothing, when a weight was changed while fused by something other than diffusers'
+    ``fuse_lora``/``unfuse_lora`` (e.g. ``unload_lora_weights()`` of a LoRA loaded and fused after the tuner was
+    fused). ``accept_changed_weights=True`` then subtracts exactly the tuners' delta and keeps the other change."""
     state = _require_state(unet)
-    for bank, owner in state.banks:
-        if isinstance(bank, LinearBank):
-            bank.unfuse(owner)
+    names = set(_names(state, adapter_name))
+    plans = []
+    for bank, owner in _linear_banks(state):  # check every layer before changing any
+        fused = bank.fused_names()
+        if any(name in names for name in fused):
+            others = resolve_others(bank, owner, accept_changed_weights, action="unfuse_res_tuner")
+            plans.append((bank, owner, others, [name for name in fused if name not in names]))
+    for bank, owner, others, keep in plans:
+        bank.apply_fused(owner, others, keep)
 
 
 def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:

@@ -29,6 +29,7 @@ from ..integration.inject import format_summary, res_tuner_summary
 from .args import args_to_json, tuner_config_from_args
 from .checkpoint import (
     check_checkpoint_matches,
+    check_random_states,
     list_checkpoints,
     read_training_state,
     register_tuner_checkpoint_hooks,
@@ -89,6 +90,8 @@ def train(args: Namespace) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     configure_logging(accelerator)
+    if resume_folder is not None:  # before the model loads: a refused resume should cost nothing
+        check_random_states(resume_folder, accelerator.process_index, args.allow_inexact_resume)
     seed = choose_seed(args, resume_state, accelerator)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -175,6 +178,9 @@ def train(args: Namespace) -> Path:
             for batch_index, batch in enumerate(loader, start=start):
                 # noise and timesteps depend only on (seed, process, epoch, batch): a resumed run draws the same ones
                 generator.manual_seed(derive_seed(seed, "noise", accelerator.process_index, epoch, batch_index))
+                # so are the draws from torch's global RNG inside the forward (tuner dropout): that RNG is also
+                # advanced by DataLoader iteration, which a resumed run does differently
+                seed_global_rng(seed, "forward", accelerator.process_index, epoch, batch_index)
                 if glora_supernet and subnet_step != global_step:
                     sample_subnet(base.unet, torch.Generator().manual_seed(derive_seed(seed, "glora_subnet", global_step)))
                     subnet_step = global_step
@@ -238,6 +244,13 @@ def train(args: Namespace) -> Path:
 
 
 # --- one step ------------------------------------------------------------------------------------------------
+def seed_global_rng(*parts: object) -> None:
+    """Seed torch's global RNG (CPU and every CUDA device) from ``parts`` only: ``nn.Dropout`` and any other draw
+    that takes no generator then depend on (seed, process, epoch, batch), not on what ran before."""
+    torch.manual_seed(derive_seed(*parts))
+
+
+
 def diffusion_loss(
     args: Namespace,
     base: BaseModel,

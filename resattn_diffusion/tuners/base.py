@@ -214,6 +214,9 @@ class LinearTuner(nn.Module):
     #: Whether the tuner may also act on the output (U-Tuning's sequential form). Tuners defined relative to
     #: their own layer's weight (GLoRA) are parallel only.
     supports_sequential: ClassVar[bool] = True
+    #: Whether ``forward`` reads ``weight``/``bias`` (GLoRA's ``W0 ⊙ A``, ``W0 C``): only then must the integration
+    #: hand it W0 itself, which costs work while something else is folded into the live weight.
+    reads_frozen_weight: ClassVar[bool] = False
 
     def forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

@@ -438,6 +438,7 @@ class GLoRA(LinearTuner):
     """
 
     supports_sequential: ClassVar[bool] = False
+    reads_frozen_weight: ClassVar[bool] = True
 
     def __init__(
         self,
