@@ -212,8 +212,10 @@ def _compose(others: torch.Tensor | None, delta: torch.Tensor | None, like: torc
 def tuners_delta(
     bank: "LinearBank", names: list[str], base_w: torch.Tensor, base_b: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``D = sum_i s_i dW_i`` (and the bias delta) of the named tuners in float32, computed from W0 and b0; a
-    sequential tuner ``T(W0 x + b0)`` folds as ``dW W0`` and ``dW b0 + db``."""
+    """``D = sum_i s_i dW_i`` (and the bias delta) of the named tuners in float32, computed from W0 and b0 (a
+    sequential tuner folds as ``dW W0`` and ``dW b0 + db``: :func:`.processors.effective_delta`)."""
+    from .processors import effective_delta  # here: processors imports this module
+
     if not names:
         return None, None
     weight = base_w.float()
@@ -222,13 +224,7 @@ def tuners_delta(
     total_b = None
     for name in names:
         setting = bank.settings[name]
-        delta_w, delta_b = bank.tuners[name].fold(weight, bias)
-        delta_w = delta_w.float()
-        delta_b = None if delta_b is None else delta_b.float()
-        if setting.placement == "sequential":
-            seq_b = delta_w @ bias if bias is not None else None
-            delta_b = seq_b if delta_b is None else (delta_b if seq_b is None else delta_b + seq_b)
-            delta_w = delta_w @ weight
+        delta_w, delta_b = effective_delta(bank.tuners[name], setting.placement, weight, bias)
         total_w += setting.scale * delta_w
         if delta_b is not None:
             total_b = setting.scale * delta_b if total_b is None else total_b + setting.scale * delta_b

@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..checks import check_adapter_name, check_call_scale, check_enabled, check_model, check_scale
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError, OpShape
 from .processors import (
@@ -203,8 +204,11 @@ def _unet_scale_pre_hook(unet: nn.Module, args: tuple, kwargs: dict):
         return None
     kwargs_ca = dict(kwargs_ca)
     scale = kwargs_ca.pop(SCALE_KWARG)
-    for bank, _ in get_state(unet).banks:
-        bank.call_scale = scale
+    state = get_state(unet)
+    if scale is not None:  # None: no per-call override
+        check_call_scale(scale, state.configs)  # once per UNet call, before any work, so nothing is half-applied
+        for bank, _ in state.banks:
+            bank.call_scale = scale
     kwargs = dict(kwargs)
     kwargs["cross_attention_kwargs"] = kwargs_ca or None
     return args, kwargs
@@ -296,13 +300,20 @@ def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "
     The tuners' parameters are created trainable, in the dtype and device of the layer they sit beside. The UNet's
     own parameters are left as they are (freeze them with ``unet.requires_grad_(False)`` before training).
     """
+    check_model(unet, pipelines_ok=False)
     if not isinstance(config, ResTunerConfig):
-        raise TypeError(f"config must be a ResTunerConfig, got {type(config).__name__}")
+        raise ConfigError(
+            f"config must be a ResTunerConfig (ResTunerConfig.from_dict(d) for a dict), got {type(config).__name__}"
+        )
+    check_adapter_name(adapter_name)
     state = get_state(unet)
     if state is not None and adapter_name in state.configs:
         raise ResTunerError(
-            f"a tuner named {adapter_name!r} is already on this UNet; remove it first or pick another adapter_name"
+            f"a tuner named {adapter_name!r} is already on this UNet; remove it first or pick another adapter name"
         )
+    from .plan import check_tuner_size
+
+    check_tuner_size(unet, config)  # on the meta device: a config too big for its model never allocates
     if config.spec.kind == "unet":
         from .unet_tuners import attach_unet_tuner, unet_tuner_fingerprint  # the bypass side network
 
@@ -366,6 +377,7 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
 
 
 def _require_state(unet: nn.Module) -> ResTunerState:
+    check_model(unet, pipelines_ok=False)
     state = get_state(unet)
     if state is None or not state.configs:
         raise ResTunerError("this UNet has no res tuner; add one with add_res_tuner or load one with load_res_tuner")
@@ -373,8 +385,10 @@ def _require_state(unet: nn.Module) -> ResTunerState:
 
 
 def _require_name(state: ResTunerState, name: str) -> str:
+    if not isinstance(name, str):
+        raise ResTunerError(f"adapter_name must be a tuner's name (a string), got {type(name).__name__} {name!r}")
     if name not in state.configs:
-        raise ResTunerError(f"no tuner named {name!r} on this UNet; loaded tuners: {list(state.configs)}")
+        raise ResTunerError(f"no tuner named {name!r} on this UNet; loaded tuners (adapter names): {list(state.configs)}")
     return name
 
 
@@ -383,6 +397,10 @@ def _names(state: ResTunerState, adapter_name: str | list[str] | None) -> list[s
         return list(state.configs)
     if isinstance(adapter_name, str):
         adapter_name = [adapter_name]
+    if not isinstance(adapter_name, (list, tuple)) or not adapter_name:
+        raise ResTunerError(
+            f"adapter_name must be a tuner's name, a non-empty list of names or None (all), got {adapter_name!r}"
+        )
     return [_require_name(state, n) for n in adapter_name]
 
 
@@ -421,7 +439,7 @@ def _settings(unet: nn.Module, names: list[str]):
 def set_res_tuner_scale(unet: nn.Module, scale: float, adapter_name: str | list[str] | None = None) -> None:
     """Set the scale ``s`` of the named tuner(s) (all when None). Refused, changing nothing, if any of them is
     fused with another scale."""
-    scale = float(scale)
+    scale = check_scale(scale)
     names = _names(_require_state(unet), adapter_name)
     settings = list(_settings(unet, names))
     for name, _, setting in settings:  # check every tuner before changing any
@@ -437,6 +455,7 @@ def set_res_tuner_scale(unet: nn.Module, scale: float, adapter_name: str | list[
 def set_res_tuner_enabled(unet: nn.Module, enabled: bool, adapter_name: str | list[str] | None = None) -> None:
     """Switch the named tuner(s) (all when None) on or off without removing them. Refused, changing nothing, if
     any of them is fused and would be switched off."""
+    enabled = check_enabled(enabled)
     names = _names(_require_state(unet), adapter_name)
     settings = list(_settings(unet, names))
     for name, _, setting in settings:  # check every tuner before changing any
@@ -479,6 +498,7 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None)
             f"tuner(s) {cannot} ({', '.join(state.configs[n].tuner for n in cannot)}) add a branch that does not fold "
             "into a weight; only linear tuners (res_lora, glora, surm_*) can be fused. Fuse the others' names only."
         )
+    _refuse_disabled(unet, names)
     plans = []
     for bank, owner in _linear_banks(state):  # check every layer before changing any
         present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
@@ -487,6 +507,17 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None)
             plans.append((bank, owner, resolve_others(bank, owner, action="fuse_res_tuner"), keep))
     for bank, owner, others, keep in plans:
         bank.apply_fused(owner, others, keep)
+
+
+def _refuse_disabled(unet: nn.Module, names: list[str]) -> None:
+    """Fusing a disabled tuner would silently do nothing (a disabled branch has nothing to fold): refuse it."""
+    enabled = {name for name, _, setting in _settings(unet, names) if setting.enabled}
+    disabled = [name for name in names if name not in enabled]
+    if disabled:
+        raise ResTunerError(
+            f"tuner(s) {disabled} are disabled, so there is nothing to fuse; enable them first "
+            f"(set_res_tuner_enabled(unet, True, {disabled!r})) or fuse only enabled tuners"
+        )
 
 
 def unfuse_res_tuner(
@@ -498,6 +529,7 @@ def unfuse_res_tuner(
     Refused, changing nothing, when a weight was changed while fused by something other than diffusers'
     ``fuse_lora``/``unfuse_lora`` (e.g. ``unload_lora_weights()`` of a LoRA loaded and fused after the tuner was
     fused). ``accept_changed_weights=True`` then subtracts exactly the tuners' delta and keeps the other change."""
+    check_enabled(accept_changed_weights, "accept_changed_weights")
     state = _require_state(unet)
     names = set(_names(state, adapter_name))
     plans = []
@@ -523,8 +555,10 @@ def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> li
 def res_tuner_summary(unet: nn.Module) -> dict:
     """Trainable-parameter summary: per tuner, its config, number of layers and parameters, and its share of
     the UNet's own parameters. ``format_summary`` turns it into a table."""
+    from .plan import own_parameter_count
+
     state = get_state(unet)
-    own = sum(p.numel() for name, p in unet.named_parameters() if "res_tuner" not in name and ".bank." not in name)
+    own = own_parameter_count(unet)
     rows = {}
     for name, config in ({} if state is None else state.configs).items():
         tuners = list(iter_tuners(unet, name))

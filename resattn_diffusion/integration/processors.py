@@ -22,6 +22,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..checks import check_call_scale
 from ..tuners.base import FrozenAttention
 from .fusion import FusedWeights, Resolved, frozen_base, frozen_output, resolve_others, write_fused
 
@@ -141,6 +142,23 @@ class OperationBank(TunerBank):
         return out
 
 
+def effective_delta(
+    tuner: nn.Module, placement: str, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dW, db)`` in float32 with ``branch(x) = dW x + db`` for a linear tuner at ``placement`` beside
+    ``y = W0 x + b0`` (unscaled): the tuner's own fold when parallel; ``dW W0`` and ``dW b0 + db`` when sequential,
+    since there it reads ``y``. Shared by fusing and by the LoRA export, so both fold the same delta."""
+    delta_w, delta_b = tuner.fold(weight, bias)
+    delta_w = delta_w.float()
+    delta_b = None if delta_b is None else delta_b.float()
+    if placement == "sequential":
+        # T(y) = dW (W0 x + b0) + db
+        seq_b = delta_w @ bias.float() if bias is not None else None
+        delta_b = seq_b if delta_b is None else (delta_b if seq_b is None else delta_b + seq_b)
+        delta_w = delta_w @ weight.float()
+    return delta_w, delta_b
+
+
 class LinearBank(TunerBank):
     """Branches beside a frozen ``y = W0 x + b0``; folds them into the weight on request.
 
@@ -188,7 +206,7 @@ class LinearBank(TunerBank):
         out = frozen_out
         branches = self.active()
         weight, bias, base_out = linear.weight, linear.bias, frozen_out
-        if any(getattr(tuner, "reads_frozen_weight", True) or placement == "sequential" for _, tuner, _, placement in branches):
+        if any(type(tuner).fold_reads_base or placement == "sequential" for _, tuner, _, placement in branches):
             # Only then do the branches need W0 itself, which differs from the live weight while something is fused.
             weight, bias, _ = frozen_base(self, linear)
             if any(placement == "sequential" for *_, placement in branches):
@@ -288,6 +306,8 @@ class ResTunerAttnProcessor(nn.Module):
         # A per-call scale passed to the attention itself (the UNet's pre-hook sets ``bank.call_scale`` instead) goes
         # to the bank as an argument, not as state: nothing to restore afterwards, so no try/finally in the hot path.
         bank = self.bank
+        if res_tuner_scale is not None:  # only when the attention itself is given a scale (the UNet's hook checks its own)
+            check_call_scale(res_tuner_scale)
         if self.backend == "wrapped":
             if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
                 kwargs["temb"] = temb

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import typing
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import torch
 from diffusers.optimization import SchedulerType
 
 from ..config import PLACEMENTS, PROJECTIONS, TARGETS, ResTunerConfig
 from ..registry import get_tuner_spec, tuner_names
+from ..integration.inject import ResTunerError
 from ..tuners.base import ConfigError
 
 Task = Literal["dreambooth", "text2img"]
@@ -93,18 +97,6 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     tuner.add_argument("--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.")
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
     tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
-
-    peers = parser.add_argument_group("instead of a res tuner: a peft adapter or full fine-tuning (the peers to compare with)")
-    peers.add_argument(
-        "--peft_method", type=str, default=None, choices=["lora", "glora", "c3a"],
-        help="Train a peft adapter on the attention projections to_q, to_k, to_v, to_out.0 instead of a res tuner.",
-    )
-    peers.add_argument("--peft_rank", type=int, default=None, help="Rank of --peft_method lora or glora (default 4).")
-    peers.add_argument(
-        "--peft_block_size", type=int, default=None,
-        help="Block size of --peft_method c3a (default: the gcd of the projections' input and output sizes).",
-    )
-    peers.add_argument("--full_finetune", action="store_true", help="Train every UNet weight (the ceiling) instead of a res tuner.")
 
     data = parser.add_argument_group("data")
     if task == "dreambooth":
@@ -204,10 +196,19 @@ def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namesp
     parser = build_parser(task)
     args = parser.parse_args(argv)
     args.task = task
-    check_method_flags(parser, args)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks of :func:`parse_args` on parsed ``args`` (for a parser that extends :func:`build_parser`)."""
+    task = args.task
+    check_finite_flags(parser, args)
+    check_mixed_precision(parser, args)
     try:
-        tuner_config_from_args(args)
-    except (ConfigError, OSError) as err:
+        config = tuner_config_from_args(args)
+        check_tuner_fits_model(args, config)
+    except (ConfigError, ResTunerError, OSError) as err:
         parser.error(f"bad tuner settings: {err}")
 
     positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "num_validation_images"]
@@ -233,38 +234,56 @@ def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namesp
     unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
     if unknown:
         parser.error(f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none")
-    return args
 
 
-def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A run trains one thing: a res tuner, a peft adapter (``--peft_method``) or the UNet (``--full_finetune``)."""
-    if args.peft_method is not None and args.full_finetune:
-        parser.error("--peft_method and --full_finetune exclude each other; pick one")
-    if args.peft_method is None and not args.full_finetune:
-        for flag in ("peft_rank", "peft_block_size"):
-            if getattr(args, flag) is not None:
-                parser.error(f"--{flag} needs --peft_method")
+def check_finite_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every number flag is finite: ``--learning_rate nan`` would train on NaN and fail later, blaming the model."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{action.option_strings[0]} must be a finite number, got {value}")
+
+
+def fp16_device_available() -> bool:
+    """Whether this machine has an accelerator that runs float16 (CUDA/ROCm, XPU or Apple MPS)."""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool(
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or (mps is not None and mps.is_available())
+    )
+
+
+#: Why fp16 is refused on a CPU, in one place for the flag check and the training loop (accelerate's own config).
+FP16_ON_CPU = (
+    "mixed precision fp16 needs a GPU, and this machine has none: on a CPU float16 weights meet the float32 inputs "
+    "of the tuners and training fails. Use --mixed_precision bf16 (the CPU's half precision) or --mixed_precision no"
+)
+
+
+def check_mixed_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.mixed_precision == "fp16" and not fp16_device_available():
+        parser.error(FP16_ON_CPU)
+
+
+def check_tuner_fits_model(args: argparse.Namespace, config: ResTunerConfig) -> None:
+    """Refuse a tuner bigger than its model before anything is loaded (``--rank 1000000``): the UNet of a local
+    model folder is built from its ``unet/config.json`` on the meta device (no weights read), and the tuner is
+    planned on it there. A Hub id is checked the same way once the UNet is loaded, still before allocation."""
+    config_file = Path(args.pretrained_model_name_or_path) / "unet" / "config.json"
+    if not config_file.is_file():
         return
-    chosen = f"--peft_method {args.peft_method}" if args.peft_method else "--full_finetune"
-    tuner_flags = ["tuner", "rank", "heads", "tuner_arg", "targets", "blocks", "projections", "placement", "tuner_scale", "tuner_config"]
-    given = [f"--{flag}" for flag in tuner_flags if getattr(args, flag) is not None]
-    if given:
-        parser.error(f"{chosen} trains no res tuner, so the res tuner flag(s) {', '.join(given)} do not apply; drop them")
-    if args.full_finetune:
-        for flag in ("peft_rank", "peft_block_size"):
-            if getattr(args, flag) is not None:
-                parser.error(f"--{flag} is a --peft_method setting; --full_finetune has none")
-        return
-    if args.peft_method == "c3a" and args.peft_rank is not None:
-        parser.error("--peft_method c3a has no rank; its size is set by --peft_block_size")
-    if args.peft_method in ("lora", "glora"):
-        if args.peft_block_size is not None:
-            parser.error(f"--peft_block_size is a c3a setting; --peft_method {args.peft_method} takes --peft_rank")
-        args.peft_rank = 4 if args.peft_rank is None else args.peft_rank
-    for flag in ("peft_rank", "peft_block_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be at least 1, got {value}")
+    from diffusers import UNet2DConditionModel
+
+    from ..integration.plan import check_tuner_size
+
+    unet_config = UNet2DConditionModel.load_config(str(config_file.parent))
+    if unet_config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        return  # another model family: its own loader checks it
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    check_tuner_size(unet, config)
 
 
 # --- the tuner config ------------------------------------------------------------------------------------------
