@@ -29,6 +29,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .state import ResTunerError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .processors import LinearBank
 
@@ -37,8 +39,6 @@ ACCEPT_FLAG = "accept_changed_weights"
 
 
 def _error(message: str) -> Exception:
-    from .inject import ResTunerError  # here: inject imports processors, which imports this module
-
     return ResTunerError(message)
 
 
@@ -315,25 +315,25 @@ def resolve_others(bank: "LinearBank", linear: nn.Linear, accept_changed: bool =
     return Resolved(new_w, new_b, now)
 
 
-@torch.no_grad()
-def write_fused(bank: "LinearBank", linear: nn.Linear, others: Resolved, names: list[str]) -> None:
-    """Write ``P + D(names)`` into ``linear`` (``P`` exactly when ``names`` is empty) and record what was written.
+@dataclass
+class FusedWrite:
+    """What folding ``names`` writes into a linear (``weight``, ``bias``: None when it has or keeps no bias) and
+    what the bank then records (``record``: P, its bias, W0 and b0 where they differ from P; ``merges``)."""
 
-    ``names`` are all the tuners of the bank that stay fused. Everything is computed before the linear changes."""
+    names: list[str]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    record: tuple[torch.Tensor | None, ...]
+    merges: PeftMerges
+
+
+@torch.no_grad()
+def plan_write(bank: "LinearBank", linear: nn.Linear, others: Resolved, names: list[str]) -> FusedWrite:
+    """``P + D(names)`` (``P`` itself when ``names`` is empty), computed without changing anything; ``names`` are all
+    the tuners of the bank that will be fused."""
     merges = others.merges
     if not names:
-        new_w, new_b = others.weight, others.bias
-        linear.weight.data.copy_(new_w.to(linear.weight.dtype))
-        if bank.added_bias:
-            linear.bias = None  # nn.Linear keeps "bias" as a parameter slot; None is how a bias-free one has it
-            bank.added_bias = False
-        elif new_b is not None and linear.bias is not None:
-            linear.bias.data.copy_(new_b.to(linear.bias.dtype))
-        for name in ("fused_others_weight", "fused_others_bias", "fused_base_weight", "fused_base_bias"):
-            _store(bank, name, None)
-        bank.fused = None
-        return
-
+        return FusedWrite([], others.weight, None if bank.added_bias else others.bias, (None,) * 4, merges)
     if others.live:  # the record must not alias the weights about to be overwritten
         others = Resolved(others.weight.clone(), None if others.bias is None else others.bias.clone(), merges)
     others_b = None if bank.added_bias else others.bias  # a bias we created is not part of P
@@ -342,23 +342,30 @@ def write_fused(bank: "LinearBank", linear: nn.Linear, others: Resolved, names: 
     else:
         base_w, base_b = others.weight, others_b
     delta_w, delta_b = tuners_delta(bank, names, base_w, base_b)
-    new_w = _compose(others.weight, delta_w, linear.weight)
-    new_b = _compose(others_b, delta_b, linear.weight)
-    snapshot = (others.weight, others_b, base_w if merges.merged else None, base_b if merges.merged else None)
-    linear.weight.data.copy_(new_w)
-    if new_b is not None:
+    record = (others.weight, others_b, base_w if merges.merged else None, base_b if merges.merged else None)
+    return FusedWrite(
+        list(names), _compose(others.weight, delta_w, linear.weight), _compose(others_b, delta_b, linear.weight),
+        record, merges,
+    )
+
+
+@torch.no_grad()
+def apply_write(bank: "LinearBank", linear: nn.Linear, write: FusedWrite) -> None:
+    """Write a :func:`plan_write` result into ``linear`` and record it in the bank (or drop the record)."""
+    linear.weight.data.copy_(write.weight.to(linear.weight.dtype))
+    if write.bias is not None:
         if linear.bias is None:
             # The tuner creates a bias the frozen linear lacks (e.g. GLoRA's E + W0 C on a bias-free to_q).
-            linear.bias = nn.Parameter(new_b.to(device=linear.weight.device, dtype=linear.weight.dtype), requires_grad=False)
+            linear.bias = nn.Parameter(write.bias.to(device=linear.weight.device, dtype=linear.weight.dtype), requires_grad=False)
             bank.added_bias = True
         else:
-            linear.bias.data.copy_(new_b.to(linear.bias.dtype))
-    elif bank.added_bias:  # re-fused after the tuners' bias terms went away (e.g. another GLoRA subnet)
-        linear.bias = None
+            linear.bias.data.copy_(write.bias.to(linear.bias.dtype))
+    elif bank.added_bias:  # unfused, or re-fused after the tuners' bias terms went away (another GLoRA subnet)
+        linear.bias = None  # nn.Linear keeps "bias" as a parameter slot; None is how a bias-free one has it
         bank.added_bias = False
-    for name, value in zip(("fused_others_weight", "fused_others_bias", "fused_base_weight", "fused_base_bias"), snapshot):
+    for name, value in zip(("fused_others_weight", "fused_others_bias", "fused_base_weight", "fused_base_bias"), write.record):
         _store(bank, name, value)
-    bank.fused = FusedWeights(merges)
+    bank.fused = FusedWeights(write.merges) if write.names else None
 
 
 __all__ = [
@@ -367,12 +374,14 @@ __all__ = [
     "PeftMerges",
     "Resolved",
     "current_merges",
+    "FusedWrite",
+    "apply_write",
     "frozen_base",
     "frozen_output",
+    "plan_write",
     "peft_wrapper",
     "replay_peft",
     "resolve_others",
     "tuners_delta",
     "without_merges",
-    "write_fused",
 ]

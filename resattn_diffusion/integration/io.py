@@ -1,8 +1,8 @@
 """The tuner file: one ``.safetensors`` with the weights, and JSON metadata (config, format version, adapter name,
-and a fingerprint of the base UNet's layer shapes). Never pickle. Writes are atomic; loads check everything first.
+and a fingerprint of the base model's layer shapes). Never pickle. Writes are atomic; loads check everything first.
 
 Tensor keys are ``<layer path>.<parameter>``, e.g.
-``up_blocks.1.attentions.0.transformer_blocks.0.attn2.q_proj.weight``: they name where a tuner sits in the UNet,
+``up_blocks.1.attentions.0.transformer_blocks.0.attn2.q_proj.weight``: they name where a tuner sits in the model,
 not how this library happens to hold it.
 """
 
@@ -17,7 +17,7 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -26,15 +26,9 @@ from torch import nn
 from ..checks import MAX_ABS_WEIGHT, check_adapter_name, check_model
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
-from .inject import (
-    ResTunerError,
-    add_res_tuner,
-    find_layers,
-    get_state,
-    iter_tuners,
-    layer_fingerprint,
-    remove_res_tuner,
-)
+from .families import family_named, family_of
+from .inject import add_res_tuner, expected_fingerprint, get_res_tuner_configs, iter_tuners, remove_res_tuner
+from .state import ResTunerError, get_state
 
 FORMAT_NAME = "resattn-diffusion"
 FORMAT_VERSION = 1
@@ -52,24 +46,9 @@ class ResTunerFileError(ValueError):
 
 
 def base_description(unet: nn.Module) -> dict:
-    config = getattr(unet, "config", {})
-    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
-    return {
-        "class": type(unet).__name__,
-        "name_or_path": get("_name_or_path", "") or "",
-        "block_out_channels": list(get("block_out_channels", []) or []),
-        "cross_attention_dim": get("cross_attention_dim", None),
-        "addition_embed_type": get("addition_embed_type", None),
-    }
-
-
-def expected_fingerprint(unet: nn.Module, config: ResTunerConfig) -> dict[str, dict[str, int]]:
-    """Layer path -> shape, for ``config`` applied to ``unet``: what the file must agree with."""
-    if config.spec.kind == "unet":
-        from .unet_tuners import unet_tuner_fingerprint
-
-        return unet_tuner_fingerprint(unet, config)
-    return layer_fingerprint(find_layers(unet, config))
+    """What the file records of the base model: its family, class, name and the config values its family names."""
+    family = family_of(unet)
+    return {"family": family.name, **family.describe(unet)}
 
 
 def tuner_file_key(layer_path: str, key: str) -> str:
@@ -156,7 +135,7 @@ def save_res_tuner(
     state = get_state(unet)
     if state is None or not isinstance(adapter_name, str) or adapter_name not in state.configs:
         loaded = [] if state is None else list(state.configs)
-        raise ResTunerError(f"no tuner named {adapter_name!r} on this UNet to save; loaded tuners (adapter names): {loaded}")
+        raise ResTunerError(f"no tuner named {adapter_name!r} on this model to save; loaded tuners (adapter names): {loaded}")
     config = state.configs[adapter_name]
     return write_tuner_file(unet, path, config, tuner_state_dict(unet, adapter_name), adapter_name, overwrite)
 
@@ -433,17 +412,21 @@ def _check_planned_tensors(
             )
 
 
+def _describe(base: dict) -> str:
+    details = ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("class", "name_or_path", "family"))
+    return f"{base.get('class')} {base.get('name_or_path') or '(unnamed)'}" + (f", {details}" if details else "")
+
+
 def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, unet: nn.Module) -> str | None:
     if saved == expected:
         return None
     base = _json_field(file, meta, "base", dict, "a JSON object describing the base model")
     here = base_description(unet)
+    word = family_of(unet).model_word
     lines = [
-        f"tuner file {file!r} does not fit this UNet.",
-        f"  made for: {base.get('class')} {base.get('name_or_path') or '(unnamed)'}, block_out_channels="
-        f"{base.get('block_out_channels')}, cross_attention_dim={base.get('cross_attention_dim')}",
-        f"  this UNet: {here['class']} {here['name_or_path'] or '(unnamed)'}, block_out_channels="
-        f"{here['block_out_channels']}, cross_attention_dim={here['cross_attention_dim']}",
+        f"tuner file {file!r} does not fit this {word}.",
+        f"  made for: {_describe(base)}",
+        f"  this {word}: {_describe(here)}",
     ]
     missing = [p for p in saved if p not in expected]
     extra = [p for p in expected if p not in saved]
@@ -453,7 +436,7 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
     if extra:
         lines.append(f"  {len(extra)} layer(s) here are not in the file, e.g. {extra[0]}")
     for path in differing[:3]:
-        lines.append(f"  layer {path}: file {saved[path]}, this UNet {expected[path]}")
+        lines.append(f"  layer {path}: file {saved[path]}, this {word} {expected[path]}")
     if len(differing) > 3:
         lines.append(f"  ... and {len(differing) - 3} more layer(s) with other shapes")
     lines.append("Load it into the base model it was trained on.")
@@ -462,14 +445,25 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
 
 def load_res_tuner(
     unet: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike | Mapping[str, torch.Tensor],
     adapter_name: str | None = None,
     weight_name: str | None = None,
+    hotswap: bool = False,
+    config: ResTunerConfig | None = None,
 ) -> str:
     """Load a tuner file (or a folder holding one) onto ``unet`` (or a pipeline's UNet) under ``adapter_name``
     (default: the name it was saved with); returns the name. Everything is checked before the UNet changes -- the
     file's type and header size, its metadata, the config, the layers against this UNet, every tensor's dtype and
-    shape against modules planned on the meta device, the values -- so on any error it is unchanged."""
+    shape against modules planned on the meta device, the values -- so on any error it is unchanged.
+
+    ``path`` may also be a state dict (file keys, as :func:`res_tuner_state_dict` returns); it then needs
+    ``config``, except with ``hotswap``, where the loaded tuner's config is the default. ``hotswap=True`` copies the
+    weights into the loaded tuner ``adapter_name`` in place (same tuner, config and shapes), so that a
+    ``torch.compile``-d UNet runs them without recompiling (:mod:`~resattn_diffusion.integration.hotswap`)."""
+    if isinstance(path, Mapping) or hotswap:
+        return _load_state_dict_or_hotswap(unet, path, adapter_name, weight_name, hotswap, config)
+    if config is not None:
+        raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
     unet = check_model(unet)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
@@ -483,16 +477,24 @@ def load_res_tuner(
             raise ResTunerFileError(str(err)) from None
     config = _file_config(file, metadata)
     saved = _file_layers(file, metadata)
-    _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
+    base = _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
     name = adapter_name or saved_name or "default"
     state = get_state(unet)
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
 
+    family = family_of(unet)
+    made_for = base.get("family")
+    if made_for is not None and made_for != family.name:
+        other = family_named(str(made_for))
+        raise ResTunerFileError(
+            f"tuner file {file!r} was made for a {base.get('class', '?')} ({other.model_word if other else made_for}), "
+            f"not for this {type(unet).__name__} ({family.model_word}); load it into the kind of model it was trained on"
+        )
     try:
         expected = expected_fingerprint(unet, config)
     except (ConfigError, ResTunerError) as err:
-        raise ResTunerFileError(f"tuner file {file!r} does not fit this UNet: {err}") from None
+        raise ResTunerFileError(f"tuner file {file!r} does not fit this {family.model_word}: {err}") from None
     problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
     if problem:
         raise ResTunerFileError(problem)
@@ -507,6 +509,61 @@ def load_res_tuner(
     tensors = _read_tensors(file_path, entries)
     _check_weight_values(file, tensors)
 
+    add_res_tuner(unet, config, name)
+    try:
+        load_tuner_tensors(unet, name, tensors, file)
+    except Exception:
+        remove_res_tuner(unet, name)
+        raise
+    return name
+
+
+def _load_state_dict_or_hotswap(
+    unet: nn.Module,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    adapter_name: str | None,
+    weight_name: str | None,
+    hotswap: bool,
+    config: ResTunerConfig | None,
+) -> str:
+    """:func:`load_res_tuner` from a state dict, or with ``hotswap``: the same checks of names, config and every
+    tensor (:func:`checked_tuner_tensors`) before the UNet changes."""
+    unet = check_model(unet)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    if isinstance(source, Mapping):
+        file = "the state dict"
+        bad = [key for key, value in source.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+        if bad:
+            raise ResTunerFileError(f"a tuner state dict maps file keys to tensors; entry {bad[0]!r} is not one")
+        tensors = dict(source)
+        if config is None and hotswap and adapter_name is not None:
+            config = get_res_tuner_configs(unet).get(adapter_name)
+        if config is None:
+            raise ResTunerFileError(
+                "a state dict carries no tuner config: pass config= (the ResTunerConfig it was trained with), or "
+                "load the tuner file, which holds it"
+            )
+        if not isinstance(config, ResTunerConfig):
+            raise TypeError(f"config must be a ResTunerConfig, got {type(config).__name__}")
+        name = adapter_name or "default"
+    else:
+        if config is not None:
+            raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
+        metadata, tensors = read_tuner_file(source, weight_name)
+        file = str(resolve_tuner_file(source, weight_name))
+        config = _file_config(file, metadata)
+        name = adapter_name or metadata.get("adapter_name") or "default"
+    _check_weight_values(file, tensors)
+    if hotswap:
+        if adapter_name is None:
+            raise ResTunerError("hotswap=True needs adapter_name=, the loaded tuner whose weights to replace")
+        from .hotswap import hotswap_res_tuner
+
+        return hotswap_res_tuner(unet, adapter_name, config, tensors, file)
+    state = get_state(unet)
+    if state is not None and name in state.configs:
+        raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
     add_res_tuner(unet, config, name)
     try:
         load_tuner_tensors(unet, name, tensors, file)
@@ -551,3 +608,7 @@ def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tens
     for tuner, values in checked_tuner_tensors(iter_tuners(unet, name), tensors, file):
         own = tuner.state_dict()
         tuner.load_state_dict({key: value.to(device=own[key].device, dtype=own[key].dtype) for key, value in values.items()})
+
+
+#: The public name of :func:`tuner_state_dict` (the role of peft's ``get_peft_model_state_dict``).
+res_tuner_state_dict = tuner_state_dict

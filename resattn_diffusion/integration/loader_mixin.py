@@ -14,8 +14,11 @@ import os
 import re
 import socket
 from urllib.parse import urlparse
-from typing import Any
+from typing import Any, Mapping
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from ..checks import check_scale
@@ -27,10 +30,11 @@ from .inject import (
     remove_res_tuner,
     res_tuner_settings,
     set_res_tuner_enabled,
+    set_res_tuner_layer_scales,
     set_res_tuner_scale,
     unfuse_res_tuner,
 )
-from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
+from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner, res_tuner_state_dict, save_res_tuner
 
 #: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
 HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
@@ -79,7 +83,7 @@ def resolve_tuner_source(
         # hf_hub_download would retry for many seconds before saying the same thing
         raise ResTunerFileError(
             f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and it cannot be fetched "
-            f"as a Hugging Face Hub repo: {offline}. Pass the path of a local .safetensors file or training output "
+            f"from the Hugging Face Hub: offline ({offline}). Pass the path of a local .safetensors file or training output "
             "folder, or go online."
         )
     try:
@@ -118,17 +122,24 @@ class ResTunerLoaderMixin:
 
     @property
     def _res_tuner_unet(self) -> nn.Module:
+        # The denoiser: pipe.unet (SD 1/2/XL) or pipe.transformer (SD3, Flux).
         unet = getattr(self, "unet", None)
         if unet is None:
-            raise ResTunerError(f"{type(self).__name__} has no UNet (pipe.unet is None); res tuners sit on a UNet")
+            unet = getattr(self, "transformer", None)
+        if unet is None:
+            raise ResTunerError(
+                f"{type(self).__name__} has no denoiser (pipe.unet / pipe.transformer is None); res tuners sit on it"
+            )
         return unet
 
     # -- loading ------------------------------------------------------------------------------------------------
     def load_res_tuner(
         self,
-        path_or_folder: str | os.PathLike,
+        path_or_folder: str | os.PathLike | Mapping[str, torch.Tensor],
         adapter_name: str | None = None,
         weight_name: str | None = None,
+        hotswap: bool = False,
+        config: ResTunerConfig | None = None,
         **hub_kwargs: Any,
     ) -> str:
         """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet``.
@@ -138,6 +149,11 @@ class ResTunerLoaderMixin:
                 output folder); or a Hugging Face Hub repo id (``"user/my-tuner"``), downloaded when online.
             adapter_name: the name to load it under; default: the name it was saved with.
             weight_name: the file inside a folder or Hub repo, when it is not ``res_tuner.safetensors``.
+            hotswap: replace the weights of the loaded tuner ``adapter_name`` in place (same tuner, config and
+                shapes), so a ``torch.compile``-d UNet runs the new weights without recompiling. A file that does
+                not match is refused before anything changes.
+            config: the tuner's config when ``path_or_folder`` is a state dict (``pipe.res_tuner_state_dict(name)``);
+                with ``hotswap`` the loaded tuner's config is the default.
             **hub_kwargs: for a Hub repo, passed to ``huggingface_hub.hf_hub_download`` (``subfolder``,
                 ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``proxies``).
 
@@ -156,8 +172,28 @@ class ResTunerLoaderMixin:
                 "the UNet's attention projections are fused (fuse_qkv_projections); call pipe.unfuse_qkv_projections() "
                 "before loading res tuners"
             )
+        if isinstance(path_or_folder, Mapping):
+            if hub_kwargs or weight_name is not None:
+                raise TypeError("a state dict is loaded as it is: weight_name and Hub options do not apply")
+            return load_res_tuner(unet, path_or_folder, adapter_name=adapter_name, hotswap=hotswap, config=config)
         source, folder_weight_name = resolve_tuner_source(path_or_folder, weight_name, **hub_kwargs)
-        return load_res_tuner(unet, source, adapter_name=adapter_name, weight_name=folder_weight_name)
+        return load_res_tuner(
+            unet, source, adapter_name=adapter_name, weight_name=folder_weight_name, hotswap=hotswap, config=config
+        )
+
+    def save_res_tuner(
+        self, save_path: str | os.PathLike, adapter_name: str = "default", overwrite: bool = True
+    ) -> Path:
+        """Save the named tuner to a ``.safetensors`` file (or a folder, which gets ``res_tuner.safetensors``) that
+        ``load_res_tuner`` and ``resattn-export`` read; atomic. Returns the file written."""
+        self._check_names(adapter_name)
+        return save_res_tuner(self._res_tuner_unet, save_path, adapter_name=adapter_name, overwrite=overwrite)
+
+    def res_tuner_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The named tuner's weights (CPU copies) under file keys: ``load_res_tuner(state_dict, config=...)`` takes
+        them back, ``hotswap=True`` swaps them in."""
+        self._check_names(adapter_name)
+        return res_tuner_state_dict(self._res_tuner_unet, adapter_name)
 
     def unload_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Remove the named tuner(s), or all of them with ``adapter_name=None`` (a no-op when none is loaded).
@@ -182,31 +218,38 @@ class ResTunerLoaderMixin:
         set_res_tuner_scale(self._res_tuner_unet, scale, names)
 
     def set_res_tuners(
-        self, adapter_names: str | list[str], weights: float | list[float] | None = None
+        self,
+        adapter_names: str | list[str],
+        weights: float | dict | list[float | dict | None] | None = None,
     ) -> None:
         """Mix loaded tuners: the named ones run with ``weights`` as their scales, every other loaded tuner is
         disabled (kept loaded; ``enable_res_tuner`` brings it back). Like diffusers' ``set_adapters``.
 
         Args:
             adapter_names: the tuners to use.
-            weights: one scale per name, one scale for all, or None for 1.0 each.
+            weights: one scale per name, one scale for all, or None for 1.0 each. A scale may be a per-block dict
+                in diffusers' ``set_adapters`` form, e.g. ``{"down": 0.5, "mid": 1.0, "up": {"block_0": 0.2,
+                "block_1": [0.4, 0.6, 0.8]}}`` (blocks and transformer layers not named get 1.0).
         """
         names = self._check_names(adapter_names)
         if len(set(names)) != len(names):
             raise ValueError(f"set_res_tuners: adapter_names has duplicates: {names}")
-        if weights is None:
-            weights = [1.0] * len(names)
-        elif isinstance(weights, (int, float)):
+        if weights is None or isinstance(weights, (int, float, dict)):
             weights = [weights] * len(names)
-        weights = [_check_weight(w) for w in weights]
+        weights = [1.0 if w is None else w for w in weights]
         if len(weights) != len(names):
             raise ValueError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} weight(s) {weights}")
-        self._refuse_fused(list(res_tuner_settings(self._res_tuner_unet)), "mixing tuners")
-
         unet = self._res_tuner_unet
+        # Expand and check every weight before any tuner changes.
+        weights = [_expand_block_weights(unet, w, name) if isinstance(w, dict) else _check_weight(w) for w, name in zip(weights, names)]
+        self._refuse_fused(list(res_tuner_settings(unet)), "mixing tuners")
+
         for name in get_res_tuner_configs(unet):
             if name in names:
-                set_res_tuner_scale(unet, weights[names.index(name)], name)
+                weight = weights[names.index(name)]
+                set_res_tuner_scale(unet, 1.0 if isinstance(weight, dict) else weight, name)
+                if isinstance(weight, dict):
+                    set_res_tuner_layer_scales(unet, name, weight)
                 set_res_tuner_enabled(unet, True, name)
             else:
                 set_res_tuner_enabled(unet, False, name)
@@ -223,12 +266,13 @@ class ResTunerLoaderMixin:
         set_res_tuner_enabled(self._res_tuner_unet, True, names)
 
     # -- fusing -------------------------------------------------------------------------------------------------
-    def fuse_res_tuner(self, adapter_names: str | list[str] | None = None) -> None:
+    def fuse_res_tuner(self, adapter_names: str | list[str] | None = None, safe_fusing: bool = False) -> None:
         """Fold tuners into the UNet's weights at their current scales: no extra inference cost.
 
         Only linear tuners (``res_lora``, ``glora``, ``surm_*``) fold. ``adapter_names=None`` fuses every enabled
         tuner. A request naming a tuner that cannot fold (or is disabled) raises, naming it, before any weight
-        changes. ``unfuse_res_tuner`` restores the original weights exactly.
+        changes. ``unfuse_res_tuner`` restores the original weights exactly. ``safe_fusing=True`` (diffusers'
+        ``fuse_lora`` flag) computes every fused weight first and refuses, changing nothing, if any is NaN or inf.
         """
         if adapter_names is None:
             status = res_tuner_settings(self._res_tuner_unet)
@@ -242,10 +286,11 @@ class ResTunerLoaderMixin:
             if disabled:
                 raise ResTunerError(f"tuner(s) {disabled} are disabled; enable_res_tuner({disabled!r}) before fusing them")
         if names:
-            fuse_res_tuner(self._res_tuner_unet, names)
+            fuse_res_tuner(self._res_tuner_unet, names, safe_fusing=safe_fusing)
 
     def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None, accept_changed_weights: bool = False) -> None:
-        """Unfold the named fused tuners (all when None); they run as branches again.
+        """Unfold fused tuners; they run as branches again. With ``adapter_names``, only those leave the weights
+        (the other fused tuners stay fused).
 
         Exact beside a diffusers LoRA in any order of ``fuse_lora``/``unfuse_lora``: the weights become what the LoRA
         alone makes them (the original ones, bit for bit, when nothing else was fused in between). Refused, changing
@@ -342,6 +387,23 @@ def _in_hub_cache(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> bo
         revision=hub_kwargs.get("revision"),
     )
     return isinstance(found, str)
+
+
+def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str, float]:
+    """A diffusers per-block scale dict -> ``{module path prefix: scale}``, expanded by diffusers' own
+    ``_maybe_expand_lora_scales`` so that the two read the same dict the same way."""
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    if not hasattr(getattr(unet, "config", None), "layers_per_block") or not hasattr(unet, "down_blocks"):
+        raise ValueError(f"per-block weights for {name!r} need a UNet with down/mid/up blocks; pass one number")
+    try:
+        expanded = _maybe_expand_lora_scales(unet, [weights], default_scale=1.0)[0]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"per-block weights {weights!r} for {name!r}: {err}. The form is diffusers' set_adapters one: "
+            '{"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}}'
+        ) from None
+    return {path: _check_weight(value) for path, value in expanded.items()}
 
 
 def _check_not_offloaded_to_meta(unet: nn.Module) -> None:

@@ -15,6 +15,7 @@ keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` bes
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from ..checks import check_call_scale
 from ..tuners.base import FrozenAttention
-from .fusion import FusedWeights, Resolved, frozen_base, frozen_output, resolve_others, write_fused
+from .fusion import FusedWeights, FusedWrite, Resolved, apply_write, frozen_base, frozen_output, plan_write, resolve_others
 
 try:  # the frozen attention runs through xformers only where diffusers already chose it
     import xformers.ops as xformers_ops
@@ -177,12 +178,12 @@ class LinearBank(TunerBank):
         self.added_bias = False
         #: every tuner of the bank is fused: the hook has nothing to add
         self.all_fused = False
-        #: while any tuner is fused: what :func:`.fusion.write_fused` recorded (P, W0 in the buffers below)
+        #: while any tuner is fused: what :func:`.fusion.apply_write` recorded (P, W0 in the buffers below)
         self.fused: FusedWeights | None = None
         for name in ("fused_others_weight", "fused_others_bias", "fused_base_weight", "fused_base_bias"):
             self.register_buffer(name, None, persistent=False)
         # The module that holds the projection (where diffusers' LoRA puts its peft wrapper): a plain attribute,
-        # not a child module, so the UNet's module tree and state dict do not change.
+        # not a child module, so the model's module tree and state dict do not change.
         object.__setattr__(self, "parent_module", None)
 
     def bind_parent(self, parent: nn.Module) -> None:
@@ -221,26 +222,44 @@ class LinearBank(TunerBank):
         weight, bias, _ = frozen_base(self, linear)
         return weight, bias
 
-    def apply_fused(self, linear: nn.Linear, others: Resolved, names: list[str]) -> None:
-        """Write ``P + D(names)`` (``others`` from :func:`.fusion.resolve_others`); ``names`` stay fused, the rest not."""
-        names = [name for name in self.settings if name in names]
-        write_fused(self, linear, others, names)
-        for name, setting in self.settings.items():
-            setting.fused = name in names
-        self._update_all_fused()
+    def resolve(self, linear: nn.Linear, accept_changed_weights: bool = False, action: str = "fusing") -> Resolved:
+        """The weight as everybody else left it (see :func:`.fusion.resolve_others`); refuses, changing nothing."""
+        return resolve_others(self, linear, accept_changed_weights, action)
 
-    def fuse(self, linear: nn.Linear, names: list[str]) -> None:
-        """Fold the named tuners into ``linear`` beside the ones already fused, always from W0."""
-        others = resolve_others(self, linear, action="fuse_res_tuner")
-        self.apply_fused(linear, others, self.fused_names() + [n for n in names if n not in self.fused_names()])
+    def plan_fuse(self, linear: nn.Linear, names: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor | None, FusedWrite]:
+        """``(fused names, new weight, new bias, the write)`` that fusing ``names`` (beside the tuners already fused)
+        would do, computed from W0; nothing changes (``safe_fusing`` checks it first). Refuses what cannot be exact."""
+        keep = self.fused_names() + [n for n in self.settings if n in names and n not in self.fused_names()]
+        write = plan_write(self, linear, self.resolve(linear, action="fuse_res_tuner"), keep)
+        return write.names, write.weight, write.bias, write
+
+    def fuse(self, linear: nn.Linear, names: list[str], plan: tuple | None = None) -> None:
+        """Fold the named tuners into ``linear`` beside the ones already fused, always from W0 (``plan``: what
+        :meth:`plan_fuse` returned for the same names, to write without computing it again)."""
+        self.write_planned(linear, (plan or self.plan_fuse(linear, names))[3])
+
+    def plan_unfuse(self, linear: nn.Linear, names: list[str] | None = None, accept_changed_weights: bool = False) -> FusedWrite | None:
+        """What unfusing the named tuners (all when None) writes: ``P`` plus the ones that stay fused; None when none
+        of them is fused. Refuses, changing nothing, when the weight cannot be restored exactly."""
+        fused = self.fused_names()
+        leaving = fused if names is None else [n for n in fused if n in names]
+        if self.fused is None or not leaving:
+            return None
+        others = self.resolve(linear, accept_changed_weights, action="unfuse_res_tuner")
+        return plan_write(self, linear, others, [n for n in fused if n not in leaving])
 
     def unfuse(self, linear: nn.Linear, names: list[str] | None = None, accept_changed_weights: bool = False) -> None:
-        """Unfold the named tuners (all when None): the weight becomes ``P`` again (plus the ones still fused)."""
-        if self.fused is None:
-            return
-        others = resolve_others(self, linear, accept_changed_weights, action="unfuse_res_tuner")
-        keep = [] if names is None else [n for n in self.fused_names() if n not in names]
-        self.apply_fused(linear, others, keep)
+        """Unfold the named tuners (all when None); the others stay fused, refolded from W0."""
+        write = self.plan_unfuse(linear, names, accept_changed_weights)
+        if write is not None:
+            self.write_planned(linear, write)
+
+    def write_planned(self, linear: nn.Linear, write: FusedWrite) -> None:
+        """Write a planned fuse/unfuse into ``linear``; ``write.names`` are fused afterwards, the others not."""
+        apply_write(self, linear, write)
+        for name, setting in self.settings.items():
+            setting.fused = name in write.names
+        self._update_all_fused()
 
 
 # --- hooks (module-level functions: a deep-copied UNet keeps working, and removal finds them by identity) ---
@@ -276,7 +295,7 @@ class ResTunerAttnProcessor(nn.Module):
 
     ``base_processor`` is the processor it replaced (diffusers' stock one, or xformers', sliced, ...). It is
     restored when the last tuner is removed, and it is swapped, never lost, when diffusers installs another
-    processor (see ``inject._set_processor_keeping_tuners``).
+    processor (see ``kinds.layers._set_processor_keeping_tuners``).
     """
 
     def __init__(self, base_processor: Any, layer_path: str):
@@ -395,3 +414,82 @@ class ResTunerAttnProcessor(nn.Module):
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
             out = out / attn.rescale_output_factor
         return out, shared_query, branch_context
+
+
+# --- joint attention (SD3 / SD3.5 MMDiT, Flux) ------------------------------------------------------------------
+def _frozen_projection(
+    linear: nn.Module, norm: nn.Module | None, heads: int, x: torch.Tensor
+) -> torch.Tensor:
+    """A frozen projection as the joint attention uses it: ``linear(x)``, then its per-head qk-norm (if any).
+    No rotary embedding: the branches' attention carries none (see :class:`ResTunerJointAttnProcessor`)."""
+    out = linear(x)
+    if norm is None:
+        return out
+    return norm(out.unflatten(-1, (heads, -1))).flatten(-2)
+
+
+class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
+    """The attention processor of diffusion transformers (SD3's ``JointAttnProcessor2_0``, Flux's
+    ``FluxAttnProcessor``): it calls the wrapped processor unchanged, so the frozen joint attention -- rotary
+    embeddings, masks, qk-norms and both streams -- is computed exactly as diffusers does, and adds the branches
+    of its :class:`OperationBank` to the **image stream** (``y_img' = y_img + s T(x_img, [c; x_img])``).
+
+    What the branches read (SPEC, "Diffusion transformers"):
+
+    * joint attention (an ``encoder_hidden_states`` is given): ``x`` are the image tokens, the context is the joint
+      sequence ``[c; x]`` (text tokens first), so Res-Attn's keys and values come from text and image; the text
+      stream's output is returned untouched (it is read as context, not tuned);
+    * an attention over one sequence (SD3.5's ``attn2``, Flux's single blocks over the concatenated text+image
+      tokens): a self-attention branch on that sequence, ``c = x``;
+    * the frozen query for Res-Prefix / Res-Prompt is ``to_q(x)`` after the attention's qk-norm, without the rotary
+      embedding: the learned keys have no position, so rotating only the query would add noise, not information.
+      Res-Prompt's tokens go through the text stream's ``add_k_proj`` / ``add_v_proj`` (they stand in for text)
+      where the attention has them, else through ``to_k`` / ``to_v``. Where the attention has no output projection
+      (Flux's single blocks, ``pre_only``) the branch output is the attended values themselves (``W_o = I``).
+    """
+
+    def set_base_processor(self, processor: Any) -> None:
+        if isinstance(processor, ResTunerAttnProcessor):
+            processor = processor.base_processor
+        self.__dict__["base_processor"] = processor
+        self.backend = "wrapped"  # always: the joint computation (rotary, masks, streams) stays diffusers' own
+
+    # FluxAttention passes (hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb) positionally and
+    # forwards only the keyword arguments __call__ names: hence the explicit signature.
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        res_tuner_scale: float | dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if image_rotary_emb is not None:
+            kwargs["image_rotary_emb"] = image_rotary_emb
+        frozen_out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        bank = self.bank
+        if not len(bank):
+            return frozen_out
+        heads = attn.heads
+        added_k = getattr(attn, "add_k_proj", None)
+        if added_k is not None:  # prompt tokens stand in for text: read them through the text stream's projections
+            to_k = functools.partial(_frozen_projection, added_k, getattr(attn, "norm_added_k", None), heads)
+            to_v = functools.partial(_frozen_projection, attn.add_v_proj, None, heads)
+        else:
+            to_k = functools.partial(_frozen_projection, attn.to_k, getattr(attn, "norm_k", None), heads)
+            to_v = functools.partial(_frozen_projection, attn.to_v, None, heads)
+        to_out = getattr(attn, "to_out", None)
+        frozen = FrozenAttention(
+            functools.partial(_frozen_projection, attn.to_q, getattr(attn, "norm_q", None), heads),
+            to_k,
+            to_v,
+            None if to_out is None else to_out[0].weight,
+            heads,
+        )
+        if isinstance(frozen_out, tuple):  # joint: (image stream, text stream); only the image stream is tuned
+            image_out, text_out = frozen_out
+            context = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+            return bank.add_branches(image_out, hidden_states, context, frozen, res_tuner_scale), text_out
+        return bank.add_branches(frozen_out, hidden_states, None, frozen, res_tuner_scale)

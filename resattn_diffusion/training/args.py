@@ -26,10 +26,12 @@ from typing import Any, Literal, Sequence
 import torch
 from diffusers.optimization import SchedulerType
 
-from ..config import PLACEMENTS, PROJECTIONS, TARGETS, ResTunerConfig
+from ..config import PLACEMENTS, ResTunerConfig
+from ..registry import known_projections, known_targets
 from ..registry import get_tuner_spec, tuner_names
 from ..integration.inject import ResTunerError
 from ..tuners.base import ConfigError
+from .user_flags import SECRET_FLAGS, add_user_flags, check_user_flags
 
 Task = Literal["dreambooth", "text2img"]
 TASKS: tuple[str, ...] = ("dreambooth", "text2img")
@@ -88,12 +90,12 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--tuner_arg", type=str, nargs="+", action="extend", default=None, metavar="KEY=VALUE",
         help="Any hyperparameter of the tuner, e.g. --tuner_arg activation=relu prefix_length=16 (repeatable).",
     )
-    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=TARGETS, help="Operations that get a branch (default: attn1 attn2).")
+    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=known_targets(), help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).")
     tuner.add_argument(
         "--blocks", type=str, nargs="+", default=None,
         help="Glob patterns of transformer blocks, e.g. 'up_blocks.*' mid_block (default: every block).",
     )
-    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=PROJECTIONS, help="Linear tuners: projections that get a branch (default: all).")
+    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=known_projections(), help="Linear tuners: projections that get a branch (default: all the model has).")
     tuner.add_argument("--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.")
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
     tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
@@ -188,6 +190,7 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     val.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all, or none.")
     val.add_argument("--logging_dir", type=str, default="logs", help="Logs folder, relative to --output_dir.")
     val.add_argument("--tracker_project_name", type=str, default=f"res-tuner-{task}", help="Project name of the trackers.")
+    add_user_flags(parser)
     return parser
 
 
@@ -230,6 +233,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error("give exactly one of --dataset_name (a datasets name or path) or --train_data_dir (a folder of images)")
         if not 0.0 <= args.caption_dropout <= 1.0:
             parser.error(f"--caption_dropout is a probability in [0, 1], got {args.caption_dropout}")
+    check_user_flags(parser, args)
     report_to = [name.strip() for name in args.report_to.split(",")]
     unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
     if unknown:
@@ -367,4 +371,8 @@ def _parse_hyperparameter(tuner: str, key: str, text: str) -> Any:
 
 def args_to_json(args: argparse.Namespace) -> dict[str, Any]:
     """The run's arguments as plain JSON values (written to ``output_dir/args.json``)."""
-    return {key: value for key, value in sorted(vars(args).items()) if isinstance(value, (str, int, float, bool, list, type(None)))}
+    return {
+        key: value
+        for key, value in sorted(vars(args).items())
+        if isinstance(value, (str, int, float, bool, list, type(None))) and key not in SECRET_FLAGS
+    }
