@@ -68,6 +68,6 @@ def test_an_unreachable_hub_model_fails_in_seconds_naming_the_flag(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     start = time.perf_counter()
-    with pytest.raises(EvaluationError, match=r"Hub cannot be reached.*--clip-model /path/to/folder"):
+    with pytest.raises(EvaluationError, match=r"--clip-model .*Hub cannot be reached"):
         CLIPEncoder("openai/clip-vit-large-patch14")
     assert time.perf_counter() - start < 5

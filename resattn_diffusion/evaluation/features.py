@@ -26,7 +26,6 @@ from .errors import EvaluationError
 from .images import iter_image_batches, list_images
 from .inception import FIDInceptionV3, TorchFidelityInception, find_inception_weights
 
-
 Preprocess = Callable[[list[Image.Image]], torch.Tensor]
 
 
@@ -176,30 +175,14 @@ class InceptionEncoder(ImageEncoder):
 
 
 def _load_pretrained(loader: Callable, name_or_path: str | os.PathLike, flag: str, what: str, **kwargs):
-    """``loader(name_or_path)``; a hub or file error becomes an :class:`EvaluationError` naming ``flag``.
+    """``loader(name_or_path)``; a hub or file error becomes an :class:`EvaluationError` naming ``flag``. A Hub id
+    that is neither cached nor reachable fails at once (huggingface_hub would retry for about a minute)."""
+    from ..hub import ModelSourceError, check_pretrained_source
 
-    A Hub id that is not in the local cache while the Hub cannot be reached fails at once (transformers would retry
-    for about a minute before saying so); a cached one loads without trying the network."""
-    if not os.path.exists(str(name_or_path)):
-        from huggingface_hub import constants
-
-        # the pipeline mixin's checks, so that the tuner loader and the evaluation judge "offline" alike
-        from ..integration.loader_mixin import _hub_unreachable, _in_hub_cache
-
-        unreachable = _hub_unreachable(constants)
-        if unreachable:
-            try:
-                cached = _in_hub_cache(str(name_or_path), "config.json", {})
-            except ValueError:  # not even shaped like a Hub id (e.g. a local path that does not exist)
-                cached = False
-            if not cached:
-                raise EvaluationError(
-                    f"could not load the {what} {str(name_or_path)!r}: it is not a local folder, not in the Hugging "
-                    f"Face cache, and the Hub cannot be reached ({unreachable}). Pass a local folder with {flag} "
-                    f"/path/to/folder (a save_pretrained folder with the model and its "
-                    f"{'tokenizer and ' if 'CLIP' in what else ''}image processor), or go online."
-                )
-            kwargs = {**kwargs, "local_files_only": True}
+    try:
+        check_pretrained_source(name_or_path, flag, filename="config.json")
+    except ModelSourceError as err:
+        raise EvaluationError(f"could not load the {what}: {err}") from None
     try:
         return loader(str(name_or_path), **kwargs)
     except OSError as err:

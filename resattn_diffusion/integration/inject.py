@@ -7,7 +7,7 @@ Shared state (the model's configs and banks) lives in ``state.py``.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

@@ -11,18 +11,17 @@ it was (same processors, same outputs).
 from __future__ import annotations
 
 import os
-import re
-import socket
-from urllib.parse import urlparse
-from typing import Any, Mapping
-
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..checks import check_scale
 from ..config import ResTunerConfig
+from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
+from ..tuners.base import ConfigError
 from .inject import (
     ResTunerError,
     fuse_res_tuner,
@@ -38,14 +37,6 @@ from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner, res_tuner_state_
 
 #: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
 HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
-
-# "user/repo" or "repo": what a Hub repo id looks like (and a local path, absolute or with 3+ parts, does not).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def _looks_like_repo_id(path: str) -> bool:
-    return bool(_REPO_ID.match(path)) and not path.endswith(".safetensors") and ".." not in path
-
 
 def resolve_tuner_source(
     path_or_repo: str | os.PathLike, weight_name: str | None = None, **hub_kwargs: Any
@@ -68,7 +59,7 @@ def resolve_tuner_source(
             path_or_repo = os.path.join(path_or_repo, hub_kwargs["subfolder"])
         return str(path_or_repo), weight_name
     path = str(path_or_repo)
-    if not isinstance(path_or_repo, str) or not _looks_like_repo_id(path):
+    if not isinstance(path_or_repo, str) or not looks_like_repo_id(path):
         raise ResTunerFileError(
             f"no tuner file or folder at {path!r}: the path does not exist; pass a .safetensors file saved by "
             "save_res_tuner, a training output folder holding res_tuner.safetensors, or a Hugging Face Hub repo id "
@@ -78,14 +69,19 @@ def resolve_tuner_source(
     from huggingface_hub import constants, hf_hub_download
 
     filename = weight_name or WEIGHT_NAME
-    offline = _hub_unreachable(constants)
-    if offline and not hub_kwargs.get("local_files_only") and not _in_hub_cache(path, filename, hub_kwargs):
-        # hf_hub_download would retry for many seconds before saying the same thing
-        raise ResTunerFileError(
-            f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and it cannot be fetched "
-            f"from the Hugging Face Hub: offline ({offline}). Pass the path of a local .safetensors file or training output "
-            "folder, or go online."
-        )
+    if not hub_kwargs.get("local_files_only"):
+        # hf_hub_download would retry an unreachable Hub for many seconds before saying the same thing
+        subfolder = hub_kwargs.get("subfolder")
+        try:
+            check_pretrained_source(
+                path, "load_res_tuner", filename=f"{subfolder}/{filename}" if subfolder else filename,
+                cache_dir=hub_kwargs.get("cache_dir"), revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"),
+            )
+        except ModelSourceError as err:
+            raise ResTunerFileError(
+                f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and the Hugging Face "
+                f"Hub cannot provide it (offline, unreachable or no such repo): {err}"
+            ) from None
     try:
         return hf_hub_download(path, filename, **hub_kwargs), None
     except Exception as err:  # huggingface_hub raises a family of errors: offline, not found, gated, HTTP
@@ -233,12 +229,13 @@ class ResTunerLoaderMixin:
         """
         names = self._check_names(adapter_names)
         if len(set(names)) != len(names):
-            raise ValueError(f"set_res_tuners: adapter_names has duplicates: {names}")
-        if weights is None or isinstance(weights, (int, float, dict)):
+            raise ConfigError(f"set_res_tuners: adapter_names has duplicates: {names}")
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(weights, (int, float, dict)):
             weights = [weights] * len(names)
-        weights = [1.0 if w is None else w for w in weights]
         if len(weights) != len(names):
-            raise ValueError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} weight(s) {weights}")
+            raise ConfigError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} scale weight(s) {weights}")
         unet = self._res_tuner_unet
         # Expand and check every weight before any tuner changes.
         weights = [_expand_block_weights(unet, w, name) if isinstance(w, dict) else _check_weight(w) for w, name in zip(weights, names)]
@@ -343,9 +340,12 @@ class ResTunerLoaderMixin:
             raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
         if adapter_name is None:
             return loaded
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if not names:
-            raise ValueError("no adapter name given; pass a name or a list of names of loaded tuners")
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(name, str) for name in names):
+            raise ResTunerError(
+                f"adapter_name must be a loaded tuner's name, a non-empty list of names or None (all), got {adapter_name!r}"
+            )
+        names = list(names)
         missing = [name for name in names if name not in loaded]
         if missing:
             raise ResTunerError(f"no tuner named {missing[0]!r} is loaded; loaded tuners (adapter names): {loaded}")
@@ -364,43 +364,24 @@ def _check_weight(value: float) -> float:
     return check_scale(value, "a tuner scale")
 
 
-def _hub_unreachable(constants: Any) -> str | None:
-    """Why the Hub cannot be reached right now (offline mode, or no connection within a second), or None."""
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return "HF_HUB_OFFLINE is set"
-    parsed = urlparse(constants.ENDPOINT)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=1.0).close()
-    except OSError as err:
-        return f"no connection to {parsed.hostname}:{port} ({err.strerror or type(err).__name__})"
-    return None
-
-
-def _in_hub_cache(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> bool:
-    """Whether the file is in the local Hub cache (then hf_hub_download can return it without a connection)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    subfolder = hub_kwargs.get("subfolder")
-    found = try_to_load_from_cache(
-        repo_id, f"{subfolder}/{filename}" if subfolder else filename, cache_dir=hub_kwargs.get("cache_dir"),
-        revision=hub_kwargs.get("revision"),
-    )
-    return isinstance(found, str)
-
-
 def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str, float]:
     """A diffusers per-block scale dict -> ``{module path prefix: scale}``, expanded by diffusers' own
     ``_maybe_expand_lora_scales`` so that the two read the same dict the same way."""
     from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 
     if not hasattr(getattr(unet, "config", None), "layers_per_block") or not hasattr(unet, "down_blocks"):
-        raise ValueError(f"per-block weights for {name!r} need a UNet with down/mid/up blocks; pass one number")
+        raise ConfigError(f"per-block scales for {name!r} need a UNet with down/mid/up blocks; pass one number")
+    unknown = sorted(map(str, set(weights) - {"down", "mid", "up"}))
+    if unknown:
+        raise ConfigError(
+            f"per-block scales for {name!r} have unknown key(s) {unknown}; the keys are 'down', 'mid' and 'up' "
+            '(diffusers\' set_adapters form: {"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}})'
+        )
     try:
         expanded = _maybe_expand_lora_scales(unet, [weights], default_scale=1.0)[0]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"per-block weights {weights!r} for {name!r}: {err}. The form is diffusers' set_adapters one: "
+        raise ConfigError(
+            f"per-block scales {weights!r} for {name!r}: {err}. The form is diffusers' set_adapters one: "
             '{"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}}'
         ) from None
     return {path: _check_weight(value) for path, value in expanded.items()}

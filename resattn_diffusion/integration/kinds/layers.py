@@ -1,7 +1,8 @@
 """Operation and linear tuners: one tuner module per layer, held in a :class:`~..processors.TunerBank` at the layer.
 
 An attention layer's bank lives in the processor that wraps the attention's own (the family names the processor
-class); a feed-forward's or a linear's bank is a child module of it, with a forward hook adding the branches.
+class); a feed-forward's bank is a child module of it, with a forward hook adding the branches; a linear's bank computes
+the projection itself through an instance ``forward`` (one GEMM with the merged weight where that is faster).
 Hooks and processors keep every frozen module where it was and of its own class (state-dict keys unchanged).
 """
 
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from ..processors import (
     TunerBank,
     TunerSetting,
     ff_bank_hook,
-    linear_bank_hook,
+    linear_bank_forward,
 )
 from ..fusion import plan_write
 from ..state import ResTunerError, ResTunerState, module_dtype_device, remove_forward_hooks
@@ -80,7 +81,12 @@ def bank_for(layer: Layer) -> tuple[TunerBank, nn.Module]:
     if bank is None:
         bank = LinearBank(layer.path) if layer.role == "linear" else OperationBank(layer.path)
         module.res_tuner_bank = bank
-        module.register_forward_hook(linear_bank_hook if layer.role == "linear" else ff_bank_hook)
+        if layer.role == "linear":
+            # The bank computes the frozen projection itself (see processors.linear_bank_forward): an instance
+            # attribute, so the module keeps its class and state-dict keys; a deep copy binds to the copy.
+            module.forward = functools.partial(linear_bank_forward, module)
+        else:
+            module.register_forward_hook(ff_bank_hook)
     return bank, module
 
 
@@ -92,7 +98,9 @@ def detach_bank(bank: TunerBank, owner: nn.Module) -> None:
         _remove_guard(owner)
         type(owner).set_processor(owner, base)
         return
-    remove_forward_hooks(owner, linear_bank_hook)
+    forward = owner.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is linear_bank_forward:
+        del owner.forward  # back to the class's forward (one that wrapped ours, e.g. accelerate's, is left alone)
     remove_forward_hooks(owner, ff_bank_hook)
     del owner.res_tuner_bank
 
