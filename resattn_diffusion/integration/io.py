@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -172,7 +175,8 @@ def write_tuner_file(
         "layers": json.dumps(expected_fingerprint(unet, config)),
         "base": json.dumps(base_description(unet)),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -184,6 +188,69 @@ def write_tuner_file(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+# --- temporaries of interrupted saves ---------------------------------------------------------------------------
+#: A save writes ``.<file>.rt-<host>-<pid>-<random>.tmp`` beside its target; the writer's host and pid say whether
+#: it can still be in flight. Older versions wrote ``.<file>.<random>.tmp`` (no owner: judged by age alone).
+_TEMPORARY = re.compile(r"^\.(?P<target>.+\.safetensors)\.rt-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)-[A-Za-z0-9_]{8}\.tmp$")
+_LEGACY_TEMPORARY = re.compile(r"^\.(?P<target>.+\.safetensors)\.[a-z0-9_]{8}\.tmp$")
+#: A temporary whose writer cannot be checked (another host, an older version) is stale once untouched this long:
+#: a save writes its file in one go, so an in-flight one is never this old.
+STALE_TEMPORARY_SECONDS = 3600.0
+#: ...and one whose writer has exited on this host, once untouched this long (a margin for clock and pid quirks).
+DEAD_WRITER_GRACE_SECONDS = 10.0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
+
+
+def _temporary_prefix(file_name: str) -> str:
+    return f".{file_name}.rt-{_host()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's) or cannot be checked: assume in flight
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that interrupted saves (a killed process, a full disk) left in ``folder``.
+
+    Only this library's own temporary names, and only stale ones: written by a process of this host that is gone,
+    or (writer unknown: another host, an older version) untouched for :data:`STALE_TEMPORARY_SECONDS`. Another
+    process's save in progress is never touched. Best effort: what cannot be removed stays. Returns what went."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        ours = _TEMPORARY.match(entry.name)
+        if ours is None and _LEGACY_TEMPORARY.match(entry.name) is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if ours is not None and ours["host"] == _host():
+                pid = int(ours["pid"])
+                stale = pid != os.getpid() and not _process_alive(pid) and age > DEAD_WRITER_GRACE_SECONDS
+            else:
+                stale = age > STALE_TEMPORARY_SECONDS
+            if stale:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def read_tuner_file(path: str | os.PathLike, weight_name: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

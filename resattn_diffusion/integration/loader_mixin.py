@@ -285,13 +285,20 @@ class ResTunerLoaderMixin:
         if names:
             fuse_res_tuner(self._res_tuner_unet, names, safe_fusing=safe_fusing)
 
-    def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None) -> None:
-        """Restore the weights fused tuners changed, exactly; the tuners run as branches again. With
-        ``adapter_names``, only those leave the weights (the other fused tuners stay fused)."""
+    def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None, accept_changed_weights: bool = False) -> None:
+        """Unfold fused tuners; they run as branches again. With ``adapter_names``, only those leave the weights
+        (the other fused tuners stay fused).
+
+        Exact beside a diffusers LoRA in any order of ``fuse_lora``/``unfuse_lora``: the weights become what the LoRA
+        alone makes them (the original ones, bit for bit, when nothing else was fused in between). Refused, changing
+        nothing, when a weight was changed while fused by something else (for example ``unload_lora_weights()`` of a
+        LoRA loaded and fused after this tuner was fused); ``accept_changed_weights=True`` then subtracts exactly the
+        tuners' delta and keeps the other change.
+        """
         if not get_res_tuner_configs(self._res_tuner_unet):
             return
         names = None if adapter_names is None else self._check_names(adapter_names)
-        unfuse_res_tuner(self._res_tuner_unet, names)
+        unfuse_res_tuner(self._res_tuner_unet, names, accept_changed_weights=accept_changed_weights)
 
     # -- inspection -----------------------------------------------------------------------------------------------
     def get_res_tuners(self) -> dict[str, dict[str, Any]]:

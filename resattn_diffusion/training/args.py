@@ -190,6 +190,12 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--resume_from_checkpoint", type=str, default=None,
         help="'latest' (the newest checkpoint in --output_dir) or a checkpoint folder.",
     )
+    ckpt.add_argument(
+        "--allow_inexact_resume", action="store_true",
+        help="Resume even when the checkpoint's random states (random_states_<process>.pkl) are missing or unreadable; "
+        "the run then continues with fresh random states and no longer equals an uninterrupted one (a loud warning "
+        "says so). Without it such a checkpoint is refused.",
+    )
 
     val = parser.add_argument_group("validation and logging")
     val.add_argument("--validation_prompt", type=str, default=None, help="Prompt generated at intervals (PNG grids under output_dir/validation).")
