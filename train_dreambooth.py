@@ -14,8 +14,8 @@ The result, output_dir/res_tuner.safetensors, loads with resattn_diffusion.load_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from resattn_diffusion.training import parse_args, run_script, train
 

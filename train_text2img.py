@@ -14,8 +14,8 @@ output_dir/res_tuner.safetensors, loads with resattn_diffusion.load_res_tuner(pi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from resattn_diffusion.training import parse_args, run_script, train
 

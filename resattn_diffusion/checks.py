@@ -25,7 +25,8 @@ import numbers
 import re
 import types
 import typing
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -121,14 +122,19 @@ def check_item_count(what: str, values: Any) -> None:
 
 
 def check_model(model: Any, pipelines_ok: bool = True) -> nn.Module:
-    """The UNet to act on: a module itself, or (with ``pipelines_ok``) a pipeline's ``.unet``; anything else is
-    refused, saying to pass ``pipe.unet``."""
+    """The denoiser to act on: a module itself, or (with ``pipelines_ok``) a pipeline's ``.unet`` / ``.transformer``
+    (SD3, Flux); anything else is refused, saying to pass ``pipe.unet`` or ``pipe.transformer``."""
     if isinstance(model, nn.Module):
         return model
-    unet = getattr(model, "unet", None)
-    if pipelines_ok and isinstance(unet, nn.Module):
-        return unet
-    raise ConfigError(f"expected a diffusers UNet (pass the pipeline's UNet: pipe.unet), got {type(model).__name__}")
+    denoiser = getattr(model, "unet", None)
+    if not isinstance(denoiser, nn.Module):
+        denoiser = getattr(model, "transformer", None)
+    if pipelines_ok and isinstance(denoiser, nn.Module):
+        return denoiser
+    raise ConfigError(
+        "expected a diffusers UNet or transformer (pass the pipeline's denoiser: pipe.unet, or pipe.transformer for "
+        f"SD3 / Flux), got {type(model).__name__}"
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------

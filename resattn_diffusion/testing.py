@@ -40,17 +40,27 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-
 __all__ = [
     "DEFAULT_WORDS",
     "KINDS",
+    "TRANSFORMER_KINDS",
     "SD15_UNET_CONFIG",
     "SD21_UNET_CONFIG",
     "SDXL_UNET_CONFIG",
     "build_clip_vocab",
+    "flux_transformer_inputs",
+    "frozen_tiny_model",
     "make_tokenizer",
+    "model_inputs",
+    "present_targets",
     "save_tiny_pipeline",
+    "sd3_transformer_inputs",
+    "tiny_flux_transformer",
+    "tiny_flux_transformer_config",
     "tiny_pipeline",
+    "tiny_sd3_transformer",
+    "tiny_sd3_transformer_config",
+    "tiny_transformer",
     "tiny_unet",
     "tiny_unet_config",
     "unet_from_config",
@@ -677,3 +687,167 @@ def randomize_tuner(unet: torch.nn.Module, adapter_name: str = "default", seed: 
     with torch.no_grad():
         for parameter in res_tuner_parameters(unet, adapter_name):
             parameter.copy_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype) * std)
+
+
+# --- tiny diffusion transformers (SD3 / SD3.5 MMDiT, Flux) ---------------------------------------------------
+#: Width of the tiny transformers' text context (CLIP-L + CLIP-G hidden states and T5 in SD3: 4096; Flux's T5: 4096).
+TINY_TRANSFORMER_TEXT_DIM = 32
+#: Width of the pooled text embedding (2048 in SD3, 768 in Flux).
+TINY_TRANSFORMER_POOLED_DIM = 24
+_TRANSFORMER_SEED_OFFSET = 3
+
+
+def tiny_sd3_transformer_config(dual_attention: bool = False) -> dict[str, Any]:
+    """Config of the tiny SD3 (``dual_attention=False``) or SD3.5 (``True``: ``attn2`` in the first block and
+    RMS qk-norm) transformer: 2 joint blocks (the last one ``context_pre_only``, as in SD3), 2 heads of 8
+    (inner width 16), 16 latent channels (as SD3's VAE), patch 2 on 8x8 latents (16 image tokens). A fresh dict."""
+    config: dict[str, Any] = {
+        "sample_size": 8,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": TINY_TRANSFORMER_TEXT_DIM,
+        "caption_projection_dim": 16,  # = heads x head dim, as in SD3
+        "pooled_projection_dim": TINY_TRANSFORMER_POOLED_DIM,
+        "pos_embed_max_size": 16,
+    }
+    if dual_attention:
+        config.update({"dual_attention_layers": (0,), "qk_norm": "rms_norm"})
+    return config
+
+
+def tiny_flux_transformer_config(guidance_embeds: bool = True) -> dict[str, Any]:
+    """Config of the tiny Flux transformer: 1 double-stream ``FluxTransformerBlock`` and 2
+    ``FluxSingleTransformerBlock``, 2 heads of 8 (rotary axes 2+2+4 = 8), 16 packed input channels (4 latent
+    channels x 2x2 patches, as Flux packs its 16 x 2 x 2), guidance embedding as in FLUX.1-dev. A fresh dict."""
+    return {
+        "patch_size": 1,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 1,
+        "num_single_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": TINY_TRANSFORMER_TEXT_DIM,
+        "pooled_projection_dim": TINY_TRANSFORMER_POOLED_DIM,
+        "guidance_embeds": guidance_embeds,
+        "axes_dims_rope": (2, 2, 4),
+    }
+
+
+def tiny_sd3_transformer(dual_attention: bool = False, seed: int = 0, **overrides: Any):
+    """A tiny ``SD3Transformer2DModel`` with seeded random weights (see :func:`tiny_sd3_transformer_config`;
+    ``overrides`` replace config entries). The global torch RNG state is left untouched."""
+    from diffusers import SD3Transformer2DModel
+
+    config = {**tiny_sd3_transformer_config(dual_attention), **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _TRANSFORMER_SEED_OFFSET)
+        model = SD3Transformer2DModel(**config)
+    return model.eval()
+
+
+def tiny_flux_transformer(guidance_embeds: bool = True, seed: int = 0, **overrides: Any):
+    """A tiny ``FluxTransformer2DModel`` with seeded random weights (see :func:`tiny_flux_transformer_config`;
+    ``overrides`` replace config entries). The global torch RNG state is left untouched."""
+    from diffusers import FluxTransformer2DModel
+
+    config = {**tiny_flux_transformer_config(guidance_embeds), **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _TRANSFORMER_SEED_OFFSET)
+        model = FluxTransformer2DModel(**config)
+    return model.eval()
+
+
+def sd3_transformer_inputs(model: torch.nn.Module, batch_size: int = 2, seed: int = 0, tokens: int = 7) -> dict[str, Any]:
+    """Seeded random keyword arguments for ``model(**inputs)`` of an ``SD3Transformer2DModel``: latents
+    (B, C, H, W), a text context (B, tokens, joint_attention_dim), pooled projections and timesteps in [0, 1000)
+    (as diffusers' SD3 pipeline passes them); in the model's dtype and on its device."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    size = config.sample_size
+    tensors = {
+        "hidden_states": torch.randn(batch_size, config.in_channels, size, size, generator=generator),
+        "encoder_hidden_states": torch.randn(batch_size, tokens, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=generator),
+    }
+    inputs: dict[str, Any] = {key: value.to(model.device, model.dtype) for key, value in tensors.items()}
+    inputs["timestep"] = (torch.rand(batch_size, generator=generator) * 1000).to(model.device)
+    return inputs
+
+
+def flux_transformer_inputs(
+    model: torch.nn.Module, batch_size: int = 2, seed: int = 0, tokens: int = 7, height: int = 4, width: int = 4
+) -> dict[str, Any]:
+    """Seeded random keyword arguments for ``model(**inputs)`` of a ``FluxTransformer2DModel``: packed latents
+    (B, height x width, in_channels), a text context, pooled projections, timesteps in [0, 1], the image and text
+    position ids (rotary embeddings) and, with guidance embeds, a guidance scale; in the model's dtype/device."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "hidden_states": torch.randn(batch_size, height * width, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(batch_size, tokens, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=generator),
+    }
+    inputs: dict[str, Any] = {key: value.to(model.device, model.dtype) for key, value in tensors.items()}
+    inputs["timestep"] = torch.rand(batch_size, generator=generator).to(model.device, model.dtype)
+    img_ids = torch.zeros(height, width, 3)
+    img_ids[..., 1] = torch.arange(height)[:, None]
+    img_ids[..., 2] = torch.arange(width)[None, :]
+    inputs["img_ids"] = img_ids.reshape(height * width, 3).to(model.device, model.dtype)
+    inputs["txt_ids"] = torch.zeros(tokens, 3).to(model.device, model.dtype)
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.full((batch_size,), 3.5).to(model.device, model.dtype)
+    return inputs
+
+
+#: The tiny diffusion transformers: SD3, SD3.5 (``attn2`` and qk-norm) and Flux.
+TRANSFORMER_KINDS: tuple[str, ...] = ("sd3", "sd35", "flux")
+_FROZEN_TRANSFORMERS: dict[tuple[str, int], torch.nn.Module] = {}
+
+
+def tiny_transformer(kind: str = "sd3", seed: int = 0) -> torch.nn.Module:
+    """The tiny transformer of ``kind`` (one of :data:`TRANSFORMER_KINDS`)."""
+    if kind == "sd3":
+        return tiny_sd3_transformer(seed=seed)
+    if kind == "sd35":
+        return tiny_sd3_transformer(dual_attention=True, seed=seed)
+    if kind == "flux":
+        return tiny_flux_transformer(seed=seed)
+    raise ValueError(f"Unknown tiny transformer kind {kind!r}; choose one of {', '.join(TRANSFORMER_KINDS)}.")
+
+
+def frozen_tiny_model(kind: str = "sd1", seed: int = 0) -> torch.nn.Module:
+    """A fresh copy of the frozen tiny denoiser of ``kind``: a UNet (:data:`KINDS`) or a transformer
+    (:data:`TRANSFORMER_KINDS`), built once per process and deep-copied (see :func:`frozen_tiny_unet`)."""
+    if kind in KINDS:
+        return frozen_tiny_unet(kind, seed)
+    key = (kind, seed)
+    if key not in _FROZEN_TRANSFORMERS:
+        model = tiny_transformer(kind, seed)
+        model.requires_grad_(False)
+        _FROZEN_TRANSFORMERS[key] = model
+    return copy.deepcopy(_FROZEN_TRANSFORMERS[key])
+
+
+def model_inputs(model: torch.nn.Module, batch_size: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Seeded inputs for any tiny denoiser: :func:`unet_inputs`, :func:`sd3_transformer_inputs` or
+    :func:`flux_transformer_inputs`, by the model's class."""
+    name = type(model).__name__
+    if name == "SD3Transformer2DModel":
+        return sd3_transformer_inputs(model, batch_size, seed)
+    if name == "FluxTransformer2DModel":
+        return flux_transformer_inputs(model, batch_size, seed)
+    return unet_inputs(model, batch_size, seed)
+
+
+def present_targets(model: torch.nn.Module) -> tuple[str, ...]:
+    """The targets of the model's family that exist in this model (e.g. ``attn2`` only on SD3.5-style blocks)."""
+    from .integration.families import family_of  # here, so that testing.py loads without the rest
+
+    family = family_of(model)
+    blocks = family.blocks(model)
+    return tuple(t for t in family.targets if any(family.operation(path, block, t) is not None for path, block in blocks))

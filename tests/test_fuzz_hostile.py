@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -220,7 +220,9 @@ def test_every_metadata_field_wrong(world: World):
         for key in METADATA_KEYS:
             variants: dict[str, str | None] = {"missing": None, **BAD_JSON}
             if key == "format_version":
-                variants.update({"float": "1.5", "negative": "-1", "zero": "0", "future": "2", "huge": "9" * 40, "arabic digit": "\u0661", "spaced": " 1"})
+                variants.update(
+                    {"float": "1.5", "negative": "-1", "zero": "0", "future": "2", "huge": "9" * 40, "arabic digit": "\u0661", "spaced": " 1"},
+                )
             if key == "adapter_name":
                 variants = {f"name {n!r}": n for n in BAD_NAMES if isinstance(n, str)}
             if key == "format":
@@ -242,8 +244,8 @@ def _config_variants(config: dict[str, Any], common: bool = True) -> list[tuple[
     wrong_types = [5, 1.5, None, True, [], {}, [5], {"a": 1}, "x", [[["deep"]]]]
     for field in ("tuner", "targets", "blocks", "projections", "placement") if common else ():
         for value in wrong_types:
-            if field == "blocks" and value is None:
-                continue  # None is every block: valid
+            if field in ("blocks", "targets", "projections") and value is None:
+                continue  # None is every block / the model family's default targets and projections: valid
             if field == "projections" and config["tuner"] not in ("res_lora", "glora", "surm_circulant") and value in ([], {}):
                 continue  # projections are unused by operation tuners: an empty list is valid there
             out.append((f"{field}={value!r}", field[:-1] if field.endswith("s") else field, {**config, field: value}))
@@ -437,7 +439,9 @@ def test_non_regular_files_and_garbage_bytes(world: World, tmp_path: Path):
     folder = tmp_path / "with_fifo"
     folder.mkdir()
     os.mkfifo(folder / "res_tuner.safetensors")
-    fuzz.case("folder holding a FIFO", _guarded(_load(world, folder), folder / "res_tuner.safetensors"), "res_tuner.safetensors", "not a regular file")
+    fuzz.case(
+        "folder holding a FIFO", _guarded(_load(world, folder), folder / "res_tuner.safetensors"), "res_tuner.safetensors", "not a regular file",
+    )
     nested = tmp_path / "with_folder"
     (nested / "res_tuner.safetensors").mkdir(parents=True)
     fuzz.case("folder holding a folder res_tuner.safetensors", _load(world, nested), "res_tuner.safetensors", "is a folder")

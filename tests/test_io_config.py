@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from safetensors import safe_open
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration import io as tuner_io
-from resattn_diffusion.testing import tiny_unet, unet_inputs
+from resattn_diffusion.testing import tiny_unet
 
 
 def _trained(kind="sd1", tuner="res_attn", **kw):
@@ -41,7 +40,7 @@ def test_every_tuner_works_with_just_its_name_and_round_trips_json(tuner):
     [
         ({"tuner": "res_attn", "rank": 6, "heads": 4}, r"not divisible by heads=4; with rank 6 use heads in \[1, 2, 3, 6\]"),
         ({"tuner": "lora_xl"}, r"unknown tuner 'lora_xl'; registered tuners: \["),
-        ({"tuner": "res_attn", "targets": ["attn3"]}, r"target='attn3' is not allowed; choose one of \['attn1', 'attn2', 'ff'\]"),
+        ({"tuner": "res_attn", "targets": ["attn3"]}, r"target='attn3' is not allowed; choose one of \[.*'attn1', 'attn2', 'ff'"),
         ({"tuner": "res_attn", "placement": "serial"}, r"placement='serial' is not allowed"),
         ({"tuner": "res_adapter", "rank": 0}, r"rank must be a positive number"),
         ({"tuner": "res_adapter", "activation": "swish"}, r"unknown activation 'swish'; allowed: \["),

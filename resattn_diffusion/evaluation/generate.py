@@ -25,7 +25,6 @@ from ..quiet import from_pretrained_dtype
 from .errors import EvaluationError
 from .images import MANIFEST_NAME, read_manifest, read_prompts
 
-
 #: Generation settings that must be the same for every image of one folder (mixing them would make metrics over
 #: the folder meaningless).
 SETTING_KEYS: tuple[str, ...] = (

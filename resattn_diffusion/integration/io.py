@@ -1,8 +1,8 @@
 """The tuner file: one ``.safetensors`` with the weights, and JSON metadata (config, format version, adapter name,
-and a fingerprint of the base UNet's layer shapes). Never pickle. Writes are atomic; loads check everything first.
+and a fingerprint of the base model's layer shapes). Never pickle. Writes are atomic; loads check everything first.
 
 Tensor keys are ``<layer path>.<parameter>``, e.g.
-``up_blocks.1.attentions.0.transformer_blocks.0.attn2.q_proj.weight``: they name where a tuner sits in the UNet,
+``up_blocks.1.attentions.0.transformer_blocks.0.attn2.q_proj.weight``: they name where a tuner sits in the model,
 not how this library happens to hold it.
 """
 
@@ -13,8 +13,8 @@ import os
 import stat
 import struct
 import tempfile
-from pathlib import Path
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,16 +23,9 @@ from torch import nn
 from ..checks import MAX_ABS_WEIGHT, check_adapter_name, check_model
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
-from .inject import (
-    ResTunerError,
-    add_res_tuner,
-    find_layers,
-    get_res_tuner_configs,
-    get_state,
-    iter_tuners,
-    layer_fingerprint,
-    remove_res_tuner,
-)
+from .families import family_named, family_of
+from .inject import add_res_tuner, expected_fingerprint, get_res_tuner_configs, iter_tuners, remove_res_tuner
+from .state import ResTunerError, get_state
 
 FORMAT_NAME = "resattn-diffusion"
 FORMAT_VERSION = 1
@@ -51,24 +44,9 @@ class ResTunerFileError(ValueError):
 
 
 def base_description(unet: nn.Module) -> dict:
-    config = getattr(unet, "config", {})
-    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
-    return {
-        "class": type(unet).__name__,
-        "name_or_path": get("_name_or_path", "") or "",
-        "block_out_channels": list(get("block_out_channels", []) or []),
-        "cross_attention_dim": get("cross_attention_dim", None),
-        "addition_embed_type": get("addition_embed_type", None),
-    }
-
-
-def expected_fingerprint(unet: nn.Module, config: ResTunerConfig) -> dict[str, dict[str, int]]:
-    """Layer path -> shape, for ``config`` applied to ``unet``: what the file must agree with."""
-    if config.spec.kind == "unet":
-        from .unet_tuners import unet_tuner_fingerprint
-
-        return unet_tuner_fingerprint(unet, config)
-    return layer_fingerprint(find_layers(unet, config))
+    """What the file records of the base model: its family, class, name and the config values its family names."""
+    family = family_of(unet)
+    return {"family": family.name, **family.describe(unet)}
 
 
 def tuner_file_key(layer_path: str, key: str) -> str:
@@ -120,7 +98,13 @@ def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) 
 
 def _check_weight_name(weight_name: Any) -> None:
     """A file name inside the folder: no separators or '..' (an absolute or relative path would leave the folder)."""
-    if not isinstance(weight_name, str) or not weight_name or weight_name in (".", "..") or os.path.basename(weight_name) != weight_name or (os.altsep and os.altsep in weight_name):
+    if (
+        not isinstance(weight_name, str)
+        or not weight_name
+        or weight_name in (".", "..")
+        or os.path.basename(weight_name) != weight_name
+        or (os.altsep and os.altsep in weight_name)
+    ):
         raise ResTunerFileError(
             f"weight_name must be the name of a file inside the folder (like {WEIGHT_NAME!r}, no '/' or '..'), got {weight_name!r}"
         )
@@ -155,7 +139,7 @@ def save_res_tuner(
     state = get_state(unet)
     if state is None or not isinstance(adapter_name, str) or adapter_name not in state.configs:
         loaded = [] if state is None else list(state.configs)
-        raise ResTunerError(f"no tuner named {adapter_name!r} on this UNet to save; loaded tuners (adapter names): {loaded}")
+        raise ResTunerError(f"no tuner named {adapter_name!r} on this model to save; loaded tuners (adapter names): {loaded}")
     config = state.configs[adapter_name]
     return write_tuner_file(unet, path, config, tuner_state_dict(unet, adapter_name), adapter_name, overwrite)
 
@@ -396,17 +380,21 @@ def _check_planned_tensors(
             )
 
 
+def _describe(base: dict) -> str:
+    details = ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("class", "name_or_path", "family"))
+    return f"{base.get('class')} {base.get('name_or_path') or '(unnamed)'}" + (f", {details}" if details else "")
+
+
 def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, unet: nn.Module) -> str | None:
     if saved == expected:
         return None
     base = _json_field(file, meta, "base", dict, "a JSON object describing the base model")
     here = base_description(unet)
+    word = family_of(unet).model_word
     lines = [
-        f"tuner file {file!r} does not fit this UNet.",
-        f"  made for: {base.get('class')} {base.get('name_or_path') or '(unnamed)'}, block_out_channels="
-        f"{base.get('block_out_channels')}, cross_attention_dim={base.get('cross_attention_dim')}",
-        f"  this UNet: {here['class']} {here['name_or_path'] or '(unnamed)'}, block_out_channels="
-        f"{here['block_out_channels']}, cross_attention_dim={here['cross_attention_dim']}",
+        f"tuner file {file!r} does not fit this {word}.",
+        f"  made for: {_describe(base)}",
+        f"  this {word}: {_describe(here)}",
     ]
     missing = [p for p in saved if p not in expected]
     extra = [p for p in expected if p not in saved]
@@ -416,7 +404,7 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
     if extra:
         lines.append(f"  {len(extra)} layer(s) here are not in the file, e.g. {extra[0]}")
     for path in differing[:3]:
-        lines.append(f"  layer {path}: file {saved[path]}, this UNet {expected[path]}")
+        lines.append(f"  layer {path}: file {saved[path]}, this {word} {expected[path]}")
     if len(differing) > 3:
         lines.append(f"  ... and {len(differing) - 3} more layer(s) with other shapes")
     lines.append("Load it into the base model it was trained on.")
@@ -457,16 +445,24 @@ def load_res_tuner(
             raise ResTunerFileError(str(err)) from None
     config = _file_config(file, metadata)
     saved = _file_layers(file, metadata)
-    _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
+    base = _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
     name = adapter_name or saved_name or "default"
     state = get_state(unet)
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
 
+    family = family_of(unet)
+    made_for = base.get("family")
+    if made_for is not None and made_for != family.name:
+        other = family_named(str(made_for))
+        raise ResTunerFileError(
+            f"tuner file {file!r} was made for a {base.get('class', '?')} ({other.model_word if other else made_for}), "
+            f"not for this {type(unet).__name__} ({family.model_word}); load it into the kind of model it was trained on"
+        )
     try:
         expected = expected_fingerprint(unet, config)
     except (ConfigError, ResTunerError) as err:
-        raise ResTunerFileError(f"tuner file {file!r} does not fit this UNet: {err}") from None
+        raise ResTunerFileError(f"tuner file {file!r} does not fit this {family.model_word}: {err}") from None
     problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
     if problem:
         raise ResTunerFileError(problem)

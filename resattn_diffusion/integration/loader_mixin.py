@@ -11,16 +11,16 @@ it was (same processors, same outputs).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
-
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..checks import check_scale
-from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
 from ..config import ResTunerConfig
+from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
 from ..tuners.base import ConfigError
 from .inject import (
     ResTunerError,
@@ -118,9 +118,14 @@ class ResTunerLoaderMixin:
 
     @property
     def _res_tuner_unet(self) -> nn.Module:
+        # The denoiser: pipe.unet (SD 1/2/XL) or pipe.transformer (SD3, Flux).
         unet = getattr(self, "unet", None)
         if unet is None:
-            raise ResTunerError(f"{type(self).__name__} has no UNet (pipe.unet is None); res tuners sit on a UNet")
+            unet = getattr(self, "transformer", None)
+        if unet is None:
+            raise ResTunerError(
+                f"{type(self).__name__} has no denoiser (pipe.unet / pipe.transformer is None); res tuners sit on it"
+            )
         return unet
 
     # -- loading ------------------------------------------------------------------------------------------------
@@ -225,9 +230,10 @@ class ResTunerLoaderMixin:
         names = self._check_names(adapter_names)
         if len(set(names)) != len(names):
             raise ConfigError(f"set_res_tuners: adapter_names has duplicates: {names}")
-        if weights is None or isinstance(weights, (int, float, dict)):
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(weights, (int, float, dict)):
             weights = [weights] * len(names)
-        weights = [1.0 if w is None else w for w in weights]
         if len(weights) != len(names):
             raise ConfigError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} scale weight(s) {weights}")
         unet = self._res_tuner_unet
@@ -357,12 +363,18 @@ def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str
     from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 
     if not hasattr(getattr(unet, "config", None), "layers_per_block") or not hasattr(unet, "down_blocks"):
-        raise ConfigError(f"per-block weights (scales) for {name!r} need a UNet with down/mid/up blocks; pass one number")
+        raise ConfigError(f"per-block scales for {name!r} need a UNet with down/mid/up blocks; pass one number")
+    unknown = sorted(map(str, set(weights) - {"down", "mid", "up"}))
+    if unknown:
+        raise ConfigError(
+            f"per-block scales for {name!r} have unknown key(s) {unknown}; the keys are 'down', 'mid' and 'up' "
+            '(diffusers\' set_adapters form: {"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}})'
+        )
     try:
         expanded = _maybe_expand_lora_scales(unet, [weights], default_scale=1.0)[0]
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(
-            f"per-block weights (scales) {weights!r} for {name!r}: {err}. The form is diffusers' set_adapters one: "
+            f"per-block scales {weights!r} for {name!r}: {err}. The form is diffusers' set_adapters one: "
             '{"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}}'
         ) from None
     return {path: _check_weight(value) for path, value in expanded.items()}

@@ -10,30 +10,22 @@ import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from .inject import ResTunerError, find_layers, tuner_input_shape
+from .families import family_of
+from .io import tuner_file_key
+from .kinds import kind_of
+from .state import ResTunerError
 
 
 def planned_tensor_shapes(unet: nn.Module, config: ResTunerConfig) -> dict[str, tuple[int, ...]]:
-    """File key (``<layer path>.<parameter>``, as :func:`~.io.tuner_state_dict` writes them) -> shape of every
+    """File key (:func:`~.io.tuner_file_key`, as :func:`~.io.tuner_state_dict` writes them) -> shape of every
     tensor of the tuner ``config`` puts on ``unet``. Raises ``ConfigError`` / ``ResTunerError`` like adding it."""
-    modules: list[tuple[str, nn.Module]] = []
+    family = family_of(unet)
+    family.check_kind(config)
     with torch.device("meta"):
-        if config.spec.kind == "unet":
-            from .unet_tuners import bypass_sources, unet_tuner_fingerprint
-
-            unet_tuner_fingerprint(unet, config)  # the bypass's own checks of config and UNet
-            sources = bypass_sources(unet)
-            bypass = config.spec.module_cls([width for _, _, width in sources], config.params)
-            modules = list(zip([path for path, _, _ in sources], bypass.stages))
-        else:
-            layers = find_layers(unet, config)
-            config.params.validate_layers([layer.path for layer in layers])
-            for layer in layers:
-                params = config.params.for_layer(layer.path)
-                shape = tuner_input_shape(layer.shape, layer.kind, config.placement)
-                params.validate_for(shape)
-                modules.append((layer.path, config.spec.module_cls(shape, params)))
-    return {f"{path}.{key}": tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()}
+        modules = kind_of(config).plan(unet, family, config)
+    return {
+        tuner_file_key(path, key): tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()
+    }
 
 
 def own_parameter_count(unet: nn.Module) -> int:

@@ -7,23 +7,29 @@ placement and on/off state, and adds their branches to the frozen output. Three 
   frozen attention itself for the stock SDPA and xformers processors (so the frozen query is shared with the
   branches that need it), and otherwise wraps whatever processor it replaced, calling it unchanged.
 * a feed-forward (``ff``) -- the bank is a child module of the ``FeedForward`` and a forward hook adds branches;
-* a linear projection (``to_q`` ... ``to_out.0``, the ff's linears) -- likewise, on the ``nn.Linear``.
+* a linear projection (``to_q`` ... ``to_out.0``, the ff's linears) -- the bank is a child module of the
+  ``nn.Linear``, whose ``forward`` is replaced *on the instance* by :func:`linear_bank_forward`: it computes the
+  frozen projection itself, so that on a GPU it can run the frozen weight and every branch as one GEMM
+  (:func:`select_linear_path`), which a forward hook -- called after the frozen GEMM -- could not.
 
-Hooks, not wrapper modules, keep every frozen module where it was and of its own class: the UNet's state-dict
-keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` beside our branch.
+Hooks and instance attributes, not wrapper modules, keep every frozen module where it was and of its own class: the
+UNet's state-dict keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` beside our branch.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..checks import check_call_scale
-from ..tuners.base import FrozenAttention
+from ..tuners.base import ConfigError, FrozenAttention
+from ..tuners.fast_paths import fast_path_wanted
 
 try:  # the frozen attention runs through xformers only where diffusers already chose it
     import xformers.ops as xformers_ops
@@ -37,6 +43,14 @@ SCALE_KWARG = "res_tuner_scale"
 
 @dataclass
 class TunerSetting:
+    """How one named tuner's branch is added beside one operation: scale, placement, enabled, fused.
+
+    Hot path: nothing here runs per call. Assigning any field calls ``on_change`` (the bank's
+    ``_settings_changed``), which drops the bank's cached list of branches; the next call rebuilds that list once
+    (:meth:`TunerBank.active`). A per-call scale (``cross_attention_kwargs["res_tuner_scale"]``) never writes
+    here, so it invalidates nothing.
+    """
+
     scale: float = 1.0
     placement: str = "parallel"
     enabled: bool = True
@@ -127,6 +141,15 @@ class OperationBank(TunerBank):
         frozen: FrozenAttention | None,
         call_scale: float | dict[str, float] | None = None,
     ) -> torch.Tensor:
+        """``frozen_out + sum_i s_i T_i(...)`` over the running branches: ``T_i(x, context, frozen)`` when parallel,
+        ``T_i(frozen_out, context, ...)`` when sequential (U-Tuning).
+
+        Hot path, per call: one look-up of the running branches (cached by :meth:`TunerBank.active` until a tuner
+        or a :class:`TunerSetting` changes; a per-call scale filters that cached list instead), then per branch
+        the tuner's forward and one add (no multiply at scale 1). ``frozen`` carries the frozen projections and
+        query the processor already computed, so a branch does not recompute them; for sequential branches a
+        query-less copy is made once per call (they read the operation's output, not ``x``).
+        """
         out = frozen_out
         sequential_frozen = None
         for _, tuner, scale, placement in self.active(call_scale):
@@ -158,6 +181,34 @@ def effective_delta(
     return delta_w, delta_b
 
 
+#: How a :class:`LinearBank` runs its branches (``LinearBank.path``): ``"branch"`` -- the frozen GEMM, then each
+#: tuner's ``T(x)`` added (the reference); ``"merged"`` -- one GEMM with ``W + sum_i s_i dW_i`` (and the biases),
+#: the deltas formed from the tuners' parameters once per call (see :func:`select_linear_path`); ``"auto"``.
+LINEAR_PATHS = ("auto", "branch", "merged")
+
+
+def select_linear_path(bank: LinearBank, x: torch.Tensor, branches: list[tuple[str, nn.Module, float, str]]) -> str:
+    """``"merged"`` or ``"branch"`` for one call of ``bank`` on ``x``.
+
+    ``bank.path`` forces one (``"merged"`` raises :class:`ConfigError` if a branch cannot merge). ``"auto"``
+    merges when every branch is parallel and its tuner says it can (``mergeable``: e.g. no dropout on its input
+    while training) and the fast paths are wanted -- on CUDA, or under ``forced_paths("fast")``: there one GEMM
+    with a d_out x d_in delta beats two passes over the activations and (SURM) float32 FFT spectra of every token.
+    On CPU the branches stay separate: the low-rank branch is cheaper than a second full-size weight gradient.
+    """
+    mergeable = all(placement == "parallel" and getattr(tuner, "mergeable", False) for _, tuner, _, placement in branches)
+    if bank.path == "auto":
+        return "merged" if mergeable and fast_path_wanted(x.device.type) else "branch"
+    if bank.path not in LINEAR_PATHS:
+        raise ConfigError(f"LinearBank.path={bank.path!r} is not allowed; choose one of {list(LINEAR_PATHS)}")
+    if bank.path == "merged" and not mergeable:
+        raise ConfigError(
+            f"{bank.layer_path}: path='merged' needs every active tuner parallel and mergeable (no input dropout "
+            "while training); set path='auto' or 'branch'"
+        )
+    return bank.path
+
+
 class LinearBank(TunerBank):
     """Branches beside a frozen ``y = W0 x + b0``; folds them into the weight on request.
 
@@ -167,6 +218,9 @@ class LinearBank(TunerBank):
     fuse and removed on unfuse, which restores the module exactly (``bias is None``, same state-dict keys).
     Fused tuners are skipped by the branch hook; a bank whose tuners are all fused returns at once.
     """
+
+    #: :data:`LINEAR_PATHS`; a class default, set on one bank to force its path.
+    path: str = "auto"
 
     def __init__(self, layer_path: str):
         super().__init__(layer_path)
@@ -188,6 +242,14 @@ class LinearBank(TunerBank):
     def _update_all_fused(self) -> None:
         self.all_fused = bool(self.settings) and all(setting.fused for setting in self.settings.values())
 
+    def forward_linear(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """The linear's output with every active branch: merged into one GEMM or added branch by branch
+        (:func:`select_linear_path`)."""
+        branches = self.active()
+        if branches and select_linear_path(self, x, branches) == "merged":
+            return self.merged_forward(x, linear, branches)
+        return self.add_branches(F.linear(x, linear.weight, linear.bias), x, linear)
+
     def add_branches(self, frozen_out: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         out = frozen_out
         weight, bias = self.frozen_weight_and_bias(linear)
@@ -195,6 +257,26 @@ class LinearBank(TunerBank):
             source = x if placement == "parallel" else frozen_out
             out = _add_scaled(out, tuner(source, weight, bias), scale)
         return out
+
+    def merged_forward(
+        self, x: torch.Tensor, linear: nn.Linear, branches: list[tuple[str, nn.Module, float, str]]
+    ) -> torch.Tensor:
+        """``F.linear(x, W + sum_i s_i dW_i, b + sum_i s_i db_i)``, ``(dW_i, db_i) = tuner_i.fold(W0, b0)`` formed
+        from the parameters in this call (so the gradient reaches them), summed in float32 onto the linear's
+        current weight (which holds any fused tuners), then cast to x's dtype -- the GEMM runs in the precision
+        the frozen one would (autocast's, under autocast)."""
+        weight0, bias0 = self.frozen_weight_and_bias(linear)
+        wide = torch.promote_types(linear.weight.dtype, torch.float32)  # float32, or float64 for a float64 model
+        weight = linear.weight.to(wide)
+        bias = None if linear.bias is None else linear.bias.to(wide)
+        for _, tuner, scale, _ in branches:
+            delta_w, delta_b = tuner.fold(weight0, bias0)
+            delta_w = delta_w.to(wide) if scale == 1.0 else scale * delta_w.to(wide)
+            weight = weight + delta_w
+            if delta_b is not None:
+                delta_b = delta_b.to(wide) if scale == 1.0 else scale * delta_b.to(wide)
+                bias = delta_b if bias is None else bias + delta_b
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def frozen_weight_and_bias(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W0 and b0: the weights as they were before any fuse (GLoRA is defined relative to them)."""
@@ -273,11 +355,13 @@ class LinearBank(TunerBank):
 
 
 # --- hooks (module-level functions: a deep-copied UNet keeps working, and removal finds them by identity) ---
-def linear_bank_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    bank: LinearBank = module.res_tuner_bank
-    if not len(bank) or bank.all_fused:
-        return output
-    return bank.add_branches(output, args[0], module)
+def linear_bank_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``module.forward`` of a linear with a bank (bound with ``functools.partial``): ``nn.Linear.forward`` when
+    nothing is to be added, else the bank's :meth:`LinearBank.forward_linear`."""
+    bank: LinearBank | None = getattr(module, "res_tuner_bank", None)
+    if bank is None or not len(bank) or bank.all_fused:
+        return F.linear(x, module.weight, module.bias)
+    return bank.forward_linear(x, module)
 
 
 def ff_bank_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -305,7 +389,7 @@ class ResTunerAttnProcessor(nn.Module):
 
     ``base_processor`` is the processor it replaced (diffusers' stock one, or xformers', sliced, ...). It is
     restored when the last tuner is removed, and it is swapped, never lost, when diffusers installs another
-    processor (see ``inject._set_processor_keeping_tuners``).
+    processor (see ``kinds.layers._set_processor_keeping_tuners``).
     """
 
     def __init__(self, base_processor: Any, layer_path: str):
@@ -347,9 +431,7 @@ class ResTunerAttnProcessor(nn.Module):
             if attn.norm_cross and context is not None:
                 context = attn.norm_encoder_hidden_states(context)
         else:
-            frozen_out, query, context = self._frozen_attention(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb
-            )
+            frozen_out, query, context = self._frozen_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
         if not len(bank):
             return frozen_out
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
@@ -362,24 +444,21 @@ class ResTunerAttnProcessor(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        temb: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """diffusers' stock attention (AttnProcessor2_0 / XFormersAttnProcessor). Also returns what the branches
-        reuse instead of computing again: the frozen query and the (normalised) context, None for self-attention."""
+        reuse instead of computing again: the frozen query and the (normalised) context, None for self-attention.
+
+        Only the attentions of transformer blocks get this processor: their input is always (B, N, d) and they have
+        no spatial norm (the VAE's attention, which has both, never gets one), so those paths of the stock
+        processor are left out."""
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         batch_size, key_tokens, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
         # The branches may only reuse the query when they see the same input as the frozen attention.
-        shared_query = query if (input_ndim == 3 and attn.spatial_norm is None and attn.group_norm is None) else None
+        shared_query = query if attn.group_norm is None else None
         if encoder_hidden_states is None:
             branch_context = None
             encoder_hidden_states = hidden_states
@@ -417,10 +496,87 @@ class ResTunerAttnProcessor(nn.Module):
             out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
         out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             out = out + residual
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
             out = out / attn.rescale_output_factor
         return out, shared_query, branch_context
+
+
+# --- joint attention (SD3 / SD3.5 MMDiT, Flux) ------------------------------------------------------------------
+def _frozen_projection(
+    linear: nn.Module, norm: nn.Module | None, heads: int, x: torch.Tensor
+) -> torch.Tensor:
+    """A frozen projection as the joint attention uses it: ``linear(x)``, then its per-head qk-norm (if any).
+    No rotary embedding: the branches' attention carries none (see :class:`ResTunerJointAttnProcessor`)."""
+    out = linear(x)
+    if norm is None:
+        return out
+    return norm(out.unflatten(-1, (heads, -1))).flatten(-2)
+
+
+class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
+    """The attention processor of diffusion transformers (SD3's ``JointAttnProcessor2_0``, Flux's
+    ``FluxAttnProcessor``): it calls the wrapped processor unchanged, so the frozen joint attention -- rotary
+    embeddings, masks, qk-norms and both streams -- is computed exactly as diffusers does, and adds the branches
+    of its :class:`OperationBank` to the **image stream** (``y_img' = y_img + s T(x_img, [c; x_img])``).
+
+    What the branches read (SPEC, "Diffusion transformers"):
+
+    * joint attention (an ``encoder_hidden_states`` is given): ``x`` are the image tokens, the context is the joint
+      sequence ``[c; x]`` (text tokens first), so Res-Attn's keys and values come from text and image; the text
+      stream's output is returned untouched (it is read as context, not tuned);
+    * an attention over one sequence (SD3.5's ``attn2``, Flux's single blocks over the concatenated text+image
+      tokens): a self-attention branch on that sequence, ``c = x``;
+    * the frozen query for Res-Prefix / Res-Prompt is ``to_q(x)`` after the attention's qk-norm, without the rotary
+      embedding: the learned keys have no position, so rotating only the query would add noise, not information.
+      Res-Prompt's tokens go through the text stream's ``add_k_proj`` / ``add_v_proj`` (they stand in for text)
+      where the attention has them, else through ``to_k`` / ``to_v``. Where the attention has no output projection
+      (Flux's single blocks, ``pre_only``) the branch output is the attended values themselves (``W_o = I``).
+    """
+
+    def set_base_processor(self, processor: Any) -> None:
+        if isinstance(processor, ResTunerAttnProcessor):
+            processor = processor.base_processor
+        self.__dict__["base_processor"] = processor
+        self.backend = "wrapped"  # always: the joint computation (rotary, masks, streams) stays diffusers' own
+
+    # FluxAttention passes (hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb) positionally and
+    # forwards only the keyword arguments __call__ names: hence the explicit signature.
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        res_tuner_scale: float | dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if image_rotary_emb is not None:
+            kwargs["image_rotary_emb"] = image_rotary_emb
+        frozen_out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        bank = self.bank
+        if not len(bank):
+            return frozen_out
+        heads = attn.heads
+        added_k = getattr(attn, "add_k_proj", None)
+        if added_k is not None:  # prompt tokens stand in for text: read them through the text stream's projections
+            to_k = functools.partial(_frozen_projection, added_k, getattr(attn, "norm_added_k", None), heads)
+            to_v = functools.partial(_frozen_projection, attn.add_v_proj, None, heads)
+        else:
+            to_k = functools.partial(_frozen_projection, attn.to_k, getattr(attn, "norm_k", None), heads)
+            to_v = functools.partial(_frozen_projection, attn.to_v, None, heads)
+        to_out = getattr(attn, "to_out", None)
+        frozen = FrozenAttention(
+            functools.partial(_frozen_projection, attn.to_q, getattr(attn, "norm_q", None), heads),
+            to_k,
+            to_v,
+            None if to_out is None else to_out[0].weight,
+            heads,
+        )
+        if isinstance(frozen_out, tuple):  # joint: (image stream, text stream); only the image stream is tuned
+            image_out, text_out = frozen_out
+            context = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+            return bank.add_branches(image_out, hidden_states, context, frozen, res_tuner_scale), text_out
+        return bank.add_branches(frozen_out, hidden_states, None, frozen, res_tuner_scale)

@@ -18,8 +18,9 @@ import os
 import random
 import time
 from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,8 @@ from .models import BaseModel, native_resolution
 from .objective import prediction_target
 from .prior import generate_class_images
 from .publish import check_export_flags, create_hub_repo, finish_run, push_output_dir
-from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
 from .trainable import ResTunerTrainable, TrainableProvider, TrainingCallback, TrainingSummary, parameters_are_finite
+from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
 from .validation import log_validation
 
 logger = logging.getLogger(__name__)

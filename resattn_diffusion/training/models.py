@@ -82,7 +82,7 @@ class BaseModel:
     inference_scheduler: Any
 
     @classmethod
-    def load(cls, args: Any) -> "BaseModel":
+    def load(cls, args: Any) -> BaseModel:
         """Load every component from ``args.pretrained_model_name_or_path`` (+ revision, variant, VAE override)."""
         import diffusers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
