@@ -308,6 +308,9 @@ def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[
     _require_name(state, adapter_name)
     if not isinstance(kind_of(state.configs[adapter_name]), LayerKind):
         raise ResTunerError(f"tuner {adapter_name!r} is a side network over the whole model; it has one scale, not per-block ones")
+    if not isinstance(scales, dict):
+        raise ConfigError(f"scales must map module path prefixes to numbers, got {type(scales).__name__}")
+    scales = {prefix: check_scale(value, f"scale of {prefix!r}") for prefix, value in scales.items()}
     changes = []
     for bank, _ in state.banks:
         setting = bank.settings.get(adapter_name)
@@ -316,7 +319,7 @@ def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[
         prefixes = [p for p in scales if bank.layer_path == p or bank.layer_path.startswith(p + ".")]
         if not prefixes:
             continue
-        scale = float(scales[max(prefixes, key=len)])
+        scale = scales[max(prefixes, key=len)]
         if setting.fused and setting.scale != scale:
             raise ResTunerError(f"tuner {adapter_name!r} is fused into the weights; unfuse it before changing its scales")
         changes.append((setting, scale))
