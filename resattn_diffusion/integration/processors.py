@@ -29,7 +29,7 @@ from torch import nn
 
 from ..checks import check_call_scale
 from ..tuners.base import ConfigError, FrozenAttention
-from ..tuners.fast_paths import fast_path_wanted
+from ..tuners.fast_paths import fast_path_wanted, forced_path
 from .fusion import FusedWeights, FusedWrite, Resolved, apply_write, frozen_base, frozen_output, plan_write, resolve_others
 
 try:  # the frozen attention runs through xformers only where diffusers already chose it
@@ -199,7 +199,11 @@ def select_linear_path(bank: LinearBank, x: torch.Tensor, branches: list[tuple[s
     """
     mergeable = all(placement == "parallel" and getattr(tuner, "mergeable", False) for _, tuner, _, placement in branches)
     if bank.path == "auto":
-        return "merged" if mergeable and fast_path_wanted(x.device.type) else "branch"
+        if not (mergeable and fast_path_wanted(x.device.type)):
+            return "branch"
+        # Unforced on CUDA: only tuners whose merged path measured faster there (``merge_on_cuda``).
+        measured = forced_path() is not None or all(getattr(t, "merge_on_cuda", True) for _, t, _, _ in branches)
+        return "merged" if measured else "branch"
     if bank.path not in LINEAR_PATHS:
         raise ConfigError(f"LinearBank.path={bank.path!r} is not allowed; choose one of {list(LINEAR_PATHS)}")
     if bank.path == "merged" and not mergeable:

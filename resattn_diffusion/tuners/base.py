@@ -265,6 +265,9 @@ class LinearTuner(nn.Module):
     #: (the GPU fast path, :func:`resattn_diffusion.integration.processors.select_linear_path`). A tuner with
     #: dropout on its input is not, while training.
     mergeable: ClassVar[bool] = False
+    #: Whether the merged one-GEMM path is the automatic choice on CUDA (set from GPU measurements: a tuner whose
+    #: merged path measured slower than its branch there sets False; ``forced_paths("fast")`` still merges it).
+    merge_on_cuda: ClassVar[bool] = True
     #: Whether :meth:`fold` reads ``W0``/``b0`` (GLoRA's ``W0 ⊙ A``) or only their dtype: a LoRA export of a tuner
     #: that does not read them needs no base model.
     fold_reads_base: ClassVar[bool] = True
