@@ -506,7 +506,11 @@ def test_scales_names_and_flags_misused(world: World, tmp_path: Path):
     from resattn_diffusion.integration.inject import set_res_tuner_layer_scales
 
     for value in (NAN, INF, 1e30, "0.5", None, [1.0]):
-        fuzz.case(f"layer scales {value!r}", lambda v=value: set_res_tuner_layer_scales(unet(), "keep", {"down_blocks": 0.5, "mid_block": v}), "scale")
+        fuzz.case(
+            f"layer scales {value!r}",
+            lambda v=value: set_res_tuner_layer_scales(unet(), "keep", {"down_blocks": 0.5, "mid_block": v}),
+            "scale",
+        )
     fuzz.case("layer scales not a dict", lambda: set_res_tuner_layer_scales(unet(), "keep", [0.5]), "scales")
     fuzz.case("fuse_res_tuner on a disabled tuner", lambda: rd.fuse_res_tuner(unet(), "lin"), "lin", "disabled")
     fuzz.case("pipe.fuse_res_tuner on a disabled tuner", lambda: world.pipe.fuse_res_tuner("lin"), "lin", "disabled")

@@ -62,8 +62,8 @@ class TunerKindAttach(ABC):
         change nothing if one is not finite."""
         raise ResTunerError(f"{self.name} tuners add a branch that does not fold into a weight")
 
-    def unfuse(
+    def unfuse(  # noqa: B027 - optional hook, no-op by default
         self, model: nn.Module, state: ResTunerState, names: list[str] | None = None, accept_changed_weights: bool = False
-    ) -> None:  # noqa: B027
+    ) -> None:
         """Restore the weights the named tuners (all when None) were folded into, exactly (nothing to do for kinds
         that never fuse); ``accept_changed_weights``: see ``unfuse_res_tuner``."""
