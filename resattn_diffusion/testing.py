@@ -51,13 +51,19 @@ __all__ = [
     "SDXL_UNET_CONFIG",
     "benchmark_unet_config",
     "build_clip_vocab",
+    "flux_transformer_inputs",
     "make_t5_tokenizer",
     "make_tokenizer",
     "save_tiny_dit_pipeline",
     "save_tiny_pipeline",
+    "sd3_transformer_inputs",
     "tiny_dit_pipeline",
-    "tiny_dit_transformer_config",
+    "tiny_dit_transformer_overrides",
+    "tiny_flux_transformer",
+    "tiny_flux_transformer_config",
     "tiny_pipeline",
+    "tiny_sd3_transformer",
+    "tiny_sd3_transformer_config",
     "tiny_unet",
     "tiny_unet_config",
     "unet_from_config",
@@ -706,6 +712,121 @@ def randomize_tuner(unet: torch.nn.Module, adapter_name: str = "default", seed: 
             parameter.copy_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype) * std)
 
 
+# --- tiny diffusion transformers (SD3 / SD3.5 MMDiT, Flux) ---------------------------------------------------
+#: Width of the tiny transformers' text context (CLIP-L + CLIP-G hidden states and T5 in SD3: 4096; Flux's T5: 4096).
+TINY_TRANSFORMER_TEXT_DIM = 32
+#: Width of the pooled text embedding (2048 in SD3, 768 in Flux).
+TINY_TRANSFORMER_POOLED_DIM = 24
+_TRANSFORMER_SEED_OFFSET = 3
+
+
+def tiny_sd3_transformer_config(dual_attention: bool = False) -> dict[str, Any]:
+    """Config of the tiny SD3 (``dual_attention=False``) or SD3.5 (``True``: ``attn2`` in the first block and
+    RMS qk-norm) transformer: 2 joint blocks (the last one ``context_pre_only``, as in SD3), 2 heads of 8
+    (inner width 16), 16 latent channels (as SD3's VAE), patch 2 on 8x8 latents (16 image tokens). A fresh dict."""
+    config: dict[str, Any] = {
+        "sample_size": 8,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": TINY_TRANSFORMER_TEXT_DIM,
+        "caption_projection_dim": 16,  # = heads x head dim, as in SD3
+        "pooled_projection_dim": TINY_TRANSFORMER_POOLED_DIM,
+        "pos_embed_max_size": 16,
+    }
+    if dual_attention:
+        config.update({"dual_attention_layers": (0,), "qk_norm": "rms_norm"})
+    return config
+
+
+def tiny_flux_transformer_config(guidance_embeds: bool = True) -> dict[str, Any]:
+    """Config of the tiny Flux transformer: 1 double-stream ``FluxTransformerBlock`` and 2
+    ``FluxSingleTransformerBlock``, 2 heads of 8 (rotary axes 2+2+4 = 8), 16 packed input channels (4 latent
+    channels x 2x2 patches, as Flux packs its 16 x 2 x 2), guidance embedding as in FLUX.1-dev. A fresh dict."""
+    return {
+        "patch_size": 1,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 1,
+        "num_single_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": TINY_TRANSFORMER_TEXT_DIM,
+        "pooled_projection_dim": TINY_TRANSFORMER_POOLED_DIM,
+        "guidance_embeds": guidance_embeds,
+        "axes_dims_rope": (2, 2, 4),
+    }
+
+
+def tiny_sd3_transformer(dual_attention: bool = False, seed: int = 0, **overrides: Any):
+    """A tiny ``SD3Transformer2DModel`` with seeded random weights (see :func:`tiny_sd3_transformer_config`;
+    ``overrides`` replace config entries). The global torch RNG state is left untouched."""
+    from diffusers import SD3Transformer2DModel
+
+    config = {**tiny_sd3_transformer_config(dual_attention), **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _TRANSFORMER_SEED_OFFSET)
+        model = SD3Transformer2DModel(**config)
+    return model.eval()
+
+
+def tiny_flux_transformer(guidance_embeds: bool = True, seed: int = 0, **overrides: Any):
+    """A tiny ``FluxTransformer2DModel`` with seeded random weights (see :func:`tiny_flux_transformer_config`;
+    ``overrides`` replace config entries). The global torch RNG state is left untouched."""
+    from diffusers import FluxTransformer2DModel
+
+    config = {**tiny_flux_transformer_config(guidance_embeds), **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _TRANSFORMER_SEED_OFFSET)
+        model = FluxTransformer2DModel(**config)
+    return model.eval()
+
+
+def sd3_transformer_inputs(model: torch.nn.Module, batch_size: int = 2, seed: int = 0, tokens: int = 7) -> dict[str, Any]:
+    """Seeded random keyword arguments for ``model(**inputs)`` of an ``SD3Transformer2DModel``: latents
+    (B, C, H, W), a text context (B, tokens, joint_attention_dim), pooled projections and timesteps in [0, 1000)
+    (as diffusers' SD3 pipeline passes them); in the model's dtype and on its device."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    size = config.sample_size
+    tensors = {
+        "hidden_states": torch.randn(batch_size, config.in_channels, size, size, generator=generator),
+        "encoder_hidden_states": torch.randn(batch_size, tokens, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=generator),
+    }
+    inputs: dict[str, Any] = {key: value.to(model.device, model.dtype) for key, value in tensors.items()}
+    inputs["timestep"] = (torch.rand(batch_size, generator=generator) * 1000).to(model.device)
+    return inputs
+
+
+def flux_transformer_inputs(
+    model: torch.nn.Module, batch_size: int = 2, seed: int = 0, tokens: int = 7, height: int = 4, width: int = 4
+) -> dict[str, Any]:
+    """Seeded random keyword arguments for ``model(**inputs)`` of a ``FluxTransformer2DModel``: packed latents
+    (B, height x width, in_channels), a text context, pooled projections, timesteps in [0, 1], the image and text
+    position ids (rotary embeddings) and, with guidance embeds, a guidance scale; in the model's dtype/device."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "hidden_states": torch.randn(batch_size, height * width, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(batch_size, tokens, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=generator),
+    }
+    inputs: dict[str, Any] = {key: value.to(model.device, model.dtype) for key, value in tensors.items()}
+    inputs["timestep"] = torch.rand(batch_size, generator=generator).to(model.device, model.dtype)
+    img_ids = torch.zeros(height, width, 3)
+    img_ids[..., 1] = torch.arange(height)[:, None]
+    img_ids[..., 2] = torch.arange(width)[None, :]
+    inputs["img_ids"] = img_ids.reshape(height * width, 3).to(model.device, model.dtype)
+    inputs["txt_ids"] = torch.zeros(tokens, 3).to(model.device, model.dtype)
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.full((batch_size,), 3.5).to(model.device, model.dtype)
+    return inputs
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Tiny diffusion-transformer pipelines: SD3 (MMDiT) and Flux
 # --------------------------------------------------------------------------------------------------------------
@@ -798,66 +919,37 @@ def _tiny_t5(tokenizer: Any, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_dit_transformer_config(kind: str = "sd3") -> dict[str, Any]:
-    """Config of the tiny transformer of a :func:`tiny_dit_pipeline` (a fresh dict).
+def tiny_dit_transformer_overrides(kind: str = "sd3") -> dict[str, Any]:
+    """What the transformer of a :func:`tiny_dit_pipeline` changes in :func:`tiny_sd3_transformer_config` /
+    :func:`tiny_flux_transformer_config` so that it fits the pipeline's VAE and text encoders (a fresh dict).
 
-    - ``"sd3"``: ``SD3Transformer2DModel`` with SD3.5's features (``attn2`` in the first block, RMS q/k norm),
-      2 joint blocks of 4 heads x 8, patch size 2, 16 latent channels; its text context is the T5 width and its
-      pooled projection the two CLIP projections together.
-    - ``"flux"``: ``FluxTransformer2DModel`` with one double-stream and one single-stream block, 2 heads x 16
-      (rotary axes 4 + 6 + 6), 64 packed input channels (16 latent channels x 2 x 2) and the guidance
-      embedding of FLUX.1-dev.
+    - ``"sd3"``: the SD3.5-featured transformer (``attn2`` in the first block, RMS q/k norm) on 16x16 latents
+      (32x32 pixels); its text context is the T5 width and its pooled projection the two CLIP projections together.
+    - ``"flux"``: 64 packed input channels (16 latent channels x 2 x 2, as Flux), the T5 width as text context and
+      the CLIP width as pooled projection; guidance embedding of FLUX.1-dev.
     """
     _check_dit_kind(kind)
+    text = {"joint_attention_dim": _T5_WIDTH}
     if kind == "sd3":
-        return {
-            "sample_size": 16,  # latents 16x16 -> 32x32 images with the tiny VAE
-            "patch_size": 2,
-            "in_channels": _DIT_LATENT_CHANNELS,
-            "out_channels": _DIT_LATENT_CHANNELS,
-            "num_layers": 2,
-            "attention_head_dim": 8,
-            "num_attention_heads": 4,
-            "joint_attention_dim": _T5_WIDTH,
-            "caption_projection_dim": 32,
-            "pooled_projection_dim": _SD3_CLIP_L_PROJECTION + _SD3_CLIP_G_PROJECTION,
-            "pos_embed_max_size": 32,
-            "dual_attention_layers": (0,),
-            "qk_norm": "rms_norm",
-        }
-    return {
-        "patch_size": 1,
-        "in_channels": 4 * _DIT_LATENT_CHANNELS,
-        "num_layers": 1,
-        "num_single_layers": 1,
-        "attention_head_dim": 16,
-        "num_attention_heads": 2,
-        "joint_attention_dim": _T5_WIDTH,
-        "pooled_projection_dim": _FLUX_CLIP_HIDDEN,
-        "guidance_embeds": True,
-        "axes_dims_rope": (4, 6, 6),
-    }
+        return {**text, "sample_size": 16, "pooled_projection_dim": _SD3_CLIP_L_PROJECTION + _SD3_CLIP_G_PROJECTION}
+    return {**text, "in_channels": 4 * _DIT_LATENT_CHANNELS, "out_channels": 4 * _DIT_LATENT_CHANNELS, "pooled_projection_dim": _FLUX_CLIP_HIDDEN}
 
 
 def _tiny_dit_transformer(kind: str, seed: int) -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    model_class = SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = model_class(**tiny_dit_transformer_config(kind))
-    return transformer.eval()
+    if kind == "sd3":
+        return tiny_sd3_transformer(dual_attention=True, seed=seed, **tiny_dit_transformer_overrides(kind))
+    return tiny_flux_transformer(guidance_embeds=True, seed=seed, **tiny_dit_transformer_overrides(kind))
 
 
 def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0) -> Any:
     """A complete tiny SD3 or Flux text-to-image pipeline with seeded random weights (the global RNG is untouched).
 
     - ``"sd3"``: ``StableDiffusion3Pipeline``: two ``CLIPTextModelWithProjection`` (CLIP-L and -G roles, read at the
-      penultimate layer, pooled outputs concatenated), a T5 encoder, the :func:`tiny_dit_transformer_config`
-      transformer, a 16-channel VAE with SD3's scaling and shift factors, ``FlowMatchEulerDiscreteScheduler``
+      penultimate layer, pooled outputs concatenated), a T5 encoder, :func:`tiny_sd3_transformer` (SD3.5-featured,
+      see :func:`tiny_dit_transformer_overrides`), a 16-channel VAE with SD3's scaling and shift factors, ``FlowMatchEulerDiscreteScheduler``
       with shift 3. Default size 32x32 pixels.
-    - ``"flux"``: ``FluxPipeline``: ``CLIPTextModel`` (pooled output) + T5, the Flux transformer with guidance
-      embedding, Flux's VAE factors, the dynamically shifted flow-matching scheduler of FLUX.1-dev. Pass
+    - ``"flux"``: ``FluxPipeline``: ``CLIPTextModel`` (pooled output) + T5, :func:`tiny_flux_transformer` with
+      guidance embedding, Flux's VAE factors, the dynamically shifted flow-matching scheduler of FLUX.1-dev. Pass
       ``height``/``width`` when generating (Flux's default is 128 latents, 256 pixels here); multiples of 4.
 
     Tokenizers are generated (:func:`make_tokenizer`, :func:`make_t5_tokenizer`). Generating 32x32 images in two
