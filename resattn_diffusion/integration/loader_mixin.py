@@ -1,8 +1,9 @@
 """``ResTunerLoaderMixin``: load, mix, scale, switch, fuse and unload res tuners on a diffusers pipeline.
 
 The pipeline-level face of :mod:`resattn_diffusion.integration.inject` and :mod:`~resattn_diffusion.integration.io`,
-shaped like diffusers' ``IPAdapterMixin`` / ``StableDiffusionLoraLoaderMixin``: the tuners live on ``pipe.unet``,
-these methods only find the file (local or on the Hub), check requests against what is loaded, and call the core.
+shaped like diffusers' ``IPAdapterMixin`` / ``StableDiffusionLoraLoaderMixin``: the tuners live on the pipeline's
+denoiser (``pipe.unet`` of SD 1.x/2.x/XL, ``pipe.transformer`` of SD3 and Flux; :func:`denoiser_of`), these methods
+only find the file (local or on the Hub), check requests against what is loaded, and call the core.
 
 Every method that changes several tuners checks the whole request first, so a refused call leaves the pipeline as
 it was (same processors, same outputs).
@@ -33,8 +34,34 @@ from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
 #: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
 HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
+#: Pipeline attributes that hold the network the tuners sit on, in the order they are looked for.
+DENOISER_ATTRIBUTES: tuple[str, ...] = ("unet", "transformer")
+
 # "user/repo" or "repo": what a Hub repo id looks like (and a local path, absolute or with 3+ parts, does not).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def denoiser_attribute(pipeline: Any) -> str:
+    """The name of ``pipeline``'s denoiser attribute: ``"unet"`` (SD 1.x/2.x/XL) or ``"transformer"`` (SD3, Flux)."""
+    for name in DENOISER_ATTRIBUTES:
+        if isinstance(getattr(pipeline, name, None), nn.Module):
+            return name
+    raise ResTunerError(
+        f"{type(pipeline).__name__} has no denoiser (neither pipe.unet nor pipe.transformer is a model); res tuners sit on "
+        "a UNet or a diffusion transformer"
+    )
+
+
+def denoiser_of(pipeline: Any) -> nn.Module:
+    """The network a pipeline's res tuners sit on: ``pipe.unet`` or ``pipe.transformer``."""
+    return getattr(pipeline, denoiser_attribute(pipeline))
+
+
+def _loaded_names(pipeline: Any) -> list[str]:
+    """Tuners loaded on the pipeline's denoiser (none when it has no denoiser yet)."""
+    if not any(isinstance(getattr(pipeline, name, None), nn.Module) for name in DENOISER_ATTRIBUTES):
+        return []
+    return list(get_res_tuner_configs(denoiser_of(pipeline)))
 
 
 def _looks_like_repo_id(path: str) -> bool:
@@ -86,7 +113,8 @@ def resolve_tuner_source(
 
 
 class ResTunerLoaderMixin:
-    """Load and manage res tuners (Res-Attn, Res-Tuning, GLoRA, SURM, ...) on a pipeline's UNet.
+    """Load and manage res tuners (Res-Attn, Res-Tuning, GLoRA, SURM, ...) on a pipeline's denoiser: the UNet of
+    SD 1.x/2.x/XL pipelines, the transformer of SD3 and Flux pipelines.
 
     Mixed into a diffusers pipeline (see ``pipelines/``)::
 
@@ -97,18 +125,16 @@ class ResTunerLoaderMixin:
     Put the mixin before the diffusers pipeline class in the bases, so that its guards on ``save_pretrained`` and
     ``fuse_qkv_projections`` (which cannot keep tuners) take effect.
 
-    The tuners sit on ``pipe.unet`` and run inside any diffusers call; they survive ``enable_attention_slicing()``,
-    ``enable_xformers_memory_efficient_attention()``, ``unet.set_default_attn_processor()`` and ``load_lora_weights``
-    in either order. A per-call scale goes through ``cross_attention_kwargs={"res_tuner_scale": 0.5}`` (or a dict
-    ``{name: scale}``).
+    The tuners sit on ``pipe.unet`` (or ``pipe.transformer``) and run inside any diffusers call; on a UNet they
+    survive ``enable_attention_slicing()``, ``enable_xformers_memory_efficient_attention()``,
+    ``unet.set_default_attn_processor()`` and ``load_lora_weights`` in either order. A per-call scale goes through
+    ``cross_attention_kwargs={"res_tuner_scale": 0.5}`` (SD3 and Flux pipelines: ``joint_attention_kwargs``), or a
+    dict ``{name: scale}``.
     """
 
     @property
-    def _res_tuner_unet(self) -> nn.Module:
-        unet = getattr(self, "unet", None)
-        if unet is None:
-            raise ResTunerError(f"{type(self).__name__} has no UNet (pipe.unet is None); res tuners sit on a UNet")
-        return unet
+    def _res_tuner_denoiser(self) -> nn.Module:
+        return denoiser_of(self)
 
     # -- loading ------------------------------------------------------------------------------------------------
     def load_res_tuner(
@@ -118,7 +144,7 @@ class ResTunerLoaderMixin:
         weight_name: str | None = None,
         **hub_kwargs: Any,
     ) -> str:
-        """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet``.
+        """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet`` / ``pipe.transformer``.
 
         Args:
             path_or_folder: a ``.safetensors`` tuner file; a folder holding ``res_tuner.safetensors`` (a training
@@ -136,29 +162,29 @@ class ResTunerLoaderMixin:
                 another base model, or a failed download. The pipeline is unchanged.
             ResTunerError: a tuner of that name is already loaded. The pipeline is unchanged.
         """
-        unet = self._res_tuner_unet
-        _check_not_offloaded_to_meta(unet)
-        if any(getattr(module, "fused_projections", False) for module in unet.modules()):
+        denoiser = self._res_tuner_denoiser
+        _check_not_offloaded_to_meta(denoiser)
+        if any(getattr(module, "fused_projections", False) for module in denoiser.modules()):
             raise ResTunerError(
-                "the UNet's attention projections are fused (fuse_qkv_projections); call pipe.unfuse_qkv_projections() "
-                "before loading res tuners"
+                f"the {denoiser_attribute(self)}'s attention projections are fused (fuse_qkv_projections); call "
+                "pipe.unfuse_qkv_projections() before loading res tuners"
             )
         source, folder_weight_name = resolve_tuner_source(path_or_folder, weight_name, **hub_kwargs)
-        return load_res_tuner(unet, source, adapter_name=adapter_name, weight_name=folder_weight_name)
+        return load_res_tuner(denoiser, source, adapter_name=adapter_name, weight_name=folder_weight_name)
 
     def unload_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Remove the named tuner(s), or all of them with ``adapter_name=None`` (a no-op when none is loaded).
 
-        Fused tuners are unfused first; the UNet's processors, weights and outputs are restored exactly.
+        Fused tuners are unfused first; the denoiser's processors, weights and outputs are restored exactly.
         """
-        unet = self._res_tuner_unet
-        loaded = get_res_tuner_configs(unet)
+        denoiser = self._res_tuner_denoiser
+        loaded = get_res_tuner_configs(denoiser)
         if adapter_name is None:
             if loaded:
-                remove_res_tuner(unet)
+                remove_res_tuner(denoiser)
             return
         for name in self._check_names(adapter_name):
-            remove_res_tuner(unet, name)
+            remove_res_tuner(denoiser, name)
 
     # -- scale, mixing, on/off ----------------------------------------------------------------------------------
     def set_res_tuner_scale(self, scale: float, adapter_name: str | list[str] | None = None) -> None:
@@ -166,7 +192,7 @@ class ResTunerLoaderMixin:
         names = self._check_names(adapter_name)
         scale = _check_weight(scale)
         self._refuse_fused(names, "changing its scale", unless=lambda status: status["scale"] == scale)
-        set_res_tuner_scale(self._res_tuner_unet, scale, names)
+        set_res_tuner_scale(self._res_tuner_denoiser, scale, names)
 
     def set_res_tuners(
         self, adapter_names: str | list[str], weights: float | list[float] | None = None
@@ -188,71 +214,72 @@ class ResTunerLoaderMixin:
         weights = [_check_weight(w) for w in weights]
         if len(weights) != len(names):
             raise ValueError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} weight(s) {weights}")
-        self._refuse_fused(list(res_tuner_settings(self._res_tuner_unet)), "mixing tuners")
+        self._refuse_fused(list(res_tuner_settings(self._res_tuner_denoiser)), "mixing tuners")
 
-        unet = self._res_tuner_unet
-        for name in get_res_tuner_configs(unet):
+        denoiser = self._res_tuner_denoiser
+        for name in get_res_tuner_configs(denoiser):
             if name in names:
-                set_res_tuner_scale(unet, weights[names.index(name)], name)
-                set_res_tuner_enabled(unet, True, name)
+                set_res_tuner_scale(denoiser, weights[names.index(name)], name)
+                set_res_tuner_enabled(denoiser, True, name)
             else:
-                set_res_tuner_enabled(unet, False, name)
+                set_res_tuner_enabled(denoiser, False, name)
 
     def disable_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Switch the named tuner(s) (all when None) off without unloading them: the base model's outputs exactly."""
         names = self._check_names(adapter_name)
         self._refuse_fused(names, "disabling it")
-        set_res_tuner_enabled(self._res_tuner_unet, False, names)
+        set_res_tuner_enabled(self._res_tuner_denoiser, False, names)
 
     def enable_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Switch the named tuner(s) (all when None) back on."""
         names = self._check_names(adapter_name)
-        set_res_tuner_enabled(self._res_tuner_unet, True, names)
+        set_res_tuner_enabled(self._res_tuner_denoiser, True, names)
 
     # -- fusing -------------------------------------------------------------------------------------------------
     def fuse_res_tuner(self, adapter_names: str | list[str] | None = None) -> None:
-        """Fold tuners into the UNet's weights at their current scales: no extra inference cost.
+        """Fold tuners into the denoiser's weights at their current scales: no extra inference cost.
 
         Only linear tuners (``res_lora``, ``glora``, ``surm_*``) fold. ``adapter_names=None`` fuses every enabled
         tuner. A request naming a tuner that cannot fold (or is disabled) raises, naming it, before any weight
         changes. ``unfuse_res_tuner`` restores the original weights exactly.
         """
         if adapter_names is None:
-            status = res_tuner_settings(self._res_tuner_unet)
+            status = res_tuner_settings(self._res_tuner_denoiser)
             if not status:
                 raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
             names = [name for name, s in status.items() if s["enabled"]]
         else:
             names = self._check_names(adapter_names)
-            status = res_tuner_settings(self._res_tuner_unet)
+            status = res_tuner_settings(self._res_tuner_denoiser)
             disabled = [name for name in names if not status[name]["enabled"]]
             if disabled:
                 raise ResTunerError(f"tuner(s) {disabled} are disabled; enable_res_tuner({disabled!r}) before fusing them")
         if names:
-            fuse_res_tuner(self._res_tuner_unet, names)
+            fuse_res_tuner(self._res_tuner_denoiser, names)
 
     def unfuse_res_tuner(self) -> None:
         """Restore the weights every fused tuner changed, exactly; the tuners run as branches again."""
-        if get_res_tuner_configs(self._res_tuner_unet):
-            unfuse_res_tuner(self._res_tuner_unet)
+        if get_res_tuner_configs(self._res_tuner_denoiser):
+            unfuse_res_tuner(self._res_tuner_denoiser)
 
     # -- inspection -----------------------------------------------------------------------------------------------
     def get_res_tuners(self) -> dict[str, dict[str, Any]]:
         """Name -> ``{"config": ResTunerConfig, "scale": float, "enabled": bool, "fused": bool}`` of every loaded tuner."""
-        unet = self._res_tuner_unet
-        configs: dict[str, ResTunerConfig] = get_res_tuner_configs(unet)
-        status = res_tuner_settings(unet)
+        denoiser = self._res_tuner_denoiser
+        configs: dict[str, ResTunerConfig] = get_res_tuner_configs(denoiser)
+        status = res_tuner_settings(denoiser)
         return {name: {"config": config, **status[name]} for name, config in configs.items()}
 
     # -- diffusers methods that cannot keep tuners: a clear error instead of a silent loss ------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, refused while res tuners are loaded: their weights would be written into
-        the UNet's file, where ``from_pretrained`` drops them (and fused ones would become the base weights)."""
-        loaded = list(get_res_tuner_configs(self.unet)) if getattr(self, "unet", None) is not None else []
+        the denoiser's file, where ``from_pretrained`` drops them (and fused ones would become the base weights)."""
+        loaded = _loaded_names(self)
         if loaded:
+            where = denoiser_attribute(self)
             raise ResTunerError(
-                f"res tuner(s) {loaded} are loaded; save_pretrained would write them into the UNet weights where "
-                "from_pretrained does not load them back. Save each with resattn_diffusion.save_res_tuner(pipe.unet, "
+                f"res tuner(s) {loaded} are loaded; save_pretrained would write them into the {where} weights where "
+                f"from_pretrained does not load them back. Save each with resattn_diffusion.save_res_tuner(pipe.{where}, "
                 "path, adapter_name=name), call pipe.unload_res_tuner(), then pipe.save_pretrained(...)"
             )
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -260,7 +287,7 @@ class ResTunerLoaderMixin:
     def fuse_qkv_projections(self, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``fuse_qkv_projections``, refused while res tuners are loaded: the fused ``to_qkv`` bypasses the
         ``to_q``/``to_k``/``to_v`` layers linear tuners sit on, and unfusing would not restore the tuners' processors."""
-        loaded = list(get_res_tuner_configs(self.unet)) if getattr(self, "unet", None) is not None else []
+        loaded = _loaded_names(self)
         if loaded:
             raise ResTunerError(
                 f"fuse_qkv_projections() is not supported while res tuners {loaded} are loaded; unload them first "
@@ -271,7 +298,7 @@ class ResTunerLoaderMixin:
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_names(self, adapter_name: str | list[str] | None) -> list[str]:
         """The loaded tuner names a request refers to (all for None); an error naming the ones not loaded."""
-        loaded = list(get_res_tuner_configs(self._res_tuner_unet))
+        loaded = list(get_res_tuner_configs(self._res_tuner_denoiser))
         if not loaded:
             raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
         if adapter_name is None:
@@ -285,11 +312,11 @@ class ResTunerLoaderMixin:
         return names
 
     def _refuse_fused(self, names: list[str], action: str, unless=None) -> None:
-        status = res_tuner_settings(self._res_tuner_unet)
+        status = res_tuner_settings(self._res_tuner_denoiser)
         fused = [name for name in names if status[name]["fused"] and not (unless and unless(status[name]))]
         if fused:
             raise ResTunerError(
-                f"tuner(s) {fused} are fused into the UNet's weights; call pipe.unfuse_res_tuner() before {action}"
+                f"tuner(s) {fused} are fused into the {denoiser_attribute(self)}'s weights; call pipe.unfuse_res_tuner() before {action}"
             )
 
 
@@ -299,14 +326,14 @@ def _check_weight(value: float) -> float:
     return float(value)
 
 
-def _check_not_offloaded_to_meta(unet: nn.Module) -> None:
+def _check_not_offloaded_to_meta(denoiser: nn.Module) -> None:
     """Sequential CPU offload keeps weights on the ``meta`` device between calls; a tuner built there would have no
     values, so refuse instead of loading into nothing."""
-    if any(p.device.type == "meta" for p in unet.parameters()):
+    if any(p.device.type == "meta" for p in denoiser.parameters()):
         raise ResTunerError(
-            "the UNet's weights are on the 'meta' device (enable_sequential_cpu_offload or device_map); load res "
+            "the denoiser's weights are on the 'meta' device (enable_sequential_cpu_offload or device_map); load res "
             "tuners before enabling sequential offload, or call pipe.remove_all_hooks() first"
         )
 
 
-__all__ = ["HUB_KWARGS", "ResTunerLoaderMixin", "resolve_tuner_source"]
+__all__ = ["DENOISER_ATTRIBUTES", "HUB_KWARGS", "ResTunerLoaderMixin", "denoiser_attribute", "denoiser_of", "resolve_tuner_source"]

@@ -212,10 +212,14 @@ def load_trained_unet(unet: nn.Module, output_dir: str | Path) -> nn.Module:
 
 
 def load_tuned_pipeline(base_model: str | Path, output_dir: str | Path, device: str | torch.device = "cpu") -> Any:
-    """The base diffusers pipeline in ``base_model`` with the result of the run in ``output_dir`` on its UNet."""
+    """The base diffusers pipeline in ``base_model`` with the result of the run in ``output_dir`` on its denoiser
+    (``pipeline.unet``, or ``pipeline.transformer`` of SD3 / Flux)."""
     from diffusers import DiffusionPipeline
 
+    from ..integration.loader_mixin import denoiser_attribute
+
     pipeline = DiffusionPipeline.from_pretrained(str(base_model))
-    pipeline.unet = load_trained_unet(pipeline.unet, output_dir)
+    attribute = denoiser_attribute(pipeline)
+    setattr(pipeline, attribute, load_trained_unet(getattr(pipeline, attribute), output_dir))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
