@@ -854,7 +854,7 @@ def _check_dit_kind(kind: str) -> None:
 def make_t5_tokenizer(words: Sequence[str] = (), model_max_length: int = 512) -> Any:
     """A small T5 (SentencePiece unigram) tokenizer generated offline.
 
-    Vocabulary: ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), ``▁``, one whole-word piece ``▁word`` per word of
+    Vocabulary (case-sensitive, as T5's): ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), ``▁``, one whole-word piece ``▁word`` per word of
     :data:`DEFAULT_WORDS` + ``words``, and every printable ASCII character alone and after ``▁``, so any ASCII text
     encodes without unknown tokens (other characters become ``<unk>``, as with T5's own vocabulary). Whole words get
     higher scores than their characters, so the unigram model picks them.
@@ -867,7 +867,7 @@ def make_t5_tokenizer(words: Sequence[str] = (), model_max_length: int = 512) ->
     for word in list(DEFAULT_WORDS) + [w.lower() for w in words]:
         pieces.setdefault("\u2581" + word, -1.0)
     for code in range(33, 127):
-        character = chr(code).lower()
+        character = chr(code)
         pieces.setdefault(character, -8.0)
         pieces.setdefault("\u2581" + character, -7.0)
     tokenizer = T5TokenizerFast(vocab=list(pieces.items()), extra_ids=0, model_max_length=model_max_length)

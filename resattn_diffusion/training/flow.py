@@ -263,7 +263,7 @@ class FlowMatchingBase(ABC):
         generator: torch.Generator,
     ) -> torch.Tensor:
         """The rectified-flow loss of each example of ``batch`` (shape (N,)); see the module docstring."""
-        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         device = generator.device
         with torch.no_grad():
@@ -275,20 +275,8 @@ class FlowMatchingBase(ABC):
 
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         scheme = self.weighting_scheme(args)
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme=scheme,
-            batch_size=latents.shape[0],
-            logit_mean=_flag_value(args, "logit_mean"),
-            logit_std=_flag_value(args, "logit_std"),
-            mode_scale=_flag_value(args, "mode_scale"),
-            device=device,
-            generator=generator,
-        )
-        scheduler = self.noise_scheduler
-        count = scheduler.config.num_train_timesteps
-        indices = (u * count).long().clamp(0, count - 1).cpu()  # a logit-normal u can round to 1.0 in float32
-        timesteps = scheduler.timesteps[indices].to(device)
-        sigmas = scheduler.sigmas[indices].to(device=device, dtype=latents.dtype).view(-1, 1, 1, 1)
+        timesteps, sigmas = self.sample_timesteps(args, latents.shape[0], generator)
+        sigmas = sigmas.to(latents.dtype).view(-1, 1, 1, 1)
         noisy = (1.0 - sigmas) * latents + sigmas * noise
 
         prediction = self.predict(denoiser, noisy, timesteps, conditioning, args).float()
@@ -299,6 +287,26 @@ class FlowMatchingBase(ABC):
             target = (noise - latents).float()
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas).float()
         return (weighting * (prediction - target) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
+
+    def sample_timesteps(self, args: Namespace, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training ``(timesteps, sigmas)`` of shape (N,): ``u`` from ``--weighting_scheme``'s density, then the
+        scheduler's training schedule at index ``floor(u * num_train_timesteps)``."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        device = generator.device
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=self.weighting_scheme(args),
+            batch_size=batch_size,
+            logit_mean=_flag_value(args, "logit_mean"),
+            logit_std=_flag_value(args, "logit_std"),
+            mode_scale=_flag_value(args, "mode_scale"),
+            device=device,
+            generator=generator,
+        )
+        scheduler = self.noise_scheduler
+        count = scheduler.config.num_train_timesteps
+        indices = (u * count).long().clamp(0, count - 1).cpu()  # a logit-normal u can round to 1.0 in float32
+        return scheduler.timesteps[indices].to(device), scheduler.sigmas[indices].to(device)
 
     @abstractmethod
     def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace) -> torch.Tensor:
