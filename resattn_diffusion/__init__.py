@@ -16,6 +16,7 @@ from .integration.inject import (
     set_res_tuner_scale,
     unfuse_res_tuner,
 )
+from .integration.export import export_lora
 from .integration.io import ResTunerFileError, load_res_tuner, save_res_tuner
 from .integration.loader_mixin import ResTunerLoaderMixin
 from .integration.processors import SCALE_KWARG, ResTunerAttnProcessor
@@ -34,6 +35,7 @@ __all__ = [
     "SCALE_KWARG",
     "TARGETS",
     "add_res_tuner",
+    "export_lora",
     "format_summary",
     "fuse_res_tuner",
     "get_res_tuner_configs",

@@ -13,8 +13,7 @@ Diffusion model builds one here, from configs, with seeded random weights:
 - :func:`save_tiny_pipeline` writes an ordinary diffusers folder, loadable offline with ``from_pretrained``.
 - ``SD15_UNET_CONFIG`` / ``SD21_UNET_CONFIG`` / ``SDXL_UNET_CONFIG`` are the real UNet architectures
   (public ``config.json`` values, no weights); :func:`unet_from_config` builds them on the ``meta`` device
-  to count parameters without allocating memory. :func:`benchmark_unet_config` is an SD 1-shaped UNet of
-  realistic depth but small width, for CPU performance benchmarks.
+  to count parameters without allocating memory.
 
 This module imports nothing else from ``resattn_diffusion`` so that any part of the package (and its tests)
 can depend on it.
@@ -49,7 +48,6 @@ __all__ = [
     "SD15_UNET_CONFIG",
     "SD21_UNET_CONFIG",
     "SDXL_UNET_CONFIG",
-    "benchmark_unet_config",
     "build_clip_vocab",
     "flux_transformer_inputs",
     "make_t5_tokenizer",
@@ -645,26 +643,6 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
     "upcast_attention": None,
     "use_linear_projection": True,
 }
-
-
-def benchmark_unet_config() -> dict[str, Any]:
-    """An SD 1-shaped UNet config of realistic depth and small width, for CPU performance benchmarks.
-
-    Same block layout as SD 1.5 minus its lowest-resolution level: widths (64, 128, 256), 2 layers per block,
-    8 heads, a 128-wide text context, 32x32 latents. About 17.8M parameters; a fresh dict on every call.
-    """
-    return {
-        "sample_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": [64, 128, 256],
-        "layers_per_block": 2,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "cross_attention_dim": 128,
-        "attention_head_dim": 8,
-        "norm_num_groups": 32,
-    }
 
 
 def unet_from_config(config: dict[str, Any], device: str | torch.device = "meta") -> UNet2DConditionModel:

@@ -125,7 +125,6 @@ def test_unknown_denoiser_is_refused_naming_what_is_known(dit_dirs, instance_dir
         ("flux", ["--prediction_type", "epsilon"], "--prediction_type belongs to the UNet"),
         ("flux", ["--noise_offset", "0.1"], "--noise_offset belongs to the UNet"),
         ("sd3", ["--guidance_scale", "3.5"], "SD3 has none"),
-        ("flux", ["--peft_method", "lora"], "peers on a UNet only"),
         ("sd1", ["--weighting_scheme", "logit_normal"], "--weighting_scheme belongs to rectified-flow"),
         ("sdxl", ["--max_sequence_length", "77"], "--max_sequence_length belongs to rectified-flow"),
         ("sd1", ["--guidance_scale", "3.5"], "--guidance_scale belongs to rectified-flow"),

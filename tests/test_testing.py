@@ -14,7 +14,6 @@ from resattn_diffusion.testing import (
     SD15_UNET_CONFIG,
     SD21_UNET_CONFIG,
     SDXL_UNET_CONFIG,
-    benchmark_unet_config,
     make_tokenizer,
     save_tiny_pipeline,
     tiny_pipeline,
@@ -278,6 +277,8 @@ def test_real_unet_architecture_details():
 
 
 def test_benchmark_config_is_sd1_shaped_and_fresh():
+    from benchmarks.perf.common import benchmark_unet_config
+
     config = benchmark_unet_config()
     config["sample_size"] = 1
     assert benchmark_unet_config()["sample_size"] == 32

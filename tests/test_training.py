@@ -26,7 +26,7 @@ from resattn_diffusion.testing import tiny_unet, unet_inputs
 from resattn_diffusion.training import NonFiniteLossError, TrainingDataError, TrainingError, run_script
 from resattn_diffusion.training.args import parse_args, tuner_config_from_args
 from resattn_diffusion.training.data import EpochShuffleSampler, FolderSource, ImageTransform, TextImageDataset
-from resattn_diffusion.training.models import prepare_unet_for_training
+from resattn_diffusion.training.trainable import prepare_unet_for_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TUNERS = rd.tuner_names()

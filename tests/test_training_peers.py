@@ -1,5 +1,6 @@
-"""The training core's peers (resattn_diffusion.training.trainable): peft LoRA / GLoRA / C3A and full fine-tuning,
-trained by the same scripts as the res tuners, saved, and loaded back for evaluation. Tiny SD1 pipeline, CPU."""
+"""The peers (benchmarks.peers): peft LoRA / GLoRA / C3A and full fine-tuning as training providers, trained by the
+same training core as the res tuners, saved, and loaded back for evaluation; and the provider interface itself.
+Tiny SD1 pipeline, CPU."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import torch
 from PIL import Image
 
 import train_dreambooth
-import train_text2img
+from benchmarks.peers import train as peers_train
+from benchmarks.peers.trainables import PEFT_FOLDER, PEFT_WEIGHTS_NAME, default_c3a_block_size, load_tuned_pipeline
 from resattn_diffusion.testing import unet_inputs
-from resattn_diffusion.training import load_tuned_pipeline
-from resattn_diffusion.training.trainable import PEFT_FOLDER, PEFT_WEIGHTS_NAME, default_c3a_block_size
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +70,7 @@ def test_peers_train_save_and_load(method, expected_folder, tiny_dirs, images, t
     from diffusers import DiffusionPipeline
 
     out = tmp_path / "out"
-    saved = train_dreambooth.main(dreambooth_argv(tiny_dirs["sd1"], out, images, *method))
+    saved = peers_train.main(["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], out, images, *method)])
     assert saved == out / expected_folder and saved.is_dir()
     stats = json.loads((out / "train_stats.json").read_text())
     assert stats["steps"] == 2 and stats["seconds_per_step"] > 0 and stats["trainable_parameters"] > 0
@@ -101,7 +101,7 @@ def test_peft_text2img_and_adapter_starts_as_a_no_op(tiny_dirs, images, tmp_path
         "--train_batch_size", "1", "--max_train_steps", "1", "--report_to", "none", "--seed", "0",
         "--learning_rate", "1e-30", "--train_data_dir", str(images["captioned"]), "--peft_method", "c3a",
     ]  # fmt: skip
-    train_text2img.main(argv)
+    peers_train.main(["text2img", *argv])
     base = DiffusionPipeline.from_pretrained(str(tiny_dirs["sd1"]))
     tuned = load_tuned_pipeline(tiny_dirs["sd1"], out)
     torch.testing.assert_close(unet_output(tuned), unet_output(base), atol=1e-5, rtol=0)
@@ -123,7 +123,7 @@ def test_peft_text2img_and_adapter_starts_as_a_no_op(tiny_dirs, images, tmp_path
 )
 def test_bad_peer_flags_exit_with_a_message(flags, message, tiny_dirs, images, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_dreambooth.main(dreambooth_argv(tiny_dirs["sd1"], tmp_path / "out", images, *flags))
+        peers_train.main(["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], tmp_path / "out", images, *flags)])
     assert message in capsys.readouterr().err
 
 
@@ -131,4 +131,77 @@ def test_c3a_block_size_must_divide_the_projections(tiny_dirs, images, tmp_path)
     from resattn_diffusion.training import TrainingError
 
     with pytest.raises(TrainingError, match="does not divide"):
-        train_dreambooth.main(dreambooth_argv(tiny_dirs["sd1"], tmp_path / "out", images, "--peft_method", "c3a", "--peft_block_size", "7"))
+        peers_train.main(["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], tmp_path / "out", images, "--peft_method", "c3a", "--peft_block_size", "7")])
+
+
+def test_the_route_needs_a_task_first(capsys):
+    with pytest.raises(SystemExit):
+        peers_train.main(["--peft_method", "lora"])
+    assert "dreambooth" in capsys.readouterr().err
+
+
+def test_the_library_scripts_know_no_peer_flags(tiny_dirs, images, tmp_path, capsys):
+    """The peers live in benchmarks/: the library's scripts refuse their flags and write no train_stats.json."""
+    with pytest.raises(SystemExit):
+        train_dreambooth.main(dreambooth_argv(tiny_dirs["sd1"], tmp_path / "out", images, "--peft_method", "lora"))
+    assert "--peft_method" in capsys.readouterr().err
+
+
+def test_a_res_tuner_through_the_peer_route_writes_stats(tiny_dirs, images, tmp_path):
+    out = tmp_path / "out"
+    saved = peers_train.main(["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], out, images, "--tuner", "res_lora", "--rank", "2")])
+    assert saved == out / "res_tuner.safetensors"
+    stats = json.loads((out / "train_stats.json").read_text())
+    assert stats["method"] == "res_tuner" and stats["steps"] == 2 and stats["trainable_parameters"] > 0
+
+
+class BiasOnly:
+    """A provider written against the interface alone: trains the UNet's output bias, saves it as a tensor."""
+
+    name = "conv_out_bias"
+
+    def __init__(self):
+        self.steps_seen: list[int] = []
+
+    def result_path(self, output_dir):
+        return Path(output_dir) / "bias.pt"
+
+    def prepare(self, unet, weight_dtype):
+        unet.requires_grad_(False)
+        unet.conv_out.bias.requires_grad_(True)
+        return [unet.conv_out.bias]
+
+    def describe(self, unet, parameters):
+        return "conv_out bias"
+
+    def save(self, unet, output_dir):
+        torch.save(unet.conv_out.bias.detach().clone(), self.result_path(output_dir))
+        return self.result_path(output_dir)
+
+
+def test_any_provider_trains_through_the_core(tiny_dirs, images, tmp_path):
+    from resattn_diffusion.training import TrainableProvider, TrainingCallback, parse_args, train
+
+    class Provider(BiasOnly, TrainableProvider):
+        pass
+
+    class Recorder(TrainingCallback):
+        def __init__(self):
+            self.steps, self.summary = [], None
+
+        def on_step_begin(self, unet, global_step):
+            self.steps.append(global_step)
+
+        def on_train_end(self, summary):
+            self.summary = summary
+
+    out = tmp_path / "out"
+    recorder = Recorder()
+    args = parse_args("dreambooth", dreambooth_argv(tiny_dirs["sd1"], out, images))
+    saved = train(args, Provider(), callbacks=[recorder])
+    assert saved == out / "bias.pt" and saved.is_file()
+    assert not (out / "tuner_config.json").exists() and not (out / "train_stats.json").exists()
+    assert recorder.steps == [0, 1] and recorder.summary.steps == 2 and recorder.summary.result == saved
+    assert recorder.summary.trainable_parameters == torch.load(saved).numel()
+    with pytest.raises(TypeError):  # the four required methods are abstract
+        type("Incomplete", (TrainableProvider,), {"name": "x"})()

@@ -97,7 +97,8 @@ def metrics_table(base: dict, tuned: dict, heldout: int) -> str:
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Train, evaluate, write the grid and the metrics; returns the metrics record."""
-    from resattn_diffusion.training import load_tuned_pipeline, parse_args, train
+    from benchmarks.peers.train import parse_args, train
+    from resattn_diffusion.training import load_tuned_pipeline
 
     start = time.perf_counter()
     out = args.out

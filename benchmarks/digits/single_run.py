@@ -2,7 +2,7 @@
 
 :func:`run` is what :mod:`benchmarks.digits.run_benchmark` calls in a fresh subprocess per run (so peak memory is
 that run's own, and no state leaks between runs). ``result.json`` in the run folder holds the metrics, the
-trainable parameters, the seconds per optimizer step (from the training core's ``train_stats.json``) and memory:
+trainable parameters, the seconds per optimizer step (from ``train_stats.json``, :mod:`benchmarks.peers.train`) and memory:
 
 * ``peak_rss_mb`` -- the process's peak resident set size (Linux ``VmHWM``) at the end of training, before
   evaluation starts: the whole training process (Python, torch, the frozen base, activations, optimizer state);
@@ -79,7 +79,8 @@ def run(task, method_flags: Sequence[str], run_dir: Path, learning_rate: float, 
         eval_seed: int = 0) -> dict:
     """Train and evaluate one run into ``run_dir``; returns (and writes) the result record."""
     from benchmarks.digits.classifier import load_digit_classifier
-    from resattn_diffusion.training import load_tuned_pipeline, parse_args, train
+    from benchmarks.peers.train import parse_args, train
+    from benchmarks.peers.trainables import load_tuned_pipeline
 
     run_dir = Path(run_dir)
     output_dir = run_dir / "train"

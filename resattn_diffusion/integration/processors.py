@@ -140,6 +140,23 @@ class OperationBank(TunerBank):
         return out
 
 
+def effective_delta(
+    tuner: nn.Module, placement: str, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dW, db)`` in float32 with ``branch(x) = dW x + db`` for a linear tuner at ``placement`` beside
+    ``y = W0 x + b0`` (unscaled): the tuner's own fold when parallel; ``dW W0`` and ``dW b0 + db`` when sequential,
+    since there it reads ``y``. Shared by fusing and by the LoRA export, so both fold the same delta."""
+    delta_w, delta_b = tuner.fold(weight, bias)
+    delta_w = delta_w.float()
+    delta_b = None if delta_b is None else delta_b.float()
+    if placement == "sequential":
+        # T(y) = dW (W0 x + b0) + db
+        seq_b = delta_w @ bias.float() if bias is not None else None
+        delta_b = seq_b if delta_b is None else (delta_b if seq_b is None else delta_b + seq_b)
+        delta_w = delta_w @ weight.float()
+    return delta_w, delta_b
+
+
 class LinearBank(TunerBank):
     """Branches beside a frozen ``y = W0 x + b0``; folds them into the weight on request.
 
@@ -197,14 +214,7 @@ class LinearBank(TunerBank):
         new_weight, new_bias = weight.clone(), None if bias is None else bias.clone()
         for name in fused:
             setting = self.settings[name]
-            delta_w, delta_b = self.tuners[name].fold(weight, bias)
-            delta_w = delta_w.float()
-            delta_b = None if delta_b is None else delta_b.float()
-            if setting.placement == "sequential":
-                # T(y) = dW (W0 x + b0) + db
-                seq_b = delta_w @ bias if bias is not None else None
-                delta_b = seq_b if delta_b is None else (delta_b if seq_b is None else delta_b + seq_b)
-                delta_w = delta_w @ weight
+            delta_w, delta_b = effective_delta(self.tuners[name], setting.placement, weight, bias)
             new_weight += setting.scale * delta_w
             if delta_b is not None:
                 if new_bias is None:

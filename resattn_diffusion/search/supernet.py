@@ -6,7 +6,8 @@ A model's *configuration* (a *subnet*) is a dict ``{layer path: layer configurat
 ``{"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "A=lora4,B=vector,C=none,D=scalar,E=none", ...}``.
 
 * Training: call :func:`sample_subnet` once per optimisation step (a random configuration per layer per step),
-  before the forward pass; the step then trains the weights that subnet uses.
+  before the forward pass; the step then trains the weights that subnet uses. The training core does it through
+  :class:`SubnetSampling`, the callback :func:`training_callbacks` hands it for a supernet.
 * Search: :func:`set_subnet` evaluates a given configuration, :func:`subnet_parameter_count` is its size (what the
   budget limits); :mod:`resattn_diffusion.search.evolution` picks the best one.
 * Export: :func:`save_subnet` writes the chosen configuration as an ordinary tuner file of a *fixed-configuration*
@@ -29,9 +30,12 @@ from ..config import ResTunerConfig
 from ..integration.inject import ResTunerError, get_state, iter_tuners
 from ..integration.io import write_tuner_file
 from ..tuners.base import ConfigError
+from ..training.data import derive_seed
+from ..training.trainable import TrainingCallback
 from ..tuners.glora import GLoRA, GLoRAChoiceSpace, num_parameters, parse_layer_config, sample_layer_config
 
 __all__ = [
+    "SubnetSampling",
     "fixed_glora_config",
     "get_subnet",
     "is_glora_supernet",
@@ -41,6 +45,7 @@ __all__ = [
     "subnet_parameter_count",
     "subnet_spaces",
     "supernet_layers",
+    "training_callbacks",
 ]
 
 
@@ -104,6 +109,28 @@ def sample_subnet(
         module.set_active(layer_config)
         configs[path] = str(module.active_config)
     return configs
+
+
+class SubnetSampling(TrainingCallback):
+    """Train a random subnet per optimisation step (issue 3): the same on every process and a function of
+    (seed, step) only, so a resumed run samples the same subnets. Batches accumulated into one step share it."""
+
+    def __init__(self, seed: int, adapter_name: str = "default"):
+        self.seed = seed
+        self.adapter_name = adapter_name
+        self._sampled_step: int | None = None
+
+    def on_step_begin(self, unet: nn.Module, global_step: int) -> None:
+        if self._sampled_step != global_step:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "glora_subnet", global_step))
+            sample_subnet(unet, generator, self.adapter_name)
+            self._sampled_step = global_step
+
+
+def training_callbacks(unet: nn.Module, seed: int, adapter_name: str = "default") -> list[TrainingCallback]:
+    """What training the tuner ``adapter_name`` on ``unet`` needs each step: subnet sampling for a GLoRA
+    supernet, nothing for any other tuner."""
+    return [SubnetSampling(seed, adapter_name)] if is_glora_supernet(unet, adapter_name) else []
 
 
 def _check_layers(layers: list[tuple[str, GLoRA]], configs: Mapping[str, str]) -> None:

@@ -1,11 +1,10 @@
 """The one training core of ``train_dreambooth.py`` and ``train_text2img.py``.
 
 - :func:`parse_args` / :func:`build_parser`: the shared command line (diffusers' flag names + the tuner flags);
-- :func:`train`: accelerate training of a res tuner on a frozen SD 1.x / 2.x / SDXL model (noise prediction) or
-  SD3 / Flux model (rectified flow; :mod:`.flow`), the family read from the model folder (:mod:`.families`);
-  returns the tuner file;
-  ``--peft_method lora|glora|c3a`` / ``--full_finetune`` train the peers instead (:mod:`.trainable`);
-- :func:`load_tuned_pipeline` / :func:`load_trained_unet`: put any training result back on the base model;
+- :func:`train`: accelerate training of what a :class:`~.trainable.TrainableProvider` provides (default: the res
+  tuner of the flags) on a frozen SD 1.x / 2.x / SDXL model (noise prediction) or SD3 / Flux model (rectified flow;
+  :mod:`.flow`), the family read from the model folder (:mod:`.families`); returns the saved result;
+- :func:`load_tuned_pipeline` / :func:`load_trained_unet`: put a trained res tuner back on the base model;
 - :func:`run_script`: run a script's ``main`` and turn the errors below into a one-line message and exit code 1.
 """
 
@@ -20,10 +19,21 @@ from ..tuners.base import ConfigError
 from .args import build_parser, parse_args, tuner_config_from_args
 from .errors import NonFiniteLossError, TrainingDataError, TrainingError
 from .loop import train
-from .trainable import load_trained_unet, load_tuned_pipeline
+from .trainable import (
+    ResTunerTrainable,
+    TrainableProvider,
+    TrainingCallback,
+    TrainingSummary,
+    load_trained_unet,
+    load_tuned_pipeline,
+)
 
 __all__ = [
     "NonFiniteLossError",
+    "ResTunerTrainable",
+    "TrainableProvider",
+    "TrainingCallback",
+    "TrainingSummary",
     "TrainingDataError",
     "TrainingError",
     "build_parser",

@@ -94,18 +94,6 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
     tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
 
-    peers = parser.add_argument_group("instead of a res tuner: a peft adapter or full fine-tuning (the peers to compare with)")
-    peers.add_argument(
-        "--peft_method", type=str, default=None, choices=["lora", "glora", "c3a"],
-        help="Train a peft adapter on the attention projections to_q, to_k, to_v, to_out.0 instead of a res tuner.",
-    )
-    peers.add_argument("--peft_rank", type=int, default=None, help="Rank of --peft_method lora or glora (default 4).")
-    peers.add_argument(
-        "--peft_block_size", type=int, default=None,
-        help="Block size of --peft_method c3a (default: the gcd of the projections' input and output sizes).",
-    )
-    peers.add_argument("--full_finetune", action="store_true", help="Train every UNet weight (the ceiling) instead of a res tuner.")
-
     data = parser.add_argument_group("data")
     if task == "dreambooth":
         data.add_argument("--instance_data_dir", type=str, required=True, help="Folder with the images of the subject.")
@@ -229,7 +217,13 @@ def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namesp
     parser = build_parser(task)
     args = parser.parse_args(argv)
     args.task = task
-    check_method_flags(parser, args)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks of :func:`parse_args` on parsed ``args`` (for a parser that extends :func:`build_parser`)."""
+    task = args.task
     try:
         tuner_config_from_args(args)
     except (ConfigError, OSError) as err:
@@ -262,38 +256,6 @@ def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namesp
     unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
     if unknown:
         parser.error(f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none")
-    return args
-
-
-def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A run trains one thing: a res tuner, a peft adapter (``--peft_method``) or the UNet (``--full_finetune``)."""
-    if args.peft_method is not None and args.full_finetune:
-        parser.error("--peft_method and --full_finetune exclude each other; pick one")
-    if args.peft_method is None and not args.full_finetune:
-        for flag in ("peft_rank", "peft_block_size"):
-            if getattr(args, flag) is not None:
-                parser.error(f"--{flag} needs --peft_method")
-        return
-    chosen = f"--peft_method {args.peft_method}" if args.peft_method else "--full_finetune"
-    tuner_flags = ["tuner", "rank", "heads", "tuner_arg", "targets", "blocks", "projections", "placement", "tuner_scale", "tuner_config"]
-    given = [f"--{flag}" for flag in tuner_flags if getattr(args, flag) is not None]
-    if given:
-        parser.error(f"{chosen} trains no res tuner, so the res tuner flag(s) {', '.join(given)} do not apply; drop them")
-    if args.full_finetune:
-        for flag in ("peft_rank", "peft_block_size"):
-            if getattr(args, flag) is not None:
-                parser.error(f"--{flag} is a --peft_method setting; --full_finetune has none")
-        return
-    if args.peft_method == "c3a" and args.peft_rank is not None:
-        parser.error("--peft_method c3a has no rank; its size is set by --peft_block_size")
-    if args.peft_method in ("lora", "glora"):
-        if args.peft_block_size is not None:
-            parser.error(f"--peft_block_size is a c3a setting; --peft_method {args.peft_method} takes --peft_rank")
-        args.peft_rank = 4 if args.peft_rank is None else args.peft_rank
-    for flag in ("peft_rank", "peft_block_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be at least 1, got {value}")
 
 
 # --- the tuner config ------------------------------------------------------------------------------------------

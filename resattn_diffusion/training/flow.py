@@ -106,11 +106,6 @@ class FlowMatchingBase(ABC):
                     f"--{flag} belongs to the UNet's noise-prediction objective; {cls.name} trains with rectified flow. "
                     "Drop it (use --weighting_scheme to weight timesteps)"
                 )
-        if getattr(args, "peft_method", None) is not None or getattr(args, "full_finetune", False):
-            raise TrainingError(
-                f"--peft_method / --full_finetune train peers on a UNet only; on {cls.name} the training scripts train res "
-                "tuners (drop the flag)"
-            )
         if getattr(args, "enable_xformers_memory_efficient_attention", False):
             raise TrainingError(f"--enable_xformers_memory_efficient_attention is for UNets; {cls.name}'s joint attention runs PyTorch SDPA (drop the flag)")
         length = getattr(args, "max_sequence_length", None)

@@ -19,22 +19,14 @@ import random
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..integration.inject import format_summary, res_tuner_summary
 from .args import args_to_json, tuner_config_from_args
-from .checkpoint import (
-    check_checkpoint_matches,
-    list_checkpoints,
-    read_training_state,
-    register_tuner_checkpoint_hooks,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import list_checkpoints, read_training_state, resolve_resume_checkpoint, save_checkpoint
 from .data import (
     DreamBoothDataset,
     EpochShuffleSampler,
@@ -51,34 +43,35 @@ from .errors import NonFiniteLossError, TrainingError
 from .families import family_of
 from .models import DenoiserFamily
 from .prior import generate_class_images
-from ..search.supernet import is_glora_supernet, sample_subnet
-from .trainable import describe_trainable, parameters_are_finite, prepare_trainable, result_path, save_trained, training_method
+from .trainable import ResTunerTrainable, TrainableProvider, TrainingCallback, TrainingSummary, parameters_are_finite
 from .validation import log_validation
 
 logger = logging.getLogger(__name__)
 
 
-def train(args: Namespace) -> Path:
-    """Train a res tuner as ``args`` (from :func:`~resattn_diffusion.training.args.parse_args`) say; returns the
-    path of the saved tuner, ``output_dir/res_tuner.safetensors``.
+def train(
+    args: Namespace, trainable: TrainableProvider | None = None, callbacks: Sequence[TrainingCallback] = ()
+) -> Path:
+    """Train what ``trainable`` provides as ``args`` (from :func:`~resattn_diffusion.training.args.parse_args`)
+    say; returns the path of the saved result (:meth:`TrainableProvider.result_path`).
 
-    With ``--peft_method`` or ``--full_finetune`` a peft adapter or the whole UNet is trained instead and the path
-    of its saved folder is returned (see :mod:`.trainable`). Every run also writes ``train_stats.json``: trainable
-    parameters, steps, and the seconds per optimizer step of the training loop.
+    ``trainable`` defaults to the res tuner the tuner flags describe (:class:`ResTunerTrainable`, saved as
+    ``output_dir/res_tuner.safetensors``); any other :class:`TrainableProvider` trains through the same loop.
+    ``callbacks`` are called with the provider's own (:class:`TrainingCallback`).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     # --- checks that need no model: fail before anything slow happens ---------------------------------------
     output_dir = Path(args.output_dir)
-    config = tuner_config_from_args(args)
-    method = training_method(args)
+    if trainable is None:
+        trainable = ResTunerTrainable(tuner_config_from_args(args))
     check_optional_packages(args)
     resume_folder = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-    check_output_dir(output_dir, args, resume_folder)
+    check_output_dir(output_dir, trainable.result_path(output_dir), args.overwrite_output, resume_folder)
     resume_state = read_training_state(resume_folder) if resume_folder else None
-    if resume_folder and method == "res_tuner":
-        check_checkpoint_matches(resume_folder, config)
+    if resume_folder:
+        trainable.check_resume(resume_folder)
     data_source = check_training_data(args)
     family = family_of(args)
     family.check_args(args)
@@ -114,7 +107,8 @@ def train(args: Namespace) -> Path:
     if args.task == "dreambooth":  # every prompt is known: encode once (a family may free its text encoders)
         known = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
         base.cache_prompts(known + base.validation_prompts(args), accelerator.device, args)
-    parameters = prepare_trainable(base.denoiser, args, weight_dtype)
+    parameters = trainable.prepare(base.denoiser, weight_dtype)
+    callbacks = [*trainable.callbacks(base.denoiser, seed), *callbacks]
     if args.enable_xformers_memory_efficient_attention:
         base.denoiser.enable_xformers_memory_efficient_attention()  # the tuners wrap xformers' processor and stay
     if args.gradient_checkpointing:
@@ -140,18 +134,18 @@ def train(args: Namespace) -> Path:
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     lr_scheduler = make_lr_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
     lr_scheduler = accelerator.prepare(lr_scheduler)
-    if method == "res_tuner":  # peft adapters and full fine-tuning keep accelerate's default: the whole UNet
-        register_tuner_checkpoint_hooks(accelerator, base.denoiser)
+    trainable.register_checkpoint_hooks(accelerator, base.denoiser)
 
     if accelerator.is_main_process:
-        write_run_files(output_dir, args, config if method == "res_tuner" else None, seed, base, resolution)
+        write_run_files(output_dir, args, seed, base, resolution)
+        trainable.write_config(output_dir)
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, seed))
         logger.info(
             "%s%s | %d examples, %d batch(es) per epoch per process, batch %d x %d process(es) x %d accumulation, "
             "%d steps (%d epochs)\n%s",
             base.name.upper() + " ", base.path, len(dataset), len(dataloader), args.train_batch_size,
             accelerator.num_processes, args.gradient_accumulation_steps, max_train_steps, num_epochs,
-            format_summary(res_tuner_summary(base.denoiser)) if method == "res_tuner" else describe_trainable(base.denoiser, args, parameters),
+            trainable.describe(base.denoiser, parameters),
         )
 
     global_step = 0
@@ -168,9 +162,6 @@ def train(args: Namespace) -> Path:
     # --- the loop -------------------------------------------------------------------------------------------
     progress = tqdm(total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     generator = torch.Generator(device=accelerator.device)
-    # a GLoRA supernet trains a random subnet per optimisation step (issue 3): the same on every process and a
-    # function of (seed, step) only, so a resumed run samples the same subnets
-    glora_supernet, subnet_step = is_glora_supernet(base.denoiser), None
     try:
         for epoch in range(first_epoch, num_epochs):
             if global_step >= max_train_steps:
@@ -185,9 +176,8 @@ def train(args: Namespace) -> Path:
             for batch_index, batch in enumerate(loader, start=start):
                 # noise and timesteps depend only on (seed, process, epoch, batch): a resumed run draws the same ones
                 generator.manual_seed(derive_seed(seed, "noise", accelerator.process_index, epoch, batch_index))
-                if glora_supernet and subnet_step != global_step:
-                    sample_subnet(base.denoiser, torch.Generator().manual_seed(derive_seed(seed, "glora_subnet", global_step)))
-                    subnet_step = global_step
+                for callback in callbacks:
+                    callback.on_step_begin(base.denoiser, global_step)
                 with accelerator.accumulate(denoiser):
                     loss = diffusion_loss(args, base, denoiser, batch, resolution, weight_dtype, generator)
                     losses = accelerator.gather(loss.detach().reshape(1))
@@ -231,20 +221,24 @@ def train(args: Namespace) -> Path:
         progress.close()
         loop_seconds = time.perf_counter() - loop_start
         accelerator.wait_for_everyone()
-        tuner_file = result_path(output_dir, method)
+        result = trainable.result_path(output_dir)
         if accelerator.is_main_process:
             if not parameters_are_finite(parameters):
                 raise NonFiniteLossError(non_finite_message(None, global_step, last_checkpoint))
-            save_trained(base.denoiser, output_dir, args)
-            logger.info("saved the %s to %s", "tuner" if method == "res_tuner" else "result", tuner_file)
-            write_train_stats(output_dir, method, parameters, global_step - first_step, loop_seconds)
+            trainable.save(base.denoiser, output_dir)
+            logger.info("saved the %s result to %s", trainable.name, result)
+            summary = TrainingSummary(
+                output_dir, result, sum(p.numel() for p in parameters), global_step - first_step, loop_seconds
+            )
+            for callback in callbacks:
+                callback.on_train_end(summary)
             if args.validation_prompt:
                 log_validation(accelerator, base, base.denoiser, args, resolution, seed, global_step, "final")
         accelerator.wait_for_everyone()
     finally:
         progress.close()
         accelerator.end_training()
-    return tuner_file
+    return result
 
 
 # --- one step ------------------------------------------------------------------------------------------------
@@ -299,10 +293,10 @@ def trackers_of(report_to: str) -> list[str] | str | None:
     return "all" if "all" in names else names
 
 
-def check_output_dir(output_dir: Path, args: Namespace, resume_folder: Path | None) -> None:
-    """A tuner already in ``output_dir`` is replaced only with ``--overwrite_output`` or when that run is resumed."""
-    existing = result_path(output_dir, training_method(args))
-    if existing.exists() and not args.overwrite_output and resume_folder is None:
+def check_output_dir(output_dir: Path, existing: Path, overwrite: bool, resume_folder: Path | None) -> None:
+    """A result already in ``output_dir`` (at ``existing``) is replaced only with ``--overwrite_output`` or when
+    that run is resumed."""
+    if existing.exists() and not overwrite and resume_folder is None:
         raise TrainingError(
             f"{str(existing)!r} exists: --output_dir holds a trained tuner. Pass --overwrite_output to replace it, "
             "--resume_from_checkpoint latest to continue that run, or another --output_dir"
@@ -405,29 +399,12 @@ def configure_logging(accelerator: Any) -> None:
         diffusers.utils.logging.set_verbosity_error()
 
 
-def write_run_files(output_dir: Path, args: Namespace, config: Any, seed: int, base: DenoiserFamily, resolution: int) -> None:
-    """``args.json`` (every flag, with the seed and resolution actually used) and, for a res tuner (``config`` not
-    None), ``tuner_config.json``."""
+def write_run_files(output_dir: Path, args: Namespace, seed: int, base: BaseModel, resolution: int) -> None:
+    """``args.json``: every flag, with the seed and resolution actually used."""
     output_dir.mkdir(parents=True, exist_ok=True)
     run = {**args_to_json(args), "seed": seed, "resolution": resolution, "model_type": base.name}
     with open(output_dir / "args.json", "w", encoding="utf-8") as f:
         json.dump(run, f, indent=2)
-    if config is not None:
-        config.save(str(output_dir / "tuner_config.json"))
-
-
-def write_train_stats(output_dir: Path, method: str, parameters: list[torch.nn.Parameter], steps: int, seconds: float) -> None:
-    """``train_stats.json``: the method, its trainable parameters, and the wall time per optimizer step of this
-    run's loop (data loading, forward, backward, optimizer, and any checkpoints and validation in between; no model loading)."""
-    stats = {
-        "method": method,
-        "trainable_parameters": sum(p.numel() for p in parameters),
-        "steps": steps,
-        "loop_seconds": round(seconds, 3),
-        "seconds_per_step": round(seconds / steps, 5) if steps else None,
-    }
-    with open(output_dir / "train_stats.json", "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=2)
 
 
 def tracker_config(args: Namespace, seed: int) -> dict[str, Any]:

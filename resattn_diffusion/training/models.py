@@ -19,8 +19,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..config import ResTunerConfig
-from ..integration.inject import add_res_tuner, res_tuner_parameters
 from .errors import TrainingError
 
 #: Flags of the rectified-flow objective (SD3 / Flux); refused on the UNet family when given.
@@ -352,26 +350,3 @@ def move(module: nn.Module, device: torch.device | None, dtype: torch.dtype) -> 
         module.to(device, dtype=dtype)
     elif device is not None:
         module.to(device)
-
-
-def prepare_unet_for_training(unet: nn.Module, config: ResTunerConfig, weight_dtype: torch.dtype) -> list[nn.Parameter]:
-    """Freeze ``unet`` in ``weight_dtype``, add the tuner, and keep the tuner's parameters in fp32.
-
-    Under mixed precision the frozen weights run in fp16/bf16 while the optimizer updates fp32 tuner weights
-    (diffusers' ``cast_training_params``): fp16 gradients cannot be unscaled, and bf16 weights lose small updates.
-    Returns the trainable parameters (what the optimizer gets).
-    """
-    from diffusers.training_utils import cast_training_params
-
-    unet.requires_grad_(False)
-    move(unet, None, weight_dtype)
-    add_res_tuner(unet, config)
-    cast_training_params(unet, dtype=torch.float32)
-    parameters = res_tuner_parameters(unet)
-    not_fp32 = [p for p in parameters if p.dtype != torch.float32]
-    if not_fp32:
-        raise TrainingError(
-            f"{len(not_fp32)} tuner parameter(s) of {config.tuner} are not registered under the UNet, so they could not be "
-            "kept in fp32 (and would not be synchronised across processes): the tuner must be a submodule of the UNet"
-        )
-    return parameters

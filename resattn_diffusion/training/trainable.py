@@ -1,225 +1,216 @@
-"""What training updates, and how the result is saved and loaded: the one place that decides.
+"""What a training run updates, and how the result is saved and loaded: the provider interface and ours.
 
-Three methods, chosen by the flags (:func:`training_method`):
+The training core (:func:`~resattn_diffusion.training.train`) never decides what trains. It asks a
+:class:`TrainableProvider` to prepare the UNet, give the parameters the optimizer gets, describe them in one log
+line, and save them; everything else of a run (data, loss, optimizer, checkpoints of the optimizer state,
+validation) is the same whatever trains. The library's provider is :class:`ResTunerTrainable` (a res tuner from
+``--tuner`` and its flags, saved as ``res_tuner.safetensors``); comparison baselines (peft adapters, full
+fine-tuning) are providers that live with the benchmarks (``benchmarks/peers``) and go through the same core.
 
-* ``"res_tuner"`` (the default): a res tuner from ``--tuner`` and its flags, saved as ``res_tuner.safetensors``;
-* ``"peft"`` (``--peft_method lora|glora|c3a``): a peft adapter on the attention projections
-  :data:`PEFT_TARGET_MODULES` of every ``attn1``/``attn2`` -- the peers users would pick instead of a res tuner.
-  Saved as ``peft_adapter/adapter_model.safetensors`` + ``peft_adapter/adapter_config.json``;
-* ``"full"`` (``--full_finetune``): every UNet weight, saved with ``save_pretrained`` as ``unet/``.
+A provider may also hand the loop :class:`TrainingCallback` objects: called before every optimizer step's
+forward passes and once after training (a GLoRA supernet samples its subnet there, see
+:class:`~resattn_diffusion.search.supernet.SubnetSampling`).
 
-Trainable parameters are kept in fp32 under mixed precision (the frozen weights run in fp16/bf16). Every adapter
-starts as a no-op, so a run starts from the base model: peft's C3A is created with zero kernels
-(``init_weights=True``) for that reason (its own default is a random, non-zero init).
+:func:`load_trained_unet` puts a res tuner run's result back on a base UNet and :func:`load_tuned_pipeline` builds
+the tuned pipeline for evaluation::
 
-:func:`load_trained_unet` puts a training result back on a base UNet and :func:`load_tuned_pipeline` builds the
-tuned pipeline for evaluation::
-
-    pipe = load_tuned_pipeline("base_model_folder", "output_dir")   # any of the three methods
+    pipe = load_tuned_pipeline("base_model_folder", "output_dir")
 """
 
 from __future__ import annotations
 
-import math
-from argparse import Namespace
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..config import ResTunerConfig
+from ..integration.inject import add_res_tuner, format_summary, res_tuner_parameters, res_tuner_summary
 from ..integration.io import WEIGHT_NAME, load_res_tuner, save_res_tuner
 from .errors import TrainingError
 
-TrainingMethod = Literal["res_tuner", "peft", "full"]
-PEFT_METHODS: tuple[str, ...] = ("lora", "glora", "c3a")
-#: The attention projections a peft adapter goes on (in every attn1 and attn2 of the UNet).
-PEFT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-PEFT_ADAPTER_NAME = "default"
-PEFT_FOLDER = "peft_adapter"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-FULL_UNET_FOLDER = "unet"
+TUNER_CONFIG_NAME = "tuner_config.json"
 
 
-def training_method(args: Namespace) -> TrainingMethod:
-    """Which method the flags ask for (flags are checked by ``parse_args``)."""
-    if getattr(args, "full_finetune", False):
-        return "full"
-    if getattr(args, "peft_method", None) is not None:
-        return "peft"
-    return "res_tuner"
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What a finished run did, as the loop measured it (handed to :meth:`TrainingCallback.on_train_end`)."""
+
+    output_dir: Path
+    #: the saved result (:meth:`TrainableProvider.result_path`)
+    result: Path
+    trainable_parameters: int
+    #: optimizer steps of this run (a resumed run counts only its own)
+    steps: int
+    #: wall time of the training loop: data, forward, backward, optimizer, and any checkpoints and validation
+    #: in between; no model loading
+    loop_seconds: float
 
 
-def result_path(output_dir: str | Path, method: TrainingMethod) -> Path:
-    """Where a run of ``method`` saves its result inside ``output_dir`` (a file or a folder)."""
-    output_dir = Path(output_dir)
-    return {"res_tuner": output_dir / WEIGHT_NAME, "peft": output_dir / PEFT_FOLDER, "full": output_dir / FULL_UNET_FOLDER}[method]
+class TrainingCallback:
+    """Hooks the training loop calls; override what you need (the defaults do nothing).
+
+    Callbacks run on every process. ``on_step_begin`` runs before the forward pass of each batch, with the number
+    of finished optimizer steps (the same for all batches that accumulate into one step); ``on_train_end`` runs on
+    the main process after the result is saved.
+    """
+
+    def on_step_begin(self, unet: nn.Module, global_step: int) -> None:
+        """Before the forward pass of a batch of optimizer step ``global_step`` (0-based)."""
+
+    def on_train_end(self, summary: TrainingSummary) -> None:
+        """After the result is saved (main process only)."""
 
 
-def saved_method(output_dir: str | Path) -> TrainingMethod:
-    """Which method's result ``output_dir`` holds; a clear error if none."""
-    output_dir = Path(output_dir)
-    for method in ("res_tuner", "peft", "full"):
-        if result_path(output_dir, method).exists():
-            return method
-    raise TrainingError(
-        f"{str(output_dir)!r} holds no training result (expected {WEIGHT_NAME}, {PEFT_FOLDER}/ or {FULL_UNET_FOLDER}/); "
-        "pass the --output_dir of a finished run"
-    )
+class TrainableProvider(ABC):
+    """What to train: the interface between the training core and whatever makes the trainable parameters.
+
+    ``prepare`` gets the frozen UNet (already on its device, in the weight dtype) and returns what the optimizer
+    gets; ``save`` writes the result under ``output_dir`` at :meth:`result_path`. The optional hooks default to
+    doing nothing, so a provider is four methods.
+    """
+
+    #: a short name for logs and records, e.g. ``"res_tuner"``
+    name: str = "trainable"
+
+    @abstractmethod
+    def result_path(self, output_dir: Path) -> Path:
+        """Where :meth:`save` writes inside ``output_dir`` (a file or a folder); its existence means a finished run."""
+
+    @abstractmethod
+    def prepare(self, unet: nn.Module, weight_dtype: torch.dtype) -> list[nn.Parameter]:
+        """Make ``unet`` trainable as this provider wants and return its trainable parameters.
+
+        Trainable parameters are kept in fp32 under mixed precision (the frozen weights run in ``weight_dtype``):
+        fp16 gradients cannot be unscaled, and bf16 weights lose small updates.
+        """
+
+    @abstractmethod
+    def describe(self, unet: nn.Module, parameters: list[nn.Parameter]) -> str:
+        """A log paragraph: what trains, and how many parameters."""
+
+    @abstractmethod
+    def save(self, unet: nn.Module, output_dir: Path) -> Path:
+        """Save what was trained into ``output_dir``; returns :meth:`result_path`."""
+
+    # --- optional hooks ----------------------------------------------------------------------------------------
+    def check_resume(self, checkpoint: Path) -> None:
+        """Raise :class:`TrainingError` if ``checkpoint`` was written by a run that trained something else."""
+
+    def register_checkpoint_hooks(self, accelerator: Any, unet: nn.Module) -> None:
+        """Change what accelerate's ``save_state`` / ``load_state`` store of ``unet`` (default: its whole state)."""
+
+    def write_config(self, output_dir: Path) -> None:
+        """Write the provider's own config beside the run's ``args.json`` (main process, before training)."""
+
+    def callbacks(self, unet: nn.Module, seed: int) -> list[TrainingCallback]:
+        """Callbacks this provider needs during training of the prepared ``unet`` (``seed``: the run's seed)."""
+        return []
 
 
-# --- peft ------------------------------------------------------------------------------------------------------
-def attention_projections(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The linear layers a peft adapter targets: :data:`PEFT_TARGET_MODULES` of the UNet's attention."""
-    found = []
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and any(name.endswith("." + target) for target in PEFT_TARGET_MODULES):
-            found.append((name, module))
-    if not found:
-        raise TrainingError(f"the UNet has no attention projections {PEFT_TARGET_MODULES} for a peft adapter")
-    return found
+def prepare_unet_for_training(unet: nn.Module, config: ResTunerConfig, weight_dtype: torch.dtype) -> list[nn.Parameter]:
+    """Freeze ``unet`` in ``weight_dtype``, add the tuner, and keep the tuner's parameters in fp32.
 
-
-def default_c3a_block_size(unet: nn.Module) -> int:
-    """peft's advice for C3A: the greatest common divisor of every targeted layer's input and output size."""
-    sizes = [size for _, layer in attention_projections(unet) for size in (layer.in_features, layer.out_features)]
-    return math.gcd(*sizes)
-
-
-def peft_config_from_args(args: Namespace, unet: nn.Module) -> Any:
-    """The peft config of ``--peft_method`` with ``--peft_rank`` (LoRA, GLoRA) or ``--peft_block_size`` (C3A)."""
-    targets = list(PEFT_TARGET_MODULES)
-    if args.peft_method == "lora":
-        from peft import LoraConfig
-
-        # alpha = rank: the update is B A unscaled, so learning rates compare across ranks
-        return LoraConfig(r=args.peft_rank, lora_alpha=args.peft_rank, target_modules=targets, init_lora_weights=True)
-    if args.peft_method == "glora":
-        from peft.tuners.glora import GloraConfig
-
-        return GloraConfig(r=args.peft_rank, target_modules=targets)
-    if args.peft_method == "c3a":
-        from peft.tuners.c3a import C3AConfig
-
-        block_size = args.peft_block_size or default_c3a_block_size(unet)
-        bad = [name for name, layer in attention_projections(unet) if layer.in_features % block_size or layer.out_features % block_size]
-        if bad:
-            raise TrainingError(
-                f"--peft_block_size {block_size} does not divide the input and output sizes of {bad[0]} (and {len(bad) - 1} "
-                f"more); use a divisor of {default_c3a_block_size(unet)}"
-            )
-        return C3AConfig(block_size=block_size, target_modules=targets, init_weights=True)
-    raise TrainingError(f"--peft_method {args.peft_method!r} is not one of {PEFT_METHODS}")
-
-
-def add_peft_adapter(unet: nn.Module, peft_config: Any) -> None:
-    from peft import inject_adapter_in_model
-
-    inject_adapter_in_model(peft_config, unet, adapter_name=PEFT_ADAPTER_NAME)
-
-
-# --- what the optimizer gets -----------------------------------------------------------------------------------
-def prepare_trainable(unet: nn.Module, args: Namespace, weight_dtype: torch.dtype) -> list[nn.Parameter]:
-    """Make ``unet`` trainable as the flags ask and return its trainable parameters (fp32).
-
-    res tuner / peft: the UNet is frozen in ``weight_dtype`` and the added weights are kept in fp32. Full
-    fine-tuning: the whole UNet is trainable and kept in fp32 (mixed precision then runs it under autocast).
+    Under mixed precision the frozen weights run in fp16/bf16 while the optimizer updates fp32 tuner weights
+    (diffusers' ``cast_training_params``): fp16 gradients cannot be unscaled, and bf16 weights lose small updates.
+    Returns the trainable parameters (what the optimizer gets).
     """
     from diffusers.training_utils import cast_training_params
 
-    from .args import tuner_config_from_args
-    from .models import move, prepare_unet_for_training
+    from .models import move
 
-    method = training_method(args)
-    if method == "res_tuner":
-        return prepare_unet_for_training(unet, tuner_config_from_args(args), weight_dtype)
-    if method == "full":
-        move(unet, None, torch.float32)
-        unet.requires_grad_(True)
-        return [p for p in unet.parameters()]
     unet.requires_grad_(False)
     move(unet, None, weight_dtype)
-    add_peft_adapter(unet, peft_config_from_args(args, unet))
+    add_res_tuner(unet, config)
     cast_training_params(unet, dtype=torch.float32)
-    return [p for p in unet.parameters() if p.requires_grad]
+    parameters = res_tuner_parameters(unet)
+    not_fp32 = [p for p in parameters if p.dtype != torch.float32]
+    if not_fp32:
+        raise TrainingError(
+            f"{len(not_fp32)} tuner parameter(s) of {config.tuner} are not registered under the UNet, so they could not be "
+            "kept in fp32 (and would not be synchronised across processes): the tuner must be a submodule of the UNet"
+        )
+    return parameters
+
+
+class ResTunerTrainable(TrainableProvider):
+    """The library's provider: the res tuner ``config`` (from ``--tuner`` and its flags), saved as
+    ``res_tuner.safetensors``; checkpoints hold the tuner file instead of the frozen UNet."""
+
+    name = "res_tuner"
+
+    def __init__(self, config: ResTunerConfig):
+        self.config = config
+
+    def result_path(self, output_dir: Path) -> Path:
+        return Path(output_dir) / WEIGHT_NAME
+
+    def prepare(self, unet: nn.Module, weight_dtype: torch.dtype) -> list[nn.Parameter]:
+        return prepare_unet_for_training(unet, self.config, weight_dtype)
+
+    def describe(self, unet: nn.Module, parameters: list[nn.Parameter]) -> str:
+        return format_summary(res_tuner_summary(unet))
+
+    def save(self, unet: nn.Module, output_dir: Path) -> Path:
+        return save_res_tuner(unet, output_dir)
+
+    def check_resume(self, checkpoint: Path) -> None:
+        from .checkpoint import check_checkpoint_matches
+
+        check_checkpoint_matches(checkpoint, self.config)
+
+    def register_checkpoint_hooks(self, accelerator: Any, unet: nn.Module) -> None:
+        from .checkpoint import register_tuner_checkpoint_hooks
+
+        register_tuner_checkpoint_hooks(accelerator, unet)
+
+    def write_config(self, output_dir: Path) -> None:
+        self.config.save(str(Path(output_dir) / TUNER_CONFIG_NAME))
+
+    def callbacks(self, unet: nn.Module, seed: int) -> list[TrainingCallback]:
+        # a tuner that changes shape while it trains (a GLoRA supernet) brings its own per-step sampling
+        from ..search.supernet import training_callbacks
+
+        return training_callbacks(unet, seed)
 
 
 def parameters_are_finite(parameters: list[nn.Parameter]) -> bool:
     return all(torch.isfinite(p).all() for p in parameters)
 
 
-def describe_trainable(unet: nn.Module, args: Namespace, parameters: list[nn.Parameter]) -> str:
-    """One log line: the method and its number of trainable parameters."""
-    count = sum(p.numel() for p in parameters)
-    method = training_method(args)
-    if method == "peft":
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = sum(isinstance(module, BaseTunerLayer) for module in unet.modules())
-        detail = f"peft {args.peft_method} on {', '.join(PEFT_TARGET_MODULES)} ({layers} layers)"
-    elif method == "full":
-        detail = "full UNet fine-tuning"
-    else:
-        detail = "res tuner"
-    return f"{detail}: {count:,} trainable parameters"
-
-
-# --- saving and loading ----------------------------------------------------------------------------------------
-def save_trained(unet: nn.Module, output_dir: str | Path, args: Namespace) -> Path:
-    """Save what was trained into ``output_dir``; returns :func:`result_path`."""
-    method = training_method(args)
-    path = result_path(output_dir, method)
-    if method == "res_tuner":
-        save_res_tuner(unet, output_dir)
-    elif method == "full":
-        unet.save_pretrained(str(path))
-    else:
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        path.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(unet, adapter_name=PEFT_ADAPTER_NAME)
-        save_file({key: value.detach().contiguous() for key, value in state.items()}, str(path / PEFT_WEIGHTS_NAME))
-        unet.peft_config[PEFT_ADAPTER_NAME].save_pretrained(str(path))
-    return path
-
-
+# --- loading a result back ---------------------------------------------------------------------------------------
 def load_trained_unet(unet: nn.Module, output_dir: str | Path) -> nn.Module:
-    """Put the result of a training run (any method) on a base ``unet``; returns the UNet to use.
-
-    A res tuner or peft adapter is added to ``unet`` in place (and ``unet`` is returned); a fully fine-tuned UNet
-    is loaded from ``output_dir/unet`` and returned in ``unet``'s dtype and device (``unet`` is left unchanged).
-    """
-    method = saved_method(output_dir)
-    path = result_path(output_dir, method)
-    if method == "res_tuner":
-        load_res_tuner(unet, output_dir)
-        return unet
-    if method == "full":
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel.from_pretrained(str(path)).to(device=unet.device, dtype=unet.dtype)
-    from peft import PeftConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    config = PeftConfig.from_pretrained(str(path))
-    add_peft_adapter(unet, config)
-    result = set_peft_model_state_dict(unet, load_file(str(path / PEFT_WEIGHTS_NAME)), adapter_name=PEFT_ADAPTER_NAME)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise TrainingError(f"{str(path)!r} holds weights this UNet has no place for, e.g. {unexpected[0]}")
+    """Put the res tuner a training run saved in ``output_dir`` on a base ``unet`` (in place); returns ``unet``."""
+    output_dir = Path(output_dir)
+    if not (output_dir / WEIGHT_NAME).is_file():
+        raise TrainingError(
+            f"{str(output_dir)!r} holds no training result (expected {WEIGHT_NAME}); pass the --output_dir of a finished run"
+        )
+    load_res_tuner(unet, output_dir)
     return unet
 
 
-def load_tuned_pipeline(base_model: str | Path, output_dir: str | Path, device: str | torch.device = "cpu") -> Any:
+def load_tuned_pipeline(
+    base_model: str | Path,
+    output_dir: str | Path,
+    device: str | torch.device = "cpu",
+    load_unet: Callable[[nn.Module, str | Path], nn.Module] = load_trained_unet,
+) -> Any:
     """The base diffusers pipeline in ``base_model`` with the result of the run in ``output_dir`` on its denoiser
-    (``pipeline.unet``, or ``pipeline.transformer`` of SD3 / Flux)."""
+    (``pipeline.unet``, or ``pipeline.transformer`` of SD3 / Flux).
+
+    ``load_unet(denoiser, output_dir)`` puts the result on the base denoiser and returns the one to use (default: a
+    res tuner, :func:`load_trained_unet`; the benchmarks pass their peers' loader).
+    """
     from diffusers import DiffusionPipeline
 
     from ..integration.loader_mixin import denoiser_attribute
 
     pipeline = DiffusionPipeline.from_pretrained(str(base_model))
     attribute = denoiser_attribute(pipeline)
-    setattr(pipeline, attribute, load_trained_unet(getattr(pipeline, attribute), output_dir))
+    setattr(pipeline, attribute, load_unet(getattr(pipeline, attribute), output_dir))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

@@ -214,11 +214,19 @@ class LinearTuner(nn.Module):
     #: Whether the tuner may also act on the output (U-Tuning's sequential form). Tuners defined relative to
     #: their own layer's weight (GLoRA) are parallel only.
     supports_sequential: ClassVar[bool] = True
+    #: Whether :meth:`fold` reads ``W0``/``b0`` (GLoRA's ``W0 ⊙ A``) or only their dtype: a LoRA export of a tuner
+    #: that does not read them needs no base model.
+    fold_reads_base: ClassVar[bool] = True
 
     def forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(down, up)`` with ``dW = up @ down`` (r x d_in, d_out x r) when the tuner is a low-rank product, else
+        None: a LoRA export then writes them as they are instead of factorising the dense ``dW``."""
+        return None
 
     def fold(
         self, weight: torch.Tensor, bias: torch.Tensor | None

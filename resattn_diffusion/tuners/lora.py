@@ -28,6 +28,8 @@ class ResLoRA(LinearTuner):
     ``dW = B A``, ``db = 0``. (Unlike diffusers' LoRA there is no alpha/r factor: the scale ``s`` plays that role.)
     """
 
+    fold_reads_base = False
+
     def __init__(self, shape: OpShape, params: ResLoRAParams):
         super().__init__()
         self.lora_A = nn.Linear(shape.in_dim, params.rank, bias=False)
@@ -41,3 +43,6 @@ class ResLoRA(LinearTuner):
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.lora_B.weight @ self.lora_A.weight, None
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.weight, self.lora_B.weight

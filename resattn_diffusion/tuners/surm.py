@@ -32,13 +32,10 @@ h defaults to the full input width d. D is random, U zero-initialised (its zero 
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import (
@@ -137,6 +134,7 @@ class SURMLinear(LinearTuner):
     """Shared body of the SURM linear tuners: ``T(x) = dW x`` with ``dW = self.delta`` a structured matrix."""
 
     structure: ClassVar[str]
+    fold_reads_base = False  # dW is the structured matrix alone
 
     def __init__(self, shape: OpShape, params: TunerParams):
         super().__init__()
@@ -274,70 +272,6 @@ class SURMAdapter(OperationTuner):
         return self.up(self.dropout(self.act(self.down(x))))
 
 
-# --- micro-benchmark (not a test) ------------------------------------------------------------------------------
-
-
-def _interleaved_median_seconds(functions: dict[str, object], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, timed round-robin so that machine noise hits all of them alike."""
-    for fn in functions.values():
-        fn()  # warm-up (FFT plans, allocator)
-    timings: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            timings[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in timings.items()}
-
-
-def benchmark_fft_vs_dense(
-    width: int,
-    batch_tokens: int,
-    families: tuple[str, ...] = ("circulant", "toeplitz", "ldr", "kronecker"),
-    repeats: int = 5,
-    train: bool = False,
-    seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Time the structured fast path against a dense matmul with the materialised matrix on a width x width layer.
-
-    Per family returns ``fast_ms`` (structured path), ``dense_ms`` (``F.linear`` with a matrix materialised
-    beforehand), ``materialize_dense_ms`` (materialise then ``F.linear``: what a training step would need),
-    ``speedup`` = dense_ms / fast_ms and ``speedup_vs_materialize`` = materialize_dense_ms / fast_ms (> 1: the
-    structured path is faster). ``train=True`` times forward plus backward (to x and the parameters).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_tokens, width, generator=generator, requires_grad=train)
-    results: dict[str, dict[str, float]] = {}
-    for family in families:
-        matrix = STRUCTURES[family](width, width, init="random")
-        dense = matrix.materialize().detach().requires_grad_(train)
-
-        def run(compute):
-            if train:
-                compute().sum().backward()
-            else:
-                with torch.no_grad():
-                    compute()
-
-        seconds = _interleaved_median_seconds(
-            {
-                "fast": lambda: run(lambda: matrix.structured_forward(x)),
-                "dense": lambda: run(lambda: F.linear(x, dense)),
-                "materialize_dense": lambda: run(lambda: F.linear(x, matrix.materialize())),
-            },
-            repeats,
-        )
-        fast, dense_only, with_materialize = seconds["fast"], seconds["dense"], seconds["materialize_dense"]
-        results[family] = {
-            "fast_ms": fast * 1e3,
-            "dense_ms": dense_only * 1e3,
-            "materialize_dense_ms": with_materialize * 1e3,
-            "speedup": dense_only / fast,
-            "speedup_vs_materialize": with_materialize / fast,
-        }
-    return results
-
-
 __all__ = [
     "SURMAdapter",
     "SURMAdapterParams",
@@ -350,7 +284,6 @@ __all__ = [
     "SURMLinear",
     "SURMToeplitz",
     "SURMToeplitzParams",
-    "benchmark_fft_vs_dense",
     "CirculantMatrix",
     "ToeplitzMatrix",
     "KroneckerMatrix",

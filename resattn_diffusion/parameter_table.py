@@ -1,8 +1,9 @@
-"""Tables the README shows, computed by the library itself (no weights needed: UNets are built on the meta device)."""
+"""The README's tuner parameter table, computed by the library itself (no weights needed: UNets are built on the
+meta device). The comparison rows (peft LoRA) are added by ``python -m benchmarks.parameter_table``."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Sequence
 
 from .config import ResTunerConfig
 from .integration.inject import add_res_tuner, res_tuner_summary
@@ -22,28 +23,21 @@ def count_tuner_parameters(unet_config: dict, config: ResTunerConfig) -> int:
     return res_tuner_summary(unet)["tuners"]["default"]["parameters"]
 
 
-def count_peft_lora_parameters(unet_config: dict, rank: int = 4, targets: Iterable[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> int:
-    """diffusers/peft LoRA of ``rank`` on the attention projections: the standard it is compared with."""
-    from peft import LoraConfig
+def parameter_table(
+    unet_config: dict | None = None,
+    configs: list[ResTunerConfig] | None = None,
+    extra_rows: Sequence[tuple[str, str, str, str, int]] = (),
+) -> str:
+    """Markdown table: tuner, formula, default hyperparameters, trainable parameters and share of the UNet.
 
-    from .testing import unet_from_config
-
-    unet = unet_from_config(unet_config)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
-    return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
-
-
-def parameter_table(unet_config: dict | None = None, configs: list[ResTunerConfig] | None = None) -> str:
-    """Markdown table: tuner, formula, default hyperparameters, trainable parameters and share of the UNet."""
+    ``extra_rows``: (name, formula, hyperparameters, where, parameters) of methods to compare with, appended.
+    """
     from .testing import SD15_UNET_CONFIG, unet_from_config
 
     unet_config = unet_config or SD15_UNET_CONFIG
     total = sum(p.numel() for p in unet_from_config(unet_config).parameters())
     if configs is None:
-        configs = []
-        for name in tuner_names():
-            spec = get_tuner_spec(name)
-            configs.append(ResTunerConfig(tuner=name))
+        configs = [ResTunerConfig(tuner=name) for name in tuner_names()]
     rows = ["| tuner | T (the branch) | hyperparameters | where | trainable params | % of UNet |", "|---|---|---|---|---|---|"]
     for config in configs:
         count = count_tuner_parameters(unet_config, config)
@@ -55,8 +49,8 @@ def parameter_table(unet_config: dict | None = None, configs: list[ResTunerConfi
             " (q,k,v,out)" if config.spec.kind == "linear" else ""
         )
         rows.append(f"| `{config.tuner}` | `{_formula(config.tuner)}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |")
-    lora = count_peft_lora_parameters(unet_config, 4)
-    rows.append(f"| peft LoRA (diffusers) | `B A x` on q,k,v,out | r=4 | attn1+attn2 (q,k,v,out) | {lora:,} | {100 * lora / total:.3f} |")
+    for name, formula, hyper, where, count in extra_rows:
+        rows.append(f"| {name} | `{formula}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |")
     return "\n".join(rows) + f"\n\nUNet parameters: {total:,}."
 
 
