@@ -399,7 +399,7 @@ def configure_logging(accelerator: Any) -> None:
         diffusers.utils.logging.set_verbosity_error()
 
 
-def write_run_files(output_dir: Path, args: Namespace, seed: int, base: BaseModel, resolution: int) -> None:
+def write_run_files(output_dir: Path, args: Namespace, seed: int, base: DenoiserFamily, resolution: int) -> None:
     """``args.json``: every flag, with the seed and resolution actually used."""
     output_dir.mkdir(parents=True, exist_ok=True)
     run = {**args_to_json(args), "seed": seed, "resolution": resolution, "model_type": base.name}
