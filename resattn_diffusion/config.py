@@ -5,31 +5,40 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from .registry import get_tuner_spec
+from .registry import get_tuner_spec, known_projections, known_targets
 from .tuners.base import ConfigError, TunerParams, check_choice
 
-#: Operations of a transformer block that can get a tuner.
+#: Operations of a UNet transformer block that can get a tuner (each model family has its own targets:
+#: ``resattn_diffusion.registry.known_targets()`` lists them all).
 TARGETS = ("attn1", "attn2", "ff")
-#: Linear projections of an attention that a linear tuner (Res-LoRA, GLoRA, SURM) can sit beside.
+#: Linear projections of a UNet attention that a linear tuner (Res-LoRA, GLoRA, SURM) can sit beside.
 #: On the ``ff`` target a linear tuner sits beside both of the feed-forward's linears.
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+#: Targets that name a feed-forward in some family: tuners that read an attention's frozen projections cannot sit there.
+_FEED_FORWARD_TARGETS = ("ff", "ff_context")
 PLACEMENTS = ("parallel", "sequential")
 
 _COMMON = ("tuner", "targets", "blocks", "projections", "placement", "scale")
 
 
 class ResTunerConfig:
-    """Configuration of one named tuner on a UNet.
+    """Configuration of one named tuner on a UNet or a diffusion transformer.
 
     Args:
         tuner: a registered tuner name (``resattn_diffusion.tuner_names()``), e.g. ``"res_attn"``.
-        targets: operations of each transformer block that get a branch: any of ``"attn1"`` (self-attention),
-            ``"attn2"`` (cross-attention), ``"ff"`` (feed-forward).
+        targets: operations of each transformer block that get a branch. On a UNet any of ``"attn1"``
+            (self-attention), ``"attn2"`` (cross-attention), ``"ff"`` (feed-forward); on SD3 / Flux transformers
+            ``"attn"`` (joint attention), ``"attn2"`` (SD3.5), ``"ff"``, ``"ff_context"``, and on Flux's single blocks
+            ``"proj_mlp"`` / ``"proj_out"`` (linear tuners). ``None``: the model family's default (UNet: attn1 and
+            attn2; SD3 / Flux: attn, and attn2 where a block has one).
         blocks: glob patterns on the transformer block's path selecting where tuners go, e.g. ``["up_blocks.*"]``
             or ``["mid_block", "up_blocks.1"]`` (a pattern also matches everything below the path it names).
             ``None`` means every transformer block. A pattern that matches no block is an error when the config
             is applied to a UNet.
-        projections: for linear tuners (Res-LoRA, GLoRA, SURM), which attention projections get a branch.
+        projections: for linear tuners (Res-LoRA, GLoRA, SURM), which attention projections get a branch:
+            ``"to_q"``, ``"to_k"``, ``"to_v"``, ``"to_out"`` and, on the joint attention of SD3 / Flux, the text
+            stream's ``"add_q_proj"``, ``"add_k_proj"``, ``"add_v_proj"``, ``"to_add_out"``. ``None``: every
+            projection of the family (both streams on SD3 / Flux).
         placement: ``"parallel"`` (``y + s T(x)``, Res-Tuning) or ``"sequential"`` (``y + s T(y)``, U-Tuning).
         scale: the branch scale ``s``; 0 gives the frozen model exactly.
         **hyperparameters: the tuner's own (e.g. ``rank=8, heads=2`` for ``res_attn``); defaults otherwise.
@@ -38,18 +47,18 @@ class ResTunerConfig:
     def __init__(
         self,
         tuner: str = "res_attn",
-        targets: Iterable[str] = ("attn1", "attn2"),
+        targets: Iterable[str] | None = None,
         blocks: Iterable[str] | None = None,
-        projections: Iterable[str] = PROJECTIONS,
+        projections: Iterable[str] | None = None,
         placement: str = "parallel",
         scale: float = 1.0,
         **hyperparameters: Any,
     ):
         self.spec = get_tuner_spec(tuner)
         self.tuner = tuner
-        self.targets = _as_tuple("targets", targets)
+        self.targets = None if targets is None else _as_tuple("targets", targets)
         self.blocks = None if blocks is None else _as_tuple("blocks", blocks)
-        self.projections = _as_tuple("projections", projections)
+        self.projections = None if projections is None else _as_tuple("projections", projections)
         self.placement = placement
         self.scale = float(scale)
         self.params: TunerParams = self.spec.make_params(**hyperparameters)
@@ -57,19 +66,25 @@ class ResTunerConfig:
 
     # -- validation -------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        if not self.targets:
-            raise ConfigError(f"targets is empty; choose from {list(TARGETS)}")
-        for target in self.targets:
-            check_choice("target", target, TARGETS)
-        for projection in self.projections:
-            check_choice("projection", projection, PROJECTIONS)
-        if self.spec.kind == "linear" and "ff" not in self.targets and not self.projections:
-            raise ConfigError(f"{self.tuner} sits beside linear projections: give projections from {list(PROJECTIONS)}")
+        targets = self.targets or ()
+        if self.targets is not None and not self.targets:
+            raise ConfigError(f"targets is empty; choose from {list(known_targets())}, or None for the model's default")
+        for target in targets:
+            check_choice("target", target, known_targets())
+        for projection in self.projections or ():
+            check_choice("projection", projection, known_projections())
+        if self.spec.kind == "linear" and self.projections is not None and not self.projections:
+            if not any(t in _FEED_FORWARD_TARGETS for t in targets):
+                raise ConfigError(f"{self.tuner} sits beside linear projections: give projections from {list(known_projections())}")
         check_choice("placement", self.placement, PLACEMENTS)
         if self.placement == "sequential" and not getattr(self.spec.module_cls, "supports_sequential", True):
             raise ConfigError(f"{self.tuner} re-parameterises its own layer's weight and is parallel only; use placement='parallel'")
-        if self.spec.kind == "operation" and "ff" in self.targets and getattr(self.spec.module_cls, "needs_frozen_attention", False):
-            raise ConfigError(f"{self.tuner} reads an attention's frozen projections and cannot sit on 'ff'; use targets attn1/attn2")
+        feed_forwards = [t for t in targets if t in _FEED_FORWARD_TARGETS]
+        if self.spec.kind == "operation" and feed_forwards and getattr(self.spec.module_cls, "needs_frozen_attention", False):
+            raise ConfigError(
+                f"{self.tuner} reads an attention's frozen projections and cannot sit on {feed_forwards[0]!r}; target "
+                "attentions (UNet: attn1/attn2; SD3 / Flux: attn/attn2)"
+            )
         if self.blocks is not None and not self.blocks:
             raise ConfigError("blocks is empty; use None for every transformer block, or patterns like 'up_blocks.*'")
         if not isinstance(self.scale, float) or self.scale != self.scale:
@@ -84,9 +99,9 @@ class ResTunerConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "tuner": self.tuner,
-            "targets": list(self.targets),
+            "targets": None if self.targets is None else list(self.targets),
             "blocks": None if self.blocks is None else list(self.blocks),
-            "projections": list(self.projections),
+            "projections": None if self.projections is None else list(self.projections),
             "placement": self.placement,
             "scale": self.scale,
             "hyperparameters": self.hyperparameters,
@@ -136,7 +151,7 @@ class ResTunerConfig:
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
         return (
-            f"ResTunerConfig(tuner={self.tuner!r}, targets={list(self.targets)}, blocks={self.blocks}, "
+            f"ResTunerConfig(tuner={self.tuner!r}, targets={self.targets and list(self.targets)}, blocks={self.blocks}, "
             f"placement={self.placement!r}, scale={self.scale}, {hyper})"
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .config import ResTunerConfig
+from .integration.families.unet import UNetFamily
 from .integration.inject import add_res_tuner, res_tuner_summary
 from .registry import get_tuner_spec, tuner_names
 
@@ -45,7 +46,7 @@ def parameter_table(
         hyper = ", ".join(
             f"{k}={v}" for k, v in config.hyperparameters.items() if k != "dropout" and v not in ({}, "", False, None)
         )
-        where = "decoder side network" if config.spec.kind == "unet" else "+".join(config.targets) + (
+        where = "decoder side network" if config.spec.kind == "model" else "+".join(config.targets or UNetFamily.default_targets) + (
             " (q,k,v,out)" if config.spec.kind == "linear" else ""
         )
         rows.append(f"| `{config.tuner}` | `{_formula(config.tuner)}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |")

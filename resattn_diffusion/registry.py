@@ -1,22 +1,26 @@
 """The one place a tuner registers: its name -> its hyperparameters (a dataclass) and its module.
 
 Adding a method means one file under ``tuners/`` and one :func:`register_tuner` line below.
-``kind`` tells the integration layer where the module goes:
+``kind`` names the tuner kind, i.e. how the integration layer attaches the module:
 
-* ``"operation"``: an :class:`~resattn_diffusion.tuners.base.OperationTuner` beside ``attn1``/``attn2`` (in the
-  attention processor) or ``ff`` (a hook on the feed-forward);
+* ``"operation"``: an :class:`~resattn_diffusion.tuners.base.OperationTuner` beside a whole operation: an attention
+  (in its attention processor) or a feed-forward (a hook on its output);
 * ``"linear"``: a :class:`~resattn_diffusion.tuners.base.LinearTuner` beside linear projections of those operations;
-* ``"unet"``: a side network over the whole UNet decoder (Res-Tuning-Bypass).
+* ``"model"``: a model-level tuner, e.g. a side network over the whole UNet decoder (Res-Tuning-Bypass).
+
+The registry also holds, by name, the attach interface of each kind (:func:`register_kind`, filled in by
+``integration/kinds``) and the model families (:func:`register_family`, filled in by ``integration/families``), so
+the vocabulary a config is checked against (:func:`known_targets`, :func:`known_projections`) grows with them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .tuners.base import ConfigError
 
-TunerKind = Literal["operation", "linear", "unet"]
+TunerKind = Literal["operation", "linear", "model"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,43 @@ def tuner_names() -> list[str]:
     return list(_TUNERS)
 
 
+# --- tuner kinds and model families (registered by the integration layer) -------------------------------------
+_KINDS: dict[str, Any] = {}
+_FAMILIES: dict[str, Any] = {}
+
+
+def register_kind(name: str, attach: Any) -> None:
+    """Register the attach interface (an ``integration.kinds.TunerKindAttach``) of the tuner kind ``name``."""
+    if name in _KINDS:
+        raise ValueError(f"tuner kind {name!r} is registered twice")
+    _KINDS[name] = attach
+
+
+def get_kind(name: str) -> Any:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown tuner kind {name!r}; registered kinds: {sorted(_KINDS)}") from None
+
+
+def register_family(family: Any) -> None:
+    """Register a model family (an ``integration.families.ModelFamily``): its targets and projections become
+    names a config may use."""
+    if family.name in _FAMILIES:
+        raise ValueError(f"model family {family.name!r} is registered twice")
+    _FAMILIES[family.name] = family
+
+
+def known_targets() -> tuple[str, ...]:
+    """Every target name of every registered family, in registration order."""
+    return tuple(dict.fromkeys(t for family in _FAMILIES.values() for t in family.targets))
+
+
+def known_projections() -> tuple[str, ...]:
+    """Every projection name of every registered family, in registration order."""
+    return tuple(dict.fromkeys(p for family in _FAMILIES.values() for p in family.projections))
+
+
 # --- registrations -------------------------------------------------------------------------------------------
 from .tuners.adapter import ResAdapter, ResAdapterParams  # noqa: E402
 from .tuners.prefix import ResPrefix, ResPrefixParams  # noqa: E402
@@ -85,7 +126,7 @@ register_tuner("res_adapter", ResAdapterParams, ResAdapter, "operation", "W_up a
 register_tuner("res_prefix", ResPrefixParams, ResPrefix, "operation", "W_o MHA(to_q(x), P_k, P_v)")
 register_tuner("res_prompt", ResPromptParams, ResPrompt, "operation", "g ⊙ W_o MHA(to_q(x), to_k(P), to_v(P))")
 register_tuner("res_lora", ResLoRAParams, ResLoRA, "linear", "B A x, beside each linear")
-register_tuner("res_bypass", ResBypassParams, ResBypass, "unet", "b_i = L_i(h_i) + V_i(up(b_{i-1})) over detached decoder outputs; + b at conv_norm_out")
+register_tuner("res_bypass", ResBypassParams, ResBypass, "model", "b_i = L_i(h_i) + V_i(up(b_{i-1})) over detached decoder outputs; + b at conv_norm_out")
 register_tuner("glora", GLoRAParams, GLoRA, "linear", "(W0 ⊙ A) x + B x + b0 ⊙ D + E + W0 C")
 register_tuner("surm_circulant", SURMCirculantParams, SURMCirculant, "linear", "circ(v) x, by FFT")
 register_tuner("surm_toeplitz", SURMToeplitzParams, SURMToeplitz, "linear", "T(t) x, by FFT")

@@ -10,7 +10,7 @@ import resattn_diffusion as rd
 from resattn_diffusion.testing import frozen_tiny_unet as _frozen_unet, unet_inputs
 
 KINDS = ("sd1", "sd2", "sdxl")
-LAYER_TUNERS = [n for n in rd.tuner_names() if rd.get_tuner_spec(n).kind != "unet"]
+LAYER_TUNERS = [n for n in rd.tuner_names() if rd.get_tuner_spec(n).kind != "model"]
 
 
 def _cases():

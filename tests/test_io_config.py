@@ -41,7 +41,7 @@ def test_every_tuner_works_with_just_its_name_and_round_trips_json(tuner):
     [
         ({"tuner": "res_attn", "rank": 6, "heads": 4}, r"not divisible by heads=4; with rank 6 use heads in \[1, 2, 3, 6\]"),
         ({"tuner": "lora_xl"}, r"unknown tuner 'lora_xl'; registered tuners: \["),
-        ({"tuner": "res_attn", "targets": ["attn3"]}, r"target='attn3' is not allowed; choose one of \['attn1', 'attn2', 'ff'\]"),
+        ({"tuner": "res_attn", "targets": ["attn3"]}, r"target='attn3' is not allowed; choose one of \[.*'attn1', 'attn2', 'ff'"),
         ({"tuner": "res_attn", "placement": "serial"}, r"placement='serial' is not allowed"),
         ({"tuner": "res_adapter", "rank": 0}, r"rank must be a positive number"),
         ({"tuner": "res_adapter", "activation": "swish"}, r"unknown activation 'swish'; allowed: \["),

@@ -70,6 +70,7 @@ from benchmarks.perf.common import (  # noqa: E402
     size_from_args,
     write_json,
 )
+from resattn_diffusion.integration.families.unet import UNetFamily  # noqa: E402
 from resattn_diffusion import ResTunerConfig, add_res_tuner, res_tuner_parameters  # noqa: E402
 from resattn_diffusion.integration.unet_tuners import requires_unet_backward  # noqa: E402
 
@@ -121,7 +122,7 @@ def build_cases(base: nn.Module, bypass_config: ResTunerConfig) -> list[Case]:
 
 def _describe(config: ResTunerConfig) -> str:
     hyper = ", ".join(f"{k}={v}" for k, v in config.hyperparameters.items() if v is not None)
-    where = "decoder side network" if config.tuner == BYPASS else ",".join(config.targets)
+    where = "decoder side network" if config.tuner == BYPASS else ",".join(config.targets or UNetFamily.default_targets)
     return f"{config.tuner}({hyper}) on {where}"
 
 

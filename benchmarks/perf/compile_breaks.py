@@ -99,7 +99,7 @@ def side(tuner: str | None) -> str:
     if tuner is None:
         return "frozen"
     kind = get_tuner_spec(tuner).kind
-    return {"operation": "attention-side", "linear": "linear", "unet": "UNet-level"}[kind]
+    return {"operation": "attention-side", "linear": "linear", "model": "UNet-level"}[kind]
 
 
 def graph_break_rows(tuners: list[str], tiny: bool = False) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resattn_diffusion.integration.families.unet import UNetFamily  # noqa: E402
 from resattn_diffusion import ResTunerConfig, add_res_tuner, res_tuner_parameters, tuner_names
 from resattn_diffusion.tuners.glora import parse_layer_config
 
@@ -171,7 +172,7 @@ def build_cases(base: nn.Module, tuners: list[str] | None = None, with_peers: bo
 
 def get_description(config: ResTunerConfig) -> str:
     hyper = ", ".join(f"{k}={v}" for k, v in config.params.to_dict().items() if v not in ({}, "", False))
-    targets = ",".join(config.targets)
+    targets = ",".join(config.targets or UNetFamily.default_targets)
     return f"{config.tuner}({hyper}) on {targets}"
 
 

@@ -1,370 +1,162 @@
-"""Finding layers by pattern and installing, scaling, switching, fusing and removing named tuners on a UNet."""
+"""The core API: install, scale, switch, fuse and remove named tuners on a UNet or a diffusion transformer.
+
+Every call asks the model's family (``families/``: which blocks, operations, projections) and the tuner's kind
+(``kinds/``: how such a tuner attaches, detaches, lists its parts and settings, fuses) and knows neither itself.
+Shared state (the model's configs and banks) lives in ``state.py``.
+"""
 
 from __future__ import annotations
 
-import fnmatch
-import functools
-from dataclasses import dataclass, field, replace
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..tuners.base import ConfigError, OpShape
-from .processors import (
-    SCALE_KWARG,
-    LinearBank,
-    OperationBank,
-    ResTunerAttnProcessor,
-    TunerBank,
-    ff_bank_hook,
-    linear_bank_hook,
+from .families import family_of
+from .families.base import Layer
+from .families.unet import attention_shape, transformer_blocks
+from .kinds import kind_of
+from .kinds.layers import LayerKind, layer_fingerprint, tuner_input_shape
+from .processors import SCALE_KWARG, TunerSetting
+from .state import (
+    STATE_ATTR,
+    ResTunerError,
+    ResTunerState,
+    get_state,
+    remove_forward_hooks,
+    require_name as _require_name,
+    require_state as _require_state,
 )
 
-#: The attribute on the UNet that holds its tuners' state (a plain object, not a module).
-STATE_ATTR = "_res_tuner_state"
-_FF_LINEARS = {"net.0.proj": "ff_in", "net.2": "ff_out"}
+__all__ = [
+    "Layer",
+    "ResTunerError",
+    "ResTunerState",
+    "STATE_ATTR",
+    "add_res_tuner",
+    "attention_shape",
+    "find_layers",
+    "format_summary",
+    "fuse_res_tuner",
+    "get_res_tuner_configs",
+    "get_state",
+    "iter_tuners",
+    "layer_fingerprint",
+    "remove_forward_hooks",
+    "remove_res_tuner",
+    "res_tuner_parameters",
+    "res_tuner_settings",
+    "res_tuner_summary",
+    "set_res_tuner_enabled",
+    "set_res_tuner_scale",
+    "transformer_blocks",
+    "tuner_input_shape",
+    "unfuse_res_tuner",
+]
 
 
-class ResTunerError(RuntimeError):
-    """A tuner operation that cannot be done on this UNet; the message says why and what to do."""
+def find_layers(model: nn.Module, config: ResTunerConfig) -> list[Layer]:
+    """The layers a per-layer tuner (operation or linear kind) of ``config`` sits on, in module order."""
+    kind = kind_of(config)
+    if not isinstance(kind, LayerKind):
+        raise ResTunerError(f"tuner kind {config.spec.kind!r} is not attached per layer")
+    family = family_of(model)
+    family.check_kind(config)
+    return kind.layers(model, family, config)
 
 
-@dataclass
-class Layer:
-    """One place a tuner can sit: ``path`` in the UNet, its module, the op kind and the shape a tuner is built for."""
-
-    path: str
-    module: nn.Module
-    kind: str  # "attention", "ff" or "linear"
-    shape: OpShape
+def expected_fingerprint(model: nn.Module, config: ResTunerConfig) -> dict[str, dict]:
+    """Path -> shape of every place ``config`` puts a tuner on ``model``: what a tuner file must agree with.
+    Raises (changing nothing) when ``config`` cannot sit on ``model``."""
+    family = family_of(model)
+    family.check_kind(config)
+    return kind_of(config).fingerprint(model, family, config)
 
 
-@dataclass
-class ResTunerState:
-    configs: dict[str, ResTunerConfig] = field(default_factory=dict)
-    #: (bank, the module that owns it) for every bank on the UNet, in module order.
-    banks: list[tuple[TunerBank, nn.Module]] = field(default_factory=list)
-
-
-def get_state(unet: nn.Module) -> ResTunerState | None:
-    return getattr(unet, STATE_ATTR, None)
-
-
-# --- finding layers ----------------------------------------------------------------------------------------
-def transformer_blocks(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every diffusers ``BasicTransformerBlock`` of the UNet, with its path."""
-    from diffusers.models.attention import BasicTransformerBlock
-
-    for path, module in unet.named_modules():
-        if isinstance(module, BasicTransformerBlock):
-            yield path, module
-
-
-def attention_shape(attn: nn.Module) -> OpShape:
-    return OpShape(
-        in_dim=attn.to_q.in_features,
-        out_dim=attn.to_out[0].out_features,
-        context_dim=attn.to_k.in_features,
-        inner_dim=attn.to_q.out_features,
-        heads=attn.heads,
-    )
-
-
-def _linear_shape(linear: nn.Linear) -> OpShape:
-    return OpShape(
-        in_dim=linear.in_features, out_dim=linear.out_features, context_dim=linear.in_features, has_bias=linear.bias is not None
-    )
-
-
-def _base_linear(module: nn.Module) -> nn.Linear:
-    # A projection that peft/diffusers LoRA wrapped keeps the frozen nn.Linear as ``base_layer``.
-    return getattr(module, "base_layer", module)
-
-
-def _block_selected(path: str, patterns: tuple[str, ...] | None) -> bool:
-    if patterns is None:
-        return True
-    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p.rstrip(".*") + ".*") for p in patterns)
-
-
-def find_layers(unet: nn.Module, config: ResTunerConfig) -> list[Layer]:
-    """The layers ``config`` puts a tuner on, in module order. Raises when a block pattern matches nothing."""
-    blocks = list(transformer_blocks(unet))
-    if not blocks:
-        raise ResTunerError(
-            "this model has no diffusers BasicTransformerBlock (attn1/attn2/ff); pass the pipeline's UNet (pipe.unet)"
-        )
-    if config.blocks is not None:
-        for pattern in config.blocks:
-            if not any(_block_selected(path, (pattern,)) for path, _ in blocks):
-                examples = sorted({".".join(p.split(".")[:2]) for p, _ in blocks})
-                raise ConfigError(
-                    f"block pattern {pattern!r} matches no transformer block of this UNet; "
-                    f"blocks are named like {blocks[0][0]!r}; patterns that match: {examples + ['mid_block', 'up_blocks.*']}"
-                )
-    kind = config.spec.kind
-    layers: list[Layer] = []
-    for block_path, block in blocks:
-        if not _block_selected(block_path, config.blocks):
-            continue
-        for target in config.targets:
-            op = getattr(block, target, None)
-            if op is None:
-                continue  # e.g. a block without cross-attention
-            op_path = f"{block_path}.{target}"
-            if kind == "operation":
-                if target == "ff":
-                    dim = _base_linear(op.net[0].proj).in_features
-                    out_dim = _base_linear(op.net[2]).out_features
-                    layers.append(Layer(op_path, op, "ff", OpShape(in_dim=dim, out_dim=out_dim, context_dim=dim)))
-                else:
-                    layers.append(Layer(op_path, op, "attention", attention_shape(op)))
-            elif kind == "linear":
-                if target == "ff":
-                    named = [("net.0.proj", op.net[0].proj), ("net.2", op.net[2])]
-                else:
-                    named = [(p if p != "to_out" else "to_out.0", getattr(op, p) if p != "to_out" else op.to_out[0]) for p in config.projections]
-                for name, module in named:
-                    linear = _base_linear(module)
-                    if not isinstance(linear, nn.Linear):
-                        raise ResTunerError(f"{op_path}.{name} is a {type(linear).__name__}, not a linear layer")
-                    layers.append(Layer(f"{op_path}.{name}", linear, "linear", _linear_shape(linear)))
-            else:
-                raise ResTunerError(f"tuner kind {kind!r} is not attached per layer")
-    if not layers:
-        raise ConfigError(
-            f"config {config} selects no layer of this UNet (targets {list(config.targets)}, blocks {config.blocks})"
-        )
-    return layers
-
-
-def tuner_input_shape(shape: OpShape, kind: str, placement: str) -> OpShape:
-    """The shape a tuner is built for: in sequential form it reads OP's output, so its input width is d_out
-    (an attention's context stays the text context)."""
-    if placement != "sequential":
-        return shape
-    context_dim = shape.context_dim if kind == "attention" else shape.out_dim
-    return replace(shape, in_dim=shape.out_dim, context_dim=context_dim)
-
-
-def layer_fingerprint(layers: list[Layer]) -> dict[str, dict[str, int]]:
-    """Layer path -> the shape its tuner was built for: what a tuner file checks before it loads."""
-    return {layer.path: layer.shape.as_dict() for layer in layers}
-
-
-# --- processor guard: our tuners survive diffusers replacing processors ----------------------------------------
-def _set_processor_keeping_tuners(attn: nn.Module, processor) -> None:
-    """Installed as ``attn.set_processor``: when diffusers installs another processor (xformers, sliced, the
-    default), our processor keeps its tuners and wraps the new one instead of being dropped with its weights."""
-    from diffusers.models.attention_processor import Attention
-
-    current = attn.processor
-    if isinstance(current, ResTunerAttnProcessor) and not isinstance(processor, ResTunerAttnProcessor):
-        current.set_base_processor(processor)
-        return
-    Attention.set_processor(attn, processor)
-
-
-def _set_default_attn_processor_keeping_tuners(unet: nn.Module) -> None:
-    """Installed as ``unet.set_default_attn_processor``: diffusers' own refuses to run beside third-party
-    processors; this one picks the default from the processors our tuners wrap, and our tuners stay."""
-    from diffusers.models.attention_processor import (
-        ADDED_KV_ATTENTION_PROCESSORS,
-        CROSS_ATTENTION_PROCESSORS,
-        AttnAddedKVProcessor,
-        AttnProcessor,
-    )
-
-    bases = [p.base_processor if isinstance(p, ResTunerAttnProcessor) else p for p in unet.attn_processors.values()]
-    if all(type(p) in ADDED_KV_ATTENTION_PROCESSORS for p in bases):
-        processor = AttnAddedKVProcessor()
-    elif all(type(p) in CROSS_ATTENTION_PROCESSORS for p in bases):
-        processor = AttnProcessor()
-    else:
-        raise ValueError(f"Cannot call `set_default_attn_processor` when attention processors are of type {type(bases[0])}")
-    unet.set_attn_processor(processor)
-
-
-def _install_guard(attn: nn.Module) -> None:
-    attn.set_processor = functools.partial(_set_processor_keeping_tuners, attn)
-
-
-def _remove_guard(attn: nn.Module) -> None:
-    attn.__dict__.pop("set_processor", None)
-
-
-# --- per-call scale from cross_attention_kwargs -------------------------------------------------------------
-def _unet_scale_pre_hook(unet: nn.Module, args: tuple, kwargs: dict):
-    kwargs_ca = kwargs.get("cross_attention_kwargs")
-    if not kwargs_ca or SCALE_KWARG not in kwargs_ca:
+# --- per-call scale from the model's attention kwargs ----------------------------------------------------------
+def _scale_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
+    state = get_state(model)
+    key = state.family.call_kwargs
+    call_kwargs = kwargs.get(key)
+    if not call_kwargs or SCALE_KWARG not in call_kwargs:
         return None
-    kwargs_ca = dict(kwargs_ca)
-    scale = kwargs_ca.pop(SCALE_KWARG)
-    for bank, _ in get_state(unet).banks:
+    call_kwargs = dict(call_kwargs)
+    scale = call_kwargs.pop(SCALE_KWARG)
+    for bank, _ in state.banks:
         bank.call_scale = scale
     kwargs = dict(kwargs)
-    kwargs["cross_attention_kwargs"] = kwargs_ca or None
+    kwargs[key] = call_kwargs or None
     return args, kwargs
 
 
-def _unet_scale_post_hook(unet: nn.Module, args: tuple, kwargs: dict, output):
-    state = get_state(unet)
+def _scale_post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
+    state = get_state(model)
     if state is not None:
         for bank, _ in state.banks:
             bank.call_scale = None
     return None
 
 
-def remove_forward_hooks(module: nn.Module, fn) -> None:
-    """Remove ``fn`` from the module's forward (pre-)hooks, with its entries in torch's bookkeeping dicts (found by
-    identity, so a deep-copied UNet's hooks are found too: no handle is kept)."""
-    for hooks, extras in (
-        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-        (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
-    ):
-        for hook_id in [k for k, hook in hooks.items() if hook is fn]:
-            del hooks[hook_id]
-            for extra in extras:
-                extra.pop(hook_id, None)
-
-
 # --- install / remove ----------------------------------------------------------------------------------------
-def _bank_for(layer: Layer) -> tuple[TunerBank, nn.Module]:
-    """The bank at ``layer``, created (and hooked in) on first use."""
-    module = layer.module
-    if layer.kind == "attention":
-        processor = module.processor
-        if not isinstance(processor, ResTunerAttnProcessor):
-            processor = ResTunerAttnProcessor(processor, layer.path)
-            from diffusers.models.attention_processor import Attention
-
-            Attention.set_processor(module, processor)
-            _install_guard(module)
-        return processor.bank, module
-    bank = getattr(module, "res_tuner_bank", None)
-    if bank is None:
-        bank = LinearBank(layer.path) if layer.kind == "linear" else OperationBank(layer.path)
-        module.res_tuner_bank = bank
-        module.register_forward_hook(linear_bank_hook if layer.kind == "linear" else ff_bank_hook)
-    return bank, module
-
-
-def _detach_bank(bank: TunerBank, owner: nn.Module) -> None:
-    """Put the frozen module back exactly as it was once its bank is empty."""
-    processor = getattr(owner, "processor", None)
-    if isinstance(processor, ResTunerAttnProcessor) and processor.bank is bank:
-        from diffusers.models.attention_processor import Attention
-
-        base = processor.base_processor
-        _remove_guard(owner)
-        Attention.set_processor(owner, base)
-        return
-    remove_forward_hooks(owner, linear_bank_hook)
-    remove_forward_hooks(owner, ff_bank_hook)
-    del owner.res_tuner_bank
-
-
-def _module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
-    param = next(module.parameters())
-    return param.dtype, param.device
-
-
-def _ensure_state(unet: nn.Module) -> ResTunerState:
-    state = get_state(unet)
+def _ensure_state(model: nn.Module, family) -> ResTunerState:
+    state = get_state(model)
     if state is None:
-        state = ResTunerState()
-        setattr(unet, STATE_ATTR, state)
-        unet.set_default_attn_processor = functools.partial(_set_default_attn_processor_keeping_tuners, unet)
-        unet.register_forward_pre_hook(_unet_scale_pre_hook, with_kwargs=True)
-        unet.register_forward_hook(_unet_scale_post_hook, with_kwargs=True, always_call=True)
+        state = ResTunerState(family=family)
+        setattr(model, STATE_ATTR, state)
+        family.install_model_guards(model)
+        model.register_forward_pre_hook(_scale_pre_hook, with_kwargs=True)
+        model.register_forward_hook(_scale_post_hook, with_kwargs=True, always_call=True)
     return state
 
 
 def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "default") -> list[str]:
     """Put a tuner named ``adapter_name`` beside every layer ``config`` selects; returns the layer paths.
 
-    The tuners' parameters are created trainable, in the dtype and device of the layer they sit beside. The UNet's
-    own parameters are left as they are (freeze them with ``unet.requires_grad_(False)`` before training).
+    ``unet`` is the denoiser: a ``UNet2DConditionModel`` (SD 1/2/XL) or an ``SD3Transformer2DModel`` /
+    ``FluxTransformer2DModel``. The tuners' parameters are created trainable, in the dtype and device of the layer
+    they sit beside. The model's own parameters are left as they are (freeze them with ``requires_grad_(False)``
+    before training). A config or tuner that cannot sit on the model raises before anything changes.
     """
     if not isinstance(config, ResTunerConfig):
         raise TypeError(f"config must be a ResTunerConfig, got {type(config).__name__}")
+    family = family_of(unet)
     state = get_state(unet)
     if state is not None and adapter_name in state.configs:
         raise ResTunerError(
-            f"a tuner named {adapter_name!r} is already on this UNet; remove it first or pick another adapter_name"
+            f"a tuner named {adapter_name!r} is already on this {family.model_word}; remove it first or pick another "
+            "adapter_name"
         )
-    if config.spec.kind == "unet":
-        from .unet_tuners import attach_unet_tuner, unet_tuner_fingerprint  # the bypass side network
-
-        unet_tuner_fingerprint(unet, config)  # raises on a config or UNet it cannot take, before anything changes
-        state = _ensure_state(unet)
-        paths = attach_unet_tuner(unet, config, adapter_name)
-        state.configs[adapter_name] = config
-        return paths
-
-    layers = find_layers(unet, config)
-    config.params.validate_layers([layer.path for layer in layers])
-    # Build every module before touching the UNet, so a failure leaves it unchanged.
-    built = []
-    for layer in layers:
-        params = config.params.for_layer(layer.path)
-        shape = tuner_input_shape(layer.shape, layer.kind, config.placement)
-        params.validate_for(shape)
-        dtype, device = _module_dtype_device(layer.module)
-        built.append((layer, config.spec.module_cls(shape, params).to(device=device, dtype=dtype)))
-
-    state = _ensure_state(unet)
-    for layer, tuner in built:
-        bank, owner = _bank_for(layer)
-        bank.add(adapter_name, tuner, config.scale, config.placement)
-        if not any(b is bank for b, _ in state.banks):
-            state.banks.append((bank, owner))
+    family.check_kind(config)
+    kind = kind_of(config)
+    kind.fingerprint(unet, family, config)  # raises on a config the model cannot take, before anything changes
+    state = _ensure_state(unet, family)
+    try:
+        paths = kind.attach(unet, family, config, adapter_name, state)
+    except Exception:
+        if not state.configs:  # the first tuner failed to build: leave no state and no hooks behind
+            _drop_state(unet, state)
+        raise
     state.configs[adapter_name] = config
-    return [layer.path for layer in layers]
+    return paths
+
+
+def _drop_state(model: nn.Module, state: ResTunerState) -> None:
+    remove_forward_hooks(model, _scale_pre_hook)
+    remove_forward_hooks(model, _scale_post_hook)
+    delattr(model, STATE_ATTR)
+    state.family.remove_model_guards(model)
 
 
 def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
     """Remove one named tuner (or all, with ``adapter_name=None``), unfusing first; the frozen modules, their
-    processors and the UNet's outputs are restored exactly."""
+    processors and the model's outputs are restored exactly."""
     state = _require_state(unet)
     names = list(state.configs) if adapter_name is None else [_require_name(state, adapter_name)]
     for name in names:
-        config = state.configs[name]
-        if config.spec.kind == "unet":
-            from .unet_tuners import detach_unet_tuner
-
-            detach_unet_tuner(unet, name)
-        else:
-            for bank, owner in list(state.banks):
-                if name not in bank.tuners:
-                    continue
-                if isinstance(bank, LinearBank) and bank.settings[name].fused:
-                    unfuse_res_tuner(unet)
-                bank.remove(name)
-                if not len(bank):
-                    _detach_bank(bank, owner)
-                    state.banks = [(b, o) for b, o in state.banks if b is not bank]
+        kind_of(state.configs[name]).detach(unet, state, name)
         del state.configs[name]
     if not state.configs:
-        remove_forward_hooks(unet, _unet_scale_pre_hook)
-        remove_forward_hooks(unet, _unet_scale_post_hook)
-        delattr(unet, STATE_ATTR)
-        unet.__dict__.pop("set_default_attn_processor", None)
-
-
-def _require_state(unet: nn.Module) -> ResTunerState:
-    state = get_state(unet)
-    if state is None or not state.configs:
-        raise ResTunerError("this UNet has no res tuner; add one with add_res_tuner or load one with load_res_tuner")
-    return state
-
-
-def _require_name(state: ResTunerState, name: str) -> str:
-    if name not in state.configs:
-        raise ResTunerError(f"no tuner named {name!r} on this UNet; loaded tuners: {list(state.configs)}")
-    return name
+        _drop_state(unet, state)
 
 
 def _names(state: ResTunerState, adapter_name: str | list[str] | None) -> list[str]:
@@ -376,17 +168,10 @@ def _names(state: ResTunerState, adapter_name: str | list[str] | None) -> list[s
 
 
 def iter_tuners(unet: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
-    """(layer path, tuner module) of one named tuner, in module order."""
+    """(path, tuner module) of one named tuner, in module order."""
     state = _require_state(unet)
     _require_name(state, adapter_name)
-    if state.configs[adapter_name].spec.kind == "unet":
-        from .unet_tuners import iter_unet_tuner
-
-        yield from iter_unet_tuner(unet, adapter_name)
-        return
-    for bank, _ in state.banks:
-        if adapter_name in bank.tuners:
-            yield bank.layer_path, bank.tuners[adapter_name]
+    yield from kind_of(state.configs[adapter_name]).iterate(unet, state, adapter_name)
 
 
 def get_res_tuner_configs(unet: nn.Module) -> dict[str, ResTunerConfig]:
@@ -394,17 +179,12 @@ def get_res_tuner_configs(unet: nn.Module) -> dict[str, ResTunerConfig]:
     return {} if state is None else dict(state.configs)
 
 
-def _settings(unet: nn.Module, names: list[str]):
+def _settings(unet: nn.Module, names: list[str]) -> Iterator[tuple[str, TunerSetting]]:
+    """(name, setting) of every place the named tuners sit, each once."""
     state = _require_state(unet)
-    for bank, _ in state.banks:
-        for name in names:
-            if name in bank.settings:
-                yield name, bank, bank.settings[name]
     for name in names:
-        if state.configs[name].spec.kind == "unet":
-            from .unet_tuners import unet_tuner_settings
-
-            yield from ((name, None, s) for s in unet_tuner_settings(unet, name))
+        for setting in kind_of(state.configs[name]).settings(unet, state, name):
+            yield name, setting
 
 
 def set_res_tuner_scale(unet: nn.Module, scale: float, adapter_name: str | list[str] | None = None) -> None:
@@ -413,10 +193,10 @@ def set_res_tuner_scale(unet: nn.Module, scale: float, adapter_name: str | list[
     scale = float(scale)
     names = _names(_require_state(unet), adapter_name)
     settings = list(_settings(unet, names))
-    for name, _, setting in settings:  # check every tuner before changing any
+    for name, setting in settings:  # check every tuner before changing any
         if setting.fused and setting.scale != scale:
             raise ResTunerError(f"tuner {name!r} is fused into the weights; unfuse it before changing its scale")
-    for _, _, setting in settings:
+    for _, setting in settings:
         setting.scale = scale
     state = get_state(unet)
     for name in names:
@@ -428,10 +208,10 @@ def set_res_tuner_enabled(unet: nn.Module, enabled: bool, adapter_name: str | li
     any of them is fused and would be switched off."""
     names = _names(_require_state(unet), adapter_name)
     settings = list(_settings(unet, names))
-    for name, _, setting in settings:  # check every tuner before changing any
+    for name, setting in settings:  # check every tuner before changing any
         if setting.fused and not enabled:
             raise ResTunerError(f"tuner {name!r} is fused into the weights; unfuse it before disabling it")
-    for _, _, setting in settings:
+    for _, setting in settings:
         setting.enabled = bool(enabled)
 
 
@@ -442,7 +222,7 @@ def res_tuner_settings(unet: nn.Module) -> dict[str, dict[str, float | bool]]:
     if state is None or not state.configs:
         return {}
     status = {name: {"scale": config.scale, "enabled": False, "fused": False} for name, config in state.configs.items()}
-    for name, _, setting in _settings(unet, list(state.configs)):
+    for name, setting in _settings(unet, list(state.configs)):
         status[name]["scale"] = setting.scale
         status[name]["enabled"] = status[name]["enabled"] or setting.enabled
         status[name]["fused"] = status[name]["fused"] or setting.fused
@@ -454,24 +234,21 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None)
     them, for tuners that cannot fold (attention-side branches), before changing anything."""
     state = _require_state(unet)
     names = _names(state, adapter_name)
-    cannot = [n for n in names if state.configs[n].spec.kind != "linear"]
+    cannot = [n for n in names if not kind_of(state.configs[n]).can_fuse]
     if cannot:
         raise ResTunerError(
             f"tuner(s) {cannot} ({', '.join(state.configs[n].tuner for n in cannot)}) add a branch that does not fold "
             "into a weight; only linear tuners (res_lora, glora, surm_*) can be fused. Fuse the others' names only."
         )
-    for bank, owner in state.banks:
-        present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
-        if present and isinstance(bank, LinearBank):
-            bank.fuse(owner, present)
+    for kind in {id(kind_of(state.configs[n])): kind_of(state.configs[n]) for n in names}.values():
+        kind.fuse(unet, state, [n for n in names if kind_of(state.configs[n]) is kind])
 
 
 def unfuse_res_tuner(unet: nn.Module) -> None:
     """Restore every fused layer's original weights exactly; the tuners run as branches again."""
     state = _require_state(unet)
-    for bank, owner in state.banks:
-        if isinstance(bank, LinearBank):
-            bank.unfuse(owner)
+    for kind in {id(kind_of(c)): kind_of(c) for c in state.configs.values()}.values():
+        kind.unfuse(unet, state)
 
 
 def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
@@ -484,9 +261,15 @@ def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> li
     return params
 
 
+def _resolved_targets(model: nn.Module, state: ResTunerState | None, config: ResTunerConfig) -> list[str]:
+    if config.targets is not None or state is None:
+        return list(config.targets or ())
+    return list(state.family.resolve_targets(config))
+
+
 def res_tuner_summary(unet: nn.Module) -> dict:
     """Trainable-parameter summary: per tuner, its config, number of layers and parameters, and its share of
-    the UNet's own parameters. ``format_summary`` turns it into a table."""
+    the model's own parameters. ``format_summary`` turns it into a table."""
     state = get_state(unet)
     own = sum(p.numel() for name, p in unet.named_parameters() if "res_tuner" not in name and ".bank." not in name)
     rows = {}
@@ -495,7 +278,7 @@ def res_tuner_summary(unet: nn.Module) -> dict:
         count = sum(p.numel() for _, t in tuners for p in t.parameters())
         rows[name] = {
             "tuner": config.tuner,
-            "targets": list(config.targets),
+            "targets": _resolved_targets(unet, state, config),
             "placement": config.placement,
             "layers": len(tuners),
             "parameters": count,
@@ -505,11 +288,11 @@ def res_tuner_summary(unet: nn.Module) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["| adapter | tuner | targets | layers | parameters | % of UNet |", "|---|---|---|---|---|---|"]
+    lines = ["| adapter | tuner | targets | layers | parameters | % of model |", "|---|---|---|---|---|---|"]
     for name, row in summary["tuners"].items():
         lines.append(
             f"| {name} | {row['tuner']} | {','.join(row['targets'])} | {row['layers']} | "
             f"{row['parameters']:,} | {row['percent_of_unet']:.3f} |"
         )
-    lines.append(f"\nUNet parameters (frozen): {summary['unet_parameters']:,}")
+    lines.append(f"\nModel parameters (frozen): {summary['unet_parameters']:,}")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """The tuner file: one ``.safetensors`` with the weights, and JSON metadata (config, format version, adapter name,
-and a fingerprint of the base UNet's layer shapes). Never pickle. Writes are atomic; loads check everything first.
+and a fingerprint of the base model's layer shapes). Never pickle. Writes are atomic; loads check everything first.
 
 Tensor keys are ``<layer path>.<parameter>``, e.g.
-``up_blocks.1.attentions.0.transformer_blocks.0.attn2.q_proj.weight``: they name where a tuner sits in the UNet,
+``up_blocks.1.attentions.0.transformer_blocks.0.attn2.q_proj.weight``: they name where a tuner sits in the model,
 not how this library happens to hold it.
 """
 
@@ -18,15 +18,9 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
-from .inject import (
-    ResTunerError,
-    add_res_tuner,
-    find_layers,
-    get_state,
-    iter_tuners,
-    layer_fingerprint,
-    remove_res_tuner,
-)
+from .families import family_named, family_of
+from .inject import add_res_tuner, expected_fingerprint, iter_tuners, remove_res_tuner
+from .state import ResTunerError, get_state
 
 FORMAT_NAME = "resattn-diffusion"
 FORMAT_VERSION = 1
@@ -39,24 +33,9 @@ class ResTunerFileError(ValueError):
 
 
 def base_description(unet: nn.Module) -> dict:
-    config = getattr(unet, "config", {})
-    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
-    return {
-        "class": type(unet).__name__,
-        "name_or_path": get("_name_or_path", "") or "",
-        "block_out_channels": list(get("block_out_channels", []) or []),
-        "cross_attention_dim": get("cross_attention_dim", None),
-        "addition_embed_type": get("addition_embed_type", None),
-    }
-
-
-def expected_fingerprint(unet: nn.Module, config: ResTunerConfig) -> dict[str, dict[str, int]]:
-    """Layer path -> shape, for ``config`` applied to ``unet``: what the file must agree with."""
-    if config.spec.kind == "unet":
-        from .unet_tuners import unet_tuner_fingerprint
-
-        return unet_tuner_fingerprint(unet, config)
-    return layer_fingerprint(find_layers(unet, config))
+    """What the file records of the base model: its family, class, name and the config values its family names."""
+    family = family_of(unet)
+    return {"family": family.name, **family.describe(unet)}
 
 
 def tuner_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -102,7 +81,7 @@ def save_res_tuner(
     state = get_state(unet)
     if state is None or adapter_name not in state.configs:
         loaded = [] if state is None else list(state.configs)
-        raise ResTunerError(f"no tuner named {adapter_name!r} on this UNet to save; loaded tuners: {loaded}")
+        raise ResTunerError(f"no tuner named {adapter_name!r} on this model to save; loaded tuners: {loaded}")
     config = state.configs[adapter_name]
     return write_tuner_file(unet, path, config, tuner_state_dict(unet, adapter_name), adapter_name, overwrite)
 
@@ -173,17 +152,30 @@ def read_tuner_file(path: str | os.PathLike, weight_name: str | None = None) -> 
     return metadata, tensors
 
 
+def _json_object(text: str) -> dict:
+    """A JSON object from file metadata; {} for anything else (the fingerprint check then says what differs)."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _describe(base: dict) -> str:
+    details = ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("class", "name_or_path", "family"))
+    return f"{base.get('class')} {base.get('name_or_path') or '(unnamed)'}" + (f", {details}" if details else "")
+
+
 def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, unet: nn.Module) -> str | None:
     if saved == expected:
         return None
-    base = json.loads(meta.get("base", "{}"))
+    base = _json_object(meta.get("base", "{}"))
     here = base_description(unet)
+    word = family_of(unet).model_word
     lines = [
-        f"tuner file {file!r} does not fit this UNet.",
-        f"  made for: {base.get('class')} {base.get('name_or_path') or '(unnamed)'}, block_out_channels="
-        f"{base.get('block_out_channels')}, cross_attention_dim={base.get('cross_attention_dim')}",
-        f"  this UNet: {here['class']} {here['name_or_path'] or '(unnamed)'}, block_out_channels="
-        f"{here['block_out_channels']}, cross_attention_dim={here['cross_attention_dim']}",
+        f"tuner file {file!r} does not fit this {word}.",
+        f"  made for: {_describe(base)}",
+        f"  this {word}: {_describe(here)}",
     ]
     missing = [p for p in saved if p not in expected]
     extra = [p for p in expected if p not in saved]
@@ -193,7 +185,7 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
     if extra:
         lines.append(f"  {len(extra)} layer(s) here are not in the file, e.g. {extra[0]}")
     for path in differing[:3]:
-        lines.append(f"  layer {path}: file {saved[path]}, this UNet {expected[path]}")
+        lines.append(f"  layer {path}: file {saved[path]}, this {word} {expected[path]}")
     if len(differing) > 3:
         lines.append(f"  ... and {len(differing) - 3} more layer(s) with other shapes")
     lines.append("Load it into the base model it was trained on.")
@@ -219,11 +211,19 @@ def load_res_tuner(
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
 
+    family = family_of(unet)
+    made_for = _json_object(metadata.get("base", "{}")).get("family")
+    if made_for is not None and made_for != family.name:
+        other = family_named(made_for)
+        raise ResTunerFileError(
+            f"tuner file {file!r} was made for a {other.model_word if other else made_for!r} model, not a "
+            f"{family.model_word} ({type(unet).__name__}); load it into the kind of model it was trained on"
+        )
     saved = json.loads(metadata.get("layers", "{}"))
     try:
         expected = expected_fingerprint(unet, config)
     except (ConfigError, ResTunerError) as err:
-        raise ResTunerFileError(f"tuner file {file!r} does not fit this UNet: {err}") from None
+        raise ResTunerFileError(f"tuner file {file!r} does not fit this {family.model_word}: {err}") from None
     problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
     if problem:
         raise ResTunerFileError(problem)

@@ -287,7 +287,7 @@ class ResTunerAttnProcessor(nn.Module):
 
     ``base_processor`` is the processor it replaced (diffusers' stock one, or xformers', sliced, ...). It is
     restored when the last tuner is removed, and it is swapped, never lost, when diffusers installs another
-    processor (see ``inject._set_processor_keeping_tuners``).
+    processor (see ``kinds.layers._set_processor_keeping_tuners``).
     """
 
     def __init__(self, base_processor: Any, layer_path: str):
@@ -404,3 +404,4 @@ class ResTunerAttnProcessor(nn.Module):
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
             out = out / attn.rescale_output_factor
         return out, shared_query, branch_context
+

@@ -1,7 +1,7 @@
-"""UNet-level tuners on a diffusers UNet: the Res-Tuning-Bypass side network (tuner kind ``"unet"``).
+"""Model-level tuners on a diffusers UNet: the Res-Tuning-Bypass side network (tuner kind ``"model"``).
 
-``inject.py`` and ``io.py`` dispatch every tuner of kind ``"unet"`` here (:func:`attach_unet_tuner`,
-:func:`detach_unet_tuner`, :func:`iter_unet_tuner`, :func:`unet_tuner_settings`, :func:`unet_tuner_fingerprint`).
+The kind's attach interface (:class:`~.kinds.model.ModelKind`) calls :func:`attach_unet_tuner`,
+:func:`detach_unet_tuner`, :func:`iter_unet_tuner`, :func:`unet_tuner_settings` and :func:`unet_tuner_fingerprint`.
 The math is :class:`resattn_diffusion.tuners.bypass.ResBypass`; this module only wires it to the UNet:
 
 * a forward hook on ``mid_block`` and on each ``up_blocks[i]`` keeps the block's output, **detached** (``h_i``);
@@ -32,8 +32,8 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
-from .inject import ResTunerError, get_state, remove_forward_hooks
 from .processors import TunerBank, TunerSetting
+from .state import ResTunerError, ResTunerState, get_state, remove_forward_hooks
 
 #: The UNet child module holding the bank of bypasses (its parameters are named ``res_tuner_bypass.*``).
 BANK_ATTR = "res_tuner_bypass"
@@ -126,7 +126,7 @@ def _get_bank(unet: nn.Module, adapter_name: str | None = None) -> BypassBank:
     return bank
 
 
-# --- the functions inject.py / io.py call --------------------------------------------------------------------
+# --- the functions the model kind calls -----------------------------------------------------------------------
 def unet_tuner_fingerprint(unet: nn.Module, config: ResTunerConfig) -> dict[str, dict[str, int]]:
     """Path of each block the bypass reads -> its output channels: what a saved bypass must agree with."""
     _check_config(config)
@@ -134,7 +134,7 @@ def unet_tuner_fingerprint(unet: nn.Module, config: ResTunerConfig) -> dict[str,
     return {path: {"channels": width} for path, _, width in sources}
 
 
-def attach_unet_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str) -> list[str]:
+def attach_unet_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str, state: ResTunerState) -> list[str]:
     """Build the bypass for this UNet's widths (trainable, in the dtype/device of the output head) and hook it in;
     returns the paths of the blocks it reads. Nothing on the UNet changes if building fails."""
     _check_config(config)
@@ -149,23 +149,19 @@ def attach_unet_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str
     if bank is None:
         bank = BypassBank([path for path, _, _ in sources], widths, injection_path)
         _install(unet, bank, sources, injection)
-        state = get_state(unet)
-        if state is not None:  # inject.add_res_tuner sets up the state first; the bank joins it for scales
-            state.banks.append((bank, unet))
+        state.add_bank(bank, unet)  # in the state's banks, scales set for one call reach the bypass too
     bank.add(adapter_name, bypass, config.scale, "parallel")
     return list(bank.source_paths)
 
 
-def detach_unet_tuner(unet: nn.Module, adapter_name: str) -> None:
+def detach_unet_tuner(unet: nn.Module, adapter_name: str, state: ResTunerState) -> None:
     """Remove the named bypass; with the last one, every hook and the bank go, restoring the UNet exactly."""
     bank = _get_bank(unet, adapter_name)
     bank.remove(adapter_name)
     if len(bank):
         return
     _uninstall(unet, bank)
-    state = get_state(unet)
-    if state is not None:
-        state.banks = [(b, owner) for b, owner in state.banks if b is not bank]
+    state.drop_bank(bank)
 
 
 def iter_unet_tuner(unet: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
@@ -193,7 +189,7 @@ def requires_unet_backward(unet: nn.Module) -> bool:
     state = get_state(unet)
     if not isinstance(bank, BypassBank) or not len(bank) or state is None:
         return True
-    if any(config.spec.kind != "unet" for config in state.configs.values()):
+    if any(config.spec.kind != "model" for config in state.configs.values()):
         return True
     outside_body = {id(p) for p in bank.parameters()}
     for module in _tail_modules(unet):

@@ -1,0 +1,181 @@
+"""A model family: what the tuners see of one kind of diffusers denoiser.
+
+A :class:`ModelFamily` says which blocks a model has, which operations of a block a target names (an attention,
+a feed-forward, a single linear), the linear projections of each operation, which processor class wraps its
+attention, and how a tuner file describes the model. The tuner kinds (``integration/kinds``) and the API
+(``inject.py``) ask the family and never look at a diffusers class themselves: adding a model family is one
+new subclass registered in ``families/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ...config import ResTunerConfig
+from ...tuners.base import ConfigError, OpShape
+from ..state import ResTunerError
+
+#: How a tuner sits at a :class:`Layer`: ``"attention"`` (inside the attention processor named by
+#: ``Layer.processor_cls``), ``"ff"`` (a forward hook adding a branch to a whole module's output) or ``"linear"``
+#: (a forward hook beside one ``nn.Linear``).
+ROLES = ("attention", "ff", "linear")
+
+
+@dataclass
+class Layer:
+    """One place a tuner can sit: ``path`` in the model, its module, how the branch is hooked in (``role``) and the
+    shape a tuner is built for."""
+
+    path: str
+    module: nn.Module
+    role: str
+    shape: OpShape
+    #: role "attention": the processor class that wraps the module's own processor and adds the branches
+    processor_cls: type | None = None
+    #: projection name (the config's vocabulary) -> (path suffix, module) of the operation's linears
+    linears: dict[str, tuple[str, nn.Module]] = field(default_factory=dict)
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The frozen linear inside a projection that peft/diffusers LoRA wrapped (kept as ``base_layer``)."""
+    return getattr(module, "base_layer", module)
+
+
+def linear_shape(linear: nn.Linear) -> OpShape:
+    return OpShape(
+        in_dim=linear.in_features, out_dim=linear.out_features, context_dim=linear.in_features, has_bias=linear.bias is not None
+    )
+
+
+def feed_forward_layer(path: str, ff: nn.Module) -> Layer:
+    """A diffusers ``FeedForward`` (``net.0.proj`` -> activation -> ``net.2``) as a layer of role ``"ff"``."""
+    first, last = base_linear(ff.net[0].proj), base_linear(ff.net[2])
+    shape = OpShape(in_dim=first.in_features, out_dim=last.out_features, context_dim=first.in_features)
+    return Layer(path, ff, "ff", shape, linears={"net.0.proj": ("net.0.proj", ff.net[0].proj), "net.2": ("net.2", ff.net[2])})
+
+
+def linear_layer(path: str, module: nn.Module) -> Layer:
+    """A single projection (e.g. Flux's ``proj_mlp``) as a layer of role ``"linear"``."""
+    linear = base_linear(module)
+    if not isinstance(linear, nn.Linear):
+        raise ResTunerError(f"{path} is a {type(linear).__name__}, not a linear layer")
+    return Layer(path, linear, "linear", linear_shape(linear))
+
+
+def block_selected(path: str, patterns: tuple[str, ...] | None) -> bool:
+    if patterns is None:
+        return True
+    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p.rstrip(".*") + ".*") for p in patterns)
+
+
+class ModelFamily(ABC):
+    """The description of one model family; subclasses fill in the class attributes and the three methods."""
+
+    #: short name, stored in tuner files (``"unet"``, ``"sd3"``, ``"flux"``)
+    name: ClassVar[str]
+    #: what a user calls the model in messages ("UNet", "SD3 transformer", ...)
+    model_word: ClassVar[str]
+    #: diffusers class names of the models of this family (matched along the model's MRO)
+    model_classes: ClassVar[tuple[str, ...]]
+    #: every target name a block of this family may have, and the targets a config without ``targets`` gets
+    targets: ClassVar[tuple[str, ...]]
+    default_targets: ClassVar[tuple[str, ...]]
+    #: the attention projections a linear tuner may sit beside, and those a config without ``projections`` gets
+    projections: ClassVar[tuple[str, ...]]
+    default_projections: ClassVar[tuple[str, ...]]
+    #: the model's forward keyword argument whose :data:`~.processors.SCALE_KWARG` key sets scales for one call
+    call_kwargs: ClassVar[str]
+    #: tuner kinds that can sit on this family (``registry`` kind names)
+    kinds: ClassVar[tuple[str, ...]] = ("operation", "linear")
+    #: block path patterns shown when a ``blocks`` pattern matches nothing
+    block_examples: ClassVar[tuple[str, ...]] = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(cls.__name__ in self.model_classes for cls in type(model).__mro__)
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(path, block) of every block tuners can sit in, in module order."""
+
+    @abstractmethod
+    def operation(self, block_path: str, block: nn.Module, target: str) -> Layer | None:
+        """The operation ``target`` names in ``block`` (None where this block has none, e.g. SD3's ``attn2``)."""
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """What a tuner file records of the base model (shown when a file does not fit)."""
+        config = getattr(model, "config", {})
+        get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+        return {"class": type(model).__name__, "name_or_path": get("_name_or_path", "") or "", **self._describe(get)}
+
+    def _describe(self, get) -> dict[str, Any]:
+        return {}
+
+    def install_model_guards(self, model: nn.Module) -> None:
+        """Called when the first tuner arrives on ``model`` (e.g. keep diffusers' helpers from dropping it)."""
+
+    def remove_model_guards(self, model: nn.Module) -> None:
+        """Called when the last tuner leaves ``model``: undo :meth:`install_model_guards` exactly."""
+
+    # -- shared logic -------------------------------------------------------------------------------------------
+    def resolve_targets(self, config: ResTunerConfig) -> tuple[str, ...]:
+        targets = self.default_targets if config.targets is None else config.targets
+        unknown = [t for t in targets if t not in self.targets]
+        if unknown:
+            raise ConfigError(
+                f"target(s) {unknown} do not exist on a {self.model_word}; its targets are {list(self.targets)} "
+                f"(default {list(self.default_targets)})"
+            )
+        return tuple(targets)
+
+    def resolve_projections(self, config: ResTunerConfig) -> tuple[str, ...]:
+        projections = self.default_projections if config.projections is None else config.projections
+        unknown = [p for p in projections if p not in self.projections]
+        if unknown:
+            raise ConfigError(
+                f"projection(s) {unknown} do not exist on a {self.model_word}; its projections are {list(self.projections)}"
+            )
+        return tuple(projections)
+
+    def check_kind(self, config: ResTunerConfig) -> None:
+        if config.spec.kind not in self.kinds:
+            from ...registry import get_tuner_spec, tuner_names
+
+            can = [n for n in tuner_names() if get_tuner_spec(n).kind in self.kinds]
+            raise ResTunerError(
+                f"{config.tuner} is a {config.spec.kind}-level tuner and cannot sit on a {self.model_word}; "
+                f"tuners that can: {can}"
+            )
+
+    def operation_layers(self, model: nn.Module, config: ResTunerConfig) -> list[Layer]:
+        """The operations ``config`` selects (its targets in the blocks its patterns match), in module order.
+        Raises when a block pattern matches nothing or nothing is selected."""
+        blocks = self.blocks(model)
+        if not blocks:
+            raise ResTunerError(f"this {type(model).__name__} has no {self.model_word} blocks a tuner can sit in")
+        targets = self.resolve_targets(config)
+        if config.blocks is not None:
+            for pattern in config.blocks:
+                if not any(block_selected(path, (pattern,)) for path, _ in blocks):
+                    examples = sorted({".".join(p.split(".")[:2]) for p, _ in blocks})
+                    raise ConfigError(
+                        f"block pattern {pattern!r} matches no transformer block of this {self.model_word}; "
+                        f"blocks are named like {blocks[0][0]!r}; patterns that match: {examples + list(self.block_examples)}"
+                    )
+        layers = []
+        for block_path, block in blocks:
+            if not block_selected(block_path, config.blocks):
+                continue
+            for target in targets:
+                layer = self.operation(block_path, block, target)
+                if layer is not None:
+                    layers.append(layer)
+        if not layers:
+            raise ConfigError(
+                f"config {config} selects no layer of this {self.model_word} (targets {list(targets)}, blocks {config.blocks})"
+            )
+        return layers

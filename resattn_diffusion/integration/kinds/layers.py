@@ -1,0 +1,213 @@
+"""Operation and linear tuners: one tuner module per layer, held in a :class:`~..processors.TunerBank` at the layer.
+
+An attention layer's bank lives in the processor that wraps the attention's own (the family names the processor
+class); a feed-forward's or a linear's bank is a child module of it, with a forward hook adding the branches.
+Hooks and processors keep every frozen module where it was and of its own class (state-dict keys unchanged).
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import abstractmethod
+from dataclasses import replace
+from typing import Iterator
+
+from torch import nn
+
+from ...config import ResTunerConfig
+from ...tuners.base import OpShape
+from ..families.base import Layer, ModelFamily, base_linear, linear_shape
+from ..processors import LinearBank, OperationBank, ResTunerAttnProcessor, TunerBank, TunerSetting, ff_bank_hook, linear_bank_hook
+from ..state import ResTunerError, ResTunerState, module_dtype_device, remove_forward_hooks
+from .base import TunerKindAttach
+
+
+def tuner_input_shape(shape: OpShape, role: str, placement: str) -> OpShape:
+    """The shape a tuner is built for: in sequential form it reads OP's output, so its input width is d_out
+    (an attention's context stays the text context)."""
+    if placement != "sequential":
+        return shape
+    context_dim = shape.context_dim if role == "attention" else shape.out_dim
+    return replace(shape, in_dim=shape.out_dim, context_dim=context_dim)
+
+
+def layer_fingerprint(layers: list[Layer]) -> dict[str, dict[str, int]]:
+    """Layer path -> the shape its tuner was built for: what a tuner file checks before it loads."""
+    return {layer.path: layer.shape.as_dict() for layer in layers}
+
+
+# --- processor guard: our tuners survive diffusers replacing processors ----------------------------------------
+def _set_processor_keeping_tuners(attn: nn.Module, processor) -> None:
+    """Installed as ``attn.set_processor``: when diffusers installs another processor (xformers, sliced, the
+    default), our processor keeps its tuners and wraps the new one instead of being dropped with its weights."""
+    current = attn.processor
+    if isinstance(current, ResTunerAttnProcessor) and not isinstance(processor, ResTunerAttnProcessor):
+        current.set_base_processor(processor)
+        return
+    type(attn).set_processor(attn, processor)
+
+
+def _install_guard(attn: nn.Module) -> None:
+    attn.set_processor = functools.partial(_set_processor_keeping_tuners, attn)
+
+
+def _remove_guard(attn: nn.Module) -> None:
+    attn.__dict__.pop("set_processor", None)
+
+
+# --- banks -----------------------------------------------------------------------------------------------------
+def bank_for(layer: Layer) -> tuple[TunerBank, nn.Module]:
+    """The bank at ``layer``, created (and hooked in) on first use."""
+    module = layer.module
+    if layer.role == "attention":
+        processor = module.processor
+        if not isinstance(processor, ResTunerAttnProcessor):
+            processor = layer.processor_cls(processor, layer.path)
+            type(module).set_processor(module, processor)
+            _install_guard(module)
+        return processor.bank, module
+    bank = getattr(module, "res_tuner_bank", None)
+    if bank is None:
+        bank = LinearBank(layer.path) if layer.role == "linear" else OperationBank(layer.path)
+        module.res_tuner_bank = bank
+        module.register_forward_hook(linear_bank_hook if layer.role == "linear" else ff_bank_hook)
+    return bank, module
+
+
+def detach_bank(bank: TunerBank, owner: nn.Module) -> None:
+    """Put the frozen module back exactly as it was once its bank is empty."""
+    processor = getattr(owner, "processor", None)
+    if isinstance(processor, ResTunerAttnProcessor) and processor.bank is bank:
+        base = processor.base_processor
+        _remove_guard(owner)
+        type(owner).set_processor(owner, base)
+        return
+    remove_forward_hooks(owner, linear_bank_hook)
+    remove_forward_hooks(owner, ff_bank_hook)
+    del owner.res_tuner_bank
+
+
+class LayerKind(TunerKindAttach):
+    """What operation and linear tuners share: one module per :class:`Layer`, kept in the layer's bank."""
+
+    @abstractmethod
+    def layers(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[Layer]:
+        """The layers ``config`` puts a tuner on, in module order; raises when nothing fits."""
+
+    def fingerprint(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> dict[str, dict]:
+        return layer_fingerprint(self.layers(model, family, config))
+
+    def attach(
+        self, model: nn.Module, family: ModelFamily, config: ResTunerConfig, adapter_name: str, state: ResTunerState
+    ) -> list[str]:
+        layers = self.layers(model, family, config)
+        config.params.validate_layers([layer.path for layer in layers])
+        # Build every module before touching the model, so a failure leaves it unchanged.
+        built = []
+        for layer in layers:
+            params = config.params.for_layer(layer.path)
+            shape = tuner_input_shape(layer.shape, layer.role, config.placement)
+            params.validate_for(shape)
+            dtype, device = module_dtype_device(layer.module)
+            built.append((layer, config.spec.module_cls(shape, params).to(device=device, dtype=dtype)))
+        for layer, tuner in built:
+            bank, owner = bank_for(layer)
+            bank.add(adapter_name, tuner, config.scale, config.placement)
+            state.add_bank(bank, owner)
+        return [layer.path for layer in layers]
+
+    def detach(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> None:
+        for bank, owner in list(state.banks):
+            if adapter_name not in bank.tuners:
+                continue
+            bank.remove(adapter_name)
+            if not len(bank):
+                detach_bank(bank, owner)
+                state.drop_bank(bank)
+
+    def iterate(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
+        for bank, _ in state.banks:
+            if adapter_name in bank.tuners:
+                yield bank.layer_path, bank.tuners[adapter_name]
+
+    def settings(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> list[TunerSetting]:
+        return [bank.settings[adapter_name] for bank, _ in state.banks if adapter_name in bank.settings]
+
+
+class OperationKind(LayerKind):
+    """Operation tuners (Res-Attn, Res-Adapter, Res-Prefix, Res-Prompt, SURM-Adapter): one branch ``T(x, c)`` beside
+    each selected attention (in its processor) or feed-forward (a hook on its output)."""
+
+    name = "operation"
+
+    def layers(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[Layer]:
+        layers = family.operation_layers(model, config)
+        single_linears = sorted({layer.path.rsplit(".", 1)[-1] for layer in layers if layer.role == "linear"})
+        if single_linears:
+            raise ResTunerError(
+                f"target(s) {single_linears} of a {family.model_word} are single linear projections: only linear "
+                f"tuners (res_lora, glora, surm_*) sit there; {config.tuner} targets {list(family.targets)} minus those"
+            )
+        if getattr(config.spec.module_cls, "needs_frozen_attention", False):
+            feed_forwards = [layer.path for layer in layers if layer.role != "attention"]
+            if feed_forwards:
+                raise ResTunerError(
+                    f"{config.tuner} reads an attention's frozen projections and cannot sit on {feed_forwards[0]}; "
+                    "target attentions only"
+                )
+        return layers
+
+
+class LinearKind(LayerKind):
+    """Linear tuners (Res-LoRA, GLoRA, SURM): one branch beside each selected projection; they fold into weights."""
+
+    name = "linear"
+    can_fuse = True
+
+    def layers(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[Layer]:
+        projections = family.resolve_projections(config)
+        operations = family.operation_layers(model, config)
+        layers, found = [], set()
+        for op in operations:
+            if op.role == "linear":
+                named = [(op.path, op.module)]
+            elif op.role == "ff":
+                named = [(f"{op.path}.{suffix}", module) for suffix, module in op.linears.values()]
+            else:
+                named = []
+                for name in projections:
+                    if name in op.linears:
+                        found.add(name)
+                        suffix, module = op.linears[name]
+                        named.append((f"{op.path}.{suffix}", module))
+            for path, module in named:
+                linear = base_linear(module)
+                if not isinstance(linear, nn.Linear):
+                    raise ResTunerError(f"{path} is a {type(linear).__name__}, not a linear layer")
+                layers.append(Layer(path, linear, "linear", linear_shape(linear)))
+        attentions = [op for op in operations if op.role == "attention"]
+        missing = [name for name in projections if name not in found]
+        if attentions and missing and config.projections is not None:
+            raise ResTunerError(
+                f"projection(s) {missing} exist on none of the selected attentions of this {family.model_word}; "
+                f"they have {sorted({n for op in attentions for n in op.linears})}"
+            )
+        if not layers:
+            raise ResTunerError(f"config {config} selects no linear projection of this {family.model_word}")
+        return layers
+
+    def detach(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> None:
+        if any(setting.fused for setting in self.settings(model, state, adapter_name)):
+            self.unfuse(model, state)
+        super().detach(model, state, adapter_name)
+
+    def fuse(self, model: nn.Module, state: ResTunerState, names: list[str]) -> None:
+        for bank, owner in state.banks:
+            present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
+            if present and isinstance(bank, LinearBank):
+                bank.fuse(owner, present)
+
+    def unfuse(self, model: nn.Module, state: ResTunerState) -> None:
+        for bank, owner in state.banks:
+            if isinstance(bank, LinearBank):
+                bank.unfuse(owner)
