@@ -125,8 +125,10 @@ class FlowMatchingBase(ABC):
 
     # --- loading -----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, args: Namespace) -> "FlowMatchingBase":
-        """Load every component from ``args.pretrained_model_name_or_path`` (revision, variant, VAE override)."""
+    def load(cls, args: Namespace, weight_dtype: torch.dtype | None = None) -> "FlowMatchingBase":
+        """Load every component from ``args.pretrained_model_name_or_path`` (revision, variant, VAE override); the
+        transformer and text encoders directly in ``weight_dtype``, so a bf16 run never holds Flux's 12B parameters
+        (or T5-XXL's 4.7B) in float32."""
         import diffusers
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
@@ -144,7 +146,7 @@ class FlowMatchingBase(ABC):
             component_class = getattr(importlib.import_module(library), class_name)
             kwargs: dict[str, Any] = {"subfolder": name, "revision": revision, "cache_dir": cache_dir}
             if not name.startswith("tokenizer"):
-                kwargs["variant"] = variant
+                kwargs.update(variant=variant, torch_dtype=weight_dtype)
             components[name] = component_class.from_pretrained(path, **kwargs)
         if args.pretrained_vae_model_name_or_path is not None:
             components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=cache_dir)

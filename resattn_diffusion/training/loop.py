@@ -95,7 +95,7 @@ def train(
     resolution = args.resolution or family.native_resolution(args)
     if args.task == "dreambooth" and args.with_prior_preservation:
         generate_class_images(args, accelerator, resolution, seed)
-    base = family.load(args)
+    base = family.load(args, weight_dtype)
     if resolution % base.resolution_multiple:
         raise TrainingError(
             f"--resolution {resolution} is not a multiple of {base.resolution_multiple} (the VAE's factor"

@@ -54,8 +54,9 @@ class DenoiserFamily(Protocol):
         """The image size the model was trained at, from its configs only."""
 
     @classmethod
-    def load(cls, args: Namespace) -> "DenoiserFamily":
-        """Load the frozen components (``requires_grad`` off) from ``args.pretrained_model_name_or_path``."""
+    def load(cls, args: Namespace, weight_dtype: torch.dtype | None = None) -> "DenoiserFamily":
+        """Load the frozen components (``requires_grad`` off) from ``args.pretrained_model_name_or_path``; the
+        denoiser and text encoders directly in ``weight_dtype`` (no full-precision copy of a 12B model in memory)."""
 
     @property
     def resolution_multiple(self) -> int:
@@ -184,8 +185,9 @@ class StableDiffusionBase:
         return [args.validation_prompt] if args.validation_prompt else []
 
     @classmethod
-    def load(cls, args: Any) -> "StableDiffusionBase":
-        """Load every component from ``args.pretrained_model_name_or_path`` (+ revision, variant, VAE override)."""
+    def load(cls, args: Any, weight_dtype: torch.dtype | None = None) -> "StableDiffusionBase":
+        """Load every component from ``args.pretrained_model_name_or_path`` (+ revision, variant, VAE override); the
+        UNet and text encoders in ``weight_dtype`` (default: as saved, float32 for these models)."""
         import diffusers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer
@@ -199,7 +201,7 @@ class StableDiffusionBase:
         ]
         text_encoders = [
             _text_encoder_class(path, f"text_encoder{s}", revision, cache_dir).from_pretrained(
-                path, subfolder=f"text_encoder{s}", revision=revision, variant=variant, cache_dir=cache_dir
+                path, subfolder=f"text_encoder{s}", revision=revision, variant=variant, cache_dir=cache_dir, torch_dtype=weight_dtype
             )
             for s in suffixes
         ]
@@ -207,7 +209,9 @@ class StableDiffusionBase:
             vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=cache_dir)
         else:
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=cache_dir)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant, cache_dir=cache_dir)
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", revision=revision, variant=variant, cache_dir=cache_dir, torch_dtype=weight_dtype
+        )
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision, cache_dir=cache_dir)
         inference_scheduler_class = getattr(diffusers, model_index["scheduler"][1])
         inference_scheduler = inference_scheduler_class.from_pretrained(path, subfolder="scheduler", revision=revision, cache_dir=cache_dir)
