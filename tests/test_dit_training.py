@@ -128,6 +128,7 @@ def test_unknown_denoiser_is_refused_naming_what_is_known(dit_dirs, instance_dir
         ("sd1", ["--weighting_scheme", "logit_normal"], "--weighting_scheme belongs to rectified-flow"),
         ("sdxl", ["--max_sequence_length", "77"], "--max_sequence_length belongs to rectified-flow"),
         ("sd1", ["--guidance_scale", "3.5"], "--guidance_scale belongs to rectified-flow"),
+        ("sd1", ["--logit_mean", "0"], "--logit_mean belongs to rectified-flow"),
     ],
 )
 def test_flags_of_the_other_objective_are_refused_before_anything_loads(kind, flags, message, dit_dirs, tiny_dirs, instance_dir, tmp_path):

@@ -163,7 +163,8 @@ class StableDiffusionBase:
 
     @classmethod
     def check_args(cls, args: Namespace) -> None:
-        given = [flag for flag in FLOW_ONLY_FLAGS if getattr(args, flag, None) not in (None, False)]
+        # "is not": a given 0.0 (--logit_mean 0) is a given flag, though it equals False
+        given = [flag for flag in FLOW_ONLY_FLAGS if getattr(args, flag, None) is not None and getattr(args, flag) is not False]
         if given:
             raise TrainingError(
                 f"--{given[0]} belongs to rectified-flow training of SD3 / Flux; {args.pretrained_model_name_or_path} is a UNet "
