@@ -45,13 +45,17 @@ __all__ = [
     "DEFAULT_WORDS",
     "DIT_KINDS",
     "KINDS",
+    "TRANSFORMER_KINDS",
     "SD15_UNET_CONFIG",
     "SD21_UNET_CONFIG",
     "SDXL_UNET_CONFIG",
     "build_clip_vocab",
     "flux_transformer_inputs",
+    "frozen_tiny_model",
     "make_t5_tokenizer",
     "make_tokenizer",
+    "model_inputs",
+    "present_targets",
     "save_tiny_dit_pipeline",
     "save_tiny_pipeline",
     "sd3_transformer_inputs",
@@ -62,6 +66,7 @@ __all__ = [
     "tiny_pipeline",
     "tiny_sd3_transformer",
     "tiny_sd3_transformer_config",
+    "tiny_transformer",
     "tiny_unet",
     "tiny_unet_config",
     "unet_from_config",
@@ -803,6 +808,55 @@ def flux_transformer_inputs(
     if config.guidance_embeds:
         inputs["guidance"] = torch.full((batch_size,), 3.5).to(model.device, model.dtype)
     return inputs
+
+
+#: The tiny diffusion transformers: SD3, SD3.5 (``attn2`` and qk-norm) and Flux.
+TRANSFORMER_KINDS: tuple[str, ...] = ("sd3", "sd35", "flux")
+_FROZEN_TRANSFORMERS: dict[tuple[str, int], torch.nn.Module] = {}
+
+
+def tiny_transformer(kind: str = "sd3", seed: int = 0) -> torch.nn.Module:
+    """The tiny transformer of ``kind`` (one of :data:`TRANSFORMER_KINDS`)."""
+    if kind == "sd3":
+        return tiny_sd3_transformer(seed=seed)
+    if kind == "sd35":
+        return tiny_sd3_transformer(dual_attention=True, seed=seed)
+    if kind == "flux":
+        return tiny_flux_transformer(seed=seed)
+    raise ValueError(f"Unknown tiny transformer kind {kind!r}; choose one of {', '.join(TRANSFORMER_KINDS)}.")
+
+
+def frozen_tiny_model(kind: str = "sd1", seed: int = 0) -> torch.nn.Module:
+    """A fresh copy of the frozen tiny denoiser of ``kind``: a UNet (:data:`KINDS`) or a transformer
+    (:data:`TRANSFORMER_KINDS`), built once per process and deep-copied (see :func:`frozen_tiny_unet`)."""
+    if kind in KINDS:
+        return frozen_tiny_unet(kind, seed)
+    key = (kind, seed)
+    if key not in _FROZEN_TRANSFORMERS:
+        model = tiny_transformer(kind, seed)
+        model.requires_grad_(False)
+        _FROZEN_TRANSFORMERS[key] = model
+    return copy.deepcopy(_FROZEN_TRANSFORMERS[key])
+
+
+def model_inputs(model: torch.nn.Module, batch_size: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Seeded inputs for any tiny denoiser: :func:`unet_inputs`, :func:`sd3_transformer_inputs` or
+    :func:`flux_transformer_inputs`, by the model's class."""
+    name = type(model).__name__
+    if name == "SD3Transformer2DModel":
+        return sd3_transformer_inputs(model, batch_size, seed)
+    if name == "FluxTransformer2DModel":
+        return flux_transformer_inputs(model, batch_size, seed)
+    return unet_inputs(model, batch_size, seed)
+
+
+def present_targets(model: torch.nn.Module) -> tuple[str, ...]:
+    """The targets of the model's family that exist in this model (e.g. ``attn2`` only on SD3.5-style blocks)."""
+    from .integration.families import family_of  # here, so that testing.py loads without the rest
+
+    family = family_of(model)
+    blocks = family.blocks(model)
+    return tuple(t for t in family.targets if any(family.operation(path, block, t) is not None for path, block in blocks))
 
 
 # --------------------------------------------------------------------------------------------------------------

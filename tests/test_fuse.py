@@ -14,7 +14,15 @@ import torch
 import resattn_diffusion as rd
 from resattn_diffusion.integration.inject import get_state
 from resattn_diffusion.integration.processors import LinearBank
-from resattn_diffusion.testing import frozen_tiny_unet as frozen_unet, randomize_tuner as randomize, unet_inputs
+from resattn_diffusion.testing import (
+    KINDS,
+    frozen_tiny_model,
+    frozen_tiny_unet as frozen_unet,
+    model_inputs,
+    present_targets,
+    randomize_tuner as randomize,
+    unet_inputs,
+)
 
 GLORA_CONFIGS = [
     "A=lora4,B=lora4,C=lora2,D=vector,E=vector",
@@ -51,18 +59,20 @@ def bias_free_linears(unet) -> list[torch.nn.Linear]:
     return [bank_owner for bank, bank_owner in get_state(unet).banks if isinstance(bank, LinearBank) and bank_owner.bias is None]
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd3", "sd35", "flux"])
 @pytest.mark.parametrize("tuner,hyper", CASES, ids=[f"{t}-{h.get('config', '')}" for t, h in CASES])
 def test_fused_equals_unfused_and_unfuse_restores_exactly(kind, tuner, hyper):
-    unet = frozen_unet(kind)
-    inputs = unet_inputs(unet, batch_size=2, seed=1)
+    unet = frozen_tiny_model(kind)
+    inputs = model_inputs(unet, batch_size=2, seed=1)
     base = run(unet, inputs)
-    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner=tuner, targets=["attn1", "attn2", "ff"], **hyper))
+    # every target of the family that exists here: UNet attn1/attn2/ff; SD3 also ff_context; Flux proj_mlp/proj_out
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner=tuner, targets=present_targets(unet), **hyper))
     randomize(unet)
     keys = list(unet.state_dict())
     weights = frozen_state(unet)
     bias_free = bias_free_linears(unet)
-    assert bias_free, "SD's to_q/to_k/to_v have no bias: the bias-creating case must be exercised"
+    if kind in KINDS:  # SD3's and Flux's projections all have biases
+        assert bias_free, "SD's to_q/to_k/to_v have no bias: the bias-creating case must be exercised"
     unfused = run(unet, inputs)
     assert (unfused - base).abs().max() > 1e-3, "the tuner must change the output for the comparison to mean anything"
 

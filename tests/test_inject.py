@@ -1,27 +1,45 @@
-"""The core contract of every tuner on the SD1-, SD2- and SDXL-like tiny UNets (issue 2)."""
+"""The core contract of every tuner on the SD1-, SD2- and SDXL-like tiny UNets (issue 2) and on the tiny SD3, SD3.5 and
+Flux transformers (issue 17): one test, parametrised over model families."""
 
 from __future__ import annotations
 
+
+import functools
 
 import pytest
 import torch
 
 import resattn_diffusion as rd
-from resattn_diffusion.testing import frozen_tiny_unet as _frozen_unet, unet_inputs
+from resattn_diffusion.integration.families import family_of
+from resattn_diffusion.testing import (
+    TRANSFORMER_KINDS,
+    frozen_tiny_model,
+    frozen_tiny_unet as _frozen_unet,
+    model_inputs,
+    present_targets,
+    unet_inputs,
+)
 
 KINDS = ("sd1", "sd2", "sdxl")
 LAYER_TUNERS = [n for n in rd.tuner_names() if rd.get_tuner_spec(n).kind != "model"]
 
 
+@functools.cache
+def _family(kind):
+    return family_of(frozen_tiny_model(kind))
+
+
 def _cases():
-    for kind in KINDS:
+    for kind in KINDS + TRANSFORMER_KINDS:
         for tuner in LAYER_TUNERS:
             spec = rd.get_tuner_spec(tuner)
             placements = ("parallel", "sequential") if getattr(spec.module_cls, "supports_sequential", True) else ("parallel",)
             for placement in placements:
-                for target in rd.TARGETS:
-                    if target == "ff" and getattr(spec.module_cls, "needs_frozen_attention", False):
+                for target in present_targets(frozen_tiny_model(kind)):
+                    if target in ("ff", "ff_context") and getattr(spec.module_cls, "needs_frozen_attention", False):
                         continue
+                    if target in ("proj_mlp", "proj_out") and spec.kind != "linear":
+                        continue  # single linears of Flux: linear tuners only (refusal tested in test_transformers)
                     yield kind, tuner, placement, target
 
 
@@ -31,8 +49,9 @@ def _run(unet, inputs, **kwargs):
 
 @pytest.mark.parametrize("kind,tuner,placement,target", list(_cases()))
 def test_tuner_contract(kind, tuner, placement, target, tmp_path):
-    unet = _frozen_unet(kind)
-    inputs = unet_inputs(unet, batch_size=2, seed=1)
+    unet = frozen_tiny_model(kind)
+    inputs = model_inputs(unet, batch_size=2, seed=1)
+    call_kwargs = _family(kind).call_kwargs  # cross_attention_kwargs (UNet) / joint_attention_kwargs (SD3, Flux)
     with torch.no_grad():
         reference = _run(unet, inputs)
 
@@ -69,7 +88,7 @@ def test_tuner_contract(kind, tuner, placement, target, tmp_path):
 
     with torch.no_grad():
         # scale 0, per call and set on the tuner, gives the frozen output exactly
-        assert torch.equal(_run(unet, inputs, cross_attention_kwargs={rd.SCALE_KWARG: 0.0}), reference)
+        assert torch.equal(_run(unet, inputs, **{call_kwargs: {rd.SCALE_KWARG: 0.0}}), reference)
         rd.set_res_tuner_scale(unet, 0.0)
         assert torch.equal(_run(unet, inputs), reference)
         rd.set_res_tuner_scale(unet, 1.0)
@@ -77,12 +96,12 @@ def test_tuner_contract(kind, tuner, placement, target, tmp_path):
 
         # save -> load into a freshly built UNet gives identical outputs
         path = rd.save_res_tuner(unet, tmp_path / "tuner.safetensors")
-        fresh = _frozen_unet(kind)
+        fresh = frozen_tiny_model(kind)
         rd.load_res_tuner(fresh, path)
         assert torch.equal(_run(fresh, inputs), tuned)
 
         # removing restores the original processors and outputs exactly
-        processors_before = {k: type(v) for k, v in _frozen_unet(kind).attn_processors.items()}
+        processors_before = {k: type(v) for k, v in frozen_tiny_model(kind).attn_processors.items()}
         rd.remove_res_tuner(unet)
         assert torch.equal(_run(unet, inputs), reference)
         assert {k: type(v) for k, v in unet.attn_processors.items()} == processors_before

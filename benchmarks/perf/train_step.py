@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resattn_diffusion.integration.families.unet import UNetFamily  # noqa: E402
+from resattn_diffusion.integration.families.unet import UNetFamily
 from resattn_diffusion import ResTunerConfig, add_res_tuner, res_tuner_parameters, tuner_names
 from resattn_diffusion.tuners.glora import parse_layer_config
 

@@ -47,7 +47,7 @@ FORMATS = ("diffusers", "kohya")
 _NOT_A_WEIGHT_DELTA = {
     "operation": "adds a branch beside a whole attention or feed-forward operation (its output depends on the input "
     "through an attention or an activation), which no weight delta reproduces",
-    "unet": "is a side network over the UNet decoder, not a change of any UNet weight",
+    "model": "is a side network over the UNet decoder, not a change of any UNet weight",
 }
 
 #: A base model's state-dict-like reader: layer path -> (W0, b0 or None).

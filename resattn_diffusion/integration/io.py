@@ -212,12 +212,13 @@ def load_res_tuner(
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
 
     family = family_of(unet)
-    made_for = _json_object(metadata.get("base", "{}")).get("family")
+    base = _json_object(metadata.get("base", "{}"))
+    made_for = base.get("family")
     if made_for is not None and made_for != family.name:
         other = family_named(made_for)
         raise ResTunerFileError(
-            f"tuner file {file!r} was made for a {other.model_word if other else made_for!r} model, not a "
-            f"{family.model_word} ({type(unet).__name__}); load it into the kind of model it was trained on"
+            f"tuner file {file!r} was made for a {base.get('class', '?')} ({other.model_word if other else made_for}), "
+            f"not for this {type(unet).__name__} ({family.model_word}); load it into the kind of model it was trained on"
         )
     saved = json.loads(metadata.get("layers", "{}"))
     try:

@@ -15,6 +15,7 @@ keys do not change, and peft/diffusers LoRA can still find and wrap ``to_q`` bes
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -405,3 +406,81 @@ class ResTunerAttnProcessor(nn.Module):
             out = out / attn.rescale_output_factor
         return out, shared_query, branch_context
 
+
+# --- joint attention (SD3 / SD3.5 MMDiT, Flux) ------------------------------------------------------------------
+def _frozen_projection(
+    linear: nn.Module, norm: nn.Module | None, heads: int, x: torch.Tensor
+) -> torch.Tensor:
+    """A frozen projection as the joint attention uses it: ``linear(x)``, then its per-head qk-norm (if any).
+    No rotary embedding: the branches' attention carries none (see :class:`ResTunerJointAttnProcessor`)."""
+    out = linear(x)
+    if norm is None:
+        return out
+    return norm(out.unflatten(-1, (heads, -1))).flatten(-2)
+
+
+class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
+    """The attention processor of diffusion transformers (SD3's ``JointAttnProcessor2_0``, Flux's
+    ``FluxAttnProcessor``): it calls the wrapped processor unchanged, so the frozen joint attention -- rotary
+    embeddings, masks, qk-norms and both streams -- is computed exactly as diffusers does, and adds the branches
+    of its :class:`OperationBank` to the **image stream** (``y_img' = y_img + s T(x_img, [c; x_img])``).
+
+    What the branches read (SPEC, "Diffusion transformers"):
+
+    * joint attention (an ``encoder_hidden_states`` is given): ``x`` are the image tokens, the context is the joint
+      sequence ``[c; x]`` (text tokens first), so Res-Attn's keys and values come from text and image; the text
+      stream's output is returned untouched (it is read as context, not tuned);
+    * an attention over one sequence (SD3.5's ``attn2``, Flux's single blocks over the concatenated text+image
+      tokens): a self-attention branch on that sequence, ``c = x``;
+    * the frozen query for Res-Prefix / Res-Prompt is ``to_q(x)`` after the attention's qk-norm, without the rotary
+      embedding: the learned keys have no position, so rotating only the query would add noise, not information.
+      Res-Prompt's tokens go through the text stream's ``add_k_proj`` / ``add_v_proj`` (they stand in for text)
+      where the attention has them, else through ``to_k`` / ``to_v``. Where the attention has no output projection
+      (Flux's single blocks, ``pre_only``) the branch output is the attended values themselves (``W_o = I``).
+    """
+
+    def set_base_processor(self, processor: Any) -> None:
+        if isinstance(processor, ResTunerAttnProcessor):
+            processor = processor.base_processor
+        self.__dict__["base_processor"] = processor
+        self.backend = "wrapped"  # always: the joint computation (rotary, masks, streams) stays diffusers' own
+
+    # FluxAttention passes (hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb) positionally and
+    # forwards only the keyword arguments __call__ names: hence the explicit signature.
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        res_tuner_scale: float | dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if image_rotary_emb is not None:
+            kwargs["image_rotary_emb"] = image_rotary_emb
+        frozen_out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        bank = self.bank
+        if not len(bank):
+            return frozen_out
+        heads = attn.heads
+        added_k = getattr(attn, "add_k_proj", None)
+        if added_k is not None:  # prompt tokens stand in for text: read them through the text stream's projections
+            to_k = functools.partial(_frozen_projection, added_k, getattr(attn, "norm_added_k", None), heads)
+            to_v = functools.partial(_frozen_projection, attn.add_v_proj, None, heads)
+        else:
+            to_k = functools.partial(_frozen_projection, attn.to_k, getattr(attn, "norm_k", None), heads)
+            to_v = functools.partial(_frozen_projection, attn.to_v, None, heads)
+        to_out = getattr(attn, "to_out", None)
+        frozen = FrozenAttention(
+            functools.partial(_frozen_projection, attn.to_q, getattr(attn, "norm_q", None), heads),
+            to_k,
+            to_v,
+            None if to_out is None else to_out[0].weight,
+            heads,
+        )
+        if isinstance(frozen_out, tuple):  # joint: (image stream, text stream); only the image stream is tuned
+            image_out, text_out = frozen_out
+            context = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+            return bank.add_branches(image_out, hidden_states, context, frozen, res_tuner_scale), text_out
+        return bank.add_branches(frozen_out, hidden_states, None, frozen, res_tuner_scale)

@@ -23,7 +23,8 @@ from typing import Any, Literal, Sequence
 
 from diffusers.optimization import SchedulerType
 
-from ..config import PLACEMENTS, PROJECTIONS, TARGETS, ResTunerConfig
+from ..config import PLACEMENTS, ResTunerConfig
+from ..registry import known_projections, known_targets
 from ..registry import get_tuner_spec, tuner_names
 from ..tuners.base import ConfigError
 
@@ -84,12 +85,12 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--tuner_arg", type=str, nargs="+", action="extend", default=None, metavar="KEY=VALUE",
         help="Any hyperparameter of the tuner, e.g. --tuner_arg activation=relu prefix_length=16 (repeatable).",
     )
-    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=TARGETS, help="Operations that get a branch (default: attn1 attn2).")
+    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=known_targets(), help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).")
     tuner.add_argument(
         "--blocks", type=str, nargs="+", default=None,
         help="Glob patterns of transformer blocks, e.g. 'up_blocks.*' mid_block (default: every block).",
     )
-    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=PROJECTIONS, help="Linear tuners: projections that get a branch (default: all).")
+    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=known_projections(), help="Linear tuners: projections that get a branch (default: all the model has).")
     tuner.add_argument("--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.")
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
     tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")

@@ -66,12 +66,17 @@ class FrozenAttention:
     to_q: Callable[[torch.Tensor], torch.Tensor]
     to_k: Callable[[torch.Tensor], torch.Tensor]
     to_v: Callable[[torch.Tensor], torch.Tensor]
-    out_weight: torch.Tensor
+    #: the frozen output projection's weight W_o; None for an attention without one (W_o = I)
+    out_weight: torch.Tensor | None
     heads: int
     query: torch.Tensor | None = None
 
     def frozen_query(self, x: torch.Tensor) -> torch.Tensor:
         return self.query if self.query is not None else self.to_q(x)
+
+    def project_out(self, attended: torch.Tensor) -> torch.Tensor:
+        """``W_o a`` (no bias): the frozen output projection, or ``a`` itself where the attention has none."""
+        return attended if self.out_weight is None else F.linear(attended, self.out_weight)
 
 
 #: Up to this many keys, :func:`multi_head_attention` computes the attention with two batched matmuls and a

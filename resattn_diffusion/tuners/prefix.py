@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .base import (
     ConfigError,
@@ -60,4 +59,4 @@ class ResPrefix(OperationTuner):
         keys = self.prefix_keys.to(query.dtype)
         values = self.prefix_values.to(query.dtype)
         attended = multi_head_attention(query, keys, values, frozen.heads)
-        return F.linear(self.dropout(attended), frozen.out_weight)
+        return frozen.project_out(self.dropout(attended))

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .base import (
     ConfigError,
@@ -58,4 +57,4 @@ class ResPrompt(OperationTuner):
         query = frozen.frozen_query(x)
         tokens = self.prompt_tokens.to(query.dtype)
         attended = multi_head_attention(query, frozen.to_k(tokens), frozen.to_v(tokens), frozen.heads)
-        return F.linear(self.dropout(attended), frozen.out_weight) * self.gate.to(query.dtype)
+        return frozen.project_out(self.dropout(attended)) * self.gate.to(query.dtype)

@@ -11,10 +11,12 @@ from torch import nn
 from ...registry import register_family
 from ..state import ResTunerError
 from .base import Layer, ModelFamily
+from .flux import FluxFamily
+from .sd3 import SD3Family
 from .unet import UNetFamily
 
 #: Every supported family, most specific first (the UNet family also takes any model of BasicTransformerBlocks).
-FAMILIES: tuple[ModelFamily, ...] = (UNetFamily(),)
+FAMILIES: tuple[ModelFamily, ...] = (UNetFamily(), SD3Family(), FluxFamily())
 
 for _family in FAMILIES:
     register_family(_family)

@@ -1,0 +1,42 @@
+"""What the SD3 and Flux families share: the joint attention of a diffusion transformer as a tuner layer."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...tuners.base import OpShape
+from ..processors import ResTunerJointAttnProcessor
+from ..state import ResTunerError
+from .base import Layer
+from .unet import attention_linears
+
+#: Projections of a joint attention: the image stream's, then the text stream's (``to_out`` is ``to_out.0``).
+JOINT_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def joint_attention_layer(path: str, attn: nn.Module) -> Layer:
+    """An SD3 ``Attention`` / Flux ``FluxAttention`` as a layer of role ``"attention"``, wrapped by
+    :class:`ResTunerJointAttnProcessor`.
+
+    The branch's input ``x`` is the image stream (or the one sequence of SD3.5's ``attn2`` and Flux's single blocks);
+    its context is the joint sequence ``[c; x]``, so the text stream's width must equal the image stream's (it does
+    in SD3 and Flux, where ``context_embedder`` maps the text to the model width). Without ``to_out`` (Flux's
+    single blocks) the branch returns the attention's inner width. A ``context_pre_only`` attention (SD3's last
+    block) offers no text-query / text-output projection to linear tuners.
+    """
+    in_dim, inner_dim = attn.to_q.in_features, attn.to_q.out_features
+    added_k = getattr(attn, "add_k_proj", None)
+    context_dim = in_dim if added_k is None else added_k.in_features
+    if context_dim != in_dim:
+        raise ResTunerError(
+            f"{path}: the text stream is {context_dim} wide and the image stream {in_dim}; the branches read the joint "
+            "sequence [text; image] and need one width"
+        )
+    to_out = getattr(attn, "to_out", None)
+    out_dim = inner_dim if to_out is None else to_out[0].out_features
+    shape = OpShape(in_dim=in_dim, out_dim=out_dim, context_dim=context_dim, inner_dim=inner_dim, heads=attn.heads)
+    projections = JOINT_PROJECTIONS
+    if getattr(attn, "context_pre_only", False):
+        # SD3's last block drops the text stream's output: a tuner on its text queries could never change the image.
+        projections = tuple(p for p in projections if p not in ("add_q_proj", "to_add_out"))
+    return Layer(path, attn, "attention", shape, ResTunerJointAttnProcessor, attention_linears(attn, projections))

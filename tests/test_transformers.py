@@ -1,0 +1,154 @@
+"""Tuners on diffusion transformers (issue 17, attachment): what is particular to the SD3 and Flux families.
+
+The shared contract (no-op at init, learning, scale 0, save -> load, remove) runs for every family in
+tests/test_inject.py, fusing in tests/test_fuse.py; here: default configs, refusals, files for other models, and the
+joint-attention processor keeping diffusers' own computation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resattn_diffusion as rd
+from resattn_diffusion.integration.families import family_of
+from resattn_diffusion.integration.processors import ResTunerJointAttnProcessor
+from resattn_diffusion.testing import TRANSFORMER_KINDS, frozen_tiny_model, model_inputs, randomize_tuner
+
+LAYER_TUNERS = [n for n in rd.tuner_names() if rd.get_tuner_spec(n).kind != "model"]
+
+
+def _run(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs).sample
+
+
+def _processor_types(model):
+    return {name: type(p) for name, p in model.attn_processors.items()}
+
+
+@pytest.mark.parametrize("kind", TRANSFORMER_KINDS)
+@pytest.mark.parametrize("tuner", LAYER_TUNERS)
+def test_every_default_config_works_on_every_transformer(kind, tuner):
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=2)
+    reference = _run(model, inputs)
+    paths = rd.add_res_tuner(model, rd.ResTunerConfig(tuner=tuner))
+    family = family_of(model)
+    assert paths and all(any(f".{t}" in p for t in family.default_targets) for p in paths)
+    assert torch.equal(_run(model, inputs), reference)
+    randomize_tuner(model)
+    assert not torch.equal(_run(model, inputs), reference)
+    summary = rd.res_tuner_summary(model)["tuners"]["default"]
+    assert summary["targets"] == list(family.default_targets) and summary["layers"] == len(paths)
+
+
+def test_linear_tuners_default_to_both_streams_and_skip_dead_text_projections():
+    sd3 = frozen_tiny_model("sd3")
+    paths = rd.add_res_tuner(sd3, rd.ResTunerConfig(tuner="res_lora"))
+    first = [p for p in paths if p.startswith("transformer_blocks.0.")]
+    last = [p for p in paths if p.startswith("transformer_blocks.1.")]
+    assert {p.rsplit("attn.", 1)[1] for p in first} == {
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"
+    }
+    # the last SD3 block is context_pre_only: its text queries and text output never reach the image
+    assert {p.rsplit("attn.", 1)[1] for p in last} == {"to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"}
+    flux = frozen_tiny_model("flux")
+    single = [p for p in rd.add_res_tuner(flux, rd.ResTunerConfig(tuner="res_lora")) if p.startswith("single_")]
+    assert {p.rsplit("attn.", 1)[1] for p in single} == {"to_q", "to_k", "to_v"}  # pre_only: no to_out
+
+
+@pytest.mark.parametrize("kind", TRANSFORMER_KINDS)
+def test_bypass_and_unknown_targets_are_refused_listing_what_can_sit_there(kind):
+    model = frozen_tiny_model(kind)
+    before = _processor_types(model)
+    with pytest.raises(rd.ResTunerError, match=r"res_bypass is a model-level tuner and cannot sit on a .*transformer.*'res_attn'"):
+        rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_bypass"))
+    with pytest.raises(rd.ConfigError, match=r"\['attn1'\] do not exist on a .*transformer; its targets are \['attn'"):
+        rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn", targets=["attn1"]))
+    with pytest.raises(rd.ConfigError, match="matches no transformer block"):
+        rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn", blocks=["up_blocks.*"]))
+    assert rd.get_res_tuner_configs(model) == {} and _processor_types(model) == before
+    assert not hasattr(model, "_res_tuner_state")
+
+
+def test_operation_tuners_are_refused_on_flux_single_linears():
+    flux = frozen_tiny_model("flux")
+    with pytest.raises(rd.ResTunerError, match=r"\['proj_mlp'\].*single linear projections: only linear tuners"):
+        rd.add_res_tuner(flux, rd.ResTunerConfig(tuner="res_adapter", targets=["attn", "proj_mlp"]))
+    with pytest.raises(rd.ConfigError, match="cannot sit on 'ff_context'"):
+        rd.ResTunerConfig(tuner="res_prefix", targets=["ff_context"])
+    assert rd.get_res_tuner_configs(flux) == {}
+    paths = rd.add_res_tuner(flux, rd.ResTunerConfig(tuner="surm_circulant", targets=["proj_mlp", "proj_out"]))
+    assert paths == [f"single_transformer_blocks.{i}.{name}" for i in range(2) for name in ("proj_mlp", "proj_out")]
+
+
+@pytest.mark.parametrize(
+    "source,target,message",
+    [
+        ("sd3", "flux", r"made for a SD3Transformer2DModel \(SD3 transformer\), not for this FluxTransformer2DModel"),
+        ("flux", "sd3", r"made for a FluxTransformer2DModel \(Flux transformer\), not for this SD3Transformer2DModel"),
+        ("sd1", "sd3", r"made for a UNet2DConditionModel \(UNet\), not for this SD3Transformer2DModel"),
+        ("sd3", "sd35", "does not fit this SD3 transformer"),
+    ],
+)
+def test_a_file_for_another_model_is_refused_and_changes_nothing(source, target, message, tmp_path):
+    trained = frozen_tiny_model(source)
+    rd.add_res_tuner(trained, rd.ResTunerConfig(tuner="res_attn"))
+    randomize_tuner(trained)
+    path = rd.save_res_tuner(trained, tmp_path / "tuner.safetensors")
+    other = frozen_tiny_model(target)
+    before = _processor_types(other)
+    with pytest.raises(rd.ResTunerFileError, match=message):
+        rd.load_res_tuner(other, path)
+    assert rd.get_res_tuner_configs(other) == {} and _processor_types(other) == before
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_joint_processor_keeps_the_text_stream_and_adds_the_branch_to_the_image_stream(kind):
+    model = frozen_tiny_model(kind)
+    attn = model.transformer_blocks[0].attn
+    base = attn.processor
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn", rank=4, heads=2))
+    randomize_tuner(model)
+    processor = attn.processor
+    assert isinstance(processor, ResTunerJointAttnProcessor) and processor.base_processor is base
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(2, 16, 16, generator=generator), torch.randn(2, 7, 16, generator=generator)
+    extra = {}
+    if kind == "flux":  # rotary embeddings over text + image positions, as the model passes them
+        ids = torch.cat([torch.zeros(7, 3), model_inputs(model)["img_ids"]])
+        extra["image_rotary_emb"] = model.pos_embed(ids)
+    with torch.no_grad():
+        frozen_image, frozen_text = base(attn, image, text, None, **extra)
+        tuned_image, tuned_text = attn(image, text, **extra)
+        tuner = processor.bank.tuners["default"]
+        branch = tuner(image, torch.cat([text, image], dim=1), None)
+    assert torch.equal(tuned_text, frozen_text)
+    torch.testing.assert_close(tuned_image, frozen_image + branch, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_tuners_survive_diffusers_setting_processors_on_a_transformer(kind):
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=3)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"))
+    randomize_tuner(model)
+    tuned = _run(model, inputs)
+    stock = type(model.transformer_blocks[0].attn.processor.base_processor)
+    model.set_attn_processor(stock())
+    assert all(isinstance(p, ResTunerJointAttnProcessor) for p in model.attn_processors.values())
+    assert torch.equal(_run(model, inputs), tuned)
+    rd.remove_res_tuner(model)
+    assert all(type(p) is stock for p in model.attn_processors.values())
+
+
+def test_bf16_transformer_training_step_on_cpu():
+    model = frozen_tiny_model("flux").to(torch.bfloat16)
+    inputs = model_inputs(model, seed=4)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"), adapter_name="attn")
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora"), adapter_name="lora")
+    assert {p.dtype for p in rd.res_tuner_parameters(model)} == {torch.bfloat16}
+    model(**inputs).sample.float().pow(2).mean().backward()
+    grads = [p.grad for p in rd.res_tuner_parameters(model)]
+    assert any(g is not None and torch.isfinite(g.float()).all() and g.abs().sum() > 0 for g in grads)
