@@ -150,6 +150,22 @@ def test_flux_without_guidance_embedding_refuses_guidance_scale(instance_dir, tm
         family_of(args).load(args)
 
 
+def test_sd3_without_t5_trains_on_clip_alone_and_flux_needs_both_encoders(instance_dir, tmp_path):
+    sd3 = tiny_dit_pipeline("sd3")
+    sd3.text_encoder_3 = sd3.tokenizer_3 = None
+    sd3.save_pretrained(tmp_path / "sd3_no_t5")
+    args, base = loaded(tmp_path / "sd3_no_t5", instance_dir)
+    with torch.no_grad():
+        losses = base.per_example_loss(args, base.denoiser, random_batch([PROMPT]), 32, torch.float32, torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses).all()
+    flux = tiny_dit_pipeline("flux")
+    flux.text_encoder_2 = flux.tokenizer_2 = None
+    flux.save_pretrained(tmp_path / "flux_no_t5")
+    args = dreambooth(tmp_path / "flux_no_t5", instance_dir)
+    with pytest.raises(TrainingError, match="has no text_encoder_2"):
+        family_of(args).load(args)
+
+
 def test_native_resolution_and_resolution_multiple(dit_dirs, instance_dir, tmp_path):
     args = dreambooth(dit_dirs["sd3"], instance_dir)
     assert SD3Base.native_resolution(args) == 16 * 2  # transformer sample_size x VAE factor

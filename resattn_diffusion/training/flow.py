@@ -66,8 +66,9 @@ class FlowMatchingBase(ABC):
     name: str = ""
     pipeline_class_name: str = ""
     transformer_class_name: str = ""
-    #: text encoder / tokenizer subfolders, in the pipeline's order
+    #: text encoder / tokenizer subfolders, in the pipeline's order, and those a model may leave out
     text_components: tuple[str, ...] = ()
+    optional_text_components: tuple[str, ...] = ()
     #: diffusers' defaults of the two scripts
     default_weighting_scheme: str = "none"
     default_max_sequence_length: int = 512
@@ -138,7 +139,7 @@ class FlowMatchingBase(ABC):
         for name in ["transformer", *cls._text_names()]:
             entry = model_index.get(name)
             if not entry or entry[1] is None:
-                if name == "transformer" or name.endswith("tokenizer"):
+                if not any(name.endswith(suffix) and suffix for suffix in cls.optional_text_components):
                     raise TrainingError(f"{path}: model_index.json has no {name}; pass the folder of a whole {cls.name} pipeline")
                 components[name] = None  # SD3 runs without T5 (zeros in its place), as its pipeline does
                 continue
@@ -212,7 +213,8 @@ class FlowMatchingBase(ABC):
 
         if self._text_pipeline is None:
             pipeline_class = getattr(diffusers, self.pipeline_class_name)
-            self._text_pipeline = pipeline_class(transformer=None, scheduler=None, vae=None, **self.text_modules)
+            # the transformer only lends its config (SD3 without T5 pads with zeros of its context width)
+            self._text_pipeline = pipeline_class(transformer=self.denoiser, scheduler=None, vae=None, **self.text_modules)
         return self._text_pipeline
 
     @abstractmethod
@@ -342,6 +344,7 @@ class SD3Base(FlowMatchingBase):
     pipeline_class_name = "StableDiffusion3Pipeline"
     transformer_class_name = "SD3Transformer2DModel"
     text_components = ("", "_2", "_3")
+    optional_text_components = ("_3",)  # SD3 without T5, as its pipeline allows
     default_weighting_scheme = "logit_normal"  # train_dreambooth_lora_sd3.py's default
     default_max_sequence_length = 77  # train_dreambooth_lora_sd3.py's default
 
