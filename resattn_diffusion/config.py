@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from .checks import check_item_count, check_scale
 from .registry import get_tuner_spec, known_projections, known_targets
 from .tuners.base import ConfigError, TunerParams, check_choice
 
@@ -60,7 +61,7 @@ class ResTunerConfig:
         self.blocks = None if blocks is None else _as_tuple("blocks", blocks)
         self.projections = None if projections is None else _as_tuple("projections", projections)
         self.placement = placement
-        self.scale = float(scale)
+        self.scale = check_scale(scale)
         self.params: TunerParams = self.spec.make_params(**hyperparameters)
         self.validate()
 
@@ -87,8 +88,7 @@ class ResTunerConfig:
             )
         if self.blocks is not None and not self.blocks:
             raise ConfigError("blocks is empty; use None for every transformer block, or patterns like 'up_blocks.*'")
-        if not isinstance(self.scale, float) or self.scale != self.scale:
-            raise ConfigError(f"scale must be a finite number, got {self.scale!r}")
+        check_scale(self.scale)
         self.params.validate()
 
     # -- serialisation ----------------------------------------------------------------------------------------
@@ -112,7 +112,13 @@ class ResTunerConfig:
         if not isinstance(data, dict) or "tuner" not in data:
             raise ConfigError("a tuner config is a JSON object with at least a 'tuner' key, e.g. {\"tuner\": \"res_attn\"}")
         data = dict(data)
-        hyperparameters = data.pop("hyperparameters", {}) or {}
+        hyperparameters = data.pop("hyperparameters", None)
+        if hyperparameters is None:
+            hyperparameters = {}
+        if not isinstance(hyperparameters, dict):
+            raise ConfigError(
+                f"hyperparameters must be a JSON object {{name: value}}, got {type(hyperparameters).__name__}"
+            )
         unknown = set(data) - set(_COMMON)
         if unknown:
             raise ConfigError(f"unknown config key(s) {sorted(unknown)}; allowed: {list(_COMMON) + ['hyperparameters']}")
@@ -127,6 +133,8 @@ class ResTunerConfig:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"tuner config is not valid JSON: {err}") from None
+        except RecursionError:
+            raise ConfigError("tuner config is not valid JSON: nested too deeply") from None
         return cls.from_dict(data)
 
     def save(self, path: str) -> None:
@@ -163,6 +171,7 @@ def _as_tuple(name: str, values: Iterable[str]) -> tuple[str, ...]:
         out = tuple(values)
     except TypeError:
         raise ConfigError(f"{name} must be a list of strings, got {values!r}") from None
+    check_item_count(name, out)
     for value in out:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a list of strings, got {values!r}")

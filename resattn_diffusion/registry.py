@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .checks import check_hyperparameters
 from .tuners.base import ConfigError
 
 TunerKind = Literal["operation", "linear", "model"]
@@ -36,8 +37,9 @@ class TunerSpec:
         unknown = set(values) - allowed
         if unknown:
             raise ConfigError(
-                f"tuner {self.name!r} has no hyperparameter(s) {sorted(unknown)}; its hyperparameters are {sorted(allowed)}"
+                f"tuner {self.name!r} has no hyperparameter(s) {sorted(map(str, unknown))}; its hyperparameters are {sorted(allowed)}"
             )
+        check_hyperparameters(self.name, self.params_cls, values)  # types and sizes, before anything is built
         params = self.params_cls(**values)
         params.validate()
         return params
@@ -53,6 +55,8 @@ def register_tuner(name: str, params_cls: type, module_cls: type, kind: TunerKin
 
 
 def get_tuner_spec(name: str) -> TunerSpec:
+    if not isinstance(name, str):
+        raise ConfigError(f"tuner must be the name of a registered tuner, got {type(name).__name__}; registered tuners: {sorted(_TUNERS)}")
     try:
         return _TUNERS[name]
     except KeyError:

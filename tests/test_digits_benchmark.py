@@ -12,11 +12,10 @@ import pytest
 from PIL import Image
 
 from benchmarks.digits import demo, run_benchmark
-from benchmarks.digits.methods import MATCHED_LORA_RANK, all_methods, select_methods
-from benchmarks.digits.report import sweep_score
-from benchmarks.digits.tasks import UNDO_STYLE, StyleTask, classifier_frechet_distance
-from benchmarks.digits.data import STYLES, load_digits_split
-from benchmarks.digits.classifier import load_digit_classifier
+from benchmarks.digits.methods import INITIAL_SWEEP, MATCHED_LORA_RANK, all_methods, select_methods
+from benchmarks.digits.tasks import StyleTask, classifier_frechet_distance
+from benchmarks.digits.data import load_digits_split
+from benchmarks.digits.classifier import load_style_classifier
 
 import resattn_diffusion
 
@@ -40,61 +39,67 @@ def test_methods_cover_every_tuner_the_peers_and_full_finetuning():
         select_methods(["no_such_method"])
 
 
-def test_every_style_can_be_undone_and_scored():
-    """The style task's content judge undoes each geometric style exactly; real styled digits score as styled."""
+def test_every_method_has_an_initial_sweep_on_every_task():
+    for method in all_methods():
+        for task in ("dreambooth", "style"):
+            assert len(INITIAL_SWEEP[(method.family, task)]) >= 3
+
+
+def test_style_fd_sees_the_style():
     digits = load_digits_split("test").without(9).first(40)
-    classifier = load_digit_classifier()
-    for style in STYLES:
-        undone = UNDO_STYLE[style](digits.styled(style).images)
-        accuracy = float((classifier.predict(undone).numpy() == digits.labels).mean())
-        if style in ("mirrored", "rotated", "inverted"):
-            np.testing.assert_allclose(undone, digits.images, atol=1e-6)
-            assert accuracy > 0.9
+    classifier = load_style_classifier()
     plain_to_mirrored = classifier_frechet_distance(classifier, digits.images, digits.styled("mirrored").images)
     mirrored_to_mirrored = classifier_frechet_distance(
         classifier, load_digits_split("train").without(9).first(40).styled("mirrored").images, digits.styled("mirrored").images
     )
-    assert mirrored_to_mirrored < plain_to_mirrored  # the style Frechet distance sees the style
+    assert mirrored_to_mirrored < plain_to_mirrored
     with pytest.raises(ValueError, match="unknown style"):
         StyleTask(style="wavy")
 
 
-def test_sweep_score_prefers_learning_without_forgetting():
-    assert sweep_score("dreambooth", {"subject_fidelity": 0.9, "prior_retention": 0.9}) > sweep_score(
-        "dreambooth", {"subject_fidelity": 1.0, "prior_retention": 0.5}
-    )
-    base = {"style_fd": 20.0}
-    kept = {"style_fd": 8.0, "content_accuracy": 0.9}
-    drowned = {"style_fd": 5.0, "content_accuracy": 0.2}
-    unlearned = {"style_fd": 19.0, "content_accuracy": 0.95}
-    assert sweep_score("style", kept, base) > max(sweep_score("style", drowned, base), sweep_score("style", unlearned, base))
-
-
-def test_benchmark_end_to_end_tiny_budget(tmp_path, capsys):
-    argv = [
-        "--steps", "2", "--samples", "4", "--seeds", "0", "--class_images", "2", "--in_process",
-        "--methods", "peft_lora", "full_finetune", "--lrs", "peft=1e-3", "full=1e-4",
-        "--results", str(tmp_path),
-    ]  # fmt: skip
+def test_benchmark_quick_mode_end_to_end(tmp_path, capsys):
+    """--quick: every piece at a tiny budget, in this process: sweep seed, reported seed, base, report, grids."""
+    argv = ["--quick", "--workers", "0", "--methods", "peft_lora", "full_finetune", "--results", str(tmp_path)]
     run_benchmark.main(argv)
+    runs = next((tmp_path / "runs").iterdir())
+    records = {path.stem: json.loads(path.read_text()) for path in runs.glob("*.json")}
+    # per task: the base, one sweep run (seed 0) and one reported run (seed 1) per method
+    assert len(records) == 2 * (1 + 2 * 2)
+    for key, record in records.items():
+        assert (runs / record["grid"]).is_file() and record["grid"] == key + ".png"
+        assert record["case"]["samples"] == 4 and record["role"] in ("base", "sweep", "eval")
+    lora = records["dreambooth__peft_lora__lr0.001__seed1"]
+    assert lora["trainable_parameters"] == 23_296 and lora["peak_rss_mb"] > 0 and lora["seconds_per_step"] > 0
+    assert set(lora["metrics"]) >= {"subject_fidelity", "prior_retention", "subject_fd", "class_leak", "prompt_separation"}
+    style = records["style__full_finetune__lr0.0001__seed1"]
+    assert set(style["metrics"]) >= {"styled_content_accuracy", "content_accuracy", "style_accuracy", "label_entropy"}
+    with Image.open(runs / lora["grid"]) as grid:
+        assert grid.size[1] >= 11 * 32  # identifier, class prompt, nine seen digits
     report = (tmp_path / "benchmark.md").read_text()
-    for row in ("base (no tuning)", "`peft_lora`", "`full_finetune`", "23,296", "1,077,572"):
-        assert row in report
-    assert "Learning-rate sweep" in report and "subject fidelity" in report and "style FD" in report
+    for text in ("base (no tuning)", "`peft_lora`", "`full_finetune`", "23,296", "1,077,572", "Learning-rate sweeps",
+                 "styled content", "class-prompt leak", "[s1](runs/", "0 to go"):
+        assert text in report, text
     with Image.open(tmp_path / "quality_vs_params.png") as plot:
         assert plot.size[0] > 500 and plot.size[1] > 300
-    results = sorted(tmp_path.glob("runs/*/*/*/*/result.json"))
-    # each method is its family's sweep representative, so the sweep's runs are the results: 2 per task
-    assert len(results) == 4
-    record = json.loads(next(p for p in results if "peft_lora" in str(p) and "dreambooth" in str(p)).read_text())
-    assert record["trainable_parameters"] == 23_296
-    assert record["seconds_per_step"] > 0 and record["peak_rss_mb"] > 0
-    assert 0.0 <= record["metrics"]["subject_fidelity"] <= 1.0 and np.isfinite(record["metrics"]["subject_fd"])
 
     capsys.readouterr()
     run_benchmark.main(argv)  # resumable: everything is done, nothing runs again
+    assert "[running]" not in capsys.readouterr().out
+    run_benchmark.main(argv + ["--status"])
+    assert "0 ready to run" in capsys.readouterr().out
+
+
+def test_benchmark_runs_in_worker_processes_and_reports_remaining(tmp_path, capsys):
+    argv = ["--quick", "--workers", "1", "--tasks", "dreambooth", "--methods", "res_attn", "--results", str(tmp_path)]
+    run_benchmark.main(argv + ["--status"])
+    before = capsys.readouterr().out
+    assert "2 ready to run" in before and "1 evaluation runs after the 1 open sweeps" in before
+    run_benchmark.main(argv)
     output = capsys.readouterr().out
-    assert "[running]" not in output and output.count("[done]") == 8  # sweep + table lookups, 4 per task
+    assert output.count("[done]") == 3 and "failed" not in output
+    runs = next((tmp_path / "runs").iterdir())
+    assert len(list(runs.glob("*.json"))) == 3 and len(list(runs.glob("*.log"))) == 3
+    assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").rglob("*.safetensors"))
 
 
 def test_demo_tiny_budget_writes_grid_and_metrics(tmp_path, capsys):

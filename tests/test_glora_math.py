@@ -16,8 +16,8 @@ from resattn_diffusion.tuners.glora import (
     format_layer_config,
     num_parameters,
     parse_layer_config,
-    sample_layer_config,
 )
+from resattn_diffusion.search.supernet import sample_layer_config
 
 EVERY_FORM_CONFIGS = [
     "A=lora4,B=lora4,C=lora2,D=vector,E=vector",

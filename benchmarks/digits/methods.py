@@ -8,12 +8,18 @@
   peft's block-circulant C3A at block size 8;
 * full UNet fine-tuning, the ceiling.
 
-``family`` groups methods that share a learning rate: the sweep runs on one representative per family
-(:data:`SWEEP_REPRESENTATIVES`) and the family's other methods use the learning rate it chose. The res tuners form
-three families by how their weights act: ``operation`` (a side branch beside attention or the decoder: res_attn,
-res_adapter, res_bypass, surm_adapter), ``token`` (learned key/value or prompt tokens: res_prefix, res_prompt,
-which need far larger rates) and ``linear`` (weight updates of the projections: res_lora, glora, surm_*). peft's C3A
-gets its own sweep (``c3a``): at the LoRA family's rates its zero-initialised circulant kernels barely move.
+Every method *and size* gets its own learning rate, chosen by a sweep on the sweep seed (see
+:mod:`benchmarks.digits.plan`). ``family`` only says where a method's sweep starts (:data:`INITIAL_SWEEP`, three
+rates one half-decade apart on :data:`RATE_LADDER`; the sweep widens along the ladder while its best rate sits at an
+edge) and colours the plot. The res tuners form three families by how their weights act: ``operation`` (a side
+branch beside attention or the decoder: res_attn, res_adapter, res_bypass, surm_adapter), ``token`` (learned
+key/value or prompt tokens: res_prefix, res_prompt, which need far larger rates) and ``linear`` (weight updates of
+the projections: res_lora, glora, surm_*). peft's C3A starts its own way (``c3a``): at LoRA's rates its
+zero-initialised circulant kernels barely move.
+
+:data:`PROMPT_BLIND` names the methods that cannot bind a new identifier by their math (see its comment): the
+report shows their DreamBooth numbers at the best swept rate with that caveat instead of treating them as failures
+of tuning.
 """
 
 from __future__ import annotations
@@ -42,20 +48,27 @@ PEFT_C3A_BLOCK_SIZE = 8
 FAMILIES: tuple[str, ...] = ("operation", "token", "linear", "peft", "c3a", "full")
 #: res tuners that are not in the family of their registry kind (operation / linear / unet -> operation)
 TOKEN_TUNERS: tuple[str, ...] = ("res_prefix", "res_prompt")
-#: the method whose learning-rate sweep sets each family's learning rate
-SWEEP_REPRESENTATIVES: dict[str, str] = {
-    "operation": "res_attn", "token": "res_prefix", "linear": "res_lora", "peft": "peft_lora", "c3a": "peft_c3a",
-    "full": "full_finetune",
+#: Methods whose change cannot depend on the prompt the way a new identifier needs. Res-Prefix and Res-Prompt add
+#: the same learned keys/values (tokens) whatever the prompt; the bypass reads the frozen decoder's outputs and
+#: cannot change how the UNet attends to the text. Each sees the prompt only through what the frozen layers already
+#: made of it, and the frozen base has no meaning for "sks", while prior preservation pulls the class prompt, which
+#: differs from the identifier prompt by that one token, back to the base. DreamBooth's ``class_leak`` shows it.
+PROMPT_BLIND: tuple[str, ...] = ("res_prefix", "res_prefix-large", "res_prompt", "res_prompt-large",
+                                 "res_bypass", "res_bypass-large")
+#: learning rates, half a decade apart: the sweep's grid and the steps it widens by
+RATE_LADDER: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+#: (family, task) -> the rates a method's sweep starts with (measured optima of an earlier run sit in the middle)
+INITIAL_SWEEP: dict[tuple[str, str], tuple[float, ...]] = {
+    ("operation", "dreambooth"): (1e-3, 3e-3, 1e-2), ("operation", "style"): (3e-3, 1e-2, 3e-2),
+    ("token", "dreambooth"): (1e-2, 3e-2, 1e-1), ("token", "style"): (3e-2, 1e-1, 3e-1),
+    ("linear", "dreambooth"): (3e-4, 1e-3, 3e-3), ("linear", "style"): (3e-3, 1e-2, 3e-2),
+    ("peft", "dreambooth"): (3e-4, 1e-3, 3e-3), ("peft", "style"): (1e-3, 3e-3, 1e-2),
+    ("c3a", "dreambooth"): (3e-2, 1e-1, 3e-1), ("c3a", "style"): (3e-2, 1e-1, 3e-1),
+    ("full", "dreambooth"): (3e-5, 1e-4, 3e-4), ("full", "style"): (1e-4, 3e-4, 1e-3),
 }
-#: learning rates swept per family unless --lrs says otherwise
-DEFAULT_SWEEP: dict[str, tuple[float, ...]] = {
-    "operation": (3e-4, 1e-3, 3e-3, 1e-2),
-    "token": (1e-2, 3e-2, 1e-1),
-    "linear": (1e-3, 3e-3, 1e-2),
-    "peft": (3e-4, 1e-3, 3e-3),
-    "c3a": (1e-2, 3e-2, 1e-1),
-    "full": (3e-5, 1e-4, 3e-4),
-}
+#: the methods the README's comparisons are made against, and the headline tuner: they get extra seeds
+REFERENCE_METHODS: tuple[str, ...] = ("peft_lora", "full_finetune")
+HEADLINE_METHODS: tuple[str, ...] = ("res_attn", *REFERENCE_METHODS)
 
 
 def tuner_family(tuner: str) -> str:

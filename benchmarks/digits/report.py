@@ -1,156 +1,200 @@
-"""The benchmark's report: a markdown table of every method and a PNG of quality against trainable parameters.
+"""The benchmark's report: per task a table of every method (mean and 95% interval over seeds for every metric,
+significance against peft LoRA and full fine-tuning, links to the sample grids), the sweeps, and a plot.
 
-Input is the list of run records :mod:`benchmarks.digits.run_benchmark` collected (one per task, method, seed;
-each the ``result.json`` of :mod:`benchmarks.digits.single_run` plus ``method``, ``family`` and ``description``),
-the base model's own metrics per task, and the learning-rate sweep.
+Statistics, per method and metric, over the evaluation seeds (never the seed that chose the learning rate):
+
+* the interval is Student's t: ``mean +- t(0.975, n - 1) * sd / sqrt(n)``. Each seed's value already averages its
+  samples, and samples are drawn from the run's own seed, so the spread between seeds holds both the training
+  noise and the sampling noise;
+* a difference against a reference method is marked significant when Welch's two-sample t-test gives p < 0.05
+  (two-sided; when both sides have zero spread, when their means differ). Markers: ``▲L`` / ``▼L`` better / worse
+  than peft LoRA, ``▲F`` / ``▼F`` than full fine-tuning, in that metric's own direction. About 1 comparison in 20 is
+  marked by chance alone: read isolated markers with care.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from benchmarks.digits.methods import PROMPT_BLIND, REFERENCE_METHODS
+from benchmarks.digits.plan import BASE, Case, Plan
 
 #: metric -> (column title, higher is better, format)
 METRICS: dict[str, tuple[str, bool, str]] = {
     "subject_fidelity": ("subject fidelity ↑", True, "{:.2f}"),
     "prior_retention": ("prior retention ↑", True, "{:.2f}"),
     "subject_fd": ("subject FD ↓", False, "{:.1f}"),
+    "class_leak": ("class-prompt leak", False, "{:.2f}"),
+    "worst_prior_accuracy": ("worst seen digit ↑", True, "{:.2f}"),
+    "prompt_separation": ("prompt separation (real ≈ 1)", True, "{:.2f}"),
+    "styled_content_accuracy": ("styled content ↑", True, "{:.2f}"),
+    "content_accuracy": ("content ↑", True, "{:.2f}"),
+    "style_accuracy": ("style ↑", True, "{:.2f}"),
+    "worst_prompt_accuracy": ("worst prompt ↑", True, "{:.2f}"),
+    "label_entropy": ("label entropy ↑", True, "{:.2f}"),
     "style_fd": ("style FD ↓", False, "{:.1f}"),
-    "content_accuracy": ("content acc. ↑", True, "{:.2f}"),
 }
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "dreambooth": ("subject_fidelity", "prior_retention", "subject_fd"),
-    "style": ("style_fd", "content_accuracy"),
+    "dreambooth": ("subject_fidelity", "prior_retention", "subject_fd", "class_leak", "worst_prior_accuracy",
+                   "prompt_separation"),
+    "style": ("styled_content_accuracy", "content_accuracy", "style_accuracy", "worst_prompt_accuracy",
+              "label_entropy", "prompt_separation", "style_fd"),
 }
-FAMILY_COLORS = {"operation": "tab:blue", "token": "tab:cyan", "linear": "tab:green", "peft": "tab:orange", "c3a": "tab:orange", "full": "tab:red"}
+#: the metric each task's plot shows
+HEADLINE_METRIC = {"dreambooth": "subject_fidelity", "style": "styled_content_accuracy"}
+REFERENCE_MARKS = {"peft_lora": "L", "full_finetune": "F"}
+FAMILY_COLORS = {"operation": "tab:blue", "token": "tab:cyan", "linear": "tab:green", "peft": "tab:orange",
+                 "c3a": "tab:orange", "full": "tab:red"}
 FAMILY_LABELS = {
     "operation": "res tuners: side branches", "token": "res tuners: learned tokens", "linear": "res tuners: weight updates",
     "peft": "peft peers", "c3a": "peft peers", "full": "full fine-tuning",
 }
 
 
-def sweep_score(task: str, metrics: dict, base_metrics: dict | None = None) -> float:
-    """How the learning-rate sweep ranks a run (higher is better); both scores add two quantities of range ~[0, 1].
+# --- statistics -----------------------------------------------------------------------------------------------
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student's t interval of the mean; with one value the interval is the value itself."""
+    from scipy import stats
 
-    DreamBooth: subject fidelity + prior retention (learning the subject must not cost the seen digits).
-    Style: content accuracy + the share of the base's style Frechet distance the run removed,
-    ``1 - style_fd / base_style_fd`` (the style must be learned and the digit still drawn).
-    """
-    if task == "dreambooth":
-        return metrics["subject_fidelity"] + metrics["prior_retention"]
-    base_fd = (base_metrics or {}).get("style_fd")
-    if not base_fd:
-        raise ValueError("the style sweep score needs the base model's style_fd")
-    return metrics["content_accuracy"] + 1.0 - metrics["style_fd"] / base_fd
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values)) if len(values) > 1 else 0.0
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("t_interval needs at least one value")
+    mean = float(values.mean())
+    if values.size == 1:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+    return mean, mean - half, mean + half
 
 
-def _cell(metric: str, values: Sequence[float]) -> str:
+def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of Welch's t-test; 0 or 1 when both samples have zero spread (means differ or not);
+    1 when either side has fewer than two values (nothing can be claimed)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        return 1.0
+    if a.std() == 0 and b.std() == 0:
+        return 0.0 if a.mean() != b.mean() else 1.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def significance_marks(metric: str, values: Sequence[float], references: dict[str, Sequence[float]],
+                       alpha: float = 0.05) -> str:
+    """``▲L``, ``▼F`` ...: significant differences of ``values`` against each reference method's values."""
+    higher_better = METRICS[metric][1]
+    marks = []
+    for reference, other in references.items():
+        if len(other) < 2 or len(values) < 2 or welch_p_value(values, other) >= alpha:
+            continue
+        better = (np.mean(values) > np.mean(other)) == higher_better
+        marks.append(("▲" if better else "▼") + REFERENCE_MARKS[reference])
+    return " ".join(marks)
+
+
+# --- tables ---------------------------------------------------------------------------------------------------
+def _format(metric: str, value: float) -> str:
+    return METRICS[metric][2].format(value)
+
+
+def metric_cell(metric: str, values: Sequence[float], references: dict[str, Sequence[float]] | None = None) -> str:
+    """``mean [low, high]`` (95% t interval) and significance marks; ``–`` when nothing finished."""
     if not values:
         return "–"
-    mean, std = _mean_std(values)
-    text = METRICS[metric][2].format(mean)
-    return text + (f" ± {METRICS[metric][2].format(std)}" if len(values) > 1 else "")
+    mean, low, high = t_interval(values)
+    text = _format(metric, mean) if len(values) == 1 else f"{_format(metric, mean)} [{_format(metric, low)}, {_format(metric, high)}]"
+    marks = significance_marks(metric, values, references or {})
+    return f"{text} {marks}" if marks else text
 
 
-def summarise(records: list[dict]) -> dict[str, dict]:
-    """method -> {family, description, parameters, per task: metric lists, lr, seconds per step, peak RSS}."""
-    summary: dict[str, dict] = {}
-    for record in records:
-        row = summary.setdefault(record["method"], {
-            "family": record["family"], "description": record["description"],
-            "parameters": record["trainable_parameters"], "tasks": {},
-        })
-        task = row["tasks"].setdefault(record["task"], {"metrics": {}, "lr": record["learning_rate"],
-                                                        "seconds_per_step": [], "peak_rss_mb": []})
-        for metric in TASK_METRICS[record["task"]]:
-            task["metrics"].setdefault(metric, []).append(record["metrics"][metric])
-        task["seconds_per_step"].append(record["seconds_per_step"])
-        task["peak_rss_mb"].append(record["peak_rss_mb"])
-    return summary
+def method_values(plan: Plan, task: str, method: str) -> dict[str, list[float]]:
+    """metric -> the values over the method's finished evaluation seeds."""
+    records = sorted(plan.eval_records(task, method), key=lambda r: r["seed"])
+    return {metric: [r["metrics"][metric] for r in records] for metric in TASK_METRICS[task]}
 
 
-def markdown_table(records: list[dict], base_metrics: dict[str, dict], tasks: Sequence[str]) -> str:
-    """One row per method (the base first): trainable parameters, every metric of every task, the learning rate,
-    seconds per step and peak memory."""
-    summary = summarise(records)
-    metric_names = [m for task in tasks for m in TASK_METRICS[task]]
-    header = ["method", "trainable params"] + [METRICS[m][0] for m in metric_names]
-    header += [f"lr ({task})" for task in tasks] + [f"s/step ({task})" for task in tasks] + ["peak RSS (MB)"]
+def _rate_cell(plan: Plan, task: str, method: str) -> str:
+    state = plan.sweeps[(task, method)]
+    if not state.resolved:
+        return f"sweeping ({len(state.scores)}/{len(state.rates)})"
+    edge = " (edge)" if state.at_edge else ""
+    return f"{state.chosen:g}{edge}"
+
+
+def task_table(plan: Plan, task: str, methods: Sequence[str], runs_link: str) -> str:
+    """One row per method (the base first): parameters, every metric of ``task``, the chosen rate, seeds, time,
+    memory and links to each seed's sample grid."""
+    metrics = TASK_METRICS[task]
+    header = ["method", "trainable params", *[METRICS[m][0] for m in metrics], "lr", "seeds", "s/step",
+              "peak RSS (MB)", "sample grids"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base_row = ["base (no tuning)", "0"]
-    for task in tasks:
-        for metric in TASK_METRICS[task]:
-            value = base_metrics.get(task, {}).get(metric)
-            base_row.append(_cell(metric, [value]) if value is not None else "–")
-    base_row += ["–"] * (2 * len(tasks) + 1)
-    lines.append("| " + " | ".join(base_row) + " |")
-    for method, row in summary.items():
-        cells = [f"`{method}`", f"{row['parameters']:,}"]
-        for task in tasks:
-            task_row = row["tasks"].get(task)
-            for metric in TASK_METRICS[task]:
-                cells.append(_cell(metric, task_row["metrics"][metric]) if task_row else "–")
-        for task in tasks:
-            task_row = row["tasks"].get(task)
-            cells.append(f"{task_row['lr']:g}" if task_row else "–")
-        for task in tasks:
-            task_row = row["tasks"].get(task)
-            cells.append(f"{np.mean(task_row['seconds_per_step']):.3f}" if task_row else "–")
-        peaks = [p for task_row in row["tasks"].values() for p in task_row["peak_rss_mb"]]
-        cells.append(f"{max(peaks):.0f}" if peaks else "–")
+    base = plan.finished.get(f"{task}__{BASE}__lr0__seed0")
+    if base is not None:
+        cells = ["base (no tuning)", "0", *[_format(m, base["metrics"][m]) for m in metrics], "–", "–", "–", "–",
+                 f"[base]({runs_link}/{base['grid']})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    references = {ref: method_values(plan, task, ref) for ref in REFERENCE_METHODS if ref in methods}
+    for method in methods:
+        records = sorted(plan.eval_records(task, method), key=lambda r: r["seed"])
+        values = method_values(plan, task, method)
+        others = {ref: vals for ref, vals in references.items() if ref != method}
+        name = f"`{method}`" + (" †" if task == "dreambooth" and method in PROMPT_BLIND else "")
+        params = f"{records[0]['trainable_parameters']:,}" if records else "–"
+        cells = [name, params]
+        cells += [metric_cell(m, values[m], {ref: vals[m] for ref, vals in others.items()}) for m in metrics]
+        cells += [_rate_cell(plan, task, method), str(len(records))]
+        cells.append(f"{np.mean([r['seconds_per_step'] for r in records]):.3f}" if records else "–")
+        cells.append(f"{max(r['peak_rss_mb'] for r in records):.0f}" if records else "–")
+        cells.append(" ".join(f"[s{r['seed']}]({runs_link}/{r['grid']})" for r in records) or "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def sweep_table(sweep: dict[str, dict[str, dict]]) -> str:
-    """task -> family -> {"method", "runs": {lr: (score, metrics)}, "chosen": lr} as a markdown table."""
-    lines = ["| task | family (swept on) | learning rate | metrics | sweep score | chosen |", "|---|---|---|---|---|---|"]
-    for task, families in sweep.items():
-        for family, entry in families.items():
-            for lr, (score, metrics) in sorted(entry["runs"].items()):
-                shown = ", ".join(f"{m} {METRICS[m][2].format(metrics[m])}" for m in TASK_METRICS[task])
-                chosen = "**yes**" if lr == entry["chosen"] else ""
-                lines.append(f"| {task} | {family} (`{entry['method']}`) | {lr:g} | {shown} | {score:.3f} | {chosen} |")
+def sweep_table(plan: Plan, methods: Sequence[str], tasks: Sequence[str]) -> str:
+    """Every sweep: the score at each rate (sweep seed), the chosen rate, and where it widened."""
+    lines = ["| task | method | score per learning rate (sweep seed) | chosen | widened to |", "|---|---|---|---|---|"]
+    for task in tasks:
+        for method in methods:
+            state = plan.sweeps[(task, method)]
+            scores = ", ".join(f"{rate:g}: {state.scores[rate]:.2f}" if rate in state.scores else f"{rate:g}: …"
+                               for rate in state.rates)
+            chosen = "–" if not state.resolved else (f"**{state.chosen:g}**" + (" (edge)" if state.at_edge else ""))
+            widened = ", ".join(f"{rate:g}" for rate in state.widened) or "–"
+            lines.append(f"| {task} | `{method}` | {scores} | {chosen} | {widened} |")
     return "\n".join(lines)
 
 
-def plot_quality(records: list[dict], base_metrics: dict[str, dict], tasks: Sequence[str], path: str | Path) -> Path:
-    """Quality against trainable parameters (log x), one panel per task: DreamBooth subject fidelity, style FD."""
+def plot_quality(plan: Plan, tasks: Sequence[str], methods: Sequence[str], path: str | Path) -> Path:
+    """Each task's headline metric against trainable parameters (log x), mean and 95% interval per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {"dreambooth": "subject_fidelity", "style": "style_fd"}
-    shown = [task for task in tasks if task in panels]
-    figure, axes = plt.subplots(1, len(shown), figsize=(7.5 * len(shown), 5.5), squeeze=False)
-    summary = summarise(records)
-    for axis, task in zip(axes[0], shown):
-        metric = panels[task]
-        for method, row in summary.items():
-            if task not in row["tasks"]:
+    figure, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        metric = HEADLINE_METRIC[task]
+        for method in methods:
+            records = plan.eval_records(task, method)
+            if not records:
                 continue
-            values = row["tasks"][task]["metrics"][metric]
-            mean, std = _mean_std(values)
-            axis.errorbar(row["parameters"], mean, yerr=std if std else None, fmt="o",
-                          color=FAMILY_COLORS.get(row["family"], "gray"), markersize=6)
-            axis.annotate(method, (row["parameters"], mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        base_value = base_metrics.get(task, {}).get(metric)
-        if base_value is not None:
-            axis.axhline(base_value, color="gray", linestyle="--", linewidth=1, label="base (no tuning)")
-        if metric in ("subject_fidelity", "prior_retention", "content_accuracy"):
-            axis.set_ylim(-0.03, 1.05)  # shares: the whole range, so small differences are not magnified
+            mean, low, high = t_interval([r["metrics"][metric] for r in records])
+            parameters = records[0]["trainable_parameters"]
+            axis.errorbar(parameters, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
+                          color=FAMILY_COLORS.get(records[0]["family"], "gray"), markersize=6)
+            axis.annotate(method, (parameters, mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        base = plan.finished.get(f"{task}__{BASE}__lr0__seed0")
+        if base is not None:
+            axis.axhline(base["metrics"][metric], color="gray", linestyle="--", linewidth=1, label="base (no tuning)")
+        axis.set_ylim(-0.05, 1.05)
         axis.set_xscale("log")
         axis.set_xlabel("trainable parameters (log scale)")
-        title, higher_better, _ = METRICS[metric]
-        axis.set_ylabel(title)
-        axis.set_title(f"{task}: {title} ({'higher' if higher_better else 'lower'} is better)")
+        axis.set_ylabel(METRICS[metric][0])
+        axis.set_title(f"{task}: {METRICS[metric][0]} (mean, 95% interval over seeds)")
         axis.grid(True, which="both", alpha=0.3)
         for family, color in FAMILY_COLORS.items():
             if family != "c3a":  # drawn as a peft peer
@@ -162,3 +206,76 @@ def plot_quality(records: list[dict], base_metrics: dict[str, dict], tasks: Sequ
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path) -> Path:
+    """``benchmark.md`` and ``quality_vs_params.png`` in ``results_dir`` from the plan's finished runs."""
+    from benchmarks.digits.methods import select_methods
+
+    tasks = list(args.tasks)
+    methods = [method.name for method in select_methods(args.methods)]
+    runs_link = Path(runs_dir).resolve().relative_to(Path(results_dir).resolve()).as_posix() \
+        if Path(runs_dir).resolve().is_relative_to(Path(results_dir).resolve()) else Path(runs_dir).as_posix()
+    plot = plot_quality(plan, tasks, methods, Path(results_dir) / "quality_vs_params.png")
+    remaining = len(plan.pending) + plan.unresolved_eval_runs
+    command = "python -m benchmarks.digits.run_benchmark --workers N" + (
+        f" --heldout {case.heldout}" if case.heldout != 9 else "") + (
+        f" --style {case.style}" if case.style != "mirrored" else "")
+    text = [
+        f"# Digits benchmark: held-out digit {case.heldout}, style `{case.style}`",
+        "",
+        f"Steps per run: DreamBooth {case.dreambooth_steps}, style {case.style_steps}. Learning rate: chosen per "
+        f"method and task on seed {args.seeds[0]} (the sweeps below); reported seeds: {list(args.seeds[1:])}, plus "
+        f"{list(args.extra_seeds)} for res_attn, peft_lora and full_finetune. {case.samples} identifier-prompt "
+        f"samples, {max(case.samples // 4, 2)} per seen digit and prompt, samples seeded by the run's seed; one CPU "
+        "thread per run. Written by `python -m benchmarks.digits.run_benchmark`; metrics are defined in "
+        "`benchmarks/digits/tasks.py`.",
+        "",
+        "Cells: mean over the reported seeds and its 95% Student-t interval `[low, high]`. `▲L`/`▼L`: significantly "
+        "better/worse than peft LoRA, `▲F`/`▼F`: than full fine-tuning (Welch's t-test, p < 0.05, in the metric's own "
+        "direction; about 1 in 20 comparisons is marked by chance). `lr ... (edge)`: the chosen rate is still at an "
+        "edge of its widened sweep. Frechet distances on tens of samples are biased upwards: compare within a column.",
+        "",
+        f"Progress: {len(plan.finished)} runs finished, {remaining} to go. Finish and rebuild with `{command}` "
+        "(finished runs are skipped); `--status` prints what remains in core-minutes.",
+        "",
+    ]
+    if "dreambooth" in tasks:
+        text += [
+            "## DreamBooth: teach the held-out digit under \"a photo of sks digit\"",
+            "",
+            task_table(plan, "dreambooth", methods, runs_link),
+            "",
+            "Grids: row `sks` the identifier prompt, `cls` the class prompt \"a photo of digit\", then one row per "
+            "seen digit. † cannot bind a new identifier by its math (`benchmarks/digits/methods.py`, `PROMPT_BLIND`): "
+            "its branch is the same for every prompt (learned tokens) or reads only what the frozen UNet made of the "
+            "prompt (the bypass), and prior preservation pulls the class prompt, one token away, back to the base; "
+            "whatever such a tuner learns shows up under the class prompt too (`class-prompt leak`), or not at all.",
+            "",
+        ]
+    if "style" in tasks:
+        text += [
+            f"## Style: learn `{case.style}` from captioned styled digits",
+            "",
+            task_table(plan, "style", methods, runs_link),
+            "",
+            "Judge: the style-aware classifier (digit accuracy >= 0.95 on real styled test digits in every style). "
+            "`styled content`: the prompted digit *in the style*; `label entropy` and `prompt separation` are 0 when "
+            "every prompt gives the same image (a collapse the style FD alone can miss). Grids: one row per digit.",
+            "",
+        ]
+    text += [
+        "## Learning-rate sweeps",
+        "",
+        "Score: DreamBooth = subject fidelity + prior retention; style = styled content + (content + style) / 8 "
+        "(`benchmarks/digits/plan.py`, `sweep_score`). A sweep widens by half a decade while its best rate is at an "
+        f"edge (at most {args.max_widen} times per side).",
+        "",
+        sweep_table(plan, methods, tasks),
+        "",
+        f"![quality against trainable parameters]({plot.name})",
+        "",
+    ]
+    report = Path(results_dir) / "benchmark.md"
+    report.write_text("\n".join(text))
+    return report

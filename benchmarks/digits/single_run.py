@@ -1,24 +1,33 @@
-"""One benchmark run: train one method on one task with the project's training core, evaluate it, write JSON.
+"""One benchmark run: train one method on one task with the project's training core, evaluate it, write its files.
 
-:func:`run` is what :mod:`benchmarks.digits.run_benchmark` calls in a fresh subprocess per run (so peak memory is
-that run's own, and no state leaks between runs). ``result.json`` in the run folder holds the metrics, the
-trainable parameters, the seconds per optimizer step (from ``train_stats.json``, :mod:`benchmarks.peers.train`) and memory:
+:func:`execute` is what :mod:`benchmarks.digits.run_benchmark` calls for every run of its plan (in a worker
+process, one thread). A run writes three files named by its key (:class:`benchmarks.digits.plan.RunSpec`) into the
+case's folder, and nothing else survives it (the trained weights go to a scratch folder that is removed):
 
-* ``peak_rss_mb`` -- the process's peak resident set size (Linux ``VmHWM``) at the end of training, before
-  evaluation starts: the whole training process (Python, torch, the frozen base, activations, optimizer state);
-* ``train_rss_increase_mb`` -- that peak minus the resident size just before training started (after the
-  imports), i.e. what loading the base and training it added.
+* ``<key>.json`` -- self-contained: the case, task, method (name, family, flags), learning rate, seed, role, every
+  metric, the trainable parameters, the seconds per optimizer step (from ``train_stats.json``,
+  :mod:`benchmarks.peers.train`), wall seconds, memory, the machine. Written last and atomically, so a file that exists is
+  a finished run, and files from several machines merge by copying;
+* ``<key>.png`` -- the sample grid the metrics were computed on (rows: see the task's ``evaluate``);
+* ``<key>.log`` -- the run's output.
 
-Command line (normally run by ``run_benchmark.py``)::
+Memory: ``peak_rss_mb`` is the process's peak resident set size (Linux ``VmHWM``, reset before the run, so it is
+this run's even in a long-lived worker) at the end of training, before evaluation; ``train_rss_increase_mb`` that
+peak minus the resident size just before training started.
 
-    python -m benchmarks.digits.single_run --task dreambooth --method res_attn --lr 1e-3 --steps 200 --out /tmp/run
+Command line (one run by hand)::
+
+    python -m benchmarks.digits.single_run --task dreambooth --method res_attn --lr 1e-3 --seed 1 --out /tmp/runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +36,6 @@ import torch
 from benchmarks.digits.evaluate_base import DEFAULT_BASE_MODEL_DIR
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "results" / "data"
-RESULT_NAME = "result.json"
 
 
 def memory_status_mb(field: str) -> float:
@@ -39,6 +47,14 @@ def memory_status_mb(field: str) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def reset_peak_memory() -> None:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux >= 4.0), so the next peak is the next run's own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def training_argv(task, method_flags: Sequence[str], folders: dict[str, Path], output_dir: Path, learning_rate: float,
@@ -54,7 +70,7 @@ def training_argv(task, method_flags: Sequence[str], folders: dict[str, Path], o
         "--lr_scheduler", "constant",
         "--seed", str(seed),
         "--report_to", "none",
-        "--checkpointing_steps", str(10 * steps + 1),  # no checkpoints: runs are short and resumed whole
+        "--checkpointing_steps", str(10 * steps + 1),  # no checkpoints: runs are short and rerun whole
         *task.training_flags(folders),
         *method_flags,
     ]
@@ -66,7 +82,7 @@ def prepare_class_images(task, folders: dict[str, Path], base_model: Path, seed:
         return
     from accelerate import Accelerator
 
-    from resattn_diffusion.training import parse_args
+    from benchmarks.peers.train import parse_args
     from resattn_diffusion.training.prior import generate_class_images
 
     argv = training_argv(task, [], folders, folders["class_dir"].parent / "unused", 1e-4, 1, seed, base_model)
@@ -74,75 +90,110 @@ def prepare_class_images(task, folders: dict[str, Path], base_model: Path, seed:
     generate_class_images(args, Accelerator(cpu=True), 32, seed)
 
 
-def run(task, method_flags: Sequence[str], run_dir: Path, learning_rate: float, steps: int, seed: int,
-        samples: int, base_model: Path = DEFAULT_BASE_MODEL_DIR, data_dir: Path = DEFAULT_DATA_DIR,
-        eval_seed: int = 0) -> dict:
-    """Train and evaluate one run into ``run_dir``; returns (and writes) the result record."""
-    from benchmarks.digits.classifier import load_digit_classifier
+def prepare_data(case, tasks: Sequence[str], data_dir: Path, base_model: Path = DEFAULT_BASE_MODEL_DIR) -> None:
+    """Write every task's training data (and DreamBooth's class images) once, before runs start in parallel."""
+    from benchmarks.digits.tasks import make_task
+
+    for name in tasks:
+        task = make_task(name, case.heldout, case.style, case.class_images)
+        prepare_class_images(task, task.prepare(Path(data_dir)), base_model)
+        _reset_accelerate()
+
+
+def _reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so the next run in this process builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def execute(spec, case, folder: Path, data_dir: Path = DEFAULT_DATA_DIR, base_model: Path = DEFAULT_BASE_MODEL_DIR,
+            scratch_dir: Path | None = None) -> dict:
+    """Train (unless ``spec`` is the base) and evaluate one run; write ``<key>.json`` and ``<key>.png`` into
+    ``folder``; return the record. Evaluation samples are seeded by the run's seed."""
+    from benchmarks.digits.evaluate_base import load_base_pipeline
+    from benchmarks.digits.methods import method_by_name
+    from benchmarks.digits.plan import BASE
+    from benchmarks.digits.tasks import make_task
     from benchmarks.peers.train import parse_args, train
     from benchmarks.peers.trainables import load_tuned_pipeline
 
-    run_dir = Path(run_dir)
-    output_dir = run_dir / "train"
-    folders = task.prepare(Path(data_dir))
-    prepare_class_images(task, folders, base_model)
-    argv = training_argv(task, method_flags, folders, output_dir, learning_rate, steps, seed, base_model)
-    script = "dreambooth" if task.name == "dreambooth" else "text2img"
-    args = parse_args(script, argv)
-
-    rss_before = memory_status_mb("VmRSS")
+    wall_start = time.perf_counter()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    task = make_task(spec.task, case.heldout, case.style, case.class_images)
+    record = {"case": asdict(case), "task": spec.task, "method": spec.method, "learning_rate": spec.lr,
+              "seed": spec.seed, "role": spec.role, "machine": platform.node(), "threads": torch.get_num_threads()}
+    reset_peak_memory()
+    if spec.method == BASE:
+        pipeline = load_base_pipeline(base_model)
+        record.update(family="base", description="the shipped base, untuned", method_flags=[], trainable_parameters=0)
+        scratch = None
+    else:
+        method = method_by_name(spec.method)
+        scratch = Path(scratch_dir or Path(data_dir).parent / "scratch") / case.name / spec.key
+        folders = task.prepare(Path(data_dir))
+        prepare_class_images(task, folders, base_model)
+        argv = training_argv(task, method.flags, folders, scratch, spec.lr, case.steps(spec.task), spec.seed, base_model)
+        args = parse_args("dreambooth" if task.name == "dreambooth" else "text2img", argv)
+        rss_before = memory_status_mb("VmRSS")
+        start = time.perf_counter()
+        train(args)
+        train_seconds = time.perf_counter() - start
+        peak = memory_status_mb("VmHWM")
+        stats = json.loads((scratch / "train_stats.json").read_text())
+        record.update(
+            family=method.family, description=method.description, method_flags=list(method.flags),
+            steps=case.steps(spec.task), trainable_parameters=stats["trainable_parameters"],
+            seconds_per_step=stats["seconds_per_step"], train_seconds=round(train_seconds, 1),
+            peak_rss_mb=round(peak, 1), train_rss_increase_mb=round(peak - rss_before, 1),
+        )
+        pipeline = load_tuned_pipeline(base_model, scratch)
     start = time.perf_counter()
-    train(args)
-    train_seconds = time.perf_counter() - start
-    peak = memory_status_mb("VmHWM")
-    stats = json.loads((output_dir / "train_stats.json").read_text())
-
-    start = time.perf_counter()
-    pipeline = load_tuned_pipeline(base_model, output_dir)
-    metrics = task.evaluate(pipeline, load_digit_classifier(), samples, seed=eval_seed)
-    record = {
-        "task": task.name,
-        "method_flags": list(method_flags),
-        "learning_rate": learning_rate,
-        "steps": steps,
-        "seed": seed,
-        "metrics": metrics,
-        "trainable_parameters": stats["trainable_parameters"],
-        "seconds_per_step": stats["seconds_per_step"],
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": round(peak, 1),
-        "train_rss_increase_mb": round(peak - rss_before, 1),
-        "threads": torch.get_num_threads(),
-    }
-    (run_dir / RESULT_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    grid = folder / f"{spec.key}.png"
+    record["metrics"] = task.evaluate(pipeline, None, case.samples, seed=spec.seed, grid=grid)
+    record["grid"] = grid.name
+    record["eval_seconds"] = round(time.perf_counter() - start, 1)
+    record["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _write_atomically(folder / f"{spec.key}.json", json.dumps(record, indent=2) + "\n")
+    _reset_accelerate()
     return record
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from benchmarks.digits.methods import method_by_name
-    from benchmarks.digits.tasks import DEFAULT_CLASS_IMAGES, DEFAULT_STYLE, TASKS, make_task
+    from benchmarks.digits.plan import Case, RunSpec
+    from benchmarks.digits.tasks import DEFAULT_CLASS_IMAGES, DEFAULT_STYLE, TASKS
 
     parser = argparse.ArgumentParser(description="Train and evaluate one method on one digits task.")
     parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--method", required=True, help="a name from benchmarks.digits.methods.all_methods()")
-    parser.add_argument("--lr", type=float, required=True)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", required=True, help="a name from benchmarks.digits.methods.all_methods(), or base")
+    parser.add_argument("--lr", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dreambooth_steps", type=int, default=Case.dreambooth_steps)
+    parser.add_argument("--style_steps", type=int, default=Case.style_steps)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=9)
     parser.add_argument("--style", default=DEFAULT_STYLE)
     parser.add_argument("--class_images", type=int, default=DEFAULT_CLASS_IMAGES, help="DreamBooth prior-preservation images")
     parser.add_argument("--base_model", type=Path, default=DEFAULT_BASE_MODEL_DIR)
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--out", type=Path, required=True, help="the run folder (result.json goes here)")
+    parser.add_argument("--out", type=Path, required=True, help="the folder the run's files go to")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    task = make_task(args.task, args.heldout, args.style, args.class_images)
-    record = run(task, method_by_name(args.method).flags, args.out, args.lr, args.steps, args.seed, args.samples,
-                 args.base_model, args.data_dir)
-    print(json.dumps({key: record[key] for key in ("metrics", "trainable_parameters", "seconds_per_step", "peak_rss_mb")}))
+    case = Case(args.heldout, args.style, args.dreambooth_steps, args.style_steps, args.samples, args.class_images)
+    spec = RunSpec(args.task, args.method, args.lr, args.seed, "single")
+    record = execute(spec, case, args.out, args.data_dir, args.base_model)
+    print(json.dumps({key: record.get(key) for key in ("metrics", "trainable_parameters", "wall_seconds", "peak_rss_mb")}))
 
 
 if __name__ == "__main__":

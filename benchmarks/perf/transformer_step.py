@@ -47,7 +47,16 @@ from resattn_diffusion import ResTunerConfig, add_res_tuner, remove_res_tuner, r
 from resattn_diffusion.integration.inject import find_layers
 
 from . import peers
-from .common import configure_threads, interleaved_timings, log, machine_info, markdown_table, peak_memory_bytes, ratio, write_json
+from .common import (
+    configure_threads,
+    interleaved_timings,
+    log,
+    machine_info,
+    markdown_table,
+    peak_memory_bytes,
+    ratio,
+    write_json,
+)
 
 FLOOR = "floor"
 PEFT_LORA = "peft_lora"
@@ -274,8 +283,6 @@ def run_shape(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: i
             other = by_name.get(reference)
             row[f"time_vs_{reference}"] = ratio(row["step_ms"], other and other["step_ms"])
             row[f"memory_vs_{reference}"] = ratio(row["peak_memory_bytes"], other and other["peak_memory_bytes"])
-    del model
-    gc.collect()
     return {"shape": shape.name, "model_class": shape.model_class, "config": shape.config, "frozen_parameters": frozen,
             "batch_size": shape.batch_size, "image_tokens": shape.image_tokens, "text_tokens": shape.text_tokens,
             "rows": rows}
@@ -292,7 +299,7 @@ def markdown(result: dict[str, Any]) -> str:
             rows.append([row["case"], row["description"], row["trainable_parameters"], row["step_ms"],
                          row["peak_memory_bytes"] / 2**20, row["time_vs_peft_lora"], row["memory_vs_peft_lora"]])
         parts.append(
-            f"**{table['shape']}** ({table['model_class']}, {table['frozen_parameters'] / 1e6:.0f}M frozen, "
+            f"**{table['shape']}** ({table['model_class']}, {table['frozen_parameters'] / 1e6:.2f}M frozen, "
             f"{table['image_tokens']} image + {table['text_tokens']} text tokens, batch {table['batch_size']})\n\n"
             + markdown_table(["case", "what", "trainable", "step ms", "peak MiB", "time / LoRA", "memory / LoRA"], rows)
         )
@@ -326,6 +333,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # each shape gets its share of what is left, so the second one is not starved by the first
         share = (deadline - time.perf_counter()) / (len(all_shapes) - index)
         tables.append(run_shape(shape, device, dtype, repeats, warmup, time.perf_counter() + share, tuple(args.tuners)))
+        gc.collect()  # the shape's model goes before the next one is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     result = {
         "benchmark": "transformer_step",
         "machine": machine_info(),

@@ -11,6 +11,7 @@ Python API::
 Command line: ``resattn-eval {generate,metrics,stats,all} ...`` (see :mod:`.cli`).
 """
 
+from .collapse import between_group_variance, label_entropy, per_group_accuracy, prompt_separation
 from .errors import EvaluationError, EvaluationWarning
 from .features import (
     CLIPEncoder,
@@ -21,7 +22,8 @@ from .features import (
     images_to_tensor,
 )
 from .generate import GenerationResult, generate_images, image_file_name, load_pipeline
-from .images import IMAGE_EXTENSIONS, MANIFEST_NAME, list_images, load_image, read_manifest, read_prompts
+from ..images import IMAGE_EXTENSIONS
+from .images import MANIFEST_NAME, list_images, load_image, read_manifest, read_prompts
 from .inception import (
     FID_WEIGHTS_NAME,
     FID_WEIGHTS_URL,
@@ -90,4 +92,8 @@ __all__ = [
     "resize_bilinear_tf1",
     "save_reference_statistics",
     "write_reports",
+    "between_group_variance",
+    "label_entropy",
+    "per_group_accuracy",
+    "prompt_separation",
 ]

@@ -7,13 +7,11 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .. import images as images_io
 from .errors import EvaluationError
 
-
-#: File name endings read as images (case-insensitive).
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 #: Name of the per-folder manifest written by :func:`resattn_diffusion.evaluation.generate_images`.
 MANIFEST_NAME = "manifest.jsonl"
@@ -25,26 +23,12 @@ def list_images(folder: str | os.PathLike, what: str = "image folder") -> list[P
     Raises:
         EvaluationError: ``folder`` does not exist, is not a directory, or holds no image file.
     """
-    folder = Path(folder)
-    if not folder.exists():
-        raise EvaluationError(f"{what} {str(folder)!r} does not exist.")
-    if not folder.is_dir():
-        raise EvaluationError(f"{what} {str(folder)!r} is not a directory; pass a folder of images.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise EvaluationError(
-            f"{what} {str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files)."
-        )
-    return files
+    return images_io.list_images(folder, what, EvaluationError)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read one image as RGB; an unreadable or truncated file raises an error that names it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise EvaluationError(f"cannot read image file {str(path)!r} ({err}); remove or replace it.") from err
+    """Read one image as RGB (EXIF rotation applied); an unreadable or truncated file raises an error that names it."""
+    return images_io.load_image(path, None, EvaluationError)
 
 
 def iter_image_batches(files: Sequence[Path], batch_size: int) -> Iterator[list[Image.Image]]:

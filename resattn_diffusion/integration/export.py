@@ -38,7 +38,7 @@ from torch import nn
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError, OpShape
 from .inject import ResTunerError, tuner_input_shape
-from .io import ResTunerFileError, read_tuner_file, resolve_tuner_file
+from .io import ResTunerFileError, checked_tuner_tensors, read_tuner_file, resolve_tuner_file
 from .processors import effective_delta
 
 FORMATS = ("diffusers", "kohya")
@@ -364,34 +364,18 @@ def _rebuild_tuners(
     config: ResTunerConfig, layers: dict[str, dict], tensors: dict[str, torch.Tensor], source: str
 ) -> dict[str, nn.Module]:
     """The file's tuner modules, rebuilt from its layer shapes and weights (no base model needed)."""
-    remaining = dict(tensors)
     modules: dict[str, nn.Module] = {}
     for path, shape_dict in layers.items():
         try:
             shape = tuner_input_shape(OpShape(**shape_dict), "linear", config.placement)
             params = config.params.for_layer(path)
             params.validate_for(shape)
-            tuner = config.spec.module_cls(shape, params)
+            modules[path] = config.spec.module_cls(shape, params)
         except (TypeError, ConfigError) as err:
             raise ResTunerFileError(f"{source!r}: layer {path} cannot be rebuilt from its metadata: {err}") from None
-        own = tuner.state_dict()
-        loaded = {}
-        for key, target in own.items():
-            value = remaining.pop(f"{path}.{key}", None)
-            if value is None:
-                raise ResTunerFileError(f"{source!r} lacks tensor {path}.{key}; the file is incomplete: re-save it")
-            if value.shape != target.shape:
-                raise ResTunerFileError(
-                    f"{source!r}: tensor {path}.{key} has shape {tuple(value.shape)}, its layer needs {tuple(target.shape)}"
-                )
-            if not torch.isfinite(value.float()).all():
-                raise ResTunerFileError(f"{source!r}: tensor {path}.{key} holds NaN or inf; the tuner diverged when trained")
-            loaded[key] = value.float()
-        tuner.load_state_dict(loaded)
-        modules[path] = tuner.float().eval()
-    if remaining:
-        raise ResTunerFileError(f"{source!r} has {len(remaining)} tensor(s) no layer uses, e.g. {next(iter(remaining))!r}")
-    return modules
+    for tuner, values in checked_tuner_tensors(modules.items(), tensors, source):
+        tuner.load_state_dict({key: value.float() for key, value in values.items()})
+    return {path: tuner.float().eval() for path, tuner in modules.items()}
 
 
 # --- the command ---------------------------------------------------------------------------------------------

@@ -11,22 +11,17 @@ from typing import Iterator
 
 from torch import nn
 
+from ..checks import check_adapter_name, check_call_scale, check_enabled, check_model, check_scale
 from ..config import ResTunerConfig
+from ..tuners.base import ConfigError
 from .families import family_of
 from .families.base import Layer
 from .families.unet import attention_shape, transformer_blocks
 from .kinds import kind_of
 from .kinds.layers import LayerKind, layer_fingerprint, tuner_input_shape
 from .processors import SCALE_KWARG, TunerSetting
-from .state import (
-    STATE_ATTR,
-    ResTunerError,
-    ResTunerState,
-    get_state,
-    remove_forward_hooks,
-    require_name as _require_name,
-    require_state as _require_state,
-)
+from .state import STATE_ATTR, ResTunerError, ResTunerState, get_state, remove_forward_hooks, require_state
+from .state import require_name as _require_name
 
 __all__ = [
     "Layer",
@@ -82,8 +77,10 @@ def _scale_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
         return None
     call_kwargs = dict(call_kwargs)
     scale = call_kwargs.pop(SCALE_KWARG)
-    for bank, _ in state.banks:
-        bank.call_scale = scale
+    if scale is not None:  # None: no per-call override
+        check_call_scale(scale, state.configs)  # once per model call, before any work, so nothing is half-applied
+        for bank, _ in state.banks:
+            bank.call_scale = scale
     kwargs = dict(kwargs)
     kwargs[key] = call_kwargs or None
     return args, kwargs
@@ -117,18 +114,25 @@ def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "
     they sit beside. The model's own parameters are left as they are (freeze them with ``requires_grad_(False)``
     before training). A config or tuner that cannot sit on the model raises before anything changes.
     """
+    check_model(unet, pipelines_ok=False)
     if not isinstance(config, ResTunerConfig):
-        raise TypeError(f"config must be a ResTunerConfig, got {type(config).__name__}")
+        raise ConfigError(
+            f"config must be a ResTunerConfig (ResTunerConfig.from_dict(d) for a dict), got {type(config).__name__}"
+        )
+    check_adapter_name(adapter_name)
     family = family_of(unet)
     state = get_state(unet)
     if state is not None and adapter_name in state.configs:
         raise ResTunerError(
             f"a tuner named {adapter_name!r} is already on this {family.model_word}; remove it first or pick another "
-            "adapter_name"
+            "adapter name"
         )
     family.check_kind(config)
     kind = kind_of(config)
     kind.fingerprint(unet, family, config)  # raises on a config the model cannot take, before anything changes
+    from .plan import check_tuner_size
+
+    check_tuner_size(unet, config)  # on the meta device: a config too big for its model never allocates
     state = _ensure_state(unet, family)
     try:
         paths = kind.attach(unet, family, config, adapter_name, state)
@@ -159,11 +163,20 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
         _drop_state(unet, state)
 
 
+def _require_state(unet: nn.Module) -> ResTunerState:
+    check_model(unet, pipelines_ok=False)
+    return require_state(unet)
+
+
 def _names(state: ResTunerState, adapter_name: str | list[str] | None) -> list[str]:
     if adapter_name is None:
         return list(state.configs)
     if isinstance(adapter_name, str):
         adapter_name = [adapter_name]
+    if not isinstance(adapter_name, (list, tuple)) or not adapter_name:
+        raise ResTunerError(
+            f"adapter_name must be a tuner's name, a non-empty list of names or None (all), got {adapter_name!r}"
+        )
     return [_require_name(state, n) for n in adapter_name]
 
 
@@ -190,7 +203,7 @@ def _settings(unet: nn.Module, names: list[str]) -> Iterator[tuple[str, TunerSet
 def set_res_tuner_scale(unet: nn.Module, scale: float, adapter_name: str | list[str] | None = None) -> None:
     """Set the scale ``s`` of the named tuner(s) (all when None). Refused, changing nothing, if any of them is
     fused with another scale."""
-    scale = float(scale)
+    scale = check_scale(scale)
     names = _names(_require_state(unet), adapter_name)
     settings = list(_settings(unet, names))
     for name, setting in settings:  # check every tuner before changing any
@@ -206,6 +219,7 @@ def set_res_tuner_scale(unet: nn.Module, scale: float, adapter_name: str | list[
 def set_res_tuner_enabled(unet: nn.Module, enabled: bool, adapter_name: str | list[str] | None = None) -> None:
     """Switch the named tuner(s) (all when None) on or off without removing them. Refused, changing nothing, if
     any of them is fused and would be switched off."""
+    enabled = check_enabled(enabled)
     names = _names(_require_state(unet), adapter_name)
     settings = list(_settings(unet, names))
     for name, setting in settings:  # check every tuner before changing any
@@ -240,8 +254,20 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None)
             f"tuner(s) {cannot} ({', '.join(state.configs[n].tuner for n in cannot)}) add a branch that does not fold "
             "into a weight; only linear tuners (res_lora, glora, surm_*) can be fused. Fuse the others' names only."
         )
+    _refuse_disabled(unet, names)
     for kind in {id(kind_of(state.configs[n])): kind_of(state.configs[n]) for n in names}.values():
         kind.fuse(unet, state, [n for n in names if kind_of(state.configs[n]) is kind])
+
+
+def _refuse_disabled(unet: nn.Module, names: list[str]) -> None:
+    """Fusing a disabled tuner would silently do nothing (a disabled branch has nothing to fold): refuse it."""
+    enabled = {name for name, setting in _settings(unet, names) if setting.enabled}
+    disabled = [name for name in names if name not in enabled]
+    if disabled:
+        raise ResTunerError(
+            f"tuner(s) {disabled} are disabled, so there is nothing to fuse; enable them first "
+            f"(set_res_tuner_enabled(unet, True, {disabled!r})) or fuse only enabled tuners"
+        )
 
 
 def unfuse_res_tuner(unet: nn.Module) -> None:
@@ -261,24 +287,25 @@ def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> li
     return params
 
 
-def _resolved_targets(model: nn.Module, state: ResTunerState | None, config: ResTunerConfig) -> list[str]:
-    if config.targets is not None or state is None:
-        return list(config.targets or ())
-    return list(state.family.resolve_targets(config))
+def _resolved_targets(state: ResTunerState, config: ResTunerConfig) -> list[str]:
+    """The config's targets, or the family's defaults it stands for."""
+    return list(config.targets) if config.targets is not None else list(state.family.resolve_targets(config))
 
 
 def res_tuner_summary(unet: nn.Module) -> dict:
     """Trainable-parameter summary: per tuner, its config, number of layers and parameters, and its share of
     the model's own parameters. ``format_summary`` turns it into a table."""
+    from .plan import own_parameter_count
+
     state = get_state(unet)
-    own = sum(p.numel() for name, p in unet.named_parameters() if "res_tuner" not in name and ".bank." not in name)
+    own = own_parameter_count(unet)
     rows = {}
     for name, config in ({} if state is None else state.configs).items():
         tuners = list(iter_tuners(unet, name))
         count = sum(p.numel() for _, t in tuners for p in t.parameters())
         rows[name] = {
             "tuner": config.tuner,
-            "targets": _resolved_targets(unet, state, config),
+            "targets": _resolved_targets(state, config),
             "placement": config.placement,
             "layers": len(tuners),
             "parameters": count,

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import struct
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..checks import MAX_ABS_WEIGHT, check_adapter_name, check_model
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
 from .families import family_named, family_of
@@ -26,6 +31,11 @@ FORMAT_NAME = "resattn-diffusion"
 FORMAT_VERSION = 1
 #: The file name inside a folder (a training output folder holds one).
 WEIGHT_NAME = "res_tuner.safetensors"
+#: The header (metadata and tensor table) of a file is checked before anything else is read. A real SDXL tuner's
+#: header is under 1 MiB; a longer one is refused unread, so a small file cannot make parsing it the attack.
+MAX_HEADER_BYTES = 16 << 20
+#: Tensor dtypes a tuner file may hold (safetensors' names): weights are floating point, cast to the layer's dtype.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class ResTunerFileError(ValueError):
@@ -38,30 +48,70 @@ def base_description(unet: nn.Module) -> dict:
     return {"family": family.name, **family.describe(unet)}
 
 
+def tuner_file_key(layer_path: str, key: str) -> str:
+    """The key of one tuner tensor in a tuner file: ``<layer path>.<parameter>`` (the one place it is spelled)."""
+    return f"{layer_path}.{key}"
+
+
 def tuner_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The named tuner's weights under file keys ``<layer path>.<parameter>``."""
-    tensors = {}
-    for layer_path, tuner in iter_tuners(unet, adapter_name):
-        for key, value in tuner.state_dict().items():
-            tensors[f"{layer_path}.{key}"] = value.detach().contiguous().cpu()
-    return tensors
+    """The named tuner's weights under file keys (:func:`tuner_file_key`)."""
+    return file_tensors((layer_path, tuner.state_dict()) for layer_path, tuner in iter_tuners(unet, adapter_name))
+
+
+def file_tensors(layers: Iterable[tuple[str, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """``(layer path, state dict)`` pairs as the tensors of a tuner file: file keys, contiguous, on the CPU."""
+    return {
+        tuner_file_key(layer_path, key): value.detach().contiguous().cpu()
+        for layer_path, state in layers
+        for key, value in state.items()
+    }
 
 
 def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) -> Path:
-    """A tuner file path from a file or a folder (a training output folder); clear errors otherwise."""
+    """A tuner file path from a file or a folder (a training output folder); clear errors otherwise. The result is
+    a regular file: a FIFO, device or socket named ``*.safetensors`` would block or never end when read."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ResTunerFileError(f"path must be a tuner file or a folder holding one (a str or os.PathLike), got {type(path).__name__} {path!r}")
+    if weight_name is not None:
+        _check_weight_name(weight_name)
     path = Path(path)
     if path.is_dir():
         candidate = path / (weight_name or WEIGHT_NAME)
-        if candidate.is_file():
-            return candidate
-        found = sorted(p.name for p in path.glob("*.safetensors"))
-        hint = f"; it has {found}: pass weight_name=" if found else ""
-        raise ResTunerFileError(f"folder {str(path)!r} has no tuner file {candidate.name!r}{hint}")
-    if weight_name is not None:
+        if candidate.is_dir():
+            raise ResTunerFileError(
+                f"{str(candidate)!r} is a folder, not a tuner file; pass the tuner file itself, or the folder that "
+                f"holds a file named {candidate.name!r}"
+            )
+        if not os.path.lexists(candidate):
+            found = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
+            hint = f"; it has {found}: pass weight_name=" if found else ""
+            raise ResTunerFileError(f"folder {str(path)!r} has no tuner file {candidate.name!r}{hint}")
+        path = candidate
+    elif weight_name is not None:
         raise ResTunerFileError(f"weight_name={weight_name!r} is for a folder, but {str(path)!r} is not a folder")
-    if not path.exists():
-        raise ResTunerFileError(f"no tuner file at {str(path)!r}")
+    elif not os.path.lexists(path):
+        raise ResTunerFileError(f"no tuner file at {str(path)!r}: the path does not exist")
+    _check_regular_file(path)
     return path
+
+
+def _check_weight_name(weight_name: Any) -> None:
+    """A file name inside the folder: no separators or '..' (an absolute or relative path would leave the folder)."""
+    if not isinstance(weight_name, str) or not weight_name or weight_name in (".", "..") or os.path.basename(weight_name) != weight_name or (os.altsep and os.altsep in weight_name):
+        raise ResTunerFileError(
+            f"weight_name must be the name of a file inside the folder (like {WEIGHT_NAME!r}, no '/' or '..'), got {weight_name!r}"
+        )
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks: a link to /dev/zero is a device
+    except OSError as err:
+        raise ResTunerFileError(f"cannot read the tuner file {str(path)!r}: {err.strerror} (a dangling link?)") from None
+    if not stat.S_ISREG(mode):
+        raise ResTunerFileError(
+            f"{str(path)!r} is not a regular file (a FIFO, device or socket); a tuner file is a .safetensors file on disk"
+        )
 
 
 def _umask() -> int:
@@ -78,10 +128,11 @@ def save_res_tuner(
     The file is written to a temporary name beside the target and renamed into place, so a crash mid-save leaves
     any older file intact. With ``overwrite=False`` an existing file is an error.
     """
+    unet = check_model(unet)  # a pipeline's UNet is fine
     state = get_state(unet)
-    if state is None or adapter_name not in state.configs:
+    if state is None or not isinstance(adapter_name, str) or adapter_name not in state.configs:
         loaded = [] if state is None else list(state.configs)
-        raise ResTunerError(f"no tuner named {adapter_name!r} on this model to save; loaded tuners: {loaded}")
+        raise ResTunerError(f"no tuner named {adapter_name!r} on this model to save; loaded tuners (adapter names): {loaded}")
     config = state.configs[adapter_name]
     return write_tuner_file(unet, path, config, tuner_state_dict(unet, adapter_name), adapter_name, overwrite)
 
@@ -97,6 +148,9 @@ def write_tuner_file(
     """Write ``tensors`` (file keys) with ``config`` as a tuner file for ``unet``: atomic, never pickled."""
     from safetensors.torch import save_file
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ResTunerFileError(f"path must be a .safetensors file or a folder (a str or os.PathLike), got {type(path).__name__} {path!r}")
+    check_adapter_name(adapter_name)
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / WEIGHT_NAME
@@ -127,13 +181,27 @@ def write_tuner_file(
 
 def read_tuner_file(path: str | os.PathLike, weight_name: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a tuner file, with clear errors for anything that is not one."""
+    file, metadata, entries = read_tuner_header(path, weight_name)
+    return metadata, _read_tensors(file, entries)
+
+
+def read_tuner_header(
+    path: str | os.PathLike, weight_name: str | None = None
+) -> tuple[Path, dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """(file, metadata, key -> (dtype, shape)) of a tuner file, reading no tensor data: a regular file whose header
+    is at most ``MAX_HEADER_BYTES`` (checked from its first 8 bytes, before it is parsed), a resattn-diffusion
+    format of a version this library reads, and only floating-point tensors."""
     from safetensors import safe_open
 
     file = resolve_tuner_file(path, weight_name)
+    _check_header_size(file)
     try:
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            entries = {}
+            for key in f.keys():
+                piece = f.get_slice(key)
+                entries[key] = (piece.get_dtype(), tuple(piece.get_shape()))
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers and data
         raise ResTunerFileError(
             f"{str(file)!r} is not a readable safetensors file (truncated or corrupt?): {err}. "
@@ -144,21 +212,137 @@ def read_tuner_file(path: str | os.PathLike, weight_name: str | None = None) -> 
             f"{str(file)!r} is a safetensors file but not a resattn-diffusion tuner (no '{FORMAT_NAME}' format in its "
             "metadata); a diffusers/peft LoRA loads with pipe.load_lora_weights instead"
         )
-    version = int(metadata.get("format_version", "0"))
+    _check_format_version(str(file), metadata.get("format_version"))
+    for key, (dtype, _) in entries.items():
+        if dtype not in FLOAT_DTYPES:
+            raise ResTunerFileError(
+                f"{str(file)!r}: tensor {key!r} has dtype {dtype}; tuner weights are floating point ({', '.join(FLOAT_DTYPES)})"
+            )
+    return file, metadata, entries
+
+
+def _check_header_size(file: Path) -> None:
+    # O_NONBLOCK: if the path was swapped for a FIFO since it was checked, opening it does not wait for a writer.
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ResTunerFileError(f"{str(file)!r} is not a regular file (a FIFO, device or socket)")
+        size = os.fstat(fd).st_size
+        prefix = os.read(fd, 8)
+    finally:
+        os.close(fd)
+    if len(prefix) < 8:
+        raise ResTunerFileError(f"{str(file)!r} is not a readable safetensors file: {size} bytes, shorter than a header")
+    (header_bytes,) = struct.unpack("<Q", prefix)
+    if header_bytes > MAX_HEADER_BYTES:
+        raise ResTunerFileError(
+            f"{str(file)!r} has a safetensors header of {header_bytes:,} bytes; a tuner file's header (its metadata and "
+            f"tensor table) is at most {MAX_HEADER_BYTES:,} bytes. This is not a tuner file saved by save_res_tuner"
+        )
+    if 8 + header_bytes > size:
+        raise ResTunerFileError(f"{str(file)!r} is truncated: its header claims {header_bytes:,} bytes, the file has {size:,}")
+
+
+def _check_format_version(file: str, text: str | None) -> None:
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit():
+        raise ResTunerFileError(
+            f"{file!r}: metadata field 'format_version' is {text!r}; it must be a whole number from 1 to {FORMAT_VERSION} "
+            "(the file was not written by save_res_tuner, or was altered)"
+        )
+    version = int(text[:12])  # at most 12 digits are read: a 10^40 version is as unreadable as 10^12
     if version > FORMAT_VERSION:
         raise ResTunerFileError(
-            f"{str(file)!r} has format version {version}; this resattn-diffusion reads up to {FORMAT_VERSION}: upgrade it"
+            f"{file!r} has format version {text[:12]}; this resattn-diffusion reads up to {FORMAT_VERSION}: upgrade it"
         )
-    return metadata, tensors
+    if version < 1:
+        raise ResTunerFileError(f"{file!r}: metadata field 'format_version' is {text!r}; versions start at 1")
 
 
-def _json_object(text: str) -> dict:
-    """A JSON object from file metadata; {} for anything else (the fingerprint check then says what differs)."""
+def _read_tensors(file: Path, entries: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """The tensors of a file whose header was checked; each must still have the dtype and shape the header had."""
+    from safetensors import safe_open
+
+    _check_regular_file(file)
+    _check_header_size(file)
     try:
-        value = json.loads(text)
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+        with safe_open(str(file), framework="pt") as f:
+            if set(f.keys()) != set(entries):
+                raise ResTunerFileError(f"{str(file)!r} changed while it was read; load it again")
+            tensors = {key: f.get_tensor(key) for key in entries}
+    except ResTunerFileError:
+        raise
+    except Exception as err:
+        raise ResTunerFileError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != entries[key][1] or not tensor.is_floating_point():
+            raise ResTunerFileError(f"{str(file)!r} changed while it was read; load it again")
+    return tensors
+
+
+def _check_weight_values(file: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Finite and at most ``MAX_ABS_WEIGHT`` (the largest float16) in magnitude: what a trained tuner holds."""
+    for key, tensor in tensors.items():
+        if not tensor.numel():
+            continue
+        values = tensor.detach().float()
+        if not torch.isfinite(values).all():
+            raise ResTunerFileError(f"{file!r}: tensor {key!r} holds NaN or inf; the tuner diverged when trained")
+        largest = values.abs().max().item()
+        if largest > MAX_ABS_WEIGHT:
+            raise ResTunerFileError(
+                f"{file!r}: tensor {key!r} holds values up to {largest:.3g} in magnitude; tuner weights are at most "
+                f"{MAX_ABS_WEIGHT:g} (the largest float16), trained ones of order 1: the file is corrupt"
+            )
+
+
+def _json_field(file: str, metadata: dict[str, str], key: str, kind: type, what: str) -> Any:
+    """The JSON value of a metadata field, of the type ``kind``; a clear error naming the file and the field."""
+    if key not in metadata:
+        raise ResTunerFileError(f"{file!r} has no metadata field '{key}' ({what}); it was not written by save_res_tuner: re-save it")
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; RecursionError: nested too deeply
+        raise ResTunerFileError(f"{file!r}: metadata field '{key}' is not valid JSON (or nested too deeply); it must be {what}") from None
+    if not isinstance(value, kind):
+        raise ResTunerFileError(f"{file!r}: metadata field '{key}' must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _file_config(file: str, metadata: dict[str, str]) -> ResTunerConfig:
+    if "config" not in metadata:
+        raise ResTunerFileError(f"{file!r} has no metadata field 'config' (the tuner config); re-save the tuner")
+    try:
+        return ResTunerConfig.from_json(metadata["config"])
+    except ConfigError as err:
+        raise ResTunerFileError(f"{file!r}: metadata field 'config' is not a valid tuner config: {err}") from None
+
+
+def _file_layers(file: str, metadata: dict[str, str]) -> dict[str, dict]:
+    layers = _json_field(file, metadata, "layers", dict, "a JSON object: layer path -> its shape")
+    for path, shape in layers.items():
+        if not isinstance(shape, dict):
+            raise ResTunerFileError(
+                f"{file!r}: metadata field 'layers' maps layer {path!r} to a {type(shape).__name__}; each layer maps to its shape (an object)"
+            )
+    return layers
+
+
+def _check_planned_tensors(
+    file: str, config: ResTunerConfig, entries: dict[str, tuple[str, tuple[int, ...]]], planned: dict[str, tuple[int, ...]]
+) -> None:
+    """The file's tensors are exactly those its config builds on this UNet, with the same shapes."""
+    for key in planned:
+        if key not in entries:
+            raise ResTunerFileError(f"{file!r} lacks tensor {key!r}; the file is incomplete: re-save it")
+    extra = [key for key in entries if key not in planned]
+    if extra:
+        raise ResTunerFileError(f"{file!r} has {len(extra)} tensor(s) this tuner does not use, e.g. {extra[0]!r}")
+    for key, shape in planned.items():
+        if entries[key][1] != shape:
+            raise ResTunerFileError(
+                f"{file!r}: tensor {key!r} has shape {entries[key][1]}, but the {config.tuner} its config describes "
+                f"(hyperparameters {config.hyperparameters}) needs {shape}: the config and the weights disagree"
+            )
 
 
 def _describe(base: dict) -> str:
@@ -169,7 +353,7 @@ def _describe(base: dict) -> str:
 def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, unet: nn.Module) -> str | None:
     if saved == expected:
         return None
-    base = _json_object(meta.get("base", "{}"))
+    base = _json_field(file, meta, "base", dict, "a JSON object describing the base model")
     here = base_description(unet)
     word = family_of(unet).model_word
     lines = [
@@ -198,29 +382,37 @@ def load_res_tuner(
     adapter_name: str | None = None,
     weight_name: str | None = None,
 ) -> str:
-    """Load a tuner file (or a folder holding one) onto ``unet`` under ``adapter_name`` (default: the name it was
-    saved with); returns the name. Everything is checked before the UNet changes; on any error it is unchanged."""
-    metadata, tensors = read_tuner_file(path, weight_name)
-    file = str(resolve_tuner_file(path, weight_name))
-    try:
-        config = ResTunerConfig.from_json(metadata["config"])
-    except (KeyError, ConfigError) as err:
-        raise ResTunerFileError(f"{file!r} has no valid tuner config in its metadata: {err}") from None
-    name = adapter_name or metadata.get("adapter_name") or "default"
+    """Load a tuner file (or a folder holding one) onto ``unet`` (or a pipeline's UNet) under ``adapter_name``
+    (default: the name it was saved with); returns the name. Everything is checked before the UNet changes -- the
+    file's type and header size, its metadata, the config, the layers against this UNet, every tensor's dtype and
+    shape against modules planned on the meta device, the values -- so on any error it is unchanged."""
+    unet = check_model(unet)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    file_path, metadata, entries = read_tuner_header(path, weight_name)
+    file = str(file_path)
+    saved_name = metadata.get("adapter_name")
+    if saved_name is not None:
+        try:
+            check_adapter_name(saved_name, where=f"the adapter name in the metadata of {file!r}")
+        except ConfigError as err:
+            raise ResTunerFileError(str(err)) from None
+    config = _file_config(file, metadata)
+    saved = _file_layers(file, metadata)
+    base = _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
+    name = adapter_name or saved_name or "default"
     state = get_state(unet)
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
 
     family = family_of(unet)
-    base = _json_object(metadata.get("base", "{}"))
     made_for = base.get("family")
     if made_for is not None and made_for != family.name:
-        other = family_named(made_for)
+        other = family_named(str(made_for))
         raise ResTunerFileError(
             f"tuner file {file!r} was made for a {base.get('class', '?')} ({other.model_word if other else made_for}), "
             f"not for this {type(unet).__name__} ({family.model_word}); load it into the kind of model it was trained on"
         )
-    saved = json.loads(metadata.get("layers", "{}"))
     try:
         expected = expected_fingerprint(unet, config)
     except (ConfigError, ResTunerError) as err:
@@ -228,23 +420,37 @@ def load_res_tuner(
     problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
     if problem:
         raise ResTunerFileError(problem)
+    from .plan import check_tuner_size, planned_tensor_shapes
+
+    try:
+        planned = planned_tensor_shapes(unet, config)
+        _check_planned_tensors(file, config, entries, planned)
+        check_tuner_size(unet, config, planned)
+    except (ConfigError, ResTunerError) as err:
+        raise ResTunerFileError(f"tuner file {file!r} cannot be loaded here: {err}") from None
+    tensors = _read_tensors(file_path, entries)
+    _check_weight_values(file, tensors)
 
     add_res_tuner(unet, config, name)
     try:
-        _load_tensors(unet, name, tensors, file)
+        load_tuner_tensors(unet, name, tensors, file)
     except Exception:
         remove_res_tuner(unet, name)
         raise
     return name
 
 
-@torch.no_grad()
-def _load_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: str) -> None:
+def checked_tuner_tensors(
+    tuners: Iterable[tuple[str, nn.Module]], tensors: dict[str, torch.Tensor], file: str
+) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Each ``(layer path, tuner)`` with its state dict from ``tensors`` (file keys), every tensor checked: present,
+    of the tuner's shape, finite, and none left over. The one place a tuner file's tensors are checked."""
     remaining = dict(tensors)
-    for layer_path, tuner in iter_tuners(unet, name):
-        own = tuner.state_dict()
-        for key, target in own.items():
-            file_key = f"{layer_path}.{key}"
+    checked = []
+    for layer_path, tuner in tuners:
+        values = {}
+        for key, target in tuner.state_dict().items():
+            file_key = tuner_file_key(layer_path, key)
             if file_key not in remaining:
                 raise ResTunerFileError(f"{file!r} lacks tensor {file_key!r}; the file is incomplete: re-save it")
             value = remaining.pop(file_key)
@@ -254,8 +460,18 @@ def _load_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
                 )
             if not torch.isfinite(value.float()).all():
                 raise ResTunerFileError(f"{file!r}: tensor {file_key!r} holds NaN or inf; the tuner diverged when trained")
-        tuner.load_state_dict(
-            {key: tensors[f"{layer_path}.{key}"].to(device=own[key].device, dtype=own[key].dtype) for key in own}
-        )
+            values[key] = value
+        checked.append((tuner, values))
     if remaining:
         raise ResTunerFileError(f"{file!r} has {len(remaining)} tensor(s) this tuner does not use, e.g. {next(iter(remaining))!r}")
+    return checked
+
+
+@torch.no_grad()
+def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: str) -> None:
+    """Copy ``tensors`` (file keys) into the tuner ``name`` already on ``unet``, in place: its parameters stay the
+    same objects (an optimizer holding them keeps working). Every tensor is checked first
+    (:func:`checked_tuner_tensors`), so on any error the tuner is unchanged."""
+    for tuner, values in checked_tuner_tensors(iter_tuners(unet, name), tensors, file):
+        own = tuner.state_dict()
+        tuner.load_state_dict({key: value.to(device=own[key].device, dtype=own[key].dtype) for key, value in values.items()})

@@ -11,13 +11,15 @@ it was (same processors, same outputs).
 
 from __future__ import annotations
 
-import math
 import os
 import re
+import socket
+from urllib.parse import urlparse
 from typing import Any
 
 from torch import nn
 
+from ..checks import check_scale
 from ..config import ResTunerConfig
 from .inject import (
     ResTunerError,
@@ -81,21 +83,32 @@ def resolve_tuner_source(
     if unknown:
         raise TypeError(f"load_res_tuner got unexpected keyword argument(s) {sorted(unknown)}; Hub options are {list(HUB_KWARGS)}")
     if not isinstance(path_or_repo, (str, os.PathLike)):
-        raise TypeError(f"load_res_tuner takes a path or a Hub repo id, got {type(path_or_repo).__name__}")
-    if os.path.exists(path_or_repo):
+        raise ResTunerFileError(
+            f"load_res_tuner takes a path (a .safetensors file or a folder) or a Hub repo id, got {type(path_or_repo).__name__}"
+        )
+    if os.path.lexists(path_or_repo):
         if hub_kwargs.get("subfolder"):
             path_or_repo = os.path.join(path_or_repo, hub_kwargs["subfolder"])
         return str(path_or_repo), weight_name
     path = str(path_or_repo)
     if not isinstance(path_or_repo, str) or not _looks_like_repo_id(path):
         raise ResTunerFileError(
-            f"no tuner file or folder at {path!r}; pass a .safetensors file saved by save_res_tuner, a training "
-            "output folder holding res_tuner.safetensors, or a Hugging Face Hub repo id like 'user/my-tuner'"
+            f"no tuner file or folder at {path!r}: the path does not exist; pass a .safetensors file saved by "
+            "save_res_tuner, a training output folder holding res_tuner.safetensors, or a Hugging Face Hub repo id "
+            "like 'user/my-tuner'"
         )
 
     from huggingface_hub import constants, hf_hub_download
 
     filename = weight_name or WEIGHT_NAME
+    offline = _hub_unreachable(constants)
+    if offline and not hub_kwargs.get("local_files_only") and not _in_hub_cache(path, filename, hub_kwargs):
+        # hf_hub_download would retry for many seconds before saying the same thing
+        raise ResTunerFileError(
+            f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and it cannot be fetched "
+            f"as a Hugging Face Hub repo: {offline}. Pass the path of a local .safetensors file or training output "
+            "folder, or go online."
+        )
     try:
         return hf_hub_download(path, filename, **hub_kwargs), None
     except Exception as err:  # huggingface_hub raises a family of errors: offline, not found, gated, HTTP
@@ -308,7 +321,7 @@ class ResTunerLoaderMixin:
             raise ValueError("no adapter name given; pass a name or a list of names of loaded tuners")
         missing = [name for name in names if name not in loaded]
         if missing:
-            raise ResTunerError(f"no tuner named {missing[0]!r} is loaded; loaded tuners: {loaded}")
+            raise ResTunerError(f"no tuner named {missing[0]!r} is loaded; loaded tuners (adapter names): {loaded}")
         return names
 
     def _refuse_fused(self, names: list[str], action: str, unless=None) -> None:
@@ -321,9 +334,32 @@ class ResTunerLoaderMixin:
 
 
 def _check_weight(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"a tuner scale must be a finite number, got {value!r}")
-    return float(value)
+    return check_scale(value, "a tuner scale")
+
+
+def _hub_unreachable(constants: Any) -> str | None:
+    """Why the Hub cannot be reached right now (offline mode, or no connection within a second), or None."""
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    parsed = urlparse(constants.ENDPOINT)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=1.0).close()
+    except OSError as err:
+        return f"no connection to {parsed.hostname}:{port} ({err.strerror or type(err).__name__})"
+    return None
+
+
+def _in_hub_cache(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> bool:
+    """Whether the file is in the local Hub cache (then hf_hub_download can return it without a connection)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    subfolder = hub_kwargs.get("subfolder")
+    found = try_to_load_from_cache(
+        repo_id, f"{subfolder}/{filename}" if subfolder else filename, cache_dir=hub_kwargs.get("cache_dir"),
+        revision=hub_kwargs.get("revision"),
+    )
+    return isinstance(found, str)
 
 
 def _check_not_offloaded_to_meta(denoiser: nn.Module) -> None:

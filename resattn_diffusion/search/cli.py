@@ -15,24 +15,24 @@ Held-out folder: images with a ``metadata.jsonl`` (one JSON object per line with
 from __future__ import annotations
 
 import argparse
-import json
+import random
 import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..integration.inject import ResTunerError
 from ..integration.io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
+from ..training.data import ImageTransform, load_image, read_image_folder
+from ..training.errors import TrainingDataError
+from ..training.models import sdxl_time_ids
 from ..tuners.base import ConfigError
 from .evolution import search_glora
 from .supernet import save_subnet
 
 RESULT_NAME = "glora_search.json"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SUPERNET_NAME = "supernet"
 
 
@@ -46,63 +46,18 @@ class SearchInputError(ValueError):
 def read_captioned_images(
     folder: str | Path, caption_column: str = "text", image_column: str = "file_name"
 ) -> list[tuple[Path, str]]:
-    """(image path, caption) pairs of a folder with ``metadata.jsonl`` or with same-named ``.txt`` captions."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SearchInputError(f"held-out data folder {str(folder)!r} does not exist or is not a folder")
-    metadata = folder / "metadata.jsonl"
-    pairs: list[tuple[Path, str]] = []
-    if metadata.is_file():
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SearchInputError(f"{metadata}: line {number} is not JSON ({err})") from None
-            for column in (image_column, caption_column):
-                if column not in row:
-                    raise SearchInputError(
-                        f"{metadata}: line {number} has no {column!r} column (it has {sorted(row)}); "
-                        "pass --caption_column / --image_column"
-                    )
-            image = folder / row[image_column]
-            if not image.is_file():
-                raise SearchInputError(f"{metadata}: line {number} names {row[image_column]!r}, which is not in the folder")
-            pairs.append((image, str(row[caption_column])))
-    else:
-        for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-            caption = image.with_suffix(".txt")
-            if not caption.is_file():
-                raise SearchInputError(
-                    f"image {image.name!r} has no caption: give it a same-named .txt file, or put a metadata.jsonl "
-                    f"(file_name + {caption_column}) in {str(folder)!r}"
-                )
-            pairs.append((image, caption.read_text(encoding="utf-8").strip()))
-    if not pairs:
-        raise SearchInputError(
-            f"held-out data folder {str(folder)!r} holds no captioned images ({', '.join(IMAGE_EXTENSIONS)} files with "
-            "a metadata.jsonl or same-named .txt captions)"
-        )
-    return pairs
+    """(image path, caption) pairs of a folder with ``metadata.jsonl`` or with same-named ``.txt`` captions (read
+    as ``--train_data_dir`` is for training; a list of captions gives its first)."""
+    source = read_image_folder(folder, caption_column, image_column, what="held-out data folder (--data_dir)")
+    return [(path, caption if isinstance(caption, str) else str(caption[0])) for path, caption in source.records]
 
 
 def load_image_tensor(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """An image resized (shorter side) and centre-cropped to ``resolution``, as a (3, r, r) tensor in [-1, 1];
-    also its original (height, width) and the crop's top-left corner (SDXL's added time ids)."""
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise SearchInputError(f"cannot read image {str(path)!r} ({err}); remove or replace it") from None
-    original = (image.height, image.width)
-    scale = resolution / min(image.width, image.height)
-    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-    image = image.resize((width, height), Image.BILINEAR)
-    top, left = (height - resolution) // 2, (width - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original, (top, left)
+    also its original (height, width) and the crop's top-left corner (SDXL's added time ids). Training's
+    transform with a centre crop and no flip (it draws nothing from the random generator)."""
+    transform = ImageTransform(resolution, center_crop=True, random_flip=False)
+    return transform(load_image(path, repr(str(path))), random.Random(0))
 
 
 @torch.no_grad()
@@ -125,13 +80,13 @@ def encode_held_out(
                 prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
             pooled.append(pooled_embeds.float().cpu())
-            time_ids.extend(
-                torch.tensor([*original, *crop, resolution, resolution], dtype=torch.float32) for _, original, crop in loaded
-            )
+            originals = torch.tensor([original for _, original, _ in loaded])
+            crops = torch.tensor([crop for _, _, crop in loaded])
+            time_ids.append(sdxl_time_ids(originals, crops, resolution).float())
         else:
             embeds, _ = pipeline.encode_prompt(captions, device, 1, False)
         embeddings.append(embeds.float().cpu())
-    added = {"text_embeds": torch.cat(pooled), "time_ids": torch.stack(time_ids)} if is_sdxl else None
+    added = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)} if is_sdxl else None
     return torch.cat(latents), torch.cat(embeddings), added
 
 
@@ -274,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (SearchInputError, ConfigError, ResTunerError, ResTunerFileError, FileExistsError) as err:
+    except (SearchInputError, TrainingDataError, ConfigError, ResTunerError, ResTunerFileError, FileExistsError) as err:
         print(f"resattn-glora-search: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -33,6 +33,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..training.objective import prediction_target
 from ..tuners.base import ConfigError
 from ..tuners.glora import (
     SUPPORTS,
@@ -40,9 +41,8 @@ from ..tuners.glora import (
     GLoRALayerConfig,
     form_size_key,
     num_parameters,
-    sample_layer_config,
 )
-from .supernet import _require_unfused, get_subnet, set_subnet, supernet_layers
+from .supernet import _require_unfused, get_subnet, sample_layer_config, set_subnet, supernet_layers
 
 __all__ = [
     "DenoisingFitness",
@@ -105,9 +105,6 @@ class DenoisingFitness:
         self.unet = unet
         self.batch_size = int(batch_size)
         self.timesteps = self.fixed_timesteps(timesteps, noise_scheduler.config.num_train_timesteps)
-        prediction_type = noise_scheduler.config.prediction_type
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
 
         # Every (sample, timestep) pair, sample-major, with its own noise drawn once from the seed.
         generator = torch.Generator().manual_seed(int(seed))
@@ -117,12 +114,7 @@ class DenoisingFitness:
         noise = torch.randn(repeated.shape, generator=generator, dtype=torch.float32)
         steps = torch.tensor(self.timesteps, dtype=torch.long).repeat(count)
         self.noisy_latents = noise_scheduler.add_noise(repeated, noise, steps)
-        if prediction_type == "epsilon":
-            self.targets = noise
-        elif prediction_type == "v_prediction":
-            self.targets = noise_scheduler.get_velocity(repeated, noise, steps)
-        else:
-            self.targets = repeated
+        self.targets = prediction_target(noise_scheduler, repeated, noise, steps)
         self.steps = steps
         self.encoder_hidden_states = encoder_hidden_states.detach().cpu().repeat_interleave(pairs, dim=0)
         self.added_cond_kwargs = {

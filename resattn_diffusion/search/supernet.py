@@ -28,17 +28,18 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from ..integration.inject import ResTunerError, get_state, iter_tuners
-from ..integration.io import write_tuner_file
+from ..integration.io import file_tensors, write_tuner_file
 from ..tuners.base import ConfigError
 from ..training.data import derive_seed
 from ..training.trainable import TrainingCallback
-from ..tuners.glora import GLoRA, GLoRAChoiceSpace, num_parameters, parse_layer_config, sample_layer_config
+from ..tuners.glora import SUPPORTS, GLoRA, GLoRAChoiceSpace, GLoRALayerConfig, num_parameters, parse_layer_config
 
 __all__ = [
     "SubnetSampling",
     "fixed_glora_config",
     "get_subnet",
     "is_glora_supernet",
+    "sample_layer_config",
     "sample_subnet",
     "save_subnet",
     "set_subnet",
@@ -47,6 +48,25 @@ __all__ = [
     "supernet_layers",
     "training_callbacks",
 ]
+
+
+def sample_layer_config(space: GLoRAChoiceSpace, generator: torch.Generator | random.Random) -> GLoRALayerConfig:
+    """A configuration drawn uniformly (each support independently) from ``space``; reproducible for a seeded
+    ``torch.Generator`` or ``random.Random``."""
+    picks = {}
+    for support in SUPPORTS:
+        choices = space.choices(support)
+        if isinstance(generator, random.Random):
+            index = generator.randrange(len(choices))
+        elif isinstance(generator, torch.Generator):
+            index = int(torch.randint(len(choices), (1,), generator=generator).item())
+        else:
+            raise TypeError(f"generator must be a torch.Generator or random.Random, got {type(generator).__name__}")
+        picks[support] = choices[index]
+    return GLoRALayerConfig(**picks)
+
+
+# --- params ----------------------------------------------------------------------------------------------------
 
 
 def is_glora_supernet(unet: nn.Module, adapter_name: str = "default") -> bool:
@@ -197,9 +217,5 @@ def save_subnet(
     layers = list(supernet_layers(unet, adapter_name))
     _check_layers(layers, configs)
     config = fixed_glora_config(get_state(unet).configs[adapter_name], configs)
-    tensors: dict[str, torch.Tensor] = {}
-    for layer_path, module in layers:
-        for key, value in module.fixed_state_dict(configs[layer_path]).items():
-            tensors[f"{layer_path}.{key}"] = value.contiguous().cpu()
-
+    tensors = file_tensors((layer_path, module.fixed_state_dict(configs[layer_path])) for layer_path, module in layers)
     return write_tuner_file(unet, path, config, tensors, saved_name, overwrite)

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import typing
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import torch
 from diffusers.optimization import SchedulerType
 
 from ..config import PLACEMENTS, ResTunerConfig
 from ..registry import known_projections, known_targets
 from ..registry import get_tuner_spec, tuner_names
+from ..integration.inject import ResTunerError
 from ..tuners.base import ConfigError
 
 Task = Literal["dreambooth", "text2img"]
@@ -225,9 +229,12 @@ def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namesp
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks of :func:`parse_args` on parsed ``args`` (for a parser that extends :func:`build_parser`)."""
     task = args.task
+    check_finite_flags(parser, args)
+    check_mixed_precision(parser, args)
     try:
-        tuner_config_from_args(args)
-    except (ConfigError, OSError) as err:
+        config = tuner_config_from_args(args)
+        check_tuner_fits_model(args, config)
+    except (ConfigError, ResTunerError, OSError) as err:
         parser.error(f"bad tuner settings: {err}")
 
     positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "num_validation_images"]
@@ -257,6 +264,56 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
     if unknown:
         parser.error(f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none")
+
+
+def check_finite_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every number flag is finite: ``--learning_rate nan`` would train on NaN and fail later, blaming the model."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{action.option_strings[0]} must be a finite number, got {value}")
+
+
+def fp16_device_available() -> bool:
+    """Whether this machine has an accelerator that runs float16 (CUDA/ROCm, XPU or Apple MPS)."""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool(
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or (mps is not None and mps.is_available())
+    )
+
+
+#: Why fp16 is refused on a CPU, in one place for the flag check and the training loop (accelerate's own config).
+FP16_ON_CPU = (
+    "mixed precision fp16 needs a GPU, and this machine has none: on a CPU float16 weights meet the float32 inputs "
+    "of the tuners and training fails. Use --mixed_precision bf16 (the CPU's half precision) or --mixed_precision no"
+)
+
+
+def check_mixed_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.mixed_precision == "fp16" and not fp16_device_available():
+        parser.error(FP16_ON_CPU)
+
+
+def check_tuner_fits_model(args: argparse.Namespace, config: ResTunerConfig) -> None:
+    """Refuse a tuner bigger than its model before anything is loaded (``--rank 1000000``): the UNet of a local
+    model folder is built from its ``unet/config.json`` on the meta device (no weights read), and the tuner is
+    planned on it there. A Hub id is checked the same way once the UNet is loaded, still before allocation."""
+    config_file = Path(args.pretrained_model_name_or_path) / "unet" / "config.json"
+    if not config_file.is_file():
+        return
+    from diffusers import UNet2DConditionModel
+
+    from ..integration.plan import check_tuner_size
+
+    unet_config = UNet2DConditionModel.load_config(str(config_file.parent))
+    if unet_config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        return  # another model family: its own loader checks it
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    check_tuner_size(unet, config)
 
 
 # --- the tuner config ------------------------------------------------------------------------------------------

@@ -16,12 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..integration.inject import get_res_tuner_configs, iter_tuners
-from ..integration.io import WEIGHT_NAME, read_tuner_file, save_res_tuner
+from ..integration.inject import get_res_tuner_configs
+from ..integration.io import WEIGHT_NAME, load_tuner_tensors, read_tuner_file, save_res_tuner
 from .errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -90,10 +89,6 @@ def prune_checkpoints(output_dir: Path, total_limit: int | None) -> None:
         shutil.rmtree(folder)
 
 
-def tuner_is_finite(unet: nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for _, tuner in iter_tuners(unet, ADAPTER_NAME) for p in tuner.parameters())
-
-
 def save_checkpoint(accelerator: Any, output_dir: Path, global_step: int, total_limit: int | None, state: dict[str, Any]) -> Path:
     """Save the training state as ``checkpoint-<global_step>`` on every process (each writes its random state);
     the main process prunes old checkpoints first and marks the new one complete last."""
@@ -134,16 +129,11 @@ def register_tuner_checkpoint_hooks(accelerator: Any, unet: nn.Module) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-@torch.no_grad()
 def load_tuner_weights_in_place(unet: nn.Module, file: Path) -> None:
-    """Copy a tuner file's weights into the tuner already on ``unet`` (same config), keeping its parameters."""
+    """Copy a tuner file's weights into the tuner already on ``unet`` (same config), keeping its parameters; the
+    file gets the same checks as any tuner file (shapes, finiteness, nothing missing or left over)."""
     metadata, tensors = read_tuner_file(file)
     config = get_res_tuner_configs(unet)[ADAPTER_NAME]
     if ResTunerConfig.from_json(metadata["config"]) != config:
         raise TrainingError(f"{str(file)!r} holds another tuner config than the one being trained; resume with the same tuner flags")
-    for layer_path, tuner in iter_tuners(unet, ADAPTER_NAME):
-        own = tuner.state_dict()
-        missing = [f"{layer_path}.{key}" for key in own if f"{layer_path}.{key}" not in tensors]
-        if missing:
-            raise TrainingError(f"{str(file)!r} lacks {missing[0]}; the checkpoint is incomplete")
-        tuner.load_state_dict({key: tensors[f"{layer_path}.{key}"] for key in own})
+    load_tuner_tensors(unet, ADAPTER_NAME, tensors, str(file))

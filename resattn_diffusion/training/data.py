@@ -12,7 +12,6 @@ DreamBooth class images of prior preservation).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 from dataclasses import dataclass
@@ -24,10 +23,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from .. import images as images_io
 from .errors import TrainingDataError
 
-#: File extensions read as images in folders.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 METADATA_FILE = "metadata.jsonl"
 
 
@@ -41,16 +39,7 @@ def derive_seed(*parts: Any) -> int:
 def list_images(folder: str | Path, what: str) -> list[Path]:
     """The image files directly in ``folder``, sorted; clear errors for a missing folder or one without images.
     Each file's header is read, so a file that is not an image is reported by name before training starts."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise TrainingDataError(f"{what} {str(folder)!r} does not exist; pass a folder of images")
-    if not folder.is_dir():
-        raise TrainingDataError(f"{what} {str(folder)!r} is a file, not a folder of images")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not images:
-        raise TrainingDataError(
-            f"{what} {str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}); add some images"
-        )
+    images = images_io.list_images(folder, what, TrainingDataError)
     for path in images:
         check_image_file(path)
     return images
@@ -58,34 +47,12 @@ def list_images(folder: str | Path, what: str) -> list[Path]:
 
 def check_image_file(path: Path) -> None:
     """Read the header of an image file; an unreadable one is an error naming it."""
-    try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - the header is parsed on open; size proves it was
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise TrainingDataError(f"cannot read image {str(path)!r}: {err}. Remove or replace the file.") from None
+    images_io.check_image_file(path, TrainingDataError)
 
 
 def load_image(source: Any, name: str) -> Image.Image:
     """An RGB PIL image from a path, a PIL image, or a ``datasets`` image dict; EXIF rotation applied."""
-    try:
-        if isinstance(source, Image.Image):
-            image = source
-            image.load()
-        elif isinstance(source, (str, Path)):
-            with Image.open(source) as opened:
-                image = opened.copy()  # copy() decodes the whole file, so a truncated one fails here
-        elif isinstance(source, dict) and (source.get("bytes") or source.get("path")):
-            data = source.get("bytes")
-            with Image.open(io.BytesIO(data) if data else source["path"]) as opened:
-                image = opened.copy()
-        else:
-            raise TrainingDataError(f"image {name} is a {type(source).__name__}, not an image or an image path")
-        image = ImageOps.exif_transpose(image)
-    except TrainingDataError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise TrainingDataError(f"cannot read image {name}: {err}. Remove or replace it.") from None
-    return image.convert("RGB")
+    return images_io.load_image(source, name, TrainingDataError)
 
 
 @dataclass
@@ -243,29 +210,31 @@ class TextImageDataset(SeededDataset):
         return self.example(load_image(image, name), caption, rng)
 
 
-def read_image_folder(folder: str | Path, caption_column: str) -> FolderSource:
-    """Captioned images of ``folder``: ``metadata.jsonl`` (``file_name`` + ``caption_column`` per line) if present,
-    otherwise every image with a same-named ``.txt`` caption file."""
+def read_image_folder(
+    folder: str | Path, caption_column: str, image_column: str = "file_name", what: str = "--train_data_dir"
+) -> FolderSource:
+    """Captioned images of ``folder``: ``metadata.jsonl`` (``image_column`` + ``caption_column`` per line) if
+    present, otherwise every image with a same-named ``.txt`` caption file. ``what`` names the folder in errors."""
     folder = Path(folder)
     metadata = folder / METADATA_FILE
     if folder.is_dir() and metadata.is_file():
-        records = _read_metadata(folder, metadata, caption_column)
+        records = _read_metadata(folder, metadata, caption_column, image_column)
     else:
-        images = list_images(folder, "--train_data_dir")
+        images = list_images(folder, what)
         captions = [path.with_suffix(".txt") for path in images]
         missing = [path for path, caption in zip(images, captions) if not caption.is_file()]
         if missing:
             examples = ", ".join(f"{p.name} (expected {p.with_suffix('.txt').name})" for p in missing[:3])
             raise TrainingDataError(
-                f"--train_data_dir {str(folder)!r}: {len(missing)} of {len(images)} images have no caption: {examples}. "
+                f"{what} {str(folder)!r}: {len(missing)} of {len(images)} images have no caption: {examples}. "
                 f"Add a same-named .txt caption per image, or a {METADATA_FILE} with one JSON object per line, "
-                f'e.g. {{"file_name": "{images[0].name}", "{caption_column}": "a caption"}}'
+                f'e.g. {{"{image_column}": "{images[0].name}", "{caption_column}": "a caption"}}'
             )
         records = [(path, caption.read_text(encoding="utf-8").strip()) for path, caption in zip(images, captions)]
     return FolderSource(records)
 
 
-def _read_metadata(folder: Path, metadata: Path, caption_column: str) -> list[tuple[Path, str]]:
+def _read_metadata(folder: Path, metadata: Path, caption_column: str, image_column: str) -> list[tuple[Path, str]]:
     records = []
     columns: set[str] = set()
     with open(metadata, encoding="utf-8") as f:
@@ -276,18 +245,18 @@ def _read_metadata(folder: Path, metadata: Path, caption_column: str) -> list[tu
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise TrainingDataError(f"{str(metadata)!r} line {line_number} is not JSON: {err}") from None
-            if not isinstance(row, dict) or "file_name" not in row:
-                raise TrainingDataError(f"{str(metadata)!r} line {line_number} has no \"file_name\"; each line is an object like "
-                                        f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}')
+            if not isinstance(row, dict) or image_column not in row:
+                raise TrainingDataError(f"{str(metadata)!r} line {line_number} has no \"{image_column}\"; each line is an object like "
+                                        f'{{"{image_column}": "0001.png", "{caption_column}": "a caption"}}')
             columns.update(row)
             if caption_column not in row:
                 raise TrainingDataError(
                     f"{str(metadata)!r} has no caption column {caption_column!r} (line {line_number}); "
                     f"its columns are {sorted(columns)}: pass one of them as --caption_column"
                 )
-            path = folder / row["file_name"]
+            path = folder / row[image_column]
             if not path.is_file():
-                raise TrainingDataError(f"{str(metadata)!r} line {line_number} names {row['file_name']!r}, which is not in {str(folder)!r}")
+                raise TrainingDataError(f"{str(metadata)!r} line {line_number} names {row[image_column]!r}, which is not in {str(folder)!r}")
             check_image_file(path)
             records.append((path, row[caption_column]))
     if not records:

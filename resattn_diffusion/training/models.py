@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import TrainingError
+from .objective import prediction_target
 
 #: Flags of the rectified-flow objective (SD3 / Flux); refused on the UNet family when given.
 FLOW_ONLY_FLAGS: tuple[str, ...] = (
@@ -260,8 +261,7 @@ class StableDiffusionBase:
         """SDXL's ``added_cond_kwargs``: pooled text embedding and (original size, crop top-left, target size)."""
         if not self.sdxl:
             return None
-        target = torch.tensor([resolution, resolution]).expand(len(batch["original_sizes"]), 2)
-        time_ids = torch.cat([batch["original_sizes"].cpu(), batch["crop_top_lefts"].cpu(), target], dim=1)
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution)
         return {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(device=pooled.device, dtype=dtype)}
 
     def per_example_loss(
@@ -293,12 +293,9 @@ class StableDiffusionBase:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         prediction_type = scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
+        if prediction_type not in ("epsilon", "v_prediction"):  # Min-SNR weighting below knows these two
             raise TrainingError(f"the model's scheduler predicts {prediction_type!r}; pass --prediction_type epsilon or v_prediction")
+        target = prediction_target(scheduler, latents, noise, timesteps)
 
         prediction = denoiser(noisy_latents, timesteps, context, added_cond_kwargs=added_conditions, return_dict=False)[0]
         per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -347,6 +344,13 @@ class StableDiffusionBase:
 
 #: The name this class had before the transformer families arrived.
 BaseModel = StableDiffusionBase
+
+
+def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, resolution: int) -> torch.Tensor:
+    """SDXL's six size/crop conditions per image, (batch, 6) on the CPU: original (height, width), the crop's
+    top-left (top, left), and the target size (``resolution``, ``resolution``)."""
+    target = torch.tensor([resolution, resolution]).expand(len(original_sizes), 2)
+    return torch.cat([original_sizes.cpu(), crop_top_lefts.cpu(), target.to(original_sizes.dtype)], dim=1)
 
 
 def move(module: nn.Module, device: torch.device | None, dtype: torch.dtype) -> None:

@@ -11,17 +11,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS, derive_seed
+from ..images import count_images
+from .data import derive_seed
 from .errors import TrainingDataError
 from .models import read_model_index
 
 logger = logging.getLogger(__name__)
 
 _GENERATION_DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def count_images(folder: Path) -> int:
-    return sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else 0
 
 
 def generate_class_images(args: Any, accelerator: Any, resolution: int, seed: int) -> int:

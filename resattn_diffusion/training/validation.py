@@ -17,13 +17,14 @@ logger = logging.getLogger(__name__)
 
 
 def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    """diffusers' ``make_image_grid`` with at most ``columns`` columns; a last row that is not full is padded with
+    white (``make_image_grid`` needs rows x columns images)."""
+    from diffusers.utils import make_image_grid
+
     columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
+    blank = Image.new("RGB", images[0].size, "white")
+    return make_image_grid(list(images) + [blank] * (rows * columns - len(images)), rows, columns)
 
 
 def log_validation(

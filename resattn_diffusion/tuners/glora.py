@@ -40,9 +40,8 @@ The lora factors ``*_down`` get their gradient once ``*_up`` has moved. Never ar
 
 Supernet (as in the GLoRA paper): the module holds the largest form of each support in a choice space (lora
 factors up to ``r_max``, plus the vector and scalar parameters) and evaluates any configuration of that space
-(:meth:`GLoRA.set_active`); ``lora<r>`` uses the first r components ``X_up[:, :r] X_down[:r, :]`` of the shared
-``r_max`` factors. :func:`sample_layer_config` draws a configuration with a seeded generator and
-:func:`num_parameters` counts a configuration's parameters (for the search's budget);
+(:meth:`GLoRA.set_active`; drawing configurations is the search's, :mod:`resattn_diffusion.search.supernet`); ``lora<r>`` uses the first r components ``X_up[:, :r] X_down[:r, :]`` of the shared
+``r_max`` factors. :func:`num_parameters` counts a configuration's parameters (for the search's budget);
 :meth:`GLoRA.fixed_state_dict` cuts the sub-network out as the state dict of a fixed-configuration module.
 """
 
@@ -50,7 +49,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import random
 import re
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Mapping
@@ -281,25 +279,6 @@ class GLoRAChoiceSpace:
     def without_bias(self) -> GLoRAChoiceSpace:
         """The space for a layer without bias: D is always ``none``."""
         return GLoRAChoiceSpace(self.A, self.B, self.C, ("none",), self.E)
-
-
-def sample_layer_config(space: GLoRAChoiceSpace, generator: torch.Generator | random.Random) -> GLoRALayerConfig:
-    """A configuration drawn uniformly (each support independently) from ``space``; reproducible for a seeded
-    ``torch.Generator`` or ``random.Random``."""
-    picks = {}
-    for support in SUPPORTS:
-        choices = space.choices(support)
-        if isinstance(generator, random.Random):
-            index = generator.randrange(len(choices))
-        elif isinstance(generator, torch.Generator):
-            index = int(torch.randint(len(choices), (1,), generator=generator).item())
-        else:
-            raise TypeError(f"generator must be a torch.Generator or random.Random, got {type(generator).__name__}")
-        picks[support] = choices[index]
-    return GLoRALayerConfig(**picks)
-
-
-# --- params ----------------------------------------------------------------------------------------------------
 
 
 def check_lora_ranks(config: GLoRALayerConfig, shape: OpShape, where: str) -> None:

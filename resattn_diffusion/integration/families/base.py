@@ -20,16 +20,15 @@ from ...config import ResTunerConfig
 from ...tuners.base import ConfigError, OpShape
 from ..state import ResTunerError
 
-#: How a tuner sits at a :class:`Layer`: ``"attention"`` (inside the attention processor named by
-#: ``Layer.processor_cls``), ``"ff"`` (a forward hook adding a branch to a whole module's output) or ``"linear"``
-#: (a forward hook beside one ``nn.Linear``).
-ROLES = ("attention", "ff", "linear")
-
 
 @dataclass
 class Layer:
     """One place a tuner can sit: ``path`` in the model, its module, how the branch is hooked in (``role``) and the
-    shape a tuner is built for."""
+    shape a tuner is built for.
+
+    ``role`` is ``"attention"`` (inside the attention processor named by ``processor_cls``), ``"ff"`` (a forward hook
+    adding a branch to a whole module's output) or ``"linear"`` (a forward hook beside one ``nn.Linear``).
+    """
 
     path: str
     module: nn.Module

@@ -33,6 +33,11 @@ class TunerKindAttach(ABC):
         Raises (changing nothing) when ``config`` cannot sit on ``model``."""
 
     @abstractmethod
+    def plan(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[tuple[str, nn.Module]]:
+        """(path, module) of the tuner ``config`` would put on ``model``, built in the current device context (the
+        meta device: sizes without memory) and not attached. Raises like :meth:`attach` would."""
+
+    @abstractmethod
     def attach(
         self, model: nn.Module, family: ModelFamily, config: ResTunerConfig, adapter_name: str, state: ResTunerState
     ) -> list[str]:

@@ -17,7 +17,15 @@ from torch import nn
 from ...config import ResTunerConfig
 from ...tuners.base import OpShape
 from ..families.base import Layer, ModelFamily, base_linear, linear_shape
-from ..processors import LinearBank, OperationBank, ResTunerAttnProcessor, TunerBank, TunerSetting, ff_bank_hook, linear_bank_hook
+from ..processors import (
+    LinearBank,
+    OperationBank,
+    ResTunerAttnProcessor,
+    TunerBank,
+    TunerSetting,
+    ff_bank_hook,
+    linear_bank_hook,
+)
 from ..state import ResTunerError, ResTunerState, module_dtype_device, remove_forward_hooks
 from .base import TunerKindAttach
 
@@ -97,24 +105,34 @@ class LayerKind(TunerKindAttach):
     def fingerprint(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> dict[str, dict]:
         return layer_fingerprint(self.layers(model, family, config))
 
-    def attach(
-        self, model: nn.Module, family: ModelFamily, config: ResTunerConfig, adapter_name: str, state: ResTunerState
-    ) -> list[str]:
+    def _build(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[tuple[Layer, nn.Module]]:
+        """Every layer with its new tuner module (built in the current device context, float32)."""
         layers = self.layers(model, family, config)
         config.params.validate_layers([layer.path for layer in layers])
-        # Build every module before touching the model, so a failure leaves it unchanged.
         built = []
         for layer in layers:
             params = config.params.for_layer(layer.path)
             shape = tuner_input_shape(layer.shape, layer.role, config.placement)
             params.validate_for(shape)
+            built.append((layer, config.spec.module_cls(shape, params)))
+        return built
+
+    def plan(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[tuple[str, nn.Module]]:
+        return [(layer.path, tuner) for layer, tuner in self._build(model, family, config)]
+
+    def attach(
+        self, model: nn.Module, family: ModelFamily, config: ResTunerConfig, adapter_name: str, state: ResTunerState
+    ) -> list[str]:
+        # Build every module before touching the model, so a failure leaves it unchanged.
+        built = []
+        for layer, tuner in self._build(model, family, config):
             dtype, device = module_dtype_device(layer.module)
-            built.append((layer, config.spec.module_cls(shape, params).to(device=device, dtype=dtype)))
+            built.append((layer, tuner.to(device=device, dtype=dtype)))
         for layer, tuner in built:
             bank, owner = bank_for(layer)
             bank.add(adapter_name, tuner, config.scale, config.placement)
             state.add_bank(bank, owner)
-        return [layer.path for layer in layers]
+        return [layer.path for layer, _ in built]
 
     def detach(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> None:
         for bank, owner in list(state.banks):

@@ -11,10 +11,10 @@ from typing import Iterator
 from torch import nn
 
 from ...config import ResTunerConfig
+from .. import unet_tuners
 from ..families.base import ModelFamily
 from ..processors import TunerSetting
 from ..state import ResTunerState
-from .. import unet_tuners
 from .base import TunerKindAttach
 
 
@@ -23,6 +23,12 @@ class ModelKind(TunerKindAttach):
 
     def fingerprint(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> dict[str, dict]:
         return unet_tuners.unet_tuner_fingerprint(model, config)
+
+    def plan(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[tuple[str, nn.Module]]:
+        unet_tuners.unet_tuner_fingerprint(model, config)  # the bypass's own checks of config and UNet
+        sources = unet_tuners.bypass_sources(model)
+        bypass = config.spec.module_cls([width for _, _, width in sources], config.params)
+        return list(zip([path for path, _, _ in sources], bypass.stages))
 
     def attach(
         self, model: nn.Module, family: ModelFamily, config: ResTunerConfig, adapter_name: str, state: ResTunerState
