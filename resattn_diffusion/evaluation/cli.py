@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..quiet import quiet_libraries
 from ..integration.inject import ResTunerError
 from ..integration.io import ResTunerFileError
 from .errors import EvaluationError, EvaluationWarning
@@ -313,6 +314,7 @@ def _run_metrics(args: argparse.Namespace, evaluator: Evaluator, generated: Sequ
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 for input errors, which are printed)."""
     args = build_parser().parse_args(argv)
+    quiet_libraries(None)  # library chatter off the console; the tables and our notes stay
     device = args.device or _default_device()
     try:
         if args.command == "generate":

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..hub import ModelSourceError, check_pretrained_source
+from ..quiet import from_pretrained_dtype
 from .errors import EvaluationError
 from .images import MANIFEST_NAME, read_manifest, read_prompts
 
@@ -300,14 +302,12 @@ def load_pipeline(
             raise EvaluationError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}.")
         dtype = getattr(torch, dtype)
     pipeline_class = StableDiffusionXLPipeline if sdxl else DiffusionPipeline
-    try:  # recent diffusers name the argument ``dtype`` and deprecate ``torch_dtype``
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-
-        dtype_argument = "dtype"
-    except ImportError:
-        dtype_argument = "torch_dtype"
     try:
-        pipeline = pipeline_class.from_pretrained(str(name_or_path), **{dtype_argument: dtype})
+        check_pretrained_source(name_or_path, "--pipeline")
+    except ModelSourceError as err:
+        raise EvaluationError(str(err)) from None
+    try:
+        pipeline = pipeline_class.from_pretrained(str(name_or_path), **from_pretrained_dtype(dtype))
     except (OSError, ValueError) as err:
         raise EvaluationError(
             f"could not load the pipeline {str(name_or_path)!r} (--pipeline): {err}\nOffline, pass a local "

@@ -20,7 +20,7 @@ from .families.unet import attention_shape, transformer_blocks
 from .kinds import kind_of
 from .kinds.layers import LayerKind, layer_fingerprint, tuner_input_shape
 from .processors import SCALE_KWARG, TunerSetting
-from .state import STATE_ATTR, ResTunerError, ResTunerState, get_state, remove_forward_hooks, require_state
+from .state import STATE_ATTR, ResTunerError, ResTunerState, get_state, remove_forward_hooks
 from .state import require_name as _require_name
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "res_tuner_settings",
     "res_tuner_summary",
     "set_res_tuner_enabled",
+    "set_res_tuner_layer_scales",
     "set_res_tuner_scale",
     "transformer_blocks",
     "tuner_input_shape",
@@ -165,7 +166,11 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
 
 def _require_state(unet: nn.Module) -> ResTunerState:
     check_model(unet, pipelines_ok=False)
-    return require_state(unet)
+    state = get_state(unet)
+    if state is None or not state.configs:
+        word = family_of(unet).model_word  # a model no family describes is told what to pass instead
+        raise ResTunerError(f"this {word} has no res tuner; add one with add_res_tuner or load one with load_res_tuner")
+    return state
 
 
 def _names(state: ResTunerState, adapter_name: str | list[str] | None) -> list[str]:
@@ -243,9 +248,13 @@ def res_tuner_settings(unet: nn.Module) -> dict[str, dict[str, float | bool]]:
     return status
 
 
-def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None) -> None:
+def fuse_res_tuner(
+    unet: nn.Module, adapter_name: str | list[str] | None = None, safe_fusing: bool = False
+) -> None:
     """Fold linear tuners (Res-LoRA, GLoRA, SURM) into the frozen weights: zero inference cost. Raises, naming
-    them, for tuners that cannot fold (attention-side branches), before changing anything."""
+    them, for tuners that cannot fold (attention-side branches), before changing anything. With ``safe_fusing``
+    (as in diffusers' ``fuse_lora``) every fused weight is computed and checked first, and a NaN or inf anywhere
+    refuses the whole fuse, changing nothing."""
     state = _require_state(unet)
     names = _names(state, adapter_name)
     cannot = [n for n in names if not kind_of(state.configs[n]).can_fuse]
@@ -256,7 +265,7 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None)
         )
     _refuse_disabled(unet, names)
     for kind in {id(kind_of(state.configs[n])): kind_of(state.configs[n]) for n in names}.values():
-        kind.fuse(unet, state, [n for n in names if kind_of(state.configs[n]) is kind])
+        kind.fuse(unet, state, [n for n in names if kind_of(state.configs[n]) is kind], safe_fusing)
 
 
 def _refuse_disabled(unet: nn.Module, names: list[str]) -> None:
@@ -270,11 +279,37 @@ def _refuse_disabled(unet: nn.Module, names: list[str]) -> None:
         )
 
 
-def unfuse_res_tuner(unet: nn.Module) -> None:
-    """Restore every fused layer's original weights exactly; the tuners run as branches again."""
+def unfuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None) -> None:
+    """Restore the weights fused tuners changed, exactly; the tuners run as branches again. With
+    ``adapter_name``, only the named tuner(s) leave the weights; other fused tuners stay fused."""
     state = _require_state(unet)
+    names = None if adapter_name is None else _names(state, adapter_name)
     for kind in {id(kind_of(c)): kind_of(c) for c in state.configs.values()}.values():
-        kind.unfuse(unet, state)
+        kind.unfuse(unet, state, names)
+
+
+def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[str, float]) -> None:
+    """Per-layer scales of one tuner: ``scales`` maps a module path prefix (``"down_blocks.1.attentions.0"``,
+    ``"mid_block"``) to the scale of every branch of the tuner under it; branches under no prefix keep their scale.
+    The longest matching prefix wins. Refused, changing nothing, if a fused branch would change."""
+    state = _require_state(unet)
+    _require_name(state, adapter_name)
+    if not isinstance(kind_of(state.configs[adapter_name]), LayerKind):
+        raise ResTunerError(f"tuner {adapter_name!r} is a side network over the whole model; it has one scale, not per-block ones")
+    changes = []
+    for bank, _ in state.banks:
+        setting = bank.settings.get(adapter_name)
+        if setting is None:
+            continue
+        prefixes = [p for p in scales if bank.layer_path == p or bank.layer_path.startswith(p + ".")]
+        if not prefixes:
+            continue
+        scale = float(scales[max(prefixes, key=len)])
+        if setting.fused and setting.scale != scale:
+            raise ResTunerError(f"tuner {adapter_name!r} is fused into the weights; unfuse it before changing its scales")
+        changes.append((setting, scale))
+    for setting, scale in changes:
+        setting.scale = scale
 
 
 def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:

@@ -14,7 +14,7 @@ import stat
 import struct
 import tempfile
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from ..checks import MAX_ABS_WEIGHT, check_adapter_name, check_model
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
 from .families import family_named, family_of
-from .inject import add_res_tuner, expected_fingerprint, iter_tuners, remove_res_tuner
+from .inject import add_res_tuner, expected_fingerprint, get_res_tuner_configs, iter_tuners, remove_res_tuner
 from .state import ResTunerError, get_state
 
 FORMAT_NAME = "resattn-diffusion"
@@ -378,14 +378,25 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
 
 def load_res_tuner(
     unet: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike | Mapping[str, torch.Tensor],
     adapter_name: str | None = None,
     weight_name: str | None = None,
+    hotswap: bool = False,
+    config: ResTunerConfig | None = None,
 ) -> str:
     """Load a tuner file (or a folder holding one) onto ``unet`` (or a pipeline's UNet) under ``adapter_name``
     (default: the name it was saved with); returns the name. Everything is checked before the UNet changes -- the
     file's type and header size, its metadata, the config, the layers against this UNet, every tensor's dtype and
-    shape against modules planned on the meta device, the values -- so on any error it is unchanged."""
+    shape against modules planned on the meta device, the values -- so on any error it is unchanged.
+
+    ``path`` may also be a state dict (file keys, as :func:`res_tuner_state_dict` returns); it then needs
+    ``config``, except with ``hotswap``, where the loaded tuner's config is the default. ``hotswap=True`` copies the
+    weights into the loaded tuner ``adapter_name`` in place (same tuner, config and shapes), so that a
+    ``torch.compile``-d UNet runs them without recompiling (:mod:`~resattn_diffusion.integration.hotswap`)."""
+    if isinstance(path, Mapping) or hotswap:
+        return _load_state_dict_or_hotswap(unet, path, adapter_name, weight_name, hotswap, config)
+    if config is not None:
+        raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
     unet = check_model(unet)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
@@ -440,6 +451,61 @@ def load_res_tuner(
     return name
 
 
+def _load_state_dict_or_hotswap(
+    unet: nn.Module,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    adapter_name: str | None,
+    weight_name: str | None,
+    hotswap: bool,
+    config: ResTunerConfig | None,
+) -> str:
+    """:func:`load_res_tuner` from a state dict, or with ``hotswap``: the same checks of names, config and every
+    tensor (:func:`checked_tuner_tensors`) before the UNet changes."""
+    unet = check_model(unet)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    if isinstance(source, Mapping):
+        file = "the state dict"
+        bad = [key for key, value in source.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+        if bad:
+            raise ResTunerFileError(f"a tuner state dict maps file keys to tensors; entry {bad[0]!r} is not one")
+        tensors = dict(source)
+        if config is None and hotswap and adapter_name is not None:
+            config = get_res_tuner_configs(unet).get(adapter_name)
+        if config is None:
+            raise ResTunerFileError(
+                "a state dict carries no tuner config: pass config= (the ResTunerConfig it was trained with), or "
+                "load the tuner file, which holds it"
+            )
+        if not isinstance(config, ResTunerConfig):
+            raise TypeError(f"config must be a ResTunerConfig, got {type(config).__name__}")
+        name = adapter_name or "default"
+    else:
+        if config is not None:
+            raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
+        metadata, tensors = read_tuner_file(source, weight_name)
+        file = str(resolve_tuner_file(source, weight_name))
+        config = _file_config(file, metadata)
+        name = adapter_name or metadata.get("adapter_name") or "default"
+    _check_weight_values(file, tensors)
+    if hotswap:
+        if adapter_name is None:
+            raise ResTunerError("hotswap=True needs adapter_name=, the loaded tuner whose weights to replace")
+        from .hotswap import hotswap_res_tuner
+
+        return hotswap_res_tuner(unet, adapter_name, config, tensors, file)
+    state = get_state(unet)
+    if state is not None and name in state.configs:
+        raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
+    add_res_tuner(unet, config, name)
+    try:
+        load_tuner_tensors(unet, name, tensors, file)
+    except Exception:
+        remove_res_tuner(unet, name)
+        raise
+    return name
+
+
 def checked_tuner_tensors(
     tuners: Iterable[tuple[str, nn.Module]], tensors: dict[str, torch.Tensor], file: str
 ) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
@@ -475,3 +541,7 @@ def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tens
     for tuner, values in checked_tuner_tensors(iter_tuners(unet, name), tensors, file):
         own = tuner.state_dict()
         tuner.load_state_dict({key: value.to(device=own[key].device, dtype=own[key].dtype) for key, value in values.items()})
+
+
+#: The public name of :func:`tuner_state_dict` (the role of peft's ``get_peft_model_state_dict``).
+res_tuner_state_dict = tuner_state_dict

@@ -15,8 +15,11 @@ import os
 import re
 import socket
 from urllib.parse import urlparse
-from typing import Any
+from typing import Any, Mapping
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from ..checks import check_scale
@@ -28,10 +31,11 @@ from .inject import (
     remove_res_tuner,
     res_tuner_settings,
     set_res_tuner_enabled,
+    set_res_tuner_layer_scales,
     set_res_tuner_scale,
     unfuse_res_tuner,
 )
-from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
+from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner, res_tuner_state_dict, save_res_tuner
 
 #: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
 HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
@@ -106,7 +110,7 @@ def resolve_tuner_source(
         # hf_hub_download would retry for many seconds before saying the same thing
         raise ResTunerFileError(
             f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and it cannot be fetched "
-            f"as a Hugging Face Hub repo: {offline}. Pass the path of a local .safetensors file or training output "
+            f"from the Hugging Face Hub: offline ({offline}). Pass the path of a local .safetensors file or training output "
             "folder, or go online."
         )
     try:
@@ -152,9 +156,11 @@ class ResTunerLoaderMixin:
     # -- loading ------------------------------------------------------------------------------------------------
     def load_res_tuner(
         self,
-        path_or_folder: str | os.PathLike,
+        path_or_folder: str | os.PathLike | Mapping[str, torch.Tensor],
         adapter_name: str | None = None,
         weight_name: str | None = None,
+        hotswap: bool = False,
+        config: ResTunerConfig | None = None,
         **hub_kwargs: Any,
     ) -> str:
         """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet`` / ``pipe.transformer``.
@@ -164,6 +170,11 @@ class ResTunerLoaderMixin:
                 output folder); or a Hugging Face Hub repo id (``"user/my-tuner"``), downloaded when online.
             adapter_name: the name to load it under; default: the name it was saved with.
             weight_name: the file inside a folder or Hub repo, when it is not ``res_tuner.safetensors``.
+            hotswap: replace the weights of the loaded tuner ``adapter_name`` in place (same tuner, config and
+                shapes), so a ``torch.compile``-d UNet runs the new weights without recompiling. A file that does
+                not match is refused before anything changes.
+            config: the tuner's config when ``path_or_folder`` is a state dict (``pipe.res_tuner_state_dict(name)``);
+                with ``hotswap`` the loaded tuner's config is the default.
             **hub_kwargs: for a Hub repo, passed to ``huggingface_hub.hf_hub_download`` (``subfolder``,
                 ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``proxies``).
 
@@ -182,8 +193,28 @@ class ResTunerLoaderMixin:
                 f"the {denoiser_attribute(self)}'s attention projections are fused (fuse_qkv_projections); call "
                 "pipe.unfuse_qkv_projections() before loading res tuners"
             )
+        if isinstance(path_or_folder, Mapping):
+            if hub_kwargs or weight_name is not None:
+                raise TypeError("a state dict is loaded as it is: weight_name and Hub options do not apply")
+            return load_res_tuner(denoiser, path_or_folder, adapter_name=adapter_name, hotswap=hotswap, config=config)
         source, folder_weight_name = resolve_tuner_source(path_or_folder, weight_name, **hub_kwargs)
-        return load_res_tuner(denoiser, source, adapter_name=adapter_name, weight_name=folder_weight_name)
+        return load_res_tuner(
+            denoiser, source, adapter_name=adapter_name, weight_name=folder_weight_name, hotswap=hotswap, config=config
+        )
+
+    def save_res_tuner(
+        self, save_path: str | os.PathLike, adapter_name: str = "default", overwrite: bool = True
+    ) -> Path:
+        """Save the named tuner to a ``.safetensors`` file (or a folder, which gets ``res_tuner.safetensors``) that
+        ``load_res_tuner`` and ``resattn-export`` read; atomic. Returns the file written."""
+        self._check_names(adapter_name)
+        return save_res_tuner(self._res_tuner_denoiser, save_path, adapter_name=adapter_name, overwrite=overwrite)
+
+    def res_tuner_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The named tuner's weights (CPU copies) under file keys: ``load_res_tuner(state_dict, config=...)`` takes
+        them back, ``hotswap=True`` swaps them in."""
+        self._check_names(adapter_name)
+        return res_tuner_state_dict(self._res_tuner_denoiser, adapter_name)
 
     def unload_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Remove the named tuner(s), or all of them with ``adapter_name=None`` (a no-op when none is loaded).
@@ -208,31 +239,38 @@ class ResTunerLoaderMixin:
         set_res_tuner_scale(self._res_tuner_denoiser, scale, names)
 
     def set_res_tuners(
-        self, adapter_names: str | list[str], weights: float | list[float] | None = None
+        self,
+        adapter_names: str | list[str],
+        weights: float | dict | list[float | dict | None] | None = None,
     ) -> None:
         """Mix loaded tuners: the named ones run with ``weights`` as their scales, every other loaded tuner is
         disabled (kept loaded; ``enable_res_tuner`` brings it back). Like diffusers' ``set_adapters``.
 
         Args:
             adapter_names: the tuners to use.
-            weights: one scale per name, one scale for all, or None for 1.0 each.
+            weights: one scale per name, one scale for all, or None for 1.0 each. A scale may be a per-block dict
+                in diffusers' ``set_adapters`` form, e.g. ``{"down": 0.5, "mid": 1.0, "up": {"block_0": 0.2,
+                "block_1": [0.4, 0.6, 0.8]}}`` (blocks and transformer layers not named get 1.0).
         """
         names = self._check_names(adapter_names)
         if len(set(names)) != len(names):
             raise ValueError(f"set_res_tuners: adapter_names has duplicates: {names}")
-        if weights is None:
-            weights = [1.0] * len(names)
-        elif isinstance(weights, (int, float)):
+        if weights is None or isinstance(weights, (int, float, dict)):
             weights = [weights] * len(names)
-        weights = [_check_weight(w) for w in weights]
+        weights = [1.0 if w is None else w for w in weights]
         if len(weights) != len(names):
             raise ValueError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} weight(s) {weights}")
-        self._refuse_fused(list(res_tuner_settings(self._res_tuner_denoiser)), "mixing tuners")
-
         denoiser = self._res_tuner_denoiser
+        # Expand and check every weight before any tuner changes.
+        weights = [_expand_block_weights(denoiser, w, name) if isinstance(w, dict) else _check_weight(w) for w, name in zip(weights, names)]
+        self._refuse_fused(list(res_tuner_settings(denoiser)), "mixing tuners")
+
         for name in get_res_tuner_configs(denoiser):
             if name in names:
-                set_res_tuner_scale(denoiser, weights[names.index(name)], name)
+                weight = weights[names.index(name)]
+                set_res_tuner_scale(denoiser, 1.0 if isinstance(weight, dict) else weight, name)
+                if isinstance(weight, dict):
+                    set_res_tuner_layer_scales(denoiser, name, weight)
                 set_res_tuner_enabled(denoiser, True, name)
             else:
                 set_res_tuner_enabled(denoiser, False, name)
@@ -249,12 +287,13 @@ class ResTunerLoaderMixin:
         set_res_tuner_enabled(self._res_tuner_denoiser, True, names)
 
     # -- fusing -------------------------------------------------------------------------------------------------
-    def fuse_res_tuner(self, adapter_names: str | list[str] | None = None) -> None:
+    def fuse_res_tuner(self, adapter_names: str | list[str] | None = None, safe_fusing: bool = False) -> None:
         """Fold tuners into the denoiser's weights at their current scales: no extra inference cost.
 
         Only linear tuners (``res_lora``, ``glora``, ``surm_*``) fold. ``adapter_names=None`` fuses every enabled
         tuner. A request naming a tuner that cannot fold (or is disabled) raises, naming it, before any weight
-        changes. ``unfuse_res_tuner`` restores the original weights exactly.
+        changes. ``unfuse_res_tuner`` restores the original weights exactly. ``safe_fusing=True`` (diffusers'
+        ``fuse_lora`` flag) computes every fused weight first and refuses, changing nothing, if any is NaN or inf.
         """
         if adapter_names is None:
             status = res_tuner_settings(self._res_tuner_denoiser)
@@ -268,12 +307,15 @@ class ResTunerLoaderMixin:
             if disabled:
                 raise ResTunerError(f"tuner(s) {disabled} are disabled; enable_res_tuner({disabled!r}) before fusing them")
         if names:
-            fuse_res_tuner(self._res_tuner_denoiser, names)
+            fuse_res_tuner(self._res_tuner_denoiser, names, safe_fusing=safe_fusing)
 
-    def unfuse_res_tuner(self) -> None:
-        """Restore the weights every fused tuner changed, exactly; the tuners run as branches again."""
-        if get_res_tuner_configs(self._res_tuner_denoiser):
-            unfuse_res_tuner(self._res_tuner_denoiser)
+    def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None) -> None:
+        """Restore the weights fused tuners changed, exactly; the tuners run as branches again. With
+        ``adapter_names``, only those leave the weights (the other fused tuners stay fused)."""
+        if not get_res_tuner_configs(self._res_tuner_denoiser):
+            return
+        names = None if adapter_names is None else self._check_names(adapter_names)
+        unfuse_res_tuner(self._res_tuner_denoiser, names)
 
     # -- inspection -----------------------------------------------------------------------------------------------
     def get_res_tuners(self) -> dict[str, dict[str, Any]]:
@@ -292,8 +334,8 @@ class ResTunerLoaderMixin:
             where = denoiser_attribute(self)
             raise ResTunerError(
                 f"res tuner(s) {loaded} are loaded; save_pretrained would write them into the {where} weights where "
-                f"from_pretrained does not load them back. Save each with resattn_diffusion.save_res_tuner(pipe.{where}, "
-                "path, adapter_name=name), call pipe.unload_res_tuner(), then pipe.save_pretrained(...)"
+                f"from_pretrained does not load them back. Save each with pipe.save_res_tuner(path, adapter_name=name), "
+                "call pipe.unload_res_tuner(), then pipe.save_pretrained(...)"
             )
         super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -360,6 +402,23 @@ def _in_hub_cache(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> bo
         revision=hub_kwargs.get("revision"),
     )
     return isinstance(found, str)
+
+
+def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str, float]:
+    """A diffusers per-block scale dict -> ``{module path prefix: scale}``, expanded by diffusers' own
+    ``_maybe_expand_lora_scales`` so that the two read the same dict the same way."""
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    if not hasattr(getattr(unet, "config", None), "layers_per_block") or not hasattr(unet, "down_blocks"):
+        raise ValueError(f"per-block weights for {name!r} need a UNet with down/mid/up blocks; pass one number")
+    try:
+        expanded = _maybe_expand_lora_scales(unet, [weights], default_scale=1.0)[0]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"per-block weights {weights!r} for {name!r}: {err}. The form is diffusers' set_adapters one: "
+            '{"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}}'
+        ) from None
+    return {path: _check_weight(value) for path, value in expanded.items()}
 
 
 def _check_not_offloaded_to_meta(denoiser: nn.Module) -> None:

@@ -204,15 +204,15 @@ class LinearBank(TunerBank):
         return linear.weight, linear.bias
 
     @torch.no_grad()
-    def fuse(self, linear: nn.Linear, names: list[str]) -> None:
-        """Fold ``W0 + sum s dW`` (and the biases) into ``linear``, always from the original W0 and b0."""
-        if self.original_weight is None:
-            self.original_weight = linear.weight.detach().clone()
-            self.original_bias = None if linear.bias is None else linear.bias.detach().clone()
-        weight = self.original_weight.float()
-        bias = None if self.original_bias is None else self.original_bias.float()
+    def plan_fuse(
+        self, linear: nn.Linear, names: list[str]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """``(fused names, new weight, new bias)`` in float32 that fusing ``names`` (beside the tuners already fused)
+        would write, computed from the original W0 and b0; nothing changes (``safe_fusing`` checks it first)."""
+        weight, bias = self.frozen_weight_and_bias(linear)
+        weight = weight.detach().float()
+        bias = None if bias is None else bias.detach().float()
         fused = [name for name, setting in self.settings.items() if setting.fused or name in names]
-        # Compute everything before changing the linear or the settings, so an error leaves both as they were.
         new_weight, new_bias = weight.clone(), None if bias is None else bias.clone()
         for name in fused:
             setting = self.settings[name]
@@ -222,6 +222,19 @@ class LinearBank(TunerBank):
                 if new_bias is None:
                     new_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
                 new_bias += setting.scale * delta_b
+        return fused, new_weight, new_bias
+
+    @torch.no_grad()
+    def fuse(
+        self, linear: nn.Linear, names: list[str], plan: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
+    ) -> None:
+        """Fold ``W0 + sum s dW`` (and the biases) into ``linear``, always from the original W0 and b0 (``plan``: what
+        :meth:`plan_fuse` returned for the same names, to write without computing it again)."""
+        # Compute everything before changing the linear or the settings, so an error leaves both as they were.
+        fused, new_weight, new_bias = self.plan_fuse(linear, names) if plan is None else plan
+        if self.original_weight is None:
+            self.original_weight = linear.weight.detach().clone()
+            self.original_bias = None if linear.bias is None else linear.bias.detach().clone()
         linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
         if new_bias is not None:
             if linear.bias is None:
@@ -240,10 +253,12 @@ class LinearBank(TunerBank):
         self._update_all_fused()
 
     @torch.no_grad()
-    def unfuse(self, linear: nn.Linear) -> None:
-        """Restore W0 and b0 exactly (and drop a bias that fusing added)."""
+    def unfuse(self, linear: nn.Linear, names: list[str] | None = None) -> None:
+        """Restore W0 and b0 exactly (and drop a bias that fusing added). With ``names``, only those tuners leave
+        the weight: the others stay fused, refolded from the original W0 and b0."""
         if self.original_weight is None:
             return
+        keep = [] if names is None else [n for n, s in self.settings.items() if s.fused and n not in names]
         linear.weight.data.copy_(self.original_weight)
         if self.added_bias:
             linear.bias = None  # nn.Linear registers "bias" as a parameter slot; None is how a bias-free one has it
@@ -254,6 +269,8 @@ class LinearBank(TunerBank):
         for setting in self.settings.values():
             setting.fused = False
         self._update_all_fused()
+        if keep:
+            self.fuse(linear, keep)
 
 
 # --- hooks (module-level functions: a deep-copied UNet keeps working, and removal finds them by identity) ---

@@ -46,13 +46,6 @@ def get_state(model: nn.Module) -> ResTunerState | None:
     return getattr(model, STATE_ATTR, None)
 
 
-def require_state(model: nn.Module) -> ResTunerState:
-    state = get_state(model)
-    if state is None or not state.configs:
-        raise ResTunerError("this model has no res tuner; add one with add_res_tuner or load one with load_res_tuner")
-    return state
-
-
 def require_name(state: ResTunerState, name: str) -> str:
     if not isinstance(name, str):
         raise ResTunerError(f"adapter_name must be a tuner's name (a string), got {type(name).__name__} {name!r}")

@@ -30,6 +30,8 @@ from ..training.errors import TrainingDataError
 from ..training.models import sdxl_time_ids
 from ..tuners.base import ConfigError
 from .evolution import search_glora
+from ..hub import check_pretrained_source
+from ..quiet import from_pretrained_dtype, quiet_libraries
 from .supernet import save_subnet
 
 RESULT_NAME = "glora_search.json"
@@ -150,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_pipeline(name_or_path: str, device: torch.device, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
+    check_pretrained_source(name_or_path, "--pretrained_model_name_or_path")
     try:
-        pipeline = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(name_or_path, **from_pretrained_dtype(dtype))
     except (OSError, ValueError) as err:
         raise SearchInputError(
             f"could not load the pipeline {name_or_path!r}: {err}\nOffline, pass a local diffusers folder (with model_index.json)"
@@ -227,6 +230,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries(Path(args.output_dir) / "search.log")
     try:
         run(args)
     except (SearchInputError, TrainingDataError, ConfigError, ResTunerError, ResTunerFileError, FileExistsError) as err:

@@ -31,6 +31,7 @@ from ..registry import known_projections, known_targets
 from ..registry import get_tuner_spec, tuner_names
 from ..integration.inject import ResTunerError
 from ..tuners.base import ConfigError
+from .user_flags import SECRET_FLAGS, add_user_flags, check_user_flags
 
 Task = Literal["dreambooth", "text2img"]
 TASKS: tuple[str, ...] = ("dreambooth", "text2img")
@@ -185,6 +186,7 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     val.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all, or none.")
     val.add_argument("--logging_dir", type=str, default="logs", help="Logs folder, relative to --output_dir.")
     val.add_argument("--tracker_project_name", type=str, default=f"res-tuner-{task}", help="Project name of the trackers.")
+    add_user_flags(parser)
     return parser
 
 
@@ -260,6 +262,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error("give exactly one of --dataset_name (a datasets name or path) or --train_data_dir (a folder of images)")
         if not 0.0 <= args.caption_dropout <= 1.0:
             parser.error(f"--caption_dropout is a probability in [0, 1], got {args.caption_dropout}")
+    check_user_flags(parser, args)
     report_to = [name.strip() for name in args.report_to.split(",")]
     unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
     if unknown:
@@ -397,4 +400,8 @@ def _parse_hyperparameter(tuner: str, key: str, text: str) -> Any:
 
 def args_to_json(args: argparse.Namespace) -> dict[str, Any]:
     """The run's arguments as plain JSON values (written to ``output_dir/args.json``)."""
-    return {key: value for key, value in sorted(vars(args).items()) if isinstance(value, (str, int, float, bool, list, type(None)))}
+    return {
+        key: value
+        for key, value in sorted(vars(args).items())
+        if isinstance(value, (str, int, float, bool, list, type(None))) and key not in SECRET_FLAGS
+    }

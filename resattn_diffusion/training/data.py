@@ -63,6 +63,8 @@ class ImageTransform:
     resolution: int
     center_crop: bool = False
     random_flip: bool = False
+    #: PIL resampling of the resize (``--image_interpolation_mode``)
+    interpolation: Image.Resampling = Image.Resampling.BILINEAR
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         size = self.resolution
@@ -70,7 +72,7 @@ class ImageTransform:
         scale = size / min(image.width, image.height)
         width = max(size, round(image.width * scale))
         height = max(size, round(image.height * scale))
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
+        image = image.resize((width, height), self.interpolation)
         if self.random_flip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
         if self.center_crop:
@@ -306,6 +308,20 @@ class SubsetSource:
 
 
 # --- batching --------------------------------------------------------------------------------------------------
+class RepeatedSource:
+    """A captioned-image source seen ``repeats`` times per epoch (``--repeats``): index i is example i mod n."""
+
+    def __init__(self, source: CaptionedImageSource, repeats: int):
+        self.source = source
+        self.repeats = repeats
+
+    def __len__(self) -> int:
+        return len(self.source) * self.repeats
+
+    def get(self, index: int) -> tuple[Any, Any, str]:
+        return self.source.get(index % len(self.source))
+
+
 def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack examples into a batch; DreamBooth class examples follow the instance examples."""
     flat = list(examples) + [e["prior"] for e in examples if "prior" in e]

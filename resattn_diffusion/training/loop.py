@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import time
 from argparse import Namespace
@@ -25,12 +26,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..hub import check_pretrained_source
+from ..quiet import quiet_libraries
 from .args import FP16_ON_CPU, args_to_json, tuner_config_from_args
 from .checkpoint import list_checkpoints, read_training_state, resolve_resume_checkpoint, save_checkpoint
 from .data import (
     DreamBoothDataset,
     EpochShuffleSampler,
     ImageTransform,
+    RepeatedSource,
     SubsetSource,
     TextImageDataset,
     collate_examples,
@@ -43,6 +47,8 @@ from .errors import NonFiniteLossError, TrainingError
 from .families import family_of
 from .models import DenoiserFamily
 from .prior import generate_class_images
+from .publish import check_export_flags, create_hub_repo, finish_run, push_output_dir
+from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
 from .trainable import ResTunerTrainable, TrainableProvider, TrainingCallback, TrainingSummary, parameters_are_finite
 from .validation import log_validation
 
@@ -64,9 +70,12 @@ def train(
 
     # --- checks that need no model: fail before anything slow happens ---------------------------------------
     output_dir = Path(args.output_dir)
+    quiet_libraries(training_log_file(output_dir, args), main_process=os.environ.get("RANK", "0") == "0")
+    check_model_sources(args)
     if trainable is None:
         trainable = ResTunerTrainable(tuner_config_from_args(args))
     check_optional_packages(args)
+    check_export_flags(args, getattr(trainable, "config", None))
     resume_folder = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, trainable.result_path(output_dir), args.overwrite_output, resume_folder)
     resume_state = read_training_state(resume_folder) if resume_folder else None
@@ -84,7 +93,7 @@ def train(
         # some tuners (a GLoRA supernet's sampled subnet) leave parameters unused in a step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    configure_logging(accelerator)
+    repo_id = create_hub_repo(args) if getattr(args, "push_to_hub", False) and accelerator.is_main_process else None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise TrainingError(FP16_ON_CPU + " (fp16 came from the accelerate config)")
     seed = choose_seed(args, resume_state, accelerator)
@@ -208,6 +217,8 @@ def train(
                     last_checkpoint = save_checkpoint(
                         accelerator, output_dir, global_step, args.checkpoints_total_limit, {"seed": seed, "epoch": epoch}
                     )
+                    if repo_id is not None and args.push_checkpoints_to_hub:
+                        push_output_dir(repo_id, output_dir, args.hub_token, f"checkpoint {global_step}", required=False)
                 validate_now = args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
                 if validate_now and global_step < max_train_steps:  # the last step gets the final validation below
                     if accelerator.is_main_process:
@@ -236,6 +247,7 @@ def train(
                 callback.on_train_end(summary)
             if args.validation_prompt:
                 log_validation(accelerator, base, base.denoiser, args, resolution, seed, global_step, "final")
+            finish_run(args, trainable, result, base.denoiser, base.name, repo_id)
         accelerator.wait_for_everyone()
     finally:
         progress.close()
@@ -277,6 +289,7 @@ def check_optional_packages(args: Namespace) -> None:
     """Optional packages a flag needs, checked before anything is loaded."""
     from diffusers.utils.import_utils import is_xformers_available
 
+    check_optimizer_package(args)
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
@@ -321,28 +334,20 @@ def check_training_data(args: Namespace) -> Any:
 
 
 def make_dataset(args: Namespace, source: Any, resolution: int, seed: int) -> Any:
-    transform = ImageTransform(resolution, center_crop=args.center_crop, random_flip=args.random_flip)
+    transform = ImageTransform(
+        resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+        interpolation=INTERPOLATION_MODES[getattr(args, "image_interpolation_mode", "bilinear")],
+    )
+    repeats = getattr(args, "repeats", 1)
     if args.task == "text2img":
+        if repeats > 1:
+            source = RepeatedSource(source, repeats)
         return TextImageDataset(source, transform, seed, caption_dropout=args.caption_dropout)
     class_images = None
     if args.with_prior_preservation:
         class_images = list_images(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
-    return DreamBoothDataset(source, args.instance_prompt, transform, seed, class_images=class_images, class_prompt=args.class_prompt)
-
-
-def make_optimizer(args: Namespace, parameters: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(
-        parameters,
-        lr=learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+    return DreamBoothDataset(
+        list(source) * repeats, args.instance_prompt, transform, seed, class_images=class_images, class_prompt=args.class_prompt
     )
 
 
@@ -390,15 +395,25 @@ def choose_seed(args: Namespace, resume_state: dict[str, Any] | None, accelerato
     return seed[0]
 
 
-def configure_logging(accelerator: Any) -> None:
-    import diffusers
-    import transformers
+def training_log_file(output_dir: Path, args: Namespace) -> Path:
+    """Where library logs go (``output_dir/<logging_dir>/train.log``; one file per process under ``accelerate
+    launch``), so that the console shows only the progress bar and our messages."""
+    rank = os.environ.get("RANK", "0")
+    name = "train.log" if rank == "0" else f"train-rank{rank}.log"
+    return output_dir / args.logging_dir / name
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    logging.getLogger("resattn_diffusion").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    if not accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
+
+def check_model_sources(args: Namespace) -> None:
+    """The base model (and another VAE) exist locally or on a reachable Hub: offline, a missing one fails in a
+    second with what to pass, instead of after huggingface_hub's retries."""
+    check_pretrained_source(
+        args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", cache_dir=args.cache_dir, revision=args.revision
+    )
+    if args.pretrained_vae_model_name_or_path is not None:
+        check_pretrained_source(
+            args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", filename="config.json",
+            cache_dir=args.cache_dir,
+        )
 
 
 def write_run_files(output_dir: Path, args: Namespace, seed: int, base: DenoiserFamily, resolution: int) -> None:

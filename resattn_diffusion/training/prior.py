@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..images import count_images
+from ..quiet import from_pretrained_dtype
 from .data import derive_seed
 from .errors import TrainingDataError
 from .models import read_model_index
@@ -50,9 +51,12 @@ def generate_class_images(args: Any, accelerator: Any, resolution: int, seed: in
     if "safety_checker" in read_model_index(args.pretrained_model_name_or_path, args.revision, args.cache_dir):
         components.update(safety_checker=None, requires_safety_checker=False)
     if args.pretrained_vae_model_name_or_path is not None:
-        components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype, cache_dir=args.cache_dir)
+        components["vae"] = AutoencoderKL.from_pretrained(
+            args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir, **from_pretrained_dtype(dtype)
+        )
     pipeline = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, torch_dtype=dtype, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, **components
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        **from_pretrained_dtype(dtype), **components,
     )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(accelerator.device)

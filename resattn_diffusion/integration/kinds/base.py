@@ -56,8 +56,11 @@ class TunerKindAttach(ABC):
     def settings(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> list[TunerSetting]:
         """The scale / enabled / fused settings of the named tuner (one per place it sits)."""
 
-    def fuse(self, model: nn.Module, state: ResTunerState, names: list[str]) -> None:
+    def fuse(self, model: nn.Module, state: ResTunerState, names: list[str], safe_fusing: bool = False) -> None:
+        """Fold the named tuners into the frozen weights; with ``safe_fusing`` check every new weight first and
+        change nothing if one is not finite."""
         raise ResTunerError(f"{self.name} tuners add a branch that does not fold into a weight")
 
-    def unfuse(self, model: nn.Module, state: ResTunerState) -> None:
-        """Restore every weight a tuner of this kind was folded into (nothing to do for kinds that never fuse)."""
+    def unfuse(self, model: nn.Module, state: ResTunerState, names: list[str] | None = None) -> None:
+        """Restore the weights the named tuners (all when None) were folded into, exactly (nothing to do for kinds
+        that never fuse)."""

@@ -12,6 +12,7 @@ from abc import abstractmethod
 from dataclasses import replace
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from ...config import ResTunerConfig
@@ -215,17 +216,30 @@ class LinearKind(LayerKind):
         return layers
 
     def detach(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> None:
-        if any(setting.fused for setting in self.settings(model, state, adapter_name)):
-            self.unfuse(model, state)
+        for bank, owner in state.banks:
+            setting = bank.settings.get(adapter_name)
+            if isinstance(bank, LinearBank) and setting is not None and setting.fused:
+                bank.unfuse(owner, [adapter_name])  # other fused tuners of the layer stay fused
         super().detach(model, state, adapter_name)
 
-    def fuse(self, model: nn.Module, state: ResTunerState, names: list[str]) -> None:
+    def fuse(self, model: nn.Module, state: ResTunerState, names: list[str], safe_fusing: bool = False) -> None:
+        plans = []
         for bank, owner in state.banks:
             present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
             if present and isinstance(bank, LinearBank):
-                bank.fuse(owner, present)
+                plan = bank.plan_fuse(owner, present) if safe_fusing else None
+                if plan is not None and not (
+                    torch.isfinite(plan[1]).all() and (plan[2] is None or torch.isfinite(plan[2]).all())
+                ):
+                    raise ResTunerError(
+                        f"fusing {present} into {bank.layer_path} gives NaN or inf weights (a diverged tuner or a huge "
+                        "scale); nothing was fused. Check the tuner's weights, or run it unfused."
+                    )
+                plans.append((bank, owner, present, plan))
+        for bank, owner, present, plan in plans:  # every layer checked before any changes
+            bank.fuse(owner, present, plan)
 
-    def unfuse(self, model: nn.Module, state: ResTunerState) -> None:
+    def unfuse(self, model: nn.Module, state: ResTunerState, names: list[str] | None = None) -> None:
         for bank, owner in state.banks:
             if isinstance(bank, LinearBank):
-                bank.unfuse(owner)
+                bank.unfuse(owner, names)
