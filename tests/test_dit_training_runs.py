@@ -96,6 +96,8 @@ def test_two_step_run_gives_a_tuner_the_pipeline_loads_and_that_changes_images(k
     run_args = json.loads((tmp_path / "out" / "args.json").read_text())
     assert run_args["model_type"] == kind
     assert (tmp_path / "out" / "validation" / "final.png").is_file()
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")  # the model card names the right pipeline
+    assert ("ResTunerStableDiffusion3Pipeline" if kind == "sd3" else "ResTunerFluxPipeline") in card and "pipe.transformer" in card
 
     pipeline = tuned_pipeline(kind, dit_dirs[kind])
     base = generate(pipeline)
