@@ -16,8 +16,8 @@ resattn_diffusion.load_res_tuner(pipe.unet or pipe.transformer, output_dir).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from resattn_diffusion.training import parse_args, run_script, train
 

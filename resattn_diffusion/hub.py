@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
 
 from .tuners.base import ConfigError
 
@@ -29,6 +30,38 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(name)) and not name.endswith(".safetensors") and ".." not in name
 
 
+def hub_unreachable_reason() -> str | None:
+    """Why the Hub cannot be reached right now (offline mode, or no connection within a second), or None. Behind a
+    proxy (``HTTPS_PROXY``) a direct connection says nothing, so the request itself decides."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if hub_offline_by_setting():
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    parsed = urlparse(constants.ENDPOINT)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=1.0).close()
+    except OSError as err:
+        return f"no connection to {parsed.hostname}:{port} ({err.strerror or type(err).__name__})"
+    return None
+
+
+def in_hub_cache(
+    repo_id: str, filename: str, cache_dir: str | None = None, revision: str | None = None, subfolder: str | None = None
+) -> bool:
+    """Whether the file is in the local Hub cache (then a download returns it without a connection)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(
+        repo_id, f"{subfolder}/{filename}" if subfolder else filename, cache_dir=cache_dir, revision=revision
+    )
+    return isinstance(found, str)
+
+
 def hub_offline_by_setting() -> bool:
     """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE`` / ``DIFFUSERS_OFFLINE``) says not to use the network."""
     from huggingface_hub import constants
@@ -37,7 +70,7 @@ def hub_offline_by_setting() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(repo_id: str, revision: str | None, token: str | bool | None) -> str:
     """``"ok"``, ``"missing"`` (no such repo), ``"gated"`` or ``"unreachable"``: one request, ``HUB_TIMEOUT_S``."""
     from huggingface_hub import HfApi
@@ -52,13 +85,6 @@ def _probe(repo_id: str, revision: str | None, token: str | bool | None) -> str:
     except Exception:  # connection refused, DNS, proxy, timeout, HTTP 5xx: all mean "cannot get it now"
         return "unreachable"
     return "ok"
-
-
-def _in_local_cache(repo_id: str, filename: str, cache_dir: str | None, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
-    return isinstance(found, str)
 
 
 def check_pretrained_source(
@@ -77,16 +103,15 @@ def check_pretrained_source(
         return
     if not looks_like_repo_id(name):
         raise ModelSourceError(f"{flag} {name!r}: no such file or folder (and it is not a Hub repo id like 'user/model')")
-    if _in_local_cache(name, filename, cache_dir, revision):
+    if in_hub_cache(name, filename, cache_dir, revision):
         return
-    offline = hub_offline_by_setting()
-    status = "unreachable" if offline else _probe(name, revision, token)
+    unreachable = hub_unreachable_reason()
+    status = "unreachable" if unreachable else _probe(name, revision, token)
     if status == "ok":
         return
     reason = {
-        "unreachable": "the Hugging Face Hub cannot be reached"
-        + (" (HF_HUB_OFFLINE is set)" if offline else " from this machine")
-        + " and it is not in the local Hub cache",
+        "unreachable": f"the Hugging Face Hub cannot be reached ({unreachable or 'no answer'}) and it is not in the "
+        "local Hub cache",
         "missing": "the Hub has no such repo (or it is private: log in with `hf auth login` or pass a token)",
         "gated": "the repo is gated: accept its terms on the Hub and log in (`hf auth login`)",
     }[status]
@@ -97,4 +122,12 @@ def check_pretrained_source(
     )
 
 
-__all__ = ["HUB_TIMEOUT_S", "ModelSourceError", "check_pretrained_source", "hub_offline_by_setting", "looks_like_repo_id"]
+__all__ = [
+    "HUB_TIMEOUT_S",
+    "ModelSourceError",
+    "check_pretrained_source",
+    "hub_offline_by_setting",
+    "hub_unreachable_reason",
+    "in_hub_cache",
+    "looks_like_repo_id",
+]

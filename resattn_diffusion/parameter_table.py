@@ -3,7 +3,7 @@ meta device). The comparison rows (peft LoRA) are added by ``python -m benchmark
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .config import ResTunerConfig
 from .integration.families.unet import UNetFamily

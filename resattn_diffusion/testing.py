@@ -40,7 +40,6 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-
 __all__ = [
     "DEFAULT_WORDS",
     "DIT_KINDS",

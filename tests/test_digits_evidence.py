@@ -17,6 +17,7 @@ from benchmarks.digits.classifier import PLAIN, load_digit_classifier, load_styl
 from benchmarks.digits.data import STYLES, load_digits_split
 from benchmarks.digits.methods import HEADLINE_METHODS, INITIAL_SWEEP, method_by_name
 from benchmarks.digits.plan import (
+    RESULT_VERSION,
     Case,
     RunSpec,
     eval_seeds,
@@ -140,7 +141,7 @@ CASE = Case(samples=4)
 
 def fake_record(spec: RunSpec, score: float, case: Case = CASE) -> dict:
     metrics = {"subject_fidelity": score, "prior_retention": 1.0, "subject_fd": 1.0}
-    return {"case": asdict(case), "task": spec.task, "method": spec.method, "learning_rate": spec.lr, "seed": spec.seed,
+    return {"version": RESULT_VERSION, "case": asdict(case), "task": spec.task, "method": spec.method, "learning_rate": spec.lr, "seed": spec.seed,
             "role": spec.role, "metrics": metrics, "wall_seconds": 20.0, "trainable_parameters": 10,
             "family": "operation", "seconds_per_step": 0.05, "peak_rss_mb": 500.0, "grid": spec.key + ".png"}
 
@@ -184,7 +185,7 @@ def test_plan_reports_other_seeds_and_counts_what_remains(tmp_path):
 
 def test_result_files_from_two_machines_merge_by_copying(tmp_path):
     """Each run is one self-contained file: copying two machines' folders together gives the union; files of another
-    case in the same folder are ignored."""
+    case or metrics version, and unreadable files, are ignored."""
     here, there = tmp_path / "here", tmp_path / "there"
     here.mkdir(), there.mkdir()
     for folder, seed in ((here, 1), (there, 2)):
@@ -192,6 +193,9 @@ def test_result_files_from_two_machines_merge_by_copying(tmp_path):
         (folder / f"{spec.key}.json").write_text(json.dumps(fake_record(spec, 0.9)))
     other = RunSpec("dreambooth", "res_attn", 3e-3, 3, "eval")
     (there / f"{other.key}.json").write_text(json.dumps(fake_record(other, 0.9, Case(samples=8))))
+    stale = RunSpec("dreambooth", "res_attn", 3e-3, 4, "eval")  # an older metrics version: not a result of this one
+    (there / f"{stale.key}.json").write_text(json.dumps({**fake_record(stale, 0.9), "version": RESULT_VERSION - 1}))
+    (there / "dreambooth__res_attn__lr0.003__seed5.json").write_text("{not json")  # half copied
     for path in there.glob("*.json"):
         shutil.copy(path, here / path.name)
     assert sorted(read_finished(here, CASE)) == ["dreambooth__res_attn__lr0.003__seed1", "dreambooth__res_attn__lr0.003__seed2"]
@@ -204,3 +208,15 @@ def test_sweep_score_rewards_the_styled_digit_over_ignoring_the_style():
     assert sweep_score("style", learned) > max(sweep_score("style", ignored), sweep_score("style", blob))
     assert sweep_score("dreambooth", {"subject_fidelity": 0.9, "prior_retention": 0.9, "subject_fd": 5}) > sweep_score(
         "dreambooth", {"subject_fidelity": 1.0, "prior_retention": 0.5, "subject_fd": 2})
+
+
+def test_style_classifier_round_trip_keeps_its_style_head(tmp_path, style_classifier):
+    from benchmarks.digits.classifier import save_digit_classifier
+
+    save_digit_classifier(style_classifier, tmp_path / "clf")
+    reloaded = load_style_classifier(tmp_path / "clf")
+    images = load_digits_split("test").first(16).styled("outline").images
+    assert reloaded.predict_style(images) == style_classifier.predict_style(images)
+    save_digit_classifier(load_digit_classifier(), tmp_path / "plain")
+    with pytest.raises(ValueError, match="no style head"):
+        load_style_classifier(tmp_path / "plain")

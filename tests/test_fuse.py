@@ -7,7 +7,6 @@ tuner costs nothing at run time (its hook returns at once).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -17,11 +16,15 @@ from resattn_diffusion.integration.processors import LinearBank
 from resattn_diffusion.testing import (
     KINDS,
     frozen_tiny_model,
-    frozen_tiny_unet as frozen_unet,
     model_inputs,
     present_targets,
-    randomize_tuner as randomize,
     unet_inputs,
+)
+from resattn_diffusion.testing import (
+    frozen_tiny_unet as frozen_unet,
+)
+from resattn_diffusion.testing import (
+    randomize_tuner as randomize,
 )
 
 GLORA_CONFIGS = [

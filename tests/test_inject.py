@@ -3,7 +3,6 @@ Flux transformers (issue 17): one test, parametrised over model families."""
 
 from __future__ import annotations
 
-
 import functools
 
 import pytest
@@ -14,10 +13,12 @@ from resattn_diffusion.integration.families import family_of
 from resattn_diffusion.testing import (
     TRANSFORMER_KINDS,
     frozen_tiny_model,
-    frozen_tiny_unet as _frozen_unet,
     model_inputs,
     present_targets,
     unet_inputs,
+)
+from resattn_diffusion.testing import (
+    frozen_tiny_unet as _frozen_unet,
 )
 
 KINDS = ("sd1", "sd2", "sdxl")
@@ -206,7 +207,7 @@ def test_summary_counts_match_the_formulas():
     unet = _frozen_unet("sd1")
     rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_attn", rank=8, heads=2, targets=["attn2"]))
     expected = 0
-    for path, block in rd.integration.inject.transformer_blocks(unet):
+    for _, block in rd.integration.inject.transformer_blocks(unet):
         a = block.attn2
         d, dc, dout = a.to_q.in_features, a.to_k.in_features, a.to_out[0].out_features
         expected += 8 * (d + 2 * dc + dout)

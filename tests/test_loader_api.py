@@ -184,8 +184,10 @@ def test_per_block_weights_match_the_same_scales_set_by_hand(kind, tmp_path):
 
     set_res_tuner_layer_scales(hand.unet, "style", {"down_blocks": 0.0, "mid_block": 0.0})
     torch.testing.assert_close(up_only, _unet_out(hand.unet), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="per-block weights"):
+    with pytest.raises(ValueError, match="per-block scales .* unknown key"):
         pipe.set_res_tuners("style", {"sideways": 1.0})
+    with pytest.raises(ValueError, match="per-block scales"):
+        pipe.set_res_tuners("style", {"mid": [1.0, 2.0]})
     with pytest.raises(ValueError, match="finite"):
         pipe.set_res_tuners("style", {"down": float("nan")})
 

@@ -3,7 +3,6 @@ network), the quiet console, and offline-fast model lookups."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -97,8 +96,8 @@ def test_hub_token_never_reaches_args_json():
 
 
 def test_repeats_and_interpolation_shape_the_dataset(instance_dir):
-    from resattn_diffusion.training.loop import make_dataset
     from resattn_diffusion.training.data import list_images
+    from resattn_diffusion.training.loop import make_dataset
 
     args = _parse("--repeats", "3", "--image_interpolation_mode", "lanczos")
     dataset = make_dataset(args, list_images(instance_dir, "x"), 32, seed=0)
@@ -218,6 +217,7 @@ def test_hub_lookup_reasons_without_network(raised, reason, monkeypatch):
         raise errors[raised]("nope", response=response)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)  # a connection: the request decides
     with pytest.raises(ModelSourceError, match=reason):
         check_pretrained_source("someone/model", "--pipeline")
     hub._probe.cache_clear()

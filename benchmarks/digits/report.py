@@ -15,8 +15,8 @@ Statistics, per method and metric, over the evaluation seeds (never the seed tha
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -101,11 +101,24 @@ def _format(metric: str, value: float) -> str:
     return METRICS[metric][2].format(value)
 
 
+#: metrics that are shares of samples; the others (distances, ratios) are only bounded below by 0
+SHARE_METRICS = {"subject_fidelity", "prior_retention", "class_leak", "worst_prior_accuracy", "styled_content_accuracy",
+                 "content_accuracy", "style_accuracy", "worst_prompt_accuracy", "label_entropy"}
+
+
+def clipped_interval(metric: str, values: Sequence[float]) -> tuple[float, float, float]:
+    """:func:`t_interval` cut to the metric's possible range ([0, 1] for shares, >= 0 otherwise): a t interval of
+    two or three seeds can reach past it, and the mean cannot."""
+    mean, low, high = t_interval(values)
+    return mean, max(low, 0.0), min(high, 1.0) if metric in SHARE_METRICS else high
+
+
 def metric_cell(metric: str, values: Sequence[float], references: dict[str, Sequence[float]] | None = None) -> str:
-    """``mean [low, high]`` (95% t interval) and significance marks; ``–`` when nothing finished."""
+    """``mean [low, high]`` (95% t interval, within the metric's range) and significance marks; ``–`` when nothing
+    finished."""
     if not values:
         return "–"
-    mean, low, high = t_interval(values)
+    mean, low, high = clipped_interval(metric, values)
     text = _format(metric, mean) if len(values) == 1 else f"{_format(metric, mean)} [{_format(metric, low)}, {_format(metric, high)}]"
     marks = significance_marks(metric, values, references or {})
     return f"{text} {marks}" if marks else text
@@ -154,6 +167,37 @@ def task_table(plan: Plan, task: str, methods: Sequence[str], runs_link: str) ->
     return "\n".join(lines)
 
 
+SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
+    ("dreambooth", "subject_fidelity"), ("dreambooth", "prior_retention"), ("dreambooth", "class_leak"),
+    ("style", "styled_content_accuracy"), ("style", "content_accuracy"), ("style", "prompt_separation"),
+)
+
+
+def summary_table(plan: Plan, methods: Sequence[str], tasks: Sequence[str]) -> str:
+    """The README's table: each method's headline metrics of both tasks (mean [95% interval] and marks)."""
+    shown = [(task, metric) for task, metric in SUMMARY_METRICS if task in tasks]
+    header = ["method", "trainable params", *[METRICS[m][0] for _, m in shown], "seeds (db / style)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base_cells = ["base (no tuning)", "0"]
+    for task, metric in shown:
+        base = plan.finished.get(f"{task}__{BASE}__lr0__seed0")
+        base_cells.append(_format(metric, base["metrics"][metric]) if base else "–")
+    lines.append("| " + " | ".join(base_cells + ["–"]) + " |")
+    values = {(task, method): method_values(plan, task, method) for task in tasks for method in methods}
+    for method in methods:
+        records = [r for task in tasks for r in plan.eval_records(task, method)]
+        if not records:
+            continue
+        cells = [f"`{method}`" + (" †" if method in PROMPT_BLIND else ""), f"{records[0]['trainable_parameters']:,}"]
+        for task, metric in shown:
+            references = {ref: values[(task, ref)][metric] for ref in REFERENCE_METHODS
+                          if ref != method and (task, ref) in values}
+            cells.append(metric_cell(metric, values[(task, method)][metric], references))
+        cells.append(" / ".join(str(len(plan.eval_records(task, method))) for task in tasks))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sweep_table(plan: Plan, methods: Sequence[str], tasks: Sequence[str]) -> str:
     """Every sweep: the score at each rate (sweep seed), the chosen rate, and where it widened."""
     lines = ["| task | method | score per learning rate (sweep seed) | chosen | widened to |", "|---|---|---|---|---|"]
@@ -182,7 +226,7 @@ def plot_quality(plan: Plan, tasks: Sequence[str], methods: Sequence[str], path:
             records = plan.eval_records(task, method)
             if not records:
                 continue
-            mean, low, high = t_interval([r["metrics"][metric] for r in records])
+            mean, low, high = clipped_interval(metric, [r["metrics"][metric] for r in records])
             parameters = records[0]["trainable_parameters"]
             axis.errorbar(parameters, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
                           color=FAMILY_COLORS.get(records[0]["family"], "gray"), markersize=6)
@@ -220,7 +264,7 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
     remaining = len(plan.pending) + plan.unresolved_eval_runs
     command = "python -m benchmarks.digits.run_benchmark --workers N" + (
         f" --heldout {case.heldout}" if case.heldout != 9 else "") + (
-        f" --style {case.style}" if case.style != "mirrored" else "")
+        f" --style {case.style}" if case.style != Case.style else "")
     text = [
         f"# Digits benchmark: held-out digit {case.heldout}, style `{case.style}`",
         "",
@@ -237,7 +281,12 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
         "edge of its widened sweep. Frechet distances on tens of samples are biased upwards: compare within a column.",
         "",
         f"Progress: {len(plan.finished)} runs finished, {remaining} to go. Finish and rebuild with `{command}` "
-        "(finished runs are skipped); `--status` prints what remains in core-minutes.",
+        "(finished runs are skipped); `--status` prints what remains in core-minutes. Sample grids: every run's is "
+        f"beside its result in `{runs_link}/`; the repository keeps those of seed 1.",
+        "",
+        "## Summary",
+        "",
+        summary_table(plan, methods, tasks),
         "",
     ]
     if "dreambooth" in tasks:

@@ -27,9 +27,9 @@ import json
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -120,7 +120,7 @@ def execute(spec, case, folder: Path, data_dir: Path = DEFAULT_DATA_DIR, base_mo
     ``folder``; return the record. Evaluation samples are seeded by the run's seed."""
     from benchmarks.digits.evaluate_base import load_base_pipeline
     from benchmarks.digits.methods import method_by_name
-    from benchmarks.digits.plan import BASE
+    from benchmarks.digits.plan import BASE, RESULT_VERSION
     from benchmarks.digits.tasks import make_task
     from benchmarks.peers.train import parse_args, train
     from benchmarks.peers.trainables import load_tuned_pipeline
@@ -129,8 +129,9 @@ def execute(spec, case, folder: Path, data_dir: Path = DEFAULT_DATA_DIR, base_mo
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     task = make_task(spec.task, case.heldout, case.style, case.class_images)
-    record = {"case": asdict(case), "task": spec.task, "method": spec.method, "learning_rate": spec.lr,
-              "seed": spec.seed, "role": spec.role, "machine": platform.node(), "threads": torch.get_num_threads()}
+    record = {"version": RESULT_VERSION, "case": asdict(case), "task": spec.task, "method": spec.method,
+              "learning_rate": spec.lr, "seed": spec.seed, "role": spec.role, "machine": platform.node(),
+              "threads": torch.get_num_threads()}
     reset_peak_memory()
     if spec.method == BASE:
         pipeline = load_base_pipeline(base_model)

@@ -17,9 +17,10 @@ classifier (:func:`~benchmarks.digits.classifier.load_digit_classifier`). Metric
   identifier and the nine seen digits), against the real digits grouped by label: 0 when every prompt gives the
   same image, about 1 when prompts differ as real digits do.
 
-**Task B, style** (:class:`StyleTask`): a style the base never saw (``mirrored`` by default; any of
+**Task B, style** (:class:`StyleTask`): a style the base never saw (``rotated`` by default; any of
 :data:`~benchmarks.digits.data.STYLES`) learned from a few hundred captioned styled digits of the seen classes
-("a photo of digit seven in mirrored style"). Judge: the style-aware classifier
+("a photo of digit seven in rotated style"). The default is a geometric style whose presence can be judged on every
+digit: a mirrored 0, 1 or 8 is a plain one, so ``mirrored`` caps the style accuracy of well-drawn symmetric digits. Judge: the style-aware classifier
 (:func:`~benchmarks.digits.classifier.load_style_classifier`), which names the digit whatever the style (>= 0.95
 on real styled test digits for every style) and the style itself. Metrics, on samples of that caption for every
 seen digit:
@@ -67,7 +68,7 @@ from benchmarks.digits.evaluate_base import (
 )
 
 TASKS: tuple[str, ...] = ("dreambooth", "style")
-DEFAULT_STYLE = "mirrored"
+DEFAULT_STYLE = "rotated"
 INSTANCE_PROMPT = "a photo of sks digit"
 CLASS_PROMPT = "a photo of digit"
 STYLE_TEMPLATE = "a photo of digit {name} in {style} style"
@@ -232,7 +233,7 @@ class DreamBoothTask:
         if grid is not None:
             columns = min(12, samples)
             rows = [subject[:columns], class_samples[:columns]] + [seen[d][:columns] for d in digits]
-            save_image_grid(rows, grid, ["sks", "cls"] + [str(d) for d in digits], zoom=2)
+            save_image_grid(rows, grid, ["sks", "cls"] + [str(d) for d in digits], zoom=2, mode="L")
         if keep_samples:
             metrics["_samples"] = {"subject": subject, "seen": seen, "class": class_samples}
         return metrics
@@ -299,7 +300,7 @@ class StyleTask:
         metrics = self.score(generated, classifier)
         metrics["style_samples"] = int(per_digit * len(digits))
         if grid is not None:
-            save_image_grid([generated[d][:12] for d in digits], grid, [str(d) for d in digits], zoom=2)
+            save_image_grid([generated[d][:12] for d in digits], grid, [str(d) for d in digits], zoom=2, mode="L")
         if keep_samples:
             metrics["_samples"] = generated
         return metrics

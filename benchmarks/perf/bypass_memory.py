@@ -41,8 +41,9 @@ import dataclasses
 import gc
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,8 @@ from benchmarks.perf.common import (  # noqa: E402
     size_from_args,
     write_json,
 )
-from resattn_diffusion.integration.families.unet import UNetFamily  # noqa: E402
 from resattn_diffusion import ResTunerConfig, add_res_tuner, res_tuner_parameters  # noqa: E402
+from resattn_diffusion.integration.families.unet import UNetFamily  # noqa: E402
 from resattn_diffusion.integration.unet_tuners import requires_unet_backward  # noqa: E402
 
 BYPASS, RES_ATTN, LORA = "res_bypass", "res_attn", "peft_lora"
@@ -334,7 +335,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="block_out_channels (default 64 128 256)")
     parser.add_argument("--layers-per-block", type=int, default=None, help="layers per block (default 2)")
     parser.add_argument("--latent-size", type=int, default=None, help="latent height = width (default 32)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 2)")
     parser.add_argument("--context-tokens", type=int, default=None, help="text context tokens (default 77)")
     parser.add_argument("--bypass-rank", type=int, default=16, help="rank of the bypass's lateral/vertical tuners")
     parser.add_argument("--bypass-up-rank", type=int, default=None, help="low-rank up convs (default: full 3x3 convs)")

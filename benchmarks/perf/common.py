@@ -3,33 +3,48 @@
 Timing is *interleaved*: the cases of one table run round-robin (one call of each per round, the starting case
 rotating every round), so a burst of load from another process on the shared cores hits every case alike, and
 the median over rounds is compared. Memory is the peak of the tensor memory allocated *during* one call (what the
-call adds on top of the model already in memory), tracked with torch's ``MemTracker`` dispatch mode; it is
-deterministic, so it is measured once per case, outside the timed runs.
+call adds on top of the model already in memory): on CPU tracked op by op with a dispatch mode, on CUDA from the
+allocator's statistics (``max_memory_allocated`` minus what was allocated before the call); it is deterministic,
+so it is measured once per case, outside the timed runs.
+
+On a GPU (``BenchmarkSize.device == "cuda"``, see :meth:`BenchmarkSize.real`) the models are the real SD 1.5 /
+SD 2.1 / SDXL UNet architectures with seeded random weights at native resolution, frozen weights in fp16/bf16 and
+trainable parameters in fp32 under autocast (the training scripts' recipe); every timed call is bracketed by
+``torch.cuda.synchronize`` so the wall clock measures the GPU work, not the kernel launches.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import datetime
 import functools
 import gc
-import datetime
 import json
 import os
 import platform
 import statistics
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from resattn_diffusion.testing import tiny_unet_config, unet_from_config, unet_inputs
+from resattn_diffusion.testing import (
+    SD15_UNET_CONFIG,
+    SD21_UNET_CONFIG,
+    SDXL_UNET_CONFIG,
+    tiny_unet_config,
+    unet_from_config,
+    unet_inputs,
+)
 
 #: Where ``run_all`` writes its JSON files and the markdown summary.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -73,6 +88,10 @@ class BenchmarkSize:
     #: SURM FFT benchmark: layer widths and tokens per layer (SD 1.5 at 512 px, batch 2: 64x64, 32x32, 16x16 latents).
     fft_widths: tuple[int, ...] = (320, 640, 1280)
     fft_tokens: tuple[int, ...] = (8192, 2048, 512)
+    #: ``"cpu"`` or ``"cuda"`` (or ``"cuda:1"``): where models, inputs and timings live.
+    device: str = "cpu"
+    #: the frozen weights' dtype (:data:`DTYPES`); below fp32 the trainable parameters stay fp32 under autocast.
+    dtype: str = "fp32"
 
     @classmethod
     def full(cls, repeats: int = 7) -> BenchmarkSize:
@@ -91,10 +110,67 @@ class BenchmarkSize:
             fft_tokens=(16, 8),
         )
 
+    @classmethod
+    def real(
+        cls,
+        model: str,
+        device: str = "cuda",
+        dtype: str = "fp16",
+        batch_size: int | None = None,
+        repeats: int = 5,
+        warmup: int = 2,
+    ) -> BenchmarkSize:
+        """A real architecture (:data:`REAL_MODELS`: ``sd15``, ``sd21``, ``sdxl``) at its native resolution,
+        seeded random weights, 77 context tokens; default batch 4 (SDXL: 1). For GPUs: on CPU it would take hours."""
+        if model not in REAL_MODELS:
+            raise SystemExit(f"--size must be one of {sorted(REAL_MODELS)} or 'full', got {model!r}")
+        if dtype not in DTYPES:
+            raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if batch_size is None:
+            batch_size = 1 if model == "sdxl" else 4
+        # The FFT benchmark at this model's widths, with the tokens its levels see at this batch.
+        config = REAL_MODELS[model]
+        latent = config["sample_size"]
+        widths = tuple(config["block_out_channels"][:3])
+        tokens = tuple(batch_size * (latent // 2**level) ** 2 for level in range(len(widths)))
+        return cls(
+            model,
+            config,
+            batch_size=batch_size,
+            context_tokens=77,
+            repeats=repeats,
+            warmup=warmup,
+            fft_widths=widths,
+            fft_tokens=tokens,
+            device=device,
+            dtype=dtype,
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def is_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Frozen weights below fp32: trainable parameters in fp32 and the forward under autocast."""
+        return self.torch_dtype != torch.float32
+
+    def autocast(self):
+        """The training scripts' autocast for this size (a no-op context in fp32)."""
+        if not self.mixed_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=self.torch_dtype)
+
     def describe(self) -> dict[str, Any]:
         config = self.unet_config
         return {
             "name": self.name,
+            "device": self.device,
+            "dtype": self.dtype,
             "block_out_channels": list(config["block_out_channels"]),
             "layers_per_block": config["layers_per_block"],
             "latent_size": config["sample_size"],
@@ -102,6 +178,12 @@ class BenchmarkSize:
             "context_tokens": self.context_tokens,
             "repeats": self.repeats,
         }
+
+
+#: ``--dtype`` names -> the frozen weights' dtype.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``--size`` names of the real architectures (GPU runs).
+REAL_MODELS = {"sd15": SD15_UNET_CONFIG, "sd21": SD21_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
 
 
 # --- machine -------------------------------------------------------------------------------------------------
@@ -135,8 +217,18 @@ def machine_info() -> dict[str, Any]:
     except ImportError:  # the peers are optional
         peft_version = None
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    gpu = None
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpu = {
+            "name": properties.name,
+            "memory_gb": round(properties.total_memory / 2**30, 1),
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+        }
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "gpu": gpu,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -153,12 +245,22 @@ def machine_info() -> dict[str, Any]:
 
 
 def frozen_unet(size: BenchmarkSize, seed: int = 0) -> torch.nn.Module:
-    """A UNet of ``size`` with seeded random weights, every parameter frozen, in eval mode."""
-    with torch.random.fork_rng(devices=[]):
+    """A UNet of ``size`` with seeded random weights, every parameter frozen, in eval mode, on ``size.device`` in
+    ``size.dtype`` (built on the device itself: initialising SDXL's 2.6 B weights on the CPU takes a minute)."""
+    device = torch.device(size.device)
+    cuda_index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]):
         torch.manual_seed(seed)
-        unet = unet_from_config(size.unet_config, device="cpu")
+        unet = unet_from_config(size.unet_config, device=device)
     unet.requires_grad_(False)
-    return unet.eval()
+    return unet.to(size.torch_dtype).eval()
+
+
+def cast_trainable_to_fp32(parameters: Sequence[torch.nn.Parameter]) -> None:
+    """The training scripts' recipe under mixed precision (diffusers' ``cast_training_params``): trainable
+    parameters in fp32 beside frozen fp16/bf16 weights, the forward under autocast."""
+    for parameter in parameters:
+        parameter.data = parameter.data.float()
 
 
 def clone_unet(unet: torch.nn.Module) -> torch.nn.Module:
@@ -167,8 +269,29 @@ def clone_unet(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def benchmark_inputs(unet: torch.nn.Module, size: BenchmarkSize, seed: int = 0) -> dict[str, Any]:
-    """``unet(**inputs)`` keyword arguments of ``size`` (latents, timesteps, text context), seeded."""
+    """``unet(**inputs)`` keyword arguments of ``size`` (latents, timesteps, text context), seeded, on the UNet's
+    device and in its dtype."""
     return unet_inputs(unet, batch_size=size.batch_size, seed=seed, tokens=size.context_tokens)
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the GPU's queued work (a no-op on CPU): without it a wall clock times kernel launches."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_device_memory(device: str | torch.device) -> None:
+    """Collect garbage and return cached blocks (after a case failed, e.g. out of memory)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a table cell and the JSON: the error type and the first line of its message."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:300]}"
 
 
 def trainable_parameter_count(module: torch.nn.Module) -> int:
@@ -231,6 +354,9 @@ def interleaved_timings(
     clock: str | None = None,
     progress: Callable[[str], None] | None = None,
     teardowns: dict[str, Callable[[], Any]] | None = None,
+    device: str | torch.device = "cpu",
+    errors: dict[str, str] | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Timing]:
     """Time every function ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
 
@@ -238,24 +364,55 @@ def interleaved_timings(
     (allocator and cache state) or always first in a round. Both clocks are recorded; ``clock`` (default
     :func:`default_clock`) is the one :attr:`Timing.median` reports. ``teardowns[name]``, if given, runs untimed
     after every call of ``runs[name]`` (e.g. unloading what the timed call loaded).
+
+    On a CUDA ``device`` every call is bracketed by ``torch.cuda.synchronize``. With ``errors`` (a dict to fill),
+    a case that raises (e.g. out of GPU memory) is recorded there as ``"Type: message"`` and dropped from the
+    remaining rounds instead of aborting the table. With ``deadline`` (a ``time.perf_counter()`` value), no new
+    round starts after it once every case has at least one timed round (a time guard for one-shot GPU runs).
     """
     teardowns = teardowns or {}
     clock = clock or default_clock()
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     names = list(runs)
-    for _ in range(warmup):
-        for name in names:
+
+    def call(name: str) -> bool:
+        """Run one case; False (and the error recorded) if it failed and ``errors`` collects failures."""
+        try:
             runs[name]()
-            if name in teardowns:
+        except Exception as error:
+            if errors is None:
+                raise
+            errors[name] = describe_error(error)
+            names.remove(name)
+            free_device_memory(device)
+            if progress is not None:
+                progress(f"{name} failed: {errors[name]}")
+            return False
+        return True
+
+    for warmup_round in range(warmup):
+        if deadline is not None and warmup_round > 0 and time.perf_counter() > deadline:
+            break  # one warm-up round is needed (first calls allocate, compile, autotune); more is a luxury
+        for name in list(names):
+            if call(name) and name in teardowns:
                 teardowns[name]()
     timings = {name: Timing(clock) for name in names}
     for round_index in range(repeats):
+        if deadline is not None and round_index > 0 and time.perf_counter() > deadline:
+            if progress is not None:
+                progress(f"time guard: stopped after {round_index} of {repeats} rounds")
+            break
         shift = round_index % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
+            synchronize(device)
             wall_start, cpu_start = time.perf_counter(), time.process_time()
-            runs[name]()
+            ok = call(name)
+            synchronize(device)
             cpu_end, wall_end = time.process_time(), time.perf_counter()
+            if not ok:
+                timings.pop(name, None)
+                continue
             timings[name].wall.append(wall_end - wall_start)
             timings[name].cpu.append(cpu_end - cpu_start)
             if name in teardowns:
@@ -325,14 +482,23 @@ class _PeakMemoryMode(TorchDispatchMode):
             self.current -= entry[1]
 
 
-def peak_memory_bytes(fn: Callable[[], Any]) -> int:
+def peak_memory_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
     """Peak of the tensor memory allocated while ``fn`` runs (tensors that already exist are not counted):
     activations saved for backward, temporaries, gradients and optimizer states created by the call.
 
-    Tracked with a dispatch mode that sees every op's outputs (in the forward and in autograd's backward) and
-    the moment each new storage is freed; so it works on CPU, where torch keeps no allocator statistics.
+    On CUDA: the allocator's ``max_memory_allocated`` (reset before the call) minus what was allocated before.
+    On CPU, where torch keeps no allocator statistics: tracked with a dispatch mode that sees every op's outputs
+    (in the forward and in autograd's backward) and the moment each new storage is freed.
     """
     gc.collect()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
     mode = _PeakMemoryMode()
     with mode:
         fn()
@@ -389,12 +555,13 @@ def log(message: str) -> None:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--tiny``, ``--repeats``, ``--threads``, ``--clock``: the options every benchmark script takes."""
+    """``--tiny``, ``--repeats``, ``--threads``, ``--clock``, ``--device``, ``--size``, ``--dtype``,
+    ``--batch-size``: the options every benchmark script takes."""
     parser.add_argument(
         "--tiny", action="store_true", help="the test suite's tiny sizes, one round (numbers meaningless)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="interleaved timed rounds per case (default 7; tiny 1)"
+        "--repeats", type=int, default=None, help="interleaved timed rounds per case (default 7; tiny 1; GPU 5)"
     )
     parser.add_argument(
         "--threads", default="auto", help="torch threads, or 'auto': all cores on an idle machine, else 1 (default)"
@@ -402,12 +569,42 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clock", choices=CLOCKS, default=None, help="reported clock (default: 'cpu' with 1 thread, else 'wall')"
     )
+    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda': where models and timings run")
+    parser.add_argument(
+        "--size",
+        choices=["full", *REAL_MODELS],
+        default=None,
+        help="'full' (issue 8's CPU size, the default on CPU) or a real architecture at native resolution "
+        "(sd15 512 px, sd21 768 px, sdxl 1024 px; the default on CUDA is sd15)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="frozen weights' dtype (default fp32 on CPU, fp16 on CUDA)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="batch size (default: 2 full, 1 tiny; real sizes 4, SDXL 1)"
+    )
 
 
 def size_from_args(args: argparse.Namespace) -> BenchmarkSize:
-    size = BenchmarkSize.tiny() if args.tiny else BenchmarkSize.full()
+    device = getattr(args, "device", "cpu") or "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__})")
+    on_gpu = torch.device(device).type != "cpu"
+    dtype = getattr(args, "dtype", None) or ("fp16" if on_gpu else "fp32")
+    model = getattr(args, "size", None) or ("sd15" if on_gpu and not args.tiny else "full")
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    if args.tiny:
+        size = dataclasses.replace(BenchmarkSize.tiny(), device=device, dtype=dtype)
+    elif model == "full":
+        size = dataclasses.replace(BenchmarkSize.full(), device=device, dtype=dtype)
+    else:
+        size = BenchmarkSize.real(model, device, dtype, getattr(args, "batch_size", None))
     if args.repeats is not None:
-        if args.repeats < 1:
-            raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
         size = dataclasses.replace(size, repeats=args.repeats)
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise SystemExit(f"--batch-size must be >= 1, got {batch_size}")
+        size = dataclasses.replace(size, batch_size=batch_size)
     return size

@@ -102,12 +102,18 @@ def side(tuner: str | None) -> str:
     return {"operation": "attention-side", "linear": "linear", "model": "UNet-level"}[kind]
 
 
-def graph_break_rows(tuners: list[str], tiny: bool = False) -> list[dict[str, Any]]:
+def graph_break_rows(tuners: list[str], tiny: bool = False, deadline: float | None = None) -> list[dict[str, Any]]:
+    """One row per tuner (and the frozen base first). With ``deadline`` (a ``time.perf_counter()`` value) the
+    tuners left when it has passed get a row with an ``error`` saying so."""
     cases: list[tuple[str, list[str]]] = [(BASE, [])] + [(name, [name]) for name in tuners]
     rows = []
     for name, attached in cases:
-        log(f"compile_breaks: explaining {name}")
         row: dict[str, Any] = {"name": name, "kind": side(None if name == BASE else name)}
+        if deadline is not None and time.perf_counter() > deadline:
+            row["error"] = "skipped: time guard"
+            rows.append(row)
+            continue
+        log(f"compile_breaks: explaining {name}")
         try:
             unet = compile_unet(attached, tiny)
             inputs = unet_inputs(unet, batch_size=2, seed=0)

@@ -18,7 +18,8 @@ Run alone: ``python -m benchmarks.perf.fft_paths [--tiny] [--repeats N] [--threa
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +46,14 @@ PATHS = ("structured", "materialise", "dense")
 
 
 def _path_calls(
-    family: str, width: int, tokens: int, train: bool, seed: int = 0
+    family: str, width: int, tokens: int, train: bool, seed: int = 0, device: str = "cpu"
 ) -> tuple[dict[str, Callable[[], None]], bool]:
     """The three calls to time, and whether SURM's own ``forward`` would take the dense path here."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, width, generator=generator, requires_grad=train)
+    x = torch.randn(tokens, width, generator=generator).to(device).requires_grad_(train)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        matrix = STRUCTURES[family](width, width, init="random")
+        matrix = STRUCTURES[family](width, width, init="random").to(device)
     prebuilt = matrix.materialize().detach().requires_grad_(train)
     computations = {
         "structured": lambda: matrix.structured_forward(x),
@@ -81,8 +82,8 @@ def run(size: BenchmarkSize, families: tuple[str, ...] = FAMILIES, clock: str | 
             mode = "train" if train else "inference"
             log(f"fft_paths: width {width}, {tokens} tokens, {mode}")
             for family in families:
-                calls, auto_dense = _path_calls(family, width, tokens, train)
-                timings = interleaved_timings(calls, max(size.repeats, 1), size.warmup, clock)
+                calls, auto_dense = _path_calls(family, width, tokens, train, device=size.device)
+                timings = interleaved_timings(calls, max(size.repeats, 1), size.warmup, clock, device=size.device)
                 medians = {path: timings[path].median * 1e3 for path in PATHS}
                 rows.append(
                     {

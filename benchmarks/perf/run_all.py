@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.perf.run_all                 # full size (about an hour on 2 shared cores)
     .venv/bin/python -m benchmarks.perf.run_all --tiny          # tiny sizes, one round: a smoke test (~a minute)
+    python -m benchmarks.perf.run_all --device cuda --size sd15 --dtype fp16   # on a GPU (issue 14's targets)
 
 Writes ``<out>/train_step.json``, ``sampling.json``, ``fft_paths.json``, ``load_time.json``,
 ``compile_breaks.json`` (and ``bypass_memory.json`` with ``--with-bypass-memory``; without it, a
@@ -10,7 +11,10 @@ tables of every benchmark and the targets, each with the measured value and whet
 the other benchmarks' tables in the summary come from their last JSON in ``<out>`` (marked as such). ``<out>``
 defaults to ``benchmarks/perf/results``. Options: ``--repeats`` (interleaved rounds, default 7), ``--threads``
 (default ``auto``: every core on an idle machine, else 1), ``--clock`` (default ``cpu`` with one thread),
-``--only train_step sampling ...``.
+``--only train_step sampling ...``, ``--device``/``--size``/``--dtype``/``--batch-size`` (see
+:func:`~benchmarks.perf.common.add_common_arguments`). On a GPU the summary also checks issue 14's GPU targets
+(``gpu_suite.evaluate_gpu_targets``) and names the device; ``load_time`` and ``compile_breaks``' graph breaks
+stay CPU measurements. ``benchmarks/perf/gpu_run.sh`` is the time-guarded one-shot GPU run.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import argparse
 import importlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from resattn_diffusion import get_tuner_spec
 
@@ -131,10 +136,14 @@ def summary_markdown(results: dict[str, dict[str, Any]], checks: list[dict[str, 
     machine = machine_info()
     any_result = next(iter(results.values()), {})
     size = any_result.get("size", {})
+    gpu = machine.get("gpu")
+    device = size.get("device", "cpu")
     parts = [
         "# Performance benchmarks (issue 8)",
         "",
         f"Reproduce: `{command}`",
+        "",
+        f"Device: {device}" + (f" ({gpu['name']}, {gpu['memory_gb']} GB), dtype {size.get('dtype')}" if gpu and device != "cpu" else "") + ".",
         "",
         f"Machine: {machine['cpu_count']} CPU cores ({machine['processor']}), torch {machine['torch']} with "
         f"{machine['torch_threads']} thread(s), diffusers {machine['diffusers']}, peft {machine['peft']}; "
@@ -157,10 +166,13 @@ def summary_markdown(results: dict[str, dict[str, Any]], checks: list[dict[str, 
         "load_time": "Loading a tuner file into a pipeline",
         "compile_breaks": "torch.compile: graph breaks and inductor speedup",
         "bypass_memory": "Res-Tuning-Bypass memory (benchmarks/perf/bypass_memory.py)",
+        "sampling_compiled": "Sampling under torch.compile (inductor) on the GPU",
     }
     for name, result in results.items():
         module = _MODULES.get(name)
-        if module is None:
+        if name == "sampling_compiled":
+            table = sampling.compiled_to_markdown(result)
+        elif module is None:
             table = _foreign_markdown(name, result)
         else:
             table = module.to_markdown(result)
@@ -211,10 +223,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sampling": lambda: sampling.run(size, clock=args.clock),
         "fft_paths": lambda: fft_paths.run(size, clock=args.clock),
         "load_time": lambda: load_time.run(size, clock=args.clock),
-        "compile_breaks": lambda: compile_breaks.run(size, inductor=not args.no_inductor, clock=args.clock),
+        "compile_breaks": lambda: compile_breaks.run(
+            size, inductor=not args.no_inductor and not size.is_cuda, clock=args.clock
+        ),
     }
+    if size.is_cuda and not args.no_inductor and (args.only is None or "compile_breaks" in args.only):
+        # On a GPU the inductor comparison runs on the real UNet (the CPU one times the small UNet on the CPU).
+        runners["sampling_compiled"] = lambda: sampling.run_compiled(size, clock=args.clock)
     results: dict[str, dict[str, Any]] = {}
-    for name in args.only or BENCHMARKS:
+    for name in [*(args.only or BENCHMARKS), *(["sampling_compiled"] if "sampling_compiled" in runners else [])]:
         start = time.perf_counter()
         results[name] = runners[name]()
         results[name]["elapsed_s"] = time.perf_counter() - start
@@ -235,7 +252,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["bypass_memory"] = json.loads((out / "bypass_memory.json").read_text())
         results["bypass_memory"]["from_earlier_run"] = True
     checks = evaluate_targets(results)
+    if size.is_cuda:
+        from .gpu_suite import evaluate_gpu_targets
+
+        gpu_parts = {"sampling": results.get("sampling"), f"train_{size.name}": results.get("train_step")}
+        checks += evaluate_gpu_targets({name: result for name, result in gpu_parts.items() if result})
     command = "python -m benchmarks.perf.run_all" + (" --tiny" if args.tiny else "")
+    if size.is_cuda:
+        command += f" --device {size.device} --size {size.name} --dtype {size.dtype}"
     if args.repeats is not None:
         command += f" --repeats {args.repeats}"
     summary = summary_markdown(results, checks, command)

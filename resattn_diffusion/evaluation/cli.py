@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quiet import quiet_libraries
 from ..integration.inject import ResTunerError
 from ..integration.io import ResTunerFileError
+from ..quiet import quiet_libraries
 from .errors import EvaluationError, EvaluationWarning
 from .features import ImageEncoder
 from .generate import generate_images, load_pipeline

@@ -26,7 +26,6 @@ from .errors import EvaluationError
 from .images import iter_image_batches, list_images
 from .inception import FIDInceptionV3, TorchFidelityInception, find_inception_weights
 
-
 Preprocess = Callable[[list[Image.Image]], torch.Tensor]
 
 
@@ -176,7 +175,14 @@ class InceptionEncoder(ImageEncoder):
 
 
 def _load_pretrained(loader: Callable, name_or_path: str | os.PathLike, flag: str, what: str, **kwargs):
-    """``loader(name_or_path)``; a hub or file error becomes an :class:`EvaluationError` naming ``flag``."""
+    """``loader(name_or_path)``; a hub or file error becomes an :class:`EvaluationError` naming ``flag``. A Hub id
+    that is neither cached nor reachable fails at once (huggingface_hub would retry for about a minute)."""
+    from ..hub import ModelSourceError, check_pretrained_source
+
+    try:
+        check_pretrained_source(name_or_path, flag, filename="config.json")
+    except ModelSourceError as err:
+        raise EvaluationError(f"could not load the {what}: {err}") from None
     try:
         return loader(str(name_or_path), **kwargs)
     except OSError as err:

@@ -26,11 +26,10 @@ from ..quiet import from_pretrained_dtype
 from .errors import EvaluationError
 from .images import MANIFEST_NAME, read_manifest, read_prompts
 
-
 #: Generation settings that must be the same for every image of one folder (mixing them would make metrics over
 #: the folder meaningless).
 SETTING_KEYS: tuple[str, ...] = (
-    "pipeline", "steps", "guidance", "tuner", "scale", "negative_prompt", "height", "width"
+    "pipeline", "steps", "guidance", "tuner", "tuner_sha256", "scale", "negative_prompt", "height", "width"
 )
 
 # Pipeline call arguments generate_images sets itself; pipeline_kwargs may not override them.
@@ -70,6 +69,21 @@ def _identity(path_or_name: str | os.PathLike | None) -> str | None:
         return None
     path = Path(path_or_name).expanduser()
     return str(path.resolve()) if path.exists() else str(path_or_name)
+
+
+def tuner_file_sha256(tuner_path: str | os.PathLike) -> str:
+    """SHA-256 of the tuner file ``tuner_path`` names (a file, or a folder holding ``res_tuner.safetensors``)."""
+    from resattn_diffusion.integration.io import ResTunerFileError, resolve_tuner_file
+
+    try:
+        file = resolve_tuner_file(tuner_path)
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except (ResTunerFileError, OSError) as err:
+        raise EvaluationError(f"cannot read the tuner {str(tuner_path)!r} (--tuner): {err}") from None
+    return digest.hexdigest()
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -158,6 +172,8 @@ def generate_images(
         "steps": int(num_inference_steps),
         "guidance": float(guidance_scale),
         "tuner": _identity(tuner_path),
+        # the file's content, not only its path: a tuner replaced at the same path must not keep the old images
+        "tuner_sha256": None if tuner_path is None else tuner_file_sha256(tuner_path),
         "scale": float(tuner_scale) if tuner_path is not None else None,
         "negative_prompt": negative_prompt,
         "height": height,
@@ -175,6 +191,13 @@ def generate_images(
         if not (out_dir / record["file"]).is_file():
             continue
         differing = {key: record.get(key) for key in SETTING_KEYS if record.get(key) != settings[key]}
+        if "tuner_sha256" in differing and "tuner" not in differing:
+            raise EvaluationError(
+                f"{str(out_dir)!r} holds images of another tuner file at the same path {settings['tuner']!r} "
+                f"({record['file']!r}: sha256 {record.get('tuner_sha256') or 'not recorded'}; the file now: "
+                f"{settings['tuner_sha256']}). Use a new output folder for this tuner, or delete the folder to "
+                "regenerate it."
+            )
         if differing:
             raise EvaluationError(
                 f"{str(out_dir)!r} already holds images generated with other settings ({record['file']!r}: "

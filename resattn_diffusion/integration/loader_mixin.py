@@ -12,18 +12,17 @@ it was (same processors, same outputs).
 from __future__ import annotations
 
 import os
-import re
-import socket
-from urllib.parse import urlparse
-from typing import Any, Mapping
-
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..checks import check_scale
 from ..config import ResTunerConfig
+from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
+from ..tuners.base import ConfigError
 from .inject import (
     ResTunerError,
     fuse_res_tuner,
@@ -42,9 +41,6 @@ HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only",
 
 #: Pipeline attributes that hold the network the tuners sit on, in the order they are looked for.
 DENOISER_ATTRIBUTES: tuple[str, ...] = ("unet", "transformer")
-
-# "user/repo" or "repo": what a Hub repo id looks like (and a local path, absolute or with 3+ parts, does not).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def denoiser_attribute(pipeline: Any) -> str:
@@ -70,10 +66,6 @@ def _loaded_names(pipeline: Any) -> list[str]:
     return list(get_res_tuner_configs(denoiser_of(pipeline)))
 
 
-def _looks_like_repo_id(path: str) -> bool:
-    return bool(_REPO_ID.match(path)) and not path.endswith(".safetensors") and ".." not in path
-
-
 def resolve_tuner_source(
     path_or_repo: str | os.PathLike, weight_name: str | None = None, **hub_kwargs: Any
 ) -> tuple[str, str | None]:
@@ -95,7 +87,7 @@ def resolve_tuner_source(
             path_or_repo = os.path.join(path_or_repo, hub_kwargs["subfolder"])
         return str(path_or_repo), weight_name
     path = str(path_or_repo)
-    if not isinstance(path_or_repo, str) or not _looks_like_repo_id(path):
+    if not isinstance(path_or_repo, str) or not looks_like_repo_id(path):
         raise ResTunerFileError(
             f"no tuner file or folder at {path!r}: the path does not exist; pass a .safetensors file saved by "
             "save_res_tuner, a training output folder holding res_tuner.safetensors, or a Hugging Face Hub repo id "
@@ -105,14 +97,19 @@ def resolve_tuner_source(
     from huggingface_hub import constants, hf_hub_download
 
     filename = weight_name or WEIGHT_NAME
-    offline = _hub_unreachable(constants)
-    if offline and not hub_kwargs.get("local_files_only") and not _in_hub_cache(path, filename, hub_kwargs):
-        # hf_hub_download would retry for many seconds before saying the same thing
-        raise ResTunerFileError(
-            f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and it cannot be fetched "
-            f"from the Hugging Face Hub: offline ({offline}). Pass the path of a local .safetensors file or training output "
-            "folder, or go online."
-        )
+    if not hub_kwargs.get("local_files_only"):
+        # hf_hub_download would retry an unreachable Hub for many seconds before saying the same thing
+        subfolder = hub_kwargs.get("subfolder")
+        try:
+            check_pretrained_source(
+                path, "load_res_tuner", filename=f"{subfolder}/{filename}" if subfolder else filename,
+                cache_dir=hub_kwargs.get("cache_dir"), revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"),
+            )
+        except ModelSourceError as err:
+            raise ResTunerFileError(
+                f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and the Hugging Face "
+                f"Hub cannot provide it (offline, unreachable or no such repo): {err}"
+            ) from None
     try:
         return hf_hub_download(path, filename, **hub_kwargs), None
     except Exception as err:  # huggingface_hub raises a family of errors: offline, not found, gated, HTTP
@@ -142,11 +139,10 @@ class ResTunerLoaderMixin:
     Put the mixin before the diffusers pipeline class in the bases, so that its guards on ``save_pretrained`` and
     ``fuse_qkv_projections`` (which cannot keep tuners) take effect.
 
-    The tuners sit on ``pipe.unet`` (or ``pipe.transformer``) and run inside any diffusers call; on a UNet they
-    survive ``enable_attention_slicing()``, ``enable_xformers_memory_efficient_attention()``,
-    ``unet.set_default_attn_processor()`` and ``load_lora_weights`` in either order. A per-call scale goes through
-    ``cross_attention_kwargs={"res_tuner_scale": 0.5}`` (SD3 and Flux pipelines: ``joint_attention_kwargs``), or a
-    dict ``{name: scale}``.
+    The tuners sit on ``pipe.unet`` and run inside any diffusers call; they survive ``enable_attention_slicing()``,
+    ``enable_xformers_memory_efficient_attention()``, ``unet.set_default_attn_processor()`` and ``load_lora_weights``
+    in either order. A per-call scale goes through ``cross_attention_kwargs={"res_tuner_scale": 0.5}`` (or a dict
+    ``{name: scale}``).
     """
 
     @property
@@ -190,8 +186,8 @@ class ResTunerLoaderMixin:
         _check_not_offloaded_to_meta(denoiser)
         if any(getattr(module, "fused_projections", False) for module in denoiser.modules()):
             raise ResTunerError(
-                f"the {denoiser_attribute(self)}'s attention projections are fused (fuse_qkv_projections); call "
-                "pipe.unfuse_qkv_projections() before loading res tuners"
+                "the UNet's attention projections are fused (fuse_qkv_projections); call pipe.unfuse_qkv_projections() "
+                "before loading res tuners"
             )
         if isinstance(path_or_folder, Mapping):
             if hub_kwargs or weight_name is not None:
@@ -219,7 +215,7 @@ class ResTunerLoaderMixin:
     def unload_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Remove the named tuner(s), or all of them with ``adapter_name=None`` (a no-op when none is loaded).
 
-        Fused tuners are unfused first; the denoiser's processors, weights and outputs are restored exactly.
+        Fused tuners are unfused first; the UNet's processors, weights and outputs are restored exactly.
         """
         denoiser = self._res_tuner_denoiser
         loaded = get_res_tuner_configs(denoiser)
@@ -254,12 +250,13 @@ class ResTunerLoaderMixin:
         """
         names = self._check_names(adapter_names)
         if len(set(names)) != len(names):
-            raise ValueError(f"set_res_tuners: adapter_names has duplicates: {names}")
-        if weights is None or isinstance(weights, (int, float, dict)):
+            raise ConfigError(f"set_res_tuners: adapter_names has duplicates: {names}")
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(weights, (int, float, dict)):
             weights = [weights] * len(names)
-        weights = [1.0 if w is None else w for w in weights]
         if len(weights) != len(names):
-            raise ValueError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} weight(s) {weights}")
+            raise ConfigError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} scale weight(s) {weights}")
         denoiser = self._res_tuner_denoiser
         # Expand and check every weight before any tuner changes.
         weights = [_expand_block_weights(denoiser, w, name) if isinstance(w, dict) else _check_weight(w) for w, name in zip(weights, names)]
@@ -288,7 +285,7 @@ class ResTunerLoaderMixin:
 
     # -- fusing -------------------------------------------------------------------------------------------------
     def fuse_res_tuner(self, adapter_names: str | list[str] | None = None, safe_fusing: bool = False) -> None:
-        """Fold tuners into the denoiser's weights at their current scales: no extra inference cost.
+        """Fold tuners into the UNet's weights at their current scales: no extra inference cost.
 
         Only linear tuners (``res_lora``, ``glora``, ``surm_*``) fold. ``adapter_names=None`` fuses every enabled
         tuner. A request naming a tuner that cannot fold (or is disabled) raises, naming it, before any weight
@@ -309,13 +306,20 @@ class ResTunerLoaderMixin:
         if names:
             fuse_res_tuner(self._res_tuner_denoiser, names, safe_fusing=safe_fusing)
 
-    def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None) -> None:
-        """Restore the weights fused tuners changed, exactly; the tuners run as branches again. With
-        ``adapter_names``, only those leave the weights (the other fused tuners stay fused)."""
+    def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None, accept_changed_weights: bool = False) -> None:
+        """Unfold fused tuners; they run as branches again. With ``adapter_names``, only those leave the weights
+        (the other fused tuners stay fused).
+
+        Exact beside a diffusers LoRA in any order of ``fuse_lora``/``unfuse_lora``: the weights become what the LoRA
+        alone makes them (the original ones, bit for bit, when nothing else was fused in between). Refused, changing
+        nothing, when a weight was changed while fused by something else (for example ``unload_lora_weights()`` of a
+        LoRA loaded and fused after this tuner was fused); ``accept_changed_weights=True`` then subtracts exactly the
+        tuners' delta and keeps the other change.
+        """
         if not get_res_tuner_configs(self._res_tuner_denoiser):
             return
         names = None if adapter_names is None else self._check_names(adapter_names)
-        unfuse_res_tuner(self._res_tuner_denoiser, names)
+        unfuse_res_tuner(self._res_tuner_denoiser, names, accept_changed_weights=accept_changed_weights)
 
     # -- inspection -----------------------------------------------------------------------------------------------
     def get_res_tuners(self) -> dict[str, dict[str, Any]]:
@@ -328,14 +332,13 @@ class ResTunerLoaderMixin:
     # -- diffusers methods that cannot keep tuners: a clear error instead of a silent loss ------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, refused while res tuners are loaded: their weights would be written into
-        the denoiser's file, where ``from_pretrained`` drops them (and fused ones would become the base weights)."""
+        the UNet's file, where ``from_pretrained`` drops them (and fused ones would become the base weights)."""
         loaded = _loaded_names(self)
         if loaded:
-            where = denoiser_attribute(self)
             raise ResTunerError(
-                f"res tuner(s) {loaded} are loaded; save_pretrained would write them into the {where} weights where "
-                f"from_pretrained does not load them back. Save each with pipe.save_res_tuner(path, adapter_name=name), "
-                "call pipe.unload_res_tuner(), then pipe.save_pretrained(...)"
+                f"res tuner(s) {loaded} are loaded; save_pretrained would write them into the UNet weights where "
+                "from_pretrained does not load them back. Save each with resattn_diffusion.save_res_tuner(pipe.unet, "
+                "path, adapter_name=name), call pipe.unload_res_tuner(), then pipe.save_pretrained(...)"
             )
         super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -358,9 +361,12 @@ class ResTunerLoaderMixin:
             raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
         if adapter_name is None:
             return loaded
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if not names:
-            raise ValueError("no adapter name given; pass a name or a list of names of loaded tuners")
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(name, str) for name in names):
+            raise ResTunerError(
+                f"adapter_name must be a loaded tuner's name, a non-empty list of names or None (all), got {adapter_name!r}"
+            )
+        names = list(names)
         missing = [name for name in names if name not in loaded]
         if missing:
             raise ResTunerError(f"no tuner named {missing[0]!r} is loaded; loaded tuners (adapter names): {loaded}")
@@ -371,37 +377,12 @@ class ResTunerLoaderMixin:
         fused = [name for name in names if status[name]["fused"] and not (unless and unless(status[name]))]
         if fused:
             raise ResTunerError(
-                f"tuner(s) {fused} are fused into the {denoiser_attribute(self)}'s weights; call pipe.unfuse_res_tuner() before {action}"
+                f"tuner(s) {fused} are fused into the UNet's weights; call pipe.unfuse_res_tuner() before {action}"
             )
 
 
 def _check_weight(value: float) -> float:
     return check_scale(value, "a tuner scale")
-
-
-def _hub_unreachable(constants: Any) -> str | None:
-    """Why the Hub cannot be reached right now (offline mode, or no connection within a second), or None."""
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return "HF_HUB_OFFLINE is set"
-    parsed = urlparse(constants.ENDPOINT)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=1.0).close()
-    except OSError as err:
-        return f"no connection to {parsed.hostname}:{port} ({err.strerror or type(err).__name__})"
-    return None
-
-
-def _in_hub_cache(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> bool:
-    """Whether the file is in the local Hub cache (then hf_hub_download can return it without a connection)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    subfolder = hub_kwargs.get("subfolder")
-    found = try_to_load_from_cache(
-        repo_id, f"{subfolder}/{filename}" if subfolder else filename, cache_dir=hub_kwargs.get("cache_dir"),
-        revision=hub_kwargs.get("revision"),
-    )
-    return isinstance(found, str)
 
 
 def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str, float]:
@@ -410,12 +391,18 @@ def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str
     from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 
     if not hasattr(getattr(unet, "config", None), "layers_per_block") or not hasattr(unet, "down_blocks"):
-        raise ValueError(f"per-block weights for {name!r} need a UNet with down/mid/up blocks; pass one number")
+        raise ConfigError(f"per-block scales for {name!r} need a UNet with down/mid/up blocks; pass one number")
+    unknown = sorted(map(str, set(weights) - {"down", "mid", "up"}))
+    if unknown:
+        raise ConfigError(
+            f"per-block scales for {name!r} have unknown key(s) {unknown}; the keys are 'down', 'mid' and 'up' "
+            '(diffusers\' set_adapters form: {"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}})'
+        )
     try:
         expanded = _maybe_expand_lora_scales(unet, [weights], default_scale=1.0)[0]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"per-block weights {weights!r} for {name!r}: {err}. The form is diffusers' set_adapters one: "
+        raise ConfigError(
+            f"per-block scales {weights!r} for {name!r}: {err}. The form is diffusers' set_adapters one: "
             '{"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}}'
         ) from None
     return {path: _check_weight(value) for path, value in expanded.items()}
@@ -426,7 +413,7 @@ def _check_not_offloaded_to_meta(denoiser: nn.Module) -> None:
     values, so refuse instead of loading into nothing."""
     if any(p.device.type == "meta" for p in denoiser.parameters()):
         raise ResTunerError(
-            "the denoiser's weights are on the 'meta' device (enable_sequential_cpu_offload or device_map); load res "
+            "the UNet's weights are on the 'meta' device (enable_sequential_cpu_offload or device_map); load res "
             "tuners before enabling sequential offload, or call pipe.remove_all_hooks() first"
         )
 

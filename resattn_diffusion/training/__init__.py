@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..integration.inject import ResTunerError
 from ..integration.io import ResTunerFileError

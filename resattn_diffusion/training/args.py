@@ -20,16 +20,16 @@ import argparse
 import json
 import math
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from diffusers.optimization import SchedulerType
 
 from ..config import PLACEMENTS, ResTunerConfig
-from ..registry import known_projections, known_targets
-from ..registry import get_tuner_spec, tuner_names
 from ..integration.inject import ResTunerError
+from ..registry import get_tuner_spec, known_projections, known_targets, tuner_names
 from ..tuners.base import ConfigError
 from .user_flags import SECRET_FLAGS, add_user_flags, check_user_flags
 
@@ -90,13 +90,21 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--tuner_arg", type=str, nargs="+", action="extend", default=None, metavar="KEY=VALUE",
         help="Any hyperparameter of the tuner, e.g. --tuner_arg activation=relu prefix_length=16 (repeatable).",
     )
-    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=known_targets(), help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).")
+    tuner.add_argument(
+        "--targets", type=str, nargs="+", default=None, choices=known_targets(),
+        help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).",
+    )
     tuner.add_argument(
         "--blocks", type=str, nargs="+", default=None,
         help="Glob patterns of transformer blocks, e.g. 'up_blocks.*' mid_block (default: every block).",
     )
-    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=known_projections(), help="Linear tuners: projections that get a branch (default: all the model has).")
-    tuner.add_argument("--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.")
+    tuner.add_argument(
+        "--projections", type=str, nargs="+", default=None, choices=known_projections(),
+        help="Linear tuners: projections that get a branch (default: all the model has).",
+    )
+    tuner.add_argument(
+        "--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.",
+    )
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
     tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
 
@@ -115,7 +123,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
             help="Precision of class image generation (default fp16 on a GPU, fp32 otherwise).",
         )
     else:
-        data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` name or a local dataset path (load_dataset / save_to_disk folder).")
+        data.add_argument(
+            "--dataset_name", type=str, default=None, help="A `datasets` name or a local dataset path (load_dataset / save_to_disk folder).",
+        )
         data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
         data.add_argument(
             "--train_data_dir", type=str, default=None,
@@ -123,7 +133,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         )
         data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
         data.add_argument("--caption_column", type=str, default="text", help="Caption column (a caption or a list of captions).")
-        data.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of training on the empty caption (for classifier-free guidance).")
+        data.add_argument(
+            "--caption_dropout", type=float, default=0.0, help="Probability of training on the empty caption (for classifier-free guidance).",
+        )
         data.add_argument("--max_train_samples", type=int, default=None, help="Use only this many (randomly chosen) examples.")
     data.add_argument(
         "--resolution", type=int, default=None,
@@ -136,7 +148,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default=defaults["output_dir"], help="Where the tuner, checkpoints, logs and validation images go.")
     train.add_argument("--overwrite_output", action="store_true", help="Replace a tuner already saved in --output_dir.")
-    train.add_argument("--seed", type=int, default=None, help="Seed of the whole run (data order, noise, tuner init); chosen and recorded if not given.")
+    train.add_argument(
+        "--seed", type=int, default=None, help="Seed of the whole run (data order, noise, tuner init); chosen and recorded if not given.",
+    )
     train.add_argument("--train_batch_size", type=int, default=defaults["train_batch_size"], help="Batch size per device.")
     train.add_argument("--num_train_epochs", type=int, default=defaults["num_train_epochs"])
     train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs.")
@@ -144,7 +158,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     train.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass to save memory.")
     train.add_argument("--learning_rate", type=float, default=defaults["learning_rate"], help="Learning rate (after warmup).")
     train.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch size.")
-    train.add_argument("--lr_scheduler", type=str, default="constant", choices=[t.value for t in SchedulerType], help="diffusers' get_scheduler name.")
+    train.add_argument(
+        "--lr_scheduler", type=str, default="constant", choices=[t.value for t in SchedulerType], help="diffusers' get_scheduler name.",
+    )
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the learning-rate scheduler.")
     train.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
     train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
@@ -175,6 +191,12 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     ckpt.add_argument(
         "--resume_from_checkpoint", type=str, default=None,
         help="'latest' (the newest checkpoint in --output_dir) or a checkpoint folder.",
+    )
+    ckpt.add_argument(
+        "--allow_inexact_resume", action="store_true",
+        help="Resume even when the checkpoint's random states (random_states_<process>.pkl) are missing or unreadable; "
+        "the run then continues with fresh random states and no longer equals an uninterrupted one (a loud warning "
+        "says so). Without it such a checkpoint is refused.",
     )
 
     val = parser.add_argument_group("validation and logging")
@@ -335,7 +357,8 @@ def tuner_config_from_args(args: argparse.Namespace) -> ResTunerConfig:
         data = {"tuner": args.tuner or "res_attn"}
         hyperparameters = {}
 
-    for flag, field in [("targets", "targets"), ("blocks", "blocks"), ("projections", "projections"), ("placement", "placement"), ("tuner_scale", "scale")]:
+    flag_fields = [("targets", "targets"), ("blocks", "blocks"), ("projections", "projections"), ("placement", "placement")]
+    for flag, field in [*flag_fields, ("tuner_scale", "scale")]:
         value = getattr(args, flag)
         if value is not None:
             data[field] = value

@@ -19,8 +19,9 @@ import os
 import random
 import time
 from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from ..hub import check_pretrained_source
 from ..quiet import quiet_libraries
 from .args import FP16_ON_CPU, args_to_json, tuner_config_from_args
-from .checkpoint import list_checkpoints, read_training_state, resolve_resume_checkpoint, save_checkpoint
+from .checkpoint import check_random_states, list_checkpoints, read_training_state, resolve_resume_checkpoint, save_checkpoint
 from .data import (
     DreamBoothDataset,
     EpochShuffleSampler,
@@ -48,8 +49,8 @@ from .families import family_of
 from .models import DenoiserFamily
 from .prior import generate_class_images
 from .publish import check_export_flags, create_hub_repo, finish_run, push_output_dir
-from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
 from .trainable import ResTunerTrainable, TrainableProvider, TrainingCallback, TrainingSummary, parameters_are_finite
+from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
 from .validation import log_validation
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ def train(
     repo_id = create_hub_repo(args) if getattr(args, "push_to_hub", False) and accelerator.is_main_process else None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise TrainingError(FP16_ON_CPU + " (fp16 came from the accelerate config)")
+    if resume_folder is not None:  # before the model loads: a refused resume should cost nothing
+        check_random_states(resume_folder, accelerator.process_index, args.allow_inexact_resume)
     seed = choose_seed(args, resume_state, accelerator)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -187,6 +190,9 @@ def train(
             for batch_index, batch in enumerate(loader, start=start):
                 # noise and timesteps depend only on (seed, process, epoch, batch): a resumed run draws the same ones
                 generator.manual_seed(derive_seed(seed, "noise", accelerator.process_index, epoch, batch_index))
+                # so are the draws from torch's global RNG inside the forward (tuner dropout): that RNG is also
+                # advanced by DataLoader iteration, which a resumed run does differently
+                seed_global_rng(seed, "forward", accelerator.process_index, epoch, batch_index)
                 for callback in callbacks:
                     callback.on_step_begin(base.denoiser, global_step)
                 with accelerator.accumulate(denoiser):
@@ -256,6 +262,12 @@ def train(
 
 
 # --- one step ------------------------------------------------------------------------------------------------
+def seed_global_rng(*parts: object) -> None:
+    """Seed torch's global RNG (CPU and every CUDA device) from ``parts`` only: ``nn.Dropout`` and any other draw
+    that takes no generator then depend on (seed, process, epoch, batch), not on what ran before."""
+    torch.manual_seed(derive_seed(*parts))
+
+
 def diffusion_loss(
     args: Namespace,
     base: DenoiserFamily,

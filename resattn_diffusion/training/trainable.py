@@ -20,9 +20,10 @@ the tuned pipeline for evaluation::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,13 +98,13 @@ class TrainableProvider(ABC):
         """Save what was trained into ``output_dir``; returns :meth:`result_path`."""
 
     # --- optional hooks ----------------------------------------------------------------------------------------
-    def check_resume(self, checkpoint: Path) -> None:
+    def check_resume(self, checkpoint: Path) -> None:  # noqa: B027 - an optional hook: doing nothing is its default
         """Raise :class:`TrainingError` if ``checkpoint`` was written by a run that trained something else."""
 
-    def register_checkpoint_hooks(self, accelerator: Any, unet: nn.Module) -> None:
+    def register_checkpoint_hooks(self, accelerator: Any, unet: nn.Module) -> None:  # noqa: B027 - an optional hook: doing nothing is its default
         """Change what accelerate's ``save_state`` / ``load_state`` store of ``unet`` (default: its whole state)."""
 
-    def write_config(self, output_dir: Path) -> None:
+    def write_config(self, output_dir: Path) -> None:  # noqa: B027 - an optional hook: doing nothing is its default
         """Write the provider's own config beside the run's ``args.json`` (main process, before training)."""
 
     def callbacks(self, unet: nn.Module, seed: int) -> list[TrainingCallback]:

@@ -18,12 +18,13 @@ gate, is zero), and a non-zero gradient on that factor at the first step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class ConfigError(ValueError):
@@ -85,23 +86,63 @@ class FrozenAttention:
 FEW_KEYS = 16
 
 
-def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+#: The fused flash / memory-efficient SDPA kernels take head dims that are multiples of this (16-bit inputs).
+FUSED_ATTENTION_HEAD_DIM_MULTIPLE = 8
+#: ``head_padding`` values of :func:`multi_head_attention` (and ``ResAttn.head_padding``).
+HEAD_PADDINGS = ("auto", "off", "on")
+
+
+def pads_head_dim(head_dim: int, device_type: str, head_padding: str = "auto") -> bool:
+    """Whether :func:`multi_head_attention` zero-pads the heads to a multiple of
+    :data:`FUSED_ATTENTION_HEAD_DIM_MULTIPLE`: never when the head dim already is one; ``"auto"`` where the fast
+    paths are wanted (CUDA, where a head dim of 4 falls off the fused kernels onto one that materialises the
+    N x N scores; see :mod:`~resattn_diffusion.tuners.fast_paths`); ``"on"``/``"off"`` force it."""
+    if head_padding not in HEAD_PADDINGS:
+        raise ConfigError(f"head_padding={head_padding!r} is not allowed; choose one of {list(HEAD_PADDINGS)}")
+    if head_dim % FUSED_ATTENTION_HEAD_DIM_MULTIPLE == 0:
+        return False
+    if head_padding == "auto":
+        from .fast_paths import fast_path_wanted  # fast_paths imports this module
+
+        return fast_path_wanted(device_type)
+    return head_padding == "on"
+
+
+def multi_head_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, head_padding: str = "auto"
+) -> torch.Tensor:
     """``MHA_h``: scaled dot-product attention over ``heads`` heads, softmax scale ``1/sqrt(head_dim)``.
 
     q (B, N, h*dh), k and v (B or 1, M, h*dh) -> (B, N, h*dv). Keys/values with batch 1 (learned prefixes) are
-    broadcast without copying.
+    broadcast without copying. With head padding (:func:`pads_head_dim`) q, k and v are zero-padded per head to
+    a multiple of 8 channels and the softmax scale stays ``1/sqrt(dh)``: zero channels add nothing to ``q . k``,
+    and the padded output channels (zero) are dropped -- the same attention, run by a fused kernel.
     """
     if k.shape[1] <= FEW_KEYS:
         return _few_keys_attention(q, k, v, heads)
     batch, n_q, width = q.shape
     head_dim = width // heads
-    q = q.view(batch, n_q, heads, head_dim).transpose(1, 2)
-    k = k.view(k.shape[0], k.shape[1], heads, head_dim).transpose(1, 2)
-    v = v.view(v.shape[0], v.shape[1], heads, v.shape[-1] // heads).transpose(1, 2)
+    value_dim = v.shape[-1] // heads
+    q = q.view(batch, n_q, heads, head_dim)
+    k = k.view(k.shape[0], k.shape[1], heads, head_dim)
+    v = v.view(v.shape[0], v.shape[1], heads, value_dim)
+    scale = None
+    if pads_head_dim(head_dim, q.device.type, head_padding) or (
+        value_dim != head_dim and pads_head_dim(value_dim, q.device.type, head_padding)
+    ):
+        multiple = FUSED_ATTENTION_HEAD_DIM_MULTIPLE
+        padded = -(-max(head_dim, value_dim) // multiple) * multiple
+        q = F.pad(q, (0, padded - head_dim))
+        k = F.pad(k, (0, padded - head_dim))
+        v = F.pad(v, (0, padded - value_dim))
+        scale = head_dim**-0.5
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if k.shape[0] != batch:
         k = k.expand(batch, -1, -1, -1)
         v = v.expand(batch, -1, -1, -1)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if out.shape[-1] != value_dim:
+        out = out[..., :value_dim]
     return out.transpose(1, 2).reshape(batch, n_q, -1)
 
 
@@ -179,7 +220,7 @@ class TunerParams:
     def validate_for(self, shape: OpShape) -> None:
         return None
 
-    def for_layer(self, layer_path: str) -> "TunerParams":
+    def for_layer(self, layer_path: str) -> TunerParams:
         """The hyperparameters for one layer (tuners with per-layer settings, e.g. GLoRA, override this)."""
         return self
 
@@ -219,6 +260,11 @@ class LinearTuner(nn.Module):
     #: Whether the tuner may also act on the output (U-Tuning's sequential form). Tuners defined relative to
     #: their own layer's weight (GLoRA) are parallel only.
     supports_sequential: ClassVar[bool] = True
+    #: Whether ``T(x) = fold(W0, b0) applied to x`` holds in this call, with ``fold`` differentiable in the
+    #: parameters: then the integration may run the frozen layer and the branch as one GEMM with ``W0 + s dW``
+    #: (the GPU fast path, :func:`resattn_diffusion.integration.processors.select_linear_path`). A tuner with
+    #: dropout on its input is not, while training.
+    mergeable: ClassVar[bool] = False
     #: Whether :meth:`fold` reads ``W0``/``b0`` (GLoRA's ``W0 ⊙ A``) or only their dtype: a LoRA export of a tuner
     #: that does not read them needs no base model.
     fold_reads_base: ClassVar[bool] = True

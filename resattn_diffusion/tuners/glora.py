@@ -40,7 +40,8 @@ The lora factors ``*_down`` get their gradient once ``*_up`` has moved. Never ar
 
 Supernet (as in the GLoRA paper): the module holds the largest form of each support in a choice space (lora
 factors up to ``r_max``, plus the vector and scalar parameters) and evaluates any configuration of that space
-(:meth:`GLoRA.set_active`; drawing configurations is the search's, :mod:`resattn_diffusion.search.supernet`); ``lora<r>`` uses the first r components ``X_up[:, :r] X_down[:r, :]`` of the shared
+(:meth:`GLoRA.set_active`; drawing configurations is the search's, :mod:`resattn_diffusion.search.supernet`);
+``lora<r>`` uses the first r components ``X_up[:, :r] X_down[:r, :]`` of the shared
 ``r_max`` factors. :func:`num_parameters` counts a configuration's parameters (for the search's budget);
 :meth:`GLoRA.fixed_state_dict` cuts the sub-network out as the state dict of a fixed-configuration module.
 """
@@ -50,8 +51,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -319,7 +321,7 @@ class GLoRAParams(TunerParams):
         self.layer_config()
         if not isinstance(self.overrides, Mapping):
             raise ConfigError(f"GLoRA overrides must be a mapping pattern -> configuration, got {type(self.overrides).__name__}")
-        for pattern, text in self.overrides.items():
+        for pattern in self.overrides:
             if not isinstance(pattern, str) or not pattern:
                 raise ConfigError(f"GLoRA override patterns must be non-empty strings, got {pattern!r}")
             try:
@@ -417,6 +419,8 @@ class GLoRA(LinearTuner):
     """
 
     supports_sequential: ClassVar[bool] = False
+    #: ``fold`` is differentiable in every support tensor: the GPU fast path runs ``W0 + T`` as one GEMM.
+    mergeable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -640,5 +644,4 @@ __all__ = [
     "override_matches",
     "parse_form",
     "parse_layer_config",
-    "sample_layer_config",
 ]

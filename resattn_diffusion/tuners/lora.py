@@ -38,6 +38,11 @@ class ResLoRA(LinearTuner):
         init_down_projection(self.lora_A.weight)
         nn.init.zeros_(self.lora_B.weight)
 
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        """Dropout on x while training is not a function of ``B A`` alone: then the branch runs on its own."""
+        return not (self.training and self.dropout.p > 0)
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.dropout(x)))
 

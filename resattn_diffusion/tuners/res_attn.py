@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .base import (
     ConfigError,
@@ -48,7 +48,12 @@ class ResAttn(OperationTuner):
     correspondences at low rank; on self-attention and the feed-forward ``c = x``.
     ``T = 0`` at init, and ``dL/dW_up = g MHA(...)^T`` is non-zero on the first step.
     Trainable parameters: ``r (d + 2 d_c + d_out)``.
+
+    ``head_padding`` (``"auto"``, ``"off"``, ``"on"``; per module): whether the attention pads its heads to 8
+    channels for the fused kernels (exact; ``"auto"``: on CUDA; see :func:`~.base.pads_head_dim`).
     """
+
+    head_padding: str = "auto"
 
     def __init__(self, shape: OpShape, params: ResAttnParams):
         super().__init__()
@@ -74,4 +79,4 @@ class ResAttn(OperationTuner):
         else:
             q = self.q_proj(x)
             k, v = self.kv_proj(x if context is None else context).split(self.rank, dim=-1)
-        return self.out_proj(self.dropout(multi_head_attention(q, k, v, self.heads)))
+        return self.out_proj(self.dropout(multi_head_attention(q, k, v, self.heads, self.head_padding)))

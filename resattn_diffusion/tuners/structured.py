@@ -35,13 +35,15 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import ConfigError
-
+from .fast_paths import fast_path_wanted, forced_path
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
@@ -285,13 +287,17 @@ class StructuredMatrix(nn.Module, abc.ABC):
     """A d_out x d_in structured matrix M: ``forward(x) = M x`` (x: (..., d_in)), ``materialize() = M``.
 
     ``forward`` takes the structured path (:meth:`structured_forward`) or, where that is slower -- small widths
-    on CPU, where a dense matmul beats an FFT of the same size -- a matmul with ``materialize()``; the two agree
-    up to rounding, and both compute in float32 (or wider) with autocast disabled. ``path`` (see :data:`PATHS`)
-    forces one of them.
+    on CPU, where a dense matmul beats an FFT of the same size, and every width on CUDA (the GPU fast path, see
+    :mod:`resattn_diffusion.tuners.fast_paths`) -- a matmul with the materialised matrix; the two agree up to
+    rounding. On CPU both compute in float32 (or wider) with autocast disabled; on CUDA the dense matmul runs in
+    the activations' precision (autocast's, under autocast), like the frozen layers around it. ``path`` (see
+    :data:`PATHS`) forces one of them.
     """
 
     #: "auto", "structured" or "dense" (per module; assign to change).
     path: str = "auto"
+    #: The family's structured path is FFTs: :meth:`dense_matrix` can materialise M through it (see there).
+    materializes_through_fft: ClassVar[bool] = False
 
     def __init__(self, d_out: int, d_in: int):
         super().__init__()
@@ -302,8 +308,28 @@ class StructuredMatrix(nn.Module, abc.ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_dense_path(x):
-            return dense_apply(self.materialize(), x)
+            if x.device.type == "cuda":
+                return F.linear(x, self.dense_matrix().to(x.dtype))
+            return dense_apply(self.dense_matrix(), x)
         return self.structured_forward(x)
+
+    def dense_matrix(self) -> torch.Tensor:
+        """M for a forward pass: :meth:`materialize`, or -- for the FFT families when a gradient is wanted and the
+        fast paths are (CUDA, or ``forced_paths("fast")``) -- M formed by applying the structured path to the
+        identity, ``M = structured_forward(I)^T``. Equal up to rounding; the difference is the backward: the
+        index gather of ``materialize`` scatters n^2 gradients into n parameters (on a GPU a sort or contended
+        atomics per layer and step), the FFT form's backward is a few FFTs of an n x n block."""
+        parameter = next(self.parameters(), None)
+        if (
+            self.materializes_through_fft
+            and parameter is not None
+            and torch.is_grad_enabled()
+            and any(p.requires_grad for p in self.parameters())
+            and fast_path_wanted(parameter.device.type)
+        ):
+            identity = torch.eye(self.d_in, device=parameter.device, dtype=parameter.dtype)
+            return self.structured_forward(identity).transpose(0, 1)
+        return self.materialize()
 
     @abc.abstractmethod
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,9 +344,13 @@ class StructuredMatrix(nn.Module, abc.ABC):
         return float(self.d_out * self.d_in) * (rows + 1)
 
     def uses_dense_path(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` multiplies by the materialised matrix (``path``, or the cost model on CPU;
-        other devices keep the structured path, the model being measured on CPU)."""
+        """Whether ``forward(x)`` multiplies by the materialised matrix: ``path`` if not ``"auto"``; else on CUDA
+        (or under ``forced_paths("fast")``) always -- the GPU fast path; on CPU (or under
+        ``forced_paths("reference")``) the CPU cost model, which was measured on CPU; other devices never."""
         if self.path == "auto":
+            forced = forced_path()
+            if forced == "fast" or (forced is None and x.device.type == "cuda"):
+                return True
             if x.device.type != "cpu":
                 return False
             rows = x.numel() // max(x.shape[-1], 1)
@@ -353,6 +383,8 @@ class CirculantMatrix(StructuredMatrix):
     x != 0 even at ``v = 0``.
     """
 
+    materializes_through_fft = True
+
     def __init__(self, d_out: int, d_in: int, init: str = "zero"):
         super().__init__(d_out, d_in)
         self._check_init(init)
@@ -378,6 +410,8 @@ class CirculantMatrix(StructuredMatrix):
 class ToeplitzMatrix(StructuredMatrix):
     r"""``M = T(t)``, ``[i, j] = t[i - j + d_in - 1]``: ``d_out + d_in - 1`` parameters, FFT through a circulant
     embedding of fast length ``L >= d_out + d_in - 1``. Init "zero": ``t = 0`` (single factor, as for circulant)."""
+
+    materializes_through_fft = True
 
     def __init__(self, d_out: int, d_in: int, init: str = "zero"):
         super().__init__(d_out, d_in)
@@ -446,6 +480,8 @@ class LDRMatrix(StructuredMatrix):
     Init "zero": ``g = 0``, h random, so ``M = 0`` and ``dL/dg_i = sum_rows corr(g_out, skew(h_i) x) != 0``;
     h gets its gradient once g has moved. Never both zero.
     """
+
+    materializes_through_fft = True
 
     def __init__(self, d_out: int, d_in: int, init: str = "zero", displacement_rank: int = 1):
         super().__init__(d_out, d_in)

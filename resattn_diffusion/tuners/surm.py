@@ -160,9 +160,13 @@ class SURMLinear(LinearTuner):
         """``dW`` as a dense d_out x d_in matrix (in the parameters' dtype)."""
         return self.delta.materialize()
 
+    #: ``T`` folds into the frozen GEMM during training too (the GPU fast path of the linear bank).
+    mergeable: ClassVar[bool] = True
+
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(dW, None)``: ``T(x) = dW x`` exactly (no bias term), in the frozen weight's dtype."""
-        return self.materialize().to(weight.dtype), None
+        """``(dW, None)``: ``T(x) = dW x`` exactly (no bias term), in the frozen weight's dtype. Differentiable
+        (the merged fast path trains through it): ``StructuredMatrix.dense_matrix``."""
+        return self.delta.dense_matrix().to(weight.dtype), None
 
 
 class SURMCirculant(SURMLinear):

@@ -114,10 +114,10 @@ class ModelFamily(ABC):
     def _describe(self, get) -> dict[str, Any]:
         return {}
 
-    def install_model_guards(self, model: nn.Module) -> None:
+    def install_model_guards(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called when the first tuner arrives on ``model`` (e.g. keep diffusers' helpers from dropping it)."""
 
-    def remove_model_guards(self, model: nn.Module) -> None:
+    def remove_model_guards(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called when the last tuner leaves ``model``: undo :meth:`install_model_guards` exactly."""
 
     # -- shared logic -------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ tuners such as the Res-Tuning-Bypass (:class:`~.model.ModelKind`). The API (``in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Iterator
+from collections.abc import Iterator
+from typing import ClassVar
 
 from torch import nn
 
@@ -61,6 +62,8 @@ class TunerKindAttach(ABC):
         change nothing if one is not finite."""
         raise ResTunerError(f"{self.name} tuners add a branch that does not fold into a weight")
 
-    def unfuse(self, model: nn.Module, state: ResTunerState, names: list[str] | None = None) -> None:
+    def unfuse(
+        self, model: nn.Module, state: ResTunerState, names: list[str] | None = None, accept_changed_weights: bool = False
+    ) -> None:  # noqa: B027
         """Restore the weights the named tuners (all when None) were folded into, exactly (nothing to do for kinds
-        that never fuse)."""
+        that never fuse); ``accept_changed_weights``: see ``unfuse_res_tuner``."""

@@ -1,7 +1,8 @@
 """Operation and linear tuners: one tuner module per layer, held in a :class:`~..processors.TunerBank` at the layer.
 
 An attention layer's bank lives in the processor that wraps the attention's own (the family names the processor
-class); a feed-forward's or a linear's bank is a child module of it, with a forward hook adding the branches.
+class); a feed-forward's bank is a child module of it, with a forward hook adding the branches; a linear's bank computes
+the projection itself through an instance ``forward`` (one GEMM with the merged weight where that is faster).
 Hooks and processors keep every frozen module where it was and of its own class (state-dict keys unchanged).
 """
 
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -25,8 +26,9 @@ from ..processors import (
     TunerBank,
     TunerSetting,
     ff_bank_hook,
-    linear_bank_hook,
+    linear_bank_forward,
 )
+from ..fusion import plan_write
 from ..state import ResTunerError, ResTunerState, module_dtype_device, remove_forward_hooks
 from .base import TunerKindAttach
 
@@ -79,7 +81,12 @@ def bank_for(layer: Layer) -> tuple[TunerBank, nn.Module]:
     if bank is None:
         bank = LinearBank(layer.path) if layer.role == "linear" else OperationBank(layer.path)
         module.res_tuner_bank = bank
-        module.register_forward_hook(linear_bank_hook if layer.role == "linear" else ff_bank_hook)
+        if layer.role == "linear":
+            # The bank computes the frozen projection itself (see processors.linear_bank_forward): an instance
+            # attribute, so the module keeps its class and state-dict keys; a deep copy binds to the copy.
+            module.forward = functools.partial(linear_bank_forward, module)
+        else:
+            module.register_forward_hook(ff_bank_hook)
     return bank, module
 
 
@@ -91,7 +98,9 @@ def detach_bank(bank: TunerBank, owner: nn.Module) -> None:
         _remove_guard(owner)
         type(owner).set_processor(owner, base)
         return
-    remove_forward_hooks(owner, linear_bank_hook)
+    forward = owner.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is linear_bank_forward:
+        del owner.forward  # back to the class's forward (one that wrapped ours, e.g. accelerate's, is left alone)
     remove_forward_hooks(owner, ff_bank_hook)
     del owner.res_tuner_bank
 
@@ -215,31 +224,50 @@ class LinearKind(LayerKind):
             raise ResTunerError(f"config {config} selects no linear projection of this {family.model_word}")
         return layers
 
+    def attach(
+        self, model: nn.Module, family: ModelFamily, config: ResTunerConfig, adapter_name: str, state: ResTunerState
+    ) -> list[str]:
+        paths = super().attach(model, family, config, adapter_name, state)
+        for bank, _ in state.banks:
+            if isinstance(bank, LinearBank) and bank.parent_module is None:
+                # where diffusers' LoRA puts a peft wrapper around the projection, whose merges the bank must see
+                parent_path = bank.layer_path.rpartition(".")[0]
+                bank.bind_parent(model.get_submodule(parent_path) if parent_path else model)
+        return paths
+
     def detach(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> None:
-        for bank, owner in state.banks:
-            setting = bank.settings.get(adapter_name)
-            if isinstance(bank, LinearBank) and setting is not None and setting.fused:
-                bank.unfuse(owner, [adapter_name])  # other fused tuners of the layer stay fused
+        self.unfuse(model, state, [adapter_name])  # other fused tuners of the layer stay fused; refused: unchanged
         super().detach(model, state, adapter_name)
 
     def fuse(self, model: nn.Module, state: ResTunerState, names: list[str], safe_fusing: bool = False) -> None:
+        # Every layer is resolved (and refused where fusing cannot be exact beside what else folded into it) before
+        # any changes; the new weights are computed one layer at a time unless safe_fusing checks them all first.
         plans = []
         for bank, owner in state.banks:
             present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
             if present and isinstance(bank, LinearBank):
-                plan = bank.plan_fuse(owner, present) if safe_fusing else None
-                if plan is not None and not (
-                    torch.isfinite(plan[1]).all() and (plan[2] is None or torch.isfinite(plan[2]).all())
+                keep = bank.fused_names() + [n for n in bank.settings if n in present and n not in bank.fused_names()]
+                others = bank.resolve(owner, action="fuse_res_tuner")
+                write = plan_write(bank, owner, others, keep) if safe_fusing else None
+                if write is not None and not (
+                    torch.isfinite(write.weight).all() and (write.bias is None or torch.isfinite(write.bias).all())
                 ):
                     raise ResTunerError(
                         f"fusing {present} into {bank.layer_path} gives NaN or inf weights (a diverged tuner or a huge "
                         "scale); nothing was fused. Check the tuner's weights, or run it unfused."
                     )
-                plans.append((bank, owner, present, plan))
-        for bank, owner, present, plan in plans:  # every layer checked before any changes
-            bank.fuse(owner, present, plan)
+                plans.append((bank, owner, others, keep, write))
+        for bank, owner, others, keep, write in plans:
+            bank.write_planned(owner, write or plan_write(bank, owner, others, keep))
 
-    def unfuse(self, model: nn.Module, state: ResTunerState, names: list[str] | None = None) -> None:
-        for bank, owner in state.banks:
+    def unfuse(
+        self, model: nn.Module, state: ResTunerState, names: list[str] | None = None, accept_changed_weights: bool = False
+    ) -> None:
+        writes = []
+        for bank, owner in state.banks:  # every layer checked before any changes
             if isinstance(bank, LinearBank):
-                bank.unfuse(owner, names)
+                write = bank.plan_unfuse(owner, names, accept_changed_weights)
+                if write is not None:
+                    writes.append((bank, owner, write))
+        for bank, owner, write in writes:
+            bank.write_planned(owner, write)

@@ -1,0 +1,233 @@
+"""The GPU fast paths (issue 14) are exact against the reference paths, outputs and gradients, checked on CPU by
+forcing them; the automatic choice keeps the reference paths on CPU; forcing refuses nonsense."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resattn_diffusion as rd
+from resattn_diffusion.integration.processors import LinearBank, select_linear_path
+from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, unet_inputs
+from resattn_diffusion.tuners import base as tuner_base
+from resattn_diffusion.tuners.fast_paths import fast_path_wanted, forced_path, forced_paths
+from resattn_diffusion.tuners.structured import STRUCTURES
+
+LINEAR_TUNERS = [name for name in rd.tuner_names() if rd.get_tuner_spec(name).kind == "linear"]
+
+
+def _unet_with(config: rd.ResTunerConfig, dtype=torch.float64, name: str = "default"):
+    unet = frozen_tiny_unet("sd1").to(dtype)
+    rd.add_res_tuner(unet, config, name)
+    randomize_tuner(unet, name, std=0.05)
+    return unet
+
+
+def _output_and_grads(unet, inputs, path: str, **call_kwargs):
+    parameters = rd.res_tuner_parameters(unet)
+    with forced_paths(path):
+        out = unet(**inputs, **call_kwargs).sample
+        grads = torch.autograd.grad(out.square().sum(), parameters, allow_unused=True)  # fused tuners: unused
+    return out, grads
+
+
+def _assert_paths_agree(unet, inputs, rtol=1e-9, atol=1e-9, **call_kwargs):
+    reference, reference_grads = _output_and_grads(unet, inputs, "reference", **call_kwargs)
+    fast, fast_grads = _output_and_grads(unet, inputs, "fast", **call_kwargs)
+    torch.testing.assert_close(fast, reference, rtol=rtol, atol=atol)
+    assert len(fast_grads) == len(reference_grads) > 0
+    assert any(grad is not None for grad in fast_grads)
+    for fast_grad, reference_grad in zip(fast_grads, reference_grads):
+        assert (fast_grad is None) == (reference_grad is None)
+        if fast_grad is not None:
+            torch.testing.assert_close(fast_grad, reference_grad, rtol=rtol, atol=atol)
+    return reference
+
+
+def _inputs(unet, dtype=torch.float64):
+    inputs = unet_inputs(unet, batch_size=2, seed=0)
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+# --- merged linear path ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tuner", LINEAR_TUNERS)
+def test_merged_linear_path_equals_branches(tuner, monkeypatch):
+    unet = _unet_with(rd.ResTunerConfig(tuner))
+    inputs = _inputs(unet)
+    merged_calls = []
+    original = LinearBank.merged_forward
+    monkeypatch.setattr(LinearBank, "merged_forward", lambda *a: merged_calls.append(1) or original(*a))
+    reference = _assert_paths_agree(unet, inputs)
+    assert merged_calls, "forced_paths('fast') did not take the merged path"
+    with torch.no_grad():  # and the tuner does something: the check above is not between two frozen UNets
+        rd.set_res_tuner_enabled(unet, False)
+        assert not torch.allclose(unet(**inputs).sample, reference)
+
+
+@pytest.mark.parametrize(
+    "forms",
+    [
+        "A=vector,B=lora,C=lora,D=vector,E=scalar",
+        "A=scalar,B=vector,C=none,D=none,E=none",
+        "A=none,B=none,C=vector,D=none,E=vector",
+    ],
+)
+def test_merged_path_equals_branches_for_glora_forms(forms):
+    unet = _unet_with(rd.ResTunerConfig("glora", config=forms))
+    _assert_paths_agree(unet, _inputs(unet))
+
+
+def test_merged_path_with_scales_fused_and_stacked_tuners():
+    unet = _unet_with(rd.ResTunerConfig("res_lora"), name="a")
+    rd.add_res_tuner(unet, rd.ResTunerConfig("glora"), "b")
+    randomize_tuner(unet, "b", seed=1)
+    rd.add_res_tuner(unet, rd.ResTunerConfig("surm_toeplitz"), "c")
+    randomize_tuner(unet, "c", seed=2)
+    rd.set_res_tuner_scale(unet, 0.5, "b")
+    inputs = _inputs(unet)
+    _assert_paths_agree(unet, inputs)
+    _assert_paths_agree(unet, inputs, cross_attention_kwargs={rd.SCALE_KWARG: {"a": 0.25, "c": 2.0}})
+    rd.fuse_res_tuner(unet, "a")  # the merged GEMM adds the unfused deltas to the weight that holds the fused one
+    _assert_paths_agree(unet, inputs)
+
+
+def test_sequential_and_dropout_tuners_stay_on_branches():
+    unet = _unet_with(rd.ResTunerConfig("res_lora", placement="sequential"))
+    bank = next(m.res_tuner_bank for m in unet.modules() if isinstance(getattr(m, "res_tuner_bank", None), LinearBank))
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    with forced_paths("fast"):
+        assert select_linear_path(bank, x, bank.active()) == "branch"
+    _assert_paths_agree(unet, _inputs(unet))
+    bank.path = "merged"
+    with pytest.raises(rd.ConfigError, match="parallel and mergeable"):
+        select_linear_path(bank, x, bank.active())
+    bank.path = "sideways"
+    with pytest.raises(rd.ConfigError, match="LinearBank.path"):
+        select_linear_path(bank, x, bank.active())
+
+    dropout = _unet_with(rd.ResTunerConfig("res_lora", dropout=0.5))
+    tuner = next(m for m in dropout.modules() if type(m).__name__ == "ResLoRA")
+    dropout.train()
+    assert not tuner.mergeable
+    dropout.eval()
+    assert tuner.mergeable
+
+
+def test_automatic_choice_keeps_the_reference_paths_on_cpu():
+    assert forced_path() is None
+    assert fast_path_wanted("cuda") and not fast_path_wanted("cpu")
+    with forced_paths("reference"):
+        assert not fast_path_wanted("cuda")
+        with forced_paths("fast"):
+            assert fast_path_wanted("cpu")
+        assert forced_path() == "reference"
+    assert forced_path() is None
+    with pytest.raises(rd.ConfigError, match="forced_paths"):
+        with forced_paths("quick"):
+            pass
+    unet = _unet_with(rd.ResTunerConfig("glora"))
+    bank = next(m.res_tuner_bank for m in unet.modules() if isinstance(getattr(m, "res_tuner_bank", None), LinearBank))
+    assert select_linear_path(bank, torch.zeros(1, 2, 4), bank.active()) == "branch"
+    assert not tuner_base.pads_head_dim(4, "cpu") and tuner_base.pads_head_dim(4, "cuda")
+    assert not tuner_base.pads_head_dim(8, "cuda") and not tuner_base.pads_head_dim(16, "cuda", "on")
+    with pytest.raises(rd.ConfigError, match="head_padding"):
+        tuner_base.pads_head_dim(4, "cuda", "yes")
+    matrix = STRUCTURES["circulant"](1280, 1280)
+    assert not matrix.uses_dense_path(torch.zeros(512, 1280))  # the CPU cost model, as before
+
+
+def test_linear_forward_is_bound_per_copy_and_removed_with_the_tuner():
+    unet = _unet_with(rd.ResTunerConfig("res_lora"))
+    linear = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert "forward" in linear.__dict__
+    clone = copy.deepcopy(unet)
+    clone_linear = clone.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert clone_linear.forward.args[0] is clone_linear
+    keys = set(unet.state_dict())
+    rd.remove_res_tuner(unet)
+    assert "forward" not in linear.__dict__ and not hasattr(linear, "res_tuner_bank")
+    assert keys >= set(unet.state_dict())
+    x = torch.randn(2, linear.in_features, dtype=torch.float64)
+    torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias))
+
+
+# --- dense structured matrices -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["circulant", "toeplitz", "ldr", "kronecker"])
+@pytest.mark.parametrize("d_out, d_in", [(12, 20), (20, 12), (16, 16)])
+def test_dense_matrix_through_fft_equals_materialize(family, d_out, d_in):
+    torch.manual_seed(0)
+    matrix = STRUCTURES[family](d_out, d_in, init="random").double()
+    weights = torch.randn(d_out, d_in, dtype=torch.float64)
+    exact = matrix.materialize()
+    exact_grads = torch.autograd.grad((exact * weights).sum(), list(matrix.parameters()))
+    with forced_paths("fast"):
+        fast = matrix.dense_matrix()
+        fast_grads = torch.autograd.grad((fast * weights).sum(), list(matrix.parameters()))
+    torch.testing.assert_close(fast, exact)
+    for a, b in zip(fast_grads, exact_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_surm_adapter_dense_path_equals_structured():
+    unet = _unet_with(rd.ResTunerConfig("surm_adapter"))
+    _assert_paths_agree(unet, _inputs(unet))
+
+
+# --- padded attention heads --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keys_batch, n_keys, heads, head_dim, value_dim",
+    [(3, 40, 2, 4, 4), (1, 33, 2, 4, 6), (3, 24, 1, 3, 3), (3, 20, 4, 12, 12), (3, 20, 2, 8, 5)],
+)
+def test_padded_heads_equal_unpadded(keys_batch, n_keys, heads, head_dim, value_dim):
+    torch.manual_seed(0)
+    q = torch.randn(3, 50, heads * head_dim, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(keys_batch, n_keys, heads * head_dim, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(keys_batch, n_keys, heads * value_dim, dtype=torch.float64, requires_grad=True)
+    assert n_keys > tuner_base.FEW_KEYS  # the SDPA path, the one that pads
+    outputs, grads = {}, {}
+    for padding in ("off", "on"):
+        outputs[padding] = tuner_base.multi_head_attention(q, k, v, heads, padding)
+        grads[padding] = torch.autograd.grad(outputs[padding].square().sum(), (q, k, v))
+    assert outputs["on"].shape == (3, 50, heads * value_dim)
+    torch.testing.assert_close(outputs["on"], outputs["off"])
+    for a, b in zip(grads["on"], grads["off"]):
+        torch.testing.assert_close(a, b)
+
+
+def test_res_attn_padded_heads_in_the_unet(monkeypatch):
+    unet = _unet_with(rd.ResTunerConfig("res_attn"))
+    padded = []
+    original = tuner_base.pads_head_dim
+    monkeypatch.setattr(tuner_base, "pads_head_dim", lambda *a: padded.append(original(*a)) or padded[-1])
+    _assert_paths_agree(unet, _inputs(unet))
+    assert True in padded and False in padded  # both paths ran
+    tuner = next(m for m in unet.modules() if type(m).__name__ == "ResAttn")
+    tuner.head_padding = "sideways"
+    with pytest.raises(rd.ConfigError, match="head_padding"):
+        unet(**_inputs(unet))
+
+
+def test_fast_paths_under_autocast_follow_the_reference_in_half_precision():
+    """The training recipe (fp32 tuner parameters, bf16 autocast): the fast paths are as close to the fp32
+    result as the reference paths are."""
+    for name in ("glora", "surm_circulant", "res_attn"):
+        unet = _unet_with(rd.ResTunerConfig(name), dtype=torch.float32)
+        inputs = _inputs(unet, torch.float32)
+        with torch.no_grad():
+            exact = unet(**inputs).sample
+            results = {}
+            for path in ("reference", "fast"):
+                with forced_paths(path), torch.autocast("cpu", dtype=torch.bfloat16):
+                    results[path] = unet(**inputs).sample.float()
+        errors = {path: (out - exact).abs().max().item() for path, out in results.items()}
+        scale = exact.abs().max().item()
+        assert errors["fast"] <= 2 * errors["reference"] + 1e-2 * scale, (name, errors)

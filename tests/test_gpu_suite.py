@@ -1,0 +1,137 @@
+"""The one-shot GPU suite (benchmarks/perf/gpu_run.sh and gpu_suite.py) on CPU at the tiny size: every part runs
+its CUDA-path code (the training recipe, per-case errors, time guards, compiled sampling, summaries) and the
+shell script calls every part in order with its time guard. Numbers are never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.perf import common, gpu_suite, sampling, train_step
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "gpu_run.sh"
+
+
+@pytest.fixture(scope="module")
+def suite_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite")
+    for part in gpu_suite.PARTS:
+        gpu_suite.main(
+            [part, "--out", str(out), "--tiny", "--device", "cpu", "--tuners", "res_attn",
+             "--compile-backend", "eager", "--budget", "600"]
+        )
+    return out
+
+
+def _load(out: Path, part: str) -> dict:
+    return json.loads((out / f"{part}.json").read_text())
+
+
+def test_every_part_writes_its_rows(suite_out):
+    rows = {row["name"]: row for row in _load(suite_out, "train_sd15")["rows"]}
+    assert {"floor", "res_attn", "res_attn (heads=1)", "res_attn [reference]", "glora (peft's config)"} <= set(rows)
+    assert {train_step.PEFT_LORA, train_step.PEFT_GLORA, train_step.C3A_CIRCULANT} <= set(rows)
+    for name, row in rows.items():
+        assert row["error"] is None and row["step_s"] > 0 and row["peak_memory_mb"] > 0, name
+    assert rows["res_attn [reference]"]["trainable_parameters"] == rows["res_attn"]["trainable_parameters"]
+    assert {row["name"] for row in _load(suite_out, "train_sdxl")["rows"]} == {"floor", "res_attn", train_step.PEFT_LORA}
+    sample = {row["name"]: row for row in _load(suite_out, "sampling")["rows"]}
+    assert {"base", "res_attn (unfused)"} <= set(sample) and any(n.startswith("peft_lora") for n in sample)
+    compiled = {row["name"]: row for row in _load(suite_out, "sampling_compiled")["rows"]}
+    assert {"base", "res_attn (unfused)"} <= set(compiled) and any(n.startswith("peft_lora") for n in compiled)
+    for name, row in compiled.items():
+        assert row["error"] is None and row["compiled_s"] > 0 and row["compiled_vs_base_compiled"] > 0, name
+    breaks = {row["name"]: row for row in _load(suite_out, "graph_breaks")["rows"]}
+    assert breaks["res_attn"]["plain"]["breaks"] == 0
+
+
+def test_summary_and_readme_table_name_the_device_and_every_part(suite_out):
+    summary = (suite_out / "summary.md").read_text()
+    assert "Device: no GPU (CPU run)" in summary
+    for title in ("Training step, SD 1.5", "Training step, SDXL", "Sampling (eager)", "graph breaks", "torch.compile"):
+        assert title in summary
+    assert "| SD 1.5 step: res_attn / peft LoRA |" in summary
+    table = gpu_suite.readme_table(gpu_suite.load_parts(suite_out))
+    assert "| res_attn [reference] |" in table and "| floor |" in table
+
+
+def test_a_failing_case_is_recorded_and_the_others_go_on(monkeypatch):
+    size = common.BenchmarkSize.tiny()
+    calls = []
+
+    def failing():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    errors: dict[str, str] = {}
+    timings = common.interleaved_timings(
+        {"ok": lambda: calls.append(1), "oom": failing}, repeats=3, warmup=1, clock="wall", errors=errors
+    )
+    assert set(timings) == {"ok"} and len(timings["ok"].samples) == 3
+    assert errors["oom"].startswith("OutOfMemoryError: CUDA out of memory")
+    with pytest.raises(RuntimeError):  # without an errors dict a failure still aborts (the CPU suite's behaviour)
+        common.interleaved_timings({"oom": failing}, repeats=1, warmup=0, clock="wall")
+    # a deadline in the past: one round, not three
+    timings = common.interleaved_timings({"ok": lambda: None}, repeats=3, warmup=0, clock="wall", deadline=0.0)
+    assert len(timings["ok"].samples) == 1
+    assert size.describe()["device"] == "cpu"
+
+
+def test_real_sizes_and_options():
+    size = common.BenchmarkSize.real("sdxl", "cuda", "bf16")
+    assert (size.batch_size, size.unet_config["sample_size"], size.torch_dtype) == (1, 128, torch.bfloat16)
+    assert size.fft_widths == (320, 640, 1280) and size.fft_tokens == (128 * 128, 64 * 64, 32 * 32)
+    assert common.BenchmarkSize.real("sd15").batch_size == 4 and common.BenchmarkSize.real("sd15").mixed_precision
+    with pytest.raises(SystemExit, match="--size"):
+        common.BenchmarkSize.real("sd3")
+    with pytest.raises(SystemExit, match="--dtype"):
+        common.BenchmarkSize.real("sd15", dtype="fp8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_refused_without_a_gpu():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    common.add_common_arguments(parser)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        common.size_from_args(parser.parse_args(["--device", "cuda"]))
+
+
+def test_shell_script_runs_every_part_with_a_time_guard(tmp_path):
+    """gpu_run.sh with a stand-in python that records its arguments: parts in order, guards within the total,
+    one failing part does not stop the next, the summary is written last."""
+    record = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$@" >> {record}\n'
+        'case "$*" in *train_sdxl*) exit 3;; esac\n'
+        "exit 0\n"
+    )
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", str(SCRIPT), str(out)],
+        env={**os.environ, "PYTHON": str(stub), "GPU_SUITE_ARGS": "--tiny --device cpu"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = record.read_text().splitlines()
+    parts = [line.split()[2] for line in calls]
+    assert parts == [*gpu_suite.PARTS, "summary"]
+    budgets = [float(line.split("--budget ")[1].split()[0]) for line in calls[:-1]]
+    # a part that ends early hands its unused time to the next; no guard runs past the total (400 s)
+    assert budgets[0] == 110 and all(10 <= b <= 400 for b in budgets) and budgets == sorted(budgets)
+    assert all("--tiny --device cpu" in line and "--started-at" in line for line in calls[:-1])
+    log = (out / "run.log").read_text()
+    assert "train_sdxl: exit 3" in log and "done in" in log
+    assert "#   bash benchmarks/perf/gpu_run.sh gpu_results" in SCRIPT.read_text().splitlines()[:5]
+    assert sampling.COMPILED_ROWS[0] == "base"
