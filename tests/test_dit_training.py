@@ -140,7 +140,7 @@ def test_flags_of_the_other_objective_are_refused_before_anything_loads(kind, fl
 
 
 def test_flux_without_guidance_embedding_refuses_guidance_scale(instance_dir, tmp_path):
-    from resattn_diffusion.testing import tiny_flux_transformer, tiny_dit_transformer_overrides
+    from resattn_diffusion.testing import tiny_dit_transformer_overrides, tiny_flux_transformer
 
     pipeline = tiny_dit_pipeline("flux")
     pipeline.transformer = tiny_flux_transformer(guidance_embeds=False, **tiny_dit_transformer_overrides("flux"))
@@ -321,7 +321,8 @@ def test_mixin_names_the_missing_denoiser():
 
     parts = dict(tiny_dit_pipeline("flux").components)
     parts["transformer"] = None
-    pipe = ResTunerFluxPipeline(**{k: v for k, v in parts.items() if k in FluxPipeline._get_signature_keys(FluxPipeline)[0] or k in ("image_encoder", "feature_extractor")})
+    accepted = set(FluxPipeline._get_signature_keys(FluxPipeline)[0]) | {"image_encoder", "feature_extractor"}
+    pipe = ResTunerFluxPipeline(**{k: v for k, v in parts.items() if k in accepted})
     with pytest.raises(ResTunerError, match="neither pipe.unet nor pipe.transformer"):
         pipe.get_res_tuners()
 

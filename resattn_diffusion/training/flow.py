@@ -108,7 +108,10 @@ class FlowMatchingBase(ABC):
                     "Drop it (use --weighting_scheme to weight timesteps)"
                 )
         if getattr(args, "enable_xformers_memory_efficient_attention", False):
-            raise TrainingError(f"--enable_xformers_memory_efficient_attention is for UNets; {cls.name}'s joint attention runs PyTorch SDPA (drop the flag)")
+            raise TrainingError(
+                f"--enable_xformers_memory_efficient_attention is for UNets; {cls.name}'s joint attention runs PyTorch SDPA "
+                "(drop the flag)"
+            )
         length = getattr(args, "max_sequence_length", None)
         if length is not None and not 1 <= length <= 512:
             raise TrainingError(f"--max_sequence_length {length}: T5 takes 1 to 512 tokens in the {cls.name} pipeline")
@@ -126,7 +129,7 @@ class FlowMatchingBase(ABC):
 
     # --- loading -----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, args: Namespace, weight_dtype: torch.dtype | None = None) -> "FlowMatchingBase":
+    def load(cls, args: Namespace, weight_dtype: torch.dtype | None = None) -> FlowMatchingBase:
         """Load every component from ``args.pretrained_model_name_or_path`` (revision, variant, VAE override); the
         transformer and text encoders directly in ``weight_dtype``, so a bf16 run never holds Flux's 12B parameters
         (or T5-XXL's 4.7B) in float32."""
@@ -308,7 +311,9 @@ class FlowMatchingBase(ABC):
         return scheduler.timesteps[indices].to(device), scheduler.sigmas[indices].to(device)
 
     @abstractmethod
-    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace) -> torch.Tensor:
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace
+    ) -> torch.Tensor:
         """The transformer's velocity for ``noisy`` latents (B, C, H, W), in the same layout."""
 
     # --- sampling ------------------------------------------------------------------------------------------------
@@ -358,7 +363,9 @@ class SD3Base(FlowMatchingBase):
     def default_sample_size(cls, args: Namespace) -> int:
         from diffusers import SD3Transformer2DModel
 
-        config = SD3Transformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir)
+        config = SD3Transformer2DModel.load_config(
+            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+        )
         return int(config["sample_size"])
 
     @property
@@ -372,7 +379,9 @@ class SD3Base(FlowMatchingBase):
         )
         return context, pooled
 
-    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace) -> torch.Tensor:
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace
+    ) -> torch.Tensor:
         context, pooled = conditioning
         return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=context, pooled_projections=pooled, return_dict=False)[0]
 
@@ -417,7 +426,9 @@ class FluxBase(FlowMatchingBase):
         )
         return context, pooled
 
-    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace) -> torch.Tensor:
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace
+    ) -> torch.Tensor:
         from diffusers import FluxPipeline
 
         context, pooled = conditioning

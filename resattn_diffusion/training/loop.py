@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 from ..hub import check_pretrained_source
 from ..quiet import quiet_libraries
 from .args import FP16_ON_CPU, args_to_json, tuner_config_from_args
-from .checkpoint import check_random_states, list_checkpoints, read_training_state, resolve_resume_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_random_states,
+    list_checkpoints,
+    read_training_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
 from .data import (
     DreamBoothDataset,
     EpochShuffleSampler,

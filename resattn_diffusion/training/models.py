@@ -55,7 +55,7 @@ class DenoiserFamily(Protocol):
         """The image size the model was trained at, from its configs only."""
 
     @classmethod
-    def load(cls, args: Namespace, weight_dtype: torch.dtype | None = None) -> "DenoiserFamily":
+    def load(cls, args: Namespace, weight_dtype: torch.dtype | None = None) -> DenoiserFamily:
         """Load the frozen components (``requires_grad`` off) from ``args.pretrained_model_name_or_path``; the
         denoiser and text encoders directly in ``weight_dtype`` (no full-precision copy of a 12B model in memory)."""
 
@@ -187,7 +187,7 @@ class StableDiffusionBase:
         return [args.validation_prompt] if args.validation_prompt else []
 
     @classmethod
-    def load(cls, args: Any, weight_dtype: torch.dtype | None = None) -> "StableDiffusionBase":
+    def load(cls, args: Any, weight_dtype: torch.dtype | None = None) -> StableDiffusionBase:
         """Load every component from ``args.pretrained_model_name_or_path`` (+ revision, variant, VAE override); the
         UNet and text encoders in ``weight_dtype`` (default: as saved, float32 for these models)."""
         import diffusers
