@@ -686,7 +686,7 @@ def frozen_tiny_unet(kind: str = "sd1", seed: int = 0) -> UNet2DConditionModel:
 def randomize_tuner(unet: torch.nn.Module, adapter_name: str = "default", seed: int = 0, std: float = 0.05) -> None:
     """Give a tuner trained-looking weights (seeded normal noise): at init every branch is zero, which would make
     checks such as fused == unfused or save/load round trips trivially exact."""
-    from .integration.inject import res_tuner_parameters  # here, so that testing.py loads without the rest
+    from .integration.api import res_tuner_parameters  # here, so that testing.py loads without the rest
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -317,7 +317,7 @@ def test_mixin_names_the_missing_denoiser():
     from diffusers import FluxPipeline
 
     from pipelines import ResTunerFluxPipeline
-    from resattn_diffusion.integration.inject import ResTunerError
+    from resattn_diffusion.integration.api import ResTunerError
 
     parts = dict(tiny_dit_pipeline("flux").components)
     parts["transformer"] = None

@@ -280,7 +280,7 @@ def test_two_res_tuners_on_the_same_layers_fuse_exactly_in_any_order(kind, order
 
 
 def _first_linear_bank(unet):
-    from resattn_diffusion.integration.inject import get_state
+    from resattn_diffusion.integration.api import get_state
     from resattn_diffusion.integration.processors import LinearBank
 
     return next((bank, owner) for bank, owner in get_state(unet).banks if isinstance(bank, LinearBank))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..integration.inject import ResTunerError
+from ..integration.api import ResTunerError
 from ..integration.io import ResTunerFileError
 from ..quiet import quiet_libraries
 from .errors import EvaluationError, EvaluationWarning

@@ -1,6 +1,6 @@
 """``ResTunerLoaderMixin``: load, mix, scale, switch, fuse and unload res tuners on a diffusers pipeline.
 
-The pipeline-level face of :mod:`resattn_diffusion.integration.inject` and :mod:`~resattn_diffusion.integration.io`,
+The pipeline-level face of :mod:`resattn_diffusion.integration.api` and :mod:`~resattn_diffusion.integration.io`,
 shaped like diffusers' ``IPAdapterMixin`` / ``StableDiffusionLoraLoaderMixin``: the tuners live on the pipeline's
 denoiser (``pipe.unet`` of SD 1.x/2.x/XL, ``pipe.transformer`` of SD3 and Flux; :func:`denoiser_of`), these methods
 only find the file (local or on the Hub), check requests against what is loaded, and call the core.
@@ -23,7 +23,7 @@ from ..checks import check_scale
 from ..config import ResTunerConfig
 from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
 from ..tuners.base import ConfigError
-from .inject import (
+from .api import (
     ResTunerError,
     fuse_res_tuner,
     get_res_tuner_configs,

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..integration.inject import ResTunerError
+from ..integration.api import ResTunerError
 from ..integration.io import ResTunerFileError
 from ..tuners.base import ConfigError
 from .args import build_parser, parse_args, tuner_config_from_args

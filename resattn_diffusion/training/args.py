@@ -28,7 +28,7 @@ import torch
 from diffusers.optimization import SchedulerType
 
 from ..config import PLACEMENTS, ResTunerConfig
-from ..integration.inject import ResTunerError
+from ..integration.api import ResTunerError
 from ..registry import get_tuner_spec, known_projections, known_targets, tuner_names
 from ..tuners.base import ConfigError
 from .user_flags import SECRET_FLAGS, add_user_flags, check_user_flags

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..integration.inject import add_res_tuner, format_summary, res_tuner_parameters, res_tuner_summary
+from ..integration.api import add_res_tuner, format_summary, res_tuner_parameters, res_tuner_summary
 from ..integration.io import WEIGHT_NAME, load_res_tuner, save_res_tuner
 from .errors import TrainingError
 

@@ -2,7 +2,7 @@
 
 Three kinds exist (``registry.TunerKind``): operation tuners inside attention processors and beside feed-forwards
 (:class:`~.layers.OperationKind`), linear tuners beside projections (:class:`~.layers.LinearKind`), model-level
-tuners such as the Res-Tuning-Bypass (:class:`~.model.ModelKind`). The API (``inject.py``) and the file format
+tuners such as the Res-Tuning-Bypass (:class:`~.model.ModelKind`). The API (``api.py``) and the file format
 (``io.py``) call only these methods, so a new kind is one new implementation registered in ``kinds/__init__.py``.
 """
 
