@@ -3,8 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import PLACEMENTS, PROJECTIONS, TARGETS, ResTunerConfig
-from .integration.export import export_lora
-from .integration.inject import (
+from .integration.api import (
     ResTunerError,
     add_res_tuner,
     format_summary,
@@ -17,6 +16,7 @@ from .integration.inject import (
     set_res_tuner_scale,
     unfuse_res_tuner,
 )
+from .integration.export import export_lora
 from .integration.io import ResTunerFileError, load_res_tuner, save_res_tuner
 from .integration.loader_mixin import ResTunerLoaderMixin
 from .integration.processors import SCALE_KWARG, ResTunerAttnProcessor

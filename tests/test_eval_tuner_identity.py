@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import resattn_diffusion as rd
 from resattn_diffusion.evaluation import CLIPEncoder, EvaluationError, generate_images, list_images

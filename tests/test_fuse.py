@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import resattn_diffusion as rd
-from resattn_diffusion.integration.inject import get_state
+from resattn_diffusion.integration.api import get_state
 from resattn_diffusion.integration.processors import LinearBank
 from resattn_diffusion.testing import (
     KINDS,

@@ -201,13 +201,13 @@ def run_script(kind: str, tuner: str, script: str) -> None:
         res = {"+res": True, "-res": False}.get(step, res)
         if baked and res and (TUNERS[tuner]["tuner"] == "glora" or "sequential" in tuner):
             continue  # the baked LoRA is the new W0, which these tuners read: no unfused reference to compare with
-        torch.testing.assert_close(output(pipe), refs[lora or baked, res], rtol=1e-4, atol=2e-5, msg=lambda m: f"{where}: {m}")
+        torch.testing.assert_close(output(pipe), refs[lora or baked, res], rtol=1e-4, atol=2e-5, msg=lambda m, where=where: f"{where}: {m}")
 
     assert list(pipe.unet.state_dict()) == keys
     final, oracle = base_weights(pipe.unet), lora_only_weights(kind, steps)
     for name, value in final.items():
         if "*" in script:  # subtracted, not restored: equal to rounding
-            torch.testing.assert_close(value, oracle[name], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(value, oracle[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
             continue
         exact = (value == original[name]) | (value == oracle[name])
         assert bool(exact.all()), f"{script!r}: {name} differs bitwise from both the original and the LoRA-only weights"
@@ -270,7 +270,7 @@ def test_two_res_tuners_on_the_same_layers_fuse_exactly_in_any_order(kind, order
             pipe.unfuse_res_tuner(names)
         else:
             call(pipe, step, "glora", kind)
-        torch.testing.assert_close(output(pipe), unfused, rtol=1e-4, atol=2e-5, msg=lambda m: f"{order} after {step}: {m}")
+        torch.testing.assert_close(output(pipe), unfused, rtol=1e-4, atol=2e-5, msg=lambda m, step=step: f"{order} after {step}: {m}")
     assert not any(info["fused"] for info in pipe.get_res_tuners().values())
     pipe.unload_res_tuner()
     pipe.unload_lora_weights()
@@ -280,7 +280,7 @@ def test_two_res_tuners_on_the_same_layers_fuse_exactly_in_any_order(kind, order
 
 
 def _first_linear_bank(unet):
-    from resattn_diffusion.integration.inject import get_state
+    from resattn_diffusion.integration.api import get_state
     from resattn_diffusion.integration.processors import LinearBank
 
     return next((bank, owner) for bank, owner in get_state(unet).banks if isinstance(bank, LinearBank))

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import resattn_diffusion as rd
-from resattn_diffusion.integration.inject import get_state
+from resattn_diffusion.integration.api import get_state
 from resattn_diffusion.integration.loader_mixin import resolve_tuner_source
 from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, tiny_pipeline, unet_inputs
 
@@ -503,10 +503,14 @@ def test_scales_names_and_flags_misused(world: World, tmp_path: Path):
         fuzz.case(f"pipe.disable_res_tuner({name!r})", lambda n=name: world.pipe.disable_res_tuner(n), "adapter")
         fuzz.case(f"pipe.unload_res_tuner({name!r})", lambda n=name: world.pipe.unload_res_tuner(n), "adapter")
         fuzz.case(f"pipe.set_res_tuners({name!r})", lambda n=name: world.pipe.set_res_tuners(n), "adapter")
-    from resattn_diffusion.integration.inject import set_res_tuner_layer_scales
+    from resattn_diffusion.integration.api import set_res_tuner_layer_scales
 
     for value in (NAN, INF, 1e30, "0.5", None, [1.0]):
-        fuzz.case(f"layer scales {value!r}", lambda v=value: set_res_tuner_layer_scales(unet(), "keep", {"down_blocks": 0.5, "mid_block": v}), "scale")
+        fuzz.case(
+            f"layer scales {value!r}",
+            lambda v=value: set_res_tuner_layer_scales(unet(), "keep", {"down_blocks": 0.5, "mid_block": v}),
+            "scale",
+        )
     fuzz.case("layer scales not a dict", lambda: set_res_tuner_layer_scales(unet(), "keep", [0.5]), "scales")
     fuzz.case("fuse_res_tuner on a disabled tuner", lambda: rd.fuse_res_tuner(unet(), "lin"), "lin", "disabled")
     fuzz.case("pipe.fuse_res_tuner on a disabled tuner", lambda: world.pipe.fuse_res_tuner("lin"), "lin", "disabled")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import resattn_diffusion as rd
-from resattn_diffusion.integration.inject import iter_tuners
+from resattn_diffusion.integration.api import iter_tuners
 from resattn_diffusion.search import (
     LayerSpace,
     evolutionary_search,

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resattn_diffusion import ResTunerConfig, add_res_tuner, remove_res_tuner, res_tuner_parameters
-from resattn_diffusion.integration.inject import find_layers
+from resattn_diffusion.integration.api import find_layers
 
 from . import peers
 from .common import (

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError, OpShape
-from .inject import ResTunerError, tuner_input_shape
+from .api import ResTunerError, tuner_input_shape
 from .io import ResTunerFileError, checked_tuner_tensors, read_tuner_file, resolve_tuner_file
 from .processors import effective_delta
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .state import ResTunerError
 
@@ -51,7 +51,7 @@ class PeftMerges:
     merged: tuple[str, ...] = ()
 
 
-def peft_wrapper(bank: "LinearBank", linear: nn.Linear) -> nn.Module | None:
+def peft_wrapper(bank: LinearBank, linear: nn.Linear) -> nn.Module | None:
     """The peft layer (diffusers' ``load_lora_weights``) now wrapping ``linear``, found where the bank sits."""
     parent = bank.parent_module
     if parent is None:
@@ -62,7 +62,7 @@ def peft_wrapper(bank: "LinearBank", linear: nn.Linear) -> nn.Module | None:
     return module if module.get_base_layer() is linear else None
 
 
-def current_merges(bank: "LinearBank", linear: nn.Linear) -> PeftMerges:
+def current_merges(bank: LinearBank, linear: nn.Linear) -> PeftMerges:
     wrapper = peft_wrapper(bank, linear)
     if wrapper is None:
         return PeftMerges()
@@ -166,12 +166,12 @@ class FusedWeights:
     merges: PeftMerges
 
 
-def _store(bank: "LinearBank", name: str, value: torch.Tensor | None) -> None:
+def _store(bank: LinearBank, name: str, value: torch.Tensor | None) -> None:
     # Non-persistent buffers: they follow unet.to(device, dtype) but are never written into a state dict.
     bank.register_buffer(name, None if value is None else value.detach(), persistent=False)
 
 
-def _record(bank: "LinearBank") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+def _record(bank: LinearBank) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(P, its bias, W0, b0) as the bank recorded them."""
     others_w, others_b = bank.fused_others_weight, bank.fused_others_bias
     if bank.fused_base_weight is None:
@@ -179,7 +179,7 @@ def _record(bank: "LinearBank") -> tuple[torch.Tensor, torch.Tensor | None, torc
     return others_w, others_b, bank.fused_base_weight, bank.fused_base_bias
 
 
-def frozen_base(bank: "LinearBank", linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+def frozen_base(bank: LinearBank, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """``(W0, b0, differs)`` for the branches that run: the base weights without any fused tuner's or peft adapter's
     delta, and whether the linear's own weights differ from them (then its output is not ``W0 x + b0``)."""
     if bank.fused is not None:
@@ -192,7 +192,7 @@ def frozen_base(bank: "LinearBank", linear: nn.Linear) -> tuple[torch.Tensor, to
     return base_w, base_b, True
 
 
-def frozen_output(bank: "LinearBank", linear: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+def frozen_output(bank: LinearBank, linear: nn.Linear, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """``W0 x + b0`` (what a sequential branch reads): the linear's output when its weights are W0, else recomputed."""
     base_w, base_b, differs = frozen_base(bank, linear)
     return F.linear(x, base_w.to(x.dtype), None if base_b is None else base_b.to(x.dtype)) if differs else output
@@ -210,7 +210,7 @@ def _compose(others: torch.Tensor | None, delta: torch.Tensor | None, like: torc
 
 
 def tuners_delta(
-    bank: "LinearBank", names: list[str], base_w: torch.Tensor, base_b: torch.Tensor | None
+    bank: LinearBank, names: list[str], base_w: torch.Tensor, base_b: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``D = sum_i s_i dW_i`` (and the bias delta) of the named tuners in float32, computed from W0 and b0 (a
     sequential tuner folds as ``dW W0`` and ``dW b0 + db``: :func:`.processors.effective_delta`)."""
@@ -259,7 +259,7 @@ def _close(actual: torch.Tensor | None, expected: torch.Tensor | None, magnitude
     return bool(((actual.detach().float() - expected.detach().float()).abs() <= bound).all())
 
 
-def _changed_message(bank: "LinearBank", action: str) -> str:
+def _changed_message(bank: LinearBank, action: str) -> str:
     return (
         f"the weight of {bank.layer_path} was changed while res tuner(s) {bank.fused_names()} were fused, by "
         "something other than diffusers' fuse_lora()/unfuse_lora() (for example unload_lora_weights() or "
@@ -270,7 +270,7 @@ def _changed_message(bank: "LinearBank", action: str) -> str:
     )
 
 
-def resolve_others(bank: "LinearBank", linear: nn.Linear, accept_changed: bool = False, action: str = "unfusing") -> Resolved:
+def resolve_others(bank: LinearBank, linear: nn.Linear, accept_changed: bool = False, action: str = "unfusing") -> Resolved:
     """The others' weight ``P`` now (see the module docstring). Raises ``ResTunerError``, computing nothing to
     write, when the weight changed in a way that makes an exact answer impossible and ``accept_changed`` is off."""
     now = current_merges(bank, linear)
@@ -328,7 +328,7 @@ class FusedWrite:
 
 
 @torch.no_grad()
-def plan_write(bank: "LinearBank", linear: nn.Linear, others: Resolved, names: list[str]) -> FusedWrite:
+def plan_write(bank: LinearBank, linear: nn.Linear, others: Resolved, names: list[str]) -> FusedWrite:
     """``P + D(names)`` (``P`` itself when ``names`` is empty), computed without changing anything; ``names`` are all
     the tuners of the bank that will be fused."""
     merges = others.merges
@@ -350,7 +350,7 @@ def plan_write(bank: "LinearBank", linear: nn.Linear, others: Resolved, names: l
 
 
 @torch.no_grad()
-def apply_write(bank: "LinearBank", linear: nn.Linear, write: FusedWrite) -> None:
+def apply_write(bank: LinearBank, linear: nn.Linear, write: FusedWrite) -> None:
     """Write a :func:`plan_write` result into ``linear`` and record it in the bank (or drop the record)."""
     linear.weight.data.copy_(write.weight.to(linear.weight.dtype))
     if write.bias is not None:

@@ -26,8 +26,8 @@ from torch import nn
 from ..checks import MAX_ABS_WEIGHT, check_adapter_name, check_model
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
+from .api import add_res_tuner, expected_fingerprint, get_res_tuner_configs, iter_tuners, remove_res_tuner
 from .families import family_named, family_of
-from .inject import add_res_tuner, expected_fingerprint, get_res_tuner_configs, iter_tuners, remove_res_tuner
 from .state import ResTunerError, get_state
 
 FORMAT_NAME = "resattn-diffusion"

@@ -30,7 +30,16 @@ from torch import nn
 from ..checks import check_call_scale
 from ..tuners.base import ConfigError, FrozenAttention
 from ..tuners.fast_paths import fast_path_wanted, forced_path
-from .fusion import FusedWeights, FusedWrite, Resolved, apply_write, frozen_base, frozen_output, plan_write, resolve_others
+from .fusion import (
+    FusedWeights,
+    FusedWrite,
+    Resolved,
+    apply_write,
+    frozen_base,
+    frozen_output,
+    plan_write,
+    resolve_others,
+)
 
 try:  # the frozen attention runs through xformers only where diffusers already chose it
     import xformers.ops as xformers_ops

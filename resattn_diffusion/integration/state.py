@@ -1,6 +1,6 @@
 """What a model carries once it has tuners: its named configs, the banks that hold the tuners, its family.
 
-Imported by every module of the integration layer (the kinds, the families, the API in ``inject.py``, ``io.py``),
+Imported by every module of the integration layer (the kinds, the families, the API in ``api.py``, ``io.py``),
 and importing none of them: the one place shared state lives, so nothing imports in a circle.
 """
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..hub import check_pretrained_source
-from ..integration.inject import ResTunerError
+from ..integration.api import ResTunerError
 from ..integration.io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
 from ..quiet import from_pretrained_dtype, quiet_libraries
 from ..training.data import ImageTransform, load_image, read_image_folder

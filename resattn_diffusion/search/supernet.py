@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..integration.inject import ResTunerError, get_state, iter_tuners
+from ..integration.api import ResTunerError, get_state, iter_tuners
 from ..integration.io import file_tensors, write_tuner_file
 from ..training.data import derive_seed
 from ..training.trainable import TrainingCallback

@@ -28,7 +28,7 @@ import torch
 from diffusers.optimization import SchedulerType
 
 from ..config import PLACEMENTS, ResTunerConfig
-from ..integration.inject import ResTunerError
+from ..integration.api import ResTunerError
 from ..registry import get_tuner_spec, known_projections, known_targets, tuner_names
 from ..tuners.base import ConfigError
 from .user_flags import SECRET_FLAGS, add_user_flags, check_user_flags
@@ -183,6 +183,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Run the frozen attention with xformers.")
 
+    add_flow_matching_arguments(parser)
+
     ckpt = parser.add_argument_group("checkpoints")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every X optimizer steps.")
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
@@ -208,6 +210,35 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     val.add_argument("--tracker_project_name", type=str, default=f"res-tuner-{task}", help="Project name of the trackers.")
     add_user_flags(parser)
     return parser
+
+
+def add_flow_matching_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of rectified-flow training (SD3, Flux), with the names and meanings of diffusers'
+    ``train_dreambooth_lora_sd3.py`` / ``train_dreambooth_lora_flux.py``. Their defaults are ``None``: an unset flag
+    takes the family's default (given in the help), and a flag given for a UNet model is refused."""
+    flow = parser.add_argument_group("diffusion transformers (SD3, Flux): rectified flow")
+    flow.add_argument(
+        "--weighting_scheme", type=str, default=None, choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        help="How training timesteps are sampled (logit_normal, mode) or the loss weighted (sigma_sqrt, cosmap); "
+        "default logit_normal for SD3, none (uniform) for Flux.",
+    )
+    flow.add_argument("--logit_mean", type=float, default=None, help="Mean of --weighting_scheme logit_normal (default 0.0).")
+    flow.add_argument("--logit_std", type=float, default=None, help="Standard deviation of --weighting_scheme logit_normal (default 1.0).")
+    flow.add_argument("--mode_scale", type=float, default=None, help="Scale of --weighting_scheme mode (default 1.29).")
+    flow.add_argument(
+        "--precondition_outputs", action="store_true",
+        help="SD3's EDM-style preconditioning: the loss compares x_t - sigma * prediction with the latents instead of "
+        "the prediction with noise - latents (off by default here, on in diffusers' SD3 script).",
+    )
+    flow.add_argument(
+        "--guidance_scale", type=float, default=None,
+        help="Flux only: the value of the guidance embedding of a guidance-distilled model (FLUX.1-dev) in training "
+        "and validation (default 3.5).",
+    )
+    flow.add_argument(
+        "--max_sequence_length", type=int, default=None,
+        help="T5 tokens of the prompt (default 77 for SD3, 512 for Flux, as diffusers' scripts).",
+    )
 
 
 def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -236,6 +267,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1, got {value}")
+    if args.logit_std is not None and args.logit_std <= 0:
+        parser.error(f"--logit_std must be positive, got {args.logit_std}")
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        parser.error(f"--max_sequence_length must be at least 1, got {args.max_sequence_length}")
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if task == "dreambooth":

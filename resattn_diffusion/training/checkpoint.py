@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..integration.inject import get_res_tuner_configs
+from ..integration.api import get_res_tuner_configs
 from ..integration.io import WEIGHT_NAME, load_tuner_tensors, read_tuner_file, save_res_tuner
 from .errors import TrainingError
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..integration.inject import add_res_tuner, format_summary, res_tuner_parameters, res_tuner_summary
+from ..integration.api import add_res_tuner, format_summary, res_tuner_parameters, res_tuner_summary
 from ..integration.io import WEIGHT_NAME, load_res_tuner, save_res_tuner
 from .errors import TrainingError
 
@@ -200,14 +200,18 @@ def load_tuned_pipeline(
     device: str | torch.device = "cpu",
     load_unet: Callable[[nn.Module, str | Path], nn.Module] = load_trained_unet,
 ) -> Any:
-    """The base diffusers pipeline in ``base_model`` with the result of the run in ``output_dir`` on its UNet.
+    """The base diffusers pipeline in ``base_model`` with the result of the run in ``output_dir`` on its denoiser
+    (``pipeline.unet``, or ``pipeline.transformer`` of SD3 / Flux).
 
-    ``load_unet(unet, output_dir)`` puts the result on the base UNet and returns the UNet to use (default: a res
-    tuner, :func:`load_trained_unet`; the benchmarks pass their peers' loader).
+    ``load_unet(denoiser, output_dir)`` puts the result on the base denoiser and returns the one to use (default: a
+    res tuner, :func:`load_trained_unet`; the benchmarks pass their peers' loader).
     """
     from diffusers import DiffusionPipeline
 
+    from ..integration.loader_mixin import denoiser_attribute
+
     pipeline = DiffusionPipeline.from_pretrained(str(base_model))
-    pipeline.unet = load_unet(pipeline.unet, output_dir)
+    attribute = denoiser_attribute(pipeline)
+    setattr(pipeline, attribute, load_unet(getattr(pipeline, attribute), output_dir))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

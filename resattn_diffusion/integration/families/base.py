@@ -3,7 +3,7 @@
 A :class:`ModelFamily` says which blocks a model has, which operations of a block a target names (an attention,
 a feed-forward, a single linear), the linear projections of each operation, which processor class wraps its
 attention, and how a tuner file describes the model. The tuner kinds (``integration/kinds``) and the API
-(``inject.py``) ask the family and never look at a diffusers class themselves: adding a model family is one
+(``api.py``) ask the family and never look at a diffusers class themselves: adding a model family is one
 new subclass registered in ``families/__init__.py``.
 """
 

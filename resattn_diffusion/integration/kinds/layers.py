@@ -19,6 +19,7 @@ from torch import nn
 from ...config import ResTunerConfig
 from ...tuners.base import OpShape
 from ..families.base import Layer, ModelFamily, base_linear, linear_shape
+from ..fusion import plan_write
 from ..processors import (
     LinearBank,
     OperationBank,
@@ -28,7 +29,6 @@ from ..processors import (
     ff_bank_hook,
     linear_bank_forward,
 )
-from ..fusion import plan_write
 from ..state import ResTunerError, ResTunerState, module_dtype_device, remove_forward_hooks
 from .base import TunerKindAttach
 
