@@ -10,7 +10,7 @@
 #   (c) graph_breaks the rows run 1 skipped (res_bypass, glora, surm_*) and surm_adapter (35 breaks) guard  45 s
 #   (d) transformer  benchmarks/perf/transformer_step.py --device cuda (the row that crashed)    guard  35 s
 #                    WITHOUT CUDA_LAUNCH_BLOCKING (it serialises every launch and would distort the step times);
-#                    if it fails and >= 200 s are left, once more with CUDA_LAUNCH_BLOCKING=1 for the true
+#                    if it fails and >= 165 s are left, once more (20 s) with CUDA_LAUNCH_BLOCKING=1 for the true
 #                    faulting kernel in run.log (timings of that rerun are not to be used)
 #   (b) sampling_compiled  base and res_attn (unfused) only, eager vs torch.compile: last, with whatever is left
 #                    (~150 s; the base's cold compile took 64 s in run 1)
@@ -71,9 +71,9 @@ transformer() {  # transformer GUARD [ENV...]
 suite_part train_sd15 95 --tuners glora surm_circulant surm_toeplitz surm_ldr
 suite_part graph_breaks 45 --tuners surm_adapter glora surm_circulant surm_toeplitz surm_kronecker surm_ldr res_bypass
 if ! transformer 35 PYTHONUNBUFFERED=1; then
-    if [ $((TOTAL - (SECONDS - START))) -ge 200 ]; then
+    if [ $((TOTAL - (SECONDS - START))) -ge 165 ]; then
         cp "$OUT/transformer_step.json" "$OUT/transformer_step.timed.json" 2>/dev/null || true
-        transformer 25 CUDA_LAUNCH_BLOCKING=1 || true
+        transformer 20 CUDA_LAUNCH_BLOCKING=1 || true
         # the timed run's JSON is the one to keep; the blocking rerun only adds the faulting kernel to run.log
         if [ -f "$OUT/transformer_step.timed.json" ]; then mv "$OUT/transformer_step.timed.json" "$OUT/transformer_step.json"; fi
     fi
