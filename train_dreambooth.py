@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DreamBooth with a res tuner: teach a frozen SD 1.x / 2.x / SDXL model a subject from a few images.
+"""DreamBooth with a res tuner: teach a frozen SD 1.x / 2.x / SDXL, SD3 or Flux model a subject from a few images.
 
     accelerate launch train_dreambooth.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -9,13 +9,16 @@
 
 Flags follow diffusers' train_dreambooth_lora.py; the tuner flags are --tuner, --rank, --heads, --tuner_arg
 KEY=VALUE, --targets, --blocks, --projections, --placement, --tuner_scale and --tuner_config (see --help).
-The result, output_dir/res_tuner.safetensors, loads with resattn_diffusion.load_res_tuner(pipe.unet, output_dir).
+SD3 and Flux folders are detected and trained with rectified flow as diffusers' train_dreambooth_lora_sd3.py /
+_flux.py (--weighting_scheme, --guidance_scale, --max_sequence_length, ...).
+The result, output_dir/res_tuner.safetensors, loads with pipe.load_res_tuner(output_dir) on the pipelines/ classes,
+or resattn_diffusion.load_res_tuner(pipe.unet or pipe.transformer, output_dir).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from resattn_diffusion.training import parse_args, run_script, train
 

@@ -1,4 +1,4 @@
-"""Thin diffusers pipelines with res tuners: a stock Stable Diffusion / SDXL pipeline + ``ResTunerLoaderMixin``.
+"""Thin diffusers pipelines with res tuners: a stock Stable Diffusion / SDXL / SD3 / Flux pipeline + ``ResTunerLoaderMixin``.
 
 Each ``res_tuner_*.py`` file defines one pipeline class, so each also works as ``DiffusionPipeline.from_pretrained(model,
 custom_pipeline="pipelines/<file>.py", trust_remote_code=True)``. ``auto.py`` wraps diffusers' ``AutoPipelineFor*``.
@@ -12,7 +12,9 @@ from .auto import (
 )
 from .res_tuner_controlnet import ResTunerStableDiffusionControlNetPipeline
 from .res_tuner_controlnet_sd_xl import ResTunerStableDiffusionXLControlNetPipeline
+from .res_tuner_flux import ResTunerFluxPipeline
 from .res_tuner_stable_diffusion import ResTunerStableDiffusionPipeline
+from .res_tuner_stable_diffusion_3 import ResTunerStableDiffusion3Pipeline
 from .res_tuner_stable_diffusion_img2img import ResTunerStableDiffusionImg2ImgPipeline
 from .res_tuner_stable_diffusion_inpaint import ResTunerStableDiffusionInpaintPipeline
 from .res_tuner_stable_diffusion_xl import ResTunerStableDiffusionXLPipeline
@@ -23,6 +25,8 @@ __all__ = [
     "ResTunerAutoPipelineForImage2Image",
     "ResTunerAutoPipelineForInpainting",
     "ResTunerAutoPipelineForText2Image",
+    "ResTunerFluxPipeline",
+    "ResTunerStableDiffusion3Pipeline",
     "ResTunerStableDiffusionControlNetPipeline",
     "ResTunerStableDiffusionImg2ImgPipeline",
     "ResTunerStableDiffusionInpaintPipeline",

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+)
 
 from resattn_diffusion import ResTunerLoaderMixin
 
@@ -64,7 +69,7 @@ class _ResTunerAutoPipeline:
     _auto: type
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise EnvironmentError(f"{type(self).__name__} is made with from_pretrained(model) or from_pipe(pipe)")
+        raise OSError(f"{type(self).__name__} is made with from_pretrained(model) or from_pipe(pipe)")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_or_path: Any, **kwargs: Any) -> DiffusionPipeline:

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import PLACEMENTS, PROJECTIONS, TARGETS, ResTunerConfig
-from .integration.inject import (
+from .integration.api import (
     ResTunerError,
     add_res_tuner,
     format_summary,

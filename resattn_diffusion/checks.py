@@ -25,7 +25,8 @@ import numbers
 import re
 import types
 import typing
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -68,10 +69,10 @@ def check_call_scale(value: Any, names: Iterable[str] | None = None, what: str =
     check_scale(value, what)
 
 
-def check_enabled(value: Any) -> bool:
+def check_enabled(value: Any, what: str = "enabled") -> bool:
     """A switch must be ``True`` or ``False``: ``"False"`` (a true string) or ``0`` is refused, not guessed."""
     if not isinstance(value, bool):
-        raise ConfigError(f"enabled must be True or False, got {type(value).__name__} {_short(value)}")
+        raise ConfigError(f"{what} must be True or False, got {type(value).__name__} {_short(value)}")
     return value
 
 

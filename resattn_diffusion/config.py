@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .checks import check_item_count, check_scale
 from .registry import get_tuner_spec, known_projections, known_targets
@@ -108,7 +109,7 @@ class ResTunerConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ResTunerConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ResTunerConfig:
         if not isinstance(data, dict) or "tuner" not in data:
             raise ConfigError("a tuner config is a JSON object with at least a 'tuner' key, e.g. {\"tuner\": \"res_attn\"}")
         data = dict(data)
@@ -128,7 +129,7 @@ class ResTunerConfig:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "ResTunerConfig":
+    def from_json(cls, text: str) -> ResTunerConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -142,11 +143,11 @@ class ResTunerConfig:
             f.write(self.to_json())
 
     @classmethod
-    def load(cls, path: str) -> "ResTunerConfig":
+    def load(cls, path: str) -> ResTunerConfig:
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read())
 
-    def replace(self, **changes: Any) -> "ResTunerConfig":
+    def replace(self, **changes: Any) -> ResTunerConfig:
         data = self.to_dict()
         hyper = data.pop("hyperparameters")
         for key, value in changes.items():

@@ -70,7 +70,7 @@ def hub_offline_by_setting() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(repo_id: str, revision: str | None, token: str | bool | None) -> str:
     """``"ok"``, ``"missing"`` (no such repo), ``"gated"`` or ``"unreachable"``: one request, ``HUB_TIMEOUT_S``."""
     from huggingface_hub import HfApi

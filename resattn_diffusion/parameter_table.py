@@ -3,11 +3,11 @@ meta device). The comparison rows (peft LoRA) are added by ``python -m benchmark
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .config import ResTunerConfig
+from .integration.api import add_res_tuner, res_tuner_summary
 from .integration.families.unet import UNetFamily
-from .integration.inject import add_res_tuner, res_tuner_summary
 from .registry import get_tuner_spec, tuner_names
 
 

@@ -106,20 +106,20 @@ def known_projections() -> tuple[str, ...]:
 
 # --- registrations -------------------------------------------------------------------------------------------
 from .tuners.adapter import ResAdapter, ResAdapterParams  # noqa: E402
+from .tuners.bypass import ResBypass, ResBypassParams  # noqa: E402
+from .tuners.glora import GLoRA, GLoRAParams  # noqa: E402
+from .tuners.lora import ResLoRA, ResLoRAParams  # noqa: E402
 from .tuners.prefix import ResPrefix, ResPrefixParams  # noqa: E402
 from .tuners.prompt import ResPrompt, ResPromptParams  # noqa: E402
 from .tuners.res_attn import ResAttn, ResAttnParams  # noqa: E402
-from .tuners.lora import ResLoRA, ResLoRAParams  # noqa: E402
-from .tuners.bypass import ResBypass, ResBypassParams  # noqa: E402
-from .tuners.glora import GLoRA, GLoRAParams  # noqa: E402
 from .tuners.surm import (  # noqa: E402
+    SURMLDR,
     SURMAdapter,
     SURMAdapterParams,
     SURMCirculant,
     SURMCirculantParams,
     SURMKronecker,
     SURMKroneckerParams,
-    SURMLDR,
     SURMLDRParams,
     SURMToeplitz,
     SURMToeplitzParams,
@@ -130,7 +130,9 @@ register_tuner("res_adapter", ResAdapterParams, ResAdapter, "operation", "W_up a
 register_tuner("res_prefix", ResPrefixParams, ResPrefix, "operation", "W_o MHA(to_q(x), P_k, P_v)")
 register_tuner("res_prompt", ResPromptParams, ResPrompt, "operation", "g ⊙ W_o MHA(to_q(x), to_k(P), to_v(P))")
 register_tuner("res_lora", ResLoRAParams, ResLoRA, "linear", "B A x, beside each linear")
-register_tuner("res_bypass", ResBypassParams, ResBypass, "model", "b_i = L_i(h_i) + V_i(up(b_{i-1})) over detached decoder outputs; + b at conv_norm_out")
+register_tuner(
+    "res_bypass", ResBypassParams, ResBypass, "model", "b_i = L_i(h_i) + V_i(up(b_{i-1})) over detached decoder outputs; + b at conv_norm_out",
+)
 register_tuner("glora", GLoRAParams, GLoRA, "linear", "(W0 ⊙ A) x + B x + b0 ⊙ D + E + W0 C")
 register_tuner("surm_circulant", SURMCirculantParams, SURMCirculant, "linear", "circ(v) x, by FFT")
 register_tuner("surm_toeplitz", SURMToeplitzParams, SURMToeplitz, "linear", "T(t) x, by FFT")

@@ -40,9 +40,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-
 __all__ = [
     "DEFAULT_WORDS",
+    "DIT_KINDS",
     "KINDS",
     "TRANSFORMER_KINDS",
     "SD15_UNET_CONFIG",
@@ -51,11 +51,15 @@ __all__ = [
     "build_clip_vocab",
     "flux_transformer_inputs",
     "frozen_tiny_model",
+    "make_t5_tokenizer",
     "make_tokenizer",
     "model_inputs",
     "present_targets",
+    "save_tiny_dit_pipeline",
     "save_tiny_pipeline",
     "sd3_transformer_inputs",
+    "tiny_dit_pipeline",
+    "tiny_dit_transformer_overrides",
     "tiny_flux_transformer",
     "tiny_flux_transformer_config",
     "tiny_pipeline",
@@ -682,7 +686,7 @@ def frozen_tiny_unet(kind: str = "sd1", seed: int = 0) -> UNet2DConditionModel:
 def randomize_tuner(unet: torch.nn.Module, adapter_name: str = "default", seed: int = 0, std: float = 0.05) -> None:
     """Give a tuner trained-looking weights (seeded normal noise): at init every branch is zero, which would make
     checks such as fused == unfused or save/load round trips trivially exact."""
-    from .integration.inject import res_tuner_parameters  # here, so that testing.py loads without the rest
+    from .integration.api import res_tuner_parameters  # here, so that testing.py loads without the rest
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -852,3 +856,202 @@ def present_targets(model: torch.nn.Module) -> tuple[str, ...]:
     family = family_of(model)
     blocks = family.blocks(model)
     return tuple(t for t in family.targets if any(family.operation(path, block, t) is not None for path, block in blocks))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny diffusion-transformer pipelines: SD3 (MMDiT) and Flux
+# --------------------------------------------------------------------------------------------------------------
+
+#: Diffusion-transformer families the tiny pipeline builders know.
+DIT_KINDS: tuple[str, ...] = ("sd3", "flux")
+
+# Widths of the tiny text encoders. As above they are all different, and the T5 width (the transformer's
+# joint_attention_dim) is larger than the two CLIP widths together, as SD3's zero-padding of the CLIP states requires.
+_SD3_CLIP_L_HIDDEN, _SD3_CLIP_L_PROJECTION = 32, 24  # CLIP ViT-L: 768, 768
+_SD3_CLIP_G_HIDDEN, _SD3_CLIP_G_PROJECTION = 48, 40  # OpenCLIP ViT-bigG: 1280, 1280 (pooled: 768 + 1280 = 2048)
+_FLUX_CLIP_HIDDEN = 40  # CLIP ViT-L: 768, its pooled output is Flux's pooled projection
+_T5_WIDTH = 96  # T5-XXL: 4096
+_DIT_LATENT_CHANNELS = 16
+_DIT_VAE_SEED_OFFSET, _DIT_CLIP_SEED_OFFSET, _DIT_CLIP_2_SEED_OFFSET, _DIT_T5_SEED_OFFSET = 1, 2, 3, 4
+# SD3's and Flux's VAE latent statistics (their vae/config.json)
+_DIT_VAE_FACTORS = {"sd3": {"scaling_factor": 1.5305, "shift_factor": 0.0609}, "flux": {"scaling_factor": 0.3611, "shift_factor": 0.1159}}
+
+
+def _check_dit_kind(kind: str) -> None:
+    if kind not in DIT_KINDS:
+        raise ValueError(f"Unknown tiny diffusion transformer kind {kind!r}; choose one of {', '.join(DIT_KINDS)}.")
+
+
+def make_t5_tokenizer(words: Sequence[str] = (), model_max_length: int = 512) -> Any:
+    """A small T5 (SentencePiece unigram) tokenizer generated offline.
+
+    Vocabulary (case-sensitive, as T5's): ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), ``▁``, one whole-word piece ``▁word`` per word of
+    :data:`DEFAULT_WORDS` + ``words``, and every printable ASCII character alone and after ``▁``, so any ASCII text
+    encodes without unknown tokens (other characters become ``<unk>``, as with T5's own vocabulary). Whole words get
+    higher scores than their characters, so the unigram model picks them.
+    """
+    from transformers import T5TokenizerFast
+
+    if isinstance(words, str):
+        raise TypeError("make_t5_tokenizer: pass words as a sequence of strings, e.g. ('sks', 'dog'), not one string.")
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -2.0}
+    for word in list(DEFAULT_WORDS) + [w.lower() for w in words]:
+        pieces.setdefault("\u2581" + word, -1.0)
+    for code in range(33, 127):
+        character = chr(code)
+        pieces.setdefault(character, -8.0)
+        pieces.setdefault("\u2581" + character, -7.0)
+    tokenizer = T5TokenizerFast(vocab=list(pieces.items()), extra_ids=0, model_max_length=model_max_length)
+    return tokenizer
+
+
+def _tiny_dit_vae(kind: str, seed: int) -> AutoencoderKL:
+    """Two-block VAE (factor 2) with 16 latent channels and no quant convs, as SD3's and Flux's VAE."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _DIT_VAE_SEED_OFFSET)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=_DIT_LATENT_CHANNELS,
+            norm_num_groups=4,
+            sample_size=32,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            **_DIT_VAE_FACTORS[kind],
+        )
+    return vae.eval()
+
+
+def _tiny_t5(tokenizer: Any, seed: int) -> torch.nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=_T5_WIDTH,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",  # T5 v1.1 (T5-XXL) is gated
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    return model.eval()
+
+
+def tiny_dit_transformer_overrides(kind: str = "sd3") -> dict[str, Any]:
+    """What the transformer of a :func:`tiny_dit_pipeline` changes in :func:`tiny_sd3_transformer_config` /
+    :func:`tiny_flux_transformer_config` so that it fits the pipeline's VAE and text encoders (a fresh dict).
+
+    - ``"sd3"``: the SD3.5-featured transformer (``attn2`` in the first block, RMS q/k norm) on 16x16 latents
+      (32x32 pixels); its text context is the T5 width and its pooled projection the two CLIP projections together.
+    - ``"flux"``: 64 packed input channels (16 latent channels x 2 x 2, as Flux), the T5 width as text context and
+      the CLIP width as pooled projection; guidance embedding of FLUX.1-dev.
+    """
+    _check_dit_kind(kind)
+    text = {"joint_attention_dim": _T5_WIDTH}
+    if kind == "sd3":
+        return {**text, "sample_size": 16, "pooled_projection_dim": _SD3_CLIP_L_PROJECTION + _SD3_CLIP_G_PROJECTION}
+    return {**text, "in_channels": 4 * _DIT_LATENT_CHANNELS, "out_channels": 4 * _DIT_LATENT_CHANNELS, "pooled_projection_dim": _FLUX_CLIP_HIDDEN}
+
+
+def _tiny_dit_transformer(kind: str, seed: int) -> torch.nn.Module:
+    if kind == "sd3":
+        return tiny_sd3_transformer(dual_attention=True, seed=seed, **tiny_dit_transformer_overrides(kind))
+    return tiny_flux_transformer(guidance_embeds=True, seed=seed, **tiny_dit_transformer_overrides(kind))
+
+
+def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0) -> Any:
+    """A complete tiny SD3 or Flux text-to-image pipeline with seeded random weights (the global RNG is untouched).
+
+    - ``"sd3"``: ``StableDiffusion3Pipeline``: two ``CLIPTextModelWithProjection`` (CLIP-L and -G roles, read at the
+      penultimate layer, pooled outputs concatenated), a T5 encoder, :func:`tiny_sd3_transformer` (SD3.5-featured,
+      see :func:`tiny_dit_transformer_overrides`), a 16-channel VAE with SD3's scaling and shift factors, ``FlowMatchEulerDiscreteScheduler``
+      with shift 3. Default size 32x32 pixels.
+    - ``"flux"``: ``FluxPipeline``: ``CLIPTextModel`` (pooled output) + T5, :func:`tiny_flux_transformer` with
+      guidance embedding, Flux's VAE factors, the dynamically shifted flow-matching scheduler of FLUX.1-dev. Pass
+      ``height``/``width`` when generating (Flux's default is 128 latents, 256 pixels here); multiples of 4.
+
+    Tokenizers are generated (:func:`make_tokenizer`, :func:`make_t5_tokenizer`). Generating 32x32 images in two
+    steps takes a few hundredths of a second on CPU. Progress bars are off.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    _check_dit_kind(kind)
+    transformer = _tiny_dit_transformer(kind, seed)
+    vae = _tiny_dit_vae(kind, seed)
+    t5_tokenizer = make_t5_tokenizer()
+    t5 = _tiny_t5(t5_tokenizer, seed + _DIT_T5_SEED_OFFSET)
+    if kind == "sd3":
+        tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
+        text_encoder = _seeded_text_model(
+            CLIPTextModelWithProjection,
+            _text_config(tokenizer, _SD3_CLIP_L_HIDDEN, "quick_gelu", projection_dim=_SD3_CLIP_L_PROJECTION),
+            seed + _DIT_CLIP_SEED_OFFSET,
+        )
+        text_encoder_2 = _seeded_text_model(
+            CLIPTextModelWithProjection,
+            _text_config(tokenizer_2, _SD3_CLIP_G_HIDDEN, "gelu", projection_dim=_SD3_CLIP_G_PROJECTION),
+            seed + _DIT_CLIP_2_SEED_OFFSET,
+        )
+        pipeline = StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=t5,
+            tokenizer_3=t5_tokenizer,
+        )
+    else:
+        tokenizer = make_tokenizer()
+        text_encoder = _seeded_text_model(
+            CLIPTextModel, _text_config(tokenizer, _FLUX_CLIP_HIDDEN, "quick_gelu"), seed + _DIT_CLIP_SEED_OFFSET
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            base_shift=0.5,
+            max_shift=1.15,
+        )
+        pipeline = FluxPipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=t5,
+            tokenizer_2=t5_tokenizer,
+            transformer=transformer,
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def save_tiny_dit_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write ``tiny_dit_pipeline(kind, seed)`` as an ordinary diffusers folder (``model_index.json``,
+    ``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``, ``scheduler/``; safetensors) and return its path.
+
+    It loads offline with ``StableDiffusion3Pipeline`` / ``FluxPipeline`` / ``DiffusionPipeline.from_pretrained``
+    and generates exactly what the in-memory pipeline generates.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"save_tiny_dit_pipeline: {folder} exists and is not a directory; pass a folder path.")
+    tiny_dit_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
+    return folder

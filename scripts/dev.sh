@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for the README's two set-up commands:
 #   bash scripts/dev.sh demo   -- install into .venv and run the main job
-#   bash scripts/dev.sh test   -- install into .venv (with dev extras) and run the tests
+#   bash scripts/dev.sh test   -- install into .venv (with dev extras), run ruff, then the tests
 # torch is installed first, pinned: on a CPU-only machine a bare "torch" requirement pulls a multi-GB CUDA build.
 # Set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>") to choose another build.
 set -euo pipefail
@@ -24,6 +24,8 @@ $PY -c "import resattn_diffusion, torch; print('resattn-diffusion', resattn_diff
 
 case "$what" in
   test)
+    # lint first (ruff is in the dev extras; its settings are in pyproject.toml): a finding fails the run before pytest
+    $PY -m ruff check .
     exec $PY -m pytest -n 2 -p no:cacheprovider "$@" tests
     ;;
   demo)

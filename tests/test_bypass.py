@@ -11,7 +11,8 @@ from torch import nn
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration.unet_tuners import BANK_ATTR, requires_unet_backward
-from resattn_diffusion.testing import frozen_tiny_unet as _frozen_unet, tiny_pipeline, tiny_unet_config, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_unet as _frozen_unet
+from resattn_diffusion.testing import tiny_pipeline, tiny_unet_config, unet_inputs
 from resattn_diffusion.tuners.bypass import ResBypass, ResBypassParams
 
 KINDS = ("sd1", "sd2", "sdxl")

@@ -5,19 +5,16 @@ every piece runs and writes what it promises, not that anything is learned."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
+import resattn_diffusion
 from benchmarks.digits import demo, run_benchmark
+from benchmarks.digits.classifier import load_style_classifier
+from benchmarks.digits.data import load_digits_split
 from benchmarks.digits.methods import INITIAL_SWEEP, MATCHED_LORA_RANK, all_methods, select_methods
 from benchmarks.digits.tasks import StyleTask, classifier_frechet_distance
-from benchmarks.digits.data import load_digits_split
-from benchmarks.digits.classifier import load_style_classifier
-
-import resattn_diffusion
 
 
 @pytest.fixture(autouse=True)

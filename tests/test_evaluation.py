@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from resattn_diffusion.evaluation import (
+    MANIFEST_NAME,
     CLIPEncoder,
     DINOEncoder,
     EvaluationError,
     Evaluator,
     FIDInceptionV3,
     InceptionEncoder,
-    MANIFEST_NAME,
     clip_scores,
     evaluate_folder,
     feature_statistics,
@@ -32,7 +32,6 @@ from resattn_diffusion.evaluation import (
     resize_bilinear_tf1,
 )
 from resattn_diffusion.evaluation.cli import main, parse_seeds
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers and fixtures

@@ -132,3 +132,20 @@ def test_command_line_writes_the_file_and_prints_the_table(tmp_path, capsys):
     assert all(k.startswith("lora_unet_") for k in load_file(out))
     assert main([str(tuner_file), str(out), "--no_overwrite"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_file_claiming_a_giant_layer_is_refused_before_building_it(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, tuner_file = _trained_tuner("sd1", tmp_path, "surm_circulant")
+    with safe_open(str(tuner_file), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(metadata["layers"])
+    first = next(iter(layers))
+    layers[first].update(in_dim=1 << 20, out_dim=1 << 20)
+    save_file(tensors, str(tmp_path / "giant.safetensors"), metadata={**metadata, "layers": json.dumps(layers)})
+    with pytest.raises(ResTunerFileError, match="elements"):
+        export_lora(tmp_path / "giant.safetensors", tmp_path / "lora.safetensors")

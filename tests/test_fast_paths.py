@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import resattn_diffusion as rd
-from resattn_diffusion.integration import processors
 from resattn_diffusion.integration.processors import LinearBank, select_linear_path
 from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, unet_inputs
 from resattn_diffusion.tuners import base as tuner_base

@@ -7,21 +7,24 @@ tuner costs nothing at run time (its hook returns at once).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import resattn_diffusion as rd
-from resattn_diffusion.integration.inject import get_state
+from resattn_diffusion.integration.api import get_state
 from resattn_diffusion.integration.processors import LinearBank
 from resattn_diffusion.testing import (
     KINDS,
     frozen_tiny_model,
-    frozen_tiny_unet as frozen_unet,
     model_inputs,
     present_targets,
-    randomize_tuner as randomize,
     unet_inputs,
+)
+from resattn_diffusion.testing import (
+    frozen_tiny_unet as frozen_unet,
+)
+from resattn_diffusion.testing import (
+    randomize_tuner as randomize,
 )
 
 GLORA_CONFIGS = [

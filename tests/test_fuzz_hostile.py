@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import resattn_diffusion as rd
-from resattn_diffusion.integration.inject import get_state
+from resattn_diffusion.integration.api import get_state
 from resattn_diffusion.integration.loader_mixin import resolve_tuner_source
 from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, tiny_pipeline, unet_inputs
 
@@ -220,7 +220,9 @@ def test_every_metadata_field_wrong(world: World):
         for key in METADATA_KEYS:
             variants: dict[str, str | None] = {"missing": None, **BAD_JSON}
             if key == "format_version":
-                variants.update({"float": "1.5", "negative": "-1", "zero": "0", "future": "2", "huge": "9" * 40, "arabic digit": "\u0661", "spaced": " 1"})
+                variants.update(
+                    {"float": "1.5", "negative": "-1", "zero": "0", "future": "2", "huge": "9" * 40, "arabic digit": "\u0661", "spaced": " 1"},
+                )
             if key == "adapter_name":
                 variants = {f"name {n!r}": n for n in BAD_NAMES if isinstance(n, str)}
             if key == "format":
@@ -369,6 +371,30 @@ def test_every_tensor_wrong(world: World):
     fuzz.finish()
 
 
+def test_state_dicts_and_hotswaps_misused(world: World):
+    """The in-memory entry points (a state dict with ``config=``, ``hotswap=True``) refuse what a file may not hold."""
+    fuzz = Fuzzer(world)
+    metadata, tensors = world.read("res_attn")
+    config = rd.ResTunerConfig.from_json(metadata["config"])
+    load = lambda sd, **kw: (lambda: rd.load_res_tuner(world.unet, sd, **kw))  # noqa: E731
+    keys = sorted(tensors)
+    for index, key in enumerate(keys):
+        label, needle, value = _tensor_variants(tensors[key])[index % 12 if index % 2 else index % 6]
+        mutated = {**tensors, key: value}
+        fuzz.case(f"state dict {key} {label}", load(mutated, config=config, adapter_name="sd"), key, needle)
+        fuzz.case(f"hotswap keep {key} {label}", load(mutated, adapter_name="keep", hotswap=True), key)
+    fuzz.case("state dict with an extra key", load({**tensors, "nowhere.x": tensors[keys[0]].clone()}, config=config, adapter_name="sd"), "nowhere.x")
+    fuzz.case("state dict without config", load(tensors, adapter_name="sd"), "config")
+    fuzz.case("state dict with a dict as config", load(tensors, config={"tuner": "res_attn"}, adapter_name="sd"), "ResTunerConfig")
+    fuzz.case("state dict, config rank 60000", load(tensors, config=config.replace(rank=60_000), adapter_name="sd"), "rank")
+    fuzz.case("state dict with a non-tensor", load({**tensors, keys[0]: [1.0]}, config=config, adapter_name="sd"), keys[0])
+    fuzz.case("state dict under a bad name", load(tensors, config=config, adapter_name="a.b"), "adapter name")
+    fuzz.case("hotswap without a name", load(tensors, hotswap=True), "adapter_name")
+    fuzz.case("hotswap a file of another tuner", load(world.files["res_lora"], adapter_name="keep", hotswap=True), "keep")
+    fuzz.case("config= with a file", load(world.files["res_attn"], config=config), "config")
+    fuzz.finish()
+
+
 # --- files that are not regular files, and bytes that are not safetensors -----------------------------------------
 def _unblock_fifo(path: Path) -> None:
     """Open the FIFO for writing once, so a reader stuck on it gets end-of-file and its thread ends."""
@@ -413,7 +439,9 @@ def test_non_regular_files_and_garbage_bytes(world: World, tmp_path: Path):
     folder = tmp_path / "with_fifo"
     folder.mkdir()
     os.mkfifo(folder / "res_tuner.safetensors")
-    fuzz.case("folder holding a FIFO", _guarded(_load(world, folder), folder / "res_tuner.safetensors"), "res_tuner.safetensors", "not a regular file")
+    fuzz.case(
+        "folder holding a FIFO", _guarded(_load(world, folder), folder / "res_tuner.safetensors"), "res_tuner.safetensors", "not a regular file",
+    )
     nested = tmp_path / "with_folder"
     (nested / "res_tuner.safetensors").mkdir(parents=True)
     fuzz.case("folder holding a folder res_tuner.safetensors", _load(world, nested), "res_tuner.safetensors", "is a folder")
@@ -448,7 +476,8 @@ def test_scales_names_and_flags_misused(world: World, tmp_path: Path):
         fuzz.case(f"set_res_tuner_scale({value!r})", lambda v=value: rd.set_res_tuner_scale(unet(), v), "scale")
         fuzz.case(f"set_res_tuner_scale({value!r}, 'keep')", lambda v=value: rd.set_res_tuner_scale(unet(), v, "keep"), "scale")
         fuzz.case(f"pipe.set_res_tuner_scale({value!r})", lambda v=value: world.pipe.set_res_tuner_scale(v), "scale")
-        fuzz.case(f"pipe.set_res_tuners(['keep'], [{value!r}])", lambda v=value: world.pipe.set_res_tuners(["keep"], [v]), "scale")
+        if value is not None:  # None is 1.0 in a weights list, as in diffusers' set_adapters
+            fuzz.case(f"pipe.set_res_tuners(['keep'], [{value!r}])", lambda v=value: world.pipe.set_res_tuners(["keep"], [v]), "scale")
         if value is None or isinstance(value, dict):
             continue  # None is no override, and a dict of names is the per-call form
         fuzz.case(
@@ -470,6 +499,19 @@ def test_scales_names_and_flags_misused(world: World, tmp_path: Path):
         fuzz.case(f"remove_res_tuner({name!r})", lambda n=name: rd.remove_res_tuner(unet(), n), "adapter")
         fuzz.case(f"fuse_res_tuner({name!r})", lambda n=name: rd.fuse_res_tuner(unet(), n), "adapter")
         fuzz.case(f"res_tuner_parameters({name!r})", lambda n=name: rd.res_tuner_parameters(unet(), n), "adapter")
+        fuzz.case(f"pipe.set_res_tuner_scale(0.5, {name!r})", lambda n=name: world.pipe.set_res_tuner_scale(0.5, n), "adapter")
+        fuzz.case(f"pipe.disable_res_tuner({name!r})", lambda n=name: world.pipe.disable_res_tuner(n), "adapter")
+        fuzz.case(f"pipe.unload_res_tuner({name!r})", lambda n=name: world.pipe.unload_res_tuner(n), "adapter")
+        fuzz.case(f"pipe.set_res_tuners({name!r})", lambda n=name: world.pipe.set_res_tuners(n), "adapter")
+    from resattn_diffusion.integration.api import set_res_tuner_layer_scales
+
+    for value in (NAN, INF, 1e30, "0.5", None, [1.0]):
+        fuzz.case(
+            f"layer scales {value!r}",
+            lambda v=value: set_res_tuner_layer_scales(unet(), "keep", {"down_blocks": 0.5, "mid_block": v}),
+            "scale",
+        )
+    fuzz.case("layer scales not a dict", lambda: set_res_tuner_layer_scales(unet(), "keep", [0.5]), "scales")
     fuzz.case("fuse_res_tuner on a disabled tuner", lambda: rd.fuse_res_tuner(unet(), "lin"), "lin", "disabled")
     fuzz.case("pipe.fuse_res_tuner on a disabled tuner", lambda: world.pipe.fuse_res_tuner("lin"), "lin", "disabled")
     fuzz.case("fuse_res_tuner on an attention tuner", lambda: rd.fuse_res_tuner(unet(), "keep"), "keep")
@@ -534,7 +576,8 @@ def test_missing_path_that_looks_like_a_repo_id_fails_fast_offline(monkeypatch: 
 def test_missing_path_that_looks_like_a_repo_id_fails_fast_without_a_connection(monkeypatch: pytest.MonkeyPatch):
     from huggingface_hub import constants
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
     start = time.perf_counter()

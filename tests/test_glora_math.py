@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from resattn_diffusion.search.supernet import sample_layer_config
 from resattn_diffusion.tuners.base import ConfigError, OpShape
 from resattn_diffusion.tuners.glora import (
     GLoRA,
@@ -17,7 +18,6 @@ from resattn_diffusion.tuners.glora import (
     num_parameters,
     parse_layer_config,
 )
-from resattn_diffusion.search.supernet import sample_layer_config
 
 EVERY_FORM_CONFIGS = [
     "A=lora4,B=lora4,C=lora2,D=vector,E=vector",
@@ -284,7 +284,7 @@ def test_sampling_is_reproducible():
     space = GLoRAChoiceSpace.default(8)
     for make in (lambda seed: torch.Generator().manual_seed(seed), random.Random):
 
-        def run(seed: int) -> list[GLoRALayerConfig]:
+        def run(seed: int, make=make) -> list[GLoRALayerConfig]:
             generator = make(seed)
             return [sample_layer_config(space, generator) for _ in range(40)]
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import resattn_diffusion as rd
-from resattn_diffusion.integration.inject import iter_tuners
+from resattn_diffusion.integration.api import iter_tuners
 from resattn_diffusion.search import (
     LayerSpace,
     evolutionary_search,
@@ -26,7 +26,9 @@ from resattn_diffusion.search import (
 )
 from resattn_diffusion.search.cli import main as search_main
 from resattn_diffusion.search.cli import parse_budget, parse_timesteps
-from resattn_diffusion.testing import frozen_tiny_unet as frozen_unet, randomize_tuner as randomize, save_tiny_pipeline, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_unet as frozen_unet
+from resattn_diffusion.testing import randomize_tuner as randomize
+from resattn_diffusion.testing import save_tiny_pipeline, unet_inputs
 from resattn_diffusion.tuners.glora import GLoRAChoiceSpace, GLoRAParams, parse_layer_config
 
 Q1 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from safetensors import safe_open
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration import io as tuner_io
-from resattn_diffusion.testing import tiny_unet, unet_inputs
+from resattn_diffusion.testing import tiny_unet
 
 
 def _trained(kind="sd1", tuner="res_attn", **kw):

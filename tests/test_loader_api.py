@@ -180,7 +180,7 @@ def test_per_block_weights_match_the_same_scales_set_by_hand(kind, tmp_path):
     up_only = _unet_out(pipe.unet)
     hand = _pipe(kind)
     hand.load_res_tuner(_tuner_file(tmp_path, "a", kind=kind), adapter_name="style")
-    from resattn_diffusion.integration.inject import set_res_tuner_layer_scales
+    from resattn_diffusion.integration.api import set_res_tuner_layer_scales
 
     set_res_tuner_layer_scales(hand.unet, "style", {"down_blocks": 0.0, "mid_block": 0.0})
     torch.testing.assert_close(up_only, _unet_out(hand.unet), rtol=0, atol=0)

@@ -89,7 +89,7 @@ def test_compile_rows(tiny_results):
     result = _load(tiny_results, "compile_breaks")
     rows = {row["name"]: row for row in result["rows"]}
     assert set(rows) == {"base", "res_attn"}
-    for name, row in rows.items():
+    for row in rows.values():
         assert "error" not in row, row.get("error")
         assert row["plain"]["graphs"] >= 1 and row["plain"]["breaks"] >= 0
     assert "breaks" in rows["res_attn"]["per_call_scale"]
@@ -157,7 +157,7 @@ def test_peers_are_matched_on_the_tiny_unet():
     assert set(sizes) == set(linears)
     for name, block in sizes.items():
         assert linears[name].in_features % block == 0 and linears[name].out_features % block == 0
-    expected = sum(CirculantMatrix.count_parameters(l.out_features, l.in_features) for l in linears.values())
+    expected = sum(CirculantMatrix.count_parameters(lin.out_features, lin.in_features) for lin in linears.values())
     assert peers.c3a_parameter_count(unet, sizes) == expected
 
 
@@ -172,7 +172,10 @@ def test_glora_forms_that_peft_cannot_express_are_refused():
 
 def _sdpa_reference(q, k, v, heads):
     batch, n_q, _ = q.shape
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2).expand(batch, -1, -1, -1)
+
+    def split(t):
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2).expand(batch, -1, -1, -1)
+
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(batch, n_q, -1)
 
 

@@ -34,7 +34,11 @@ from resattn_diffusion.testing import tiny_unet, unet_inputs
 PIPELINES_DIR = Path(__file__).resolve().parents[1] / "pipelines"
 PROMPT = "a photo of a sks dog"
 TEXT2IMG = {"sd1": ResTunerStableDiffusionPipeline, "sd2": ResTunerStableDiffusionPipeline, "sdxl": ResTunerStableDiffusionXLPipeline}
-IMG2IMG = {"sd1": ResTunerStableDiffusionImg2ImgPipeline, "sd2": ResTunerStableDiffusionImg2ImgPipeline, "sdxl": ResTunerStableDiffusionXLImg2ImgPipeline}
+IMG2IMG = {
+    "sd1": ResTunerStableDiffusionImg2ImgPipeline,
+    "sd2": ResTunerStableDiffusionImg2ImgPipeline,
+    "sdxl": ResTunerStableDiffusionXLImg2ImgPipeline,
+}
 FIRST_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"  # the first attention a UNet call runs (SD1)
 
 

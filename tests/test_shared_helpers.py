@@ -124,7 +124,7 @@ def test_tuner_files_spell_keys_one_way():
     unet = tuner_unet()
     randomize_tuner(unet)
     tensors = tuner_state_dict(unet)
-    path, tuner = next(iter(rd.integration.inject.iter_tuners(unet, "default")))
+    path, tuner = next(iter(rd.integration.api.iter_tuners(unet, "default")))
     key = next(iter(tuner.state_dict()))
     assert tuner_file_key(path, key) == f"{path}.{key}" and tuner_file_key(path, key) in tensors
 

@@ -21,13 +21,13 @@ from resattn_diffusion.tuners.structured import (
     toeplitz_matrix,
 )
 from resattn_diffusion.tuners.surm import (
+    SURMLDR,
     SURMAdapter,
     SURMAdapterParams,
     SURMCirculant,
     SURMCirculantParams,
     SURMKronecker,
     SURMKroneckerParams,
-    SURMLDR,
     SURMLDRParams,
     SURMToeplitz,
     SURMToeplitzParams,

@@ -191,12 +191,15 @@ def test_resume_after_a_crash_is_exact(first, total, accumulation, tiny_dirs, da
 def test_resume_for_more_steps_is_exact(tiny_dirs, data, tmp_path):
     """6 steps straight == 3 steps, then ``--resume_from_checkpoint latest`` with ``--max_train_steps 6``. The
     warmup (4 steps) runs across the resume, so the scheduler's state must be restored too."""
-    extra = ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4", "--random_flip", "--caption_dropout", "0.3", "--checkpointing_steps", "3"]
+    extra = ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4", "--random_flip", "--caption_dropout", "0.3"]
+    extra += ["--checkpointing_steps", "3"]
     straight = train_text2img.main(text2img_args(tiny_dirs["sd1"], tmp_path / "straight", data, steps=6) + extra)
     fresh_accelerate_state_between_runs()
     train_text2img.main(text2img_args(tiny_dirs["sd1"], tmp_path / "resumed", data, steps=3) + extra)
     fresh_accelerate_state_between_runs()
-    resumed = train_text2img.main(text2img_args(tiny_dirs["sd1"], tmp_path / "resumed", data, steps=6) + extra + ["--resume_from_checkpoint", "latest"])
+    resumed = train_text2img.main(
+        text2img_args(tiny_dirs["sd1"], tmp_path / "resumed", data, steps=6) + extra + ["--resume_from_checkpoint", "latest"],
+    )
     a, b = load_file(straight), load_file(resumed)
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -488,7 +491,9 @@ def _args(*flags: str, task: str = "text2img"):
 
 
 def test_tuner_flags_build_the_config(tmp_path):
-    config = tuner_config_from_args(_args("--tuner", "res_adapter", "--tuner_arg", "activation=relu", "rank=12", "--targets", "ff", "--placement", "sequential"))
+    config = tuner_config_from_args(
+        _args("--tuner", "res_adapter", "--tuner_arg", "activation=relu", "rank=12", "--targets", "ff", "--placement", "sequential"),
+    )
     assert (config.tuner, config.targets, config.placement) == ("res_adapter", ("ff",), "sequential")
     assert config.hyperparameters["rank"] == 12 and config.hyperparameters["activation"] == "relu"
 

@@ -3,7 +3,6 @@ network), the quiet console, and offline-fast model lookups."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -97,8 +96,8 @@ def test_hub_token_never_reaches_args_json():
 
 
 def test_repeats_and_interpolation_shape_the_dataset(instance_dir):
-    from resattn_diffusion.training.loop import make_dataset
     from resattn_diffusion.training.data import list_images
+    from resattn_diffusion.training.loop import make_dataset
 
     args = _parse("--repeats", "3", "--image_interpolation_mode", "lanczos")
     dataset = make_dataset(args, list_images(instance_dir, "x"), 32, seed=0)

@@ -131,7 +131,9 @@ def test_c3a_block_size_must_divide_the_projections(tiny_dirs, images, tmp_path)
     from resattn_diffusion.training import TrainingError
 
     with pytest.raises(TrainingError, match="does not divide"):
-        peers_train.main(["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], tmp_path / "out", images, "--peft_method", "c3a", "--peft_block_size", "7")])
+        peers_train.main(
+            ["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], tmp_path / "out", images, "--peft_method", "c3a", "--peft_block_size", "7")],
+        )
 
 
 def test_the_route_needs_a_task_first(capsys):

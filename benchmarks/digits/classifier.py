@@ -31,9 +31,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ class DigitClassifierConfig:
         return (PLAIN, *self.style_names) if self.style_names else ()
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DigitClassifierConfig":
+    def from_dict(cls, values: dict) -> DigitClassifierConfig:
         known = {key: values[key] for key in cls.__dataclass_fields__ if key in values}
         for key in ("stage_channels", "style_names"):
             if key in known:

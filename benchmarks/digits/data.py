@@ -25,9 +25,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -134,27 +134,27 @@ class DigitSet:
         """The distinct digits present, ascending."""
         return sorted(int(d) for d in np.unique(self.labels))
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "DigitSet":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> DigitSet:
         indices = np.asarray(indices, dtype=np.int64)
         return DigitSet(self.images[indices], self.labels[indices], self.style)
 
-    def only(self, *digits: int) -> "DigitSet":
+    def only(self, *digits: int) -> DigitSet:
         """The images of the given digits."""
         wanted = [check_digit(d) for d in digits]
         return self.subset(np.flatnonzero(np.isin(self.labels, wanted)))
 
-    def without(self, *digits: int) -> "DigitSet":
+    def without(self, *digits: int) -> DigitSet:
         """The images of every digit except the given ones."""
         unwanted = [check_digit(d) for d in digits]
         return self.subset(np.flatnonzero(~np.isin(self.labels, unwanted)))
 
-    def first(self, count: int) -> "DigitSet":
+    def first(self, count: int) -> DigitSet:
         """The first ``count`` images (the split order is already shuffled, so this is a fixed random sample)."""
         if count > len(self):
             raise ValueError(f"asked for {count} images but this set holds only {len(self)}")
         return self.subset(np.arange(count))
 
-    def styled(self, style: str) -> "DigitSet":
+    def styled(self, style: str) -> DigitSet:
         """The same digits with one of :data:`STYLES` applied."""
         if self.style is not None:
             raise ValueError(f"this set is already styled {self.style!r}; style the plain digits instead")

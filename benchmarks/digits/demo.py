@@ -27,8 +27,8 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -85,9 +85,9 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
 
 def metrics_table(base: dict, tuned: dict, heldout: int) -> str:
     rows = [
-        ("subject fidelity (share of 'sks' samples judged a %d) ↑" % heldout, "subject_fidelity", "{:.0%}"),
+        (f"subject fidelity (share of 'sks' samples judged a {heldout}) ↑", "subject_fidelity", "{:.0%}"),
         ("prior retention (seen digits 0-8 recognised) ↑", "prior_retention", "{:.0%}"),
-        ("subject FD to real %ds (classifier features) ↓" % heldout, "subject_fd", "{:.1f}"),
+        (f"subject FD to real {heldout}s (classifier features) ↓", "subject_fd", "{:.1f}"),
     ]
     lines = ["| metric | base | Res-Attn DreamBooth |", "|---|---|---|"]
     for title, key, fmt in rows:

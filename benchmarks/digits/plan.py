@@ -21,9 +21,9 @@ Plus one evaluation of the untuned base per task (``<task>__base__lr0__seed0.jso
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from benchmarks.digits.methods import HEADLINE_METHODS, INITIAL_SWEEP, RATE_LADDER, Method
 

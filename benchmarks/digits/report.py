@@ -15,8 +15,8 @@ Statistics, per method and metric, over the evaluation seeds (never the seed tha
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

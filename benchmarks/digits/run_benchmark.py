@@ -23,11 +23,10 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Sequence
 
 from benchmarks.digits.data import check_digit
 from benchmarks.digits.methods import FAMILIES, select_methods

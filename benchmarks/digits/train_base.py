@@ -36,9 +36,9 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch

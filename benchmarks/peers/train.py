@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from benchmarks.peers.trainables import PEFT_METHODS, FullFinetuneTrainable, PeftTrainable
 from resattn_diffusion.training import run_script

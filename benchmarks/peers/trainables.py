@@ -96,14 +96,27 @@ def add_peft_adapter(unet: nn.Module, config: Any) -> None:
 
 
 def save_peft_adapter(unet: nn.Module, path: Path) -> None:
-    """The adapter's weights and peft config into the folder ``path``."""
-    from peft import get_peft_model_state_dict
+    """The adapter's weights and peft config into the folder ``path``; a LoRA also in diffusers' layout
+    (``pytorch_lora_weights.safetensors``, keys ``unet.<module>.lora_A.weight``): the file ``pipe.load_lora_weights``
+    picks from the folder. (peft's own keys lack the ``unet.`` prefix, so diffusers would skip them silently.)"""
+    from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(unet, adapter_name=PEFT_ADAPTER_NAME)
     save_file({key: value.detach().contiguous() for key, value in state.items()}, str(path / PEFT_WEIGHTS_NAME))
-    unet.peft_config[PEFT_ADAPTER_NAME].save_pretrained(str(path))
+    config = unet.peft_config[PEFT_ADAPTER_NAME]
+    config.save_pretrained(str(path))
+    if isinstance(config, LoraConfig):
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            str(path),
+            unet_lora_layers=convert_state_dict_to_diffusers(state),
+            unet_lora_adapter_metadata=config.to_dict(),  # rank and alpha, so diffusers scales it as trained
+            safe_serialization=True,
+        )
 
 
 def load_peft_adapter(unet: nn.Module, path: Path) -> None:

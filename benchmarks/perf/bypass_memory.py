@@ -41,8 +41,9 @@ import dataclasses
 import gc
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,8 @@ from benchmarks.perf.common import (  # noqa: E402
     size_from_args,
     write_json,
 )
-from resattn_diffusion.integration.families.unet import UNetFamily  # noqa: E402
 from resattn_diffusion import ResTunerConfig, add_res_tuner, res_tuner_parameters  # noqa: E402
+from resattn_diffusion.integration.families.unet import UNetFamily  # noqa: E402
 from resattn_diffusion.integration.unet_tuners import requires_unet_backward  # noqa: E402
 
 BYPASS, RES_ATTN, LORA = "res_bypass", "res_attn", "peft_lora"

@@ -19,18 +19,19 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import functools
 import gc
-import datetime
 import json
 import os
 import platform
 import statistics
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree

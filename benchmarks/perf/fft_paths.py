@@ -18,7 +18,8 @@ Run alone: ``python -m benchmarks.perf.fft_paths [--tiny] [--repeats N] [--threa
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

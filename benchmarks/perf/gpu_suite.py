@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -53,6 +51,10 @@ SDXL_TUNERS = ["res_attn", "res_bypass"]
 #: measured in the same run. (Not every fast-path tuner: each row is another UNet resident on the GPU.)
 REFERENCE_ROWS = ("res_attn", "res_lora", "glora", "surm_circulant", "surm_adapter")
 REFERENCE_SUFFIX = " [reference]"
+#: Tuners whose automatic CUDA choice is the branch (``merge_on_cuda = False``, from run 1), timed once more with
+#: the fast (merged) path forced: the measurement that decides the choice.
+FAST_ROWS = ("glora",)
+FAST_SUFFIX = " [fast]"
 #: Row name of Res-Attn with one head (head dim 8 instead of 4: the default's alternative the issue measured).
 RES_ATTN_ONE_HEAD = "res_attn (heads=1)"
 
@@ -77,13 +79,15 @@ def run_part(
     started_at: float | None = None,
     tuners: list[str] | None = None,
     compile_backend: str = "inductor",
+    compiled_rows: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run one part with its time guard, writing ``out/<part>.json`` (and the summary) at every checkpoint.
 
     ``started_at`` (epoch seconds, default now) is when the part's process was launched: the seconds spent
     importing torch and diffusers count against ``budget`` too. ``tuners`` restricts our rows (default: every
     registered tuner; SDXL: res_attn and res_bypass); ``compile_backend`` is ``torch.compile``'s (the smoke test
-    uses ``"eager"``: no compiler, the same code path)."""
+    uses ``"eager"``: no compiler, the same code path); ``compiled_rows`` restricts ``sampling_compiled`` to these
+    rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows)."""
     start = time.perf_counter()
     already = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     deadline = start + budget - already - GUARD_MARGIN_S
@@ -115,15 +119,24 @@ def run_part(
             with_reference = [name for name in REFERENCE_ROWS if name in selected]
             extra |= {name + REFERENCE_SUFFIX: ResTunerConfig(name) for name in with_reference}
             contexts = {name + REFERENCE_SUFFIX: reference_paths for name in with_reference}
+            with_fast = [name for name in FAST_ROWS if name in selected]
+            extra |= {name + FAST_SUFFIX: ResTunerConfig(name) for name in with_fast}
+            contexts |= {name + FAST_SUFFIX: fast_paths for name in with_fast}
             result = train_step.run(
                 size, selected, extra_configs=extra, case_contexts=contexts, deadline=deadline, checkpoint=checkpoint
             )
     elif part == "sampling":
         result = sampling.run(size, selected, deadline=deadline)
     elif part == "sampling_compiled":
-        rows = tuple(
-            row for row in sampling.COMPILED_ROWS if row.split(" (")[0] in {sampling.BASE, "peft_lora", *selected}
-        )
+        if compiled_rows is not None:
+            unknown = sorted(set(compiled_rows) - set(sampling.COMPILED_ROWS))
+            if unknown:
+                raise SystemExit(f"--compiled-rows {unknown}: choose among {list(sampling.COMPILED_ROWS)}")
+            rows = tuple(row for row in sampling.COMPILED_ROWS if row in compiled_rows)
+        else:
+            rows = tuple(
+                row for row in sampling.COMPILED_ROWS if row.split(" (")[0] in {sampling.BASE, "peft_lora", *selected}
+            )
         result = sampling.run_compiled(size, rows, deadline=deadline, checkpoint=checkpoint, backend=compile_backend)
     else:
         raise SystemExit(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
@@ -134,6 +147,11 @@ def run_part(
 def reference_paths():
     """Every tuner on its reference path (the CPU default), for the ``[reference]`` rows."""
     return forced_paths("reference")
+
+
+def fast_paths():
+    """Every tuner on its fast path, for the ``[fast]`` rows."""
+    return forced_paths("fast")
 
 
 # --- summary -----------------------------------------------------------------------------------------------------
@@ -180,8 +198,8 @@ def evaluate_gpu_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, A
         glora_same = _row(sd15, train_step.GLORA_PEFT_CONFIG)
         checks.append(_check("SD 1.5 step: glora (peft's forms) / peft GLoRA", glora_same.get("time_vs_matched_peer"), 0.85))
         checks.append(_check("SD 1.5 step: glora (default forms) / peft LoRA", _row(sd15, "glora").get("time_vs_peft_lora"), 1.0))
-        for name, peer in (("surm_circulant", train_step.C3A_CIRCULANT), ("surm_toeplitz", train_step.C3A_TOEPLITZ)):
-            row, peer_row = _row(sd15, name), _row(sd15, peer)
+        for name in ("surm_circulant", "surm_toeplitz"):
+            row = _row(sd15, name)
             checks.append(_check(f"SD 1.5 step: {name} / peft C3A matched", row.get("time_vs_matched_peer"), 0.8))
         c3a = _row(sd15, train_step.C3A_CIRCULANT)
         for name in ("surm_circulant", "surm_toeplitz", "surm_kronecker", "surm_ldr", "surm_adapter"):
@@ -298,7 +316,11 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
         if compiled and not name.endswith("]") and "(" not in name:
             key = "peft_lora (unfused)" if name == train_step.PEFT_LORA else f"{tuner} (unfused)"
             compiled_row = next(
-                (r for r in compiled["rows"] if r["name"] == key or (key.startswith("peft_lora") and r["name"].startswith("peft_lora") and r["name"].endswith("(unfused)"))),
+                (
+                    r for r in compiled["rows"]
+                    if r["name"] == key
+                    or (key.startswith("peft_lora") and r["name"].startswith("peft_lora") and r["name"].endswith("(unfused)"))
+                ),
                 {},
             )
         if name == "floor":
@@ -329,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--started-at", type=float, default=None, help="epoch seconds the part was launched")
     parser.add_argument("--tuners", nargs="*", default=None, help="only these of our tuners (default: all)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (smoke test: eager)")
+    parser.add_argument(
+        "--compiled-rows", nargs="*", default=None, help="sampling_compiled: only these rows of sampling.COMPILED_ROWS"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     log(f"gpu_suite: {args.part} (budget {args.budget:.0f} s) -> {out}")
     try:
         run_part(
-            args.part, out, args.device, args.tiny, args.budget, args.started_at, args.tuners, args.compile_backend
+            args.part, out, args.device, args.tiny, args.budget, args.started_at, args.tuners, args.compile_backend,
+            args.compiled_rows,
         )
     except Exception as error:  # the part as a whole failed: record it, the shell script goes on with the next
         write_json(out / f"{args.part}.json", {"part": args.part, "error": describe_error(error), "rows": []})

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from resattn_diffusion import ResTunerConfig, add_res_tuner, res_tuner_parameters, save_res_tuner, tuner_names
+from resattn_diffusion.integration.api import remove_res_tuner
 from resattn_diffusion.integration.io import load_res_tuner
-from resattn_diffusion.integration.inject import remove_res_tuner
 from resattn_diffusion.testing import tiny_pipeline
 
 from . import peers

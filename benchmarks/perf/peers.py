@@ -13,7 +13,7 @@ transformer block), and start as exact no-ops, like ours.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -23,8 +23,9 @@ import argparse
 import importlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from resattn_diffusion import get_tuner_spec
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,10 +40,10 @@ from .common import (
     add_common_arguments,
     benchmark_inputs,
     clone_unet,
-    describe_error,
-    free_device_memory,
     configure_threads,
     default_clock,
+    describe_error,
+    free_device_memory,
     frozen_unet,
     interleaved_timings,
     log,

@@ -29,15 +29,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resattn_diffusion.integration.families.unet import UNetFamily
 from resattn_diffusion import ResTunerConfig, add_res_tuner, res_tuner_parameters, tuner_names
+from resattn_diffusion.integration.families.unet import UNetFamily
 from resattn_diffusion.tuners.glora import parse_layer_config
 
 from . import peers
@@ -48,10 +49,10 @@ from .common import (
     benchmark_inputs,
     cast_trainable_to_fp32,
     clone_unet,
-    describe_error,
-    free_device_memory,
     configure_threads,
     default_clock,
+    describe_error,
+    free_device_memory,
     frozen_unet,
     interleaved_timings,
     log,
@@ -288,6 +289,8 @@ def run(
     log(f"train_step: timing {len(steps)} cases x {size.repeats} interleaved rounds")
     clock = clock or default_clock()
     errors: dict[str, str] = {}
+    if checkpoint is not None:  # the rows as built (parameter counts, build errors), should the timing be killed
+        checkpoint(_result(size, clock, cases, {}, {}, errors))
     timings = interleaved_timings(
         steps,
         size.repeats,

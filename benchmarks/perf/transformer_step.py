@@ -35,16 +35,17 @@ import argparse
 import contextlib
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from resattn_diffusion import ResTunerConfig, add_res_tuner, remove_res_tuner, res_tuner_parameters
-from resattn_diffusion.integration.inject import find_layers
+from resattn_diffusion.integration.api import find_layers
 
 from . import peers
 from .common import (
@@ -255,16 +256,31 @@ def run_shape(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: i
             log(f"{shape.name}/{name}: skipped (time guard)")
             continue
         case_start = time.perf_counter()
-        attached = attach()
+        try:
+            attached = attach()
+        except Exception as error:  # a tuner that cannot sit on this model: its row says why, the others go on
+            rows.append({"case": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"})
+            log(f"{shape.name}/{name}: FAILED to attach: {rows[-1]['error']}")
+            continue
         try:
             step = make_step(model, inputs, attached.parameters, dtype)
             timing = interleaved_timings({name: step}, repeats=repeats, warmup=warmup, clock="wall")[name]
             memory = step_memory(step, device)
-        finally:
-            attached.detach()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        except Exception as error:  # recorded in its row; a CUDA fault poisons the context, so then stop the shape
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            rows.append({"case": name, "error": message})
+            log(f"{shape.name}/{name}: FAILED: {message}")
+            if device.type == "cuda" and "CUDA error" in str(error):
+                rows += [{"case": other, "skipped": f"after {name}'s CUDA error"} for other in attachers if
+                         other not in {row["case"] for row in rows}]
+                break
+            with contextlib.suppress(Exception):
+                attached.detach()
+            continue
+        attached.detach()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         rows.append({
             "case": name,
             "description": attached.description,
@@ -294,7 +310,7 @@ def markdown(result: dict[str, Any]) -> str:
         rows = []
         for row in table["rows"]:
             if "step_ms" not in row:
-                rows.append([row["case"], row.get("skipped", ""), None, None, None, None, None])
+                rows.append([row["case"], row.get("error") or row.get("skipped", ""), None, None, None, None, None])
                 continue
             rows.append([row["case"], row["description"], row["trainable_parameters"], row["step_ms"],
                          row["peak_memory_bytes"] / 2**20, row["time_vs_peft_lora"], row["memory_vs_peft_lora"]])
@@ -333,6 +349,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # each shape gets its share of what is left, so the second one is not starved by the first
         share = (deadline - time.perf_counter()) / (len(all_shapes) - index)
         tables.append(run_shape(shape, device, dtype, repeats, warmup, time.perf_counter() + share, tuple(args.tuners)))
+        if any("CUDA error" in row.get("error", "") for row in tables[-1]["rows"]):
+            log(f"{shape.name}: a CUDA fault poisoned the context; the shapes after it are not run")
+            break  # nothing more can run on this device in this process (not even empty_cache)
         gc.collect()  # the shape's model goes before the next one is built
         if device.type == "cuda":
             torch.cuda.empty_cache()

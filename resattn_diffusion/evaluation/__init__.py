@@ -11,6 +11,7 @@ Python API::
 Command line: ``resattn-eval {generate,metrics,stats,all} ...`` (see :mod:`.cli`).
 """
 
+from ..images import IMAGE_EXTENSIONS
 from .collapse import between_group_variance, label_entropy, per_group_accuracy, prompt_separation
 from .errors import EvaluationError, EvaluationWarning
 from .features import (
@@ -22,7 +23,6 @@ from .features import (
     images_to_tensor,
 )
 from .generate import GenerationResult, generate_images, image_file_name, load_pipeline
-from ..images import IMAGE_EXTENSIONS
 from .images import MANIFEST_NAME, list_images, load_image, read_manifest, read_prompts
 from .inception import (
     FID_WEIGHTS_NAME,
@@ -49,7 +49,6 @@ from .metrics import (
     save_reference_statistics,
 )
 from .report import format_markdown_table, write_reports
-
 
 __all__ = [
     "CLIPEncoder",

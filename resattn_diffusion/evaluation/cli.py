@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quiet import quiet_libraries
-from ..integration.inject import ResTunerError
+from ..integration.api import ResTunerError
 from ..integration.io import ResTunerFileError
+from ..quiet import quiet_libraries
 from .errors import EvaluationError, EvaluationWarning
 from .features import ImageEncoder
 from .generate import generate_images, load_pipeline
@@ -118,12 +118,13 @@ def _add_generate_arguments(parser: argparse.ArgumentParser, batch_flag: str) ->
                        help="seeds per prompt: ints and inclusive ranges, e.g. 0-9 (default 0)")
     group.add_argument("--num-seeds", type=int, default=None, metavar="N", help="use seeds 0 .. N-1")
     group.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
-    group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    group.add_argument("--guidance", type=float, default=7.5,
+                       help="classifier-free guidance scale (default 7.5); for Flux the distilled guidance value (3.5 for FLUX.1-dev)")
     group.add_argument("--negative-prompt", default=None)
     group.add_argument("--height", type=int, default=None)
     group.add_argument("--width", type=int, default=None)
     group.add_argument("--tuner", default=None, metavar="PATH",
-                       help="a trained tuner file (.safetensors) or its folder")
+                       help="a trained tuner file (.safetensors) or its folder (on the UNet, or the SD3 / Flux transformer)")
     group.add_argument("--tuner-scale", type=float, default=1.0, metavar="S", help="the tuner's scale s (default 1.0)")
     group.add_argument("--adapter-name", default=None, help="name to load the tuner under")
     group.add_argument("--out", required=True, metavar="FOLDER", help="output image folder (resumable)")

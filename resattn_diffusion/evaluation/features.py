@@ -26,7 +26,6 @@ from .errors import EvaluationError
 from .images import iter_image_batches, list_images
 from .inception import FIDInceptionV3, TorchFidelityInception, find_inception_weights
 
-
 Preprocess = Callable[[list[Image.Image]], torch.Tensor]
 
 

@@ -9,6 +9,7 @@ was stopped, or a later run with more seeds or prompts, only generates what is m
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -25,11 +26,10 @@ from ..quiet import from_pretrained_dtype
 from .errors import EvaluationError
 from .images import MANIFEST_NAME, read_manifest, read_prompts
 
-
 #: Generation settings that must be the same for every image of one folder (mixing them would make metrics over
 #: the folder meaningless).
 SETTING_KEYS: tuple[str, ...] = (
-    "pipeline", "steps", "guidance", "tuner", "scale", "negative_prompt", "height", "width"
+    "pipeline", "steps", "guidance", "tuner", "tuner_sha256", "scale", "negative_prompt", "height", "width"
 )
 
 # Pipeline call arguments generate_images sets itself; pipeline_kwargs may not override them.
@@ -69,6 +69,21 @@ def _identity(path_or_name: str | os.PathLike | None) -> str | None:
         return None
     path = Path(path_or_name).expanduser()
     return str(path.resolve()) if path.exists() else str(path_or_name)
+
+
+def tuner_file_sha256(tuner_path: str | os.PathLike) -> str:
+    """SHA-256 of the tuner file ``tuner_path`` names (a file, or a folder holding ``res_tuner.safetensors``)."""
+    from resattn_diffusion.integration.io import ResTunerFileError, resolve_tuner_file
+
+    try:
+        file = resolve_tuner_file(tuner_path)
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except (ResTunerFileError, OSError) as err:
+        raise EvaluationError(f"cannot read the tuner {str(tuner_path)!r} (--tuner): {err}") from None
+    return digest.hexdigest()
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -119,15 +134,17 @@ def generate_images(
     """Generate one image per (prompt, seed) into ``out_dir`` and list them in ``out_dir/manifest.jsonl``.
 
     Args:
-        pipeline: a diffusers text-to-image pipeline (SD 1.x / 2.x / SDXL, ...), already on its device.
+        pipeline: a diffusers text-to-image pipeline (SD 1.x / 2.x / SDXL / SD3 / Flux, ...), already on its device.
         prompts: a list of prompts, or a text file with one prompt per line. Duplicates are generated once.
         out_dir: the image folder (created if missing). Images already listed in its manifest and present are kept.
         seeds: the seeds every prompt is generated with (image count = prompts x seeds).
         num_inference_steps, guidance_scale, negative_prompt, height, width: passed to the pipeline
             (``None`` height/width: the pipeline's default size).
-        tuner_path: a tuner file or folder, loaded onto ``pipeline.unet`` with
-            ``resattn_diffusion.load_res_tuner`` for this call and removed afterwards.
-        tuner_scale: the tuner's scale ``s``, passed per call as ``cross_attention_kwargs={"res_tuner_scale": s}``.
+        tuner_path: a tuner file or folder, loaded onto the pipeline's denoiser (``pipeline.unet``, or
+            ``pipeline.transformer`` for SD3 / Flux) with ``resattn_diffusion.load_res_tuner`` for this call and
+            removed afterwards.
+        tuner_scale: the tuner's scale ``s``, passed per call as ``cross_attention_kwargs={"res_tuner_scale": s}``
+            (``joint_attention_kwargs`` for pipelines that take those instead: SD3, Flux).
         batch_size: images per pipeline call.
         adapter_name: name to load the tuner under (default: the name saved in the file).
         pipeline_kwargs: further pipeline call arguments (e.g. ``{"guidance_rescale": 0.7}``).
@@ -155,6 +172,8 @@ def generate_images(
         "steps": int(num_inference_steps),
         "guidance": float(guidance_scale),
         "tuner": _identity(tuner_path),
+        # the file's content, not only its path: a tuner replaced at the same path must not keep the old images
+        "tuner_sha256": None if tuner_path is None else tuner_file_sha256(tuner_path),
         "scale": float(tuner_scale) if tuner_path is not None else None,
         "negative_prompt": negative_prompt,
         "height": height,
@@ -172,6 +191,13 @@ def generate_images(
         if not (out_dir / record["file"]).is_file():
             continue
         differing = {key: record.get(key) for key in SETTING_KEYS if record.get(key) != settings[key]}
+        if "tuner_sha256" in differing and "tuner" not in differing:
+            raise EvaluationError(
+                f"{str(out_dir)!r} holds images of another tuner file at the same path {settings['tuner']!r} "
+                f"({record['file']!r}: sha256 {record.get('tuner_sha256') or 'not recorded'}; the file now: "
+                f"{settings['tuner_sha256']}). Use a new output folder for this tuner, or delete the folder to "
+                "regenerate it."
+            )
         if differing:
             raise EvaluationError(
                 f"{str(out_dir)!r} already holds images generated with other settings ({record['file']!r}: "
@@ -189,8 +215,9 @@ def generate_images(
         adapter = None
         if tuner_path is not None:
             from resattn_diffusion import load_res_tuner
+            from resattn_diffusion.integration.loader_mixin import denoiser_of
 
-            adapter = load_res_tuner(pipeline.unet, tuner_path, adapter_name=adapter_name)
+            adapter = load_res_tuner(denoiser_of(pipeline), tuner_path, adapter_name=adapter_name)
         try:
             _generate_pending(
                 pipeline, pending, out_dir, settings, existing, batch_size, pipeline_kwargs, adapter is not None,
@@ -200,7 +227,7 @@ def generate_images(
             if adapter is not None:
                 from resattn_diffusion import remove_res_tuner
 
-                remove_res_tuner(pipeline.unet, adapter)
+                remove_res_tuner(denoiser_of(pipeline), adapter)
         result.num_generated = len(pending)
 
     result.records = [existing[key] for key in requested]
@@ -242,9 +269,10 @@ def _generate_pending(
                 if with_tuner:
                     from resattn_diffusion import SCALE_KWARG
 
-                    extra = dict(call.get("cross_attention_kwargs") or {})
+                    kwargs_name = attention_kwargs_name(pipeline)
+                    extra = dict(call.get(kwargs_name) or {})
                     extra[SCALE_KWARG] = settings["scale"]
-                    call["cross_attention_kwargs"] = extra
+                    call[kwargs_name] = extra
                 images = pipeline(**call).images
                 if len(images) != len(batch):
                     raise EvaluationError(f"the pipeline returned {len(images)} images for {len(batch)} prompts.")
@@ -258,6 +286,19 @@ def _generate_pending(
                 bar.update(len(batch))
     finally:
         manifest.close()
+
+
+def attention_kwargs_name(pipeline: Any) -> str:
+    """The call argument that reaches the pipeline's attention processors: ``cross_attention_kwargs`` (UNet
+    pipelines) or ``joint_attention_kwargs`` (SD3, Flux)."""
+    parameters = inspect.signature(pipeline.__call__).parameters
+    for name in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
+        if name in parameters:
+            return name
+    raise EvaluationError(
+        f"{type(pipeline).__name__} takes no attention kwargs (cross_attention_kwargs / joint_attention_kwargs), so a "
+        "tuner scale cannot reach its processors; load the tuner at its scale with set_res_tuner_scale instead"
+    )
 
 
 def load_pipeline(

@@ -12,7 +12,6 @@ from PIL import Image
 from .. import images as images_io
 from .errors import EvaluationError
 
-
 #: Name of the per-folder manifest written by :func:`resattn_diffusion.evaluation.generate_images`.
 MANIFEST_NAME = "manifest.jsonl"
 

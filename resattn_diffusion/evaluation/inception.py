@@ -39,7 +39,6 @@ from torch import nn
 
 from .errors import EvaluationError
 
-
 #: File name of the standard FID weights as published by pytorch-fid.
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 #: The same weights as published by torch-fidelity.
@@ -259,7 +258,7 @@ class FIDInceptionV3(nn.Module):
             x = block(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, output_size=1), 1)
 
-    def load_weights(self, path: str | os.PathLike) -> "FIDInceptionV3":
+    def load_weights(self, path: str | os.PathLike) -> FIDInceptionV3:
         """Load a pytorch-fid / torch-fidelity weights file (``.pth``, or ``.safetensors``) strictly."""
         path = Path(path)
         if not path.is_file():

@@ -31,7 +31,6 @@ from .errors import EvaluationError, EvaluationWarning
 from .features import CLIPEncoder, DINOEncoder, ImageEncoder, InceptionEncoder, extract_features
 from .images import iter_image_batches, list_images, prompts_for_images, read_manifest
 
-
 #: Metric names, in report order.
 METRICS: tuple[str, ...] = ("fid", "kid", "clip_score", "clip_t", "clip_i", "dino")
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .metrics import METRICS
 
-
 #: Column titles of the markdown table.
 METRIC_TITLES: dict[str, str] = {
     "fid": "FID ↓",

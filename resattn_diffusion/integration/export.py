@@ -28,20 +28,23 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError, OpShape
-from .inject import ResTunerError, tuner_input_shape
+from .api import ResTunerError, tuner_input_shape
 from .io import ResTunerFileError, checked_tuner_tensors, read_tuner_file, resolve_tuner_file
 from .processors import effective_delta
 
 FORMATS = ("diffusers", "kohya")
+#: The largest dense layer delta an export builds (Flux's largest linear has 38M elements): a file that claims a
+#: bigger layer is refused before memory is spent on it.
+MAX_DENSE_ELEMENTS = 1 << 27
 
 #: Why a tuner kind cannot become a LoRA file (keyed by the registry's ``kind``).
 _NOT_A_WEIGHT_DELTA = {
@@ -368,6 +371,11 @@ def _rebuild_tuners(
     for path, shape_dict in layers.items():
         try:
             shape = tuner_input_shape(OpShape(**shape_dict), "linear", config.placement)
+            if shape.out_dim * shape.in_dim > MAX_DENSE_ELEMENTS:  # the dense delta is built: bound it first
+                raise ConfigError(
+                    f"its delta would be {shape.out_dim} x {shape.in_dim}, above the {MAX_DENSE_ELEMENTS:,} elements "
+                    "of any real model's linear layer"
+                )
             params = config.params.for_layer(path)
             params.validate_for(shape)
             modules[path] = config.spec.module_cls(shape, params)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from .inject import ResTunerError, get_state, res_tuner_settings, set_res_tuner_scale
+from .api import ResTunerError, get_state, res_tuner_settings, set_res_tuner_scale
 from .io import ResTunerFileError, load_tuner_tensors
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import stat
 import struct
 import tempfile
-from pathlib import Path
+import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +26,8 @@ from torch import nn
 from ..checks import MAX_ABS_WEIGHT, check_adapter_name, check_model
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
+from .api import add_res_tuner, expected_fingerprint, get_res_tuner_configs, iter_tuners, remove_res_tuner
 from .families import family_named, family_of
-from .inject import add_res_tuner, expected_fingerprint, get_res_tuner_configs, iter_tuners, remove_res_tuner
 from .state import ResTunerError, get_state
 
 FORMAT_NAME = "resattn-diffusion"
@@ -36,6 +39,7 @@ WEIGHT_NAME = "res_tuner.safetensors"
 MAX_HEADER_BYTES = 16 << 20
 #: Tensor dtypes a tuner file may hold (safetensors' names): weights are floating point, cast to the layer's dtype.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_FLOAT_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class ResTunerFileError(ValueError):
@@ -97,7 +101,13 @@ def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) 
 
 def _check_weight_name(weight_name: Any) -> None:
     """A file name inside the folder: no separators or '..' (an absolute or relative path would leave the folder)."""
-    if not isinstance(weight_name, str) or not weight_name or weight_name in (".", "..") or os.path.basename(weight_name) != weight_name or (os.altsep and os.altsep in weight_name):
+    if (
+        not isinstance(weight_name, str)
+        or not weight_name
+        or weight_name in (".", "..")
+        or os.path.basename(weight_name) != weight_name
+        or (os.altsep and os.altsep in weight_name)
+    ):
         raise ResTunerFileError(
             f"weight_name must be the name of a file inside the folder (like {WEIGHT_NAME!r}, no '/' or '..'), got {weight_name!r}"
         )
@@ -165,7 +175,8 @@ def write_tuner_file(
         "layers": json.dumps(expected_fingerprint(unet, config)),
         "base": json.dumps(base_description(unet)),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -177,6 +188,69 @@ def write_tuner_file(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+# --- temporaries of interrupted saves ---------------------------------------------------------------------------
+#: A save writes ``.<file>.rt-<host>-<pid>-<random>.tmp`` beside its target; the writer's host and pid say whether
+#: it can still be in flight. Older versions wrote ``.<file>.<random>.tmp`` (no owner: judged by age alone).
+_TEMPORARY = re.compile(r"^\.(?P<target>.+\.safetensors)\.rt-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)-[A-Za-z0-9_]{8}\.tmp$")
+_LEGACY_TEMPORARY = re.compile(r"^\.(?P<target>.+\.safetensors)\.[a-z0-9_]{8}\.tmp$")
+#: A temporary whose writer cannot be checked (another host, an older version) is stale once untouched this long:
+#: a save writes its file in one go, so an in-flight one is never this old.
+STALE_TEMPORARY_SECONDS = 3600.0
+#: ...and one whose writer has exited on this host, once untouched this long (a margin for clock and pid quirks).
+DEAD_WRITER_GRACE_SECONDS = 10.0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
+
+
+def _temporary_prefix(file_name: str) -> str:
+    return f".{file_name}.rt-{_host()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's) or cannot be checked: assume in flight
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that interrupted saves (a killed process, a full disk) left in ``folder``.
+
+    Only this library's own temporary names, and only stale ones: written by a process of this host that is gone,
+    or (writer unknown: another host, an older version) untouched for :data:`STALE_TEMPORARY_SECONDS`. Another
+    process's save in progress is never touched. Best effort: what cannot be removed stays. Returns what went."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        ours = _TEMPORARY.match(entry.name)
+        if ours is None and _LEGACY_TEMPORARY.match(entry.name) is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if ours is not None and ours["host"] == _host():
+                pid = int(ours["pid"])
+                stale = pid != os.getpid() and not _process_alive(pid) and age > DEAD_WRITER_GRACE_SECONDS
+            else:
+                stale = age > STALE_TEMPORARY_SECONDS
+            if stale:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def read_tuner_file(path: str | os.PathLike, weight_name: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -327,6 +401,34 @@ def _file_layers(file: str, metadata: dict[str, str]) -> dict[str, dict]:
     return layers
 
 
+def _check_against_plan(
+    file: str, unet: nn.Module, config: ResTunerConfig, entries: dict[str, tuple[str, tuple[int, ...]]]
+) -> None:
+    """Before anything is built: the tensors (key -> (dtype, shape)) are exactly those of the tuner ``config``
+    plans on ``unet`` (on the meta device), and that tuner is not larger than the model."""
+    from .plan import check_tuner_size, planned_tensor_shapes
+
+    try:
+        planned = planned_tensor_shapes(unet, config)
+        _check_planned_tensors(file, config, entries, planned)
+        check_tuner_size(unet, config, planned)
+    except (ConfigError, ResTunerError) as err:
+        raise ResTunerFileError(f"tuner file {file!r} cannot be loaded here: {err}") from None
+
+
+def _state_dict_entries(file: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Key -> (dtype, shape) of an in-memory state dict, refusing what a file may not hold either (non-float)."""
+    entries = {}
+    for key, value in tensors.items():
+        if value.dtype not in _FLOAT_TORCH_DTYPES:
+            raise ResTunerFileError(
+                f"{file}: tensor {key!r} has dtype {value.dtype}; tuner weights are floating point "
+                "(float16, bfloat16, float32 or float64)"
+            )
+        entries[key] = (str(value.dtype), tuple(value.shape))
+    return entries
+
+
 def _check_planned_tensors(
     file: str, config: ResTunerConfig, entries: dict[str, tuple[str, tuple[int, ...]]], planned: dict[str, tuple[int, ...]]
 ) -> None:
@@ -396,7 +498,7 @@ def load_res_tuner(
     if isinstance(path, Mapping) or hotswap:
         return _load_state_dict_or_hotswap(unet, path, adapter_name, weight_name, hotswap, config)
     if config is not None:
-        raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
+        raise ConfigError("config= is for loading a state dict; a tuner file carries its own config: drop config=")
     unet = check_model(unet)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
@@ -431,14 +533,7 @@ def load_res_tuner(
     problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
     if problem:
         raise ResTunerFileError(problem)
-    from .plan import check_tuner_size, planned_tensor_shapes
-
-    try:
-        planned = planned_tensor_shapes(unet, config)
-        _check_planned_tensors(file, config, entries, planned)
-        check_tuner_size(unet, config, planned)
-    except (ConfigError, ResTunerError) as err:
-        raise ResTunerFileError(f"tuner file {file!r} cannot be loaded here: {err}") from None
+    _check_against_plan(file, unet, config, entries)
     tensors = _read_tensors(file_path, entries)
     _check_weight_values(file, tensors)
 
@@ -464,6 +559,8 @@ def _load_state_dict_or_hotswap(
     unet = check_model(unet)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
+    if hotswap and adapter_name is None:
+        raise ResTunerError("hotswap=True needs adapter_name=, the loaded tuner whose weights to replace")
     if isinstance(source, Mapping):
         file = "the state dict"
         bad = [key for key, value in source.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
@@ -478,25 +575,27 @@ def _load_state_dict_or_hotswap(
                 "load the tuner file, which holds it"
             )
         if not isinstance(config, ResTunerConfig):
-            raise TypeError(f"config must be a ResTunerConfig, got {type(config).__name__}")
+            raise ConfigError(f"config must be a ResTunerConfig, got {type(config).__name__}")
         name = adapter_name or "default"
+        entries = _state_dict_entries(file, tensors)
     else:
         if config is not None:
-            raise TypeError("config= is for loading a state dict; a tuner file carries its own config")
+            raise ConfigError("config= is for loading a state dict; a tuner file carries its own config: drop config=")
         metadata, tensors = read_tuner_file(source, weight_name)
         file = str(resolve_tuner_file(source, weight_name))
         config = _file_config(file, metadata)
         name = adapter_name or metadata.get("adapter_name") or "default"
+        entries = _state_dict_entries(file, tensors)
     _check_weight_values(file, tensors)
     if hotswap:
-        if adapter_name is None:
-            raise ResTunerError("hotswap=True needs adapter_name=, the loaded tuner whose weights to replace")
         from .hotswap import hotswap_res_tuner
 
         return hotswap_res_tuner(unet, adapter_name, config, tensors, file)
+    check_adapter_name(name)
     state = get_state(unet)
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
+    _check_against_plan(file, unet, config, entries)
     add_res_tuner(unet, config, name)
     try:
         load_tuner_tensors(unet, name, tensors, file)

@@ -1,8 +1,9 @@
 """``ResTunerLoaderMixin``: load, mix, scale, switch, fuse and unload res tuners on a diffusers pipeline.
 
-The pipeline-level face of :mod:`resattn_diffusion.integration.inject` and :mod:`~resattn_diffusion.integration.io`,
-shaped like diffusers' ``IPAdapterMixin`` / ``StableDiffusionLoraLoaderMixin``: the tuners live on ``pipe.unet``,
-these methods only find the file (local or on the Hub), check requests against what is loaded, and call the core.
+The pipeline-level face of :mod:`resattn_diffusion.integration.api` and :mod:`~resattn_diffusion.integration.io`,
+shaped like diffusers' ``IPAdapterMixin`` / ``StableDiffusionLoraLoaderMixin``: the tuners live on the pipeline's
+denoiser (``pipe.unet`` of SD 1.x/2.x/XL, ``pipe.transformer`` of SD3 and Flux; :func:`denoiser_of`), these methods
+only find the file (local or on the Hub), check requests against what is loaded, and call the core.
 
 Every method that changes several tuners checks the whole request first, so a refused call leaves the pipeline as
 it was (same processors, same outputs).
@@ -11,18 +12,18 @@ it was (same processors, same outputs).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
-
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..checks import check_scale
-from ..tuners.base import ConfigError
-from ..hub import hub_unreachable_reason, in_hub_cache, looks_like_repo_id
 from ..config import ResTunerConfig
-from .inject import (
+from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
+from ..tuners.base import ConfigError
+from .api import (
     ResTunerError,
     fuse_res_tuner,
     get_res_tuner_configs,
@@ -37,6 +38,33 @@ from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner, res_tuner_state_
 
 #: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
 HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+#: Pipeline attributes that hold the network the tuners sit on, in the order they are looked for.
+DENOISER_ATTRIBUTES: tuple[str, ...] = ("unet", "transformer")
+
+
+def denoiser_attribute(pipeline: Any) -> str:
+    """The name of ``pipeline``'s denoiser attribute: ``"unet"`` (SD 1.x/2.x/XL) or ``"transformer"`` (SD3, Flux)."""
+    for name in DENOISER_ATTRIBUTES:
+        if isinstance(getattr(pipeline, name, None), nn.Module):
+            return name
+    raise ResTunerError(
+        f"{type(pipeline).__name__} has no denoiser (neither pipe.unet nor pipe.transformer is a model); res tuners sit on "
+        "a UNet or a diffusion transformer"
+    )
+
+
+def denoiser_of(pipeline: Any) -> nn.Module:
+    """The network a pipeline's res tuners sit on: ``pipe.unet`` or ``pipe.transformer``."""
+    return getattr(pipeline, denoiser_attribute(pipeline))
+
+
+def _loaded_names(pipeline: Any) -> list[str]:
+    """Tuners loaded on the pipeline's denoiser (none when it has no denoiser yet)."""
+    if not any(isinstance(getattr(pipeline, name, None), nn.Module) for name in DENOISER_ATTRIBUTES):
+        return []
+    return list(get_res_tuner_configs(denoiser_of(pipeline)))
+
 
 def resolve_tuner_source(
     path_or_repo: str | os.PathLike, weight_name: str | None = None, **hub_kwargs: Any
@@ -69,15 +97,19 @@ def resolve_tuner_source(
     from huggingface_hub import constants, hf_hub_download
 
     filename = weight_name or WEIGHT_NAME
-    offline = hub_unreachable_reason()
-    cached = in_hub_cache(path, filename, hub_kwargs.get("cache_dir"), hub_kwargs.get("revision"), hub_kwargs.get("subfolder"))
-    if offline and not hub_kwargs.get("local_files_only") and not cached:
-        # hf_hub_download would retry for many seconds before saying the same thing
-        raise ResTunerFileError(
-            f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and it cannot be fetched "
-            f"from the Hugging Face Hub: offline ({offline}). Pass the path of a local .safetensors file or training output "
-            "folder, or go online."
-        )
+    if not hub_kwargs.get("local_files_only"):
+        # hf_hub_download would retry an unreachable Hub for many seconds before saying the same thing
+        subfolder = hub_kwargs.get("subfolder")
+        try:
+            check_pretrained_source(
+                path, "load_res_tuner", filename=f"{subfolder}/{filename}" if subfolder else filename,
+                cache_dir=hub_kwargs.get("cache_dir"), revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"),
+            )
+        except ModelSourceError as err:
+            raise ResTunerFileError(
+                f"{path!r} does not exist as a local file or folder (looked in {os.getcwd()!r}), and the Hugging Face "
+                f"Hub cannot provide it (offline, unreachable or no such repo): {err}"
+            ) from None
     try:
         return hf_hub_download(path, filename, **hub_kwargs), None
     except Exception as err:  # huggingface_hub raises a family of errors: offline, not found, gated, HTTP
@@ -95,7 +127,8 @@ def resolve_tuner_source(
 
 
 class ResTunerLoaderMixin:
-    """Load and manage res tuners (Res-Attn, Res-Tuning, GLoRA, SURM, ...) on a pipeline's UNet.
+    """Load and manage res tuners (Res-Attn, Res-Tuning, GLoRA, SURM, ...) on a pipeline's denoiser: the UNet of
+    SD 1.x/2.x/XL pipelines, the transformer of SD3 and Flux pipelines.
 
     Mixed into a diffusers pipeline (see ``pipelines/``)::
 
@@ -113,16 +146,8 @@ class ResTunerLoaderMixin:
     """
 
     @property
-    def _res_tuner_unet(self) -> nn.Module:
-        # The denoiser: pipe.unet (SD 1/2/XL) or pipe.transformer (SD3, Flux).
-        unet = getattr(self, "unet", None)
-        if unet is None:
-            unet = getattr(self, "transformer", None)
-        if unet is None:
-            raise ResTunerError(
-                f"{type(self).__name__} has no denoiser (pipe.unet / pipe.transformer is None); res tuners sit on it"
-            )
-        return unet
+    def _res_tuner_denoiser(self) -> nn.Module:
+        return denoiser_of(self)
 
     # -- loading ------------------------------------------------------------------------------------------------
     def load_res_tuner(
@@ -134,7 +159,7 @@ class ResTunerLoaderMixin:
         config: ResTunerConfig | None = None,
         **hub_kwargs: Any,
     ) -> str:
-        """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet``.
+        """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet`` / ``pipe.transformer``.
 
         Args:
             path_or_folder: a ``.safetensors`` tuner file; a folder holding ``res_tuner.safetensors`` (a training
@@ -157,9 +182,9 @@ class ResTunerLoaderMixin:
                 another base model, or a failed download. The pipeline is unchanged.
             ResTunerError: a tuner of that name is already loaded. The pipeline is unchanged.
         """
-        unet = self._res_tuner_unet
-        _check_not_offloaded_to_meta(unet)
-        if any(getattr(module, "fused_projections", False) for module in unet.modules()):
+        denoiser = self._res_tuner_denoiser
+        _check_not_offloaded_to_meta(denoiser)
+        if any(getattr(module, "fused_projections", False) for module in denoiser.modules()):
             raise ResTunerError(
                 "the UNet's attention projections are fused (fuse_qkv_projections); call pipe.unfuse_qkv_projections() "
                 "before loading res tuners"
@@ -167,10 +192,10 @@ class ResTunerLoaderMixin:
         if isinstance(path_or_folder, Mapping):
             if hub_kwargs or weight_name is not None:
                 raise TypeError("a state dict is loaded as it is: weight_name and Hub options do not apply")
-            return load_res_tuner(unet, path_or_folder, adapter_name=adapter_name, hotswap=hotswap, config=config)
+            return load_res_tuner(denoiser, path_or_folder, adapter_name=adapter_name, hotswap=hotswap, config=config)
         source, folder_weight_name = resolve_tuner_source(path_or_folder, weight_name, **hub_kwargs)
         return load_res_tuner(
-            unet, source, adapter_name=adapter_name, weight_name=folder_weight_name, hotswap=hotswap, config=config
+            denoiser, source, adapter_name=adapter_name, weight_name=folder_weight_name, hotswap=hotswap, config=config
         )
 
     def save_res_tuner(
@@ -179,27 +204,27 @@ class ResTunerLoaderMixin:
         """Save the named tuner to a ``.safetensors`` file (or a folder, which gets ``res_tuner.safetensors``) that
         ``load_res_tuner`` and ``resattn-export`` read; atomic. Returns the file written."""
         self._check_names(adapter_name)
-        return save_res_tuner(self._res_tuner_unet, save_path, adapter_name=adapter_name, overwrite=overwrite)
+        return save_res_tuner(self._res_tuner_denoiser, save_path, adapter_name=adapter_name, overwrite=overwrite)
 
     def res_tuner_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The named tuner's weights (CPU copies) under file keys: ``load_res_tuner(state_dict, config=...)`` takes
         them back, ``hotswap=True`` swaps them in."""
         self._check_names(adapter_name)
-        return res_tuner_state_dict(self._res_tuner_unet, adapter_name)
+        return res_tuner_state_dict(self._res_tuner_denoiser, adapter_name)
 
     def unload_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Remove the named tuner(s), or all of them with ``adapter_name=None`` (a no-op when none is loaded).
 
         Fused tuners are unfused first; the UNet's processors, weights and outputs are restored exactly.
         """
-        unet = self._res_tuner_unet
-        loaded = get_res_tuner_configs(unet)
+        denoiser = self._res_tuner_denoiser
+        loaded = get_res_tuner_configs(denoiser)
         if adapter_name is None:
             if loaded:
-                remove_res_tuner(unet)
+                remove_res_tuner(denoiser)
             return
         for name in self._check_names(adapter_name):
-            remove_res_tuner(unet, name)
+            remove_res_tuner(denoiser, name)
 
     # -- scale, mixing, on/off ----------------------------------------------------------------------------------
     def set_res_tuner_scale(self, scale: float, adapter_name: str | list[str] | None = None) -> None:
@@ -207,7 +232,7 @@ class ResTunerLoaderMixin:
         names = self._check_names(adapter_name)
         scale = _check_weight(scale)
         self._refuse_fused(names, "changing its scale", unless=lambda status: status["scale"] == scale)
-        set_res_tuner_scale(self._res_tuner_unet, scale, names)
+        set_res_tuner_scale(self._res_tuner_denoiser, scale, names)
 
     def set_res_tuners(
         self,
@@ -225,38 +250,38 @@ class ResTunerLoaderMixin:
         """
         names = self._check_names(adapter_names)
         if len(set(names)) != len(names):
-            raise ValueError(f"set_res_tuners: adapter_names has duplicates: {names}")
+            raise ConfigError(f"set_res_tuners: adapter_names has duplicates: {names}")
         if weights is None:
             weights = [1.0] * len(names)
         elif isinstance(weights, (int, float, dict)):
             weights = [weights] * len(names)
         if len(weights) != len(names):
-            raise ValueError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} weight(s) {weights}")
-        unet = self._res_tuner_unet
+            raise ConfigError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} scale weight(s) {weights}")
+        denoiser = self._res_tuner_denoiser
         # Expand and check every weight before any tuner changes.
-        weights = [_expand_block_weights(unet, w, name) if isinstance(w, dict) else _check_weight(w) for w, name in zip(weights, names)]
-        self._refuse_fused(list(res_tuner_settings(unet)), "mixing tuners")
+        weights = [_expand_block_weights(denoiser, w, name) if isinstance(w, dict) else _check_weight(w) for w, name in zip(weights, names)]
+        self._refuse_fused(list(res_tuner_settings(denoiser)), "mixing tuners")
 
-        for name in get_res_tuner_configs(unet):
+        for name in get_res_tuner_configs(denoiser):
             if name in names:
                 weight = weights[names.index(name)]
-                set_res_tuner_scale(unet, 1.0 if isinstance(weight, dict) else weight, name)
+                set_res_tuner_scale(denoiser, 1.0 if isinstance(weight, dict) else weight, name)
                 if isinstance(weight, dict):
-                    set_res_tuner_layer_scales(unet, name, weight)
-                set_res_tuner_enabled(unet, True, name)
+                    set_res_tuner_layer_scales(denoiser, name, weight)
+                set_res_tuner_enabled(denoiser, True, name)
             else:
-                set_res_tuner_enabled(unet, False, name)
+                set_res_tuner_enabled(denoiser, False, name)
 
     def disable_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Switch the named tuner(s) (all when None) off without unloading them: the base model's outputs exactly."""
         names = self._check_names(adapter_name)
         self._refuse_fused(names, "disabling it")
-        set_res_tuner_enabled(self._res_tuner_unet, False, names)
+        set_res_tuner_enabled(self._res_tuner_denoiser, False, names)
 
     def enable_res_tuner(self, adapter_name: str | list[str] | None = None) -> None:
         """Switch the named tuner(s) (all when None) back on."""
         names = self._check_names(adapter_name)
-        set_res_tuner_enabled(self._res_tuner_unet, True, names)
+        set_res_tuner_enabled(self._res_tuner_denoiser, True, names)
 
     # -- fusing -------------------------------------------------------------------------------------------------
     def fuse_res_tuner(self, adapter_names: str | list[str] | None = None, safe_fusing: bool = False) -> None:
@@ -268,40 +293,47 @@ class ResTunerLoaderMixin:
         ``fuse_lora`` flag) computes every fused weight first and refuses, changing nothing, if any is NaN or inf.
         """
         if adapter_names is None:
-            status = res_tuner_settings(self._res_tuner_unet)
+            status = res_tuner_settings(self._res_tuner_denoiser)
             if not status:
                 raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
             names = [name for name, s in status.items() if s["enabled"]]
         else:
             names = self._check_names(adapter_names)
-            status = res_tuner_settings(self._res_tuner_unet)
+            status = res_tuner_settings(self._res_tuner_denoiser)
             disabled = [name for name in names if not status[name]["enabled"]]
             if disabled:
                 raise ResTunerError(f"tuner(s) {disabled} are disabled; enable_res_tuner({disabled!r}) before fusing them")
         if names:
-            fuse_res_tuner(self._res_tuner_unet, names, safe_fusing=safe_fusing)
+            fuse_res_tuner(self._res_tuner_denoiser, names, safe_fusing=safe_fusing)
 
-    def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None) -> None:
-        """Restore the weights fused tuners changed, exactly; the tuners run as branches again. With
-        ``adapter_names``, only those leave the weights (the other fused tuners stay fused)."""
-        if not get_res_tuner_configs(self._res_tuner_unet):
+    def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None, accept_changed_weights: bool = False) -> None:
+        """Unfold fused tuners; they run as branches again. With ``adapter_names``, only those leave the weights
+        (the other fused tuners stay fused).
+
+        Exact beside a diffusers LoRA in any order of ``fuse_lora``/``unfuse_lora``: the weights become what the LoRA
+        alone makes them (the original ones, bit for bit, when nothing else was fused in between). Refused, changing
+        nothing, when a weight was changed while fused by something else (for example ``unload_lora_weights()`` of a
+        LoRA loaded and fused after this tuner was fused); ``accept_changed_weights=True`` then subtracts exactly the
+        tuners' delta and keeps the other change.
+        """
+        if not get_res_tuner_configs(self._res_tuner_denoiser):
             return
         names = None if adapter_names is None else self._check_names(adapter_names)
-        unfuse_res_tuner(self._res_tuner_unet, names)
+        unfuse_res_tuner(self._res_tuner_denoiser, names, accept_changed_weights=accept_changed_weights)
 
     # -- inspection -----------------------------------------------------------------------------------------------
     def get_res_tuners(self) -> dict[str, dict[str, Any]]:
         """Name -> ``{"config": ResTunerConfig, "scale": float, "enabled": bool, "fused": bool}`` of every loaded tuner."""
-        unet = self._res_tuner_unet
-        configs: dict[str, ResTunerConfig] = get_res_tuner_configs(unet)
-        status = res_tuner_settings(unet)
+        denoiser = self._res_tuner_denoiser
+        configs: dict[str, ResTunerConfig] = get_res_tuner_configs(denoiser)
+        status = res_tuner_settings(denoiser)
         return {name: {"config": config, **status[name]} for name, config in configs.items()}
 
     # -- diffusers methods that cannot keep tuners: a clear error instead of a silent loss ------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, refused while res tuners are loaded: their weights would be written into
         the UNet's file, where ``from_pretrained`` drops them (and fused ones would become the base weights)."""
-        loaded = list(get_res_tuner_configs(self.unet)) if getattr(self, "unet", None) is not None else []
+        loaded = _loaded_names(self)
         if loaded:
             raise ResTunerError(
                 f"res tuner(s) {loaded} are loaded; save_pretrained would write them into the UNet weights where "
@@ -313,7 +345,7 @@ class ResTunerLoaderMixin:
     def fuse_qkv_projections(self, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``fuse_qkv_projections``, refused while res tuners are loaded: the fused ``to_qkv`` bypasses the
         ``to_q``/``to_k``/``to_v`` layers linear tuners sit on, and unfusing would not restore the tuners' processors."""
-        loaded = list(get_res_tuner_configs(self.unet)) if getattr(self, "unet", None) is not None else []
+        loaded = _loaded_names(self)
         if loaded:
             raise ResTunerError(
                 f"fuse_qkv_projections() is not supported while res tuners {loaded} are loaded; unload them first "
@@ -324,21 +356,24 @@ class ResTunerLoaderMixin:
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_names(self, adapter_name: str | list[str] | None) -> list[str]:
         """The loaded tuner names a request refers to (all for None); an error naming the ones not loaded."""
-        loaded = list(get_res_tuner_configs(self._res_tuner_unet))
+        loaded = list(get_res_tuner_configs(self._res_tuner_denoiser))
         if not loaded:
             raise ResTunerError("no res tuner is loaded on this pipeline; load one with pipe.load_res_tuner(...)")
         if adapter_name is None:
             return loaded
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if not names:
-            raise ValueError("no adapter name given; pass a name or a list of names of loaded tuners")
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(name, str) for name in names):
+            raise ResTunerError(
+                f"adapter_name must be a loaded tuner's name, a non-empty list of names or None (all), got {adapter_name!r}"
+            )
+        names = list(names)
         missing = [name for name in names if name not in loaded]
         if missing:
             raise ResTunerError(f"no tuner named {missing[0]!r} is loaded; loaded tuners (adapter names): {loaded}")
         return names
 
     def _refuse_fused(self, names: list[str], action: str, unless=None) -> None:
-        status = res_tuner_settings(self._res_tuner_unet)
+        status = res_tuner_settings(self._res_tuner_denoiser)
         fused = [name for name in names if status[name]["fused"] and not (unless and unless(status[name]))]
         if fused:
             raise ResTunerError(
@@ -373,14 +408,14 @@ def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str
     return {path: _check_weight(value) for path, value in expanded.items()}
 
 
-def _check_not_offloaded_to_meta(unet: nn.Module) -> None:
+def _check_not_offloaded_to_meta(denoiser: nn.Module) -> None:
     """Sequential CPU offload keeps weights on the ``meta`` device between calls; a tuner built there would have no
     values, so refuse instead of loading into nothing."""
-    if any(p.device.type == "meta" for p in unet.parameters()):
+    if any(p.device.type == "meta" for p in denoiser.parameters()):
         raise ResTunerError(
             "the UNet's weights are on the 'meta' device (enable_sequential_cpu_offload or device_map); load res "
             "tuners before enabling sequential offload, or call pipe.remove_all_hooks() first"
         )
 
 
-__all__ = ["HUB_KWARGS", "ResTunerLoaderMixin", "resolve_tuner_source"]
+__all__ = ["DENOISER_ATTRIBUTES", "HUB_KWARGS", "ResTunerLoaderMixin", "denoiser_attribute", "denoiser_of", "resolve_tuner_source"]

@@ -11,18 +11,21 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from .families import family_of
+from .io import tuner_file_key
 from .kinds import kind_of
 from .state import ResTunerError
 
 
 def planned_tensor_shapes(unet: nn.Module, config: ResTunerConfig) -> dict[str, tuple[int, ...]]:
-    """File key (``<layer path>.<parameter>``, as :func:`~.io.tuner_state_dict` writes them) -> shape of every
+    """File key (:func:`~.io.tuner_file_key`, as :func:`~.io.tuner_state_dict` writes them) -> shape of every
     tensor of the tuner ``config`` puts on ``unet``. Raises ``ConfigError`` / ``ResTunerError`` like adding it."""
     family = family_of(unet)
     family.check_kind(config)
     with torch.device("meta"):
         modules = kind_of(config).plan(unet, family, config)
-    return {f"{path}.{key}": tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()}
+    return {
+        tuner_file_key(path, key): tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()
+    }
 
 
 def own_parameter_count(unet: nn.Module) -> int:

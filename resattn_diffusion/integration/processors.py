@@ -19,16 +19,27 @@ UNet's state-dict keys do not change, and peft/diffusers LoRA can still find and
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..checks import check_call_scale
 from ..tuners.base import ConfigError, FrozenAttention
-from ..tuners.fast_paths import fast_path_wanted
+from ..tuners.fast_paths import fast_path_wanted, forced_path
+from .fusion import (
+    FusedWeights,
+    FusedWrite,
+    Resolved,
+    apply_write,
+    frozen_base,
+    frozen_output,
+    plan_write,
+    resolve_others,
+)
 
 try:  # the frozen attention runs through xformers only where diffusers already chose it
     import xformers.ops as xformers_ops
@@ -42,6 +53,14 @@ SCALE_KWARG = "res_tuner_scale"
 
 @dataclass
 class TunerSetting:
+    """How one named tuner's branch is added beside one operation: scale, placement, enabled, fused.
+
+    Hot path: nothing here runs per call. Assigning any field calls ``on_change`` (the bank's
+    ``_settings_changed``), which drops the bank's cached list of branches; the next call rebuilds that list once
+    (:meth:`TunerBank.active`). A per-call scale (``cross_attention_kwargs["res_tuner_scale"]``) never writes
+    here, so it invalidates nothing.
+    """
+
     scale: float = 1.0
     placement: str = "parallel"
     enabled: bool = True
@@ -132,6 +151,15 @@ class OperationBank(TunerBank):
         frozen: FrozenAttention | None,
         call_scale: float | dict[str, float] | None = None,
     ) -> torch.Tensor:
+        """``frozen_out + sum_i s_i T_i(...)`` over the running branches: ``T_i(x, context, frozen)`` when parallel,
+        ``T_i(frozen_out, context, ...)`` when sequential (U-Tuning).
+
+        Hot path, per call: one look-up of the running branches (cached by :meth:`TunerBank.active` until a tuner
+        or a :class:`TunerSetting` changes; a per-call scale filters that cached list instead), then per branch
+        the tuner's forward and one add (no multiply at scale 1). ``frozen`` carries the frozen projections and
+        query the processor already computed, so a branch does not recompute them; for sequential branches a
+        query-less copy is made once per call (they read the operation's output, not ``x``).
+        """
         out = frozen_out
         sequential_frozen = None
         for _, tuner, scale, placement in self.active(call_scale):
@@ -180,7 +208,11 @@ def select_linear_path(bank: LinearBank, x: torch.Tensor, branches: list[tuple[s
     """
     mergeable = all(placement == "parallel" and getattr(tuner, "mergeable", False) for _, tuner, _, placement in branches)
     if bank.path == "auto":
-        return "merged" if mergeable and fast_path_wanted(x.device.type) else "branch"
+        if not (mergeable and fast_path_wanted(x.device.type)):
+            return "branch"
+        # Unforced on CUDA: only tuners whose merged path measured faster there (``merge_on_cuda``).
+        measured = forced_path() is not None or all(getattr(t, "merge_on_cuda", True) for _, t, _, _ in branches)
+        return "merged" if measured else "branch"
     if bank.path not in LINEAR_PATHS:
         raise ConfigError(f"LinearBank.path={bank.path!r} is not allowed; choose one of {list(LINEAR_PATHS)}")
     if bank.path == "merged" and not mergeable:
@@ -194,10 +226,12 @@ def select_linear_path(bank: LinearBank, x: torch.Tensor, branches: list[tuple[s
 class LinearBank(TunerBank):
     """Branches beside a frozen ``y = W0 x + b0``; folds them into the weight on request.
 
-    Fusing writes ``W0 + sum_i s_i dW_i`` (and ``b0 + sum_i s_i db_i``) into the linear, always computed from the
-    original W0/b0 kept aside, so fusing twice or fusing a second tuner never compounds. A tuner that creates a
-    bias where the frozen linear has none (GLoRA's ``E + W0 C``) gets one: a frozen bias parameter is added on
-    fuse and removed on unfuse, which restores the module exactly (``bias is None``, same state-dict keys).
+    Fusing writes ``P + sum_i s_i dW_i`` (and the biases) into the linear, where ``P`` is the weight as everybody
+    else left it (W0, plus a diffusers LoRA that ``fuse_lora`` merged) and the deltas are computed from W0, the base
+    weight without any adapter's delta; unfusing writes ``P`` back, bit for bit when nobody else touched the weight
+    in between. :mod:`.fusion` keeps that bookkeeping and refuses the orders it cannot make exact. A tuner that
+    creates a bias where the frozen linear has none (GLoRA's ``E + W0 C``) gets one: a frozen bias parameter is
+    added on fuse and removed on unfuse, which restores the module exactly (``bias is None``, same state-dict keys).
     Fused tuners are skipped by the branch hook; a bank whose tuners are all fused returns at once.
     """
 
@@ -206,12 +240,20 @@ class LinearBank(TunerBank):
 
     def __init__(self, layer_path: str):
         super().__init__(layer_path)
-        self.original_weight: torch.Tensor | None = None
-        self.original_bias: torch.Tensor | None = None
         #: the frozen linear had no bias and fusing added one (removed again on unfuse)
         self.added_bias = False
         #: every tuner of the bank is fused: the hook has nothing to add
         self.all_fused = False
+        #: while any tuner is fused: what :func:`.fusion.apply_write` recorded (P, W0 in the buffers below)
+        self.fused: FusedWeights | None = None
+        for name in ("fused_others_weight", "fused_others_bias", "fused_base_weight", "fused_base_bias"):
+            self.register_buffer(name, None, persistent=False)
+        # The module that holds the projection (where diffusers' LoRA puts its peft wrapper): a plain attribute,
+        # not a child module, so the model's module tree and state dict do not change.
+        object.__setattr__(self, "parent_module", None)
+
+    def bind_parent(self, parent: nn.Module) -> None:
+        object.__setattr__(self, "parent_module", parent)
 
     def add(self, name: str, tuner: nn.Module, scale: float, placement: str) -> None:
         super().add(name, tuner, scale, placement)
@@ -224,6 +266,9 @@ class LinearBank(TunerBank):
     def _update_all_fused(self) -> None:
         self.all_fused = bool(self.settings) and all(setting.fused for setting in self.settings.values())
 
+    def fused_names(self) -> list[str]:
+        return [name for name, setting in self.settings.items() if setting.fused]
+
     def forward_linear(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         """The linear's output with every active branch: merged into one GEMM or added branch by branch
         (:func:`select_linear_path`)."""
@@ -234,9 +279,15 @@ class LinearBank(TunerBank):
 
     def add_branches(self, frozen_out: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         out = frozen_out
-        weight, bias = self.frozen_weight_and_bias(linear)
-        for _, tuner, scale, placement in self.active():
-            source = x if placement == "parallel" else frozen_out
+        branches = self.active()
+        weight, bias, base_out = linear.weight, linear.bias, frozen_out
+        if any(type(tuner).fold_reads_base or placement == "sequential" for _, tuner, _, placement in branches):
+            # Only then do the branches need W0 itself, which differs from the live weight while something is fused.
+            weight, bias, _ = frozen_base(self, linear)
+            if any(placement == "sequential" for *_, placement in branches):
+                base_out = frozen_output(self, linear, x, frozen_out)
+        for _, tuner, scale, placement in branches:
+            source = x if placement == "parallel" else base_out
             out = _add_scaled(out, tuner(source, weight, bias), scale)
         return out
 
@@ -261,79 +312,48 @@ class LinearBank(TunerBank):
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def frozen_weight_and_bias(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W0 and b0: the weights as they were before any fuse (GLoRA is defined relative to them)."""
-        if self.original_weight is not None:
-            return self.original_weight, self.original_bias
-        return linear.weight, linear.bias
+        """W0 and b0: the base weights without any fused tuner's or diffusers LoRA's delta."""
+        weight, bias, _ = frozen_base(self, linear)
+        return weight, bias
 
-    @torch.no_grad()
-    def plan_fuse(
-        self, linear: nn.Linear, names: list[str]
-    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
-        """``(fused names, new weight, new bias)`` in float32 that fusing ``names`` (beside the tuners already fused)
-        would write, computed from the original W0 and b0; nothing changes (``safe_fusing`` checks it first)."""
-        weight, bias = self.frozen_weight_and_bias(linear)
-        weight = weight.detach().float()
-        bias = None if bias is None else bias.detach().float()
-        fused = [name for name, setting in self.settings.items() if setting.fused or name in names]
-        new_weight, new_bias = weight.clone(), None if bias is None else bias.clone()
-        for name in fused:
-            setting = self.settings[name]
-            delta_w, delta_b = effective_delta(self.tuners[name], setting.placement, weight, bias)
-            new_weight += setting.scale * delta_w
-            if delta_b is not None:
-                if new_bias is None:
-                    new_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-                new_bias += setting.scale * delta_b
-        return fused, new_weight, new_bias
+    def resolve(self, linear: nn.Linear, accept_changed_weights: bool = False, action: str = "fusing") -> Resolved:
+        """The weight as everybody else left it (see :func:`.fusion.resolve_others`); refuses, changing nothing."""
+        return resolve_others(self, linear, accept_changed_weights, action)
 
-    @torch.no_grad()
-    def fuse(
-        self, linear: nn.Linear, names: list[str], plan: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
-    ) -> None:
-        """Fold ``W0 + sum s dW`` (and the biases) into ``linear``, always from the original W0 and b0 (``plan``: what
+    def plan_fuse(self, linear: nn.Linear, names: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor | None, FusedWrite]:
+        """``(fused names, new weight, new bias, the write)`` that fusing ``names`` (beside the tuners already fused)
+        would do, computed from W0; nothing changes (``safe_fusing`` checks it first). Refuses what cannot be exact."""
+        keep = self.fused_names() + [n for n in self.settings if n in names and n not in self.fused_names()]
+        write = plan_write(self, linear, self.resolve(linear, action="fuse_res_tuner"), keep)
+        return write.names, write.weight, write.bias, write
+
+    def fuse(self, linear: nn.Linear, names: list[str], plan: tuple | None = None) -> None:
+        """Fold the named tuners into ``linear`` beside the ones already fused, always from W0 (``plan``: what
         :meth:`plan_fuse` returned for the same names, to write without computing it again)."""
-        # Compute everything before changing the linear or the settings, so an error leaves both as they were.
-        fused, new_weight, new_bias = self.plan_fuse(linear, names) if plan is None else plan
-        if self.original_weight is None:
-            self.original_weight = linear.weight.detach().clone()
-            self.original_bias = None if linear.bias is None else linear.bias.detach().clone()
-        linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
-        if new_bias is not None:
-            if linear.bias is None:
-                # The tuner creates a bias the frozen linear lacks (e.g. GLoRA's E + W0 C on a bias-free to_q).
-                linear.bias = nn.Parameter(
-                    new_bias.to(device=linear.weight.device, dtype=linear.weight.dtype), requires_grad=False
-                )
-                self.added_bias = True
-            else:
-                linear.bias.data.copy_(new_bias.to(linear.bias.dtype))
-        elif self.added_bias:  # re-fused after the tuners' bias terms went away (e.g. another GLoRA subnet)
-            linear.bias = None
-            self.added_bias = False
-        for name in fused:
-            self.settings[name].fused = True
-        self._update_all_fused()
+        self.write_planned(linear, (plan or self.plan_fuse(linear, names))[3])
 
-    @torch.no_grad()
-    def unfuse(self, linear: nn.Linear, names: list[str] | None = None) -> None:
-        """Restore W0 and b0 exactly (and drop a bias that fusing added). With ``names``, only those tuners leave
-        the weight: the others stay fused, refolded from the original W0 and b0."""
-        if self.original_weight is None:
-            return
-        keep = [] if names is None else [n for n, s in self.settings.items() if s.fused and n not in names]
-        linear.weight.data.copy_(self.original_weight)
-        if self.added_bias:
-            linear.bias = None  # nn.Linear registers "bias" as a parameter slot; None is how a bias-free one has it
-            self.added_bias = False
-        elif self.original_bias is not None:
-            linear.bias.data.copy_(self.original_bias)
-        self.original_weight = self.original_bias = None
-        for setting in self.settings.values():
-            setting.fused = False
+    def plan_unfuse(self, linear: nn.Linear, names: list[str] | None = None, accept_changed_weights: bool = False) -> FusedWrite | None:
+        """What unfusing the named tuners (all when None) writes: ``P`` plus the ones that stay fused; None when none
+        of them is fused. Refuses, changing nothing, when the weight cannot be restored exactly."""
+        fused = self.fused_names()
+        leaving = fused if names is None else [n for n in fused if n in names]
+        if self.fused is None or not leaving:
+            return None
+        others = self.resolve(linear, accept_changed_weights, action="unfuse_res_tuner")
+        return plan_write(self, linear, others, [n for n in fused if n not in leaving])
+
+    def unfuse(self, linear: nn.Linear, names: list[str] | None = None, accept_changed_weights: bool = False) -> None:
+        """Unfold the named tuners (all when None); the others stay fused, refolded from W0."""
+        write = self.plan_unfuse(linear, names, accept_changed_weights)
+        if write is not None:
+            self.write_planned(linear, write)
+
+    def write_planned(self, linear: nn.Linear, write: FusedWrite) -> None:
+        """Write a planned fuse/unfuse into ``linear``; ``write.names`` are fused afterwards, the others not."""
+        apply_write(self, linear, write)
+        for name, setting in self.settings.items():
+            setting.fused = name in write.names
         self._update_all_fused()
-        if keep:
-            self.fuse(linear, keep)
 
 
 # --- hooks (module-level functions: a deep-copied UNet keeps working, and removal finds them by identity) ---
@@ -413,9 +433,7 @@ class ResTunerAttnProcessor(nn.Module):
             if attn.norm_cross and context is not None:
                 context = attn.norm_encoder_hidden_states(context)
         else:
-            frozen_out, query, context = self._frozen_attention(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb
-            )
+            frozen_out, query, context = self._frozen_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
         if not len(bank):
             return frozen_out
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
@@ -428,24 +446,21 @@ class ResTunerAttnProcessor(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        temb: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """diffusers' stock attention (AttnProcessor2_0 / XFormersAttnProcessor). Also returns what the branches
-        reuse instead of computing again: the frozen query and the (normalised) context, None for self-attention."""
+        reuse instead of computing again: the frozen query and the (normalised) context, None for self-attention.
+
+        Only the attentions of transformer blocks get this processor: their input is always (B, N, d) and they have
+        no spatial norm (the VAE's attention, which has both, never gets one), so those paths of the stock
+        processor are left out."""
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         batch_size, key_tokens, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
         # The branches may only reuse the query when they see the same input as the frozen attention.
-        shared_query = query if (input_ndim == 3 and attn.spatial_norm is None and attn.group_norm is None) else None
+        shared_query = query if attn.group_norm is None else None
         if encoder_hidden_states is None:
             branch_context = None
             encoder_hidden_states = hidden_states
@@ -483,8 +498,6 @@ class ResTunerAttnProcessor(nn.Module):
             out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
         out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             out = out + residual
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)

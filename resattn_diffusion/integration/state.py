@@ -1,13 +1,14 @@
 """What a model carries once it has tuners: its named configs, the banks that hold the tuners, its family.
 
-Imported by every module of the integration layer (the kinds, the families, the API in ``inject.py``, ``io.py``),
+Imported by every module of the integration layer (the kinds, the families, the API in ``api.py``, ``io.py``),
 and importing none of them: the one place shared state lives, so nothing imports in a circle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,16 +30,16 @@ class ResTunerError(RuntimeError):
 @dataclass
 class ResTunerState:
     #: the model family the tuners were attached for (decides the per-call scale kwarg, the file's base description)
-    family: "ModelFamily"
+    family: ModelFamily
     configs: dict[str, ResTunerConfig] = field(default_factory=dict)
     #: (bank, the module that owns it) for every bank on the model, in module order.
-    banks: list[tuple["TunerBank", nn.Module]] = field(default_factory=list)
+    banks: list[tuple[TunerBank, nn.Module]] = field(default_factory=list)
 
-    def add_bank(self, bank: "TunerBank", owner: nn.Module) -> None:
+    def add_bank(self, bank: TunerBank, owner: nn.Module) -> None:
         if not any(b is bank for b, _ in self.banks):
             self.banks.append((bank, owner))
 
-    def drop_bank(self, bank: "TunerBank") -> None:
+    def drop_bank(self, bank: TunerBank) -> None:
         self.banks = [(b, o) for b, o in self.banks if b is not bank]
 
 

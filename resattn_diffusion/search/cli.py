@@ -18,20 +18,20 @@ import argparse
 import random
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from ..integration.inject import ResTunerError
+from ..hub import check_pretrained_source
+from ..integration.api import ResTunerError
 from ..integration.io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
+from ..quiet import from_pretrained_dtype, quiet_libraries
 from ..training.data import ImageTransform, load_image, read_image_folder
 from ..training.errors import TrainingDataError
 from ..training.models import sdxl_time_ids
 from ..tuners.base import ConfigError
 from .evolution import search_glora
-from ..hub import check_pretrained_source
-from ..quiet import from_pretrained_dtype, quiet_libraries
 from .supernet import save_subnet
 
 RESULT_NAME = "glora_search.json"

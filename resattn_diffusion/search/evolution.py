@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -363,7 +363,7 @@ def evolutionary_search(
         for iteration in range(1, iterations + 1):
             parents = population[: max(2, len(population) // 2)]
 
-            def child() -> Genome:
+            def child(parents: list = parents) -> Genome:  # bound now: called only within this iteration
                 if len(parents) >= 2 and evolution.rng.random() < crossover_rate:
                     first, second = evolution.rng.sample(parents, 2)
                     genome = evolution.crossover(first, second)

@@ -20,18 +20,18 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..integration.inject import ResTunerError, get_state, iter_tuners
+from ..integration.api import ResTunerError, get_state, iter_tuners
 from ..integration.io import file_tensors, write_tuner_file
-from ..tuners.base import ConfigError
 from ..training.data import derive_seed
 from ..training.trainable import TrainingCallback
+from ..tuners.base import ConfigError
 from ..tuners.glora import SUPPORTS, GLoRA, GLoRAChoiceSpace, GLoRALayerConfig, num_parameters, parse_layer_config
 
 __all__ = [

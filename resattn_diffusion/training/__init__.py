@@ -1,8 +1,9 @@
 """The one training core of ``train_dreambooth.py`` and ``train_text2img.py``.
 
 - :func:`parse_args` / :func:`build_parser`: the shared command line (diffusers' flag names + the tuner flags);
-- :func:`train`: accelerate training on a frozen SD 1.x / 2.x / SDXL model of what a
-  :class:`~.trainable.TrainableProvider` provides (default: the res tuner of the flags); returns the saved result;
+- :func:`train`: accelerate training of what a :class:`~.trainable.TrainableProvider` provides (default: the res
+  tuner of the flags) on a frozen SD 1.x / 2.x / SDXL model (noise prediction) or SD3 / Flux model (rectified flow;
+  :mod:`.flow`), the family read from the model folder (:mod:`.families`); returns the saved result;
 - :func:`load_tuned_pipeline` / :func:`load_trained_unet`: put a trained res tuner back on the base model;
 - :func:`run_script`: run a script's ``main`` and turn the errors below into a one-line message and exit code 1.
 """
@@ -10,9 +11,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from ..integration.inject import ResTunerError
+from ..integration.api import ResTunerError
 from ..integration.io import ResTunerFileError
 from ..tuners.base import ConfigError
 from .args import build_parser, parse_args, tuner_config_from_args

@@ -20,16 +20,16 @@ import argparse
 import json
 import math
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from diffusers.optimization import SchedulerType
 
 from ..config import PLACEMENTS, ResTunerConfig
-from ..registry import known_projections, known_targets
-from ..registry import get_tuner_spec, tuner_names
-from ..integration.inject import ResTunerError
+from ..integration.api import ResTunerError
+from ..registry import get_tuner_spec, known_projections, known_targets, tuner_names
 from ..tuners.base import ConfigError
 from .user_flags import SECRET_FLAGS, add_user_flags, check_user_flags
 
@@ -90,13 +90,21 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--tuner_arg", type=str, nargs="+", action="extend", default=None, metavar="KEY=VALUE",
         help="Any hyperparameter of the tuner, e.g. --tuner_arg activation=relu prefix_length=16 (repeatable).",
     )
-    tuner.add_argument("--targets", type=str, nargs="+", default=None, choices=known_targets(), help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).")
+    tuner.add_argument(
+        "--targets", type=str, nargs="+", default=None, choices=known_targets(),
+        help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).",
+    )
     tuner.add_argument(
         "--blocks", type=str, nargs="+", default=None,
         help="Glob patterns of transformer blocks, e.g. 'up_blocks.*' mid_block (default: every block).",
     )
-    tuner.add_argument("--projections", type=str, nargs="+", default=None, choices=known_projections(), help="Linear tuners: projections that get a branch (default: all the model has).")
-    tuner.add_argument("--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.")
+    tuner.add_argument(
+        "--projections", type=str, nargs="+", default=None, choices=known_projections(),
+        help="Linear tuners: projections that get a branch (default: all the model has).",
+    )
+    tuner.add_argument(
+        "--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.",
+    )
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
     tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
 
@@ -115,7 +123,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
             help="Precision of class image generation (default fp16 on a GPU, fp32 otherwise).",
         )
     else:
-        data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` name or a local dataset path (load_dataset / save_to_disk folder).")
+        data.add_argument(
+            "--dataset_name", type=str, default=None, help="A `datasets` name or a local dataset path (load_dataset / save_to_disk folder).",
+        )
         data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
         data.add_argument(
             "--train_data_dir", type=str, default=None,
@@ -123,7 +133,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         )
         data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
         data.add_argument("--caption_column", type=str, default="text", help="Caption column (a caption or a list of captions).")
-        data.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of training on the empty caption (for classifier-free guidance).")
+        data.add_argument(
+            "--caption_dropout", type=float, default=0.0, help="Probability of training on the empty caption (for classifier-free guidance).",
+        )
         data.add_argument("--max_train_samples", type=int, default=None, help="Use only this many (randomly chosen) examples.")
     data.add_argument(
         "--resolution", type=int, default=None,
@@ -136,7 +148,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default=defaults["output_dir"], help="Where the tuner, checkpoints, logs and validation images go.")
     train.add_argument("--overwrite_output", action="store_true", help="Replace a tuner already saved in --output_dir.")
-    train.add_argument("--seed", type=int, default=None, help="Seed of the whole run (data order, noise, tuner init); chosen and recorded if not given.")
+    train.add_argument(
+        "--seed", type=int, default=None, help="Seed of the whole run (data order, noise, tuner init); chosen and recorded if not given.",
+    )
     train.add_argument("--train_batch_size", type=int, default=defaults["train_batch_size"], help="Batch size per device.")
     train.add_argument("--num_train_epochs", type=int, default=defaults["num_train_epochs"])
     train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs.")
@@ -144,7 +158,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     train.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass to save memory.")
     train.add_argument("--learning_rate", type=float, default=defaults["learning_rate"], help="Learning rate (after warmup).")
     train.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch size.")
-    train.add_argument("--lr_scheduler", type=str, default="constant", choices=[t.value for t in SchedulerType], help="diffusers' get_scheduler name.")
+    train.add_argument(
+        "--lr_scheduler", type=str, default="constant", choices=[t.value for t in SchedulerType], help="diffusers' get_scheduler name.",
+    )
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the learning-rate scheduler.")
     train.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
     train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
@@ -167,12 +183,20 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Run the frozen attention with xformers.")
 
+    add_flow_matching_arguments(parser)
+
     ckpt = parser.add_argument_group("checkpoints")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every X optimizer steps.")
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     ckpt.add_argument(
         "--resume_from_checkpoint", type=str, default=None,
         help="'latest' (the newest checkpoint in --output_dir) or a checkpoint folder.",
+    )
+    ckpt.add_argument(
+        "--allow_inexact_resume", action="store_true",
+        help="Resume even when the checkpoint's random states (random_states_<process>.pkl) are missing or unreadable; "
+        "the run then continues with fresh random states and no longer equals an uninterrupted one (a loud warning "
+        "says so). Without it such a checkpoint is refused.",
     )
 
     val = parser.add_argument_group("validation and logging")
@@ -186,6 +210,35 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     val.add_argument("--tracker_project_name", type=str, default=f"res-tuner-{task}", help="Project name of the trackers.")
     add_user_flags(parser)
     return parser
+
+
+def add_flow_matching_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of rectified-flow training (SD3, Flux), with the names and meanings of diffusers'
+    ``train_dreambooth_lora_sd3.py`` / ``train_dreambooth_lora_flux.py``. Their defaults are ``None``: an unset flag
+    takes the family's default (given in the help), and a flag given for a UNet model is refused."""
+    flow = parser.add_argument_group("diffusion transformers (SD3, Flux): rectified flow")
+    flow.add_argument(
+        "--weighting_scheme", type=str, default=None, choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        help="How training timesteps are sampled (logit_normal, mode) or the loss weighted (sigma_sqrt, cosmap); "
+        "default logit_normal for SD3, none (uniform) for Flux.",
+    )
+    flow.add_argument("--logit_mean", type=float, default=None, help="Mean of --weighting_scheme logit_normal (default 0.0).")
+    flow.add_argument("--logit_std", type=float, default=None, help="Standard deviation of --weighting_scheme logit_normal (default 1.0).")
+    flow.add_argument("--mode_scale", type=float, default=None, help="Scale of --weighting_scheme mode (default 1.29).")
+    flow.add_argument(
+        "--precondition_outputs", action="store_true",
+        help="SD3's EDM-style preconditioning: the loss compares x_t - sigma * prediction with the latents instead of "
+        "the prediction with noise - latents (off by default here, on in diffusers' SD3 script).",
+    )
+    flow.add_argument(
+        "--guidance_scale", type=float, default=None,
+        help="Flux only: the value of the guidance embedding of a guidance-distilled model (FLUX.1-dev) in training "
+        "and validation (default 3.5).",
+    )
+    flow.add_argument(
+        "--max_sequence_length", type=int, default=None,
+        help="T5 tokens of the prompt (default 77 for SD3, 512 for Flux, as diffusers' scripts).",
+    )
 
 
 def parse_args(task: Task, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -214,6 +267,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1, got {value}")
+    if args.logit_std is not None and args.logit_std <= 0:
+        parser.error(f"--logit_std must be positive, got {args.logit_std}")
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        parser.error(f"--max_sequence_length must be at least 1, got {args.max_sequence_length}")
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if task == "dreambooth":
@@ -300,7 +357,8 @@ def tuner_config_from_args(args: argparse.Namespace) -> ResTunerConfig:
         data = {"tuner": args.tuner or "res_attn"}
         hyperparameters = {}
 
-    for flag, field in [("targets", "targets"), ("blocks", "blocks"), ("projections", "projections"), ("placement", "placement"), ("tuner_scale", "scale")]:
+    flag_fields = [("targets", "targets"), ("blocks", "blocks"), ("projections", "projections"), ("placement", "placement")]
+    for flag, field in [*flag_fields, ("tuner_scale", "scale")]:
         value = getattr(args, flag)
         if value is not None:
             data[field] = value

@@ -16,10 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..integration.inject import get_res_tuner_configs
+from ..integration.api import get_res_tuner_configs
 from ..integration.io import WEIGHT_NAME, load_tuner_tensors, read_tuner_file, save_res_tuner
 from .errors import TrainingError
 
@@ -60,6 +61,50 @@ def resolve_resume_checkpoint(output_dir: str | Path, value: str | None) -> Path
             return candidate
     available = [folder.name for _, folder in list_checkpoints(output_dir)]
     raise TrainingError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder; checkpoints in {str(output_dir)!r}: {available or 'none'}")
+
+
+#: accelerate's per-process random state file in a checkpoint folder, and the states an exact resume restores
+RANDOM_STATES = "random_states_{process}.pkl"
+_REQUIRED_RANDOM_STATES = ("random_state", "numpy_random_seed", "torch_manual_seed")
+
+
+def random_states_problem(folder: Path, process_index: int) -> str | None:
+    """Why the checkpoint's random states for this process cannot be restored (None when they can). accelerate
+    only logs an INFO line for a missing or corrupt file and goes on, which silently makes the resume inexact."""
+    from accelerate.utils import load
+
+    file = Path(folder) / RANDOM_STATES.format(process=process_index)
+    if not file.is_file():
+        return f"{str(file)!r} is missing"
+    try:
+        states = load(file)
+    except Exception as err:  # pickle/zip/torch errors of a damaged file: all mean the same to the user
+        return f"{str(file)!r} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if not isinstance(states, dict) or any(key not in states for key in _REQUIRED_RANDOM_STATES):
+        return f"{str(file)!r} does not hold accelerate's random states ({', '.join(_REQUIRED_RANDOM_STATES)})"
+    torch_state = states["torch_manual_seed"]
+    if not isinstance(torch_state, torch.Tensor) or torch_state.shape != torch.get_rng_state().shape:
+        return f"{str(file)!r} holds no valid torch random state"
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" not in states:
+        return f"{str(file)!r} holds no CUDA random state"
+    return None
+
+
+def check_random_states(folder: Path, process_index: int, allow_inexact: bool) -> None:
+    """Refuse a resume whose random states cannot be restored, unless ``--allow_inexact_resume``; then warn loudly."""
+    problem = random_states_problem(folder, process_index)
+    if problem is None:
+        return
+    if not allow_inexact:
+        raise TrainingError(
+            f"cannot resume exactly from {str(folder)!r}: {problem}. Resume from another checkpoint, or pass "
+            "--allow_inexact_resume to continue with fresh random states (the run will then differ from an "
+            "uninterrupted one)"
+        )
+    logger.warning(
+        "INEXACT RESUME: %s; --allow_inexact_resume was given, so training continues from %s with fresh random "
+        "states and will NOT reproduce an uninterrupted run", problem, folder,
+    )
 
 
 def read_training_state(folder: Path) -> dict[str, Any]:

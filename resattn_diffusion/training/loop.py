@@ -1,8 +1,9 @@
 """The training core that ``train_dreambooth.py`` and ``train_text2img.py`` call: :func:`train`.
 
-One step, the way it reads below: batch -> frozen VAE and text encoders -> noisy latents at random timesteps ->
-the UNet, whose attention processors add the tuner's branches -> MSE against the noise (or velocity), Min-SNR
-weighted if asked, plus the DreamBooth prior loss -> gradients in the fp32 tuner parameters only -> optimizer.
+One step, the way it reads below: batch -> frozen VAE and text encoders -> noisy latents at random timesteps
+(UNets) or the flow-matching interpolation (SD3, Flux) -> the denoiser, whose attention processors add the tuner's
+branches -> the family's per-example loss (:class:`~.models.DenoiserFamily`), plus the DreamBooth prior loss ->
+gradients in the fp32 tuner parameters only -> optimizer. The loop never asks which family it trains.
 
 Everything distributed (DDP, gradient accumulation, mixed precision, checkpoints of optimizer and RNG states) is
 accelerate's; run the scripts with ``accelerate launch`` for several GPUs or machines.
@@ -18,18 +19,24 @@ import os
 import random
 import time
 from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..hub import check_pretrained_source
 from ..quiet import quiet_libraries
 from .args import FP16_ON_CPU, args_to_json, tuner_config_from_args
-from .checkpoint import list_checkpoints, read_training_state, resolve_resume_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_random_states,
+    list_checkpoints,
+    read_training_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
 from .data import (
     DreamBoothDataset,
     EpochShuffleSampler,
@@ -44,12 +51,12 @@ from .data import (
     read_image_folder,
 )
 from .errors import NonFiniteLossError, TrainingError
-from .models import BaseModel, native_resolution
-from .objective import prediction_target
+from .families import family_of
+from .models import DenoiserFamily
 from .prior import generate_class_images
 from .publish import check_export_flags, create_hub_repo, finish_run, push_output_dir
-from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
 from .trainable import ResTunerTrainable, TrainableProvider, TrainingCallback, TrainingSummary, parameters_are_finite
+from .user_flags import INTERPOLATION_MODES, check_optimizer_package, make_optimizer
 from .validation import log_validation
 
 logger = logging.getLogger(__name__)
@@ -82,6 +89,8 @@ def train(
     if resume_folder:
         trainable.check_resume(resume_folder)
     data_source = check_training_data(args)
+    family = family_of(args)
+    family.check_args(args)
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -94,6 +103,8 @@ def train(
     repo_id = create_hub_repo(args) if getattr(args, "push_to_hub", False) and accelerator.is_main_process else None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise TrainingError(FP16_ON_CPU + " (fp16 came from the accelerate config)")
+    if resume_folder is not None:  # before the model loads: a refused resume should cost nothing
+        check_random_states(resume_folder, accelerator.process_index, args.allow_inexact_resume)
     seed = choose_seed(args, resume_state, accelerator)
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -101,21 +112,28 @@ def train(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # --- model, data, tuner -------------------------------------------------------------------------------
-    resolution = args.resolution or native_resolution(args)
+    resolution = args.resolution or family.native_resolution(args)
     if args.task == "dreambooth" and args.with_prior_preservation:
         generate_class_images(args, accelerator, resolution, seed)
-    base = BaseModel.load(args)
-    if resolution % base.vae_scale_factor:
-        raise TrainingError(f"--resolution {resolution} is not a multiple of the VAE's factor {base.vae_scale_factor}")
+    base = family.load(args, weight_dtype)
+    if resolution % base.resolution_multiple:
+        raise TrainingError(
+            f"--resolution {resolution} is not a multiple of {base.resolution_multiple} (the VAE's factor"
+            f"{' times the 2x2 patches' if base.resolution_multiple != base.vae_scale_factor else ''}); pick e.g. "
+            f"{max(base.resolution_multiple, resolution - resolution % base.resolution_multiple)}"
+        )
     dataset = make_dataset(args, data_source, resolution, seed)
     base.to(accelerator.device, weight_dtype)
-    parameters = trainable.prepare(base.unet, weight_dtype)
-    callbacks = [*trainable.callbacks(base.unet, seed), *callbacks]
+    if args.task == "dreambooth":  # every prompt is known: encode once (a family may free its text encoders)
+        known = [args.instance_prompt] + ([args.class_prompt] if args.with_prior_preservation else [])
+        base.cache_prompts(known + base.validation_prompts(args), accelerator.device, args)
+    parameters = trainable.prepare(base.denoiser, weight_dtype)
+    callbacks = [*trainable.callbacks(base.denoiser, seed), *callbacks]
     if args.enable_xformers_memory_efficient_attention:
-        base.unet.enable_xformers_memory_efficient_attention()  # the tuners wrap xformers' processor and stay
+        base.denoiser.enable_xformers_memory_efficient_attention()  # the tuners wrap xformers' processor and stay
     if args.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-    base.unet.train()
+        base.denoiser.enable_gradient_checkpointing()
+    base.denoiser.train()
 
     sampler = EpochShuffleSampler(len(dataset), seed)
     dataloader = DataLoader(
@@ -129,14 +147,14 @@ def train(
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(args, parameters, learning_rate)
-    unet, optimizer, dataloader = accelerator.prepare(base.unet, optimizer, dataloader)
+    denoiser, optimizer, dataloader = accelerator.prepare(base.denoiser, optimizer, dataloader)
 
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     lr_scheduler = make_lr_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
     lr_scheduler = accelerator.prepare(lr_scheduler)
-    trainable.register_checkpoint_hooks(accelerator, base.unet)
+    trainable.register_checkpoint_hooks(accelerator, base.denoiser)
 
     if accelerator.is_main_process:
         write_run_files(output_dir, args, seed, base, resolution)
@@ -145,9 +163,9 @@ def train(
         logger.info(
             "%s%s | %d examples, %d batch(es) per epoch per process, batch %d x %d process(es) x %d accumulation, "
             "%d steps (%d epochs)\n%s",
-            "SDXL " if base.sdxl else "SD ", base.path, len(dataset), len(dataloader), args.train_batch_size,
+            base.name.upper() + " ", base.path, len(dataset), len(dataloader), args.train_batch_size,
             accelerator.num_processes, args.gradient_accumulation_steps, max_train_steps, num_epochs,
-            trainable.describe(base.unet, parameters),
+            trainable.describe(base.denoiser, parameters),
         )
 
     global_step = 0
@@ -178,10 +196,13 @@ def train(
             for batch_index, batch in enumerate(loader, start=start):
                 # noise and timesteps depend only on (seed, process, epoch, batch): a resumed run draws the same ones
                 generator.manual_seed(derive_seed(seed, "noise", accelerator.process_index, epoch, batch_index))
+                # so are the draws from torch's global RNG inside the forward (tuner dropout): that RNG is also
+                # advanced by DataLoader iteration, which a resumed run does differently
+                seed_global_rng(seed, "forward", accelerator.process_index, epoch, batch_index)
                 for callback in callbacks:
-                    callback.on_step_begin(base.unet, global_step)
-                with accelerator.accumulate(unet):
-                    loss = diffusion_loss(args, base, unet, batch, resolution, weight_dtype, generator)
+                    callback.on_step_begin(base.denoiser, global_step)
+                with accelerator.accumulate(denoiser):
+                    loss = diffusion_loss(args, base, denoiser, batch, resolution, weight_dtype, generator)
                     losses = accelerator.gather(loss.detach().reshape(1))
                     if not torch.isfinite(losses).all():
                         raise NonFiniteLossError(non_finite_message(losses, global_step, last_checkpoint))
@@ -213,13 +234,13 @@ def train(
                 validate_now = args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
                 if validate_now and global_step < max_train_steps:  # the last step gets the final validation below
                     if accelerator.is_main_process:
-                        log_validation(accelerator, base, base.unet, args, resolution, seed, global_step, f"step_{global_step:06d}")
+                        log_validation(accelerator, base, base.denoiser, args, resolution, seed, global_step, f"step_{global_step:06d}")
                 if global_step >= max_train_steps:
                     break
 
             validate_epoch = args.validation_prompt and not args.validation_steps and (epoch + 1) % args.validation_epochs == 0
             if validate_epoch and global_step < max_train_steps and accelerator.is_main_process:
-                log_validation(accelerator, base, base.unet, args, resolution, seed, global_step, f"epoch_{epoch + 1:04d}")
+                log_validation(accelerator, base, base.denoiser, args, resolution, seed, global_step, f"epoch_{epoch + 1:04d}")
 
         # --- the result ---------------------------------------------------------------------------------------
         progress.close()
@@ -229,7 +250,7 @@ def train(
         if accelerator.is_main_process:
             if not parameters_are_finite(parameters):
                 raise NonFiniteLossError(non_finite_message(None, global_step, last_checkpoint))
-            trainable.save(base.unet, output_dir)
+            trainable.save(base.denoiser, output_dir)
             logger.info("saved the %s result to %s", trainable.name, result)
             summary = TrainingSummary(
                 output_dir, result, sum(p.numel() for p in parameters), global_step - first_step, loop_seconds
@@ -237,8 +258,8 @@ def train(
             for callback in callbacks:
                 callback.on_train_end(summary)
             if args.validation_prompt:
-                log_validation(accelerator, base, base.unet, args, resolution, seed, global_step, "final")
-            finish_run(args, trainable, result, base.unet, base.sdxl, repo_id)
+                log_validation(accelerator, base, base.denoiser, args, resolution, seed, global_step, "final")
+            finish_run(args, trainable, result, base.denoiser, base.name, repo_id)
         accelerator.wait_for_everyone()
     finally:
         progress.close()
@@ -247,47 +268,24 @@ def train(
 
 
 # --- one step ------------------------------------------------------------------------------------------------
+def seed_global_rng(*parts: object) -> None:
+    """Seed torch's global RNG (CPU and every CUDA device) from ``parts`` only: ``nn.Dropout`` and any other draw
+    that takes no generator then depend on (seed, process, epoch, batch), not on what ran before."""
+    torch.manual_seed(derive_seed(*parts))
+
+
 def diffusion_loss(
     args: Namespace,
-    base: BaseModel,
-    unet: torch.nn.Module,
+    base: DenoiserFamily,
+    denoiser: torch.nn.Module,
     batch: dict[str, Any],
     resolution: int,
     weight_dtype: torch.dtype,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """The denoising loss of one batch (Min-SNR weighted with ``--snr_gamma``; DreamBooth class examples weighted
-    by ``--prior_loss_weight``)."""
-    device = generator.device
-    scheduler = base.noise_scheduler
-    with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, dtype=base.vae.dtype)
-        latents = base.vae.encode(pixels).latent_dist.sample(generator=generator)
-        latents = (latents * base.vae.config.scaling_factor).to(weight_dtype)
-        context, pooled = base.encode_prompts(batch["captions"], device)
-    context = context.to(weight_dtype)
-    added_conditions = base.added_conditions(pooled, batch, resolution, weight_dtype)
-
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if args.noise_offset:
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype)
-        noise = noise + args.noise_offset * offset
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):  # Min-SNR weighting below knows these two
-        raise TrainingError(f"the model's scheduler predicts {prediction_type!r}; pass --prediction_type epsilon or v_prediction")
-    target = prediction_target(scheduler, latents, noise, timesteps)
-
-    prediction = unet(noisy_latents, timesteps, context, added_cond_kwargs=added_conditions, return_dict=False)[0]
-    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if args.snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(scheduler, timesteps)
-        weights = torch.clamp(snr, max=args.snr_gamma)  # min(SNR, gamma)
-        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
-        per_example = per_example * weights
+    """The training loss of one batch: the family's per-example loss (noise prediction for UNets, rectified flow
+    for SD3 / Flux), DreamBooth class examples weighted by ``--prior_loss_weight``."""
+    per_example = base.per_example_loss(args, denoiser, batch, resolution, weight_dtype, generator)
     is_prior = batch["is_prior"].to(per_example.device)
     loss = per_example[~is_prior].mean()
     if is_prior.any():
@@ -436,10 +434,10 @@ def check_model_sources(args: Namespace) -> None:
         )
 
 
-def write_run_files(output_dir: Path, args: Namespace, seed: int, base: BaseModel, resolution: int) -> None:
+def write_run_files(output_dir: Path, args: Namespace, seed: int, base: DenoiserFamily, resolution: int) -> None:
     """``args.json``: every flag, with the seed and resolution actually used."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    run = {**args_to_json(args), "seed": seed, "resolution": resolution, "model_type": "sdxl" if base.sdxl else "sd"}
+    run = {**args_to_json(args), "seed": seed, "resolution": resolution, "model_type": base.name}
     with open(output_dir / "args.json", "w", encoding="utf-8") as f:
         json.dump(run, f, indent=2)
 

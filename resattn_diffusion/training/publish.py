@@ -101,19 +101,29 @@ def check_export_flags(args: Namespace, config: ResTunerConfig | None) -> None:
         )
 
 
+#: Per model family (``args.json``'s ``model_type``): the pipelines/ class that loads the tuner, the card's tag, and
+#: the pipeline attribute the tuner sits on.
+CARD_MODELS: dict[str, tuple[str, str, str]] = {
+    "sd": ("ResTunerStableDiffusionPipeline", "stable-diffusion", "unet"),
+    "sdxl": ("ResTunerStableDiffusionXLPipeline", "stable-diffusion-xl", "unet"),
+    "sd3": ("ResTunerStableDiffusion3Pipeline", "sd3", "transformer"),
+    "flux": ("ResTunerFluxPipeline", "flux", "transformer"),
+}
+
+
 def validation_images(output_dir: Path) -> list[Path]:
     """The validation grids the run wrote, oldest first (``validation/*.png``)."""
     return sorted((output_dir / "validation").glob("*.png"), key=lambda p: p.stat().st_mtime)
 
 
 def _card_description(
-    args: Namespace, config: ResTunerConfig | None, result: Path, lora: Path | None, sdxl: bool, images: list[Path],
+    args: Namespace, config: ResTunerConfig | None, result: Path, lora: Path | None, model_type: str, images: list[Path],
     source: str,
 ) -> str:
     output_dir = Path(args.output_dir)
     base = args.pretrained_model_name_or_path
     what = f"a `{config.tuner}` tuner" if config is not None else "a tuned model"
-    pipeline = "ResTunerStableDiffusionXLPipeline" if sdxl else "ResTunerStableDiffusionPipeline"
+    pipeline, _, denoiser = CARD_MODELS[model_type]
     lines = [
         f"# {what} for {base}",
         "",
@@ -146,7 +156,7 @@ def _card_description(
         f'image = pipe("{args.validation_prompt or getattr(args, "instance_prompt", None) or "a photo"}").images[0]',
         "```",
         "",
-        "or on any UNet: `resattn_diffusion.load_res_tuner(pipe.unet, path)`.",
+        f"or on any pipeline's {denoiser}: `resattn_diffusion.load_res_tuner(pipe.{denoiser}, path)`.",
         "",
     ]
     if lora is not None:
@@ -165,7 +175,7 @@ def write_model_card(
     args: Namespace,
     config: ResTunerConfig | None,
     result: Path,
-    sdxl: bool,
+    model_type: str,
     lora: Path | None = None,
     repo_id: str | None = None,
 ) -> Path:
@@ -187,12 +197,12 @@ def write_model_card(
             from_training=True,
             base_model=str(args.pretrained_model_name_or_path),
             prompt=getattr(args, "instance_prompt", None),
-            model_description=_card_description(args, config, result, lora, sdxl, images, repo_id or str(output_dir)),
+            model_description=_card_description(args, config, result, lora, model_type, images, repo_id or str(output_dir)),
             widget=widget or None,
             inference=True,
         )
     tags = ["resattn-diffusion", "res-tuner", "diffusers-training", "text-to-image", "diffusers"]
-    tags += ["stable-diffusion-xl" if sdxl else "stable-diffusion"]
+    tags += [CARD_MODELS[model_type][1]]
     if config is not None:
         tags.append(config.tuner)
     if lora is not None:
@@ -203,18 +213,19 @@ def write_model_card(
     return path
 
 
-def finish_run(args: Namespace, trainable: Any, result: Path, unet: Any, sdxl: bool, repo_id: str | None) -> None:
+def finish_run(args: Namespace, trainable: Any, result: Path, unet: Any, model_type: str, repo_id: str | None) -> None:
     """On the main process after the result is saved: export, card, upload (in that order: the upload carries both)."""
     output_dir = Path(args.output_dir)
     config = getattr(trainable, "config", None)
     lora = export_trained_lora(args, output_dir, result, unet)
-    card = write_model_card(args, config if isinstance(config, ResTunerConfig) else None, result, sdxl, lora, repo_id)
+    card = write_model_card(args, config if isinstance(config, ResTunerConfig) else None, result, model_type, lora, repo_id)
     logger.info("model card: %s", card)
     if repo_id is not None:
         push_output_dir(repo_id, output_dir, args.hub_token, "End of training", required=True)
 
 
 __all__ = [
+    "CARD_MODELS",
     "CARD_NAME",
     "check_export_flags",
     "create_hub_repo",

@@ -20,15 +20,16 @@ the tuned pipeline for evaluation::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ResTunerConfig
-from ..integration.inject import add_res_tuner, format_summary, res_tuner_parameters, res_tuner_summary
+from ..integration.api import add_res_tuner, format_summary, res_tuner_parameters, res_tuner_summary
 from ..integration.io import WEIGHT_NAME, load_res_tuner, save_res_tuner
 from .errors import TrainingError
 
@@ -97,13 +98,13 @@ class TrainableProvider(ABC):
         """Save what was trained into ``output_dir``; returns :meth:`result_path`."""
 
     # --- optional hooks ----------------------------------------------------------------------------------------
-    def check_resume(self, checkpoint: Path) -> None:
+    def check_resume(self, checkpoint: Path) -> None:  # noqa: B027 - an optional hook: doing nothing is its default
         """Raise :class:`TrainingError` if ``checkpoint`` was written by a run that trained something else."""
 
-    def register_checkpoint_hooks(self, accelerator: Any, unet: nn.Module) -> None:
+    def register_checkpoint_hooks(self, accelerator: Any, unet: nn.Module) -> None:  # noqa: B027 - an optional hook: doing nothing is its default
         """Change what accelerate's ``save_state`` / ``load_state`` store of ``unet`` (default: its whole state)."""
 
-    def write_config(self, output_dir: Path) -> None:
+    def write_config(self, output_dir: Path) -> None:  # noqa: B027 - an optional hook: doing nothing is its default
         """Write the provider's own config beside the run's ``args.json`` (main process, before training)."""
 
     def callbacks(self, unet: nn.Module, seed: int) -> list[TrainingCallback]:
@@ -199,14 +200,18 @@ def load_tuned_pipeline(
     device: str | torch.device = "cpu",
     load_unet: Callable[[nn.Module, str | Path], nn.Module] = load_trained_unet,
 ) -> Any:
-    """The base diffusers pipeline in ``base_model`` with the result of the run in ``output_dir`` on its UNet.
+    """The base diffusers pipeline in ``base_model`` with the result of the run in ``output_dir`` on its denoiser
+    (``pipeline.unet``, or ``pipeline.transformer`` of SD3 / Flux).
 
-    ``load_unet(unet, output_dir)`` puts the result on the base UNet and returns the UNet to use (default: a res
-    tuner, :func:`load_trained_unet`; the benchmarks pass their peers' loader).
+    ``load_unet(denoiser, output_dir)`` puts the result on the base denoiser and returns the one to use (default: a
+    res tuner, :func:`load_trained_unet`; the benchmarks pass their peers' loader).
     """
     from diffusers import DiffusionPipeline
 
+    from ..integration.loader_mixin import denoiser_attribute
+
     pipeline = DiffusionPipeline.from_pretrained(str(base_model))
-    pipeline.unet = load_unet(pipeline.unet, output_dir)
+    attribute = denoiser_attribute(pipeline)
+    setattr(pipeline, attribute, load_unet(getattr(pipeline, attribute), output_dir))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

@@ -1,4 +1,4 @@
-"""Validation images: the UNet being trained inside a stock diffusers pipeline, saved as a PNG grid and logged."""
+"""Validation images: the denoiser being trained inside its family's stock diffusers pipeline, saved as a PNG grid and logged."""
 
 from __future__ import annotations
 
@@ -11,40 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .models import BaseModel
+from .models import DenoiserFamily
 
 logger = logging.getLogger(__name__)
-
-
-def inference_pipeline(base: BaseModel, unet: torch.nn.Module) -> Any:
-    """A stock SD / SDXL pipeline around the frozen components and ``unet`` (with its tuner), using the model's
-    own inference scheduler. No safety checker is loaded for validation images."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = base.inference_scheduler
-    if base.sdxl:
-        pipeline = StableDiffusionXLPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoders[0],
-            text_encoder_2=base.text_encoders[1],
-            tokenizer=base.tokenizers[0],
-            tokenizer_2=base.tokenizers[1],
-            unet=unet,
-            scheduler=scheduler,
-        )
-    else:
-        pipeline = StableDiffusionPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoders[0],
-            tokenizer=base.tokenizers[0],
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
@@ -60,8 +29,8 @@ def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
 
 def log_validation(
     accelerator: Any,
-    base: BaseModel,
-    unet: torch.nn.Module,
+    base: DenoiserFamily,
+    denoiser: torch.nn.Module,
     args: Any,
     resolution: int,
     seed: int,
@@ -71,22 +40,23 @@ def log_validation(
     """Generate ``args.num_validation_images`` images of ``args.validation_prompt``; save the grid as
     ``output_dir/validation/<tag>.png`` and log the images to the trackers. Call on the main process only."""
     logger.info("validation at step %d: %d image(s) of %r", step, args.num_validation_images, args.validation_prompt)
-    was_training = unet.training
-    unet.eval()
-    pipeline = inference_pipeline(base, unet)
+    was_training = denoiser.training
+    denoiser.eval()
+    pipeline = base.inference_pipeline(denoiser)
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    prompt_kwargs = base.validation_kwargs(args, accelerator.device)
     images = []
     with accelerator.autocast():
         for _ in range(args.num_validation_images):
             result = pipeline(
-                args.validation_prompt,
+                **prompt_kwargs,
                 num_inference_steps=args.validation_inference_steps,
                 height=resolution,
                 width=resolution,
                 generator=generator,
             )
             images.append(result.images[0])
-    unet.train(was_training)
+    denoiser.train(was_training)
 
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,13 @@ gate, is zero), and a non-zero gradient on that factor at the first step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class ConfigError(ValueError):
@@ -219,7 +220,7 @@ class TunerParams:
     def validate_for(self, shape: OpShape) -> None:
         return None
 
-    def for_layer(self, layer_path: str) -> "TunerParams":
+    def for_layer(self, layer_path: str) -> TunerParams:
         """The hyperparameters for one layer (tuners with per-layer settings, e.g. GLoRA, override this)."""
         return self
 
@@ -264,6 +265,9 @@ class LinearTuner(nn.Module):
     #: (the GPU fast path, :func:`resattn_diffusion.integration.processors.select_linear_path`). A tuner with
     #: dropout on its input is not, while training.
     mergeable: ClassVar[bool] = False
+    #: Whether the merged one-GEMM path is the automatic choice on CUDA (set from GPU measurements: a tuner whose
+    #: merged path measured slower than its branch there sets False; ``forced_paths("fast")`` still merges it).
+    merge_on_cuda: ClassVar[bool] = True
     #: Whether :meth:`fold` reads ``W0``/``b0`` (GLoRA's ``W0 ⊙ A``) or only their dtype: a LoRA export of a tuner
     #: that does not read them needs no base model.
     fold_reads_base: ClassVar[bool] = True

@@ -56,12 +56,12 @@ other's gradient at zero forever).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .adapter import ResAdapter, ResAdapterParams
 from .base import ConfigError, OpShape, TunerParams, check_choice, check_dropout, check_positive, init_down_projection

@@ -30,7 +30,7 @@ choice of every tuner in the block, on any device; per module, ``LinearBank.path
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from .base import ConfigError
 

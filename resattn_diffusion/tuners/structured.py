@@ -35,8 +35,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from typing import Iterator
-
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -45,7 +44,6 @@ from torch import nn
 
 from .base import ConfigError
 from .fast_paths import fast_path_wanted, forced_path
-
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
@@ -65,10 +63,15 @@ def next_fast_fft_length(n: int) -> int:
         candidate += 1
 
 
+#: Device types with an autocast to disable. A fixed set, not ``torch.amp.is_autocast_available``: dynamo skips
+#: that function, so calling it broke the graph at every FFT under ``torch.compile`` (35 breaks on the H100 run).
+AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
+
+
 @contextlib.contextmanager
 def float32_fft_region(device: torch.device) -> Iterator[None]:
     """Disable autocast on ``device`` so the FFTs inside run in the float32 the caller casts to."""
-    if torch.amp.is_autocast_available(device.type):
+    if device.type in AUTOCAST_DEVICE_TYPES:
         with torch.autocast(device_type=device.type, enabled=False):
             yield
     else:

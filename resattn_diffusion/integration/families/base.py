@@ -3,7 +3,7 @@
 A :class:`ModelFamily` says which blocks a model has, which operations of a block a target names (an attention,
 a feed-forward, a single linear), the linear projections of each operation, which processor class wraps its
 attention, and how a tuner file describes the model. The tuner kinds (``integration/kinds``) and the API
-(``inject.py``) ask the family and never look at a diffusers class themselves: adding a model family is one
+(``api.py``) ask the family and never look at a diffusers class themselves: adding a model family is one
 new subclass registered in ``families/__init__.py``.
 """
 
@@ -114,10 +114,10 @@ class ModelFamily(ABC):
     def _describe(self, get) -> dict[str, Any]:
         return {}
 
-    def install_model_guards(self, model: nn.Module) -> None:
+    def install_model_guards(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called when the first tuner arrives on ``model`` (e.g. keep diffusers' helpers from dropping it)."""
 
-    def remove_model_guards(self, model: nn.Module) -> None:
+    def remove_model_guards(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called when the last tuner leaves ``model``: undo :meth:`install_model_guards` exactly."""
 
     # -- shared logic -------------------------------------------------------------------------------------------

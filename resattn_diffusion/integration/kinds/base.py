@@ -2,14 +2,15 @@
 
 Three kinds exist (``registry.TunerKind``): operation tuners inside attention processors and beside feed-forwards
 (:class:`~.layers.OperationKind`), linear tuners beside projections (:class:`~.layers.LinearKind`), model-level
-tuners such as the Res-Tuning-Bypass (:class:`~.model.ModelKind`). The API (``inject.py``) and the file format
+tuners such as the Res-Tuning-Bypass (:class:`~.model.ModelKind`). The API (``api.py``) and the file format
 (``io.py``) call only these methods, so a new kind is one new implementation registered in ``kinds/__init__.py``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Iterator
+from collections.abc import Iterator
+from typing import ClassVar
 
 from torch import nn
 
@@ -61,6 +62,8 @@ class TunerKindAttach(ABC):
         change nothing if one is not finite."""
         raise ResTunerError(f"{self.name} tuners add a branch that does not fold into a weight")
 
-    def unfuse(self, model: nn.Module, state: ResTunerState, names: list[str] | None = None) -> None:
+    def unfuse(  # noqa: B027 - optional hook, no-op by default
+        self, model: nn.Module, state: ResTunerState, names: list[str] | None = None, accept_changed_weights: bool = False
+    ) -> None:
         """Restore the weights the named tuners (all when None) were folded into, exactly (nothing to do for kinds
-        that never fuse)."""
+        that never fuse); ``accept_changed_weights``: see ``unfuse_res_tuner``."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from ...config import ResTunerConfig
 from ...tuners.base import OpShape
 from ..families.base import Layer, ModelFamily, base_linear, linear_shape
+from ..fusion import plan_write
 from ..processors import (
     LinearBank,
     OperationBank,
@@ -223,31 +224,50 @@ class LinearKind(LayerKind):
             raise ResTunerError(f"config {config} selects no linear projection of this {family.model_word}")
         return layers
 
+    def attach(
+        self, model: nn.Module, family: ModelFamily, config: ResTunerConfig, adapter_name: str, state: ResTunerState
+    ) -> list[str]:
+        paths = super().attach(model, family, config, adapter_name, state)
+        for bank, _ in state.banks:
+            if isinstance(bank, LinearBank) and bank.parent_module is None:
+                # where diffusers' LoRA puts a peft wrapper around the projection, whose merges the bank must see
+                parent_path = bank.layer_path.rpartition(".")[0]
+                bank.bind_parent(model.get_submodule(parent_path) if parent_path else model)
+        return paths
+
     def detach(self, model: nn.Module, state: ResTunerState, adapter_name: str) -> None:
-        for bank, owner in state.banks:
-            setting = bank.settings.get(adapter_name)
-            if isinstance(bank, LinearBank) and setting is not None and setting.fused:
-                bank.unfuse(owner, [adapter_name])  # other fused tuners of the layer stay fused
+        self.unfuse(model, state, [adapter_name])  # other fused tuners of the layer stay fused; refused: unchanged
         super().detach(model, state, adapter_name)
 
     def fuse(self, model: nn.Module, state: ResTunerState, names: list[str], safe_fusing: bool = False) -> None:
+        # Every layer is resolved (and refused where fusing cannot be exact beside what else folded into it) before
+        # any changes; the new weights are computed one layer at a time unless safe_fusing checks them all first.
         plans = []
         for bank, owner in state.banks:
             present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
             if present and isinstance(bank, LinearBank):
-                plan = bank.plan_fuse(owner, present) if safe_fusing else None
-                if plan is not None and not (
-                    torch.isfinite(plan[1]).all() and (plan[2] is None or torch.isfinite(plan[2]).all())
+                keep = bank.fused_names() + [n for n in bank.settings if n in present and n not in bank.fused_names()]
+                others = bank.resolve(owner, action="fuse_res_tuner")
+                write = plan_write(bank, owner, others, keep) if safe_fusing else None
+                if write is not None and not (
+                    torch.isfinite(write.weight).all() and (write.bias is None or torch.isfinite(write.bias).all())
                 ):
                     raise ResTunerError(
                         f"fusing {present} into {bank.layer_path} gives NaN or inf weights (a diverged tuner or a huge "
                         "scale); nothing was fused. Check the tuner's weights, or run it unfused."
                     )
-                plans.append((bank, owner, present, plan))
-        for bank, owner, present, plan in plans:  # every layer checked before any changes
-            bank.fuse(owner, present, plan)
+                plans.append((bank, owner, others, keep, write))
+        for bank, owner, others, keep, write in plans:
+            bank.write_planned(owner, write or plan_write(bank, owner, others, keep))
 
-    def unfuse(self, model: nn.Module, state: ResTunerState, names: list[str] | None = None) -> None:
-        for bank, owner in state.banks:
+    def unfuse(
+        self, model: nn.Module, state: ResTunerState, names: list[str] | None = None, accept_changed_weights: bool = False
+    ) -> None:
+        writes = []
+        for bank, owner in state.banks:  # every layer checked before any changes
             if isinstance(bank, LinearBank):
-                bank.unfuse(owner, names)
+                write = bank.plan_unfuse(owner, names, accept_changed_weights)
+                if write is not None:
+                    writes.append((bank, owner, write))
+        for bank, owner, write in writes:
+            bank.write_planned(owner, write)

@@ -6,7 +6,7 @@ model-level tuner leaves ``"model"`` out of its ``kinds`` and the API refuses su
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

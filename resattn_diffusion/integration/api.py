@@ -7,7 +7,7 @@ Shared state (the model's configs and banks) lives in ``state.py``.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -157,6 +157,9 @@ def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
     processors and the model's outputs are restored exactly."""
     state = _require_state(unet)
     names = list(state.configs) if adapter_name is None else [_require_name(state, adapter_name)]
+    fused = [name for name in names if res_tuner_settings(unet)[name]["fused"]]
+    if fused:  # every layer at once: refused (weights changed behind a fused tuner) before anything is removed
+        unfuse_res_tuner(unet, fused)
     for name in names:
         kind_of(state.configs[name]).detach(unet, state, name)
         del state.configs[name]
@@ -279,13 +282,22 @@ def _refuse_disabled(unet: nn.Module, names: list[str]) -> None:
         )
 
 
-def unfuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None) -> None:
-    """Restore the weights fused tuners changed, exactly; the tuners run as branches again. With
-    ``adapter_name``, only the named tuner(s) leave the weights; other fused tuners stay fused."""
+def unfuse_res_tuner(
+    unet: nn.Module, adapter_name: str | list[str] | None = None, accept_changed_weights: bool = False
+) -> None:
+    """Unfold fused tuners (the named ones, else all); they run as branches again and the weights are what the
+    rest of the model makes them: bit for bit the original ones when nothing else was folded in between, exactly
+    where a diffusers LoRA fused or unfused in between leaves them otherwise (:mod:`.fusion`).
+
+    Refused, changing nothing, when a weight was changed while fused by something other than diffusers'
+    ``fuse_lora``/``unfuse_lora`` (e.g. ``unload_lora_weights()`` of a LoRA loaded and fused after the tuner was
+    fused). ``accept_changed_weights=True`` then subtracts exactly the tuners' delta and keeps the other change."""
+    check_enabled(accept_changed_weights, "accept_changed_weights")
     state = _require_state(unet)
     names = None if adapter_name is None else _names(state, adapter_name)
-    for kind in {id(kind_of(c)): kind_of(c) for c in state.configs.values()}.values():
-        kind.unfuse(unet, state, names)
+    kinds = [kind for kind in {id(kind_of(c)): kind_of(c) for c in state.configs.values()}.values() if kind.can_fuse]
+    for kind in kinds:
+        kind.unfuse(unet, state, names, accept_changed_weights)
 
 
 def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[str, float]) -> None:
@@ -296,6 +308,9 @@ def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[
     _require_name(state, adapter_name)
     if not isinstance(kind_of(state.configs[adapter_name]), LayerKind):
         raise ResTunerError(f"tuner {adapter_name!r} is a side network over the whole model; it has one scale, not per-block ones")
+    if not isinstance(scales, dict):
+        raise ConfigError(f"scales must map module path prefixes to numbers, got {type(scales).__name__}")
+    scales = {prefix: check_scale(value, f"scale of {prefix!r}") for prefix, value in scales.items()}
     changes = []
     for bank, _ in state.banks:
         setting = bank.settings.get(adapter_name)
@@ -304,7 +319,7 @@ def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[
         prefixes = [p for p in scales if bank.layer_path == p or bank.layer_path.startswith(p + ".")]
         if not prefixes:
             continue
-        scale = float(scales[max(prefixes, key=len)])
+        scale = scales[max(prefixes, key=len)]
         if setting.fused and setting.scale != scale:
             raise ResTunerError(f"tuner {adapter_name!r} is fused into the weights; unfuse it before changing its scales")
         changes.append((setting, scale))

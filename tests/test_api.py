@@ -3,7 +3,6 @@ Flux transformers (issue 17): one test, parametrised over model families."""
 
 from __future__ import annotations
 
-
 import functools
 
 import pytest
@@ -14,10 +13,12 @@ from resattn_diffusion.integration.families import family_of
 from resattn_diffusion.testing import (
     TRANSFORMER_KINDS,
     frozen_tiny_model,
-    frozen_tiny_unet as _frozen_unet,
     model_inputs,
     present_targets,
     unet_inputs,
+)
+from resattn_diffusion.testing import (
+    frozen_tiny_unet as _frozen_unet,
 )
 
 KINDS = ("sd1", "sd2", "sdxl")
@@ -206,7 +207,7 @@ def test_summary_counts_match_the_formulas():
     unet = _frozen_unet("sd1")
     rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_attn", rank=8, heads=2, targets=["attn2"]))
     expected = 0
-    for path, block in rd.integration.inject.transformer_blocks(unet):
+    for _, block in rd.integration.api.transformer_blocks(unet):
         a = block.attn2
         d, dc, dout = a.to_q.in_features, a.to_k.in_features, a.to_out[0].out_features
         expected += 8 * (d + 2 * dc + dout)
@@ -245,7 +246,7 @@ def test_scale_and_enable_refusals_change_no_tuner():
     for change in (lambda: rd.set_res_tuner_scale(unet, 0.5), lambda: rd.set_res_tuner_enabled(unet, False)):
         with pytest.raises(rd.ResTunerError, match="'lora' is fused"):
             change()
-        status = rd.integration.inject.res_tuner_settings(unet)
+        status = rd.integration.api.res_tuner_settings(unet)
         assert status["attn"] == {"scale": 1.0, "enabled": True, "fused": False}  # the unfused one is untouched too
         assert rd.get_res_tuner_configs(unet)["attn"].scale == 1.0
 
@@ -259,7 +260,7 @@ def test_branches_get_the_normalised_context_on_both_processor_paths():
     from resattn_diffusion.tuners.res_attn import ResAttn, ResAttnParams
 
     attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8, cross_attention_norm="layer_norm")
-    tuner = ResAttn(rd.integration.inject.attention_shape(attn), ResAttnParams(rank=4, heads=2))
+    tuner = ResAttn(rd.integration.api.attention_shape(attn), ResAttnParams(rank=4, heads=2))
     torch.nn.init.normal_(tuner.out_proj.weight)
     x, context = torch.randn(2, 5, 16), 3 * torch.randn(2, 7, 12) + 1
     outputs = []
