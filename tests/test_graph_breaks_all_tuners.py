@@ -12,8 +12,12 @@ from resattn_diffusion import SCALE_KWARG, get_tuner_spec, tuner_names
 from resattn_diffusion.testing import unet_inputs
 
 
-# The UNet-level bypass (kind "model") is left out: it breaks the graph on this one-level UNet (not yet analysed).
-@pytest.mark.parametrize("name", [n for n in tuner_names() if get_tuner_spec(n).kind != "model"])
+# The attention-side tuners are traced by tests/test_perf_benchmarks.py::test_compile_rows already; here the
+# linear tuners and SURM-Adapter (whose FFT region broke the graph on the H100). The UNet-level bypass (kind
+# "model") is left out: it breaks the graph on this one-level UNet (not yet analysed).
+@pytest.mark.parametrize(
+    "name", [n for n in tuner_names() if get_tuner_spec(n).kind == "linear" or n == "surm_adapter"]
+)
 def test_tuner_compiles_without_graph_breaks(name: str) -> None:
     unet = compile_unet([name], tiny=True)
     inputs = unet_inputs(unet, batch_size=2, seed=0)
