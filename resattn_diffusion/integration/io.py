@@ -536,7 +536,13 @@ def load_res_tuner(
     _check_against_plan(file, unet, config, entries)
     tensors = _read_tensors(file_path, entries)
     _check_weight_values(file, tensors)
+    return _install_checked(unet, config, name, tensors, file)
 
+
+def _install_checked(
+    unet: nn.Module, config: ResTunerConfig, name: str, tensors: dict[str, torch.Tensor], file: str
+) -> str:
+    """Add tuner ``name`` and copy the already-checked ``tensors`` into it; on any failure it is removed again."""
     add_res_tuner(unet, config, name)
     try:
         load_tuner_tensors(unet, name, tensors, file)
@@ -596,13 +602,7 @@ def _load_state_dict_or_hotswap(
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
     _check_against_plan(file, unet, config, entries)
-    add_res_tuner(unet, config, name)
-    try:
-        load_tuner_tensors(unet, name, tensors, file)
-    except Exception:
-        remove_res_tuner(unet, name)
-        raise
-    return name
+    return _install_checked(unet, config, name, tensors, file)
 
 
 def checked_tuner_tensors(
