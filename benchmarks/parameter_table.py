@@ -1,6 +1,6 @@
 """The README's parameter table: every tuner at its defaults on the SD 1.5 UNet, and peft LoRA r=4 beside them.
 
-    python -m benchmarks.parameter_table
+python -m benchmarks.parameter_table
 """
 
 from __future__ import annotations

@@ -106,7 +106,9 @@ def check_hyperparameters(tuner: str, params_cls: type, values: Mapping[str, Any
         if not isinstance(value, allowed):
             raise ConfigError(f"{where} must be {_names(allowed)}, got {type(value).__name__} {_short(value)}")
         if float not in allowed and isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
-            raise ConfigError(f"{where}={value} is beyond any layer of a Stable Diffusion model; sizes are at most {MAX_SIZE}")
+            raise ConfigError(
+                f"{where}={value} is beyond any layer of a Stable Diffusion model; sizes are at most {MAX_SIZE}"
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where} must be a finite number, got {value!r}")
         if isinstance(value, (list, tuple, dict)) and len(value) > MAX_ITEMS:
@@ -188,7 +190,9 @@ def _allowed_types(hint: Any) -> tuple[type, ...] | None:
 
 
 def _names(allowed: tuple[type, ...]) -> str:
-    return " or ".join(sorted({"a number" if t is float else ("None" if t is type(None) else f"a {t.__name__}") for t in allowed}))
+    return " or ".join(
+        sorted({"a number" if t is float else ("None" if t is type(None) else f"a {t.__name__}") for t in allowed})
+    )
 
 
 def _short(value: Any) -> str:

@@ -70,19 +70,29 @@ class ResTunerConfig:
     def validate(self) -> None:
         targets = self.targets or ()
         if self.targets is not None and not self.targets:
-            raise ConfigError(f"targets is empty; choose from {list(known_targets())}, or None for the model's default")
+            raise ConfigError(
+                f"targets is empty; choose from {list(known_targets())}, or None for the model's default"
+            )
         for target in targets:
             check_choice("target", target, known_targets())
         for projection in self.projections or ():
             check_choice("projection", projection, known_projections())
         if self.spec.kind == "linear" and self.projections is not None and not self.projections:
             if not any(t in _FEED_FORWARD_TARGETS for t in targets):
-                raise ConfigError(f"{self.tuner} sits beside linear projections: give projections from {list(known_projections())}")
+                raise ConfigError(
+                    f"{self.tuner} sits beside linear projections: give projections from {list(known_projections())}"
+                )
         check_choice("placement", self.placement, PLACEMENTS)
         if self.placement == "sequential" and not getattr(self.spec.module_cls, "supports_sequential", True):
-            raise ConfigError(f"{self.tuner} re-parameterises its own layer's weight and is parallel only; use placement='parallel'")
+            raise ConfigError(
+                f"{self.tuner} re-parameterises its own layer's weight and is parallel only; use placement='parallel'"
+            )
         feed_forwards = [t for t in targets if t in _FEED_FORWARD_TARGETS]
-        if self.spec.kind == "operation" and feed_forwards and getattr(self.spec.module_cls, "needs_frozen_attention", False):
+        if (
+            self.spec.kind == "operation"
+            and feed_forwards
+            and getattr(self.spec.module_cls, "needs_frozen_attention", False)
+        ):
             raise ConfigError(
                 f"{self.tuner} reads an attention's frozen projections and cannot sit on {feed_forwards[0]!r}; target "
                 "attentions (UNet: attn1/attn2; SD3 / Flux: attn/attn2)"
@@ -111,7 +121,9 @@ class ResTunerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResTunerConfig:
         if not isinstance(data, dict) or "tuner" not in data:
-            raise ConfigError("a tuner config is a JSON object with at least a 'tuner' key, e.g. {\"tuner\": \"res_attn\"}")
+            raise ConfigError(
+                'a tuner config is a JSON object with at least a \'tuner\' key, e.g. {"tuner": "res_attn"}'
+            )
         data = dict(data)
         hyperparameters = data.pop("hyperparameters", None)
         if hyperparameters is None:
@@ -122,7 +134,9 @@ class ResTunerConfig:
             )
         unknown = set(data) - set(_COMMON)
         if unknown:
-            raise ConfigError(f"unknown config key(s) {sorted(unknown)}; allowed: {list(_COMMON) + ['hyperparameters']}")
+            raise ConfigError(
+                f"unknown config key(s) {sorted(unknown)}; allowed: {list(_COMMON) + ['hyperparameters']}"
+            )
         return cls(**data, **hyperparameters)
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -51,7 +51,11 @@ def hub_unreachable_reason() -> str | None:
 
 
 def in_hub_cache(
-    repo_id: str, filename: str, cache_dir: str | None = None, revision: str | None = None, subfolder: str | None = None
+    repo_id: str,
+    filename: str,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
 ) -> bool:
     """Whether the file is in the local Hub cache (then a download returns it without a connection)."""
     from huggingface_hub import try_to_load_from_cache
@@ -102,7 +106,9 @@ def check_pretrained_source(
     if os.path.exists(name):
         return
     if not looks_like_repo_id(name):
-        raise ModelSourceError(f"{flag} {name!r}: no such file or folder (and it is not a Hub repo id like 'user/model')")
+        raise ModelSourceError(
+            f"{flag} {name!r}: no such file or folder (and it is not a Hub repo id like 'user/model')"
+        )
     if in_hub_cache(name, filename, cache_dir, revision):
         return
     unreachable = hub_unreachable_reason()

@@ -32,7 +32,9 @@ def list_images(folder: str | os.PathLike, what: str, error: type[Exception]) ->
         raise error(f"{what} {str(folder)!r} is a file, not a directory; pass a folder of images")
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
     if not files:
-        raise error(f"{what} {str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files); add some images")
+        raise error(
+            f"{what} {str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files); add some images"
+        )
     return files
 
 

@@ -39,17 +39,25 @@ def parameter_table(
     total = sum(p.numel() for p in unet_from_config(unet_config).parameters())
     if configs is None:
         configs = [ResTunerConfig(tuner=name) for name in tuner_names()]
-    rows = ["| tuner | T (the branch) | hyperparameters | where | trainable params | % of UNet |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| tuner | T (the branch) | hyperparameters | where | trainable params | % of UNet |",
+        "|---|---|---|---|---|---|",
+    ]
     for config in configs:
         count = count_tuner_parameters(unet_config, config)
         # dropout and empty/off settings (GLoRA's overrides, supernet) say nothing about size
         hyper = ", ".join(
             f"{k}={v}" for k, v in config.hyperparameters.items() if k != "dropout" and v not in ({}, "", False, None)
         )
-        where = "decoder side network" if config.spec.kind == "model" else "+".join(config.targets or UNetFamily.default_targets) + (
-            " (q,k,v,out)" if config.spec.kind == "linear" else ""
+        where = (
+            "decoder side network"
+            if config.spec.kind == "model"
+            else "+".join(config.targets or UNetFamily.default_targets)
+            + (" (q,k,v,out)" if config.spec.kind == "linear" else "")
         )
-        rows.append(f"| `{config.tuner}` | `{_formula(config.tuner)}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |")
+        rows.append(
+            f"| `{config.tuner}` | `{_formula(config.tuner)}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |"
+        )
     for name, formula, hyper, where, count in extra_rows:
         rows.append(f"| {name} | `{formula}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |")
     return "\n".join(rows) + f"\n\nUNet parameters: {total:,}."

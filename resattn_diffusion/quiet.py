@@ -17,7 +17,16 @@ from pathlib import Path
 import torch
 
 #: Library loggers whose records go to the log file instead of the console.
-LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "huggingface_hub", "torch", "PIL", "bitsandbytes", "py.warnings")
+LIBRARY_LOGGERS = (
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "huggingface_hub",
+    "torch",
+    "PIL",
+    "bitsandbytes",
+    "py.warnings",
+)
 _HANDLER_NAME = "resattn-log-file"
 _CONSOLE_NAME = "resattn-console"
 

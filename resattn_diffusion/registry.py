@@ -56,7 +56,9 @@ def register_tuner(name: str, params_cls: type, module_cls: type, kind: TunerKin
 
 def get_tuner_spec(name: str) -> TunerSpec:
     if not isinstance(name, str):
-        raise ConfigError(f"tuner must be the name of a registered tuner, got {type(name).__name__}; registered tuners: {sorted(_TUNERS)}")
+        raise ConfigError(
+            f"tuner must be the name of a registered tuner, got {type(name).__name__}; registered tuners: {sorted(_TUNERS)}"
+        )
     try:
         return _TUNERS[name]
     except KeyError:
@@ -131,7 +133,11 @@ register_tuner("res_prefix", ResPrefixParams, ResPrefix, "operation", "W_o MHA(t
 register_tuner("res_prompt", ResPromptParams, ResPrompt, "operation", "g ⊙ W_o MHA(to_q(x), to_k(P), to_v(P))")
 register_tuner("res_lora", ResLoRAParams, ResLoRA, "linear", "B A x, beside each linear")
 register_tuner(
-    "res_bypass", ResBypassParams, ResBypass, "model", "b_i = L_i(h_i) + V_i(up(b_{i-1})) over detached decoder outputs; + b at conv_norm_out",
+    "res_bypass",
+    ResBypassParams,
+    ResBypass,
+    "model",
+    "b_i = L_i(h_i) + V_i(up(b_{i-1})) over detached decoder outputs; + b at conv_norm_out",
 )
 register_tuner("glora", GLoRAParams, GLoRA, "linear", "(W0 ⊙ A) x + B x + b0 ⊙ D + E + W0 C")
 register_tuner("surm_circulant", SURMCirculantParams, SURMCirculant, "linear", "circ(v) x, by FFT")

@@ -88,19 +88,98 @@ END_OF_WORD = "</w>"
 #: project's demos: digit prompts, DreamBooth-style "sks" prompts, styles and subjects).
 DEFAULT_WORDS: tuple[str, ...] = (
     # function words
-    "a", "an", "the", "of", "in", "on", "at", "with", "and", "by", "for", "to", "is",
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "at",
+    "with",
+    "and",
+    "by",
+    "for",
+    "to",
+    "is",
     # image words
-    "photo", "picture", "image", "drawing", "painting", "sketch", "portrait", "render", "style",
-    "art", "artwork", "illustration", "handwritten", "written", "digit", "number", "background",
+    "photo",
+    "picture",
+    "image",
+    "drawing",
+    "painting",
+    "sketch",
+    "portrait",
+    "render",
+    "style",
+    "art",
+    "artwork",
+    "illustration",
+    "handwritten",
+    "written",
+    "digit",
+    "number",
+    "background",
     # digits as words (the characters 0-9 are single byte tokens already)
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
     # subjects
-    "sks", "dog", "cat", "person", "man", "woman", "face", "bird", "horse", "car", "house", "tree",
-    "flower", "mountain", "city", "street", "forest", "beach", "sky", "sunset", "castle", "robot", "toy",
+    "sks",
+    "dog",
+    "cat",
+    "person",
+    "man",
+    "woman",
+    "face",
+    "bird",
+    "horse",
+    "car",
+    "house",
+    "tree",
+    "flower",
+    "mountain",
+    "city",
+    "street",
+    "forest",
+    "beach",
+    "sky",
+    "sunset",
+    "castle",
+    "robot",
+    "toy",
     # attributes and styles
-    "red", "green", "blue", "black", "white", "yellow", "small", "big", "cute", "old", "new",
-    "high", "quality", "detailed", "beautiful", "watercolor", "oil", "pencil", "cartoon", "anime",
-    "realistic", "vintage", "van", "gogh", "monet",
+    "red",
+    "green",
+    "blue",
+    "black",
+    "white",
+    "yellow",
+    "small",
+    "big",
+    "cute",
+    "old",
+    "new",
+    "high",
+    "quality",
+    "detailed",
+    "beautiful",
+    "watercolor",
+    "oil",
+    "pencil",
+    "cartoon",
+    "anime",
+    "realistic",
+    "vintage",
+    "van",
+    "gogh",
+    "monet",
 )
 
 
@@ -767,7 +846,9 @@ def tiny_flux_transformer(guidance_embeds: bool = True, seed: int = 0, **overrid
     return model.eval()
 
 
-def sd3_transformer_inputs(model: torch.nn.Module, batch_size: int = 2, seed: int = 0, tokens: int = 7) -> dict[str, Any]:
+def sd3_transformer_inputs(
+    model: torch.nn.Module, batch_size: int = 2, seed: int = 0, tokens: int = 7
+) -> dict[str, Any]:
     """Seeded random keyword arguments for ``model(**inputs)`` of an ``SD3Transformer2DModel``: latents
     (B, C, H, W), a text context (B, tokens, joint_attention_dim), pooled projections and timesteps in [0, 1000)
     (as diffusers' SD3 pipeline passes them); in the model's dtype and on its device."""
@@ -855,7 +936,9 @@ def present_targets(model: torch.nn.Module) -> tuple[str, ...]:
 
     family = family_of(model)
     blocks = family.blocks(model)
-    return tuple(t for t in family.targets if any(family.operation(path, block, t) is not None for path, block in blocks))
+    return tuple(
+        t for t in family.targets if any(family.operation(path, block, t) is not None for path, block in blocks)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -874,7 +957,10 @@ _T5_WIDTH = 96  # T5-XXL: 4096
 _DIT_LATENT_CHANNELS = 16
 _DIT_VAE_SEED_OFFSET, _DIT_CLIP_SEED_OFFSET, _DIT_CLIP_2_SEED_OFFSET, _DIT_T5_SEED_OFFSET = 1, 2, 3, 4
 # SD3's and Flux's VAE latent statistics (their vae/config.json)
-_DIT_VAE_FACTORS = {"sd3": {"scaling_factor": 1.5305, "shift_factor": 0.0609}, "flux": {"scaling_factor": 0.3611, "shift_factor": 0.1159}}
+_DIT_VAE_FACTORS = {
+    "sd3": {"scaling_factor": 1.5305, "shift_factor": 0.0609},
+    "flux": {"scaling_factor": 0.3611, "shift_factor": 0.1159},
+}
 
 
 def _check_dit_kind(kind: str) -> None:
@@ -963,7 +1049,12 @@ def tiny_dit_transformer_overrides(kind: str = "sd3") -> dict[str, Any]:
     text = {"joint_attention_dim": _T5_WIDTH}
     if kind == "sd3":
         return {**text, "sample_size": 16, "pooled_projection_dim": _SD3_CLIP_L_PROJECTION + _SD3_CLIP_G_PROJECTION}
-    return {**text, "in_channels": 4 * _DIT_LATENT_CHANNELS, "out_channels": 4 * _DIT_LATENT_CHANNELS, "pooled_projection_dim": _FLUX_CLIP_HIDDEN}
+    return {
+        **text,
+        "in_channels": 4 * _DIT_LATENT_CHANNELS,
+        "out_channels": 4 * _DIT_LATENT_CHANNELS,
+        "pooled_projection_dim": _FLUX_CLIP_HIDDEN,
+    }
 
 
 def _tiny_dit_transformer(kind: str, seed: int) -> torch.nn.Module:
@@ -1052,6 +1143,8 @@ def save_tiny_dit_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) 
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"save_tiny_dit_pipeline: {folder} exists and is not a directory; pass a folder path.")
+        raise NotADirectoryError(
+            f"save_tiny_dit_pipeline: {folder} exists and is not a directory; pass a folder path."
+        )
     tiny_dit_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
     return folder

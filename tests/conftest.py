@@ -34,7 +34,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-
 def _torch_threads() -> int:
     """Torch intra-op threads for this test process: ``RESATTN_TEST_THREADS`` or 1."""
     value = os.environ.get("RESATTN_TEST_THREADS", "1")

@@ -34,7 +34,9 @@ def _cases():
     for kind in KINDS + TRANSFORMER_KINDS:
         for tuner in LAYER_TUNERS:
             spec = rd.get_tuner_spec(tuner)
-            placements = ("parallel", "sequential") if getattr(spec.module_cls, "supports_sequential", True) else ("parallel",)
+            placements = (
+                ("parallel", "sequential") if getattr(spec.module_cls, "supports_sequential", True) else ("parallel",)
+            )
             for placement in placements:
                 for target in present_targets(frozen_tiny_model(kind)):
                     if target in ("ff", "ff_context") and getattr(spec.module_cls, "needs_frozen_attention", False):
@@ -185,7 +187,11 @@ def test_peft_lora_works_beside_our_tuner():
 
     unet = _frozen_unet("sd1")
     inputs = unet_inputs(unet, batch_size=2, seed=5)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
@@ -219,7 +225,10 @@ def test_summary_counts_match_the_formulas():
 
 def test_fp16_weights_run_a_forward_on_cpu():
     unet = _frozen_unet("sd1").to(torch.float16)
-    inputs = {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in unet_inputs(unet, 1, 0).items()}
+    inputs = {
+        k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in unet_inputs(unet, 1, 0).items()
+    }
     with torch.no_grad():
         reference = _run(unet, inputs)
         rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_attn"))
@@ -235,7 +244,10 @@ def test_bf16_autocast_training_step_on_cpu():
         out = _run(unet, inputs)
     out.float().pow(2).mean().backward()
     assert all(p.dtype == torch.float32 for p in rd.res_tuner_parameters(unet))
-    assert any(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in rd.res_tuner_parameters(unet))
+    assert any(
+        p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+        for p in rd.res_tuner_parameters(unet)
+    )
 
 
 def test_scale_and_enable_refusals_change_no_tuner():

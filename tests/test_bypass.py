@@ -45,7 +45,12 @@ def _hook_counts(module: nn.Module) -> dict[str, int]:
 def test_module_is_zero_at_init_and_every_factor_learns(params):
     widths = [32, 32, 16, 8]
     bypass = ResBypass(widths, params)
-    features = [torch.randn(2, 32, 4, 4), torch.randn(2, 32, 8, 8), torch.randn(2, 16, 16, 16), torch.randn(2, 8, 16, 16)]
+    features = [
+        torch.randn(2, 32, 4, 4),
+        torch.randn(2, 32, 8, 8),
+        torch.randn(2, 16, 16, 16),
+        torch.randn(2, 8, 16, 16),
+    ]
     target = torch.randn(2, 8, 16, 16)
     out = bypass(features)
     assert out.shape == (2, 8, 16, 16) and torch.equal(out, torch.zeros_like(out))
@@ -228,7 +233,9 @@ def _trained(kind, **hyper):
     return unet
 
 
-@pytest.mark.parametrize("kind,hyper", [("sd1", {}), ("sdxl", {"lateral": "attention", "vertical": "none", "up_rank": 8})])
+@pytest.mark.parametrize(
+    "kind,hyper", [("sd1", {}), ("sdxl", {"lateral": "attention", "vertical": "none", "up_rank": 8})]
+)
 def test_save_load_into_a_fresh_unet_and_remove_are_exact(kind, hyper, tmp_path):
     unet = _trained(kind, **hyper)
     inputs = unet_inputs(unet, batch_size=2, seed=7)
@@ -340,7 +347,11 @@ def test_combined_with_res_attn():
 def test_pipeline_round_trip(tmp_path):
     def generate(pipe, **kwargs):
         return pipe(
-            "a photo of a dog", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs
+            "a photo of a dog",
+            num_inference_steps=2,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
         ).images
 
     pipe = tiny_pipeline("sd1")
@@ -360,7 +371,10 @@ def test_pipeline_round_trip(tmp_path):
 
 def test_fp16_weights_and_bf16_autocast_training():
     unet = _frozen_unet("sd1").to(torch.float16)
-    inputs = {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in unet_inputs(unet, 1, 0).items()}
+    inputs = {
+        k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in unet_inputs(unet, 1, 0).items()
+    }
     with torch.no_grad():
         reference = _run(unet, inputs)
         rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_bypass"))

@@ -179,8 +179,11 @@ def test_shipped_base_loads_offline_and_generates_32x32(base_pipeline):
     direct = StableDiffusionPipeline.from_pretrained(str(DEFAULT_BASE_MODEL_DIR), local_files_only=True)
     assert direct.safety_checker is None
     output = base_pipeline(
-        "a photo of digit three", num_inference_steps=4, guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(0), output_type="pil",
+        "a photo of digit three",
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pil",
     )
     image = output.images[0]
     assert image.size == (32, 32)
@@ -199,7 +202,13 @@ def test_shipped_base_is_small_and_every_transformer_block_is_text_conditioned(b
         assert block.attn2 is not None and block.attn2.is_cross_attention
         assert block.attn2.to_k.in_features == text_dim
     assert base_pipeline.tokenizer.model_max_length <= 16
-    assert base_pipeline.tokenizer.tokenize("a photo of sks digit") == ["a</w>", "photo</w>", "of</w>", "sks</w>", "digit</w>"]
+    assert base_pipeline.tokenizer.tokenize("a photo of sks digit") == [
+        "a</w>",
+        "photo</w>",
+        "of</w>",
+        "sks</w>",
+        "digit</w>",
+    ]
 
 
 def test_evaluate_prompt_following_reports_per_digit(base_pipeline, classifier, tmp_path):

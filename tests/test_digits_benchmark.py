@@ -47,7 +47,9 @@ def test_style_fd_sees_the_style():
     classifier = load_style_classifier()
     plain_to_mirrored = classifier_frechet_distance(classifier, digits.images, digits.styled("mirrored").images)
     mirrored_to_mirrored = classifier_frechet_distance(
-        classifier, load_digits_split("train").without(9).first(40).styled("mirrored").images, digits.styled("mirrored").images
+        classifier,
+        load_digits_split("train").without(9).first(40).styled("mirrored").images,
+        digits.styled("mirrored").images,
     )
     assert mirrored_to_mirrored < plain_to_mirrored
     with pytest.raises(ValueError, match="unknown style"):
@@ -67,14 +69,30 @@ def test_benchmark_quick_mode_end_to_end(tmp_path, capsys):
         assert record["case"]["samples"] == 4 and record["role"] in ("base", "sweep", "eval")
     lora = records["dreambooth__peft_lora__lr0.001__seed1"]
     assert lora["trainable_parameters"] == 23_296 and lora["peak_rss_mb"] > 0 and lora["seconds_per_step"] > 0
-    assert set(lora["metrics"]) >= {"subject_fidelity", "prior_retention", "subject_fd", "class_leak", "prompt_separation"}
+    assert set(lora["metrics"]) >= {
+        "subject_fidelity",
+        "prior_retention",
+        "subject_fd",
+        "class_leak",
+        "prompt_separation",
+    }
     style = records["style__full_finetune__lr0.0001__seed1"]
     assert set(style["metrics"]) >= {"styled_content_accuracy", "content_accuracy", "style_accuracy", "label_entropy"}
     with Image.open(runs / lora["grid"]) as grid:
         assert grid.size[1] >= 11 * 32  # identifier, class prompt, nine seen digits
     report = (tmp_path / "benchmark.md").read_text()
-    for text in ("base (no tuning)", "`peft_lora`", "`full_finetune`", "23,296", "1,077,572", "Learning-rate sweeps",
-                 "styled content", "class-prompt leak", "[s1](runs/", "0 to go"):
+    for text in (
+        "base (no tuning)",
+        "`peft_lora`",
+        "`full_finetune`",
+        "23,296",
+        "1,077,572",
+        "Learning-rate sweeps",
+        "styled content",
+        "class-prompt leak",
+        "[s1](runs/",
+        "0 to go",
+    ):
         assert text in report, text
     with Image.open(tmp_path / "quality_vs_params.png") as plot:
         assert plot.size[0] > 500 and plot.size[1] > 300

@@ -83,7 +83,10 @@ def test_one_image_for_every_prompt_scores_as_collapsed(style_classifier):
     assert metrics["worst_prompt_accuracy"] == 0.0 and metrics["content_accuracy"] <= 1 / 9 + 1e-9
     # one sample per prompt varying a little (noise) is still collapsed
     rng = np.random.default_rng(0)
-    noisy = {d: np.clip(images + rng.normal(0, 0.03, images.shape), 0, 1).astype(np.float32) for d, images in collapsed.items()}
+    noisy = {
+        d: np.clip(images + rng.normal(0, 0.03, images.shape), 0, 1).astype(np.float32)
+        for d, images in collapsed.items()
+    }
     assert StyleTask(style="mirrored").score(noisy, style_classifier)["prompt_separation"] < 0.05
 
 
@@ -93,8 +96,10 @@ def test_dreambooth_prompt_separation_on_real_and_collapsed_digits():
     real = separation_from_real(classifier, per_digit(train, 8), load_digits_split("test"))
     assert 0.7 <= real <= 1.4
     nine = train.only(9).first(1).images
-    assert separation_from_real(classifier, {d: np.repeat(nine, 4, axis=0) for d in range(10)},
-                                load_digits_split("test")) < 1e-9
+    assert (
+        separation_from_real(classifier, {d: np.repeat(nine, 4, axis=0) for d in range(10)}, load_digits_split("test"))
+        < 1e-9
+    )
     assert DreamBoothTask().judge().style_head is None  # DreamBooth (and the demo) keep the plain judge
 
 
@@ -141,9 +146,22 @@ CASE = Case(samples=4)
 
 def fake_record(spec: RunSpec, score: float, case: Case = CASE) -> dict:
     metrics = {"subject_fidelity": score, "prior_retention": 1.0, "subject_fd": 1.0}
-    return {"version": RESULT_VERSION, "case": asdict(case), "task": spec.task, "method": spec.method, "learning_rate": spec.lr, "seed": spec.seed,
-            "role": spec.role, "metrics": metrics, "wall_seconds": 20.0, "trainable_parameters": 10,
-            "family": "operation", "seconds_per_step": 0.05, "peak_rss_mb": 500.0, "grid": spec.key + ".png"}
+    return {
+        "version": RESULT_VERSION,
+        "case": asdict(case),
+        "task": spec.task,
+        "method": spec.method,
+        "learning_rate": spec.lr,
+        "seed": spec.seed,
+        "role": spec.role,
+        "metrics": metrics,
+        "wall_seconds": 20.0,
+        "trainable_parameters": 10,
+        "family": "operation",
+        "seconds_per_step": 0.05,
+        "peak_rss_mb": 500.0,
+        "grid": spec.key + ".png",
+    }
 
 
 def test_sweep_widens_while_its_best_rate_is_at_an_edge():
@@ -160,7 +178,9 @@ def test_sweep_widens_while_its_best_rate_is_at_an_edge():
     state = resolve_sweep("dreambooth", method, 0, finished)
     assert state.resolved and state.chosen == 1e-3 and not state.at_edge
     # widening stops after max_widen and the report then flags the edge
-    capped = resolve_sweep("dreambooth", method, 0, {k: v for k, v in finished.items() if "lr0.0003" not in k}, max_widen=0)
+    capped = resolve_sweep(
+        "dreambooth", method, 0, {k: v for k, v in finished.items() if "lr0.0003" not in k}, max_widen=0
+    )
     assert capped.chosen == 1e-3 and capped.at_edge
 
 
@@ -174,7 +194,9 @@ def test_plan_reports_other_seeds_and_counts_what_remains(tmp_path):
         finished[spec.key] = fake_record(spec, score)
     plan = make_plan(["dreambooth"], methods, [0, 1, 2, 3], finished, extra_seeds=[4, 5])
     evals = [spec for spec in plan.pending if spec.role == "eval"]
-    assert {(s.method, s.seed) for s in evals} == {("res_attn", s) for s in (1, 2, 3, 4, 5)} | {("res_adapter", s) for s in (1, 2, 3)}
+    assert {(s.method, s.seed) for s in evals} == {("res_attn", s) for s in (1, 2, 3, 4, 5)} | {
+        ("res_adapter", s) for s in (1, 2, 3)
+    }
     assert all(spec.lr == 3e-3 for spec in evals) and plan.unresolved_eval_runs == 0
     assert "8 ready to run" in remaining_summary(plan) and "core-minutes" in remaining_summary(plan)
     assert eval_seeds("res_attn", [0, 1, 2, 3], [4]) == [1, 2, 3, 4] and "res_attn" in HEADLINE_METHODS
@@ -198,7 +220,10 @@ def test_result_files_from_two_machines_merge_by_copying(tmp_path):
     (there / "dreambooth__res_attn__lr0.003__seed5.json").write_text("{not json")  # half copied
     for path in there.glob("*.json"):
         shutil.copy(path, here / path.name)
-    assert sorted(read_finished(here, CASE)) == ["dreambooth__res_attn__lr0.003__seed1", "dreambooth__res_attn__lr0.003__seed2"]
+    assert sorted(read_finished(here, CASE)) == [
+        "dreambooth__res_attn__lr0.003__seed1",
+        "dreambooth__res_attn__lr0.003__seed2",
+    ]
 
 
 def test_sweep_score_rewards_the_styled_digit_over_ignoring_the_style():
@@ -207,7 +232,8 @@ def test_sweep_score_rewards_the_styled_digit_over_ignoring_the_style():
     blob = {"styled_content_accuracy": 0.11, "content_accuracy": 0.11, "style_accuracy": 1.0, "style_fd": 6.0}
     assert sweep_score("style", learned) > max(sweep_score("style", ignored), sweep_score("style", blob))
     assert sweep_score("dreambooth", {"subject_fidelity": 0.9, "prior_retention": 0.9, "subject_fd": 5}) > sweep_score(
-        "dreambooth", {"subject_fidelity": 1.0, "prior_retention": 0.5, "subject_fd": 2})
+        "dreambooth", {"subject_fidelity": 1.0, "prior_retention": 0.5, "subject_fd": 2}
+    )
 
 
 def test_style_classifier_round_trip_keeps_its_style_head(tmp_path, style_classifier):

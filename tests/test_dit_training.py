@@ -43,7 +43,14 @@ def instance_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def dreambooth(model: Path, instance_dir: Path, *extra: str, output_dir: Path | None = None) -> Namespace:
-    argv = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance_dir), "--instance_prompt", PROMPT]
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(instance_dir),
+        "--instance_prompt",
+        PROMPT,
+    ]
     argv += ["--resolution", "32", "--report_to", "none", "--seed", "0"]
     if output_dir is not None:
         argv += ["--output_dir", str(output_dir)]
@@ -66,7 +73,14 @@ def random_batch(captions: list[str], seed: int = 0) -> dict:
 # --- the tiny pipelines ------------------------------------------------------------------------------------------
 def test_t5_tokenizer_has_whole_words_and_no_unknowns_for_ascii():
     tokenizer = make_t5_tokenizer(words=("zorbly",))
-    assert tokenizer.tokenize("a photo of sks dog zorbly") == ["\u2581a", "\u2581photo", "\u2581of", "\u2581sks", "\u2581dog", "\u2581zorbly"]
+    assert tokenizer.tokenize("a photo of sks dog zorbly") == [
+        "\u2581a",
+        "\u2581photo",
+        "\u2581of",
+        "\u2581sks",
+        "\u2581dog",
+        "\u2581zorbly",
+    ]
     ids = tokenizer("Qx9 #!~ unusual", add_special_tokens=False).input_ids
     assert tokenizer.unk_token_id not in ids and ids
     assert tokenizer("a dog").input_ids[-1] == tokenizer.eos_token_id
@@ -94,9 +108,15 @@ def test_tiny_sd3_is_sd35_shaped_and_flux_packs_16_channels():
     sd3, flux = tiny_dit_pipeline("sd3"), tiny_dit_pipeline("flux")
     assert sd3.transformer.transformer_blocks[0].attn2 is not None  # SD3.5's second image attention
     assert sd3.transformer.config.joint_attention_dim == sd3.text_encoder_3.config.d_model
-    assert sd3.transformer.config.pooled_projection_dim == sd3.text_encoder.config.projection_dim + sd3.text_encoder_2.config.projection_dim
+    assert (
+        sd3.transformer.config.pooled_projection_dim
+        == sd3.text_encoder.config.projection_dim + sd3.text_encoder_2.config.projection_dim
+    )
     assert flux.transformer.config.in_channels == 4 * flux.vae.config.latent_channels
-    assert flux.transformer.config.guidance_embeds and flux.transformer.config.pooled_projection_dim == flux.text_encoder.config.hidden_size
+    assert (
+        flux.transformer.config.guidance_embeds
+        and flux.transformer.config.pooled_projection_dim == flux.text_encoder.config.hidden_size
+    )
 
 
 # --- which family ------------------------------------------------------------------------------------------------
@@ -131,7 +151,9 @@ def test_unknown_denoiser_is_refused_naming_what_is_known(dit_dirs, instance_dir
         ("sd1", ["--logit_mean", "0"], "--logit_mean belongs to rectified-flow"),
     ],
 )
-def test_flags_of_the_other_objective_are_refused_before_anything_loads(kind, flags, message, dit_dirs, tiny_dirs, instance_dir, tmp_path):
+def test_flags_of_the_other_objective_are_refused_before_anything_loads(
+    kind, flags, message, dit_dirs, tiny_dirs, instance_dir, tmp_path
+):
     model = {**dit_dirs, **tiny_dirs}[kind]
     args = dreambooth(model, instance_dir, *flags, output_dir=tmp_path / "out")
     with pytest.raises(TrainingError, match=message):
@@ -156,7 +178,9 @@ def test_sd3_without_t5_trains_on_clip_alone_and_flux_needs_both_encoders(instan
     sd3.save_pretrained(tmp_path / "sd3_no_t5")
     args, base = loaded(tmp_path / "sd3_no_t5", instance_dir)
     with torch.no_grad():
-        losses = base.per_example_loss(args, base.denoiser, random_batch([PROMPT]), 32, torch.float32, torch.Generator().manual_seed(0))
+        losses = base.per_example_loss(
+            args, base.denoiser, random_batch([PROMPT]), 32, torch.float32, torch.Generator().manual_seed(0)
+        )
     assert torch.isfinite(losses).all()
     flux = tiny_dit_pipeline("flux")
     flux.text_encoder_2 = flux.tokenizer_2 = None
@@ -192,8 +216,12 @@ def reference_flow_loss(base, args, batch, seed: int, scheme: str) -> torch.Tens
     timesteps, sigmas = scheduler.timesteps[indices], scheduler.sigmas[indices].view(-1, 1, 1, 1)
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     if isinstance(base, SD3Base):
-        context, _, pooled, _ = pipeline.encode_prompt(batch["captions"], None, None, do_classifier_free_guidance=False, max_sequence_length=12)
-        prediction = transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=context, pooled_projections=pooled).sample
+        context, _, pooled, _ = pipeline.encode_prompt(
+            batch["captions"], None, None, do_classifier_free_guidance=False, max_sequence_length=12
+        )
+        prediction = transformer(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=context, pooled_projections=pooled
+        ).sample
     else:
         context, pooled, text_ids = pipeline.encode_prompt(batch["captions"], None, max_sequence_length=12)
         b, c, h, w = noisy.shape
@@ -202,11 +230,18 @@ def reference_flow_loss(base, args, batch, seed: int, scheme: str) -> torch.Tens
         rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
         image_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
         out = transformer(
-            hidden_states=packed, timestep=timesteps / 1000, guidance=torch.full((b,), 3.5), pooled_projections=pooled,
-            encoder_hidden_states=context, txt_ids=text_ids, img_ids=image_ids,
+            hidden_states=packed,
+            timestep=timesteps / 1000,
+            guidance=torch.full((b,), 3.5),
+            pooled_projections=pooled,
+            encoder_hidden_states=context,
+            txt_ids=text_ids,
+            img_ids=image_ids,
         ).sample
         prediction = out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-    weighting = {"sigma_sqrt": sigmas**-2.0, "cosmap": 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))}.get(scheme, torch.ones_like(sigmas))
+    weighting = {"sigma_sqrt": sigmas**-2.0, "cosmap": 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))}.get(
+        scheme, torch.ones_like(sigmas)
+    )
     return (weighting * (prediction - (noise - latents)) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
 
 
@@ -227,11 +262,17 @@ def test_family_defaults_are_the_scripts_defaults(dit_dirs, instance_dir):
     flux_args, flux = loaded(dit_dirs["flux"], instance_dir)
     sd3_args.max_sequence_length = flux_args.max_sequence_length = None
     assert (sd3.weighting_scheme(sd3_args), sd3.max_sequence_length(sd3_args)) == ("logit_normal", 77)
-    assert (flux.weighting_scheme(flux_args), flux.max_sequence_length(flux_args), flux.guidance(flux_args)) == ("none", 512, 3.5)
+    assert (flux.weighting_scheme(flux_args), flux.max_sequence_length(flux_args), flux.guidance(flux_args)) == (
+        "none",
+        512,
+        3.5,
+    )
 
 
 def test_timestep_schemes_sample_where_they_should(dit_dirs, instance_dir):
-    args, base = loaded(dit_dirs["sd3"], instance_dir, "--weighting_scheme", "logit_normal", "--logit_mean", "2", "--logit_std", "0.01")
+    args, base = loaded(
+        dit_dirs["sd3"], instance_dir, "--weighting_scheme", "logit_normal", "--logit_mean", "2", "--logit_std", "0.01"
+    )
     timesteps, sigmas = base.sample_timesteps(args, 64, torch.Generator().manual_seed(0))
     index = int(torch.sigmoid(torch.tensor(2.0)) * 1000)  # every u is close to sigmoid(mean)
     assert (timesteps - base.noise_scheduler.timesteps[index]).abs().max() < 12  # within ~5 of 1000 schedule steps
@@ -247,7 +288,9 @@ def test_precondition_outputs_compares_denoised_latents(dit_dirs, instance_dir):
     with torch.no_grad():
         plain = base.per_example_loss(args, base.denoiser, batch, 32, torch.float32, torch.Generator().manual_seed(1))
         args.precondition_outputs = True
-        preconditioned = base.per_example_loss(args, base.denoiser, batch, 32, torch.float32, torch.Generator().manual_seed(1))
+        preconditioned = base.per_example_loss(
+            args, base.denoiser, batch, 32, torch.float32, torch.Generator().manual_seed(1)
+        )
         _, sigmas = base.sample_timesteps(args, 1, _generator_after_latents(base, batch, seed=1))
     # x_t - sigma v - x0 = sigma (noise - x0 - v): the preconditioned loss is sigma^2 times the plain one
     torch.testing.assert_close(preconditioned, plain * sigmas**2, rtol=1e-4, atol=1e-7)
@@ -271,7 +314,9 @@ def test_cached_prompts_give_the_same_loss_and_free_the_text_encoders(kind, dit_
         base.cache_prompts([PROMPT, "a dog"], torch.device("cpu"), args)
         cached = base.per_example_loss(args, base.denoiser, batch, 32, torch.float32, torch.Generator().manual_seed(0))
     torch.testing.assert_close(cached, direct, rtol=0, atol=0)
-    assert base.text_encoders == [] and all(v is None for k, v in base.text_modules.items() if k.startswith("text_encoder"))
+    assert base.text_encoders == [] and all(
+        v is None for k, v in base.text_modules.items() if k.startswith("text_encoder")
+    )
     with pytest.raises(TrainingError, match="'a cat' was not encoded before the text encoders were freed"):
         base.encode_prompts(["a cat"], torch.device("cpu"), args)
 
@@ -294,7 +339,9 @@ def test_validation_without_text_encoders_generates_what_the_full_pipeline_does(
 
 
 # --- pipelines and evaluation ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind, file_name", [("sd3", "res_tuner_stable_diffusion_3.py"), ("flux", "res_tuner_flux.py")])
+@pytest.mark.parametrize(
+    "kind, file_name", [("sd3", "res_tuner_stable_diffusion_3.py"), ("flux", "res_tuner_flux.py")]
+)
 def test_pipelines_put_the_mixin_on_the_transformer_also_as_custom_pipeline(kind, file_name, dit_dirs):
     from diffusers import DiffusionPipeline
 
@@ -304,7 +351,9 @@ def test_pipelines_put_the_mixin_on_the_transformer_also_as_custom_pipeline(kind
     pipeline_class = ResTunerStableDiffusion3Pipeline if kind == "sd3" else ResTunerFluxPipeline
     direct = pipeline_class.from_pretrained(dit_dirs[kind])
     custom = DiffusionPipeline.from_pretrained(
-        dit_dirs[kind], custom_pipeline=str(Path(__file__).resolve().parents[1] / "pipelines" / file_name), trust_remote_code=True
+        dit_dirs[kind],
+        custom_pipeline=str(Path(__file__).resolve().parents[1] / "pipelines" / file_name),
+        trust_remote_code=True,
     )
     for pipe in (direct, custom):
         assert type(pipe).__name__ == pipeline_class.__name__

@@ -66,9 +66,20 @@ def common(model: Path, output_dir: Path, steps: int = 2) -> list[str]:
 
 def run(script: str, model: Path, output_dir: Path, data: dict[str, Path], *extra: str, steps: int = 2) -> Path:
     if script == "dreambooth":
-        argv = common(model, output_dir, steps) + ["--instance_data_dir", str(data["instance"]), "--instance_prompt", PROMPT]
+        argv = common(model, output_dir, steps) + [
+            "--instance_data_dir",
+            str(data["instance"]),
+            "--instance_prompt",
+            PROMPT,
+        ]
         return train_dreambooth.main(argv + list(extra))
-    argv = common(model, output_dir, steps) + ["--train_data_dir", str(data["text2img"]), "--caption_dropout", "0.3", "--random_flip"]
+    argv = common(model, output_dir, steps) + [
+        "--train_data_dir",
+        str(data["text2img"]),
+        "--caption_dropout",
+        "0.3",
+        "--random_flip",
+    ]
     return train_text2img.main(argv + list(extra))
 
 
@@ -97,7 +108,9 @@ def test_two_step_run_gives_a_tuner_the_pipeline_loads_and_that_changes_images(k
     assert run_args["model_type"] == kind
     assert (tmp_path / "out" / "validation" / "final.png").is_file()
     card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")  # the model card names the right pipeline
-    assert ("ResTunerStableDiffusion3Pipeline" if kind == "sd3" else "ResTunerFluxPipeline") in card and "pipe.transformer" in card
+    assert (
+        "ResTunerStableDiffusion3Pipeline" if kind == "sd3" else "ResTunerFluxPipeline"
+    ) in card and "pipe.transformer" in card
 
     pipeline = tuned_pipeline(kind, dit_dirs[kind])
     base = generate(pipeline)
@@ -106,7 +119,9 @@ def test_two_step_run_gives_a_tuner_the_pipeline_loads_and_that_changes_images(k
     assert np.isfinite(tuned).all() and not np.array_equal(base, tuned), "the trained tuner did not change the images"
     from resattn_diffusion.training import load_tuned_pipeline
 
-    np.testing.assert_array_equal(generate(load_tuned_pipeline(dit_dirs[kind], tmp_path / "out")), tuned)  # the stock pipeline
+    np.testing.assert_array_equal(
+        generate(load_tuned_pipeline(dit_dirs[kind], tmp_path / "out")), tuned
+    )  # the stock pipeline
     silenced = generate(pipeline, joint_attention_kwargs={"res_tuner_scale": 0.0})
     np.testing.assert_allclose(silenced, base, atol=1e-6)  # scale 0 per call: the base model
     pipeline.unload_res_tuner(name)
@@ -121,7 +136,9 @@ def test_resume_is_exact(kind, script, dit_dirs, data, tmp_path):
     reset_accelerate()
     run(script, dit_dirs[kind], tmp_path / "resumed", data, *extra, steps=2)
     reset_accelerate()
-    resumed = run(script, dit_dirs[kind], tmp_path / "resumed", data, *extra, "--resume_from_checkpoint", "latest", steps=4)
+    resumed = run(
+        script, dit_dirs[kind], tmp_path / "resumed", data, *extra, "--resume_from_checkpoint", "latest", steps=4
+    )
     a, b = load_file(straight), load_file(resumed)
     assert a.keys() == b.keys() and any(t.abs().sum() > 0 for t in a.values())
     for key in a:
@@ -149,12 +166,18 @@ def test_bf16_with_gradient_checkpointing_trains_fp32_tuner_weights(dit_dirs, da
     def recording(args, base, denoiser, *rest):
         frozen = [p for p in base.denoiser.parameters() if not p.requires_grad]
         trainable = [p for p in base.denoiser.parameters() if p.requires_grad]
-        seen.update(frozen={p.dtype for p in frozen}, trainable={p.dtype for p in trainable},
-                    checkpointing=base.denoiser.gradient_checkpointing, encoders=len(base.text_encoders))
+        seen.update(
+            frozen={p.dtype for p in frozen},
+            trainable={p.dtype for p in trainable},
+            checkpointing=base.denoiser.gradient_checkpointing,
+            encoders=len(base.text_encoders),
+        )
         return original(args, base, denoiser, *rest)
 
     monkeypatch.setattr(loop, "diffusion_loss", recording)
-    tuner_file = run("dreambooth", dit_dirs["flux"], tmp_path / "out", data, "--mixed_precision", "bf16", "--gradient_checkpointing")
+    tuner_file = run(
+        "dreambooth", dit_dirs["flux"], tmp_path / "out", data, "--mixed_precision", "bf16", "--gradient_checkpointing"
+    )
     assert seen == {"frozen": {torch.bfloat16}, "trainable": {torch.float32}, "checkpointing": True, "encoders": 0}
     tensors = load_file(tuner_file)
     assert any(t.abs().sum() > 0 for t in tensors.values())  # gradients reached the tuner through checkpointing

@@ -45,8 +45,23 @@ def test_replacing_the_tuner_file_at_the_same_path_is_not_mistaken_for_finished_
 def test_the_cli_refuses_a_replaced_tuner_with_exit_status_2(tmp_path, capsys):
     pipeline_dir = save_tiny_pipeline("sd1", tmp_path / "pipe")
     tuner = _tuner(tmp_path / "run" / "res_tuner.safetensors", seed=1)
-    common = ["--pipeline", str(pipeline_dir), "--prompt", "a dog", "--steps", "2", "--tuner", str(tuner.parent),
-              "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress", "--seeds", "0"]
+    common = [
+        "--pipeline",
+        str(pipeline_dir),
+        "--prompt",
+        "a dog",
+        "--steps",
+        "2",
+        "--tuner",
+        str(tuner.parent),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--seeds",
+        "0",
+    ]
     assert main(["generate", *common]) == 0
     _tuner(tuner, seed=3)  # retrained into the same output folder
     assert main(["generate", *common]) == 2

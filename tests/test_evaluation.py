@@ -67,11 +67,24 @@ def clip_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clip")
     tokenizer = make_tokenizer()
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(7)  # a seed whose cosines on the test images have both signs
@@ -88,8 +101,9 @@ def dino_folders(tmp_path_factory) -> dict[str, Path]:
     from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
     root = tmp_path_factory.mktemp("dino")
-    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
-                 patch_size=8)
+    shape = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8
+    )
     torch.manual_seed(2)
     ViTModel(ViTConfig(**shape), add_pooling_layer=False).save_pretrained(root / "vit")
     _pil_processor("ViTImageProcessor", size={"height": 32, "width": 32}).save_pretrained(root / "vit")
@@ -205,10 +219,22 @@ def test_clip_score_and_clip_t_equal_a_hand_computation(tmp_path, clip_folder):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     files = write_random_images(tmp_path / "gen", 6, seed=0)
-    prompts = ["a photo of a dog", "a red car", "a cat in the snow", "an old castle", "a blue bird",
-               "sks dog on the beach"]
-    report = evaluate_folder(tmp_path / "gen", ["clip_score", "clip_t"], prompts=prompts, clip_model=clip_folder,
-                             batch_size=4, progress=False)
+    prompts = [
+        "a photo of a dog",
+        "a red car",
+        "a cat in the snow",
+        "an old castle",
+        "a blue bird",
+        "sks dog on the beach",
+    ]
+    report = evaluate_folder(
+        tmp_path / "gen",
+        ["clip_score", "clip_t"],
+        prompts=prompts,
+        clip_model=clip_folder,
+        batch_size=4,
+        progress=False,
+    )
 
     model = CLIPModel.from_pretrained(clip_folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(clip_folder)
@@ -237,8 +263,15 @@ def test_clip_i_and_dino_equal_mean_pairwise_cosine(tmp_path, clip_folder, dino_
 
     generated = write_random_images(tmp_path / "gen", 3, seed=1)
     subject = write_random_images(tmp_path / "subject", 4, seed=2, size=(40, 48))
-    report = evaluate_folder(tmp_path / "gen", ["clip_i", "dino"], subject=tmp_path / "subject",
-                             clip_model=clip_folder, dino_model=dino_folders[kind], batch_size=2, progress=False)
+    report = evaluate_folder(
+        tmp_path / "gen",
+        ["clip_i", "dino"],
+        subject=tmp_path / "subject",
+        clip_model=clip_folder,
+        dino_model=dino_folders[kind],
+        batch_size=2,
+        progress=False,
+    )
 
     def mean_pairwise(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(np.mean([[F.cosine_similarity(u, v, dim=0).item() for v in b] for u in a]))
@@ -318,8 +351,20 @@ def test_offline_without_weights_the_error_names_the_flag(tmp_path, monkeypatch,
         CLIPEncoder("openai/clip-vit-large-patch14")
     with pytest.raises(EvaluationError, match="--dino-model"):
         DINOEncoder(str(tmp_path / "no_such_dino"))
-    code = main(["metrics", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "gen"),
-                 "--metrics", "fid", "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "metrics",
+            "--generated",
+            str(tmp_path / "gen"),
+            "--reference",
+            str(tmp_path / "gen"),
+            "--metrics",
+            "fid",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "--inception-weights" in capsys.readouterr().err
 
@@ -335,8 +380,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(EvaluationError, match="broken.png"):
         load_image(tmp_path / "gen" / "broken.png")
     with pytest.raises(EvaluationError, match="broken.png"):
-        evaluate_folder(tmp_path / "gen", ["fid"], reference=tmp_path / "gen", feature_extractor=torch.nn.Flatten(),
-                        progress=False)
+        evaluate_folder(
+            tmp_path / "gen", ["fid"], reference=tmp_path / "gen", feature_extractor=torch.nn.Flatten(), progress=False
+        )
     with pytest.raises(EvaluationError, match="unknown metric"):
         Evaluator(["fidd"])
     with pytest.raises(EvaluationError, match="--reference"):
@@ -383,10 +429,26 @@ def test_generation_with_a_tuner_and_its_scale(tmp_path, pipeline, tuner_file):
 
     prompts = ["a photo of a dog"]
     plain = generate_images(pipeline, prompts, tmp_path / "plain", seeds=[0], num_inference_steps=2, progress=False)
-    tuned = generate_images(pipeline, prompts, tmp_path / "tuned", seeds=[0], num_inference_steps=2,
-                            tuner_path=tuner_file, tuner_scale=1.0, progress=False)
-    off = generate_images(pipeline, prompts, tmp_path / "off", seeds=[0], num_inference_steps=2,
-                          tuner_path=tuner_file, tuner_scale=0.0, progress=False)
+    tuned = generate_images(
+        pipeline,
+        prompts,
+        tmp_path / "tuned",
+        seeds=[0],
+        num_inference_steps=2,
+        tuner_path=tuner_file,
+        tuner_scale=1.0,
+        progress=False,
+    )
+    off = generate_images(
+        pipeline,
+        prompts,
+        tmp_path / "off",
+        seeds=[0],
+        num_inference_steps=2,
+        tuner_path=tuner_file,
+        tuner_scale=0.0,
+        progress=False,
+    )
     name = plain.records[0]["file"]
     assert np.abs(pixels(tmp_path / "tuned" / name) - pixels(tmp_path / "plain" / name)).max() > 10
     assert np.abs(pixels(tmp_path / "off" / name) - pixels(tmp_path / "plain" / name)).max() <= 1
@@ -400,13 +462,13 @@ def test_generation_with_a_tuner_and_its_scale(tmp_path, pipeline, tuner_file):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-FEATURE_EXTRACTOR_FILE = '''
+FEATURE_EXTRACTOR_FILE = """
 import torch
 
 def make():
     # 4x4 average colours: a 48-d "feature extractor" standing in for a user's classifier.
     return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
-'''
+"""
 
 
 def test_cli_generates_with_a_tuner_then_reports_json_and_markdown(tmp_path, tuner_file, clip_folder, capsys):
@@ -415,8 +477,23 @@ def test_cli_generates_with_a_tuner_then_reports_json_and_markdown(tmp_path, tun
     pipeline_dir = save_tiny_pipeline("sd1", tmp_path / "pipe")
     (tmp_path / "prompts.txt").write_text("a photo of a dog\n\na red car\n")
     out = tmp_path / "gen"
-    common = ["--pipeline", str(pipeline_dir), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
-              "--tuner", str(tuner_file), "--tuner-scale", "0.5", "--out", str(out), "--device", "cpu", "--no-progress"]
+    common = [
+        "--pipeline",
+        str(pipeline_dir),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--steps",
+        "2",
+        "--tuner",
+        str(tuner_file),
+        "--tuner-scale",
+        "0.5",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(["generate", *common, "--seeds", "0-1"]) == 0
     assert main(["generate", *common, "--num-seeds", "3"]) == 0
     assert "2 images generated, 4 kept" in capsys.readouterr().out
@@ -424,11 +501,41 @@ def test_cli_generates_with_a_tuner_then_reports_json_and_markdown(tmp_path, tun
 
     write_random_images(tmp_path / "ref", 5, seed=5)
     (tmp_path / "fx.py").write_text(FEATURE_EXTRACTOR_FILE)
-    metric_args = ["--reference", str(tmp_path / "ref"), "--feature-extractor", f"{tmp_path / 'fx.py'}:make",
-                   "--clip-model", str(clip_folder), "--kid-subsets", "10", "--kid-subset-size", "4", "--device", "cpu",
-                   "--no-progress"]
-    assert main(["metrics", "--generated", str(out), *metric_args, "--metrics", "fid", "kid", "clip_score", "clip_t",
-                 "--json", str(tmp_path / "report.json"), "--markdown", str(tmp_path / "report.md")]) == 0
+    metric_args = [
+        "--reference",
+        str(tmp_path / "ref"),
+        "--feature-extractor",
+        f"{tmp_path / 'fx.py'}:make",
+        "--clip-model",
+        str(clip_folder),
+        "--kid-subsets",
+        "10",
+        "--kid-subset-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    assert (
+        main(
+            [
+                "metrics",
+                "--generated",
+                str(out),
+                *metric_args,
+                "--metrics",
+                "fid",
+                "kid",
+                "clip_score",
+                "clip_t",
+                "--json",
+                str(tmp_path / "report.json"),
+                "--markdown",
+                str(tmp_path / "report.md"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())["reports"][0]
     assert report["num_images"] == 6
@@ -440,17 +547,52 @@ def test_cli_generates_with_a_tuner_then_reports_json_and_markdown(tmp_path, tun
 
     # The FID equals the Frechet distance of the extractor's features computed by hand.
     def features(folder):
-        return np.stack([F.adaptive_avg_pool2d(torch.from_numpy(pixels(p).astype(np.float32) / 255).permute(2, 0, 1), 4)
-                         .flatten().numpy() for p in list_images(folder)])
+        return np.stack(
+            [
+                F.adaptive_avg_pool2d(torch.from_numpy(pixels(p).astype(np.float32) / 255).permute(2, 0, 1), 4)
+                .flatten()
+                .numpy()
+                for p in list_images(folder)
+            ]
+        )
 
     expected = frechet_distance(*feature_statistics(features(out)), *feature_statistics(features(tmp_path / "ref")))
     assert report["metrics"]["fid"] == pytest.approx(expected, rel=1e-4)
 
     # Saved reference statistics give the same FID and KID as the folder.
-    assert main(["stats", "--images", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.npz"),
-                 "--feature-extractor", f"{tmp_path / 'fx.py'}:make", "--device", "cpu", "--no-progress"]) == 0
-    assert main(["metrics", "--generated", str(out), *metric_args, "--reference", str(tmp_path / "ref.npz"),
-                 "--metrics", "fid", "kid"]) == 0
+    assert (
+        main(
+            [
+                "stats",
+                "--images",
+                str(tmp_path / "ref"),
+                "--out",
+                str(tmp_path / "ref.npz"),
+                "--feature-extractor",
+                f"{tmp_path / 'fx.py'}:make",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "metrics",
+                "--generated",
+                str(out),
+                *metric_args,
+                "--reference",
+                str(tmp_path / "ref.npz"),
+                "--metrics",
+                "fid",
+                "kid",
+            ]
+        )
+        == 0
+    )
     from_stats = json.loads((out / "metrics.json").read_text())["reports"][0]["metrics"]
     assert from_stats["fid"] == pytest.approx(report["metrics"]["fid"], rel=1e-5)
     assert from_stats["kid"] == pytest.approx(report["metrics"]["kid"], rel=1e-5)
@@ -462,11 +604,42 @@ def test_cli_all_with_inception_weights_for_kid(tmp_path, tuner_file, inception_
     pipeline_dir = save_tiny_pipeline("sd1", tmp_path / "pipe")
     write_random_images(tmp_path / "ref", 3, seed=6, size=(48, 40))
     out = tmp_path / "gen"
-    code = main(["all", "--pipeline", str(pipeline_dir), "--prompt", "a photo of a dog", "--prompt", "a red car",
-                 "--seeds", "0", "1", "--steps", "2", "--tuner", str(tuner_file), "--out", str(out),
-                 "--reference", str(tmp_path / "ref"), "--inception-weights", str(inception_weights),
-                 "--clip-model", str(clip_folder), "--metrics", "kid", "clip_score", "--kid-subset-size", "3",
-                 "--kid-subsets", "5", "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "all",
+            "--pipeline",
+            str(pipeline_dir),
+            "--prompt",
+            "a photo of a dog",
+            "--prompt",
+            "a red car",
+            "--seeds",
+            "0",
+            "1",
+            "--steps",
+            "2",
+            "--tuner",
+            str(tuner_file),
+            "--out",
+            str(out),
+            "--reference",
+            str(tmp_path / "ref"),
+            "--inception-weights",
+            str(inception_weights),
+            "--clip-model",
+            str(clip_folder),
+            "--metrics",
+            "kid",
+            "clip_score",
+            "--kid-subset-size",
+            "3",
+            "--kid-subsets",
+            "5",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())["reports"][0]
     assert report["details"]["fid_features"] == "inception-v3-fid/pytorch-fid"

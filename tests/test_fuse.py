@@ -59,7 +59,11 @@ def assert_bit_exact(unet, before: dict[str, torch.Tensor]) -> None:
 
 
 def bias_free_linears(unet) -> list[torch.nn.Linear]:
-    return [bank_owner for bank, bank_owner in get_state(unet).banks if isinstance(bank, LinearBank) and bank_owner.bias is None]
+    return [
+        bank_owner
+        for bank, bank_owner in get_state(unet).banks
+        if isinstance(bank, LinearBank) and bank_owner.bias is None
+    ]
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sd3", "sd35", "flux"])
@@ -126,7 +130,9 @@ def test_fusing_twice_and_two_tuners_start_from_the_original_weights():
 def test_fusing_honours_the_scale():
     unet = frozen_unet()
     inputs = unet_inputs(unet, batch_size=2, seed=3)
-    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="glora", config="A=lora4,B=lora4,C=vector,D=vector,E=vector", scale=0.5))
+    rd.add_res_tuner(
+        unet, rd.ResTunerConfig(tuner="glora", config="A=lora4,B=lora4,C=vector,D=vector,E=vector", scale=0.5)
+    )
     randomize(unet)
     half = run(unet, inputs)
     rd.set_res_tuner_scale(unet, 1.0)

@@ -82,7 +82,11 @@ def lora_state_dict(kind: str) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
         unet = tiny_unet(kind)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+            )
+        )
         generator = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for name, param in unet.named_parameters():
@@ -201,18 +205,22 @@ def run_script(kind: str, tuner: str, script: str) -> None:
         res = {"+res": True, "-res": False}.get(step, res)
         if baked and res and (TUNERS[tuner]["tuner"] == "glora" or "sequential" in tuner):
             continue  # the baked LoRA is the new W0, which these tuners read: no unfused reference to compare with
-        torch.testing.assert_close(output(pipe), refs[lora or baked, res], rtol=1e-4, atol=2e-5, msg=lambda m, where=where: f"{where}: {m}")
+        torch.testing.assert_close(
+            output(pipe), refs[lora or baked, res], rtol=1e-4, atol=2e-5, msg=lambda m, where=where: f"{where}: {m}"
+        )
 
     assert list(pipe.unet.state_dict()) == keys
     final, oracle = base_weights(pipe.unet), lora_only_weights(kind, steps)
     for name, value in final.items():
         if "*" in script:  # subtracted, not restored: equal to rounding
-            torch.testing.assert_close(value, oracle[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                value, oracle[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+            )
             continue
         exact = (value == original[name]) | (value == oracle[name])
-        assert bool(exact.all()), f"{script!r}: {name} differs bitwise from both the original and the LoRA-only weights"
-
-
+        assert bool(exact.all()), (
+            f"{script!r}: {name} differs bitwise from both the original and the LoRA-only weights"
+        )
 
 
 # The six orders for every tuner on both families; loading and unloading in between for the tuners that read W0
@@ -221,7 +229,11 @@ def run_script(kind: str, tuner: str, script: str) -> None:
 CORE = ["R L r l", "R L l r", "L R r l", "L R l r", "R r L l", "L l R r"]
 EXTENDED_TUNERS = {"sd1": ["glora", "res_lora_sequential", "surm_toeplitz"], "sdxl": ["glora"]}
 CASES = [(kind, tuner, name) for kind in KINDS for tuner in TUNERS for name in CORE] + [
-    (kind, tuner, name) for kind, tuners in EXTENDED_TUNERS.items() for tuner in tuners for name in SCRIPTS if name not in CORE
+    (kind, tuner, name)
+    for kind, tuners in EXTENDED_TUNERS.items()
+    for tuner in tuners
+    for name in SCRIPTS
+    if name not in CORE
 ]
 
 
@@ -234,8 +246,11 @@ def test_fusing_beside_a_diffusers_lora_is_exact_in_every_order(kind, tuner, nam
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_images_equal_unfused_images(kind):
     """Whole pipeline calls: fusing both adapters (either order) leaves the images as they are unfused."""
+
     def images(pipe):
-        return pipe("a photo of a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipe(
+            "a photo of a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
 
     for order in (["R", "L"], ["L", "R"]):
         pipe = fresh_pipe(kind)
@@ -248,8 +263,15 @@ def test_fused_images_equal_unfused_images(kind):
 
 
 TWO_ORDERS = [
-    "Ra Rb ra rb", "Ra Rb rb ra", "Rb Ra ra rb", "Ra ra Rb rb", "Rab ra rb", "Ra Rb rab",
-    "Ra L Rb ra l rb", "L Ra Rb l rb ra", "Ra L Rb rab l",
+    "Ra Rb ra rb",
+    "Ra Rb rb ra",
+    "Rb Ra ra rb",
+    "Ra ra Rb rb",
+    "Rab ra rb",
+    "Ra Rb rab",
+    "Ra L Rb ra l rb",
+    "L Ra Rb l rb ra",
+    "Ra L Rb rab l",
 ]
 
 
@@ -270,11 +292,16 @@ def test_two_res_tuners_on_the_same_layers_fuse_exactly_in_any_order(kind, order
             pipe.unfuse_res_tuner(names)
         else:
             call(pipe, step, "glora", kind)
-        torch.testing.assert_close(output(pipe), unfused, rtol=1e-4, atol=2e-5, msg=lambda m, step=step: f"{order} after {step}: {m}")
+        torch.testing.assert_close(
+            output(pipe), unfused, rtol=1e-4, atol=2e-5, msg=lambda m, step=step: f"{order} after {step}: {m}"
+        )
     assert not any(info["fused"] for info in pipe.get_res_tuners().values())
     pipe.unload_res_tuner()
     pipe.unload_lora_weights()
-    final, oracle = base_weights(pipe.unet), lora_only_weights(kind, ["+lora"] + [s for s in order.split() if s in "Ll"])
+    final, oracle = (
+        base_weights(pipe.unet),
+        lora_only_weights(kind, ["+lora"] + [s for s in order.split() if s in "Ll"]),
+    )
     for name, value in final.items():
         assert bool(((value == original[name]) | (value == oracle[name])).all()), f"{order}: {name}"
 
@@ -317,7 +344,10 @@ def test_a_non_additive_lora_merge_dora_is_refused_and_changes_nothing():
     add_res(pipe, "res_lora")
     add_res(pipe, "glora", "g")
     pipe.disable_res_tuner("g")
-    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, use_dora=True, init_lora_weights="gaussian", target_modules=["to_q"]), adapter_name="dora")
+    pipe.unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, use_dora=True, init_lora_weights="gaussian", target_modules=["to_q"]),
+        adapter_name="dora",
+    )
     pipe.unet.fuse_lora()
     weights, out = base_weights(pipe.unet), output(pipe)
     pipe.enable_res_tuner("g")

@@ -45,9 +45,37 @@ TENSORS_PER_FILE = 32
 
 NAN, INF = float("nan"), float("inf")
 #: Values that no scale may take: not finite, absurd, or not a real number.
-BAD_SCALES = [NAN, INF, -INF, 1e30, -3e38, 1e4, "0.5", "abc", None, [1.0], {"keep": 1.0}, True, object(), torch.tensor(0.5)]
+BAD_SCALES = [
+    NAN,
+    INF,
+    -INF,
+    1e30,
+    -3e38,
+    1e4,
+    "0.5",
+    "abc",
+    None,
+    [1.0],
+    {"keep": 1.0},
+    True,
+    object(),
+    torch.tensor(0.5),
+]
 #: Names that cannot name a tuner: not module names, attributes of the module that holds tuners, not strings.
-BAD_NAMES = ["a.b", "", "forward", "training", "_modules", "state_dict", "__class__", "a b", "x" * 300, "a/b", 5, ["x"]]
+BAD_NAMES = [
+    "a.b",
+    "",
+    "forward",
+    "training",
+    "_modules",
+    "state_dict",
+    "__class__",
+    "a b",
+    "x" * 300,
+    "a/b",
+    5,
+    ["x"],
+]
 #: JSON texts of the wrong kind for any metadata field that holds JSON.
 BAD_JSON = {
     "not JSON": "{not json",
@@ -126,7 +154,13 @@ def snapshot(unet: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
             name: (
                 tuple(id(h) for h in module._forward_hooks.values()),
                 tuple(id(h) for h in module._forward_pre_hooks.values()),
-                tuple(sorted(k for k in ("set_processor", "res_tuner_bank", "set_default_attn_processor") if k in module.__dict__)),
+                tuple(
+                    sorted(
+                        k
+                        for k in ("set_processor", "res_tuner_bank", "set_default_attn_processor")
+                        if k in module.__dict__
+                    )
+                ),
             )
             for name, module in unet.named_modules()
         },
@@ -193,7 +227,9 @@ class Fuzzer:
     def finish(self) -> None:
         held = self.tried - len(self.failures)
         print(f"\n{held} of {self.tried} cases held")
-        assert not self.failures, f"{len(self.failures)} of {self.tried} cases failed:\n" + "\n".join(self.failures[:60])
+        assert not self.failures, f"{len(self.failures)} of {self.tried} cases failed:\n" + "\n".join(
+            self.failures[:60]
+        )
 
 
 def _load(world: World, path: Any, **kwargs: Any) -> Callable[[], Any]:
@@ -221,7 +257,15 @@ def test_every_metadata_field_wrong(world: World):
             variants: dict[str, str | None] = {"missing": None, **BAD_JSON}
             if key == "format_version":
                 variants.update(
-                    {"float": "1.5", "negative": "-1", "zero": "0", "future": "2", "huge": "9" * 40, "arabic digit": "\u0661", "spaced": " 1"},
+                    {
+                        "float": "1.5",
+                        "negative": "-1",
+                        "zero": "0",
+                        "future": "2",
+                        "huge": "9" * 40,
+                        "arabic digit": "\u0661",
+                        "spaced": " 1",
+                    },
                 )
             if key == "adapter_name":
                 variants = {f"name {n!r}": n for n in BAD_NAMES if isinstance(n, str)}
@@ -246,7 +290,11 @@ def _config_variants(config: dict[str, Any], common: bool = True) -> list[tuple[
         for value in wrong_types:
             if field in ("blocks", "targets", "projections") and value is None:
                 continue  # None is every block / the model family's default targets and projections: valid
-            if field == "projections" and config["tuner"] not in ("res_lora", "glora", "surm_circulant") and value in ([], {}):
+            if (
+                field == "projections"
+                and config["tuner"] not in ("res_lora", "glora", "surm_circulant")
+                and value in ([], {})
+            ):
                 continue  # projections are unused by operation tuners: an empty list is valid there
             out.append((f"{field}={value!r}", field[:-1] if field.endswith("s") else field, {**config, field: value}))
     out.append(("tuner missing", "tuner", {k: v for k, v in config.items() if k != "tuner"}))
@@ -376,21 +424,35 @@ def test_state_dicts_and_hotswaps_misused(world: World):
     fuzz = Fuzzer(world)
     metadata, tensors = world.read("res_attn")
     config = rd.ResTunerConfig.from_json(metadata["config"])
-    load = lambda sd, **kw: (lambda: rd.load_res_tuner(world.unet, sd, **kw))  # noqa: E731
+    load = lambda sd, **kw: lambda: rd.load_res_tuner(world.unet, sd, **kw)  # noqa: E731
     keys = sorted(tensors)
     for index, key in enumerate(keys):
         label, needle, value = _tensor_variants(tensors[key])[index % 12 if index % 2 else index % 6]
         mutated = {**tensors, key: value}
         fuzz.case(f"state dict {key} {label}", load(mutated, config=config, adapter_name="sd"), key, needle)
         fuzz.case(f"hotswap keep {key} {label}", load(mutated, adapter_name="keep", hotswap=True), key)
-    fuzz.case("state dict with an extra key", load({**tensors, "nowhere.x": tensors[keys[0]].clone()}, config=config, adapter_name="sd"), "nowhere.x")
+    fuzz.case(
+        "state dict with an extra key",
+        load({**tensors, "nowhere.x": tensors[keys[0]].clone()}, config=config, adapter_name="sd"),
+        "nowhere.x",
+    )
     fuzz.case("state dict without config", load(tensors, adapter_name="sd"), "config")
-    fuzz.case("state dict with a dict as config", load(tensors, config={"tuner": "res_attn"}, adapter_name="sd"), "ResTunerConfig")
-    fuzz.case("state dict, config rank 60000", load(tensors, config=config.replace(rank=60_000), adapter_name="sd"), "rank")
-    fuzz.case("state dict with a non-tensor", load({**tensors, keys[0]: [1.0]}, config=config, adapter_name="sd"), keys[0])
+    fuzz.case(
+        "state dict with a dict as config",
+        load(tensors, config={"tuner": "res_attn"}, adapter_name="sd"),
+        "ResTunerConfig",
+    )
+    fuzz.case(
+        "state dict, config rank 60000", load(tensors, config=config.replace(rank=60_000), adapter_name="sd"), "rank"
+    )
+    fuzz.case(
+        "state dict with a non-tensor", load({**tensors, keys[0]: [1.0]}, config=config, adapter_name="sd"), keys[0]
+    )
     fuzz.case("state dict under a bad name", load(tensors, config=config, adapter_name="a.b"), "adapter name")
     fuzz.case("hotswap without a name", load(tensors, hotswap=True), "adapter_name")
-    fuzz.case("hotswap a file of another tuner", load(world.files["res_lora"], adapter_name="keep", hotswap=True), "keep")
+    fuzz.case(
+        "hotswap a file of another tuner", load(world.files["res_lora"], adapter_name="keep", hotswap=True), "keep"
+    )
     fuzz.case("config= with a file", load(world.files["res_attn"], config=config), "config")
     fuzz.finish()
 
@@ -440,11 +502,16 @@ def test_non_regular_files_and_garbage_bytes(world: World, tmp_path: Path):
     folder.mkdir()
     os.mkfifo(folder / "res_tuner.safetensors")
     fuzz.case(
-        "folder holding a FIFO", _guarded(_load(world, folder), folder / "res_tuner.safetensors"), "res_tuner.safetensors", "not a regular file",
+        "folder holding a FIFO",
+        _guarded(_load(world, folder), folder / "res_tuner.safetensors"),
+        "res_tuner.safetensors",
+        "not a regular file",
     )
     nested = tmp_path / "with_folder"
     (nested / "res_tuner.safetensors").mkdir(parents=True)
-    fuzz.case("folder holding a folder res_tuner.safetensors", _load(world, nested), "res_tuner.safetensors", "is a folder")
+    fuzz.case(
+        "folder holding a folder res_tuner.safetensors", _load(world, nested), "res_tuner.safetensors", "is a folder"
+    )
     device = tmp_path / "zero.safetensors"
     device.symlink_to("/dev/zero")
     fuzz.case("symlink to /dev/zero", _guarded(_load(world, device), None), "zero.safetensors", "not a regular file")
@@ -474,10 +541,18 @@ def test_scales_names_and_flags_misused(world: World, tmp_path: Path):
     unet = lambda: world.unet  # noqa: E731 - the world may swap its UNet after a failed case
     for value in BAD_SCALES:
         fuzz.case(f"set_res_tuner_scale({value!r})", lambda v=value: rd.set_res_tuner_scale(unet(), v), "scale")
-        fuzz.case(f"set_res_tuner_scale({value!r}, 'keep')", lambda v=value: rd.set_res_tuner_scale(unet(), v, "keep"), "scale")
+        fuzz.case(
+            f"set_res_tuner_scale({value!r}, 'keep')",
+            lambda v=value: rd.set_res_tuner_scale(unet(), v, "keep"),
+            "scale",
+        )
         fuzz.case(f"pipe.set_res_tuner_scale({value!r})", lambda v=value: world.pipe.set_res_tuner_scale(v), "scale")
         if value is not None:  # None is 1.0 in a weights list, as in diffusers' set_adapters
-            fuzz.case(f"pipe.set_res_tuners(['keep'], [{value!r}])", lambda v=value: world.pipe.set_res_tuners(["keep"], [v]), "scale")
+            fuzz.case(
+                f"pipe.set_res_tuners(['keep'], [{value!r}])",
+                lambda v=value: world.pipe.set_res_tuners(["keep"], [v]),
+                "scale",
+            )
         if value is None or isinstance(value, dict):
             continue  # None is no override, and a dict of names is the per-call form
         fuzz.case(
@@ -485,7 +560,15 @@ def test_scales_names_and_flags_misused(world: World, tmp_path: Path):
             lambda v=value: unet()(**world.inputs, cross_attention_kwargs={rd.SCALE_KWARG: v}),
             rd.SCALE_KWARG,
         )
-    for value in [{"nope": 0.5}, {"keep": "x"}, {"keep": NAN}, {"keep": INF}, {5: 1.0}, {"keep": [1.0]}, {"keep": 0.5, "nope": 1.0}]:
+    for value in [
+        {"nope": 0.5},
+        {"keep": "x"},
+        {"keep": NAN},
+        {"keep": INF},
+        {5: 1.0},
+        {"keep": [1.0]},
+        {"keep": 0.5, "nope": 1.0},
+    ]:
         fuzz.case(
             f"per-call scale {value!r}",
             lambda v=value: unet()(**world.inputs, cross_attention_kwargs={rd.SCALE_KWARG: v}),
@@ -494,12 +577,22 @@ def test_scales_names_and_flags_misused(world: World, tmp_path: Path):
     for value in ["False", "True", "no", 0, 1, 0.0, None, [], NAN]:
         fuzz.case(f"set_res_tuner_enabled({value!r})", lambda v=value: rd.set_res_tuner_enabled(unet(), v), "enabled")
     for name in [5, "nope", "", ["keep", 5], ["nope"], {"keep"}, []]:
-        fuzz.case(f"set_res_tuner_scale(0.5, {name!r})", lambda n=name: rd.set_res_tuner_scale(unet(), 0.5, n), "adapter")
-        fuzz.case(f"set_res_tuner_enabled(True, {name!r})", lambda n=name: rd.set_res_tuner_enabled(unet(), True, n), "adapter")
+        fuzz.case(
+            f"set_res_tuner_scale(0.5, {name!r})", lambda n=name: rd.set_res_tuner_scale(unet(), 0.5, n), "adapter"
+        )
+        fuzz.case(
+            f"set_res_tuner_enabled(True, {name!r})",
+            lambda n=name: rd.set_res_tuner_enabled(unet(), True, n),
+            "adapter",
+        )
         fuzz.case(f"remove_res_tuner({name!r})", lambda n=name: rd.remove_res_tuner(unet(), n), "adapter")
         fuzz.case(f"fuse_res_tuner({name!r})", lambda n=name: rd.fuse_res_tuner(unet(), n), "adapter")
         fuzz.case(f"res_tuner_parameters({name!r})", lambda n=name: rd.res_tuner_parameters(unet(), n), "adapter")
-        fuzz.case(f"pipe.set_res_tuner_scale(0.5, {name!r})", lambda n=name: world.pipe.set_res_tuner_scale(0.5, n), "adapter")
+        fuzz.case(
+            f"pipe.set_res_tuner_scale(0.5, {name!r})",
+            lambda n=name: world.pipe.set_res_tuner_scale(0.5, n),
+            "adapter",
+        )
         fuzz.case(f"pipe.disable_res_tuner({name!r})", lambda n=name: world.pipe.disable_res_tuner(n), "adapter")
         fuzz.case(f"pipe.unload_res_tuner({name!r})", lambda n=name: world.pipe.unload_res_tuner(n), "adapter")
         fuzz.case(f"pipe.set_res_tuners({name!r})", lambda n=name: world.pipe.set_res_tuners(n), "adapter")
@@ -539,21 +632,37 @@ def test_paths_and_models_misused(world: World, tmp_path: Path):
     fuzz = Fuzzer(world)
     file = world.files["res_attn"]
     for path in [None, 5, 1.5, b"bytes.safetensors", ["a.safetensors"], tmp_path / "missing.safetensors", tmp_path]:
-        fuzz.case(f"load_res_tuner(unet, {path!r})", _load(world, path), "path" if not isinstance(path, Path) else str(path))
+        fuzz.case(
+            f"load_res_tuner(unet, {path!r})", _load(world, path), "path" if not isinstance(path, Path) else str(path)
+        )
     for weight_name in ["../valid_res_attn.safetensors", "/etc/passwd", "", 5, "a/b.safetensors"]:
         fuzz.case(f"weight_name={weight_name!r}", _load(world, file.parent, weight_name=weight_name), "weight_name")
     for model in [None, "unet", 5, torch.nn.Linear(2, 2)]:
         fuzz.case(f"load_res_tuner({type(model).__name__}, file)", lambda m=model: rd.load_res_tuner(m, file), "unet")
-        fuzz.case(f"add_res_tuner({type(model).__name__}, config)", lambda m=model: rd.add_res_tuner(m, rd.ResTunerConfig()), "unet")
-        fuzz.case(f"set_res_tuner_scale({type(model).__name__})", lambda m=model: rd.set_res_tuner_scale(m, 0.5), "unet")
+        fuzz.case(
+            f"add_res_tuner({type(model).__name__}, config)",
+            lambda m=model: rd.add_res_tuner(m, rd.ResTunerConfig()),
+            "unet",
+        )
+        fuzz.case(
+            f"set_res_tuner_scale({type(model).__name__})", lambda m=model: rd.set_res_tuner_scale(m, 0.5), "unet"
+        )
     for config in [None, {"tuner": "res_attn"}, "res_attn", 5]:
-        fuzz.case(f"add_res_tuner(unet, {config!r})", lambda c=config: rd.add_res_tuner(world.unet, c), "ResTunerConfig")
+        fuzz.case(
+            f"add_res_tuner(unet, {config!r})", lambda c=config: rd.add_res_tuner(world.unet, c), "ResTunerConfig"
+        )
     for path in [None, 5, 1.5]:
         fuzz.case(f"save_res_tuner(unet, {path!r})", lambda p=path: rd.save_res_tuner(world.unet, p, "keep"), "path")
-    fuzz.case("save_res_tuner of a missing name", lambda: rd.save_res_tuner(world.unet, tmp_path / "x.safetensors", "nope"), "nope")
+    fuzz.case(
+        "save_res_tuner of a missing name",
+        lambda: rd.save_res_tuner(world.unet, tmp_path / "x.safetensors", "nope"),
+        "nope",
+    )
     fuzz.case("load twice under one name", _load(world, file, adapter_name="keep"), "keep")
     fuzz.case("pipe.load_res_tuner(None)", lambda: world.pipe.load_res_tuner(None), "path")
-    fuzz.case("pipe.load_res_tuner(missing)", lambda: world.pipe.load_res_tuner(str(tmp_path / "nope")), "does not exist")
+    fuzz.case(
+        "pipe.load_res_tuner(missing)", lambda: world.pipe.load_res_tuner(str(tmp_path / "nope")), "does not exist"
+    )
     fuzz.finish()
 
 
@@ -592,7 +701,14 @@ def _parse(tmp_path: Path, *flags: str):
 
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
-    base = ["--pretrained_model_name_or_path", str(tmp_path / "model"), "--instance_data_dir", str(data), "--instance_prompt", "a sks dog"]
+    base = [
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "model"),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        "a sks dog",
+    ]
     return parse_args("dreambooth", base + list(flags))
 
 
@@ -625,14 +741,23 @@ def test_training_flags_refused_up_front(tmp_path: Path, capsys: pytest.CaptureF
     assert needle in capsys.readouterr().err
 
 
-def test_a_tuner_bigger_than_the_local_model_is_refused_up_front(tiny_dirs, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_a_tuner_bigger_than_the_local_model_is_refused_up_front(
+    tiny_dirs, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     """The bound comes from the model: the tiny UNet has ~0.8 M parameters, so rank 20000 (under the generic 65536
     cap) is refused from its config.json alone, while the default rank passes."""
     from resattn_diffusion.training.args import parse_args
 
     data = tmp_path / "data"
     data.mkdir()
-    base = ["--pretrained_model_name_or_path", str(tiny_dirs["sd1"]), "--instance_data_dir", str(data), "--instance_prompt", "a sks dog"]
+    base = [
+        "--pretrained_model_name_or_path",
+        str(tiny_dirs["sd1"]),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        "a sks dog",
+    ]
     assert parse_args("dreambooth", base + ["--rank", "8"]).rank == 8
     start = time.perf_counter()
     with pytest.raises(SystemExit):

@@ -34,7 +34,9 @@ SHAPES = [(320, 320), (320, 768), (1280, 320), (17, 29)]  # (d_out, d_in)
 
 
 def make_glora(d_out: int, d_in: int, config: str, has_bias: bool = True, **params) -> GLoRA:
-    return GLoRA(OpShape(in_dim=d_in, out_dim=d_out, context_dim=d_in), GLoRAParams(config=config, **params), has_bias=has_bias)
+    return GLoRA(
+        OpShape(in_dim=d_in, out_dim=d_out, context_dim=d_in), GLoRAParams(config=config, **params), has_bias=has_bias
+    )
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:

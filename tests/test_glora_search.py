@@ -71,7 +71,10 @@ def test_override_precedence_is_exact_then_most_specific_then_last():
     assert params.matching_override(Q1) == "*.attn1.*"
     assert params.matching_override(UP_K1) == "up_blocks.1"  # 11 beats 8
     assert params.matching_override(UP_K2) == UP_K2
-    assert params.matching_override("up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k") == "up_blocks.*.attn2.to_k"
+    assert (
+        params.matching_override("up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k")
+        == "up_blocks.*.attn2.to_k"
+    )
     assert params.matching_override("up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_q") == "*.attn2.to_q"
     assert params.matching_override("mid_block.attentions.0.transformer_blocks.0.ff.net.2") is None
 
@@ -81,20 +84,36 @@ def test_override_precedence_is_exact_then_most_specific_then_last():
     assert params.overrides[UP_K2] == "A=scalar,E=vector"  # the original is untouched
 
     # equally specific patterns (11 literal characters each): the one listed last wins
-    assert GLoRAParams(overrides={"*.attn1.to_q": "A=vector", "down_blocks*": "A=none"}).matching_override(Q1) == "down_blocks*"
-    assert GLoRAParams(overrides={"down_blocks*": "A=none", "*.attn1.to_q": "A=vector"}).matching_override(Q1) == "*.attn1.to_q"
+    assert (
+        GLoRAParams(overrides={"*.attn1.to_q": "A=vector", "down_blocks*": "A=none"}).matching_override(Q1)
+        == "down_blocks*"
+    )
+    assert (
+        GLoRAParams(overrides={"down_blocks*": "A=none", "*.attn1.to_q": "A=vector"}).matching_override(Q1)
+        == "*.attn1.to_q"
+    )
 
 
 def test_overrides_give_each_layer_its_module():
     unet = frozen_unet()
-    overrides = {"*.attn1": "A=vector,B=none,C=none,D=none,E=scalar", UP_K2: "A=lora1,B=scalar", "up_blocks.*.ff": "E=vector"}
-    config = rd.ResTunerConfig(tuner="glora", targets=["attn1", "attn2", "ff"], config="A=lora2,B=lora2", overrides=overrides)
+    overrides = {
+        "*.attn1": "A=vector,B=none,C=none,D=none,E=scalar",
+        UP_K2: "A=lora1,B=scalar",
+        "up_blocks.*.ff": "E=vector",
+    }
+    config = rd.ResTunerConfig(
+        tuner="glora", targets=["attn1", "attn2", "ff"], config="A=lora2,B=lora2", overrides=overrides
+    )
     rd.add_res_tuner(unet, config)
     active = {path: str(module.active_config) for path, module in iter_tuners(unet, "default")}
     assert active[Q1] == "A=vector,B=none,C=none,D=none,E=scalar"
     assert active[UP_K2] == "A=lora1,B=scalar,C=none,D=none,E=none"
-    assert active["up_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj"] == "A=none,B=none,C=none,D=none,E=vector"
-    assert active["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"] == "A=lora2,B=lora2,C=none,D=none,E=none"
+    assert (
+        active["up_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj"] == "A=none,B=none,C=none,D=none,E=vector"
+    )
+    assert (
+        active["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"] == "A=lora2,B=lora2,C=none,D=none,E=none"
+    )
     assert active["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"] == "A=lora2,B=lora2,C=none,D=none,E=none"
 
 
@@ -113,7 +132,9 @@ def test_override_that_matches_no_layer_is_an_error_at_add_time(tmp_path):
 
 def test_overrides_round_trip_through_a_tuner_file(tmp_path):
     unet = frozen_unet()
-    config = rd.ResTunerConfig(tuner="glora", config="A=lora2", overrides={"*.attn2.to_k": "A=vector,C=lora1,E=scalar"})
+    config = rd.ResTunerConfig(
+        tuner="glora", config="A=lora2", overrides={"*.attn2.to_k": "A=vector,C=lora1,E=scalar"}
+    )
     rd.add_res_tuner(unet, config)
     randomize(unet)
     inputs = unet_inputs(unet, batch_size=1, seed=1)
@@ -201,7 +222,9 @@ def test_evolution_improves_respects_the_budget_and_is_seeded():
         return float(sum(a != b for g, t in zip(genome, target) for a, b in zip(g.split(","), t.split(","))))
 
     budget = 600
-    kwargs = dict(population_size=8, iterations=12, mutation_rate=0.2, crossover_rate=0.5, budget=budget, progress=False)
+    kwargs = dict(
+        population_size=8, iterations=12, mutation_rate=0.2, crossover_rate=0.5, budget=budget, progress=False
+    )
     result = evolutionary_search(layers, distance, seed=5, **kwargs)
     again = evolutionary_search(layers, distance, seed=5, **kwargs)
     assert result == again
@@ -210,7 +233,9 @@ def test_evolution_improves_respects_the_budget_and_is_seeded():
     assert result.parameters <= budget
     assert all(entry["parameters"] <= budget for entry in result.evaluated)
     assert result.history[-1]["best_fitness"] < result.history[0]["best_fitness"]
-    assert [h["best_fitness"] for h in result.history] == sorted((h["best_fitness"] for h in result.history), reverse=True)
+    assert [h["best_fitness"] for h in result.history] == sorted(
+        (h["best_fitness"] for h in result.history), reverse=True
+    )
     assert sum(layer.count(result.configs[layer.path]) for layer in layers) == result.parameters
 
     with pytest.raises(rd.ConfigError, match="below the smallest subnet"):
@@ -266,7 +291,11 @@ def test_search_on_sdxl_with_added_conditions():
 def test_cli_argument_parsing():
     assert parse_budget("250k") == 250_000 and parse_budget("1.5M") == 1_500_000 and parse_budget("123") == 123
     assert parse_budget(None) is None and parse_budget("none") is None
-    assert parse_timesteps("4") == 4 and parse_timesteps("100,500,900") == [100, 500, 900] and parse_timesteps("500,") == [500]
+    assert (
+        parse_timesteps("4") == 4
+        and parse_timesteps("100,500,900") == [100, 500, 900]
+        and parse_timesteps("500,") == [500]
+    )
     with pytest.raises(ValueError, match="--budget"):
         parse_budget("lots")
 

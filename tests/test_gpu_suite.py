@@ -23,8 +23,20 @@ def suite_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
     for part in gpu_suite.PARTS:
         gpu_suite.main(
-            [part, "--out", str(out), "--tiny", "--device", "cpu", "--tuners", "res_attn",
-             "--compile-backend", "eager", "--budget", "600"]
+            [
+                part,
+                "--out",
+                str(out),
+                "--tiny",
+                "--device",
+                "cpu",
+                "--tuners",
+                "res_attn",
+                "--compile-backend",
+                "eager",
+                "--budget",
+                "600",
+            ]
         )
     return out
 
@@ -40,7 +52,11 @@ def test_every_part_writes_its_rows(suite_out):
     for name, row in rows.items():
         assert row["error"] is None and row["step_s"] > 0 and row["peak_memory_mb"] > 0, name
     assert rows["res_attn [reference]"]["trainable_parameters"] == rows["res_attn"]["trainable_parameters"]
-    assert {row["name"] for row in _load(suite_out, "train_sdxl")["rows"]} == {"floor", "res_attn", train_step.PEFT_LORA}
+    assert {row["name"] for row in _load(suite_out, "train_sdxl")["rows"]} == {
+        "floor",
+        "res_attn",
+        train_step.PEFT_LORA,
+    }
     sample = {row["name"]: row for row in _load(suite_out, "sampling")["rows"]}
     assert {"base", "res_attn (unfused)"} <= set(sample) and any(n.startswith("peft_lora") for n in sample)
     compiled = {row["name"]: row for row in _load(suite_out, "sampling_compiled")["rows"]}
@@ -108,12 +124,7 @@ def test_shell_script_runs_every_part_with_a_time_guard(tmp_path):
     one failing part does not stop the next, the summary is written last."""
     record = tmp_path / "calls.txt"
     stub = tmp_path / "python"
-    stub.write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "$@" >> {record}\n'
-        'case "$*" in *train_sdxl*) exit 3;; esac\n'
-        "exit 0\n"
-    )
+    stub.write_text(f'#!/usr/bin/env bash\necho "$@" >> {record}\ncase "$*" in *train_sdxl*) exit 3;; esac\nexit 0\n')
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
     result = subprocess.run(

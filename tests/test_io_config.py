@@ -38,14 +38,23 @@ def test_every_tuner_works_with_just_its_name_and_round_trips_json(tuner):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"tuner": "res_attn", "rank": 6, "heads": 4}, r"not divisible by heads=4; with rank 6 use heads in \[1, 2, 3, 6\]"),
+        (
+            {"tuner": "res_attn", "rank": 6, "heads": 4},
+            r"not divisible by heads=4; with rank 6 use heads in \[1, 2, 3, 6\]",
+        ),
         ({"tuner": "lora_xl"}, r"unknown tuner 'lora_xl'; registered tuners: \["),
-        ({"tuner": "res_attn", "targets": ["attn3"]}, r"target='attn3' is not allowed; choose one of \[.*'attn1', 'attn2', 'ff'"),
+        (
+            {"tuner": "res_attn", "targets": ["attn3"]},
+            r"target='attn3' is not allowed; choose one of \[.*'attn1', 'attn2', 'ff'",
+        ),
         ({"tuner": "res_attn", "placement": "serial"}, r"placement='serial' is not allowed"),
         ({"tuner": "res_adapter", "rank": 0}, r"rank must be a positive number"),
         ({"tuner": "res_adapter", "activation": "swish"}, r"unknown activation 'swish'; allowed: \["),
         ({"tuner": "res_attn", "dropout": 1.5}, r"dropout must be in \[0, 1\)"),
-        ({"tuner": "res_attn", "prefix_length": 4}, r"has no hyperparameter\(s\) \['prefix_length'\]; its hyperparameters are"),
+        (
+            {"tuner": "res_attn", "prefix_length": 4},
+            r"has no hyperparameter\(s\) \['prefix_length'\]; its hyperparameters are",
+        ),
         ({"tuner": "res_lora", "projections": ["to_x"]}, r"projection='to_x' is not allowed"),
     ],
 )
@@ -85,7 +94,11 @@ def test_sd1_tuner_into_sdxl_unet_is_a_clear_error_and_changes_nothing(tmp_path)
     with pytest.raises(rd.ResTunerFileError) as err:
         rd.load_res_tuner(target, path)
     message = str(err.value)
-    assert "does not fit this UNet" in message and "cross_attention_dim=32" in message and "cross_attention_dim=96" in message
+    assert (
+        "does not fit this UNet" in message
+        and "cross_attention_dim=32" in message
+        and "cross_attention_dim=96" in message
+    )
     assert "layer" in message and "base model it was trained on" in message
     assert _processors(target) == before and rd.get_res_tuner_configs(target) == {}
 

@@ -39,7 +39,9 @@ def _pipe(kind="sd1", cls=None):
 
 
 def _images(pipe, **kwargs):
-    return pipe("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    return pipe(
+        "a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs
+    ).images
 
 
 def _unet_out(unet):

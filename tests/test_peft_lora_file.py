@@ -43,7 +43,9 @@ def test_a_trained_peft_lora_loads_into_a_stock_pipeline(kind, tiny_dirs, tmp_pa
 
     def images(pipe):
         pipe.set_progress_bar_config(disable=True)
-        return pipe("a sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipe(
+            "a sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
 
     base = DiffusionPipeline.from_pretrained(str(tiny_dirs[kind]))
     before = images(base)

@@ -25,12 +25,27 @@ def test_tiny_transformer_step_benchmark_writes_ratios_against_peft_lora(tmp_pat
         # peft LoRA sits on exactly the linears res_lora sits on, at the same rank: the same trainable parameters
         assert rows["res_lora"]["trainable_parameters"] == rows["peft_lora"]["trainable_parameters"] > 0
         assert rows["peft_lora"]["time_vs_peft_lora"] == 1.0 and rows["floor"]["trainable_parameters"] == 0
-        assert rows["res_attn"]["memory_vs_floor"] == rows["res_attn"]["peak_memory_bytes"] / rows["floor"]["peak_memory_bytes"]
+        assert (
+            rows["res_attn"]["memory_vs_floor"]
+            == rows["res_attn"]["peak_memory_bytes"] / rows["floor"]["peak_memory_bytes"]
+        )
 
 
 def test_the_time_guard_skips_cases_and_says_so(tmp_path):
     result = transformer_step.main(
-        ["--tiny", "--device", "cpu", "--threads", "1", "--out", str(tmp_path), "--tuners", "res_attn", "--time_limit", "0"]
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--tuners",
+            "res_attn",
+            "--time_limit",
+            "0",
+        ]
     )
     rows = [row for table in result["shapes"] for row in table["rows"]]
     assert rows and all(row.get("skipped") == "time guard" for row in rows)

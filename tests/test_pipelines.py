@@ -33,7 +33,11 @@ from resattn_diffusion.testing import tiny_unet, unet_inputs
 
 PIPELINES_DIR = Path(__file__).resolve().parents[1] / "pipelines"
 PROMPT = "a photo of a sks dog"
-TEXT2IMG = {"sd1": ResTunerStableDiffusionPipeline, "sd2": ResTunerStableDiffusionPipeline, "sdxl": ResTunerStableDiffusionXLPipeline}
+TEXT2IMG = {
+    "sd1": ResTunerStableDiffusionPipeline,
+    "sd2": ResTunerStableDiffusionPipeline,
+    "sdxl": ResTunerStableDiffusionXLPipeline,
+}
 IMG2IMG = {
     "sd1": ResTunerStableDiffusionImg2ImgPipeline,
     "sd2": ResTunerStableDiffusionImg2ImgPipeline,
@@ -78,8 +82,12 @@ def tuner_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tuners")
     files = {}
     for kind in ("sd1", "sd2", "sdxl"):
-        files[kind, "attn"] = _tuner_file(kind, folder, rd.ResTunerConfig(tuner="res_attn", rank=4, heads=2), "attn", seed=1)
-    files["sd1", "lora"] = _tuner_file("sd1", folder, rd.ResTunerConfig(tuner="res_lora", targets=["attn1", "attn2", "ff"]), "lora", seed=2)
+        files[kind, "attn"] = _tuner_file(
+            kind, folder, rd.ResTunerConfig(tuner="res_attn", rank=4, heads=2), "attn", seed=1
+        )
+    files["sd1", "lora"] = _tuner_file(
+        "sd1", folder, rd.ResTunerConfig(tuner="res_lora", targets=["attn1", "attn2", "ff"]), "lora", seed=2
+    )
     return files
 
 
@@ -89,7 +97,10 @@ def _processors(pipe):
 
 
 def _tuner_state(pipe):
-    return {name: (info["config"].to_dict(), info["scale"], info["enabled"], info["fused"]) for name, info in pipe.get_res_tuners().items()}
+    return {
+        name: (info["config"].to_dict(), info["scale"], info["enabled"], info["fused"])
+        for name, info in pipe.get_res_tuners().items()
+    }
 
 
 def _base_weights(unet):
@@ -103,7 +114,11 @@ def _lora_state_dict(kind):
     from peft.utils import get_peft_model_state_dict
 
     unet = tiny_unet(kind)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -140,7 +155,9 @@ def test_trained_tuner_reloads_into_a_fresh_pipeline_and_generates_the_same_imag
     pipe = _load("sd1", tiny_dirs)
     base = _generate(pipe)
     pipe.unet.requires_grad_(False)
-    rd.add_res_tuner(pipe.unet, rd.ResTunerConfig(tuner="res_attn", rank=4, heads=2, targets=["attn1", "attn2", "ff"]), "style")
+    rd.add_res_tuner(
+        pipe.unet, rd.ResTunerConfig(tuner="res_attn", rank=4, heads=2, targets=["attn1", "attn2", "ff"]), "style"
+    )
     _train(pipe)
     trained = _generate(pipe)
     assert not torch.allclose(trained, base, atol=1e-4)
@@ -333,7 +350,9 @@ def test_hub_repo_id_resolves_through_the_hub_cache_and_fails_clearly_offline(ti
 
 # --- survival beside diffusers -----------------------------------------------------------------------------------
 def _attention_bases(pipe):
-    return {type(p.base_processor) for p in pipe.unet.attn_processors.values() if isinstance(p, rd.ResTunerAttnProcessor)}
+    return {
+        type(p.base_processor) for p in pipe.unet.attn_processors.values() if isinstance(p, rd.ResTunerAttnProcessor)
+    }
 
 
 @pytest.mark.parametrize("change", ["enable_attention_slicing", "set_default_attn_processor"])

@@ -118,4 +118,6 @@ def test_damaged_random_states_are_refused_unless_an_inexact_resume_is_accepted(
     with caplog.at_level(logging.WARNING):
         result = train_text2img.main(args + ["--resume_from_checkpoint", "latest", "--allow_inexact_resume"])
     assert result.is_file()
-    assert any("INEXACT RESUME" in record.getMessage() and record.levelno >= logging.WARNING for record in caplog.records)
+    assert any(
+        "INEXACT RESUME" in record.getMessage() and record.levelno >= logging.WARNING for record in caplog.records
+    )

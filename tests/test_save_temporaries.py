@@ -91,7 +91,12 @@ def test_only_our_stale_temporaries_go(tmp_path):
         }
         for key, name in files.items():
             (tmp_path / name).write_bytes(b"partial")
-            _age(tmp_path / name, 2 * io.STALE_TEMPORARY_SECONDS if key.endswith("old") or key == "alive" else 2 * io.DEAD_WRITER_GRACE_SECONDS)
+            _age(
+                tmp_path / name,
+                2 * io.STALE_TEMPORARY_SECONDS
+                if key.endswith("old") or key == "alive"
+                else 2 * io.DEAD_WRITER_GRACE_SECONDS,
+            )
         (tmp_path / ".a.safetensors.rt-x-1-folder000.tmp").mkdir()  # a folder with our name shape: not a file, kept
         rd.save_res_tuner(_unet_with_tuner(), tmp_path)
         gone = {"dead", "dead_other_name", "other_host_old", "legacy_old"}

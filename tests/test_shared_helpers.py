@@ -96,7 +96,9 @@ def test_prediction_target_per_type():
         scheduler = DDPMScheduler(prediction_type=kind)
         assert prediction_target(scheduler, latents, noise, steps) is expected
     scheduler = DDPMScheduler(prediction_type="v_prediction")
-    torch.testing.assert_close(prediction_target(scheduler, latents, noise, steps), scheduler.get_velocity(latents, noise, steps))
+    torch.testing.assert_close(
+        prediction_target(scheduler, latents, noise, steps), scheduler.get_velocity(latents, noise, steps)
+    )
     scheduler.register_to_config(prediction_type="flow")
     with pytest.raises(ValueError, match="unsupported prediction_type 'flow'"):
         prediction_target(scheduler, latents, noise, steps)

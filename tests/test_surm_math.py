@@ -81,7 +81,7 @@ def test_toeplitz_definition():
         for j in range(d_in):
             assert matrix[i, j] == t[i - j + d_in - 1]
     assert torch.equal(matrix[:, 0], t[d_in - 1 :])
-    assert torch.equal(matrix[0], t[: d_in].flip(0))
+    assert torch.equal(matrix[0], t[:d_in].flip(0))
 
 
 def test_kronecker_materialisation_and_row_major_identity():
@@ -107,7 +107,9 @@ def test_skew_circulant_fast_path():
 def test_ldr_is_a_sum_of_circulant_times_skew_circulant():
     module = LDRMatrix(9, 9, init="random", displacement_rank=2)
     g, h = module.g.detach(), module.h.detach()
-    expected = circulant_matrix(g[0]) @ skew_circulant_matrix(h[0]) + circulant_matrix(g[1]) @ skew_circulant_matrix(h[1])
+    expected = circulant_matrix(g[0]) @ skew_circulant_matrix(h[0]) + circulant_matrix(g[1]) @ skew_circulant_matrix(
+        h[1]
+    )
     torch.testing.assert_close(module.materialize().detach(), expected)
 
 
@@ -150,7 +152,9 @@ def test_fast_path_equals_materialised(make, d_out, d_in):
 
 @pytest.mark.parametrize("family", ["circulant", "toeplitz", "ldr"])
 def test_cpu_row_blocks_give_the_same_result_and_gradients(family, monkeypatch):
-    module = {"circulant": CirculantMatrix, "toeplitz": ToeplitzMatrix, "ldr": LDRMatrix}[family](24, 40, init="random")
+    module = {"circulant": CirculantMatrix, "toeplitz": ToeplitzMatrix, "ldr": LDRMatrix}[family](
+        24, 40, init="random"
+    )
     x = torch.randn(3, 50, 40, requires_grad=True)
     whole = module(x)
     (whole_grad_x,) = torch.autograd.grad(whole.square().sum(), x)
@@ -242,7 +246,11 @@ def test_parameter_counts(family, d_out, d_in, expected):
 def test_kronecker_param_count_with_explicit_factors():
     params = SURMKroneckerParams(out_factor=16, in_factor=24)
     module = SURMKronecker(shape_of(320, 768), params)
-    assert sum(p.numel() for p in module.parameters()) == 16 * 24 + 20 * 32 == SURMKronecker.num_parameters_for(shape_of(320, 768), params)
+    assert (
+        sum(p.numel() for p in module.parameters())
+        == 16 * 24 + 20 * 32
+        == SURMKronecker.num_parameters_for(shape_of(320, 768), params)
+    )
 
 
 def test_kronecker_shape_error_suggests_valid_factors():
@@ -263,7 +271,13 @@ def test_kronecker_shape_error_suggests_valid_factors():
 
 
 def test_params_defaults_and_validation():
-    for params in (SURMCirculantParams(), SURMToeplitzParams(), SURMKroneckerParams(), SURMLDRParams(), SURMAdapterParams()):
+    for params in (
+        SURMCirculantParams(),
+        SURMToeplitzParams(),
+        SURMKroneckerParams(),
+        SURMLDRParams(),
+        SURMAdapterParams(),
+    ):
         params.validate()
         params.validate_for(shape_of(320, 768))
     with pytest.raises(ConfigError, match="displacement_rank"):
@@ -317,7 +331,12 @@ def test_adapter_identity_gradients_and_count(structure, in_dim, out_dim, hidden
     params = SURMAdapterParams(structure=structure, hidden_dim=hidden_dim, displacement_rank=2)
     adapter = SURMAdapter(shape, params)
     hidden = hidden_dim or in_dim
-    assert (adapter.down.d_out, adapter.down.d_in, adapter.up.d_out, adapter.up.d_in) == (hidden, in_dim, out_dim, hidden)
+    assert (adapter.down.d_out, adapter.down.d_in, adapter.up.d_out, adapter.up.d_in) == (
+        hidden,
+        in_dim,
+        out_dim,
+        hidden,
+    )
     assert sum(p.numel() for p in adapter.parameters()) == SURMAdapter.num_parameters_for(shape, params)
     x = torch.randn(2, 5, in_dim)
     out = adapter(x, None, None)
@@ -340,7 +359,10 @@ def test_adapter_parameter_count_formula():
     shape = OpShape(in_dim=320, out_dim=320, context_dim=768)
     assert SURMAdapter.num_parameters_for(shape, SURMAdapterParams()) == 320 + 320
     assert SURMAdapter.num_parameters_for(shape, SURMAdapterParams(structure="toeplitz")) == 2 * (320 + 320 - 1)
-    assert SURMAdapter.num_parameters_for(shape, SURMAdapterParams(structure="ldr", displacement_rank=2)) == 2 * 2 * 2 * 320
+    assert (
+        SURMAdapter.num_parameters_for(shape, SURMAdapterParams(structure="ldr", displacement_rank=2))
+        == 2 * 2 * 2 * 320
+    )
 
 
 def test_registered_with_defaults():

@@ -75,7 +75,12 @@ def common_args(model: Path, output_dir: Path, steps: int = 2, batch: int = 1) -
 
 
 def dreambooth_args(model: Path, output_dir: Path, data: dict[str, Path], **kwargs) -> list[str]:
-    return common_args(model, output_dir, **kwargs) + ["--instance_data_dir", str(data["instance"]), "--instance_prompt", "a photo of sks dog"]
+    return common_args(model, output_dir, **kwargs) + [
+        "--instance_data_dir",
+        str(data["instance"]),
+        "--instance_prompt",
+        "a photo of sks dog",
+    ]
 
 
 def text2img_args(model: Path, output_dir: Path, data: dict[str, Path], **kwargs) -> list[str]:
@@ -134,7 +139,10 @@ def test_dreambooth_trains_every_tuner(tuner, kind, tiny_dirs, data, tmp_path, l
 @pytest.mark.parametrize("tuner", TUNERS)
 def test_text2img_trains_every_tuner(tuner, kind, tiny_dirs, data, tmp_path, losses):
     out = tmp_path / "out"
-    train_text2img.main(text2img_args(tiny_dirs[kind], out, data, batch=2) + ["--tuner", tuner, "--random_flip", "--caption_dropout", "0.2"])
+    train_text2img.main(
+        text2img_args(tiny_dirs[kind], out, data, batch=2)
+        + ["--tuner", tuner, "--random_flip", "--caption_dropout", "0.2"]
+    )
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert_trained_tuner_generates(tiny_dirs[kind], out)
     run = json.loads((out / "args.json").read_text())
@@ -191,14 +199,24 @@ def test_resume_after_a_crash_is_exact(first, total, accumulation, tiny_dirs, da
 def test_resume_for_more_steps_is_exact(tiny_dirs, data, tmp_path):
     """6 steps straight == 3 steps, then ``--resume_from_checkpoint latest`` with ``--max_train_steps 6``. The
     warmup (4 steps) runs across the resume, so the scheduler's state must be restored too."""
-    extra = ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4", "--random_flip", "--caption_dropout", "0.3"]
+    extra = [
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--lr_warmup_steps",
+        "4",
+        "--random_flip",
+        "--caption_dropout",
+        "0.3",
+    ]
     extra += ["--checkpointing_steps", "3"]
     straight = train_text2img.main(text2img_args(tiny_dirs["sd1"], tmp_path / "straight", data, steps=6) + extra)
     fresh_accelerate_state_between_runs()
     train_text2img.main(text2img_args(tiny_dirs["sd1"], tmp_path / "resumed", data, steps=3) + extra)
     fresh_accelerate_state_between_runs()
     resumed = train_text2img.main(
-        text2img_args(tiny_dirs["sd1"], tmp_path / "resumed", data, steps=6) + extra + ["--resume_from_checkpoint", "latest"],
+        text2img_args(tiny_dirs["sd1"], tmp_path / "resumed", data, steps=6)
+        + extra
+        + ["--resume_from_checkpoint", "latest"],
     )
     a, b = load_file(straight), load_file(resumed)
     for key in a:
@@ -249,7 +267,13 @@ def test_accelerate_launch_two_processes(tiny_dirs, data, tmp_path):
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         str(REPO_ROOT / "train_text2img.py"), *text2img_args(tiny_dirs["sd1"], out, data), "--checkpointing_steps", "2",
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 process(es)" in result.stderr
@@ -257,7 +281,10 @@ def test_accelerate_launch_two_processes(tiny_dirs, data, tmp_path):
         "checkpoint-2/res_tuner.safetensors",
         "res_tuner.safetensors",
     ]
-    assert sorted(p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert_trained_tuner_generates(tiny_dirs["sd1"], out)
 
 
@@ -318,7 +345,9 @@ def test_missing_or_empty_image_folder(tiny_dirs, data, tmp_path):
     with pytest.raises(TrainingDataError, match="holds no images"):
         train_dreambooth.main(empty)
     with pytest.raises(TrainingDataError, match="holds no images"):
-        train_text2img.main(common_args(tiny_dirs["sd1"], tmp_path / "c") + ["--train_data_dir", str(tmp_path / "empty")])
+        train_text2img.main(
+            common_args(tiny_dirs["sd1"], tmp_path / "c") + ["--train_data_dir", str(tmp_path / "empty")]
+        )
 
 
 def test_unreadable_image_is_named(tiny_dirs, data, tmp_path):
@@ -352,7 +381,9 @@ def test_dataset_name_local_path_and_missing_column(tiny_dirs, data, tmp_path):
 
     images = [Image.open(p).convert("RGB") for p in sorted(data["text2img"].glob("*.png"))]
     captions = [["a dog", "a red dog"] for _ in images]
-    dataset = datasets.Dataset.from_dict({"picture": images, "caption": captions}).cast_column("picture", datasets.Image())
+    dataset = datasets.Dataset.from_dict({"picture": images, "caption": captions}).cast_column(
+        "picture", datasets.Image()
+    )
     dataset.save_to_disk(str(tmp_path / "dataset"))
     base = common_args(tiny_dirs["sd1"], tmp_path / "out") + ["--dataset_name", str(tmp_path / "dataset")]
     with pytest.raises(TrainingDataError, match=r"no column 'text'.*\['picture', 'caption'\]"):
@@ -379,7 +410,12 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_dirs, data, tmp_pa
     """An absurd learning rate blows the tuner up after step 1: step 2's loss is NaN. Training stops with a
     message naming the last checkpoint; no tuner is saved."""
     out = tmp_path / "out"
-    args = text2img_args(tiny_dirs["sd1"], out, data, steps=4) + ["--learning_rate", "1e30", "--checkpointing_steps", "1"]
+    args = text2img_args(tiny_dirs["sd1"], out, data, steps=4) + [
+        "--learning_rate",
+        "1e30",
+        "--checkpointing_steps",
+        "1",
+    ]
     with pytest.raises(NonFiniteLossError, match=r"at step 2.*checkpoint-1"):
         train_text2img.main(args)
     assert not (out / "res_tuner.safetensors").exists()
@@ -468,7 +504,9 @@ def test_validation_images_and_tensorboard(tiny_dirs, data, tmp_path):
 def test_gradient_checkpointing_gives_the_same_tuner(tiny_dirs, data, tmp_path):
     plain = train_text2img.main(text2img_args(tiny_dirs["sd1"], tmp_path / "plain", data))
     fresh_accelerate_state_between_runs()
-    checkpointed = train_text2img.main(text2img_args(tiny_dirs["sd1"], tmp_path / "ckpt", data) + ["--gradient_checkpointing"])
+    checkpointed = train_text2img.main(
+        text2img_args(tiny_dirs["sd1"], tmp_path / "ckpt", data) + ["--gradient_checkpointing"]
+    )
     a, b = load_file(plain), load_file(checkpointed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
@@ -492,7 +530,17 @@ def _args(*flags: str, task: str = "text2img"):
 
 def test_tuner_flags_build_the_config(tmp_path):
     config = tuner_config_from_args(
-        _args("--tuner", "res_adapter", "--tuner_arg", "activation=relu", "rank=12", "--targets", "ff", "--placement", "sequential"),
+        _args(
+            "--tuner",
+            "res_adapter",
+            "--tuner_arg",
+            "activation=relu",
+            "rank=12",
+            "--targets",
+            "ff",
+            "--placement",
+            "sequential",
+        ),
     )
     assert (config.tuner, config.targets, config.placement) == ("res_adapter", ("ff",), "sequential")
     assert config.hyperparameters["rank"] == 12 and config.hyperparameters["activation"] == "relu"
@@ -535,13 +583,18 @@ def test_caption_dropout_and_seeded_augmentation(data):
     dataset = TextImageDataset(source, transform, seed=0, caption_dropout=0.5)
     first = [dataset[i] for i in range(len(dataset))]
     again = [dataset[i] for i in range(len(dataset))]
-    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"] for a, b in zip(first, again))
+    assert all(
+        torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
+        for a, b in zip(first, again)
+    )
     assert first[0]["pixel_values"].shape == (3, 32, 32)
     assert -1.0 <= first[0]["pixel_values"].min() and first[0]["pixel_values"].max() <= 1.0
     crops = set()
     for epoch in range(6):
         dataset.set_epoch(epoch)
-        crops.add((dataset[0]["crop_top_left"], bool(torch.equal(dataset[0]["pixel_values"], first[0]["pixel_values"]))))
+        crops.add(
+            (dataset[0]["crop_top_left"], bool(torch.equal(dataset[0]["pixel_values"], first[0]["pixel_values"])))
+        )
     assert len(crops) > 1  # crops / flips change from epoch to epoch
 
     sampler = EpochShuffleSampler(10, seed=0)

@@ -48,7 +48,10 @@ def _argv(model, out, instance_dir, *extra):
 
 
 def _parse(*flags):
-    return parse_args("dreambooth", ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p", *flags])
+    return parse_args(
+        "dreambooth",
+        ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p", *flags],
+    )
 
 
 # --- flags -------------------------------------------------------------------------------------------------------
@@ -61,7 +64,12 @@ def test_prodigy_flags_reach_the_optimizer():
     optimizer = make_optimizer(args, [torch.nn.Parameter(torch.zeros(3))], args.learning_rate)
     group = optimizer.param_groups[0]
     assert type(optimizer).__name__ == "Prodigy"
-    assert (group["beta3"], group["decouple"], group["use_bias_correction"], group["safeguard_warmup"]) == (0.9, False, True, False)
+    assert (group["beta3"], group["decouple"], group["use_bias_correction"], group["safeguard_warmup"]) == (
+        0.9,
+        False,
+        True,
+        False,
+    )
     assert group["weight_decay"] == 0.01 and group["lr"] == 1.0
     adamw = make_optimizer(_parse(), [torch.nn.Parameter(torch.zeros(3))], 1e-4)
     assert isinstance(adamw, torch.optim.AdamW)
@@ -129,7 +137,9 @@ class FakeHub:
             raise ConnectionError("the Hub is down")
 
 
-def test_training_writes_a_model_card_exports_and_uploads_quietly(tiny_dirs, instance_dir, tmp_path, monkeypatch, capfd):
+def test_training_writes_a_model_card_exports_and_uploads_quietly(
+    tiny_dirs, instance_dir, tmp_path, monkeypatch, capfd
+):
     hub = FakeHub(monkeypatch)
     out = tmp_path / "sks-dog"
     train_dreambooth.main(
@@ -163,16 +173,28 @@ def test_a_failed_upload_is_an_error_that_keeps_everything_on_disk(tiny_dirs, in
     out = tmp_path / "out"
     with pytest.raises(TrainingError, match="Everything is still in"):
         train_dreambooth.main(
-            _argv(tiny_dirs["sd1"], out, instance_dir, "--checkpointing_steps", "1", "--push_to_hub", "--push_checkpoints_to_hub")
+            _argv(
+                tiny_dirs["sd1"],
+                out,
+                instance_dir,
+                "--checkpointing_steps",
+                "1",
+                "--push_to_hub",
+                "--push_checkpoints_to_hub",
+            )
         )
     assert len(hub.uploads) == 3  # a failed checkpoint upload does not stop training; the final one raises
-    assert (out / "res_tuner.safetensors").exists() and (out / "README.md").exists() and (out / "checkpoint-2").is_dir()
+    assert (
+        (out / "res_tuner.safetensors").exists() and (out / "README.md").exists() and (out / "checkpoint-2").is_dir()
+    )
 
 
 def test_export_lora_is_refused_before_training_for_a_branch_tuner(tiny_dirs, instance_dir, tmp_path):
     start = time.perf_counter()
     with pytest.raises(TrainingError, match="not a weight-space tuner"):
-        train_dreambooth.main(_argv(tiny_dirs["sd1"], tmp_path / "o", instance_dir, "--tuner", "res_attn", "--export_lora", "kohya"))
+        train_dreambooth.main(
+            _argv(tiny_dirs["sd1"], tmp_path / "o", instance_dir, "--tuner", "res_attn", "--export_lora", "kohya")
+        )
     assert time.perf_counter() - start < 5 and not (tmp_path / "o" / "res_tuner.safetensors").exists()
 
 
@@ -185,7 +207,8 @@ def test_a_missing_repo_id_fails_in_seconds_offline_with_what_to_pass(tiny_dirs,
     start = time.perf_counter()
     with pytest.raises(ModelSourceError, match="Pass a local folder") as error:
         train_dreambooth.main(
-            ["--pretrained_model_name_or_path", "someone/not-here"] + _argv(tiny_dirs["sd1"], tmp_path / "o", instance_dir)[2:]
+            ["--pretrained_model_name_or_path", "someone/not-here"]
+            + _argv(tiny_dirs["sd1"], tmp_path / "o", instance_dir)[2:]
         )
     assert time.perf_counter() - start < 5
     assert "HF_HUB_OFFLINE" in str(error.value) and "hf download someone/not-here" in str(error.value)

@@ -132,7 +132,12 @@ def test_c3a_block_size_must_divide_the_projections(tiny_dirs, images, tmp_path)
 
     with pytest.raises(TrainingError, match="does not divide"):
         peers_train.main(
-            ["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], tmp_path / "out", images, "--peft_method", "c3a", "--peft_block_size", "7")],
+            [
+                "dreambooth",
+                *dreambooth_argv(
+                    tiny_dirs["sd1"], tmp_path / "out", images, "--peft_method", "c3a", "--peft_block_size", "7"
+                ),
+            ],
         )
 
 
@@ -151,7 +156,9 @@ def test_the_library_scripts_know_no_peer_flags(tiny_dirs, images, tmp_path, cap
 
 def test_a_res_tuner_through_the_peer_route_writes_stats(tiny_dirs, images, tmp_path):
     out = tmp_path / "out"
-    saved = peers_train.main(["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], out, images, "--tuner", "res_lora", "--rank", "2")])
+    saved = peers_train.main(
+        ["dreambooth", *dreambooth_argv(tiny_dirs["sd1"], out, images, "--tuner", "res_lora", "--rank", "2")]
+    )
     assert saved == out / "res_tuner.safetensors"
     stats = json.loads((out / "train_stats.json").read_text())
     assert stats["method"] == "res_tuner" and stats["steps"] == 2 and stats["trainable_parameters"] > 0

@@ -49,7 +49,14 @@ def test_linear_tuners_default_to_both_streams_and_skip_dead_text_projections():
     first = [p for p in paths if p.startswith("transformer_blocks.0.")]
     last = [p for p in paths if p.startswith("transformer_blocks.1.")]
     assert {p.rsplit("attn.", 1)[1] for p in first} == {
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
     }
     # the last SD3 block is context_pre_only: its text queries and text output never reach the image
     assert {p.rsplit("attn.", 1)[1] for p in last} == {"to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"}
@@ -62,7 +69,9 @@ def test_linear_tuners_default_to_both_streams_and_skip_dead_text_projections():
 def test_bypass_and_unknown_targets_are_refused_listing_what_can_sit_there(kind):
     model = frozen_tiny_model(kind)
     before = _processor_types(model)
-    with pytest.raises(rd.ResTunerError, match=r"res_bypass is a model-level tuner and cannot sit on a .*transformer.*'res_attn'"):
+    with pytest.raises(
+        rd.ResTunerError, match=r"res_bypass is a model-level tuner and cannot sit on a .*transformer.*'res_attn'"
+    ):
         rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_bypass"))
     with pytest.raises(rd.ConfigError, match=r"\['attn1'\] do not exist on a .*transformer; its targets are \['attn'"):
         rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn", targets=["attn1"]))

@@ -175,8 +175,13 @@ class DigitClassifier(nn.Module):
         return next(self.parameters()).device
 
 
-def random_affine(pixels: torch.Tensor, generator: torch.Generator, max_degrees: float = 10.0,
-                  scale_range: tuple[float, float] = (0.9, 1.1), max_shift: float = 0.08) -> torch.Tensor:
+def random_affine(
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    max_degrees: float = 10.0,
+    scale_range: tuple[float, float] = (0.9, 1.1),
+    max_shift: float = 0.08,
+) -> torch.Tensor:
     """Light augmentation: a random rotation, zoom and shift per image (shift as a fraction of the half-width)."""
     count = pixels.shape[0]
     angle = (torch.rand(count, generator=generator) * 2 - 1) * math.radians(max_degrees)
@@ -220,24 +225,33 @@ def train_digit_classifier(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = DigitClassifier(config)
-    train, test = load_digits_split("train", model.config.image_size), load_digits_split("test", model.config.image_size)
+    train, test = (
+        load_digits_split("train", model.config.image_size),
+        load_digits_split("test", model.config.image_size),
+    )
     styles = model.config.style_classes or (PLAIN,)
     # every style of every training image, precomputed: (styles, N, 1, H, W) prepared pixels
-    variants = torch.stack([
-        model._prepare(train.tensors(channels=1) if style == PLAIN else train.styled(style).tensors(channels=1))
-        for style in styles
-    ])
+    variants = torch.stack(
+        [
+            model._prepare(train.tensors(channels=1) if style == PLAIN else train.styled(style).tensors(channels=1))
+            for style in styles
+        ]
+    )
     repeats = len(styles)
     labels = torch.from_numpy(train.labels)
     steps_per_epoch = math.ceil(len(train) * repeats / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch
+    )
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(train) * repeats, generator=generator) % len(train)
         # (drawn only with styles, so the plain classifier's random stream, and its shipped weights, stay as they were)
-        style_of = torch.randint(0, repeats, (len(order),), generator=generator) if repeats > 1 else torch.zeros_like(order)
+        style_of = (
+            torch.randint(0, repeats, (len(order),), generator=generator) if repeats > 1 else torch.zeros_like(order)
+        )
         total_loss = 0.0
         for batch_indices, batch_styles in zip(order.split(batch_size), style_of.split(batch_size)):
             batch = random_affine(variants[batch_styles, batch_indices], generator)
@@ -255,8 +269,11 @@ def train_digit_classifier(
             schedule.step()
             total_loss += loss.item() * len(batch_indices)
         if log_every and ((epoch + 1) % log_every == 0 or epoch + 1 == epochs):
-            print(f"epoch {epoch + 1}/{epochs}  loss {total_loss / len(order):.4f}  "
-                  f"test accuracy {model.accuracy(test):.4f}  {time.perf_counter() - start:.1f}s", flush=True)
+            print(
+                f"epoch {epoch + 1}/{epochs}  loss {total_loss / len(order):.4f}  "
+                f"test accuracy {model.accuracy(test):.4f}  {time.perf_counter() - start:.1f}s",
+                flush=True,
+            )
     model.eval()
     metrics = {"test_accuracy": model.accuracy(test), "train_seconds": round(time.perf_counter() - start, 1)}
     if model.style_head is not None:
@@ -278,7 +295,9 @@ def save_digit_classifier(model: DigitClassifier, folder: str | Path, metrics: d
     (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def load_digit_classifier(folder: str | Path = DEFAULT_CLASSIFIER_DIR, device: str | torch.device = "cpu") -> DigitClassifier:
+def load_digit_classifier(
+    folder: str | Path = DEFAULT_CLASSIFIER_DIR, device: str | torch.device = "cpu"
+) -> DigitClassifier:
     """Load the classifier saved in ``folder`` (default: the shipped one), in eval mode."""
     folder = Path(folder)
     if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
@@ -292,21 +311,29 @@ def load_digit_classifier(folder: str | Path = DEFAULT_CLASSIFIER_DIR, device: s
     return model.to(device).eval()
 
 
-def load_style_classifier(folder: str | Path = DEFAULT_STYLE_CLASSIFIER_DIR,
-                          device: str | torch.device = "cpu") -> DigitClassifier:
+def load_style_classifier(
+    folder: str | Path = DEFAULT_STYLE_CLASSIFIER_DIR, device: str | torch.device = "cpu"
+) -> DigitClassifier:
     """Load the style-aware classifier (a digit head and a style head; see the module docstring)."""
     model = load_digit_classifier(folder, device)
     if model.style_head is None:
-        raise ValueError(f"the classifier in {folder} has no style head; train one with "
-                         f"`python benchmarks/digits/classifier.py --styles --out {folder}`")
+        raise ValueError(
+            f"the classifier in {folder} has no style head; train one with "
+            f"`python benchmarks/digits/classifier.py --styles --out {folder}`"
+        )
     return model
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the digits benchmark's classifier and save it.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_CLASSIFIER_DIR, help="folder for model.safetensors + config.json")
-    parser.add_argument("--styles", action="store_true",
-                        help="the style-aware classifier: every style as augmentation, and a style head")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_CLASSIFIER_DIR, help="folder for model.safetensors + config.json"
+    )
+    parser.add_argument(
+        "--styles",
+        action="store_true",
+        help="the style-aware classifier: every style as augmentation, and a style head",
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
@@ -317,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     save_digit_classifier(model, args.out, metrics)
     print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['train_seconds']}s; saved to {args.out}")
     for style, values in metrics.get("styled", {}).items():
-        print(f"  {style:9s} digit accuracy {values['digit_accuracy']:.3f}  style accuracy {values['style_accuracy']:.3f}")
+        print(
+            f"  {style:9s} digit accuracy {values['digit_accuracy']:.3f}  style accuracy {values['style_accuracy']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -163,7 +163,10 @@ def evaluate_prompt_following(
 
 
 def save_image_grid(
-    rows: Sequence[np.ndarray], path: str | Path, row_labels: Sequence[str] | None = None, zoom: int = 3,
+    rows: Sequence[np.ndarray],
+    path: str | Path,
+    row_labels: Sequence[str] | None = None,
+    zoom: int = 3,
     mode: str = "RGB",
 ) -> Path:
     """Write rows of images (each ``(N, H, W[, C])`` in [0, 1]) as one PNG, enlarged ``zoom`` times, labelled.
@@ -224,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
     )
     print(report.table())
-    print(f"seen-digit accuracy {report.overall:.3f} ({report.samples_per_digit} samples per digit, {report.seconds}s)")
+    print(
+        f"seen-digit accuracy {report.overall:.3f} ({report.samples_per_digit} samples per digit, {report.seconds}s)"
+    )
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if args.grid:

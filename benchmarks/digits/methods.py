@@ -53,18 +53,30 @@ TOKEN_TUNERS: tuple[str, ...] = ("res_prefix", "res_prompt")
 #: cannot change how the UNet attends to the text. Each sees the prompt only through what the frozen layers already
 #: made of it, and the frozen base has no meaning for "sks", while prior preservation pulls the class prompt, which
 #: differs from the identifier prompt by that one token, back to the base. DreamBooth's ``class_leak`` shows it.
-PROMPT_BLIND: tuple[str, ...] = ("res_prefix", "res_prefix-large", "res_prompt", "res_prompt-large",
-                                 "res_bypass", "res_bypass-large")
+PROMPT_BLIND: tuple[str, ...] = (
+    "res_prefix",
+    "res_prefix-large",
+    "res_prompt",
+    "res_prompt-large",
+    "res_bypass",
+    "res_bypass-large",
+)
 #: learning rates, half a decade apart: the sweep's grid and the steps it widens by
 RATE_LADDER: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 #: (family, task) -> the rates a method's sweep starts with (measured optima of an earlier run sit in the middle)
 INITIAL_SWEEP: dict[tuple[str, str], tuple[float, ...]] = {
-    ("operation", "dreambooth"): (1e-3, 3e-3, 1e-2), ("operation", "style"): (3e-3, 1e-2, 3e-2),
-    ("token", "dreambooth"): (1e-2, 3e-2, 1e-1), ("token", "style"): (3e-2, 1e-1, 3e-1),
-    ("linear", "dreambooth"): (3e-4, 1e-3, 3e-3), ("linear", "style"): (3e-3, 1e-2, 3e-2),
-    ("peft", "dreambooth"): (3e-4, 1e-3, 3e-3), ("peft", "style"): (1e-3, 3e-3, 1e-2),
-    ("c3a", "dreambooth"): (3e-2, 1e-1, 3e-1), ("c3a", "style"): (3e-2, 1e-1, 3e-1),
-    ("full", "dreambooth"): (3e-5, 1e-4, 3e-4), ("full", "style"): (1e-4, 3e-4, 1e-3),
+    ("operation", "dreambooth"): (1e-3, 3e-3, 1e-2),
+    ("operation", "style"): (3e-3, 1e-2, 3e-2),
+    ("token", "dreambooth"): (1e-2, 3e-2, 1e-1),
+    ("token", "style"): (3e-2, 1e-1, 3e-1),
+    ("linear", "dreambooth"): (3e-4, 1e-3, 3e-3),
+    ("linear", "style"): (3e-3, 1e-2, 3e-2),
+    ("peft", "dreambooth"): (3e-4, 1e-3, 3e-3),
+    ("peft", "style"): (1e-3, 3e-3, 1e-2),
+    ("c3a", "dreambooth"): (3e-2, 1e-1, 3e-1),
+    ("c3a", "style"): (3e-2, 1e-1, 3e-1),
+    ("full", "dreambooth"): (3e-5, 1e-4, 3e-4),
+    ("full", "style"): (1e-4, 3e-4, 1e-3),
 }
 #: the methods the README's comparisons are made against, and the headline tuner: they get extra seeds
 REFERENCE_METHODS: tuple[str, ...] = ("peft_lora", "full_finetune")
@@ -97,15 +109,32 @@ def all_methods() -> list[Method]:
         if tuner in LARGER_SETTINGS:
             larger = LARGER_SETTINGS[tuner]
             methods.append(
-                Method(f"{tuner}-large", family, ("--tuner", tuner, "--tuner_arg", *larger), f"{tuner}, {' '.join(larger)}")
+                Method(
+                    f"{tuner}-large",
+                    family,
+                    ("--tuner", tuner, "--tuner_arg", *larger),
+                    f"{tuner}, {' '.join(larger)}",
+                )
             )
     methods += [
-        Method("peft_lora", "peft", ("--peft_method", "lora", "--peft_rank", str(MATCHED_LORA_RANK)),
-               f"peft LoRA rank {MATCHED_LORA_RANK} (matched to res_attn's parameters)"),
-        Method("peft_glora", "peft", ("--peft_method", "glora", "--peft_rank", str(PEFT_GLORA_RANK)),
-               f"peft GLoRA rank {PEFT_GLORA_RANK}, peft's default A/B/C/D/E settings"),
-        Method("peft_c3a", "c3a", ("--peft_method", "c3a", "--peft_block_size", str(PEFT_C3A_BLOCK_SIZE)),
-               f"peft C3A block size {PEFT_C3A_BLOCK_SIZE}"),
+        Method(
+            "peft_lora",
+            "peft",
+            ("--peft_method", "lora", "--peft_rank", str(MATCHED_LORA_RANK)),
+            f"peft LoRA rank {MATCHED_LORA_RANK} (matched to res_attn's parameters)",
+        ),
+        Method(
+            "peft_glora",
+            "peft",
+            ("--peft_method", "glora", "--peft_rank", str(PEFT_GLORA_RANK)),
+            f"peft GLoRA rank {PEFT_GLORA_RANK}, peft's default A/B/C/D/E settings",
+        ),
+        Method(
+            "peft_c3a",
+            "c3a",
+            ("--peft_method", "c3a", "--peft_block_size", str(PEFT_C3A_BLOCK_SIZE)),
+            f"peft C3A block size {PEFT_C3A_BLOCK_SIZE}",
+        ),
         Method("full_finetune", "full", ("--full_finetune",), "every UNet weight (the ceiling)"),
     ]
     return methods

@@ -48,8 +48,10 @@ class Case:
 
     @property
     def name(self) -> str:
-        return (f"heldout{self.heldout}_{self.style}_db{self.dreambooth_steps}_st{self.style_steps}"
-                f"_samples{self.samples}_class{self.class_images}")
+        return (
+            f"heldout{self.heldout}_{self.style}_db{self.dreambooth_steps}_st{self.style_steps}"
+            f"_samples{self.samples}_class{self.class_images}"
+        )
 
     def steps(self, task: str) -> int:
         return self.dreambooth_steps if task == "dreambooth" else self.style_steps
@@ -116,15 +118,23 @@ class SweepState:
         return self.chosen is not None and self.chosen in (min(self.rates), max(self.rates))
 
 
-def resolve_sweep(task: str, method: Method, seed: int, finished: dict[str, dict], max_widen: int = 2,
-                  initial: Sequence[float] | None = None) -> SweepState:
+def resolve_sweep(
+    task: str,
+    method: Method,
+    seed: int,
+    finished: dict[str, dict],
+    max_widen: int = 2,
+    initial: Sequence[float] | None = None,
+) -> SweepState:
     """The state of one sweep given the finished records (key -> record): widen while the best is at an edge."""
     rates = sorted(initial or INITIAL_SWEEP[(method.family, task)])
     state = SweepState(task, method.name, list(rates))
     widened = {-1: 0, +1: 0}
     while True:
         keys = {rate: RunSpec(task, method.name, rate, seed, "sweep").key for rate in state.rates}
-        state.scores = {rate: sweep_score(task, finished[key]["metrics"]) for rate, key in keys.items() if key in finished}
+        state.scores = {
+            rate: sweep_score(task, finished[key]["metrics"]) for rate, key in keys.items() if key in finished
+        }
         if len(state.scores) < len(state.rates):
             return state  # runs still to do
         best = max(state.rates, key=lambda rate: state.scores[rate])
@@ -153,9 +163,14 @@ class Plan:
         state = self.sweeps.get((task, method))
         if state is None or not state.resolved:
             return []
-        return [record for record in self.finished.values()
-                if record["task"] == task and record["method"] == method and record["role"] == "eval"
-                and abs(record["learning_rate"] - state.chosen) <= 1e-12 * max(1.0, state.chosen)]
+        return [
+            record
+            for record in self.finished.values()
+            if record["task"] == task
+            and record["method"] == method
+            and record["role"] == "eval"
+            and abs(record["learning_rate"] - state.chosen) <= 1e-12 * max(1.0, state.chosen)
+        ]
 
 
 def eval_seeds(method: str, seeds: Sequence[int], extra_seeds: Sequence[int]) -> list[int]:
@@ -166,9 +181,15 @@ def eval_seeds(method: str, seeds: Sequence[int], extra_seeds: Sequence[int]) ->
     return chosen
 
 
-def make_plan(tasks: Sequence[str], methods: Sequence[Method], seeds: Sequence[int], finished: dict[str, dict],
-              extra_seeds: Sequence[int] = (), max_widen: int = 2,
-              initial_rates: dict[str, Sequence[float]] | None = None) -> Plan:
+def make_plan(
+    tasks: Sequence[str],
+    methods: Sequence[Method],
+    seeds: Sequence[int],
+    finished: dict[str, dict],
+    extra_seeds: Sequence[int] = (),
+    max_widen: int = 2,
+    initial_rates: dict[str, Sequence[float]] | None = None,
+) -> Plan:
     """The runs still needed (ready to start now, in a useful order), given the finished records.
 
     ``initial_rates``: family -> rates overriding :data:`INITIAL_SWEEP` for every task (the ``--lrs`` option).
@@ -190,16 +211,24 @@ def make_plan(tasks: Sequence[str], methods: Sequence[Method], seeds: Sequence[i
             sweeps[(task, method.name)] = state
             wanted_seeds = eval_seeds(method.name, seeds, extra_seeds)
             if not state.resolved:
-                sweep_runs += [RunSpec(task, method.name, rate, seeds[0], "sweep") for rate in state.rates
-                               if rate not in state.scores]
+                sweep_runs += [
+                    RunSpec(task, method.name, rate, seeds[0], "sweep")
+                    for rate in state.rates
+                    if rate not in state.scores
+                ]
                 unresolved += len(wanted_seeds)
                 continue
-            eval_runs += [spec for seed in wanted_seeds
-                          if (spec := RunSpec(task, method.name, state.chosen, seed, "eval")).key not in finished]
+            eval_runs += [
+                spec
+                for seed in wanted_seeds
+                if (spec := RunSpec(task, method.name, state.chosen, seed, "eval")).key not in finished
+            ]
     # the headline comparison first (res_attn, peft_lora, full_finetune: a partial benchmark still answers it),
     # sweeps before evaluation (they unlock it), evaluation seed by seed so partial results cover every method
-    pending += sorted(sweep_runs + eval_runs, key=lambda spec: (
-        spec.method not in HEADLINE_METHODS, spec.role != "sweep", spec.seed, spec.task))
+    pending += sorted(
+        sweep_runs + eval_runs,
+        key=lambda spec: (spec.method not in HEADLINE_METHODS, spec.role != "sweep", spec.seed, spec.task),
+    )
     return Plan(sweeps, pending, unresolved, finished)
 
 
@@ -227,8 +256,11 @@ def read_finished(folder: Path, case: Case, cache: dict[Path, dict] | None = Non
 def estimate_seconds(spec: RunSpec, finished: dict[str, dict]) -> float:
     """One run's expected single-thread seconds: the mean of finished runs of the same method and task, else of
     the task, else :data:`DEFAULT_RUN_SECONDS`."""
-    same = [r["wall_seconds"] for r in finished.values() if r["task"] == spec.task and r["method"] == spec.method
-            and "wall_seconds" in r]
+    same = [
+        r["wall_seconds"]
+        for r in finished.values()
+        if r["task"] == spec.task and r["method"] == spec.method and "wall_seconds" in r
+    ]
     if not same:
         same = [r["wall_seconds"] for r in finished.values() if r["task"] == spec.task and "wall_seconds" in r]
     return sum(same) / len(same) if same else DEFAULT_RUN_SECONDS[spec.task]
@@ -242,6 +274,8 @@ def remaining_summary(plan: Plan, in_flight: Iterable[str] = ()) -> str:
     per_task_eval = {task: DEFAULT_RUN_SECONDS[task] for task in DEFAULT_RUN_SECONDS}
     later = plan.unresolved_eval_runs * sum(per_task_eval.values()) / len(per_task_eval)
     sweeps_open = sum(1 for state in plan.sweeps.values() if not state.resolved)
-    return (f"{len(plan.finished)} runs finished; {len(ready)} ready to run (~{seconds / 60:.0f} core-minutes) and "
-            f"{plan.unresolved_eval_runs} evaluation runs after the {sweeps_open} open sweeps "
-            f"(~{later / 60:.0f} core-minutes, more if a sweep widens): ~{(seconds + later) / 60:.0f} core-minutes in all")
+    return (
+        f"{len(plan.finished)} runs finished; {len(ready)} ready to run (~{seconds / 60:.0f} core-minutes) and "
+        f"{plan.unresolved_eval_runs} evaluation runs after the {sweeps_open} open sweeps "
+        f"(~{later / 60:.0f} core-minutes, more if a sweep widens): ~{(seconds + later) / 60:.0f} core-minutes in all"
+    )

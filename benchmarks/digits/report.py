@@ -39,19 +39,42 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "style_fd": ("style FD ↓", False, "{:.1f}"),
 }
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "dreambooth": ("subject_fidelity", "prior_retention", "subject_fd", "class_leak", "worst_prior_accuracy",
-                   "prompt_separation"),
-    "style": ("styled_content_accuracy", "content_accuracy", "style_accuracy", "worst_prompt_accuracy",
-              "label_entropy", "prompt_separation", "style_fd"),
+    "dreambooth": (
+        "subject_fidelity",
+        "prior_retention",
+        "subject_fd",
+        "class_leak",
+        "worst_prior_accuracy",
+        "prompt_separation",
+    ),
+    "style": (
+        "styled_content_accuracy",
+        "content_accuracy",
+        "style_accuracy",
+        "worst_prompt_accuracy",
+        "label_entropy",
+        "prompt_separation",
+        "style_fd",
+    ),
 }
 #: the metric each task's plot shows
 HEADLINE_METRIC = {"dreambooth": "subject_fidelity", "style": "styled_content_accuracy"}
 REFERENCE_MARKS = {"peft_lora": "L", "full_finetune": "F"}
-FAMILY_COLORS = {"operation": "tab:blue", "token": "tab:cyan", "linear": "tab:green", "peft": "tab:orange",
-                 "c3a": "tab:orange", "full": "tab:red"}
+FAMILY_COLORS = {
+    "operation": "tab:blue",
+    "token": "tab:cyan",
+    "linear": "tab:green",
+    "peft": "tab:orange",
+    "c3a": "tab:orange",
+    "full": "tab:red",
+}
 FAMILY_LABELS = {
-    "operation": "res tuners: side branches", "token": "res tuners: learned tokens", "linear": "res tuners: weight updates",
-    "peft": "peft peers", "c3a": "peft peers", "full": "full fine-tuning",
+    "operation": "res tuners: side branches",
+    "token": "res tuners: learned tokens",
+    "linear": "res tuners: weight updates",
+    "peft": "peft peers",
+    "c3a": "peft peers",
+    "full": "full fine-tuning",
 }
 
 
@@ -83,8 +106,9 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def significance_marks(metric: str, values: Sequence[float], references: dict[str, Sequence[float]],
-                       alpha: float = 0.05) -> str:
+def significance_marks(
+    metric: str, values: Sequence[float], references: dict[str, Sequence[float]], alpha: float = 0.05
+) -> str:
     """``▲L``, ``▼F`` ...: significant differences of ``values`` against each reference method's values."""
     higher_better = METRICS[metric][1]
     marks = []
@@ -102,8 +126,17 @@ def _format(metric: str, value: float) -> str:
 
 
 #: metrics that are shares of samples; the others (distances, ratios) are only bounded below by 0
-SHARE_METRICS = {"subject_fidelity", "prior_retention", "class_leak", "worst_prior_accuracy", "styled_content_accuracy",
-                 "content_accuracy", "style_accuracy", "worst_prompt_accuracy", "label_entropy"}
+SHARE_METRICS = {
+    "subject_fidelity",
+    "prior_retention",
+    "class_leak",
+    "worst_prior_accuracy",
+    "styled_content_accuracy",
+    "content_accuracy",
+    "style_accuracy",
+    "worst_prompt_accuracy",
+    "label_entropy",
+}
 
 
 def clipped_interval(metric: str, values: Sequence[float]) -> tuple[float, float, float]:
@@ -119,7 +152,11 @@ def metric_cell(metric: str, values: Sequence[float], references: dict[str, Sequ
     if not values:
         return "–"
     mean, low, high = clipped_interval(metric, values)
-    text = _format(metric, mean) if len(values) == 1 else f"{_format(metric, mean)} [{_format(metric, low)}, {_format(metric, high)}]"
+    text = (
+        _format(metric, mean)
+        if len(values) == 1
+        else f"{_format(metric, mean)} [{_format(metric, low)}, {_format(metric, high)}]"
+    )
     marks = significance_marks(metric, values, references or {})
     return f"{text} {marks}" if marks else text
 
@@ -142,13 +179,29 @@ def task_table(plan: Plan, task: str, methods: Sequence[str], runs_link: str) ->
     """One row per method (the base first): parameters, every metric of ``task``, the chosen rate, seeds, time,
     memory and links to each seed's sample grid."""
     metrics = TASK_METRICS[task]
-    header = ["method", "trainable params", *[METRICS[m][0] for m in metrics], "lr", "seeds", "s/step",
-              "peak RSS (MB)", "sample grids"]
+    header = [
+        "method",
+        "trainable params",
+        *[METRICS[m][0] for m in metrics],
+        "lr",
+        "seeds",
+        "s/step",
+        "peak RSS (MB)",
+        "sample grids",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = plan.finished.get(f"{task}__{BASE}__lr0__seed0")
     if base is not None:
-        cells = ["base (no tuning)", "0", *[_format(m, base["metrics"][m]) for m in metrics], "–", "–", "–", "–",
-                 f"[base]({runs_link}/{base['grid']})"]
+        cells = [
+            "base (no tuning)",
+            "0",
+            *[_format(m, base["metrics"][m]) for m in metrics],
+            "–",
+            "–",
+            "–",
+            "–",
+            f"[base]({runs_link}/{base['grid']})",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     references = {ref: method_values(plan, task, ref) for ref in REFERENCE_METHODS if ref in methods}
     for method in methods:
@@ -168,8 +221,12 @@ def task_table(plan: Plan, task: str, methods: Sequence[str], runs_link: str) ->
 
 
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
-    ("dreambooth", "subject_fidelity"), ("dreambooth", "prior_retention"), ("dreambooth", "class_leak"),
-    ("style", "styled_content_accuracy"), ("style", "content_accuracy"), ("style", "prompt_separation"),
+    ("dreambooth", "subject_fidelity"),
+    ("dreambooth", "prior_retention"),
+    ("dreambooth", "class_leak"),
+    ("style", "styled_content_accuracy"),
+    ("style", "content_accuracy"),
+    ("style", "prompt_separation"),
 )
 
 
@@ -190,8 +247,11 @@ def summary_table(plan: Plan, methods: Sequence[str], tasks: Sequence[str]) -> s
             continue
         cells = [f"`{method}`" + (" †" if method in PROMPT_BLIND else ""), f"{records[0]['trainable_parameters']:,}"]
         for task, metric in shown:
-            references = {ref: values[(task, ref)][metric] for ref in REFERENCE_METHODS
-                          if ref != method and (task, ref) in values}
+            references = {
+                ref: values[(task, ref)][metric]
+                for ref in REFERENCE_METHODS
+                if ref != method and (task, ref) in values
+            }
             cells.append(metric_cell(metric, values[(task, method)][metric], references))
         cells.append(" / ".join(str(len(plan.eval_records(task, method))) for task in tasks))
         lines.append("| " + " | ".join(cells) + " |")
@@ -204,8 +264,10 @@ def sweep_table(plan: Plan, methods: Sequence[str], tasks: Sequence[str]) -> str
     for task in tasks:
         for method in methods:
             state = plan.sweeps[(task, method)]
-            scores = ", ".join(f"{rate:g}: {state.scores[rate]:.2f}" if rate in state.scores else f"{rate:g}: …"
-                               for rate in state.rates)
+            scores = ", ".join(
+                f"{rate:g}: {state.scores[rate]:.2f}" if rate in state.scores else f"{rate:g}: …"
+                for rate in state.rates
+            )
             chosen = "–" if not state.resolved else (f"**{state.chosen:g}**" + (" (edge)" if state.at_edge else ""))
             widened = ", ".join(f"{rate:g}" for rate in state.widened) or "–"
             lines.append(f"| {task} | `{method}` | {scores} | {chosen} | {widened} |")
@@ -228,8 +290,15 @@ def plot_quality(plan: Plan, tasks: Sequence[str], methods: Sequence[str], path:
                 continue
             mean, low, high = clipped_interval(metric, [r["metrics"][metric] for r in records])
             parameters = records[0]["trainable_parameters"]
-            axis.errorbar(parameters, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
-                          color=FAMILY_COLORS.get(records[0]["family"], "gray"), markersize=6)
+            axis.errorbar(
+                parameters,
+                mean,
+                yerr=[[mean - low], [high - mean]],
+                fmt="o",
+                capsize=3,
+                color=FAMILY_COLORS.get(records[0]["family"], "gray"),
+                markersize=6,
+            )
             axis.annotate(method, (parameters, mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
         base = plan.finished.get(f"{task}__{BASE}__lr0__seed0")
         if base is not None:
@@ -258,13 +327,18 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
 
     tasks = list(args.tasks)
     methods = [method.name for method in select_methods(args.methods)]
-    runs_link = Path(runs_dir).resolve().relative_to(Path(results_dir).resolve()).as_posix() \
-        if Path(runs_dir).resolve().is_relative_to(Path(results_dir).resolve()) else Path(runs_dir).as_posix()
+    runs_link = (
+        Path(runs_dir).resolve().relative_to(Path(results_dir).resolve()).as_posix()
+        if Path(runs_dir).resolve().is_relative_to(Path(results_dir).resolve())
+        else Path(runs_dir).as_posix()
+    )
     plot = plot_quality(plan, tasks, methods, Path(results_dir) / "quality_vs_params.png")
     remaining = len(plan.pending) + plan.unresolved_eval_runs
-    command = "python -m benchmarks.digits.run_benchmark --workers N" + (
-        f" --heldout {case.heldout}" if case.heldout != 9 else "") + (
-        f" --style {case.style}" if case.style != Case.style else "")
+    command = (
+        "python -m benchmarks.digits.run_benchmark --workers N"
+        + (f" --heldout {case.heldout}" if case.heldout != 9 else "")
+        + (f" --style {case.style}" if case.style != Case.style else "")
+    )
     text = [
         f"# Digits benchmark: held-out digit {case.heldout}, style `{case.style}`",
         "",
@@ -291,11 +365,11 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
     ]
     if "dreambooth" in tasks:
         text += [
-            "## DreamBooth: teach the held-out digit under \"a photo of sks digit\"",
+            '## DreamBooth: teach the held-out digit under "a photo of sks digit"',
             "",
             task_table(plan, "dreambooth", methods, runs_link),
             "",
-            "Grids: row `sks` the identifier prompt, `cls` the class prompt \"a photo of digit\", then one row per "
+            'Grids: row `sks` the identifier prompt, `cls` the class prompt "a photo of digit", then one row per '
             "seen digit. † cannot bind a new identifier by its math (`benchmarks/digits/methods.py`, `PROMPT_BLIND`): "
             "its branch is the same for every prompt (learned tokens) or reads only what the frozen UNet made of the "
             "prompt (the bypass), and prior preservation pulls the class prompt, one token away, back to the base; "

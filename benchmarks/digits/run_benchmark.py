@@ -36,9 +36,17 @@ from benchmarks.digits.tasks import DEFAULT_CLASS_IMAGES, DEFAULT_STYLE, STYLES,
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_SEEDS = (0, 1, 2, 3)  # 0 chooses the learning rate; 1-3 are reported
 DEFAULT_EXTRA_SEEDS = (4, 5)  # the headline comparison (res_attn, peft_lora, full_finetune) gets two more
-QUICK = {"dreambooth_steps": 2, "style_steps": 2, "samples": 4, "class_images": 2, "seeds": [0, 1], "extra_seeds": [],
-         "max_widen": 0, "methods": ["res_attn", "peft_lora", "full_finetune"],
-         "lrs": ["operation=1e-3", "peft=1e-3", "full=1e-4"]}
+QUICK = {
+    "dreambooth_steps": 2,
+    "style_steps": 2,
+    "samples": 4,
+    "class_images": 2,
+    "seeds": [0, 1],
+    "extra_seeds": [],
+    "max_widen": 0,
+    "methods": ["res_attn", "peft_lora", "full_finetune"],
+    "lrs": ["operation=1e-3", "peft=1e-3", "full=1e-4"],
+}
 
 
 def parse_lrs(items: Sequence[str] | None) -> dict[str, tuple[float, ...]]:
@@ -47,7 +55,9 @@ def parse_lrs(items: Sequence[str] | None) -> dict[str, tuple[float, ...]]:
     for item in items or []:
         family, sep, values = item.partition("=")
         if not sep or family not in FAMILIES:
-            raise SystemExit(f"--lrs {item!r}: write FAMILY=LR[,LR...] with FAMILY one of {FAMILIES}, e.g. operation=3e-4,1e-3")
+            raise SystemExit(
+                f"--lrs {item!r}: write FAMILY=LR[,LR...] with FAMILY one of {FAMILIES}, e.g. operation=3e-4,1e-3"
+            )
         try:
             rates[family] = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
@@ -97,8 +107,9 @@ class Benchmark:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.case = Case(args.heldout, args.style, args.dreambooth_steps, args.style_steps, args.samples,
-                         args.class_images)
+        self.case = Case(
+            args.heldout, args.style, args.dreambooth_steps, args.style_steps, args.samples, args.class_images
+        )
         self.results_dir = Path(args.results)
         self.runs_dir = self.results_dir / "runs" / self.case.name
         self.data_dir = self.results_dir / "data"
@@ -108,8 +119,15 @@ class Benchmark:
 
     def plan(self) -> Plan:
         finished = read_finished(self.runs_dir, self.case, self._cache)
-        return make_plan(self.args.tasks, self.methods, self.args.seeds, finished, self.args.extra_seeds,
-                         self.args.max_widen, self.initial_rates)
+        return make_plan(
+            self.args.tasks,
+            self.methods,
+            self.args.seeds,
+            finished,
+            self.args.extra_seeds,
+            self.args.max_widen,
+            self.initial_rates,
+        )
 
     def execute(self) -> None:
         start = time.perf_counter()
@@ -154,8 +172,13 @@ class Benchmark:
     def _run_in_workers(self) -> None:
         env_before = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"  # the workers inherit it: no progress bars in the logs
-        pool = ProcessPoolExecutor(self.args.workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                                   initargs=(self.args.threads,), max_tasks_per_child=40)
+        pool = ProcessPoolExecutor(
+            self.args.workers,
+            mp_context=get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(self.args.threads,),
+            max_tasks_per_child=40,
+        )
         in_flight: dict[Future, RunSpec] = {}
         failed: set[str] = set()
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -179,8 +202,10 @@ class Benchmark:
                     print(f"[{'done' if ok else 'failed'}] {key}: {message}", flush=True)
                 print(f"          {remaining_summary(self.plan(), [s.key for s in in_flight.values()])}", flush=True)
         except KeyboardInterrupt:
-            print(f"stopping: {len(in_flight)} runs in flight are abandoned (rerun the same command to resume)",
-                  flush=True)
+            print(
+                f"stopping: {len(in_flight)} runs in flight are abandoned (rerun the same command to resume)",
+                flush=True,
+            )
             for process in list(getattr(pool, "_processes", {}).values()):
                 process.terminate()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -215,30 +240,60 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="The digits benchmark: every tuner, the peft peers and full fine-tuning.")
+    parser = argparse.ArgumentParser(
+        description="The digits benchmark: every tuner, the peft peers and full fine-tuning."
+    )
     parser.add_argument("--heldout", type=int, default=9, help="the digit the base never saw (DreamBooth's subject)")
-    parser.add_argument("--style", default=DEFAULT_STYLE, choices=sorted(STYLES), help="the unseen style of the style task")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                        help="training seeds: the first chooses each learning rate, the others are reported")
-    parser.add_argument("--extra_seeds", type=int, nargs="*", default=list(DEFAULT_EXTRA_SEEDS),
-                        help="more reported seeds for res_attn, peft_lora and full_finetune (the README's comparisons)")
-    parser.add_argument("--dreambooth_steps", type=int, default=Case.dreambooth_steps, help="optimizer steps (DreamBooth)")
+    parser.add_argument(
+        "--style", default=DEFAULT_STYLE, choices=sorted(STYLES), help="the unseen style of the style task"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SEEDS),
+        help="training seeds: the first chooses each learning rate, the others are reported",
+    )
+    parser.add_argument(
+        "--extra_seeds",
+        type=int,
+        nargs="*",
+        default=list(DEFAULT_EXTRA_SEEDS),
+        help="more reported seeds for res_attn, peft_lora and full_finetune (the README's comparisons)",
+    )
+    parser.add_argument(
+        "--dreambooth_steps", type=int, default=Case.dreambooth_steps, help="optimizer steps (DreamBooth)"
+    )
     parser.add_argument("--style_steps", type=int, default=Case.style_steps, help="optimizer steps (style)")
     parser.add_argument("--methods", nargs="+", default=None, help="method names (default: all); see methods.py")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--lrs", nargs="+", default=None, metavar="FAMILY=LR,...",
-                        help=f"initial sweep rates per family (families {FAMILIES}), for every task")
+    parser.add_argument(
+        "--lrs",
+        nargs="+",
+        default=None,
+        metavar="FAMILY=LR,...",
+        help=f"initial sweep rates per family (families {FAMILIES}), for every task",
+    )
     parser.add_argument("--max_widen", type=int, default=2, help="how often a sweep may widen on each side")
     parser.add_argument("--samples", type=int, default=32, help="samples per evaluated prompt set")
-    parser.add_argument("--class_images", type=int, default=DEFAULT_CLASS_IMAGES, help="DreamBooth prior-preservation images")
+    parser.add_argument(
+        "--class_images", type=int, default=DEFAULT_CLASS_IMAGES, help="DreamBooth prior-preservation images"
+    )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS_DIR, help="where runs, tables and the plot go")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="runs at a time, each in its own process (0: one at a time in this process)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="runs at a time, each in its own process (0: one at a time in this process)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     parser.add_argument("--status", action="store_true", help="print what remains (runs, core-minutes); run nothing")
     parser.add_argument("--report_only", action="store_true", help="write the report from finished runs; run nothing")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke test at a tiny budget ({QUICK}); explicit options still apply on top")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke test at a tiny budget ({QUICK}); explicit options still apply on top",
+    )
     return parser
 
 
@@ -246,8 +301,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:  # quick settings, except for what the command line set explicitly
-        explicit = {token.lstrip("-").split("=")[0] for token in (argv if argv is not None else sys.argv[1:])
-                    if token.startswith("--")}
+        explicit = {
+            token.lstrip("-").split("=")[0]
+            for token in (argv if argv is not None else sys.argv[1:])
+            if token.startswith("--")
+        }
         for key, value in QUICK.items():
             if key not in explicit:
                 setattr(args, key, value)
@@ -258,8 +316,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.workers < 0 or args.max_widen < 0:
         raise SystemExit("--workers and --max_widen must be at least 0")
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
-        raise SystemExit("--seeds: give at least two different seeds (the first chooses the learning rates, the "
-                         "others are reported)")
+        raise SystemExit(
+            "--seeds: give at least two different seeds (the first chooses the learning rates, the "
+            "others are reported)"
+        )
     return args
 
 

@@ -57,20 +57,37 @@ def reset_peak_memory() -> None:
         pass
 
 
-def training_argv(task, method_flags: Sequence[str], folders: dict[str, Path], output_dir: Path, learning_rate: float,
-                  steps: int, seed: int, base_model: Path) -> list[str]:
+def training_argv(
+    task,
+    method_flags: Sequence[str],
+    folders: dict[str, Path],
+    output_dir: Path,
+    learning_rate: float,
+    steps: int,
+    seed: int,
+    base_model: Path,
+) -> list[str]:
     """The training-core flags of one run: the base, the task's data, the method, the budget."""
     return [
-        "--pretrained_model_name_or_path", str(base_model),
-        "--output_dir", str(output_dir),
+        "--pretrained_model_name_or_path",
+        str(base_model),
+        "--output_dir",
+        str(output_dir),
         "--overwrite_output",
-        "--resolution", "32",
-        "--max_train_steps", str(steps),
-        "--learning_rate", str(learning_rate),
-        "--lr_scheduler", "constant",
-        "--seed", str(seed),
-        "--report_to", "none",
-        "--checkpointing_steps", str(10 * steps + 1),  # no checkpoints: runs are short and rerun whole
+        "--resolution",
+        "32",
+        "--max_train_steps",
+        str(steps),
+        "--learning_rate",
+        str(learning_rate),
+        "--lr_scheduler",
+        "constant",
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        str(10 * steps + 1),  # no checkpoints: runs are short and rerun whole
         *task.training_flags(folders),
         *method_flags,
     ]
@@ -114,8 +131,14 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
-def execute(spec, case, folder: Path, data_dir: Path = DEFAULT_DATA_DIR, base_model: Path = DEFAULT_BASE_MODEL_DIR,
-            scratch_dir: Path | None = None) -> dict:
+def execute(
+    spec,
+    case,
+    folder: Path,
+    data_dir: Path = DEFAULT_DATA_DIR,
+    base_model: Path = DEFAULT_BASE_MODEL_DIR,
+    scratch_dir: Path | None = None,
+) -> dict:
     """Train (unless ``spec`` is the base) and evaluate one run; write ``<key>.json`` and ``<key>.png`` into
     ``folder``; return the record. Evaluation samples are seeded by the run's seed."""
     from benchmarks.digits.evaluate_base import load_base_pipeline
@@ -129,9 +152,17 @@ def execute(spec, case, folder: Path, data_dir: Path = DEFAULT_DATA_DIR, base_mo
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     task = make_task(spec.task, case.heldout, case.style, case.class_images)
-    record = {"version": RESULT_VERSION, "case": asdict(case), "task": spec.task, "method": spec.method,
-              "learning_rate": spec.lr, "seed": spec.seed, "role": spec.role, "machine": platform.node(),
-              "threads": torch.get_num_threads()}
+    record = {
+        "version": RESULT_VERSION,
+        "case": asdict(case),
+        "task": spec.task,
+        "method": spec.method,
+        "learning_rate": spec.lr,
+        "seed": spec.seed,
+        "role": spec.role,
+        "machine": platform.node(),
+        "threads": torch.get_num_threads(),
+    }
     reset_peak_memory()
     if spec.method == BASE:
         pipeline = load_base_pipeline(base_model)
@@ -142,7 +173,9 @@ def execute(spec, case, folder: Path, data_dir: Path = DEFAULT_DATA_DIR, base_mo
         scratch = Path(scratch_dir or Path(data_dir).parent / "scratch") / case.name / spec.key
         folders = task.prepare(Path(data_dir))
         prepare_class_images(task, folders, base_model)
-        argv = training_argv(task, method.flags, folders, scratch, spec.lr, case.steps(spec.task), spec.seed, base_model)
+        argv = training_argv(
+            task, method.flags, folders, scratch, spec.lr, case.steps(spec.task), spec.seed, base_model
+        )
         args = parse_args("dreambooth" if task.name == "dreambooth" else "text2img", argv)
         rss_before = memory_status_mb("VmRSS")
         start = time.perf_counter()
@@ -151,10 +184,15 @@ def execute(spec, case, folder: Path, data_dir: Path = DEFAULT_DATA_DIR, base_mo
         peak = memory_status_mb("VmHWM")
         stats = json.loads((scratch / "train_stats.json").read_text())
         record.update(
-            family=method.family, description=method.description, method_flags=list(method.flags),
-            steps=case.steps(spec.task), trainable_parameters=stats["trainable_parameters"],
-            seconds_per_step=stats["seconds_per_step"], train_seconds=round(train_seconds, 1),
-            peak_rss_mb=round(peak, 1), train_rss_increase_mb=round(peak - rss_before, 1),
+            family=method.family,
+            description=method.description,
+            method_flags=list(method.flags),
+            steps=case.steps(spec.task),
+            trainable_parameters=stats["trainable_parameters"],
+            seconds_per_step=stats["seconds_per_step"],
+            train_seconds=round(train_seconds, 1),
+            peak_rss_mb=round(peak, 1),
+            train_rss_increase_mb=round(peak - rss_before, 1),
         )
         pipeline = load_tuned_pipeline(base_model, scratch)
     start = time.perf_counter()
@@ -184,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=9)
     parser.add_argument("--style", default=DEFAULT_STYLE)
-    parser.add_argument("--class_images", type=int, default=DEFAULT_CLASS_IMAGES, help="DreamBooth prior-preservation images")
+    parser.add_argument(
+        "--class_images", type=int, default=DEFAULT_CLASS_IMAGES, help="DreamBooth prior-preservation images"
+    )
     parser.add_argument("--base_model", type=Path, default=DEFAULT_BASE_MODEL_DIR)
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--out", type=Path, required=True, help="the folder the run's files go to")
@@ -194,7 +234,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     case = Case(args.heldout, args.style, args.dreambooth_steps, args.style_steps, args.samples, args.class_images)
     spec = RunSpec(args.task, args.method, args.lr, args.seed, "single")
     record = execute(spec, case, args.out, args.data_dir, args.base_model)
-    print(json.dumps({key: record.get(key) for key in ("metrics", "trainable_parameters", "wall_seconds", "peak_rss_mb")}))
+    print(
+        json.dumps(
+            {key: record.get(key) for key in ("metrics", "trainable_parameters", "wall_seconds", "peak_rss_mb")}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ DEFAULT_INSTANCE_COUNT = 5
 DEFAULT_STYLE_EXAMPLES = 300
 DEFAULT_CLASS_IMAGES = 50
 
+
 # --- features and distances ------------------------------------------------------------------------------------
 class _ClassifierFeatures(nn.Module):
     """The classifier's penultimate layer as a module for :class:`~resattn_diffusion.evaluation.ImageEncoder`."""
@@ -109,8 +110,10 @@ def classifier_frechet_distance(classifier: DigitClassifier, generated: np.ndarr
     """Frechet distance between two image batches in the classifier's feature space."""
     from resattn_diffusion.evaluation import feature_statistics, frechet_distance
 
-    return frechet_distance(*feature_statistics(classifier_features(classifier, generated)),
-                            *feature_statistics(classifier_features(classifier, real)))
+    return frechet_distance(
+        *feature_statistics(classifier_features(classifier, generated)),
+        *feature_statistics(classifier_features(classifier, real)),
+    )
 
 
 def separation_from_real(classifier: DigitClassifier, generated: dict[int, np.ndarray], real: DigitSet) -> float:
@@ -126,17 +129,28 @@ def separation_from_real(classifier: DigitClassifier, generated: dict[int, np.nd
 
 
 @torch.no_grad()
-def sample_prompt(pipeline, prompt: str, count: int, seed: int = 0, batch_size: int = 64,
-                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-                  num_inference_steps: int = DEFAULT_INFERENCE_STEPS) -> np.ndarray:
+def sample_prompt(
+    pipeline,
+    prompt: str,
+    count: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
+) -> np.ndarray:
     """``count`` samples of one prompt, ``(count, H, W, 3)`` in [0, 1]; sample ``i`` is seeded by ``(seed, i)``
     exactly as in :func:`~benchmarks.digits.evaluate_base.sample_digits`, so base and tuned samples pair up."""
     images = []
     for start in range(0, count, batch_size):
         size = min(batch_size, count - start)
         generators = [torch.Generator("cpu").manual_seed(seed * 100_003 + start + index) for index in range(size)]
-        output = pipeline(prompt=[prompt] * size, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, generator=generators, output_type="np")
+        output = pipeline(
+            prompt=[prompt] * size,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            output_type="np",
+        )
         images.append(output.images)
     return np.concatenate(images)
 
@@ -184,22 +198,36 @@ class DreamBoothTask:
 
     def training_flags(self, folders: dict[str, Path]) -> list[str]:
         return [
-            "--instance_data_dir", str(folders["instance_dir"]),
-            "--instance_prompt", self.instance_prompt,
+            "--instance_data_dir",
+            str(folders["instance_dir"]),
+            "--instance_prompt",
+            self.instance_prompt,
             "--with_prior_preservation",
-            "--class_data_dir", str(folders["class_dir"]),
-            "--class_prompt", self.class_prompt,
-            "--num_class_images", str(self.num_class_images),
-            "--prior_loss_weight", str(self.prior_loss_weight),
-            "--train_batch_size", str(self.train_batch_size),
+            "--class_data_dir",
+            str(folders["class_dir"]),
+            "--class_prompt",
+            self.class_prompt,
+            "--num_class_images",
+            str(self.num_class_images),
+            "--prior_loss_weight",
+            str(self.prior_loss_weight),
+            "--train_batch_size",
+            str(self.train_batch_size),
         ]
 
     def judge(self) -> DigitClassifier:
         """The classifier that scores this task: the plain digit classifier."""
         return load_digit_classifier()
 
-    def evaluate(self, pipeline, classifier: DigitClassifier | None = None, samples: int = 32, seed: int = 0,
-                 keep_samples: bool = False, grid: Path | None = None) -> dict:
+    def evaluate(
+        self,
+        pipeline,
+        classifier: DigitClassifier | None = None,
+        samples: int = 32,
+        seed: int = 0,
+        keep_samples: bool = False,
+        grid: Path | None = None,
+    ) -> dict:
         """Every DreamBooth metric (see the module doc) on ``samples`` identifier-prompt samples, ``samples // 4``
         per seen digit and ``samples // 2`` class-prompt samples; ``grid``: also write the judged samples as a PNG
         (rows: identifier prompt, class prompt, then digits 0-8)."""
@@ -225,7 +253,8 @@ class DreamBoothTask:
             "worst_prior_accuracy": min(per_prompt.values()),
             "class_leak": float(np.mean(classifier.predict(class_samples).numpy() == self.heldout_digit)),
             "prompt_separation": separation_from_real(
-                classifier, {**seen, self.heldout_digit: subject}, load_digits_split("test")),
+                classifier, {**seen, self.heldout_digit: subject}, load_digits_split("test")
+            ),
             "subject_samples": int(samples),
             "seen_samples_per_digit": int(per_digit),
             "class_samples": int(len(class_samples)),
@@ -272,7 +301,9 @@ class StyleTask:
         if not metadata.is_file():
             styled = self.training_images()
             paths = write_images(styled.images, folder)
-            lines = [json.dumps({"file_name": p.name, "text": c}) for p, c in zip(paths, styled.captions(self.template))]
+            lines = [
+                json.dumps({"file_name": p.name, "text": c}) for p, c in zip(paths, styled.captions(self.template))
+            ]
             metadata.write_text("\n".join(lines) + "\n")
         return {"train_dir": folder}
 
@@ -290,8 +321,15 @@ class StyleTask:
             real = real.without(self.heldout_digit)
         return real.styled(self.style)
 
-    def evaluate(self, pipeline, classifier: DigitClassifier | None = None, samples: int = 32, seed: int = 0,
-                 keep_samples: bool = False, grid: Path | None = None) -> dict:
+    def evaluate(
+        self,
+        pipeline,
+        classifier: DigitClassifier | None = None,
+        samples: int = 32,
+        seed: int = 0,
+        keep_samples: bool = False,
+        grid: Path | None = None,
+    ) -> dict:
         """Every style metric (see the module doc) over ``samples // 4`` samples of each seen digit (the same count
         as the prior-retention samples of DreamBooth); ``grid``: also write them as a PNG (one row per digit)."""
         digits = seen_digits(self.heldout_digit)
@@ -329,12 +367,15 @@ class StyleTask:
         }
 
 
-def make_task(name: str, heldout_digit: int = DEFAULT_HELDOUT_DIGIT, style: str = DEFAULT_STYLE,
-              num_class_images: int = DEFAULT_CLASS_IMAGES):
+def make_task(
+    name: str,
+    heldout_digit: int = DEFAULT_HELDOUT_DIGIT,
+    style: str = DEFAULT_STYLE,
+    num_class_images: int = DEFAULT_CLASS_IMAGES,
+):
     """The task called ``name`` (one of :data:`TASKS`); ``num_class_images`` is DreamBooth's prior-preservation set."""
     if name == "dreambooth":
         return DreamBoothTask(heldout_digit=check_digit(heldout_digit), num_class_images=num_class_images)
     if name == "style":
         return StyleTask(style=style, heldout_digit=check_digit(heldout_digit))
     raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
-

@@ -112,7 +112,9 @@ class BaseRecipe:
         if self.heldout_digit is not None:
             check_digit(self.heldout_digit)
         if self.model_max_length < 8:
-            raise ValueError(f"model_max_length must be at least 8 to hold a digit caption, got {self.model_max_length}")
+            raise ValueError(
+                f"model_max_length must be at least 8 to hold a digit caption, got {self.model_max_length}"
+            )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.steps < 1 or self.vae_steps < 1:
@@ -204,7 +206,9 @@ def codec_augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def train_autoencoder(vae: nn.Module, images: np.ndarray, recipe: BaseRecipe, log_every: int = 200) -> dict[str, float]:
+def train_autoencoder(
+    vae: nn.Module, images: np.ndarray, recipe: BaseRecipe, log_every: int = 200
+) -> dict[str, float]:
     """Train the VAE on ``images`` (grayscale ``(N, 32, 32)`` in [0, 1]) with codec augmentations, then freeze it.
 
     Sets ``vae.config.scaling_factor`` so that scaled latents have unit standard deviation. Returns metrics:
@@ -213,7 +217,9 @@ def train_autoencoder(vae: nn.Module, images: np.ndarray, recipe: BaseRecipe, lo
     rng = np.random.default_rng(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.vae_learning_rate, total_steps=recipe.vae_steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=recipe.vae_learning_rate, total_steps=recipe.vae_steps, pct_start=0.1
+    )
     vae.train()
     start = time.perf_counter()
     running = 0.0
@@ -233,8 +239,11 @@ def train_autoencoder(vae: nn.Module, images: np.ndarray, recipe: BaseRecipe, lo
         running += loss.item()
         if step % log_every == 0 or step == recipe.vae_steps:
             elapsed = time.perf_counter() - start
-            print(f"[vae] step {step}/{recipe.vae_steps}  loss {running / log_every:.5f}  {elapsed:.0f}s "
-                  f"(eta {elapsed / step * (recipe.vae_steps - step):.0f}s)", flush=True)
+            print(
+                f"[vae] step {step}/{recipe.vae_steps}  loss {running / log_every:.5f}  {elapsed:.0f}s "
+                f"(eta {elapsed / step * (recipe.vae_steps - step):.0f}s)",
+                flush=True,
+            )
             running = 0.0
     vae.eval().requires_grad_(False)
 
@@ -345,14 +354,20 @@ def train_denoiser(
 
     captions = [caption_for(label, recipe.caption_template) for label in range(10)]
     caption_ids = tokenizer(
-        captions + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        captions + [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
     empty_caption = len(captions)  # row of caption_ids holding the empty prompt (the unconditional branch)
     label_tensor = torch.from_numpy(labels.astype(np.int64))
 
     trainable = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
-    lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=recipe.warmup_steps, num_training_steps=recipe.steps)
+    lr_schedule = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=recipe.warmup_steps, num_training_steps=recipe.steps
+    )
     ema = ExponentialMovingAverage(trainable, recipe.ema_decay)
     unet.train()
     text_encoder.train()
@@ -372,7 +387,9 @@ def train_denoiser(
         encoder_hidden_states = text_encoder(caption_ids[caption_rows])[0]
 
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (recipe.batch_size,), generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (recipe.batch_size,), generator=generator
+        )
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
 
@@ -396,8 +413,11 @@ def train_denoiser(
         if step % log_every == 0 or step == recipe.steps:
             elapsed = time.perf_counter() - start
             count = log_every if step % log_every == 0 else step % log_every
-            print(f"[unet] step {step}/{recipe.steps}  loss {running / count:.4f}  lr {lr_schedule.get_last_lr()[0]:.2e}  "
-                  f"{elapsed:.0f}s (eta {elapsed / step * (recipe.steps - step):.0f}s)", flush=True)
+            print(
+                f"[unet] step {step}/{recipe.steps}  loss {running / count:.4f}  lr {lr_schedule.get_last_lr()[0]:.2e}  "
+                f"{elapsed:.0f}s (eta {elapsed / step * (recipe.steps - step):.0f}s)",
+                flush=True,
+            )
             running = 0.0
         if eval_every and (step % eval_every == 0) and step < recipe.steps:
             ema.swap()
@@ -437,7 +457,9 @@ def write_slow_tokenizer_files(tokenizer_folder: Path) -> None:
     model = json.loads((tokenizer_folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
     (tokenizer_folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
-    (tokenizer_folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges), encoding="utf-8")
+    (tokenizer_folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges), encoding="utf-8"
+    )
 
 
 def save_pipeline(pipeline, out: Path) -> int:
@@ -495,8 +517,11 @@ def build_base_model(
         vae_metrics = {"reused_from": str(reuse_vae), "scaling_factor": vae.config.scaling_factor}
         print(f"[vae] reusing the autoencoder of {reuse_vae}", flush=True)
     if "reconstruction_mse" in vae_metrics:
-        print(f"[vae] reconstruction MSE {vae_metrics['reconstruction_mse']:.5f}, scaling factor "
-              f"{vae_metrics['scaling_factor']:.4f}", flush=True)
+        print(
+            f"[vae] reconstruction MSE {vae_metrics['reconstruction_mse']:.5f}, scaling factor "
+            f"{vae_metrics['scaling_factor']:.4f}",
+            flush=True,
+        )
     denoiser_metrics = train_denoiser(
         unet, text_encoder, tokenizer, vae, train.images, train.labels, recipe, eval_every=eval_every
     )
@@ -519,8 +544,11 @@ def build_base_model(
         seed=recipe.seed,
     )
     print(report.table())
-    print(f"seen-digit accuracy {report.overall:.3f} ({report.samples_per_digit} samples per digit, "
-          f"guidance {recipe.guidance_scale}, {recipe.inference_steps} steps)", flush=True)
+    print(
+        f"seen-digit accuracy {report.overall:.3f} ({report.samples_per_digit} samples per digit, "
+        f"guidance {recipe.guidance_scale}, {recipe.inference_steps} steps)",
+        flush=True,
+    )
 
     grid_path = grid_path or out.with_name(out.name + "_samples.png")
     grid_samples = sample_digits(
@@ -546,9 +574,13 @@ def build_base_model(
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[BaseRecipe, argparse.Namespace]:
     defaults = BaseRecipe()
-    parser = argparse.ArgumentParser(description="Train the tiny text-conditioned SD base model of the digits benchmark.")
+    parser = argparse.ArgumentParser(
+        description="Train the tiny text-conditioned SD base model of the digits benchmark."
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_BASE_MODEL_DIR, help="pipeline folder to write")
-    parser.add_argument("--heldout", type=int, default=defaults.heldout_digit, help="digit left out of training (-1: none)")
+    parser.add_argument(
+        "--heldout", type=int, default=defaults.heldout_digit, help="digit left out of training (-1: none)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="denoiser training steps")
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
@@ -559,8 +591,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BaseRecipe, argparse.
     parser.add_argument("--unet-heads", type=int, default=defaults.unet_heads)
     parser.add_argument("--text-layers", type=int, default=defaults.text_layers)
     parser.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout)
-    parser.add_argument("--reuse-vae", type=Path, default=None,
-                        help="take the trained autoencoder of this pipeline folder instead of training one")
+    parser.add_argument(
+        "--reuse-vae",
+        type=Path,
+        default=None,
+        help="take the trained autoencoder of this pipeline folder instead of training one",
+    )
     parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
     parser.add_argument("--template", default=defaults.caption_template)
     parser.add_argument("--eval-samples", type=int, default=50, help="samples per seen digit in the final evaluation")

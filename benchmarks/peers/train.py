@@ -27,23 +27,43 @@ from resattn_diffusion.training.trainable import TrainableProvider, TrainingCall
 
 TRAIN_STATS_NAME = "train_stats.json"
 #: the res tuner flags of the training scripts, which a peer run does not use
-TUNER_FLAGS = ("tuner", "rank", "heads", "tuner_arg", "targets", "blocks", "projections", "placement", "tuner_scale", "tuner_config")
+TUNER_FLAGS = (
+    "tuner",
+    "rank",
+    "heads",
+    "tuner_arg",
+    "targets",
+    "blocks",
+    "projections",
+    "placement",
+    "tuner_scale",
+    "tuner_config",
+)
 
 
 def build_peer_parser(task: Task) -> argparse.ArgumentParser:
     """The training script's parser of ``task`` with the peers' flags added."""
     parser = build_parser(task)
-    peers = parser.add_argument_group("instead of a res tuner: a peft adapter or full fine-tuning (the peers to compare with)")
+    peers = parser.add_argument_group(
+        "instead of a res tuner: a peft adapter or full fine-tuning (the peers to compare with)"
+    )
     peers.add_argument(
-        "--peft_method", type=str, default=None, choices=list(PEFT_METHODS),
+        "--peft_method",
+        type=str,
+        default=None,
+        choices=list(PEFT_METHODS),
         help="Train a peft adapter on the attention projections to_q, to_k, to_v, to_out.0 instead of a res tuner.",
     )
     peers.add_argument("--peft_rank", type=int, default=None, help="Rank of --peft_method lora or glora (default 4).")
     peers.add_argument(
-        "--peft_block_size", type=int, default=None,
+        "--peft_block_size",
+        type=int,
+        default=None,
         help="Block size of --peft_method c3a (default: the gcd of the projections' input and output sizes).",
     )
-    peers.add_argument("--full_finetune", action="store_true", help="Train every UNet weight (the ceiling) instead of a res tuner.")
+    peers.add_argument(
+        "--full_finetune", action="store_true", help="Train every UNet weight (the ceiling) instead of a res tuner."
+    )
     return parser
 
 
@@ -59,7 +79,9 @@ def check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     chosen = f"--peft_method {args.peft_method}" if args.peft_method else "--full_finetune"
     given = [f"--{flag}" for flag in TUNER_FLAGS if getattr(args, flag) is not None]
     if given:
-        parser.error(f"{chosen} trains no res tuner, so the res tuner flag(s) {', '.join(given)} do not apply; drop them")
+        parser.error(
+            f"{chosen} trains no res tuner, so the res tuner flag(s) {', '.join(given)} do not apply; drop them"
+        )
     if args.full_finetune:
         for flag in ("peft_rank", "peft_block_size"):
             if getattr(args, flag) is not None:
@@ -130,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in TASKS:
         usage = argparse.ArgumentParser(prog="python -m benchmarks.peers.train", description=__doc__.split("\n")[0])
-        usage.add_argument("task", choices=TASKS, help="then that training script's flags and the peers' (<task> --help)")
+        usage.add_argument(
+            "task", choices=TASKS, help="then that training script's flags and the peers' (<task> --help)"
+        )
         usage.parse_args(argv[:1])  # prints the usage and exits
     return train(parse_args(argv[0], argv[1:]))
 

@@ -41,7 +41,11 @@ FULL_UNET_FOLDER = "unet"
 def result_path(output_dir: str | Path, method: TrainingMethod) -> Path:
     """Where a run of ``method`` saves its result inside ``output_dir`` (a file or a folder)."""
     output_dir = Path(output_dir)
-    return {"res_tuner": output_dir / WEIGHT_NAME, "peft": output_dir / PEFT_FOLDER, "full": output_dir / FULL_UNET_FOLDER}[method]
+    return {
+        "res_tuner": output_dir / WEIGHT_NAME,
+        "peft": output_dir / PEFT_FOLDER,
+        "full": output_dir / FULL_UNET_FOLDER,
+    }[method]
 
 
 def saved_method(output_dir: str | Path) -> TrainingMethod:
@@ -79,7 +83,11 @@ def peft_config(method: str, rank: int | None, block_size: int | None, unet: nn.
         from peft.tuners.c3a import C3AConfig
 
         block_size = block_size or default_c3a_block_size(unet)
-        bad = [name for name, layer in attention_linears(unet).items() if layer.in_features % block_size or layer.out_features % block_size]
+        bad = [
+            name
+            for name, layer in attention_linears(unet).items()
+            if layer.in_features % block_size or layer.out_features % block_size
+        ]
         if bad:
             raise TrainingError(
                 f"--peft_block_size {block_size} does not divide the input and output sizes of {bad[0]} (and {len(bad) - 1} "
@@ -158,7 +166,9 @@ class PeftTrainable(TrainableProvider):
 
         layers = sum(isinstance(module, BaseTunerLayer) for module in unet.modules())
         count = sum(p.numel() for p in parameters)
-        return f"peft {self.method} on {', '.join(PEER_TARGET_MODULES)} ({layers} layers): {count:,} trainable parameters"
+        return (
+            f"peft {self.method} on {', '.join(PEER_TARGET_MODULES)} ({layers} layers): {count:,} trainable parameters"
+        )
 
     def save(self, unet: nn.Module, output_dir: Path) -> Path:
         path = self.result_path(output_dir)

@@ -117,13 +117,17 @@ def build_cases(base: nn.Module, bypass_config: ResTunerConfig) -> list[Case]:
     lora_rank = peers.matched_lora_rank(base, bypass.parameter_count)
     lora_unet = clone_unet(base)
     peers.add_peft_lora(lora_unet, lora_rank)
-    lora = Case(LORA, f"peft LoRA r={lora_rank} on to_q,to_k,to_v,to_out.0", lora_unet, peers.trainable_parameters(lora_unet))
+    lora = Case(
+        LORA, f"peft LoRA r={lora_rank} on to_q,to_k,to_v,to_out.0", lora_unet, peers.trainable_parameters(lora_unet)
+    )
     return [bypass, attn, lora]
 
 
 def _describe(config: ResTunerConfig) -> str:
     hyper = ", ".join(f"{k}={v}" for k, v in config.hyperparameters.items() if v is not None)
-    where = "decoder side network" if config.tuner == BYPASS else ",".join(config.targets or UNetFamily.default_targets)
+    where = (
+        "decoder side network" if config.tuner == BYPASS else ",".join(config.targets or UNetFamily.default_targets)
+    )
     return f"{config.tuner}({hyper}) on {where}"
 
 
@@ -217,7 +221,9 @@ def run(size: BenchmarkSize, bypass_config: ResTunerConfig, clock: str | None = 
 
     clock = clock or default_clock()
     log(f"bypass_memory: timing {len(steps)} cases x {size.repeats} interleaved rounds ({clock} clock)")
-    timings = interleaved_timings(steps, size.repeats, size.warmup, clock, progress=lambda m: log(f"bypass_memory: {m}"))
+    timings = interleaved_timings(
+        steps, size.repeats, size.warmup, clock, progress=lambda m: log(f"bypass_memory: {m}")
+    )
 
     rows = []
     for case in cases:
@@ -300,7 +306,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     if cross:
         lines.append(
             "- cross-check, CPU allocator peak per step (torch profiler): "
-            + ", ".join(f"{row['name']} {row['allocator_peak_mb']:.1f} MB ({row['allocator_memory_vs_lora']:.2f}x LoRA)" for row in cross)
+            + ", ".join(
+                f"{row['name']} {row['allocator_peak_mb']:.1f} MB ({row['allocator_memory_vs_lora']:.2f}x LoRA)"
+                for row in cross
+            )
         )
     return "\n".join(lines) + "\n"
 
@@ -330,7 +339,9 @@ def _size(args: argparse.Namespace) -> BenchmarkSize:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_arguments(parser)
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="block_out_channels (default 64 128 256)")
     parser.add_argument("--layers-per-block", type=int, default=None, help="layers per block (default 2)")
@@ -348,7 +359,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     markdown = to_markdown(result)
     print(markdown)
     write_json(args.out_dir / "bypass_memory.json", result)
-    (args.out_dir / "bypass_memory.md").write_text("# Res-Tuning-Bypass: step time and peak memory vs peft LoRA\n\n" + markdown)
+    (args.out_dir / "bypass_memory.md").write_text(
+        "# Res-Tuning-Bypass: step time and peak memory vs peft LoRA\n\n" + markdown
+    )
     log(f"bypass_memory: wrote {args.out_dir / 'bypass_memory.json'} and bypass_memory.md")
     return result
 

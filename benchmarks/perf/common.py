@@ -70,7 +70,6 @@ def benchmark_unet_config() -> dict[str, Any]:
     }
 
 
-
 @dataclass(frozen=True)
 class BenchmarkSize:
     """The model and data a benchmark runs on, and how often each case is timed.
@@ -248,7 +247,9 @@ def frozen_unet(size: BenchmarkSize, seed: int = 0) -> torch.nn.Module:
     """A UNet of ``size`` with seeded random weights, every parameter frozen, in eval mode, on ``size.device`` in
     ``size.dtype`` (built on the device itself: initialising SDXL's 2.6 B weights on the CPU takes a minute)."""
     device = torch.device(size.device)
-    cuda_index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    cuda_index = (
+        (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    )
     with torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]):
         torch.manual_seed(seed)
         unet = unet_from_config(size.unet_config, device=device)
@@ -578,7 +579,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "(sd15 512 px, sd21 768 px, sdxl 1024 px; the default on CUDA is sd15)",
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="frozen weights' dtype (default fp32 on CPU, fp16 on CUDA)"
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="frozen weights' dtype (default fp32 on CPU, fp16 on CUDA)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=None, help="batch size (default: 2 full, 1 tiny; real sizes 4, SDXL 1)"

@@ -104,13 +104,27 @@ def run(size: BenchmarkSize, families: tuple[str, ...] = FAMILIES, clock: str | 
 
 def to_markdown(result: dict[str, Any]) -> str:
     headers = [
-        "family", "width", "tokens", "mode", "structured (ms)", "materialise + matmul (ms)", "dense matmul (ms)",
-        "materialise / structured", "SURM takes",
+        "family",
+        "width",
+        "tokens",
+        "mode",
+        "structured (ms)",
+        "materialise + matmul (ms)",
+        "dense matmul (ms)",
+        "materialise / structured",
+        "SURM takes",
     ]
     table = [
         [
-            row["family"], str(row["width"]), str(row["tokens"]), row["mode"], row["structured_ms"],
-            row["materialise_ms"], row["dense_ms"], row["materialise_over_structured"], row["auto_path"],
+            row["family"],
+            str(row["width"]),
+            str(row["tokens"]),
+            row["mode"],
+            row["structured_ms"],
+            row["materialise_ms"],
+            row["dense_ms"],
+            row["materialise_over_structured"],
+            row["auto_path"],
         ]
         for row in result["rows"]
     ]

@@ -196,8 +196,12 @@ def evaluate_gpu_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, A
         checks.append(_check("SD 1.5 step: res_attn / peft LoRA", res_attn.get("time_vs_peft_lora"), 0.75))
         checks.append(_check("SD 1.5 step: res_attn / floor", res_attn.get("time_vs_floor"), 1.30))
         glora_same = _row(sd15, train_step.GLORA_PEFT_CONFIG)
-        checks.append(_check("SD 1.5 step: glora (peft's forms) / peft GLoRA", glora_same.get("time_vs_matched_peer"), 0.85))
-        checks.append(_check("SD 1.5 step: glora (default forms) / peft LoRA", _row(sd15, "glora").get("time_vs_peft_lora"), 1.0))
+        checks.append(
+            _check("SD 1.5 step: glora (peft's forms) / peft GLoRA", glora_same.get("time_vs_matched_peer"), 0.85)
+        )
+        checks.append(
+            _check("SD 1.5 step: glora (default forms) / peft LoRA", _row(sd15, "glora").get("time_vs_peft_lora"), 1.0)
+        )
         for name in ("surm_circulant", "surm_toeplitz"):
             row = _row(sd15, name)
             checks.append(_check(f"SD 1.5 step: {name} / peft C3A matched", row.get("time_vs_matched_peer"), 0.8))
@@ -209,8 +213,12 @@ def evaluate_gpu_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, A
             if row.get("peak_memory_mb") and peer.get("peak_memory_mb"):
                 value = row["peak_memory_mb"] / peer["peak_memory_mb"]
             checks.append(_check(f"SD 1.5 peak memory: {name} / peft C3A matched", value, 1.0))
-        checks.append(_check("SD 1.5 step: surm_ldr / peft LoRA", _row(sd15, "surm_ldr").get("time_vs_peft_lora"), 1.0))
-        checks.append(_check("SD 1.5 step: res_lora / peft LoRA", _row(sd15, "res_lora").get("time_vs_peft_lora"), 0.95))
+        checks.append(
+            _check("SD 1.5 step: surm_ldr / peft LoRA", _row(sd15, "surm_ldr").get("time_vs_peft_lora"), 1.0)
+        )
+        checks.append(
+            _check("SD 1.5 step: res_lora / peft LoRA", _row(sd15, "res_lora").get("time_vs_peft_lora"), 0.95)
+        )
         bypass = _row(sd15, "res_bypass")
         checks.append(_check("SD 1.5 peak memory: res_bypass / peft LoRA", bypass.get("memory_vs_peft_lora"), 0.10))
     sdxl = results.get("train_sdxl")
@@ -218,9 +226,13 @@ def evaluate_gpu_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, A
         checks.append(_check("SDXL step: res_attn / peft LoRA", _row(sdxl, "res_attn").get("time_vs_peft_lora"), 0.75))
     sample = results.get("sampling")
     if sample:
-        checks.append(_check("sampling eager: res_attn unfused / base", _row(sample, "res_attn (unfused)").get("vs_base"), 1.10))
+        checks.append(
+            _check("sampling eager: res_attn unfused / base", _row(sample, "res_attn (unfused)").get("vs_base"), 1.10)
+        )
         for name in ("res_lora", "glora", "surm_circulant", "surm_toeplitz", "surm_kronecker", "surm_ldr"):
-            checks.append(_check(f"sampling eager: {name} fused / base", _row(sample, f"{name} (fused)").get("vs_base"), 1.02))
+            checks.append(
+                _check(f"sampling eager: {name} fused / base", _row(sample, f"{name} (fused)").get("vs_base"), 1.02)
+            )
     compiled = results.get("sampling_compiled")
     if compiled:
         value = _row(compiled, "res_attn (unfused)").get("compiled_vs_base_compiled")
@@ -233,7 +245,9 @@ def evaluate_gpu_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, A
             if row.get("kind") == "attention-side" and "plain" in row
             for count in (row["plain"]["breaks"], row.get("per_call_scale", {}).get("breaks", 0))
         ]
-        checks.append(_check("torch.compile graph breaks, attention-side tuners (max)", max(counts) if counts else None, 0))
+        checks.append(
+            _check("torch.compile graph breaks, attention-side tuners (max)", max(counts) if counts else None, 0)
+        )
     return checks
 
 
@@ -303,8 +317,17 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
     the SDXL ratios and the sampling ratios (eager and compiled) where measured."""
     sd15, sdxl = results.get("train_sd15"), results.get("train_sdxl")
     sample, compiled = results.get("sampling"), results.get("sampling_compiled")
-    headers = ["row", "params", "step × peft LoRA", "step × floor", "step × matched peer", "memory × peft LoRA",
-               "SDXL step × peft LoRA", "sampling × base", "compiled × base"]
+    headers = [
+        "row",
+        "params",
+        "step × peft LoRA",
+        "step × floor",
+        "step × matched peer",
+        "memory × peft LoRA",
+        "SDXL step × peft LoRA",
+        "sampling × base",
+        "compiled × base",
+    ]
     table = []
     for row in (sd15 or {}).get("rows", []):
         name = row["name"]
@@ -317,9 +340,14 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
             key = "peft_lora (unfused)" if name == train_step.PEFT_LORA else f"{tuner} (unfused)"
             compiled_row = next(
                 (
-                    r for r in compiled["rows"]
+                    r
+                    for r in compiled["rows"]
                     if r["name"] == key
-                    or (key.startswith("peft_lora") and r["name"].startswith("peft_lora") and r["name"].endswith("(unfused)"))
+                    or (
+                        key.startswith("peft_lora")
+                        and r["name"].startswith("peft_lora")
+                        and r["name"].endswith("(unfused)")
+                    )
                 ),
                 {},
             )
@@ -369,7 +397,14 @@ def main(argv: list[str] | None = None) -> None:
     log(f"gpu_suite: {args.part} (budget {args.budget:.0f} s) -> {out}")
     try:
         run_part(
-            args.part, out, args.device, args.tiny, args.budget, args.started_at, args.tuners, args.compile_backend,
+            args.part,
+            out,
+            args.device,
+            args.tiny,
+            args.budget,
+            args.started_at,
+            args.tuners,
+            args.compile_backend,
             args.compiled_rows,
         )
     except Exception as error:  # the part as a whole failed: record it, the shell script goes on with the next

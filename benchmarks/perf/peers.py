@@ -70,7 +70,9 @@ def add_peft_glora(unet: nn.Module, rank: int, config_a_b: str, config_c: str, c
     )
 
 
-def glora_peft_forms(config_a: str, config_b: str, config_c: str, config_d: str, config_e: str) -> tuple[str, str, str]:
+def glora_peft_forms(
+    config_a: str, config_b: str, config_c: str, config_d: str, config_e: str
+) -> tuple[str, str, str]:
     """Our GLoRA forms -> peft's (config_A_B, config_C, config_D_E); raises if peft cannot express them."""
 
     def peft_name(form: str) -> str:

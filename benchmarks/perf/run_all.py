@@ -60,7 +60,9 @@ def evaluate_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
     if train:
         res_attn = _row(train, "res_attn") or {}
         checks.append(
-            _check("training step: res_attn / peft LoRA at matched parameters", res_attn.get("time_vs_peft_lora"), 1.05)
+            _check(
+                "training step: res_attn / peft LoRA at matched parameters", res_attn.get("time_vs_peft_lora"), 1.05
+            )
         )
         checks.append(_check("training step: res_attn / frozen floor", res_attn.get("time_vs_floor"), 1.10))
         for row in train["rows"]:
@@ -143,7 +145,9 @@ def summary_markdown(results: dict[str, dict[str, Any]], checks: list[dict[str, 
         "",
         f"Reproduce: `{command}`",
         "",
-        f"Device: {device}" + (f" ({gpu['name']}, {gpu['memory_gb']} GB), dtype {size.get('dtype')}" if gpu and device != "cpu" else "") + ".",
+        f"Device: {device}"
+        + (f" ({gpu['name']}, {gpu['memory_gb']} GB), dtype {size.get('dtype')}" if gpu and device != "cpu" else "")
+        + ".",
         "",
         f"Machine: {machine['cpu_count']} CPU cores ({machine['processor']}), torch {machine['torch']} with "
         f"{machine['torch_threads']} thread(s), diffusers {machine['diffusers']}, peft {machine['peft']}; "

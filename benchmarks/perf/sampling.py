@@ -325,7 +325,13 @@ def to_markdown(result: dict[str, Any]) -> str:
             table.append([row["name"], "–", f"error: {(row['error'] or 'not timed')[:100]}", "–", "–"])
             continue
         table.append(
-            [row["name"], row["trainable_parameters"], f"{row['forward_s']:.4f}", row["vs_base"], row["forward_spread"]]
+            [
+                row["name"],
+                row["trainable_parameters"],
+                f"{row['forward_s']:.4f}",
+                row["vs_base"],
+                row["forward_spread"],
+            ]
         )
     rounds = result.get("rounds")
     return markdown_table(headers, table) + ("" if rounds is None else f"\n\n(median of {rounds} interleaved rounds)")

@@ -378,8 +378,16 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def to_markdown(result: dict[str, Any]) -> str:
     headers = [
-        "row", "trainable params", "step (s)", "× floor", "× peft LoRA", "matched peer", "× peer",
-        "peak MB", "mem × floor", "mem × peer",
+        "row",
+        "trainable params",
+        "step (s)",
+        "× floor",
+        "× peft LoRA",
+        "matched peer",
+        "× peer",
+        "peak MB",
+        "mem × floor",
+        "mem × peer",
     ]
     table = []
     for row in result["rows"]:

@@ -81,30 +81,88 @@ class Shape:
 def shapes(tiny: bool) -> list[Shape]:
     if tiny:
         return [
-            Shape("flux", "FluxTransformer2DModel", {
-                "patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
-                "num_attention_heads": 4, "joint_attention_dim": 32, "pooled_projection_dim": 24,
-                "guidance_embeds": True, "axes_dims_rope": (4, 6, 6),
-            }, batch_size=1, image_tokens=16, text_tokens=8),
-            Shape("sd3", "SD3Transformer2DModel", {
-                "sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
-                "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 32,
-                "caption_projection_dim": 64, "pooled_projection_dim": 24, "pos_embed_max_size": 16,
-            }, batch_size=1, image_tokens=16, text_tokens=8),
+            Shape(
+                "flux",
+                "FluxTransformer2DModel",
+                {
+                    "patch_size": 1,
+                    "in_channels": 16,
+                    "num_layers": 1,
+                    "num_single_layers": 1,
+                    "attention_head_dim": 16,
+                    "num_attention_heads": 4,
+                    "joint_attention_dim": 32,
+                    "pooled_projection_dim": 24,
+                    "guidance_embeds": True,
+                    "axes_dims_rope": (4, 6, 6),
+                },
+                batch_size=1,
+                image_tokens=16,
+                text_tokens=8,
+            ),
+            Shape(
+                "sd3",
+                "SD3Transformer2DModel",
+                {
+                    "sample_size": 8,
+                    "patch_size": 2,
+                    "in_channels": 16,
+                    "out_channels": 16,
+                    "num_layers": 2,
+                    "attention_head_dim": 16,
+                    "num_attention_heads": 4,
+                    "joint_attention_dim": 32,
+                    "caption_projection_dim": 64,
+                    "pooled_projection_dim": 24,
+                    "pos_embed_max_size": 16,
+                },
+                batch_size=1,
+                image_tokens=16,
+                text_tokens=8,
+            ),
         ]
     return [
         # FLUX.1-dev's config.json with fewer blocks.
-        Shape("flux", "FluxTransformer2DModel", {
-            "patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 128,
-            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-            "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
-        }, batch_size=1, image_tokens=1024, text_tokens=512),
+        Shape(
+            "flux",
+            "FluxTransformer2DModel",
+            {
+                "patch_size": 1,
+                "in_channels": 64,
+                "num_layers": 2,
+                "num_single_layers": 4,
+                "attention_head_dim": 128,
+                "num_attention_heads": 24,
+                "joint_attention_dim": 4096,
+                "pooled_projection_dim": 768,
+                "guidance_embeds": True,
+                "axes_dims_rope": (16, 56, 56),
+            },
+            batch_size=1,
+            image_tokens=1024,
+            text_tokens=512,
+        ),
         # SD3-medium's config.json with fewer blocks, at 512 px (64 x 64 latents).
-        Shape("sd3", "SD3Transformer2DModel", {
-            "sample_size": 64, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 4,
-            "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-            "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
-        }, batch_size=1, image_tokens=1024, text_tokens=333),
+        Shape(
+            "sd3",
+            "SD3Transformer2DModel",
+            {
+                "sample_size": 64,
+                "patch_size": 2,
+                "in_channels": 16,
+                "out_channels": 16,
+                "num_layers": 4,
+                "attention_head_dim": 64,
+                "num_attention_heads": 24,
+                "joint_attention_dim": 4096,
+                "caption_projection_dim": 1536,
+                "pooled_projection_dim": 2048,
+                "pos_embed_max_size": 192,
+            },
+            batch_size=1,
+            image_tokens=1024,
+            text_tokens=333,
+        ),
     ]
 
 
@@ -138,19 +196,23 @@ def make_inputs(model: nn.Module, shape: Shape, seed: int = 0) -> dict[str, Any]
         ids = torch.zeros(side, side, 3)
         ids[..., 1] = torch.arange(side)[:, None]
         ids[..., 2] = torch.arange(side)[None, :]
-        inputs.update({
-            "hidden_states": randn(batch, shape.image_tokens, config.in_channels),
-            "timestep": torch.rand(batch, generator=generator).to(device, dtype),
-            "img_ids": ids.reshape(-1, 3).to(device, dtype),
-            "txt_ids": torch.zeros(shape.text_tokens, 3).to(device, dtype),
-            "guidance": torch.full((batch,), 3.5).to(device, dtype),
-        })
+        inputs.update(
+            {
+                "hidden_states": randn(batch, shape.image_tokens, config.in_channels),
+                "timestep": torch.rand(batch, generator=generator).to(device, dtype),
+                "img_ids": ids.reshape(-1, 3).to(device, dtype),
+                "txt_ids": torch.zeros(shape.text_tokens, 3).to(device, dtype),
+                "guidance": torch.full((batch,), 3.5).to(device, dtype),
+            }
+        )
     else:
         size = config.sample_size
-        inputs.update({
-            "hidden_states": randn(batch, config.in_channels, size, size),
-            "timestep": (torch.rand(batch, generator=generator) * 1000).to(device),
-        })
+        inputs.update(
+            {
+                "hidden_states": randn(batch, config.in_channels, size, size),
+                "timestep": (torch.rand(batch, generator=generator) * 1000).to(device),
+            }
+        )
     return inputs
 
 
@@ -165,7 +227,9 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_step(model: nn.Module, inputs: dict[str, Any], parameters: list[nn.Parameter], dtype: torch.dtype) -> Callable[[], None]:
+def make_step(
+    model: nn.Module, inputs: dict[str, Any], parameters: list[nn.Parameter], dtype: torch.dtype
+) -> Callable[[], None]:
     """One training step. Without parameters (the floor) the latents require grad and no optimizer runs."""
     device = model.device
     inputs = dict(inputs)
@@ -235,15 +299,24 @@ def attach_peft_lora(model: nn.Module, rank: int) -> Attached:
     return Attached(f"peft LoRA r{rank} on {len(paths)} linears", parameters, detach)
 
 
-def run_shape(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int,
-              deadline: float, tuners: tuple[str, ...]) -> dict[str, Any]:
+def run_shape(
+    shape: Shape,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+    deadline: float,
+    tuners: tuple[str, ...],
+) -> dict[str, Any]:
     started = time.perf_counter()
     model = build_model(shape, device, dtype)
     inputs = make_inputs(model, shape)
     frozen = sum(p.numel() for p in model.parameters())
     log(f"{shape.name}: {frozen / 1e6:.1f}M frozen parameters, built in {time.perf_counter() - started:.1f} s")
     lora_rank = ResTunerConfig("res_lora").params.rank
-    attachers: dict[str, Callable[[], Attached]] = {FLOOR: lambda: Attached("frozen, backward to the latents", [], lambda: None)}
+    attachers: dict[str, Callable[[], Attached]] = {
+        FLOOR: lambda: Attached("frozen, backward to the latents", [], lambda: None)
+    }
     for tuner in tuners:
         attachers[tuner] = lambda tuner=tuner: attach_ours(model, tuner)
     if peers.peft_available():
@@ -271,8 +344,11 @@ def run_shape(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: i
             rows.append({"case": name, "error": message})
             log(f"{shape.name}/{name}: FAILED: {message}")
             if device.type == "cuda" and "CUDA error" in str(error):
-                rows += [{"case": other, "skipped": f"after {name}'s CUDA error"} for other in attachers if
-                         other not in {row["case"] for row in rows}]
+                rows += [
+                    {"case": other, "skipped": f"after {name}'s CUDA error"}
+                    for other in attachers
+                    if other not in {row["case"] for row in rows}
+                ]
                 break
             with contextlib.suppress(Exception):
                 attached.detach()
@@ -281,14 +357,16 @@ def run_shape(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: i
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        rows.append({
-            "case": name,
-            "description": attached.description,
-            "trainable_parameters": sum(p.numel() for p in attached.parameters),
-            "step_ms": 1000 * timing.median,
-            "step_ms_samples": [1000 * t for t in timing.samples],
-            "peak_memory_bytes": memory,
-        })
+        rows.append(
+            {
+                "case": name,
+                "description": attached.description,
+                "trainable_parameters": sum(p.numel() for p in attached.parameters),
+                "step_ms": 1000 * timing.median,
+                "step_ms_samples": [1000 * t for t in timing.samples],
+                "peak_memory_bytes": memory,
+            }
+        )
         last_case_s = time.perf_counter() - case_start
         log(f"{shape.name}/{name}: {rows[-1]['step_ms']:.1f} ms, {memory / 2**20:.1f} MiB")
     by_name = {row["case"]: row for row in rows if "step_ms" in row}
@@ -299,9 +377,16 @@ def run_shape(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: i
             other = by_name.get(reference)
             row[f"time_vs_{reference}"] = ratio(row["step_ms"], other and other["step_ms"])
             row[f"memory_vs_{reference}"] = ratio(row["peak_memory_bytes"], other and other["peak_memory_bytes"])
-    return {"shape": shape.name, "model_class": shape.model_class, "config": shape.config, "frozen_parameters": frozen,
-            "batch_size": shape.batch_size, "image_tokens": shape.image_tokens, "text_tokens": shape.text_tokens,
-            "rows": rows}
+    return {
+        "shape": shape.name,
+        "model_class": shape.model_class,
+        "config": shape.config,
+        "frozen_parameters": frozen,
+        "batch_size": shape.batch_size,
+        "image_tokens": shape.image_tokens,
+        "text_tokens": shape.text_tokens,
+        "rows": rows,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -312,12 +397,23 @@ def markdown(result: dict[str, Any]) -> str:
             if "step_ms" not in row:
                 rows.append([row["case"], row.get("error") or row.get("skipped", ""), None, None, None, None, None])
                 continue
-            rows.append([row["case"], row["description"], row["trainable_parameters"], row["step_ms"],
-                         row["peak_memory_bytes"] / 2**20, row["time_vs_peft_lora"], row["memory_vs_peft_lora"]])
+            rows.append(
+                [
+                    row["case"],
+                    row["description"],
+                    row["trainable_parameters"],
+                    row["step_ms"],
+                    row["peak_memory_bytes"] / 2**20,
+                    row["time_vs_peft_lora"],
+                    row["memory_vs_peft_lora"],
+                ]
+            )
         parts.append(
             f"**{table['shape']}** ({table['model_class']}, {table['frozen_parameters'] / 1e6:.2f}M frozen, "
             f"{table['image_tokens']} image + {table['text_tokens']} text tokens, batch {table['batch_size']})\n\n"
-            + markdown_table(["case", "what", "trainable", "step ms", "peak MiB", "time / LoRA", "memory / LoRA"], rows)
+            + markdown_table(
+                ["case", "what", "trainable", "step ms", "peak MiB", "time / LoRA", "memory / LoRA"], rows
+            )
         )
     return "\n\n".join(parts)
 
@@ -328,17 +424,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tiny", action="store_true", help="width 64, one block of each kind: seconds on a CPU")
     parser.add_argument("--out", type=Path, default=None, help="folder for transformer_step.json (default: results/)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 5; tiny 1)")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="frozen weights (default: bf16 on cuda)")
-    parser.add_argument("--time_limit", type=float, default=None, help="seconds for the whole run (default: 90 on cuda)")
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default=None, help="frozen weights (default: bf16 on cuda)"
+    )
+    parser.add_argument(
+        "--time_limit", type=float, default=None, help="seconds for the whole run (default: 90 on cuda)"
+    )
     parser.add_argument("--threads", default="auto", help="CPU torch threads, or 'auto' (all cores when idle, else 1)")
-    parser.add_argument("--tuners", nargs="+", default=list(OUR_TUNERS), help=f"our rows (default: {' '.join(OUR_TUNERS)})")
+    parser.add_argument(
+        "--tuners", nargs="+", default=list(OUR_TUNERS), help=f"our rows (default: {' '.join(OUR_TUNERS)})"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu (with --tiny on a small machine)")
     device = torch.device(args.device)
     configure_threads(args.threads)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    ]
     repeats = args.repeats or (1 if args.tiny else 5)
     warmup = 1 if args.tiny else 2  # the first step allocates the optimizer state and, on CUDA, picks kernels
     time_limit = args.time_limit if args.time_limit is not None else (90.0 if args.device == "cuda" else float("inf"))
@@ -348,7 +452,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for index, shape in enumerate(all_shapes):
         # each shape gets its share of what is left, so the second one is not starved by the first
         share = (deadline - time.perf_counter()) / (len(all_shapes) - index)
-        tables.append(run_shape(shape, device, dtype, repeats, warmup, time.perf_counter() + share, tuple(args.tuners)))
+        tables.append(
+            run_shape(shape, device, dtype, repeats, warmup, time.perf_counter() + share, tuple(args.tuners))
+        )
         if any("CUDA error" in row.get("error", "") for row in tables[-1]["rows"]):
             log(f"{shape.name}: a CUDA fault poisoned the context; the shapes after it are not run")
             break  # nothing more can run on this device in this process (not even empty_cache)

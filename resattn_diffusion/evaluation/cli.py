@@ -104,67 +104,150 @@ def _default_device() -> str:
 
 def _add_generate_arguments(parser: argparse.ArgumentParser, batch_flag: str) -> None:
     group = parser.add_argument_group("generation")
-    group.add_argument("--pipeline", required=True, metavar="FOLDER_OR_ID",
-                       help="diffusers pipeline folder (model_index.json) or hub id")
+    group.add_argument(
+        "--pipeline",
+        required=True,
+        metavar="FOLDER_OR_ID",
+        help="diffusers pipeline folder (model_index.json) or hub id",
+    )
     group.add_argument("--sdxl", action="store_true", help="load as StableDiffusionXLPipeline (default: auto-detect)")
-    group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                       help="pipeline dtype (default: float16 on CUDA, float32 on CPU)")
-    group.add_argument("--keep-safety-checker", action="store_true",
-                       help="keep an SD safety checker (default: dropped, its black images would enter the metrics)")
+    group.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="pipeline dtype (default: float16 on CUDA, float32 on CPU)",
+    )
+    group.add_argument(
+        "--keep-safety-checker",
+        action="store_true",
+        help="keep an SD safety checker (default: dropped, its black images would enter the metrics)",
+    )
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", dest="prompt_file", metavar="FILE", help="text file, one prompt per line")
     source.add_argument("--prompt", dest="prompt_list", metavar="TEXT", action="append", help="a prompt (repeatable)")
-    group.add_argument("--seeds", nargs="+", default=None, metavar="SEEDS",
-                       help="seeds per prompt: ints and inclusive ranges, e.g. 0-9 (default 0)")
+    group.add_argument(
+        "--seeds",
+        nargs="+",
+        default=None,
+        metavar="SEEDS",
+        help="seeds per prompt: ints and inclusive ranges, e.g. 0-9 (default 0)",
+    )
     group.add_argument("--num-seeds", type=int, default=None, metavar="N", help="use seeds 0 .. N-1")
     group.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
-    group.add_argument("--guidance", type=float, default=7.5,
-                       help="classifier-free guidance scale (default 7.5); for Flux the distilled guidance value (3.5 for FLUX.1-dev)")
+    group.add_argument(
+        "--guidance",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale (default 7.5); for Flux the distilled guidance value (3.5 for FLUX.1-dev)",
+    )
     group.add_argument("--negative-prompt", default=None)
     group.add_argument("--height", type=int, default=None)
     group.add_argument("--width", type=int, default=None)
-    group.add_argument("--tuner", default=None, metavar="PATH",
-                       help="a trained tuner file (.safetensors) or its folder (on the UNet, or the SD3 / Flux transformer)")
+    group.add_argument(
+        "--tuner",
+        default=None,
+        metavar="PATH",
+        help="a trained tuner file (.safetensors) or its folder (on the UNet, or the SD3 / Flux transformer)",
+    )
     group.add_argument("--tuner-scale", type=float, default=1.0, metavar="S", help="the tuner's scale s (default 1.0)")
     group.add_argument("--adapter-name", default=None, help="name to load the tuner under")
     group.add_argument("--out", required=True, metavar="FOLDER", help="output image folder (resumable)")
-    group.add_argument(batch_flag, dest="generate_batch_size", type=int, default=4, metavar="N",
-                       help="images per pipeline call (default 4)")
+    group.add_argument(
+        batch_flag,
+        dest="generate_batch_size",
+        type=int,
+        default=4,
+        metavar="N",
+        help="images per pipeline call (default 4)",
+    )
 
 
 def _add_metric_arguments(parser: argparse.ArgumentParser, batch_flag: str, with_generated: bool) -> None:
     group = parser.add_argument_group("metrics")
     if with_generated:
-        group.add_argument("--generated", nargs="+", required=True, metavar="FOLDER",
-                           help="folder(s) of generated images, one row each")
-        group.add_argument("--prompts", dest="metric_prompts", default=None, metavar="FILE",
-                           help="prompts for CLIP score/CLIP-T: a file, one per image in file-name order "
-                                "(default: each folder's manifest.jsonl)")
-    group.add_argument("--metrics", nargs="+", choices=METRICS, default=None, metavar="METRIC",
-                       help=f"any of {', '.join(METRICS)} (default: what the inputs allow: fid kid with --reference, "
-                            "clip_score clip_t with prompts, clip_i dino with --subject)")
-    group.add_argument("--reference", default=None, metavar="FOLDER_OR_NPZ",
-                       help="real images for FID/KID: a folder or an .npz from 'stats'")
+        group.add_argument(
+            "--generated",
+            nargs="+",
+            required=True,
+            metavar="FOLDER",
+            help="folder(s) of generated images, one row each",
+        )
+        group.add_argument(
+            "--prompts",
+            dest="metric_prompts",
+            default=None,
+            metavar="FILE",
+            help="prompts for CLIP score/CLIP-T: a file, one per image in file-name order "
+            "(default: each folder's manifest.jsonl)",
+        )
+    group.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=METRICS,
+        default=None,
+        metavar="METRIC",
+        help=f"any of {', '.join(METRICS)} (default: what the inputs allow: fid kid with --reference, "
+        "clip_score clip_t with prompts, clip_i dino with --subject)",
+    )
+    group.add_argument(
+        "--reference",
+        default=None,
+        metavar="FOLDER_OR_NPZ",
+        help="real images for FID/KID: a folder or an .npz from 'stats'",
+    )
     group.add_argument("--subject", default=None, metavar="FOLDER", help="the subject's real images for CLIP-I/DINO")
-    group.add_argument("--inception-weights", default=None, metavar="PATH",
-                       help=f"local FID Inception weights ({FID_WEIGHTS_NAME})")
-    group.add_argument("--inception-resize", choices=RESIZE_MODES, default="pytorch-fid",
-                       help="FID input resize: pytorch-fid (default) or tf1 (TTUR / torch-fidelity)")
+    group.add_argument(
+        "--inception-weights", default=None, metavar="PATH", help=f"local FID Inception weights ({FID_WEIGHTS_NAME})"
+    )
+    group.add_argument(
+        "--inception-resize",
+        choices=RESIZE_MODES,
+        default="pytorch-fid",
+        help="FID input resize: pytorch-fid (default) or tf1 (TTUR / torch-fidelity)",
+    )
     group.add_argument("--inception-backend", choices=("builtin", "torch-fidelity"), default="builtin")
-    group.add_argument("--feature-extractor", default=None, metavar="MODULE:FACTORY",
-                       help="replace Inception for FID/KID: 'module:factory' or 'file.py:factory'")
-    group.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID_OR_FOLDER",
-                       help=f"CLIP hub id or local folder (default {DEFAULT_CLIP_MODEL})")
-    group.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, metavar="ID_OR_FOLDER",
-                       help=f"DINO hub id or local folder (default {DEFAULT_DINO_MODEL})")
+    group.add_argument(
+        "--feature-extractor",
+        default=None,
+        metavar="MODULE:FACTORY",
+        help="replace Inception for FID/KID: 'module:factory' or 'file.py:factory'",
+    )
+    group.add_argument(
+        "--clip-model",
+        default=DEFAULT_CLIP_MODEL,
+        metavar="ID_OR_FOLDER",
+        help=f"CLIP hub id or local folder (default {DEFAULT_CLIP_MODEL})",
+    )
+    group.add_argument(
+        "--dino-model",
+        default=DEFAULT_DINO_MODEL,
+        metavar="ID_OR_FOLDER",
+        help=f"DINO hub id or local folder (default {DEFAULT_DINO_MODEL})",
+    )
     group.add_argument("--kid-subsets", type=int, default=100, metavar="N", help="KID random subsets (default 100)")
     group.add_argument("--kid-subset-size", type=int, default=1000, metavar="N", help="KID subset size (default 1000)")
-    group.add_argument(batch_flag, dest="metrics_batch_size", type=int, default=32, metavar="N",
-                       help="images per feature batch (default 32)")
-    group.add_argument("--json", dest="json_path", default=None, metavar="PATH",
-                       help="JSON report (default: <generated>/metrics.json, ./metrics.json for several folders)")
-    group.add_argument("--markdown", dest="markdown_path", default=None, metavar="PATH",
-                       help="markdown table (default: <generated>/metrics.md, ./metrics.md for several folders)")
+    group.add_argument(
+        batch_flag,
+        dest="metrics_batch_size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="images per feature batch (default 32)",
+    )
+    group.add_argument(
+        "--json",
+        dest="json_path",
+        default=None,
+        metavar="PATH",
+        help="JSON report (default: <generated>/metrics.json, ./metrics.json for several folders)",
+    )
+    group.add_argument(
+        "--markdown",
+        dest="markdown_path",
+        default=None,
+        metavar="PATH",
+        help="markdown table (default: <generated>/metrics.md, ./metrics.md for several folders)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,11 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="save reference features/statistics (.npz) for --reference")
     stats.add_argument("--images", required=True, metavar="FOLDER", help="folder of reference images")
     stats.add_argument("--out", required=True, metavar="PATH", help="output .npz")
-    stats.add_argument("--inception-weights", default=None, metavar="PATH",
-                       help=f"local FID Inception weights ({FID_WEIGHTS_NAME})")
+    stats.add_argument(
+        "--inception-weights", default=None, metavar="PATH", help=f"local FID Inception weights ({FID_WEIGHTS_NAME})"
+    )
     stats.add_argument("--inception-resize", choices=RESIZE_MODES, default="pytorch-fid")
-    stats.add_argument("--feature-extractor", default=None, metavar="MODULE:FACTORY",
-                       help="'module:factory' or 'file.py:factory' instead of Inception")
+    stats.add_argument(
+        "--feature-extractor",
+        default=None,
+        metavar="MODULE:FACTORY",
+        help="'module:factory' or 'file.py:factory' instead of Inception",
+    )
     stats.add_argument("--no-features", action="store_true", help="save mu/sigma only (no KID against this file)")
     stats.add_argument("--batch-size", dest="metrics_batch_size", type=int, default=32, metavar="N")
 
@@ -217,8 +305,9 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 
 
 def _run_generate(args: argparse.Namespace, device: str) -> None:
-    pipeline = load_pipeline(args.pipeline, sdxl=args.sdxl, device=device, dtype=args.dtype,
-                             keep_safety_checker=args.keep_safety_checker)
+    pipeline = load_pipeline(
+        args.pipeline, sdxl=args.sdxl, device=device, dtype=args.dtype, keep_safety_checker=args.keep_safety_checker
+    )
     result = generate_images(
         pipeline,
         args.prompt_file if args.prompt_file is not None else args.prompt_list,
@@ -326,8 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 encoder = InceptionEncoder(args.inception_weights, resize=args.inception_resize, device=device)
             path = save_reference_statistics(
-                args.images, args.out, encoder=encoder, keep_features=not args.no_features,
-                batch_size=args.metrics_batch_size, device=device, progress=not args.no_progress,
+                args.images,
+                args.out,
+                encoder=encoder,
+                keep_features=not args.no_features,
+                batch_size=args.metrics_batch_size,
+                device=device,
+                progress=not args.no_progress,
             )
             print(f"reference statistics ({encoder.name}) written to {path}")
         elif args.command == "metrics":

@@ -56,8 +56,12 @@ def between_group_variance(features: np.ndarray, groups: Sequence | np.ndarray) 
     return total
 
 
-def prompt_separation(features: np.ndarray, groups: Sequence | np.ndarray, reference_features: np.ndarray,
-                      reference_groups: Sequence | np.ndarray) -> float:
+def prompt_separation(
+    features: np.ndarray,
+    groups: Sequence | np.ndarray,
+    reference_features: np.ndarray,
+    reference_groups: Sequence | np.ndarray,
+) -> float:
     """Between-prompt variance of generated features over that of reference features grouped the same way."""
     generated_groups, reference_set = set(np.asarray(groups).tolist()), set(np.asarray(reference_groups).tolist())
     if len(generated_groups) < 2 or generated_groups != reference_set:
@@ -67,14 +71,19 @@ def prompt_separation(features: np.ndarray, groups: Sequence | np.ndarray, refer
         )
     reference = between_group_variance(reference_features, reference_groups)
     if reference <= 0:
-        raise EvaluationError("the reference groups do not differ (between-group variance 0); pick a reference set "
-                              "whose groups differ.")
+        raise EvaluationError(
+            "the reference groups do not differ (between-group variance 0); pick a reference set whose groups differ."
+        )
     return between_group_variance(features, groups) / reference
 
 
-def per_group_accuracy(predicted: Sequence[int] | np.ndarray, expected: Sequence[int] | np.ndarray) -> dict[int, float]:
+def per_group_accuracy(
+    predicted: Sequence[int] | np.ndarray, expected: Sequence[int] | np.ndarray
+) -> dict[int, float]:
     """``expected label -> share of its samples predicted as it`` (the per-prompt content check)."""
     predicted, expected = np.asarray(predicted), np.asarray(expected)
     if predicted.shape != expected.shape or predicted.size == 0:
-        raise EvaluationError(f"need as many predictions as expected labels, got {predicted.shape} and {expected.shape}.")
+        raise EvaluationError(
+            f"need as many predictions as expected labels, got {predicted.shape} and {expected.shape}."
+        )
     return {int(label): float(np.mean(predicted[expected == label] == label)) for label in np.unique(expected)}

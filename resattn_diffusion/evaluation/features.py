@@ -228,7 +228,9 @@ class CLIPEncoder(ImageEncoder):
         tokens = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
-        tokens = {key: value.to(self.device) for key, value in tokens.items() if key in ("input_ids", "attention_mask")}
+        tokens = {
+            key: value.to(self.device) for key, value in tokens.items() if key in ("input_ids", "attention_mask")
+        }
         features = _first_tensor(self.model.get_text_features(**tokens), "CLIPModel.get_text_features")
         return features.float().cpu()
 

@@ -29,13 +29,30 @@ from .images import MANIFEST_NAME, read_manifest, read_prompts
 #: Generation settings that must be the same for every image of one folder (mixing them would make metrics over
 #: the folder meaningless).
 SETTING_KEYS: tuple[str, ...] = (
-    "pipeline", "steps", "guidance", "tuner", "tuner_sha256", "scale", "negative_prompt", "height", "width"
+    "pipeline",
+    "steps",
+    "guidance",
+    "tuner",
+    "tuner_sha256",
+    "scale",
+    "negative_prompt",
+    "height",
+    "width",
 )
 
 # Pipeline call arguments generate_images sets itself; pipeline_kwargs may not override them.
 _RESERVED_CALL_ARGS = frozenset(
-    {"prompt", "negative_prompt", "generator", "num_inference_steps", "guidance_scale", "height", "width",
-     "output_type", "num_images_per_prompt"}
+    {
+        "prompt",
+        "negative_prompt",
+        "generator",
+        "num_inference_steps",
+        "guidance_scale",
+        "height",
+        "width",
+        "output_type",
+        "num_images_per_prompt",
+    }
 )
 
 
@@ -220,7 +237,14 @@ def generate_images(
             adapter = load_res_tuner(denoiser_of(pipeline), tuner_path, adapter_name=adapter_name)
         try:
             _generate_pending(
-                pipeline, pending, out_dir, settings, existing, batch_size, pipeline_kwargs, adapter is not None,
+                pipeline,
+                pending,
+                out_dir,
+                settings,
+                existing,
+                batch_size,
+                pipeline_kwargs,
+                adapter is not None,
                 progress,
             )
         finally:

@@ -89,9 +89,7 @@ def read_manifest(folder: str | os.PathLike) -> list[dict]:
     return list(by_file.values())
 
 
-def prompts_for_images(
-    files: Sequence[Path], prompts: str | os.PathLike | Sequence[str] | None = None
-) -> list[str]:
+def prompts_for_images(files: Sequence[Path], prompts: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
     """The prompt of each image in ``files``.
 
     With ``prompts`` given (list or file), the i-th prompt belongs to the i-th file in name order; a single

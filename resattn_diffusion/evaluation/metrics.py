@@ -318,7 +318,9 @@ class Evaluator:
         self.distribution_encoder: ImageEncoder | None = None
         if {"fid", "kid"} & set(self.metrics):
             if reference is None:
-                raise EvaluationError("FID and KID need real images to compare with: pass --reference DIR or FILE.npz.")
+                raise EvaluationError(
+                    "FID and KID need real images to compare with: pass --reference DIR or FILE.npz."
+                )
             self.reference = ReferenceStatistics(reference)
             if "kid" in self.metrics and self.reference.is_file and self.reference.features is None:
                 raise EvaluationError(
@@ -359,9 +361,7 @@ class Evaluator:
             )
         return self._subject_features[encoder.name]
 
-    def _clip_embeddings(
-        self, files: list[Path], prompts: list[str] | None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _clip_embeddings(self, files: list[Path], prompts: list[str] | None) -> tuple[np.ndarray, np.ndarray | None]:
         from tqdm.auto import tqdm
 
         image_chunks, text_chunks = [], []
@@ -374,9 +374,7 @@ class Evaluator:
         texts = np.concatenate(text_chunks) if prompts is not None else None
         return np.concatenate(image_chunks), texts
 
-    def evaluate(
-        self, generated: str | os.PathLike, prompts: str | os.PathLike | Sequence[str] | None = None
-    ) -> dict:
+    def evaluate(self, generated: str | os.PathLike, prompts: str | os.PathLike | Sequence[str] | None = None) -> dict:
         """Evaluate one folder of generated images; returns a report dict (see :func:`evaluate_folder`)."""
         files = list_images(generated, what="generated image folder")
         results: dict[str, float] = {}

@@ -172,7 +172,9 @@ def _require_state(unet: nn.Module) -> ResTunerState:
     state = get_state(unet)
     if state is None or not state.configs:
         word = family_of(unet).model_word  # a model no family describes is told what to pass instead
-        raise ResTunerError(f"this {word} has no res tuner; add one with add_res_tuner or load one with load_res_tuner")
+        raise ResTunerError(
+            f"this {word} has no res tuner; add one with add_res_tuner or load one with load_res_tuner"
+        )
     return state
 
 
@@ -243,7 +245,9 @@ def res_tuner_settings(unet: nn.Module) -> dict[str, dict[str, float | bool]]:
     state = get_state(unet)
     if state is None or not state.configs:
         return {}
-    status = {name: {"scale": config.scale, "enabled": False, "fused": False} for name, config in state.configs.items()}
+    status = {
+        name: {"scale": config.scale, "enabled": False, "fused": False} for name, config in state.configs.items()
+    }
     for name, setting in _settings(unet, list(state.configs)):
         status[name]["scale"] = setting.scale
         status[name]["enabled"] = status[name]["enabled"] or setting.enabled
@@ -251,9 +255,7 @@ def res_tuner_settings(unet: nn.Module) -> dict[str, dict[str, float | bool]]:
     return status
 
 
-def fuse_res_tuner(
-    unet: nn.Module, adapter_name: str | list[str] | None = None, safe_fusing: bool = False
-) -> None:
+def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None, safe_fusing: bool = False) -> None:
     """Fold linear tuners (Res-LoRA, GLoRA, SURM) into the frozen weights: zero inference cost. Raises, naming
     them, for tuners that cannot fold (attention-side branches), before changing anything. With ``safe_fusing``
     (as in diffusers' ``fuse_lora``) every fused weight is computed and checked first, and a NaN or inf anywhere
@@ -307,7 +309,9 @@ def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[
     state = _require_state(unet)
     _require_name(state, adapter_name)
     if not isinstance(kind_of(state.configs[adapter_name]), LayerKind):
-        raise ResTunerError(f"tuner {adapter_name!r} is a side network over the whole model; it has one scale, not per-block ones")
+        raise ResTunerError(
+            f"tuner {adapter_name!r} is a side network over the whole model; it has one scale, not per-block ones"
+        )
     if not isinstance(scales, dict):
         raise ConfigError(f"scales must map module path prefixes to numbers, got {type(scales).__name__}")
     scales = {prefix: check_scale(value, f"scale of {prefix!r}") for prefix, value in scales.items()}
@@ -321,7 +325,9 @@ def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[
             continue
         scale = scales[max(prefixes, key=len)]
         if setting.fused and setting.scale != scale:
-            raise ResTunerError(f"tuner {adapter_name!r} is fused into the weights; unfuse it before changing its scales")
+            raise ResTunerError(
+                f"tuner {adapter_name!r} is fused into the weights; unfuse it before changing its scales"
+            )
         changes.append((setting, scale))
     for setting, scale in changes:
         setting.scale = scale

@@ -101,7 +101,9 @@ def _module_base_weights(unet: nn.Module) -> BaseWeights:
         try:
             module = unet.get_submodule(path)
         except AttributeError:
-            raise ResTunerFileError(f"the base model has no layer {path!r}: it is not the model the tuner was trained on") from None
+            raise ResTunerFileError(
+                f"the base model has no layer {path!r}: it is not the model the tuner was trained on"
+            ) from None
         linear = getattr(module, "base_layer", module)  # a peft-wrapped projection keeps the frozen one here
         bank = getattr(linear, "res_tuner_bank", None)
         if bank is not None and hasattr(bank, "frozen_weight_and_bias"):  # fused tuners changed the weight: use W0
@@ -302,7 +304,11 @@ def export_lora(
     modules = _rebuild_tuners(config, layers, tensors, source)
     needs_base = config.placement == "sequential" or any(type(m).fold_reads_base for m in modules.values())
     if needs_base and base is None:
-        why = "sequential placement composes it with W0" if config.placement == "sequential" else f"{config.tuner}'s delta contains W0"
+        why = (
+            "sequential placement composes it with W0"
+            if config.placement == "sequential"
+            else f"{config.tuner}'s delta contains W0"
+        )
         raise ResTunerError(
             f"exporting {source!r} needs the base model's weights ({why}); pass base= (the base model's local "
             "folder, its unet folder or the UNet) or --base"
@@ -359,7 +365,9 @@ def export_lora(
             key = _layer_key(prefix, path, format)
             out[f"{key}.lora_B.bias"] = biases.get(key, torch.zeros(out[f"{key}.lora_B.weight"].shape[0]))
     out = {key: value.to(dtype).contiguous() for key, value in out.items()}
-    _write_atomic(out, out_file, {"format": "pt", "exported_from": "resattn-diffusion", "tuner": config.tuner}, overwrite)
+    _write_atomic(
+        out, out_file, {"format": "pt", "exported_from": "resattn-diffusion", "tuner": config.tuner}, overwrite
+    )
     return report
 
 
@@ -401,13 +409,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--base", default=None, help="the base model's local folder (GLoRA and sequential tuners need its weights)"
     )
-    parser.add_argument("--weight_name", default=None, help="the tuner file inside a folder, if not res_tuner.safetensors")
+    parser.add_argument(
+        "--weight_name", default=None, help="the tuner file inside a folder, if not res_tuner.safetensors"
+    )
     parser.add_argument("--no_overwrite", action="store_true", help="refuse to replace an existing OUT")
     args = parser.parse_args(argv)
     try:
         report = export_lora(
-            args.tuner, args.out, format=args.format, rank=args.rank, base=args.base,
-            weight_name=args.weight_name, overwrite=not args.no_overwrite,
+            args.tuner,
+            args.out,
+            format=args.format,
+            rank=args.rank,
+            base=args.base,
+            weight_name=args.weight_name,
+            overwrite=not args.no_overwrite,
         )
     except (ResTunerError, ResTunerFileError, ConfigError, FileExistsError) as err:
         print(f"resattn-export: error: {err}", file=sys.stderr)

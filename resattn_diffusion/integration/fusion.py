@@ -188,7 +188,9 @@ def frozen_base(bank: LinearBank, linear: nn.Linear) -> tuple[torch.Tensor, torc
     merges = current_merges(bank, linear)
     if not merges.merged:
         return linear.weight, linear.bias, False
-    base_w, base_b = without_merges(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), merges, bank.layer_path)
+    base_w, base_b = without_merges(
+        linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), merges, bank.layer_path
+    )
     return base_w, base_b, True
 
 
@@ -270,7 +272,9 @@ def _changed_message(bank: LinearBank, action: str) -> str:
     )
 
 
-def resolve_others(bank: LinearBank, linear: nn.Linear, accept_changed: bool = False, action: str = "unfusing") -> Resolved:
+def resolve_others(
+    bank: LinearBank, linear: nn.Linear, accept_changed: bool = False, action: str = "unfusing"
+) -> Resolved:
     """The others' weight ``P`` now (see the module docstring). Raises ``ResTunerError``, computing nothing to
     write, when the weight changed in a way that makes an exact answer impossible and ``accept_changed`` is off."""
     now = current_merges(bank, linear)
@@ -292,8 +296,11 @@ def resolve_others(bank: LinearBank, linear: nn.Linear, accept_changed: bool = F
 
     try:
         replayed_w, replayed_b, magnitude = replay_peft(
-            others_w.to(weight.dtype), None if others_b is None else others_b.to(weight.dtype),
-            bank.fused.merges, now, bank.layer_path,
+            others_w.to(weight.dtype),
+            None if others_b is None else others_b.to(weight.dtype),
+            bank.fused.merges,
+            now,
+            bank.layer_path,
         )
         explained = _close(weight, _compose(replayed_w, delta_w, weight), magnitude + delta_w.abs()) and _close(
             bias, _compose(replayed_b, delta_b, weight), None if delta_b is None else delta_b.abs()
@@ -344,8 +351,11 @@ def plan_write(bank: LinearBank, linear: nn.Linear, others: Resolved, names: lis
     delta_w, delta_b = tuners_delta(bank, names, base_w, base_b)
     record = (others.weight, others_b, base_w if merges.merged else None, base_b if merges.merged else None)
     return FusedWrite(
-        list(names), _compose(others.weight, delta_w, linear.weight), _compose(others_b, delta_b, linear.weight),
-        record, merges,
+        list(names),
+        _compose(others.weight, delta_w, linear.weight),
+        _compose(others_b, delta_b, linear.weight),
+        record,
+        merges,
     )
 
 
@@ -356,14 +366,18 @@ def apply_write(bank: LinearBank, linear: nn.Linear, write: FusedWrite) -> None:
     if write.bias is not None:
         if linear.bias is None:
             # The tuner creates a bias the frozen linear lacks (e.g. GLoRA's E + W0 C on a bias-free to_q).
-            linear.bias = nn.Parameter(write.bias.to(device=linear.weight.device, dtype=linear.weight.dtype), requires_grad=False)
+            linear.bias = nn.Parameter(
+                write.bias.to(device=linear.weight.device, dtype=linear.weight.dtype), requires_grad=False
+            )
             bank.added_bias = True
         else:
             linear.bias.data.copy_(write.bias.to(linear.bias.dtype))
     elif bank.added_bias:  # unfused, or re-fused after the tuners' bias terms went away (another GLoRA subnet)
         linear.bias = None  # nn.Linear keeps "bias" as a parameter slot; None is how a bias-free one has it
         bank.added_bias = False
-    for name, value in zip(("fused_others_weight", "fused_others_bias", "fused_base_weight", "fused_base_bias"), write.record):
+    for name, value in zip(
+        ("fused_others_weight", "fused_others_bias", "fused_base_weight", "fused_base_bias"), write.record
+    ):
         _store(bank, name, value)
     bank.fused = FusedWeights(write.merges) if write.names else None
 

@@ -75,7 +75,9 @@ def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) 
     """A tuner file path from a file or a folder (a training output folder); clear errors otherwise. The result is
     a regular file: a FIFO, device or socket named ``*.safetensors`` would block or never end when read."""
     if not isinstance(path, (str, os.PathLike)):
-        raise ResTunerFileError(f"path must be a tuner file or a folder holding one (a str or os.PathLike), got {type(path).__name__} {path!r}")
+        raise ResTunerFileError(
+            f"path must be a tuner file or a folder holding one (a str or os.PathLike), got {type(path).__name__} {path!r}"
+        )
     if weight_name is not None:
         _check_weight_name(weight_name)
     path = Path(path)
@@ -117,7 +119,9 @@ def _check_regular_file(path: Path) -> None:
     try:
         mode = os.stat(path).st_mode  # follows symlinks: a link to /dev/zero is a device
     except OSError as err:
-        raise ResTunerFileError(f"cannot read the tuner file {str(path)!r}: {err.strerror} (a dangling link?)") from None
+        raise ResTunerFileError(
+            f"cannot read the tuner file {str(path)!r}: {err.strerror} (a dangling link?)"
+        ) from None
     if not stat.S_ISREG(mode):
         raise ResTunerFileError(
             f"{str(path)!r} is not a regular file (a FIFO, device or socket); a tuner file is a .safetensors file on disk"
@@ -142,7 +146,9 @@ def save_res_tuner(
     state = get_state(unet)
     if state is None or not isinstance(adapter_name, str) or adapter_name not in state.configs:
         loaded = [] if state is None else list(state.configs)
-        raise ResTunerError(f"no tuner named {adapter_name!r} on this model to save; loaded tuners (adapter names): {loaded}")
+        raise ResTunerError(
+            f"no tuner named {adapter_name!r} on this model to save; loaded tuners (adapter names): {loaded}"
+        )
     config = state.configs[adapter_name]
     return write_tuner_file(unet, path, config, tuner_state_dict(unet, adapter_name), adapter_name, overwrite)
 
@@ -159,7 +165,9 @@ def write_tuner_file(
     from safetensors.torch import save_file
 
     if not isinstance(path, (str, os.PathLike)):
-        raise ResTunerFileError(f"path must be a .safetensors file or a folder (a str or os.PathLike), got {type(path).__name__} {path!r}")
+        raise ResTunerFileError(
+            f"path must be a .safetensors file or a folder (a str or os.PathLike), got {type(path).__name__} {path!r}"
+        )
     check_adapter_name(adapter_name)
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -193,7 +201,9 @@ def write_tuner_file(
 # --- temporaries of interrupted saves ---------------------------------------------------------------------------
 #: A save writes ``.<file>.rt-<host>-<pid>-<random>.tmp`` beside its target; the writer's host and pid say whether
 #: it can still be in flight. Older versions wrote ``.<file>.<random>.tmp`` (no owner: judged by age alone).
-_TEMPORARY = re.compile(r"^\.(?P<target>.+\.safetensors)\.rt-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)-[A-Za-z0-9_]{8}\.tmp$")
+_TEMPORARY = re.compile(
+    r"^\.(?P<target>.+\.safetensors)\.rt-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)-[A-Za-z0-9_]{8}\.tmp$"
+)
 _LEGACY_TEMPORARY = re.compile(r"^\.(?P<target>.+\.safetensors)\.[a-z0-9_]{8}\.tmp$")
 #: A temporary whose writer cannot be checked (another host, an older version) is stale once untouched this long:
 #: a save writes its file in one go, so an in-flight one is never this old.
@@ -306,7 +316,9 @@ def _check_header_size(file: Path) -> None:
     finally:
         os.close(fd)
     if len(prefix) < 8:
-        raise ResTunerFileError(f"{str(file)!r} is not a readable safetensors file: {size} bytes, shorter than a header")
+        raise ResTunerFileError(
+            f"{str(file)!r} is not a readable safetensors file: {size} bytes, shorter than a header"
+        )
     (header_bytes,) = struct.unpack("<Q", prefix)
     if header_bytes > MAX_HEADER_BYTES:
         raise ResTunerFileError(
@@ -314,7 +326,9 @@ def _check_header_size(file: Path) -> None:
             f"tensor table) is at most {MAX_HEADER_BYTES:,} bytes. This is not a tuner file saved by save_res_tuner"
         )
     if 8 + header_bytes > size:
-        raise ResTunerFileError(f"{str(file)!r} is truncated: its header claims {header_bytes:,} bytes, the file has {size:,}")
+        raise ResTunerFileError(
+            f"{str(file)!r} is truncated: its header claims {header_bytes:,} bytes, the file has {size:,}"
+        )
 
 
 def _check_format_version(file: str, text: str | None) -> None:
@@ -346,7 +360,9 @@ def _read_tensors(file: Path, entries: dict[str, tuple[str, tuple[int, ...]]]) -
     except ResTunerFileError:
         raise
     except Exception as err:
-        raise ResTunerFileError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+        raise ResTunerFileError(
+            f"{str(file)!r} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
     for key, tensor in tensors.items():
         if tuple(tensor.shape) != entries[key][1] or not tensor.is_floating_point():
             raise ResTunerFileError(f"{str(file)!r} changed while it was read; load it again")
@@ -372,11 +388,15 @@ def _check_weight_values(file: str, tensors: dict[str, torch.Tensor]) -> None:
 def _json_field(file: str, metadata: dict[str, str], key: str, kind: type, what: str) -> Any:
     """The JSON value of a metadata field, of the type ``kind``; a clear error naming the file and the field."""
     if key not in metadata:
-        raise ResTunerFileError(f"{file!r} has no metadata field '{key}' ({what}); it was not written by save_res_tuner: re-save it")
+        raise ResTunerFileError(
+            f"{file!r} has no metadata field '{key}' ({what}); it was not written by save_res_tuner: re-save it"
+        )
     try:
         value = json.loads(metadata[key])
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; RecursionError: nested too deeply
-        raise ResTunerFileError(f"{file!r}: metadata field '{key}' is not valid JSON (or nested too deeply); it must be {what}") from None
+        raise ResTunerFileError(
+            f"{file!r}: metadata field '{key}' is not valid JSON (or nested too deeply); it must be {what}"
+        ) from None
     if not isinstance(value, kind):
         raise ResTunerFileError(f"{file!r}: metadata field '{key}' must be {what}, got {type(value).__name__}")
     return value
@@ -430,7 +450,10 @@ def _state_dict_entries(file: str, tensors: Mapping[str, torch.Tensor]) -> dict[
 
 
 def _check_planned_tensors(
-    file: str, config: ResTunerConfig, entries: dict[str, tuple[str, tuple[int, ...]]], planned: dict[str, tuple[int, ...]]
+    file: str,
+    config: ResTunerConfig,
+    entries: dict[str, tuple[str, tuple[int, ...]]],
+    planned: dict[str, tuple[int, ...]],
 ) -> None:
     """The file's tensors are exactly those its config builds on this UNet, with the same shapes."""
     for key in planned:
@@ -624,11 +647,15 @@ def checked_tuner_tensors(
                     f"{file!r}: tensor {file_key!r} has shape {tuple(value.shape)}, the tuner here needs {tuple(target.shape)}"
                 )
             if not torch.isfinite(value.float()).all():
-                raise ResTunerFileError(f"{file!r}: tensor {file_key!r} holds NaN or inf; the tuner diverged when trained")
+                raise ResTunerFileError(
+                    f"{file!r}: tensor {file_key!r} holds NaN or inf; the tuner diverged when trained"
+                )
             values[key] = value
         checked.append((tuner, values))
     if remaining:
-        raise ResTunerFileError(f"{file!r} has {len(remaining)} tensor(s) this tuner does not use, e.g. {next(iter(remaining))!r}")
+        raise ResTunerFileError(
+            f"{file!r} has {len(remaining)} tensor(s) this tuner does not use, e.g. {next(iter(remaining))!r}"
+        )
     return checked
 
 
@@ -639,7 +666,9 @@ def load_tuner_tensors(unet: nn.Module, name: str, tensors: dict[str, torch.Tens
     (:func:`checked_tuner_tensors`), so on any error the tuner is unchanged."""
     for tuner, values in checked_tuner_tensors(iter_tuners(unet, name), tensors, file):
         own = tuner.state_dict()
-        tuner.load_state_dict({key: value.to(device=own[key].device, dtype=own[key].dtype) for key, value in values.items()})
+        tuner.load_state_dict(
+            {key: value.to(device=own[key].device, dtype=own[key].dtype) for key, value in values.items()}
+        )
 
 
 #: The public name of :func:`tuner_state_dict` (the role of peft's ``get_peft_model_state_dict``).

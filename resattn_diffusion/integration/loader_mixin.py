@@ -77,7 +77,9 @@ def resolve_tuner_source(
     """
     unknown = set(hub_kwargs) - set(HUB_KWARGS)
     if unknown:
-        raise TypeError(f"load_res_tuner got unexpected keyword argument(s) {sorted(unknown)}; Hub options are {list(HUB_KWARGS)}")
+        raise TypeError(
+            f"load_res_tuner got unexpected keyword argument(s) {sorted(unknown)}; Hub options are {list(HUB_KWARGS)}"
+        )
     if not isinstance(path_or_repo, (str, os.PathLike)):
         raise ResTunerFileError(
             f"load_res_tuner takes a path (a .safetensors file or a folder) or a Hub repo id, got {type(path_or_repo).__name__}"
@@ -102,8 +104,12 @@ def resolve_tuner_source(
         subfolder = hub_kwargs.get("subfolder")
         try:
             check_pretrained_source(
-                path, "load_res_tuner", filename=f"{subfolder}/{filename}" if subfolder else filename,
-                cache_dir=hub_kwargs.get("cache_dir"), revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"),
+                path,
+                "load_res_tuner",
+                filename=f"{subfolder}/{filename}" if subfolder else filename,
+                cache_dir=hub_kwargs.get("cache_dir"),
+                revision=hub_kwargs.get("revision"),
+                token=hub_kwargs.get("token"),
             )
         except ModelSourceError as err:
             raise ResTunerFileError(
@@ -256,10 +262,15 @@ class ResTunerLoaderMixin:
         elif isinstance(weights, (int, float, dict)):
             weights = [weights] * len(names)
         if len(weights) != len(names):
-            raise ConfigError(f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} scale weight(s) {weights}")
+            raise ConfigError(
+                f"set_res_tuners: {len(names)} adapter name(s) {names} but {len(weights)} scale weight(s) {weights}"
+            )
         denoiser = self._res_tuner_denoiser
         # Expand and check every weight before any tuner changes.
-        weights = [_expand_block_weights(denoiser, w, name) if isinstance(w, dict) else _check_weight(w) for w, name in zip(weights, names)]
+        weights = [
+            _expand_block_weights(denoiser, w, name) if isinstance(w, dict) else _check_weight(w)
+            for w, name in zip(weights, names)
+        ]
         self._refuse_fused(list(res_tuner_settings(denoiser)), "mixing tuners")
 
         for name in get_res_tuner_configs(denoiser):
@@ -302,11 +313,15 @@ class ResTunerLoaderMixin:
             status = res_tuner_settings(self._res_tuner_denoiser)
             disabled = [name for name in names if not status[name]["enabled"]]
             if disabled:
-                raise ResTunerError(f"tuner(s) {disabled} are disabled; enable_res_tuner({disabled!r}) before fusing them")
+                raise ResTunerError(
+                    f"tuner(s) {disabled} are disabled; enable_res_tuner({disabled!r}) before fusing them"
+                )
         if names:
             fuse_res_tuner(self._res_tuner_denoiser, names, safe_fusing=safe_fusing)
 
-    def unfuse_res_tuner(self, adapter_names: str | list[str] | None = None, accept_changed_weights: bool = False) -> None:
+    def unfuse_res_tuner(
+        self, adapter_names: str | list[str] | None = None, accept_changed_weights: bool = False
+    ) -> None:
         """Unfold fused tuners; they run as branches again. With ``adapter_names``, only those leave the weights
         (the other fused tuners stay fused).
 
@@ -418,4 +433,11 @@ def _check_not_offloaded_to_meta(denoiser: nn.Module) -> None:
         )
 
 
-__all__ = ["DENOISER_ATTRIBUTES", "HUB_KWARGS", "ResTunerLoaderMixin", "denoiser_attribute", "denoiser_of", "resolve_tuner_source"]
+__all__ = [
+    "DENOISER_ATTRIBUTES",
+    "HUB_KWARGS",
+    "ResTunerLoaderMixin",
+    "denoiser_attribute",
+    "denoiser_of",
+    "resolve_tuner_source",
+]

@@ -24,7 +24,9 @@ def planned_tensor_shapes(unet: nn.Module, config: ResTunerConfig) -> dict[str, 
     with torch.device("meta"):
         modules = kind_of(config).plan(unet, family, config)
     return {
-        tuner_file_key(path, key): tuple(value.shape) for path, module in modules for key, value in module.state_dict().items()
+        tuner_file_key(path, key): tuple(value.shape)
+        for path, module in modules
+        for key, value in module.state_dict().items()
     }
 
 
@@ -33,7 +35,9 @@ def own_parameter_count(unet: nn.Module) -> int:
     return sum(p.numel() for name, p in unet.named_parameters() if "res_tuner" not in name and ".bank." not in name)
 
 
-def check_tuner_size(unet: nn.Module, config: ResTunerConfig, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+def check_tuner_size(
+    unet: nn.Module, config: ResTunerConfig, shapes: dict[str, tuple[int, ...]] | None = None
+) -> None:
     """Refuse a tuner with more parameters than the model it tunes: a side tuner is a small fraction of its
     model (a few percent at most), so a bigger one is a typo or an attack (rank 10^9), and building it would
     exhaust memory before any shape check could fail."""

@@ -168,7 +168,9 @@ class OperationBank(TunerBank):
             else:
                 if sequential_frozen is None and frozen is not None:
                     # The branch reads OP's output, so the frozen query of x does not apply to it.
-                    sequential_frozen = FrozenAttention(frozen.to_q, frozen.to_k, frozen.to_v, frozen.out_weight, frozen.heads)
+                    sequential_frozen = FrozenAttention(
+                        frozen.to_q, frozen.to_k, frozen.to_v, frozen.out_weight, frozen.heads
+                    )
                 branch = tuner(frozen_out, context, sequential_frozen)
             out = _add_scaled(out, branch, scale)
         return out
@@ -206,7 +208,9 @@ def select_linear_path(bank: LinearBank, x: torch.Tensor, branches: list[tuple[s
     with a d_out x d_in delta beats two passes over the activations and (SURM) float32 FFT spectra of every token.
     On CPU the branches stay separate: the low-rank branch is cheaper than a second full-size weight gradient.
     """
-    mergeable = all(placement == "parallel" and getattr(tuner, "mergeable", False) for _, tuner, _, placement in branches)
+    mergeable = all(
+        placement == "parallel" and getattr(tuner, "mergeable", False) for _, tuner, _, placement in branches
+    )
     if bank.path == "auto":
         if not (mergeable and fast_path_wanted(x.device.type)):
             return "branch"
@@ -320,7 +324,9 @@ class LinearBank(TunerBank):
         """The weight as everybody else left it (see :func:`.fusion.resolve_others`); refuses, changing nothing."""
         return resolve_others(self, linear, accept_changed_weights, action)
 
-    def plan_fuse(self, linear: nn.Linear, names: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor | None, FusedWrite]:
+    def plan_fuse(
+        self, linear: nn.Linear, names: list[str]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None, FusedWrite]:
         """``(fused names, new weight, new bias, the write)`` that fusing ``names`` (beside the tuners already fused)
         would do, computed from W0; nothing changes (``safe_fusing`` checks it first). Refuses what cannot be exact."""
         keep = self.fused_names() + [n for n in self.settings if n in names and n not in self.fused_names()]
@@ -332,7 +338,9 @@ class LinearBank(TunerBank):
         :meth:`plan_fuse` returned for the same names, to write without computing it again)."""
         self.write_planned(linear, (plan or self.plan_fuse(linear, names))[3])
 
-    def plan_unfuse(self, linear: nn.Linear, names: list[str] | None = None, accept_changed_weights: bool = False) -> FusedWrite | None:
+    def plan_unfuse(
+        self, linear: nn.Linear, names: list[str] | None = None, accept_changed_weights: bool = False
+    ) -> FusedWrite | None:
         """What unfusing the named tuners (all when None) writes: ``P`` plus the ones that stay fused; None when none
         of them is fused. Refuses, changing nothing, when the weight cannot be restored exactly."""
         fused = self.fused_names()
@@ -421,19 +429,27 @@ class ResTunerAttnProcessor(nn.Module):
         # A per-call scale passed to the attention itself (the UNet's pre-hook sets ``bank.call_scale`` instead) goes
         # to the bank as an argument, not as state: nothing to restore afterwards, so no try/finally in the hot path.
         bank = self.bank
-        if res_tuner_scale is not None:  # only when the attention itself is given a scale (the UNet's hook checks its own)
+        if (
+            res_tuner_scale is not None
+        ):  # only when the attention itself is given a scale (the UNet's hook checks its own)
             check_call_scale(res_tuner_scale)
         if self.backend == "wrapped":
             if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
                 kwargs["temb"] = temb
             frozen_out = self.base_processor(
-                attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                **kwargs,
             )
             query, context = None, encoder_hidden_states
             if attn.norm_cross and context is not None:
                 context = attn.norm_encoder_hidden_states(context)
         else:
-            frozen_out, query, context = self._frozen_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+            frozen_out, query, context = self._frozen_attention(
+                attn, hidden_states, encoder_hidden_states, attention_mask
+            )
         if not len(bank):
             return frozen_out
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
@@ -506,9 +522,7 @@ class ResTunerAttnProcessor(nn.Module):
 
 
 # --- joint attention (SD3 / SD3.5 MMDiT, Flux) ------------------------------------------------------------------
-def _frozen_projection(
-    linear: nn.Module, norm: nn.Module | None, heads: int, x: torch.Tensor
-) -> torch.Tensor:
+def _frozen_projection(linear: nn.Module, norm: nn.Module | None, heads: int, x: torch.Tensor) -> torch.Tensor:
     """A frozen projection as the joint attention uses it: ``linear(x)``, then its per-head qk-norm (if any).
     No rotary embedding: the branches' attention carries none (see :class:`ResTunerJointAttnProcessor`)."""
     out = linear(x)

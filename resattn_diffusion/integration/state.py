@@ -51,7 +51,9 @@ def require_name(state: ResTunerState, name: str) -> str:
     if not isinstance(name, str):
         raise ResTunerError(f"adapter_name must be a tuner's name (a string), got {type(name).__name__} {name!r}")
     if name not in state.configs:
-        raise ResTunerError(f"no tuner named {name!r} on this model; loaded tuners (adapter names): {list(state.configs)}")
+        raise ResTunerError(
+            f"no tuner named {name!r} on this model; loaded tuners (adapter names): {list(state.configs)}"
+        )
     return name
 
 

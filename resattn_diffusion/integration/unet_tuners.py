@@ -89,7 +89,9 @@ def injection_point(unet: nn.Module) -> tuple[str, nn.Module]:
         return "conv_norm_out", unet.conv_norm_out
     if getattr(unet, "conv_out", None) is not None:
         return "conv_out", unet.conv_out
-    raise ResTunerError(f"{type(unet).__name__} has neither conv_norm_out nor conv_out; res_bypass needs a diffusers UNet")
+    raise ResTunerError(
+        f"{type(unet).__name__} has neither conv_norm_out nor conv_out; res_bypass needs a diffusers UNet"
+    )
 
 
 def _decoder(unet: nn.Module) -> tuple[list[tuple[str, nn.Module, int]], str, nn.Module]:
@@ -107,7 +109,11 @@ def _decoder(unet: nn.Module) -> tuple[list[tuple[str, nn.Module, int]], str, nn
 
 def _tail_modules(unet: nn.Module) -> list[nn.Module]:
     """The frozen output head after the injection point, which the bypass's gradient passes through."""
-    return [m for m in (getattr(unet, n, None) for n in ("conv_norm_out", "conv_act", "conv_out")) if isinstance(m, nn.Module)]
+    return [
+        m
+        for m in (getattr(unet, n, None) for n in ("conv_norm_out", "conv_act", "conv_out"))
+        if isinstance(m, nn.Module)
+    ]
 
 
 def _check_config(config: ResTunerConfig) -> None:
@@ -266,7 +272,9 @@ def _inject_pre_hook(module: nn.Module, args: tuple) -> tuple | None:
     return (out, *args[1:])
 
 
-def _install(unet: nn.Module, bank: BypassBank, sources: list[tuple[str, nn.Module, int]], injection: nn.Module) -> None:
+def _install(
+    unet: nn.Module, bank: BypassBank, sources: list[tuple[str, nn.Module, int]], injection: nn.Module
+) -> None:
     setattr(unet, BANK_ATTR, bank)
     for index, (_, block, _) in enumerate(sources):
         block.__dict__[_SLOT_ATTR] = (bank, index)

@@ -125,26 +125,45 @@ def build_parser() -> argparse.ArgumentParser:
         "budget; fitness is the held-out denoising loss at fixed timesteps and noise.",
     )
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder (or hub id)")
-    parser.add_argument("--supernet", required=True, help="the GLoRA supernet tuner file, or the training output folder holding it")
-    parser.add_argument("--data_dir", required=True, help="held-out images with metadata.jsonl or same-named .txt captions")
+    parser.add_argument(
+        "--supernet", required=True, help="the GLoRA supernet tuner file, or the training output folder holding it"
+    )
+    parser.add_argument(
+        "--data_dir", required=True, help="held-out images with metadata.jsonl or same-named .txt captions"
+    )
     parser.add_argument("--caption_column", default="text", help="caption key in metadata.jsonl (default: text)")
     parser.add_argument("--image_column", default="file_name", help="image key in metadata.jsonl (default: file_name)")
-    parser.add_argument("--max_samples", type=int, default=None, help="use at most this many held-out images (first by name)")
-    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the UNet's sample size x the VAE factor)")
+    parser.add_argument(
+        "--max_samples", type=int, default=None, help="use at most this many held-out images (first by name)"
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="image size (default: the UNet's sample size x the VAE factor)"
+    )
     parser.add_argument("--output_dir", required=True, help="where glora_search.json and res_tuner.safetensors go")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --output_dir")
     parser.add_argument("--population_size", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=10, help="generations after the initial population")
-    parser.add_argument("--mutation_rate", type=float, default=0.1, help="probability to re-draw each layer of a child")
-    parser.add_argument("--crossover_rate", type=float, default=0.5, help="probability that a child mixes two parents")
-    parser.add_argument("--budget", default=None, help="max trainable parameters of the result, e.g. 500k or 1.2M (default: none)")
     parser.add_argument(
-        "--timesteps", default="4", help="a count of evenly spread timesteps (4), or a list (100,500,900; one timestep: 500,)"
+        "--mutation_rate", type=float, default=0.1, help="probability to re-draw each layer of a child"
+    )
+    parser.add_argument("--crossover_rate", type=float, default=0.5, help="probability that a child mixes two parents")
+    parser.add_argument(
+        "--budget", default=None, help="max trainable parameters of the result, e.g. 500k or 1.2M (default: none)"
+    )
+    parser.add_argument(
+        "--timesteps",
+        default="4",
+        help="a count of evenly spread timesteps (4), or a list (100,500,900; one timestep: 500,)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the evolution and the fixed noise")
     parser.add_argument("--batch_size", type=int, default=8, help="UNet batch size while scoring")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "float16", "bfloat16"),
+        help="default: float16 on cuda, float32 on cpu",
+    )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -174,7 +193,9 @@ def run(args: argparse.Namespace) -> Path:
     outputs = [output_dir / RESULT_NAME, output_dir / WEIGHT_NAME]
     existing = [str(path) for path in outputs if path.exists()]
     if existing and not args.overwrite:
-        raise SearchInputError(f"{existing[0]!r} exists; pass --overwrite to replace it or choose another --output_dir")
+        raise SearchInputError(
+            f"{existing[0]!r} exists; pass --overwrite to replace it or choose another --output_dir"
+        )
     budget = parse_budget(args.budget)
     timesteps = parse_timesteps(args.timesteps)
     if args.max_samples is not None and args.max_samples < 1:
@@ -233,7 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries(Path(args.output_dir) / "search.log")
     try:
         run(args)
-    except (SearchInputError, TrainingDataError, ConfigError, ResTunerError, ResTunerFileError, FileExistsError) as err:
+    except (
+        SearchInputError,
+        TrainingDataError,
+        ConfigError,
+        ResTunerError,
+        ResTunerFileError,
+        FileExistsError,
+    ) as err:
         print(f"resattn-glora-search: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -99,7 +99,9 @@ class DenoisingFitness:
             )
         for key, value in (added_cond_kwargs or {}).items():
             if value.shape[0] != count:
-                raise ValueError(f"added_cond_kwargs[{key!r}] has {value.shape[0]} rows; give one per latent ({count})")
+                raise ValueError(
+                    f"added_cond_kwargs[{key!r}] has {value.shape[0]} rows; give one per latent ({count})"
+                )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.unet = unet
@@ -118,7 +120,8 @@ class DenoisingFitness:
         self.steps = steps
         self.encoder_hidden_states = encoder_hidden_states.detach().cpu().repeat_interleave(pairs, dim=0)
         self.added_cond_kwargs = {
-            key: value.detach().cpu().repeat_interleave(pairs, dim=0) for key, value in (added_cond_kwargs or {}).items()
+            key: value.detach().cpu().repeat_interleave(pairs, dim=0)
+            for key, value in (added_cond_kwargs or {}).items()
         }
 
     @staticmethod
@@ -150,7 +153,8 @@ class DenoisingFitness:
                 kwargs = {}
                 if self.added_cond_kwargs:
                     kwargs["added_cond_kwargs"] = {
-                        key: value[start:stop].to(device=device, dtype=dtype) for key, value in self.added_cond_kwargs.items()
+                        key: value[start:stop].to(device=device, dtype=dtype)
+                        for key, value in self.added_cond_kwargs.items()
                     }
                 prediction = unet(
                     self.noisy_latents[start:stop].to(device=device, dtype=dtype),
@@ -219,7 +223,9 @@ def _smaller_forms(space: GLoRAChoiceSpace, support: str, form: str) -> list[str
 class _Evolution:
     """The state of one search: layers, budget, random stream and the cache of evaluated genomes."""
 
-    def __init__(self, layers: Sequence[LayerSpace], evaluate: Callable[[Genome], float], budget: int | None, rng: random.Random):
+    def __init__(
+        self, layers: Sequence[LayerSpace], evaluate: Callable[[Genome], float], budget: int | None, rng: random.Random
+    ):
         self.layers = list(layers)
         self.evaluate_fn = evaluate
         self.budget = budget
@@ -267,7 +273,9 @@ class _Evolution:
         if genome not in self.fitness:
             parameters = self.count(genome)
             if self.budget is not None and parameters > self.budget:  # a guard: repair() makes this unreachable
-                raise RuntimeError(f"internal error: a subnet of {parameters} parameters exceeds the budget {self.budget}")
+                raise RuntimeError(
+                    f"internal error: a subnet of {parameters} parameters exceeds the budget {self.budget}"
+                )
             value = float(self.evaluate_fn(genome))
             if not math.isfinite(value):
                 raise FloatingPointError(

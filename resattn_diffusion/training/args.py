@@ -71,11 +71,15 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("base model")
     model.add_argument(
-        "--pretrained_model_name_or_path", type=str, required=True,
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
         help="A diffusers model folder (or hub id) of SD 1.x / 2.x or SDXL; SDXL is detected from the folder.",
     )
     model.add_argument(
-        "--pretrained_vae_model_name_or_path", type=str, default=None,
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
         help="Another VAE to use, e.g. an fp16-safe SDXL VAE (default: the model's own).",
     )
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
@@ -83,83 +87,183 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     model.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
 
     tuner = parser.add_argument_group("tuner (defaults: those of ResTunerConfig and of the tuner itself)")
-    tuner.add_argument("--tuner", type=str, default=None, help=f"Tuner name (default res_attn): {', '.join(tuner_names())}.")
-    tuner.add_argument("--rank", type=int, default=None, help="The tuner's 'rank' hyperparameter (only for tuners that have one).")
-    tuner.add_argument("--heads", type=int, default=None, help="The tuner's 'heads' hyperparameter (only for tuners that have one).")
     tuner.add_argument(
-        "--tuner_arg", type=str, nargs="+", action="extend", default=None, metavar="KEY=VALUE",
+        "--tuner", type=str, default=None, help=f"Tuner name (default res_attn): {', '.join(tuner_names())}."
+    )
+    tuner.add_argument(
+        "--rank", type=int, default=None, help="The tuner's 'rank' hyperparameter (only for tuners that have one)."
+    )
+    tuner.add_argument(
+        "--heads", type=int, default=None, help="The tuner's 'heads' hyperparameter (only for tuners that have one)."
+    )
+    tuner.add_argument(
+        "--tuner_arg",
+        type=str,
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="KEY=VALUE",
         help="Any hyperparameter of the tuner, e.g. --tuner_arg activation=relu prefix_length=16 (repeatable).",
     )
     tuner.add_argument(
-        "--targets", type=str, nargs="+", default=None, choices=known_targets(),
+        "--targets",
+        type=str,
+        nargs="+",
+        default=None,
+        choices=known_targets(),
         help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).",
     )
     tuner.add_argument(
-        "--blocks", type=str, nargs="+", default=None,
+        "--blocks",
+        type=str,
+        nargs="+",
+        default=None,
         help="Glob patterns of transformer blocks, e.g. 'up_blocks.*' mid_block (default: every block).",
     )
     tuner.add_argument(
-        "--projections", type=str, nargs="+", default=None, choices=known_projections(),
+        "--projections",
+        type=str,
+        nargs="+",
+        default=None,
+        choices=known_projections(),
         help="Linear tuners: projections that get a branch (default: all the model has).",
     )
     tuner.add_argument(
-        "--placement", type=str, default=None, choices=PLACEMENTS, help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.",
+        "--placement",
+        type=str,
+        default=None,
+        choices=PLACEMENTS,
+        help="parallel (Res-Tuning) or sequential (U-Tuning); default parallel.",
     )
     tuner.add_argument("--tuner_scale", type=float, default=None, help="The branch scale s (default 1.0).")
-    tuner.add_argument("--tuner_config", type=str, default=None, help="A tuner config JSON (ResTunerConfig.save); flags above override it.")
+    tuner.add_argument(
+        "--tuner_config",
+        type=str,
+        default=None,
+        help="A tuner config JSON (ResTunerConfig.save); flags above override it.",
+    )
 
     data = parser.add_argument_group("data")
     if task == "dreambooth":
-        data.add_argument("--instance_data_dir", type=str, required=True, help="Folder with the images of the subject.")
-        data.add_argument("--instance_prompt", type=str, required=True, help="Prompt with the subject's identifier, e.g. 'a photo of sks dog'.")
-        data.add_argument("--class_data_dir", type=str, default=None, help="Folder of class images (missing ones are generated).")
-        data.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
-        data.add_argument("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images.")
-        data.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
-        data.add_argument("--num_class_images", type=int, default=100, help="Class images wanted; missing ones are generated by the base model.")
-        data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size (per device) when generating class images.")
         data.add_argument(
-            "--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+            "--instance_data_dir", type=str, required=True, help="Folder with the images of the subject."
+        )
+        data.add_argument(
+            "--instance_prompt",
+            type=str,
+            required=True,
+            help="Prompt with the subject's identifier, e.g. 'a photo of sks dog'.",
+        )
+        data.add_argument(
+            "--class_data_dir", type=str, default=None, help="Folder of class images (missing ones are generated)."
+        )
+        data.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
+        data.add_argument(
+            "--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images."
+        )
+        data.add_argument(
+            "--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss."
+        )
+        data.add_argument(
+            "--num_class_images",
+            type=int,
+            default=100,
+            help="Class images wanted; missing ones are generated by the base model.",
+        )
+        data.add_argument(
+            "--sample_batch_size", type=int, default=4, help="Batch size (per device) when generating class images."
+        )
+        data.add_argument(
+            "--prior_generation_precision",
+            type=str,
+            default=None,
+            choices=["no", "fp32", "fp16", "bf16"],
             help="Precision of class image generation (default fp16 on a GPU, fp32 otherwise).",
         )
     else:
         data.add_argument(
-            "--dataset_name", type=str, default=None, help="A `datasets` name or a local dataset path (load_dataset / save_to_disk folder).",
+            "--dataset_name",
+            type=str,
+            default=None,
+            help="A `datasets` name or a local dataset path (load_dataset / save_to_disk folder).",
         )
-        data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
         data.add_argument(
-            "--train_data_dir", type=str, default=None,
+            "--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several."
+        )
+        data.add_argument(
+            "--train_data_dir",
+            type=str,
+            default=None,
             help="Folder of images with a metadata.jsonl (file_name + caption column) or same-named .txt captions.",
         )
         data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
-        data.add_argument("--caption_column", type=str, default="text", help="Caption column (a caption or a list of captions).")
         data.add_argument(
-            "--caption_dropout", type=float, default=0.0, help="Probability of training on the empty caption (for classifier-free guidance).",
+            "--caption_column", type=str, default="text", help="Caption column (a caption or a list of captions)."
         )
-        data.add_argument("--max_train_samples", type=int, default=None, help="Use only this many (randomly chosen) examples.")
+        data.add_argument(
+            "--caption_dropout",
+            type=float,
+            default=0.0,
+            help="Probability of training on the empty caption (for classifier-free guidance).",
+        )
+        data.add_argument(
+            "--max_train_samples", type=int, default=None, help="Use only this many (randomly chosen) examples."
+        )
     data.add_argument(
-        "--resolution", type=int, default=None,
+        "--resolution",
+        type=int,
+        default=None,
         help="Training resolution; images are resized (shorter side) and cropped to it (default: the model's native size).",
     )
     data.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
     data.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: in the main process).")
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: in the main process)."
+    )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", type=str, default=defaults["output_dir"], help="Where the tuner, checkpoints, logs and validation images go.")
-    train.add_argument("--overwrite_output", action="store_true", help="Replace a tuner already saved in --output_dir.")
     train.add_argument(
-        "--seed", type=int, default=None, help="Seed of the whole run (data order, noise, tuner init); chosen and recorded if not given.",
+        "--output_dir",
+        type=str,
+        default=defaults["output_dir"],
+        help="Where the tuner, checkpoints, logs and validation images go.",
     )
-    train.add_argument("--train_batch_size", type=int, default=defaults["train_batch_size"], help="Batch size per device.")
-    train.add_argument("--num_train_epochs", type=int, default=defaults["num_train_epochs"])
-    train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step.")
-    train.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass to save memory.")
-    train.add_argument("--learning_rate", type=float, default=defaults["learning_rate"], help="Learning rate (after warmup).")
-    train.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch size.")
     train.add_argument(
-        "--lr_scheduler", type=str, default="constant", choices=[t.value for t in SchedulerType], help="diffusers' get_scheduler name.",
+        "--overwrite_output", action="store_true", help="Replace a tuner already saved in --output_dir."
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed of the whole run (data order, noise, tuner init); chosen and recorded if not given.",
+    )
+    train.add_argument(
+        "--train_batch_size", type=int, default=defaults["train_batch_size"], help="Batch size per device."
+    )
+    train.add_argument("--num_train_epochs", type=int, default=defaults["num_train_epochs"])
+    train.add_argument(
+        "--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs."
+    )
+    train.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step."
+    )
+    train.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass to save memory.",
+    )
+    train.add_argument(
+        "--learning_rate", type=float, default=defaults["learning_rate"], help="Learning rate (after warmup)."
+    )
+    train.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch size."
+    )
+    train.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=[t.value for t in SchedulerType],
+        help="diffusers' get_scheduler name.",
     )
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the learning-rate scheduler.")
     train.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
@@ -170,44 +274,75 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     train.add_argument("--adam_weight_decay", type=float, default=1e-2)
     train.add_argument("--adam_epsilon", type=float, default=1e-8)
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    train.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is the recommended value).")
+    train.add_argument(
+        "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is the recommended value)."
+    )
     train.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the noise offset.")
     train.add_argument(
-        "--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
         help="Training target (default: the model scheduler's prediction type).",
     )
     train.add_argument(
-        "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
         help="Frozen weights in this dtype, tuner weights in fp32 (default: accelerate's config).",
     )
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Run the frozen attention with xformers.")
+    train.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Run the frozen attention with xformers.",
+    )
 
     add_flow_matching_arguments(parser)
 
     ckpt = parser.add_argument_group("checkpoints")
-    ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every X optimizer steps.")
+    ckpt.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save the training state every X optimizer steps."
+    )
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     ckpt.add_argument(
-        "--resume_from_checkpoint", type=str, default=None,
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
         help="'latest' (the newest checkpoint in --output_dir) or a checkpoint folder.",
     )
     ckpt.add_argument(
-        "--allow_inexact_resume", action="store_true",
+        "--allow_inexact_resume",
+        action="store_true",
         help="Resume even when the checkpoint's random states (random_states_<process>.pkl) are missing or unreadable; "
         "the run then continues with fresh random states and no longer equals an uninterrupted one (a loud warning "
         "says so). Without it such a checkpoint is refused.",
     )
 
     val = parser.add_argument_group("validation and logging")
-    val.add_argument("--validation_prompt", type=str, default=None, help="Prompt generated at intervals (PNG grids under output_dir/validation).")
+    val.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        help="Prompt generated at intervals (PNG grids under output_dir/validation).",
+    )
     val.add_argument("--num_validation_images", type=int, default=4)
-    val.add_argument("--validation_steps", type=int, default=None, help="Validate every X optimizer steps (instead of --validation_epochs).")
-    val.add_argument("--validation_epochs", type=int, default=defaults["validation_epochs"], help="Validate every X epochs.")
+    val.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="Validate every X optimizer steps (instead of --validation_epochs).",
+    )
+    val.add_argument(
+        "--validation_epochs", type=int, default=defaults["validation_epochs"], help="Validate every X epochs."
+    )
     val.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps of validation images.")
     val.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all, or none.")
     val.add_argument("--logging_dir", type=str, default="logs", help="Logs folder, relative to --output_dir.")
-    val.add_argument("--tracker_project_name", type=str, default=f"res-tuner-{task}", help="Project name of the trackers.")
+    val.add_argument(
+        "--tracker_project_name", type=str, default=f"res-tuner-{task}", help="Project name of the trackers."
+    )
     add_user_flags(parser)
     return parser
 
@@ -218,25 +353,42 @@ def add_flow_matching_arguments(parser: argparse.ArgumentParser) -> None:
     takes the family's default (given in the help), and a flag given for a UNet model is refused."""
     flow = parser.add_argument_group("diffusion transformers (SD3, Flux): rectified flow")
     flow.add_argument(
-        "--weighting_scheme", type=str, default=None, choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        "--weighting_scheme",
+        type=str,
+        default=None,
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
         help="How training timesteps are sampled (logit_normal, mode) or the loss weighted (sigma_sqrt, cosmap); "
         "default logit_normal for SD3, none (uniform) for Flux.",
     )
-    flow.add_argument("--logit_mean", type=float, default=None, help="Mean of --weighting_scheme logit_normal (default 0.0).")
-    flow.add_argument("--logit_std", type=float, default=None, help="Standard deviation of --weighting_scheme logit_normal (default 1.0).")
-    flow.add_argument("--mode_scale", type=float, default=None, help="Scale of --weighting_scheme mode (default 1.29).")
     flow.add_argument(
-        "--precondition_outputs", action="store_true",
+        "--logit_mean", type=float, default=None, help="Mean of --weighting_scheme logit_normal (default 0.0)."
+    )
+    flow.add_argument(
+        "--logit_std",
+        type=float,
+        default=None,
+        help="Standard deviation of --weighting_scheme logit_normal (default 1.0).",
+    )
+    flow.add_argument(
+        "--mode_scale", type=float, default=None, help="Scale of --weighting_scheme mode (default 1.29)."
+    )
+    flow.add_argument(
+        "--precondition_outputs",
+        action="store_true",
         help="SD3's EDM-style preconditioning: the loss compares x_t - sigma * prediction with the latents instead of "
         "the prediction with noise - latents (off by default here, on in diffusers' SD3 script).",
     )
     flow.add_argument(
-        "--guidance_scale", type=float, default=None,
+        "--guidance_scale",
+        type=float,
+        default=None,
         help="Flux only: the value of the guidance embedding of a guidance-distilled model (FLUX.1-dev) in training "
         "and validation (default 3.5).",
     )
     flow.add_argument(
-        "--max_sequence_length", type=int, default=None,
+        "--max_sequence_length",
+        type=int,
+        default=None,
         help="T5 tokens of the prompt (default 77 for SD3, 512 for Flux, as diffusers' scripts).",
     )
 
@@ -261,7 +413,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     except (ConfigError, ResTunerError, OSError) as err:
         parser.error(f"bad tuner settings: {err}")
 
-    positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "num_validation_images"]
+    positive = [
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "num_validation_images",
+    ]
     positive += ["max_train_steps", "resolution", "checkpoints_total_limit", "validation_steps", "validation_epochs"]
     for name in positive:
         value = getattr(args, name)
@@ -281,14 +439,18 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                 parser.error(f"--num_class_images must be at least 1, got {args.num_class_images}")
     else:
         if (args.dataset_name is None) == (args.train_data_dir is None):
-            parser.error("give exactly one of --dataset_name (a datasets name or path) or --train_data_dir (a folder of images)")
+            parser.error(
+                "give exactly one of --dataset_name (a datasets name or path) or --train_data_dir (a folder of images)"
+            )
         if not 0.0 <= args.caption_dropout <= 1.0:
             parser.error(f"--caption_dropout is a probability in [0, 1], got {args.caption_dropout}")
     check_user_flags(parser, args)
     report_to = [name.strip() for name in args.report_to.split(",")]
     unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
     if unknown:
-        parser.error(f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none")
+        parser.error(
+            f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none"
+        )
 
 
 def check_finite_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -357,7 +519,12 @@ def tuner_config_from_args(args: argparse.Namespace) -> ResTunerConfig:
         data = {"tuner": args.tuner or "res_attn"}
         hyperparameters = {}
 
-    flag_fields = [("targets", "targets"), ("blocks", "blocks"), ("projections", "projections"), ("placement", "placement")]
+    flag_fields = [
+        ("targets", "targets"),
+        ("blocks", "blocks"),
+        ("projections", "projections"),
+        ("placement", "placement"),
+    ]
     for flag, field in [*flag_fields, ("tuner_scale", "scale")]:
         value = getattr(args, flag)
         if value is not None:
@@ -365,7 +532,13 @@ def tuner_config_from_args(args: argparse.Namespace) -> ResTunerConfig:
     for flag in ("rank", "heads"):
         if getattr(args, flag) is not None:
             hyperparameters[flag] = getattr(args, flag)
-    own_flags = {"targets": "--targets", "blocks": "--blocks", "projections": "--projections", "placement": "--placement", "scale": "--tuner_scale"}
+    own_flags = {
+        "targets": "--targets",
+        "blocks": "--blocks",
+        "projections": "--projections",
+        "placement": "--placement",
+        "scale": "--tuner_scale",
+    }
     for item in args.tuner_arg or []:
         key, value = _split_key_value(item)
         if key in own_flags:
@@ -418,7 +591,9 @@ def _parse_hyperparameter(tuner: str, key: str, text: str) -> Any:
     except json.JSONDecodeError:
         if kind is None:
             return text
-        raise ConfigError(f"--tuner_arg {key}={text}: {key} is {kind}; give it as JSON, e.g. {key}='{{\"a\": \"b\"}}'") from None
+        raise ConfigError(
+            f'--tuner_arg {key}={text}: {key} is {kind}; give it as JSON, e.g. {key}=\'{{"a": "b"}}\''
+        ) from None
 
 
 def args_to_json(args: argparse.Namespace) -> dict[str, Any]:

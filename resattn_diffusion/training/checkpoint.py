@@ -57,10 +57,14 @@ def resolve_resume_checkpoint(output_dir: str | Path, value: str | None) -> Path
     for candidate in (Path(value), Path(output_dir) / value):
         if candidate.is_dir():
             if not (candidate / STATE_FILE).is_file():
-                raise TrainingError(f"checkpoint {str(candidate)!r} is incomplete (no {STATE_FILE}; the save was interrupted); pick an older one")
+                raise TrainingError(
+                    f"checkpoint {str(candidate)!r} is incomplete (no {STATE_FILE}; the save was interrupted); pick an older one"
+                )
             return candidate
     available = [folder.name for _, folder in list_checkpoints(output_dir)]
-    raise TrainingError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder; checkpoints in {str(output_dir)!r}: {available or 'none'}")
+    raise TrainingError(
+        f"--resume_from_checkpoint {value!r}: no such checkpoint folder; checkpoints in {str(output_dir)!r}: {available or 'none'}"
+    )
 
 
 #: accelerate's per-process random state file in a checkpoint folder, and the states an exact resume restores
@@ -103,7 +107,9 @@ def check_random_states(folder: Path, process_index: int, allow_inexact: bool) -
         )
     logger.warning(
         "INEXACT RESUME: %s; --allow_inexact_resume was given, so training continues from %s with fresh random "
-        "states and will NOT reproduce an uninterrupted run", problem, folder,
+        "states and will NOT reproduce an uninterrupted run",
+        problem,
+        folder,
     )
 
 
@@ -134,7 +140,9 @@ def prune_checkpoints(output_dir: Path, total_limit: int | None) -> None:
         shutil.rmtree(folder)
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, global_step: int, total_limit: int | None, state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    accelerator: Any, output_dir: Path, global_step: int, total_limit: int | None, state: dict[str, Any]
+) -> Path:
     """Save the training state as ``checkpoint-<global_step>`` on every process (each writes its random state);
     the main process prunes old checkpoints first and marks the new one complete last."""
     folder = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
@@ -180,5 +188,7 @@ def load_tuner_weights_in_place(unet: nn.Module, file: Path) -> None:
     metadata, tensors = read_tuner_file(file)
     config = get_res_tuner_configs(unet)[ADAPTER_NAME]
     if ResTunerConfig.from_json(metadata["config"]) != config:
-        raise TrainingError(f"{str(file)!r} holds another tuner config than the one being trained; resume with the same tuner flags")
+        raise TrainingError(
+            f"{str(file)!r} holds another tuner config than the one being trained; resume with the same tuner flags"
+        )
     load_tuner_tensors(unet, ADAPTER_NAME, tensors, str(file))

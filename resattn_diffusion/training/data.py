@@ -67,7 +67,9 @@ class ImageTransform:
     #: PIL resampling of the resize (``--image_interpolation_mode``)
     interpolation: Image.Resampling = Image.Resampling.BILINEAR
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    def __call__(
+        self, image: Image.Image, rng: random.Random
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         size = self.resolution
         original_size = (image.height, image.width)
         scale = size / min(image.width, image.height)
@@ -140,7 +142,9 @@ class DreamBoothDataset(SeededDataset):
         example = self.example(load_image(path, repr(str(path))), self.instance_prompt, rng)
         if self.class_images:
             class_path = self.class_images[index % len(self.class_images)]
-            example["prior"] = self.example(load_image(class_path, repr(str(class_path))), self.class_prompt, rng, is_prior=True)
+            example["prior"] = self.example(
+                load_image(class_path, repr(str(class_path))), self.class_prompt, rng, is_prior=True
+            )
         return example
 
 
@@ -191,7 +195,9 @@ class HFDatasetSource:
 class TextImageDataset(SeededDataset):
     """Captioned images; a caption list gives one caption at random, ``caption_dropout`` gives the empty caption."""
 
-    def __init__(self, source: CaptionedImageSource, transform: ImageTransform, seed: int, caption_dropout: float = 0.0):
+    def __init__(
+        self, source: CaptionedImageSource, transform: ImageTransform, seed: int, caption_dropout: float = 0.0
+    ):
         super().__init__(transform, seed)
         self.source = source
         self.caption_dropout = caption_dropout
@@ -207,7 +213,9 @@ class TextImageDataset(SeededDataset):
                 raise TrainingDataError(f"example {name} has an empty list of captions")
             caption = rng.choice(list(caption))
         if not isinstance(caption, str):
-            raise TrainingDataError(f"the caption of {name} is a {type(caption).__name__}, not text or a list of texts")
+            raise TrainingDataError(
+                f"the caption of {name} is a {type(caption).__name__}, not text or a list of texts"
+            )
         if self.caption_dropout and rng.random() < self.caption_dropout:
             caption = ""
         return self.example(load_image(image, name), caption, rng)
@@ -249,8 +257,10 @@ def _read_metadata(folder: Path, metadata: Path, caption_column: str, image_colu
             except json.JSONDecodeError as err:
                 raise TrainingDataError(f"{str(metadata)!r} line {line_number} is not JSON: {err}") from None
             if not isinstance(row, dict) or image_column not in row:
-                raise TrainingDataError(f"{str(metadata)!r} line {line_number} has no \"{image_column}\"; each line is an object like "
-                                        f'{{"{image_column}": "0001.png", "{caption_column}": "a caption"}}')
+                raise TrainingDataError(
+                    f'{str(metadata)!r} line {line_number} has no "{image_column}"; each line is an object like '
+                    f'{{"{image_column}": "0001.png", "{caption_column}": "a caption"}}'
+                )
             columns.update(row)
             if caption_column not in row:
                 raise TrainingDataError(
@@ -259,7 +269,9 @@ def _read_metadata(folder: Path, metadata: Path, caption_column: str, image_colu
                 )
             path = folder / row[image_column]
             if not path.is_file():
-                raise TrainingDataError(f"{str(metadata)!r} line {line_number} names {row[image_column]!r}, which is not in {str(folder)!r}")
+                raise TrainingDataError(
+                    f"{str(metadata)!r} line {line_number} names {row[image_column]!r}, which is not in {str(folder)!r}"
+                )
             check_image_file(path)
             records.append((path, row[caption_column]))
     if not records:
@@ -267,7 +279,9 @@ def _read_metadata(folder: Path, metadata: Path, caption_column: str, image_colu
     return records
 
 
-def load_hf_dataset(name: str, config_name: str | None, image_column: str, caption_column: str, cache_dir: str | None) -> HFDatasetSource:
+def load_hf_dataset(
+    name: str, config_name: str | None, image_column: str, caption_column: str, cache_dir: str | None
+) -> HFDatasetSource:
     """The train split of a ``datasets`` dataset (a hub name, a local data folder, or a ``save_to_disk`` folder)."""
     import datasets
 
@@ -286,7 +300,9 @@ def load_hf_dataset(name: str, config_name: str | None, image_column: str, capti
     columns = list(dataset.column_names)
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in columns:
-            raise TrainingDataError(f"--dataset_name {name!r} has no column {column!r} ({flag}); its columns are {columns}")
+            raise TrainingDataError(
+                f"--dataset_name {name!r} has no column {column!r} ({flag}); its columns are {columns}"
+            )
     if len(dataset) == 0:
         raise TrainingDataError(f"--dataset_name {name!r} has no examples")
     return HFDatasetSource(dataset, image_column, caption_column, name)

@@ -73,7 +73,14 @@ class FlowMatchingBase(ABC):
     default_weighting_scheme: str = "none"
     default_max_sequence_length: int = 512
 
-    def __init__(self, path: str, model_index: dict[str, Any], components: dict[str, Any], noise_scheduler: Any, inference_scheduler: Any):
+    def __init__(
+        self,
+        path: str,
+        model_index: dict[str, Any],
+        components: dict[str, Any],
+        noise_scheduler: Any,
+        inference_scheduler: Any,
+    ):
         self.path = path
         self.model_index = model_index
         self.vae = components["vae"]
@@ -120,7 +127,9 @@ class FlowMatchingBase(ABC):
     def native_resolution(cls, args: Namespace) -> int:
         from diffusers import AutoencoderKL
 
-        vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
+        vae_config = AutoencoderKL.load_config(
+            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir
+        )
         return cls.default_sample_size(args) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     @classmethod
@@ -136,14 +145,21 @@ class FlowMatchingBase(ABC):
         import diffusers
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-        path, revision, variant, cache_dir = args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir
+        path, revision, variant, cache_dir = (
+            args.pretrained_model_name_or_path,
+            args.revision,
+            args.variant,
+            args.cache_dir,
+        )
         model_index = read_model_index(path, revision, cache_dir)
         components: dict[str, Any] = {}
         for name in ["transformer", *cls._text_names()]:
             entry = model_index.get(name)
             if not entry or entry[1] is None:
                 if not any(name.endswith(suffix) and suffix for suffix in cls.optional_text_components):
-                    raise TrainingError(f"{path}: model_index.json has no {name}; pass the folder of a whole {cls.name} pipeline")
+                    raise TrainingError(
+                        f"{path}: model_index.json has no {name}; pass the folder of a whole {cls.name} pipeline"
+                    )
                 components[name] = None  # SD3 runs without T5 (zeros in its place), as its pipeline does
                 continue
             library, class_name = entry
@@ -153,10 +169,16 @@ class FlowMatchingBase(ABC):
                 kwargs.update(variant=variant, torch_dtype=weight_dtype)
             components[name] = component_class.from_pretrained(path, **kwargs)
         if args.pretrained_vae_model_name_or_path is not None:
-            components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=cache_dir)
+            components["vae"] = AutoencoderKL.from_pretrained(
+                args.pretrained_vae_model_name_or_path, cache_dir=cache_dir
+            )
         else:
-            components["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=cache_dir)
-        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision, cache_dir=cache_dir)
+            components["vae"] = AutoencoderKL.from_pretrained(
+                path, subfolder="vae", revision=revision, variant=variant, cache_dir=cache_dir
+            )
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            path, subfolder="scheduler", revision=revision, cache_dir=cache_dir
+        )
         inference_scheduler = getattr(diffusers, model_index["scheduler"][1]).from_pretrained(
             path, subfolder="scheduler", revision=revision, cache_dir=cache_dir
         )
@@ -168,21 +190,31 @@ class FlowMatchingBase(ABC):
 
     @classmethod
     def _encoders(cls, components: dict[str, Any]) -> list[nn.Module]:
-        return [components[name] for name in cls._text_names() if name.startswith("text_encoder") and components.get(name) is not None]
+        return [
+            components[name]
+            for name in cls._text_names()
+            if name.startswith("text_encoder") and components.get(name) is not None
+        ]
 
     def check_loaded(self, args: Namespace) -> None:
         """Checks that need the loaded models (a subclass adds its own)."""
         latent_channels = self.vae.config.latent_channels
         expected = self.latent_channels_expected()
         if latent_channels != expected:
-            raise TrainingError(f"{self.path}: the VAE has {latent_channels} latent channels but the transformer takes {expected}")
+            raise TrainingError(
+                f"{self.path}: the VAE has {latent_channels} latent channels but the transformer takes {expected}"
+            )
 
     def latent_channels_expected(self) -> int:
         return self.denoiser.config.in_channels
 
     @property
     def text_encoders(self) -> list[nn.Module]:
-        return [module for name, module in self.text_modules.items() if name.startswith("text_encoder") and module is not None]
+        return [
+            module
+            for name, module in self.text_modules.items()
+            if name.startswith("text_encoder") and module is not None
+        ]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -195,7 +227,11 @@ class FlowMatchingBase(ABC):
 
     def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Move the frozen parts; the VAE stays fp32 under fp16 when its config asks."""
-        vae_dtype = torch.float32 if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True) else weight_dtype
+        vae_dtype = (
+            torch.float32
+            if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True)
+            else weight_dtype
+        )
         move(self.vae, device, vae_dtype)
         for encoder in self.text_encoders:
             move(encoder, device, weight_dtype)
@@ -217,11 +253,15 @@ class FlowMatchingBase(ABC):
         if self._text_pipeline is None:
             pipeline_class = getattr(diffusers, self.pipeline_class_name)
             # the transformer only lends its config (SD3 without T5 pads with zeros of its context width)
-            self._text_pipeline = pipeline_class(transformer=self.denoiser, scheduler=None, vae=None, **self.text_modules)
+            self._text_pipeline = pipeline_class(
+                transformer=self.denoiser, scheduler=None, vae=None, **self.text_modules
+            )
         return self._text_pipeline
 
     @abstractmethod
-    def encode_with_pipeline(self, pipeline: Any, prompts: list[str], device: torch.device, args: Namespace) -> tuple[torch.Tensor, ...]:
+    def encode_with_pipeline(
+        self, pipeline: Any, prompts: list[str], device: torch.device, args: Namespace
+    ) -> tuple[torch.Tensor, ...]:
         """``(context, pooled)`` of ``prompts`` from the pipeline's own ``encode_prompt``."""
 
     @torch.no_grad()
@@ -290,7 +330,9 @@ class FlowMatchingBase(ABC):
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas).float()
         return (weighting * (prediction - target) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
 
-    def sample_timesteps(self, args: Namespace, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_timesteps(
+        self, args: Namespace, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training ``(timesteps, sigmas)`` of shape (N,): ``u`` from ``--weighting_scheme``'s density, then the
         scheduler's training schedule at index ``floor(u * num_train_timesteps)``."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -312,7 +354,12 @@ class FlowMatchingBase(ABC):
 
     @abstractmethod
     def predict(
-        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace
+        self,
+        denoiser: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: list[torch.Tensor],
+        args: Namespace,
     ) -> torch.Tensor:
         """The transformer's velocity for ``noisy`` latents (B, C, H, W), in the same layout."""
 
@@ -322,7 +369,9 @@ class FlowMatchingBase(ABC):
         import diffusers
 
         pipeline_class = getattr(diffusers, self.pipeline_class_name)
-        pipeline = pipeline_class(transformer=denoiser, scheduler=self.inference_scheduler, vae=self.vae, **self.text_modules)
+        pipeline = pipeline_class(
+            transformer=denoiser, scheduler=self.inference_scheduler, vae=self.vae, **self.text_modules
+        )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -364,7 +413,10 @@ class SD3Base(FlowMatchingBase):
         from diffusers import SD3Transformer2DModel
 
         config = SD3Transformer2DModel.load_config(
-            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+            args.pretrained_model_name_or_path,
+            subfolder="transformer",
+            revision=args.revision,
+            cache_dir=args.cache_dir,
         )
         return int(config["sample_size"])
 
@@ -372,21 +424,40 @@ class SD3Base(FlowMatchingBase):
     def resolution_multiple(self) -> int:
         return self.vae_scale_factor * self.denoiser.config.patch_size
 
-    def encode_with_pipeline(self, pipeline: Any, prompts: list[str], device: torch.device, args: Namespace) -> tuple[torch.Tensor, ...]:
+    def encode_with_pipeline(
+        self, pipeline: Any, prompts: list[str], device: torch.device, args: Namespace
+    ) -> tuple[torch.Tensor, ...]:
         context, _, pooled, _ = pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length(args),
         )
         return context, pooled
 
     def predict(
-        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace
+        self,
+        denoiser: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: list[torch.Tensor],
+        args: Namespace,
     ) -> torch.Tensor:
         context, pooled = conditioning
-        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=context, pooled_projections=pooled, return_dict=False)[0]
+        return denoiser(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=context,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
 
     def validation_prompts(self, args: Namespace) -> list[str]:
-        return super().validation_prompts(args) + ([""] if args.validation_prompt else [])  # "" for classifier-free guidance
+        return super().validation_prompts(args) + (
+            [""] if args.validation_prompt else []
+        )  # "" for classifier-free guidance
 
     def embedding_kwargs(self, prompt: str, device: torch.device, args: Namespace) -> dict[str, Any]:
         context, pooled = self.encode_prompts([prompt], device, args)
@@ -412,7 +483,9 @@ class FluxBase(FlowMatchingBase):
     def check_loaded(self, args: Namespace) -> None:
         super().check_loaded(args)
         if getattr(args, "guidance_scale", None) is not None and not self.denoiser.config.guidance_embeds:
-            raise TrainingError(f"--guidance_scale: {self.path}'s transformer has no guidance embedding (FLUX.1-schnell-like); drop the flag")
+            raise TrainingError(
+                f"--guidance_scale: {self.path}'s transformer has no guidance embedding (FLUX.1-schnell-like); drop the flag"
+            )
 
     def latent_channels_expected(self) -> int:
         return self.denoiser.config.in_channels // 4  # 2x2 patches are packed into channels
@@ -420,14 +493,21 @@ class FluxBase(FlowMatchingBase):
     def guidance(self, args: Namespace) -> float:
         return float(_flag_value(args, "guidance_scale"))
 
-    def encode_with_pipeline(self, pipeline: Any, prompts: list[str], device: torch.device, args: Namespace) -> tuple[torch.Tensor, ...]:
+    def encode_with_pipeline(
+        self, pipeline: Any, prompts: list[str], device: torch.device, args: Namespace
+    ) -> tuple[torch.Tensor, ...]:
         context, pooled, _ = pipeline.encode_prompt(
             prompt=prompts, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length(args)
         )
         return context, pooled
 
     def predict(
-        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: list[torch.Tensor], args: Namespace
+        self,
+        denoiser: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: list[torch.Tensor],
+        args: Namespace,
     ) -> torch.Tensor:
         from diffusers import FluxPipeline
 
@@ -450,7 +530,9 @@ class FluxBase(FlowMatchingBase):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return FluxPipeline._unpack_latents(velocity, height * self.vae_scale_factor, width * self.vae_scale_factor, self.vae_scale_factor)
+        return FluxPipeline._unpack_latents(
+            velocity, height * self.vae_scale_factor, width * self.vae_scale_factor, self.vae_scale_factor
+        )
 
     def validation_kwargs(self, args: Namespace, device: torch.device) -> dict[str, Any]:
         kwargs = super().validation_kwargs(args, device)

@@ -96,7 +96,9 @@ def train(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=trackers_of(args.report_to),
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
         # some tuners (a GLoRA supernet's sampled subnet) leave parameters unused in a step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -163,8 +165,15 @@ def train(
         logger.info(
             "%s%s | %d examples, %d batch(es) per epoch per process, batch %d x %d process(es) x %d accumulation, "
             "%d steps (%d epochs)\n%s",
-            base.name.upper() + " ", base.path, len(dataset), len(dataloader), args.train_batch_size,
-            accelerator.num_processes, args.gradient_accumulation_steps, max_train_steps, num_epochs,
+            base.name.upper() + " ",
+            base.path,
+            len(dataset),
+            len(dataloader),
+            args.train_batch_size,
+            accelerator.num_processes,
+            args.gradient_accumulation_steps,
+            max_train_steps,
+            num_epochs,
             trainable.describe(base.denoiser, parameters),
         )
 
@@ -180,7 +189,9 @@ def train(
     first_step, loop_start = global_step, time.perf_counter()
 
     # --- the loop -------------------------------------------------------------------------------------------
-    progress = tqdm(total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     generator = torch.Generator(device=accelerator.device)
     try:
         for epoch in range(first_epoch, num_epochs):
@@ -227,20 +238,41 @@ def train(
                     if not parameters_are_finite(parameters):
                         raise NonFiniteLossError(non_finite_message(None, global_step, last_checkpoint))
                     last_checkpoint = save_checkpoint(
-                        accelerator, output_dir, global_step, args.checkpoints_total_limit, {"seed": seed, "epoch": epoch}
+                        accelerator,
+                        output_dir,
+                        global_step,
+                        args.checkpoints_total_limit,
+                        {"seed": seed, "epoch": epoch},
                     )
                     if repo_id is not None and args.push_checkpoints_to_hub:
-                        push_output_dir(repo_id, output_dir, args.hub_token, f"checkpoint {global_step}", required=False)
-                validate_now = args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
+                        push_output_dir(
+                            repo_id, output_dir, args.hub_token, f"checkpoint {global_step}", required=False
+                        )
+                validate_now = (
+                    args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
+                )
                 if validate_now and global_step < max_train_steps:  # the last step gets the final validation below
                     if accelerator.is_main_process:
-                        log_validation(accelerator, base, base.denoiser, args, resolution, seed, global_step, f"step_{global_step:06d}")
+                        log_validation(
+                            accelerator,
+                            base,
+                            base.denoiser,
+                            args,
+                            resolution,
+                            seed,
+                            global_step,
+                            f"step_{global_step:06d}",
+                        )
                 if global_step >= max_train_steps:
                     break
 
-            validate_epoch = args.validation_prompt and not args.validation_steps and (epoch + 1) % args.validation_epochs == 0
+            validate_epoch = (
+                args.validation_prompt and not args.validation_steps and (epoch + 1) % args.validation_epochs == 0
+            )
             if validate_epoch and global_step < max_train_steps and accelerator.is_main_process:
-                log_validation(accelerator, base, base.denoiser, args, resolution, seed, global_step, f"epoch_{epoch + 1:04d}")
+                log_validation(
+                    accelerator, base, base.denoiser, args, resolution, seed, global_step, f"epoch_{epoch + 1:04d}"
+                )
 
         # --- the result ---------------------------------------------------------------------------------------
         progress.close()
@@ -295,7 +327,11 @@ def diffusion_loss(
 
 def non_finite_message(losses: torch.Tensor | None, global_step: int, last_checkpoint: Path | None) -> str:
     what = f"the training loss is {losses.tolist()}" if losses is not None else "the tuner weights are NaN or infinite"
-    kept = f"the last good checkpoint is {str(last_checkpoint)!r}" if last_checkpoint else "no checkpoint was saved yet (see --checkpointing_steps)"
+    kept = (
+        f"the last good checkpoint is {str(last_checkpoint)!r}"
+        if last_checkpoint
+        else "no checkpoint was saved yet (see --checkpointing_steps)"
+    )
     return (
         f"{what} at step {global_step + 1}: training stopped and no tuner was saved; {kept}. "
         "Lower --learning_rate, keep --max_grad_norm on, or use --mixed_precision bf16 instead of fp16."
@@ -311,12 +347,20 @@ def check_optional_packages(args: Namespace) -> None:
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
-        raise TrainingError("--enable_xformers_memory_efficient_attention needs xformers (GPU only): pip install xformers, or drop the flag")
+        raise TrainingError(
+            "--enable_xformers_memory_efficient_attention needs xformers (GPU only): pip install xformers, or drop the flag"
+        )
     trackers = trackers_of(args.report_to) or []
     if ("wandb" in trackers or trackers == "all") and importlib.util.find_spec("wandb") is None:
         raise TrainingError("--report_to wandb needs wandb: pip install wandb (or use --report_to tensorboard)")
-    if "tensorboard" in trackers and importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        raise TrainingError("--report_to tensorboard needs tensorboard: pip install tensorboard (or use --report_to none)")
+    if (
+        "tensorboard" in trackers
+        and importlib.util.find_spec("tensorboard") is None
+        and importlib.util.find_spec("tensorboardX") is None
+    ):
+        raise TrainingError(
+            "--report_to tensorboard needs tensorboard: pip install tensorboard (or use --report_to none)"
+        )
 
 
 def trackers_of(report_to: str) -> list[str] | str | None:
@@ -345,7 +389,9 @@ def check_training_data(args: Namespace) -> Any:
     if args.train_data_dir is not None:
         source = read_image_folder(args.train_data_dir, args.caption_column)
     else:
-        source = load_hf_dataset(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.cache_dir)
+        source = load_hf_dataset(
+            args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.cache_dir
+        )
     if args.max_train_samples is not None and args.max_train_samples < len(source):
         source = SubsetSource(source, args.max_train_samples, args.seed or 0)
     return source
@@ -353,7 +399,9 @@ def check_training_data(args: Namespace) -> Any:
 
 def make_dataset(args: Namespace, source: Any, resolution: int, seed: int) -> Any:
     transform = ImageTransform(
-        resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+        resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
         interpolation=INTERPOLATION_MODES[getattr(args, "image_interpolation_mode", "bilinear")],
     )
     repeats = getattr(args, "repeats", 1)
@@ -365,11 +413,18 @@ def make_dataset(args: Namespace, source: Any, resolution: int, seed: int) -> An
     if args.with_prior_preservation:
         class_images = list_images(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
     return DreamBoothDataset(
-        list(source) * repeats, args.instance_prompt, transform, seed, class_images=class_images, class_prompt=args.class_prompt
+        list(source) * repeats,
+        args.instance_prompt,
+        transform,
+        seed,
+        class_images=class_images,
+        class_prompt=args.class_prompt,
     )
 
 
-def make_lr_scheduler(args: Namespace, optimizer: torch.optim.Optimizer, max_train_steps: int, num_processes: int) -> Any:
+def make_lr_scheduler(
+    args: Namespace, optimizer: torch.optim.Optimizer, max_train_steps: int, num_processes: int
+) -> Any:
     from diffusers.optimization import get_scheduler
 
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor (as in diffusers)
@@ -401,7 +456,11 @@ def choose_seed(args: Namespace, resume_state: dict[str, Any] | None, accelerato
     """``--seed``, else the seed of the resumed run, else a fresh one shared by all processes (and recorded)."""
     if args.seed is not None:
         if resume_state is not None and resume_state.get("seed") != args.seed:
-            logger.warning("--seed %d differs from the resumed run's seed %s: data order and noise change", args.seed, resume_state.get("seed"))
+            logger.warning(
+                "--seed %d differs from the resumed run's seed %s: data order and noise change",
+                args.seed,
+                resume_state.get("seed"),
+            )
         return args.seed
     if resume_state is not None and "seed" in resume_state:
         return int(resume_state["seed"])
@@ -425,11 +484,16 @@ def check_model_sources(args: Namespace) -> None:
     """The base model (and another VAE) exist locally or on a reachable Hub: offline, a missing one fails in a
     second with what to pass, instead of after huggingface_hub's retries."""
     check_pretrained_source(
-        args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", cache_dir=args.cache_dir, revision=args.revision
+        args.pretrained_model_name_or_path,
+        "--pretrained_model_name_or_path",
+        cache_dir=args.cache_dir,
+        revision=args.revision,
     )
     if args.pretrained_vae_model_name_or_path is not None:
         check_pretrained_source(
-            args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", filename="config.json",
+            args.pretrained_vae_model_name_or_path,
+            "--pretrained_vae_model_name_or_path",
+            filename="config.json",
             cache_dir=args.cache_dir,
         )
 

@@ -24,7 +24,13 @@ from .objective import prediction_target
 
 #: Flags of the rectified-flow objective (SD3 / Flux); refused on the UNet family when given.
 FLOW_ONLY_FLAGS: tuple[str, ...] = (
-    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale", "max_sequence_length", "precondition_outputs"
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "guidance_scale",
+    "max_sequence_length",
+    "precondition_outputs",
 )
 
 
@@ -73,7 +79,13 @@ class DenoiserFamily(Protocol):
         """The prompts validation will need encoded."""
 
     def per_example_loss(
-        self, args: Namespace, denoiser: nn.Module, batch: dict[str, Any], resolution: int, weight_dtype: torch.dtype, generator: torch.Generator
+        self,
+        args: Namespace,
+        denoiser: nn.Module,
+        batch: dict[str, Any],
+        resolution: int,
+        weight_dtype: torch.dtype,
+        generator: torch.Generator,
     ) -> torch.Tensor:
         """The training loss of each example of ``batch`` (N,), all randomness from ``generator``."""
 
@@ -165,7 +177,11 @@ class StableDiffusionBase:
     @classmethod
     def check_args(cls, args: Namespace) -> None:
         # "is not": a given 0.0 (--logit_mean 0) is a given flag, though it equals False
-        given = [flag for flag in FLOW_ONLY_FLAGS if getattr(args, flag, None) is not None and getattr(args, flag) is not False]
+        given = [
+            flag
+            for flag in FLOW_ONLY_FLAGS
+            if getattr(args, flag, None) is not None and getattr(args, flag) is not False
+        ]
         if given:
             raise TrainingError(
                 f"--{given[0]} belongs to rectified-flow training of SD3 / Flux; {args.pretrained_model_name_or_path} is a UNet "
@@ -194,29 +210,46 @@ class StableDiffusionBase:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer
 
-        path, revision, variant, cache_dir = args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir
+        path, revision, variant, cache_dir = (
+            args.pretrained_model_name_or_path,
+            args.revision,
+            args.variant,
+            args.cache_dir,
+        )
         model_index = read_model_index(path, revision, cache_dir)
         sdxl = is_sdxl(model_index)
         suffixes = ["", "_2"] if sdxl else [""]
         tokenizers = [
-            AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}", revision=revision, cache_dir=cache_dir) for s in suffixes
+            AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}", revision=revision, cache_dir=cache_dir)
+            for s in suffixes
         ]
         text_encoders = [
             _text_encoder_class(path, f"text_encoder{s}", revision, cache_dir).from_pretrained(
-                path, subfolder=f"text_encoder{s}", revision=revision, variant=variant, cache_dir=cache_dir, torch_dtype=weight_dtype
+                path,
+                subfolder=f"text_encoder{s}",
+                revision=revision,
+                variant=variant,
+                cache_dir=cache_dir,
+                torch_dtype=weight_dtype,
             )
             for s in suffixes
         ]
         if args.pretrained_vae_model_name_or_path is not None:
             vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=cache_dir)
         else:
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=cache_dir)
+            vae = AutoencoderKL.from_pretrained(
+                path, subfolder="vae", revision=revision, variant=variant, cache_dir=cache_dir
+            )
         unet = UNet2DConditionModel.from_pretrained(
             path, subfolder="unet", revision=revision, variant=variant, cache_dir=cache_dir, torch_dtype=weight_dtype
         )
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision, cache_dir=cache_dir)
+        noise_scheduler = DDPMScheduler.from_pretrained(
+            path, subfolder="scheduler", revision=revision, cache_dir=cache_dir
+        )
         inference_scheduler_class = getattr(diffusers, model_index["scheduler"][1])
-        inference_scheduler = inference_scheduler_class.from_pretrained(path, subfolder="scheduler", revision=revision, cache_dir=cache_dir)
+        inference_scheduler = inference_scheduler_class.from_pretrained(
+            path, subfolder="scheduler", revision=revision, cache_dir=cache_dir
+        )
         if args.prediction_type is not None:
             noise_scheduler.register_to_config(prediction_type=args.prediction_type)
             inference_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -232,7 +265,11 @@ class StableDiffusionBase:
 
     def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Move the frozen parts; the VAE stays fp32 under fp16 when its config asks (SDXL's overflows in fp16)."""
-        vae_dtype = torch.float32 if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True) else weight_dtype
+        vae_dtype = (
+            torch.float32
+            if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True)
+            else weight_dtype
+        )
         move(self.vae, device, vae_dtype)
         for encoder in self.text_encoders:
             move(encoder, device, weight_dtype)
@@ -245,7 +282,11 @@ class StableDiffusionBase:
         pooled = None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenizer(
-                captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids.to(device)
             output = encoder(ids, output_hidden_states=self.sdxl)
             if self.sdxl:
@@ -288,16 +329,24 @@ class StableDiffusionBase:
 
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         if args.noise_offset:
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype)
+            offset = torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype
+            )
             noise = noise + args.noise_offset * offset
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
+        )
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):  # Min-SNR weighting below knows these two
-            raise TrainingError(f"the model's scheduler predicts {prediction_type!r}; pass --prediction_type epsilon or v_prediction")
+            raise TrainingError(
+                f"the model's scheduler predicts {prediction_type!r}; pass --prediction_type epsilon or v_prediction"
+            )
         target = prediction_target(scheduler, latents, noise, timesteps)
 
-        prediction = denoiser(noisy_latents, timesteps, context, added_cond_kwargs=added_conditions, return_dict=False)[0]
+        prediction = denoiser(
+            noisy_latents, timesteps, context, added_cond_kwargs=added_conditions, return_dict=False
+        )[0]
         per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if args.snr_gamma is not None:
             from diffusers.training_utils import compute_snr

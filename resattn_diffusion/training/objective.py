@@ -10,7 +10,9 @@ import torch
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
 
-def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def prediction_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """The target of ``scheduler.add_noise(latents, noise, timesteps)`` for the scheduler's prediction type: the
     noise (epsilon), the velocity (v_prediction) or the clean latents (sample). ValueError for another type."""
     prediction_type = scheduler.config.prediction_type

@@ -55,8 +55,12 @@ def generate_class_images(args: Any, accelerator: Any, resolution: int, seed: in
             args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir, **from_pretrained_dtype(dtype)
         )
     pipeline = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        **from_pretrained_dtype(dtype), **components,
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        **from_pretrained_dtype(dtype),
+        **components,
     )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(accelerator.device)
@@ -66,7 +70,9 @@ def generate_class_images(args: Any, accelerator: Any, resolution: int, seed: in
     with accelerator.split_between_processes(indices) as own:
         batches = [own[i : i + args.sample_batch_size] for i in range(0, len(own), args.sample_batch_size)]
         for batch in tqdm(batches, desc="Generating class images", disable=not accelerator.is_local_main_process):
-            generators = [torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, "class", i)) for i in batch]
+            generators = [
+                torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, "class", i)) for i in batch
+            ]
             prompts = [args.class_prompt] * len(batch)
             images = pipeline(prompts, generator=generators, height=resolution, width=resolution).images
             for index, image in zip(batch, images):

@@ -59,7 +59,11 @@ def push_output_dir(repo_id: str, output_dir: Path, token: str | None, message: 
 
     try:
         huggingface_hub.upload_folder(
-            repo_id=repo_id, folder_path=str(output_dir), commit_message=message, token=token, ignore_patterns=_UPLOAD_IGNORE
+            repo_id=repo_id,
+            folder_path=str(output_dir),
+            commit_message=message,
+            token=token,
+            ignore_patterns=_UPLOAD_IGNORE,
         )
     except Exception as err:
         text = (
@@ -117,7 +121,12 @@ def validation_images(output_dir: Path) -> list[Path]:
 
 
 def _card_description(
-    args: Namespace, config: ResTunerConfig | None, result: Path, lora: Path | None, model_type: str, images: list[Path],
+    args: Namespace,
+    config: ResTunerConfig | None,
+    result: Path,
+    lora: Path | None,
+    model_type: str,
+    images: list[Path],
     source: str,
 ) -> str:
     output_dir = Path(args.output_dir)
@@ -197,7 +206,9 @@ def write_model_card(
             from_training=True,
             base_model=str(args.pretrained_model_name_or_path),
             prompt=getattr(args, "instance_prompt", None),
-            model_description=_card_description(args, config, result, lora, model_type, images, repo_id or str(output_dir)),
+            model_description=_card_description(
+                args, config, result, lora, model_type, images, repo_id or str(output_dir)
+            ),
             widget=widget or None,
             inference=True,
         )
@@ -218,7 +229,9 @@ def finish_run(args: Namespace, trainable: Any, result: Path, unet: Any, model_t
     output_dir = Path(args.output_dir)
     config = getattr(trainable, "config", None)
     lora = export_trained_lora(args, output_dir, result, unet)
-    card = write_model_card(args, config if isinstance(config, ResTunerConfig) else None, result, model_type, lora, repo_id)
+    card = write_model_card(
+        args, config if isinstance(config, ResTunerConfig) else None, result, model_type, lora, repo_id
+    )
     logger.info("model card: %s", card)
     if repo_id is not None:
         push_output_dir(repo_id, output_dir, args.hub_token, "End of training", required=True)

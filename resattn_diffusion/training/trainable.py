@@ -112,7 +112,9 @@ class TrainableProvider(ABC):
         return []
 
 
-def prepare_unet_for_training(unet: nn.Module, config: ResTunerConfig, weight_dtype: torch.dtype) -> list[nn.Parameter]:
+def prepare_unet_for_training(
+    unet: nn.Module, config: ResTunerConfig, weight_dtype: torch.dtype
+) -> list[nn.Parameter]:
     """Freeze ``unet`` in ``weight_dtype``, add the tuner, and keep the tuner's parameters in fp32.
 
     Under mixed precision the frozen weights run in fp16/bf16 while the optimizer updates fp32 tuner weights

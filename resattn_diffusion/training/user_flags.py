@@ -51,45 +51,72 @@ def add_user_flags(parser: argparse.ArgumentParser) -> None:
     """Add the flags of this module to a training script's parser (after :func:`build_parser`'s own)."""
     opt = parser.add_argument_group("optimizer (diffusers' names; --adam_* apply to AdamW and Prodigy)")
     opt.add_argument(
-        "--optimizer", type=str.lower, default="adamw", choices=OPTIMIZERS,
+        "--optimizer",
+        type=str.lower,
+        default="adamw",
+        choices=OPTIMIZERS,
         help="adamw (torch, or bitsandbytes' 8-bit with --use_8bit_adam) or prodigy (pip install prodigyopt; use "
         "--learning_rate 1.0).",
     )
     opt.add_argument("--prodigy_beta3", type=float, default=None, help="Prodigy's beta3 (default: sqrt(beta2)).")
-    opt.add_argument("--prodigy_decouple", type=_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay.")
-    opt.add_argument("--prodigy_use_bias_correction", type=_bool, default=True, help="Prodigy: Adam's bias correction.")
     opt.add_argument(
-        "--prodigy_safeguard_warmup", type=_bool, default=True,
+        "--prodigy_decouple", type=_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay."
+    )
+    opt.add_argument(
+        "--prodigy_use_bias_correction", type=_bool, default=True, help="Prodigy: Adam's bias correction."
+    )
+    opt.add_argument(
+        "--prodigy_safeguard_warmup",
+        type=_bool,
+        default=True,
         help="Prodigy: drop the learning rate from the denominator of D's estimate during warmup.",
     )
 
     data = parser.add_argument_group("data (more)")
     data.add_argument(
-        "--image_interpolation_mode", type=str.lower, default="bilinear", choices=list(INTERPOLATION_MODES),
+        "--image_interpolation_mode",
+        type=str.lower,
+        default="bilinear",
+        choices=list(INTERPOLATION_MODES),
         help="Resampling when images are resized (diffusers' default is lanczos; this project's is bilinear).",
     )
     data.add_argument("--repeats", type=int, default=1, help="How many times each training image is seen per epoch.")
 
     dist = parser.add_argument_group("distributed")
     dist.add_argument(
-        "--local_rank", type=int, default=-1,
+        "--local_rank",
+        type=int,
+        default=-1,
         help="Set by torch.distributed launchers; LOCAL_RANK from the environment wins (accelerate sets it).",
     )
 
     hub = parser.add_argument_group("Hugging Face Hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="Upload output_dir (tuner, model card, images) at the end.")
-    hub.add_argument("--hub_model_id", type=str, default=None, help="The repo to upload to (default: the output_dir's name under your user).")
+    hub.add_argument(
+        "--push_to_hub", action="store_true", help="Upload output_dir (tuner, model card, images) at the end."
+    )
+    hub.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="The repo to upload to (default: the output_dir's name under your user).",
+    )
     hub.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the one `hf auth login` saved).")
     hub.add_argument(
-        "--push_checkpoints_to_hub", action="store_true",
+        "--push_checkpoints_to_hub",
+        action="store_true",
         help="With --push_to_hub: also upload output_dir at every checkpoint (the run continues if one fails).",
     )
     hub.add_argument("--hub_private", action="store_true", help="Create the Hub repo private.")
     hub.add_argument(
-        "--export_lora", type=str, default=None, choices=["diffusers", "kohya"],
+        "--export_lora",
+        type=str,
+        default=None,
+        choices=["diffusers", "kohya"],
         help="Also write the trained tuner as a LoRA file (res_lora, glora, surm_* only): lora_<format>.safetensors.",
     )
-    hub.add_argument("--export_lora_rank", type=int, default=None, help="Truncate the exported LoRA to this rank (default: exact).")
+    hub.add_argument(
+        "--export_lora_rank", type=int, default=None, help="Truncate the exported LoRA to this rank (default: exact)."
+    )
 
 
 def check_user_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -120,7 +147,9 @@ def check_optimizer_package(args: argparse.Namespace) -> None:
         raise TrainingError("--optimizer prodigy needs prodigyopt: pip install prodigyopt (or use --optimizer adamw)")
 
 
-def make_optimizer(args: argparse.Namespace, parameters: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    args: argparse.Namespace, parameters: list[torch.nn.Parameter], learning_rate: float
+) -> torch.optim.Optimizer:
     """AdamW (torch or bitsandbytes 8-bit) or Prodigy over ``parameters``, with diffusers' flag meanings."""
     if getattr(args, "optimizer", "adamw") == "prodigy":
         from prodigyopt import Prodigy

@@ -69,6 +69,13 @@ def log_validation(
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {args.validation_prompt}") for i, image in enumerate(images)]}, step=step)
+            tracker.log(
+                {
+                    "validation": [
+                        wandb.Image(image, caption=f"{i}: {args.validation_prompt}") for i, image in enumerate(images)
+                    ]
+                },
+                step=step,
+            )
     del pipeline
     return path

@@ -105,7 +105,9 @@ class ResBypassParams(TunerParams):
         check_positive("rank", self.rank)
         check_positive("heads", self.heads)
         if not isinstance(self.rank, int) or not isinstance(self.heads, int):
-            raise ConfigError(f"res_bypass: rank and heads must be integers, got rank={self.rank!r}, heads={self.heads!r}")
+            raise ConfigError(
+                f"res_bypass: rank and heads must be integers, got rank={self.rank!r}, heads={self.heads!r}"
+            )
         if "attention" in (self.lateral, self.vertical) and self.rank % self.heads:
             divisors = [h for h in range(1, self.rank + 1) if self.rank % h == 0]
             raise ConfigError(
@@ -115,7 +117,9 @@ class ResBypassParams(TunerParams):
         ResAdapterParams(rank=self.rank, activation=self.activation).validate()
         if self.up_rank is not None:
             if isinstance(self.up_rank, bool) or not isinstance(self.up_rank, int) or self.up_rank <= 0:
-                raise ConfigError(f"res_bypass: up_rank must be None (full 3x3 conv) or a positive int, got {self.up_rank!r}")
+                raise ConfigError(
+                    f"res_bypass: up_rank must be None (full 3x3 conv) or a positive int, got {self.up_rank!r}"
+                )
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"res_bypass: normalize must be true or false, got {self.normalize!r}")
         check_dropout(self.dropout)
@@ -126,7 +130,9 @@ def _token_tuner(kind: str, width: int, params: ResBypassParams, zero_output: bo
     otherwise both of its factors are random (see the module docstring for why)."""
     shape = OpShape(in_dim=width, out_dim=width, context_dim=width)
     if kind == "adapter":
-        tuner = ResAdapter(shape, ResAdapterParams(rank=params.rank, activation=params.activation, dropout=params.dropout))
+        tuner = ResAdapter(
+            shape, ResAdapterParams(rank=params.rank, activation=params.activation, dropout=params.dropout)
+        )
         last = tuner.up.weight
     else:
         tuner = ResAttn(shape, ResAttnParams(rank=params.rank, heads=params.heads, dropout=params.dropout))
@@ -237,7 +243,8 @@ class ResBypass(nn.Module):
         self.widths = widths
         last = len(widths) - 1
         self.stages = nn.ModuleList(
-            BypassStage(width, widths[i - 1] if i else None, params, is_last=i == last) for i, width in enumerate(widths)
+            BypassStage(width, widths[i - 1] if i else None, params, is_last=i == last)
+            for i, width in enumerate(widths)
         )
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:

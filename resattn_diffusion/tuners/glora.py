@@ -320,7 +320,9 @@ class GLoRAParams(TunerParams):
             raise ConfigError(f"GLoRA rank must be a positive integer, got {self.rank!r}")
         self.layer_config()
         if not isinstance(self.overrides, Mapping):
-            raise ConfigError(f"GLoRA overrides must be a mapping pattern -> configuration, got {type(self.overrides).__name__}")
+            raise ConfigError(
+                f"GLoRA overrides must be a mapping pattern -> configuration, got {type(self.overrides).__name__}"
+            )
         for pattern in self.overrides:
             if not isinstance(pattern, str) or not pattern:
                 raise ConfigError(f"GLoRA override patterns must be non-empty strings, got {pattern!r}")

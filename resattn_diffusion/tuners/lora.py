@@ -43,7 +43,9 @@ class ResLoRA(LinearTuner):
         """Dropout on x while training is not a function of ``B A`` alone: then the branch runs on its own."""
         return not (self.training and self.dropout.p > 0)
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.dropout(x)))
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

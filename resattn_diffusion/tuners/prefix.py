@@ -52,9 +52,7 @@ class ResPrefix(OperationTuner):
         self.prefix_values = nn.Parameter(torch.zeros(1, params.prefix_length, shape.inner_dim))
         self.dropout = nn.Dropout(params.dropout)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None, frozen: FrozenAttention | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, frozen: FrozenAttention | None) -> torch.Tensor:
         query = frozen.frozen_query(x)
         keys = self.prefix_keys.to(query.dtype)
         values = self.prefix_values.to(query.dtype)

@@ -51,9 +51,7 @@ class ResPrompt(OperationTuner):
         self.gate = nn.Parameter(torch.zeros(shape.out_dim))
         self.dropout = nn.Dropout(params.dropout)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None, frozen: FrozenAttention | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, frozen: FrozenAttention | None) -> torch.Tensor:
         query = frozen.frozen_query(x)
         tokens = self.prompt_tokens.to(query.dtype)
         attended = multi_head_attention(query, frozen.to_k(tokens), frozen.to_v(tokens), frozen.heads)

@@ -157,7 +157,9 @@ def toeplitz_apply(t: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor
         t_spectrum = torch.fft.rfft(t.to(dtype), n=length)
 
         def apply(rows: torch.Tensor) -> torch.Tensor:
-            return torch.fft.irfft(torch.fft.rfft(rows, n=length) * t_spectrum, n=length)[..., d_in - 1 : d_in - 1 + d_out]
+            return torch.fft.irfft(torch.fft.rfft(rows, n=length) * t_spectrum, n=length)[
+                ..., d_in - 1 : d_in - 1 + d_out
+            ]
 
         y = _over_row_blocks(apply, x.to(dtype), length)
     return y.to(x.dtype)
@@ -166,7 +168,9 @@ def toeplitz_apply(t: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor
 def _skew_modulation(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``w^t = exp(i pi t / n)`` for t < n (the diagonal M of ``skew(h) = M^-1 circ(M h) M``), complex of ``dtype``."""
     angle = torch.arange(n, device=device, dtype=torch.float64) * (math.pi / n)
-    return torch.polar(torch.ones_like(angle), angle).to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+    return torch.polar(torch.ones_like(angle), angle).to(
+        torch.complex128 if dtype == torch.float64 else torch.complex64
+    )
 
 
 def skew_circulant_apply(h: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor:
@@ -179,7 +183,9 @@ def skew_circulant_apply(h: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.
 
         def apply(rows: torch.Tensor) -> torch.Tensor:
             rows = torch.nn.functional.pad(rows, (0, n - rows.shape[-1]))
-            return (modulation.conj() * torch.fft.ifft(torch.fft.fft(modulation * rows) * h_spectrum)).real[..., :d_out]
+            return (modulation.conj() * torch.fft.ifft(torch.fft.fft(modulation * rows) * h_spectrum)).real[
+                ..., :d_out
+            ]
 
         y = _over_row_blocks(apply, x.to(dtype), 2 * n)
     return y.to(x.dtype)
@@ -245,15 +251,22 @@ def default_kronecker_factor(n: int) -> int:
     return max(d for d in divisors(n) if d * d <= n)
 
 
-def resolve_kronecker_factors(d_out: int, d_in: int, out_factor: int = 0, in_factor: int = 0) -> tuple[int, int, int, int]:
+def resolve_kronecker_factors(
+    d_out: int, d_in: int, out_factor: int = 0, in_factor: int = 0
+) -> tuple[int, int, int, int]:
     """``(a1, a2, b1, b2)`` with ``a1 b1 = d_out`` and ``a2 b2 = d_in``; a factor of 0 means the default.
 
     Raises :class:`ConfigError` listing the valid choices when a given factor does not divide its dim.
     """
     problems = []
-    for label, dim, factor in (("out_factor (a1, rows of A)", d_out, out_factor), ("in_factor (a2, columns of A)", d_in, in_factor)):
+    for label, dim, factor in (
+        ("out_factor (a1, rows of A)", d_out, out_factor),
+        ("in_factor (a2, columns of A)", d_in, in_factor),
+    ):
         if factor < 0 or (factor > 0 and dim % factor != 0):
-            problems.append(f"{label}={factor} does not divide {dim}; valid values: {divisors(dim)} (or 0 for automatic)")
+            problems.append(
+                f"{label}={factor} does not divide {dim}; valid values: {divisors(dim)} (or 0 for automatic)"
+            )
     if problems:
         raise ConfigError(
             f"Kronecker factors for a {d_out} x {d_in} weight (A (x) B needs a1*b1 = {d_out}, a2*b2 = {d_in}): "

@@ -153,7 +153,9 @@ class SURMLinear(LinearTuner):
         """Trainable parameters on a d_in -> d_out layer (the formula in the class docstring)."""
         return STRUCTURES[cls.structure].count_parameters(shape.out_dim, shape.in_dim, **cls._structure_kwargs(params))
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.delta(x)
 
     def materialize(self) -> torch.Tensor:
@@ -225,7 +227,9 @@ class SURMAdapterParams(TunerParams):
     def validate(self) -> None:
         check_choice("structure", self.structure, tuple(STRUCTURES))
         if not isinstance(self.hidden_dim, int) or isinstance(self.hidden_dim, bool) or self.hidden_dim < 0:
-            raise ConfigError(f"hidden_dim must be a non-negative integer (0 = the input width), got {self.hidden_dim!r}")
+            raise ConfigError(
+                f"hidden_dim must be a non-negative integer (0 = the input width), got {self.hidden_dim!r}"
+            )
         make_activation(self.activation)
         check_dropout(self.dropout)
         _check_displacement_rank(self.displacement_rank)
@@ -268,7 +272,9 @@ class SURMAdapter(OperationTuner):
         hidden = params.hidden_width(shape)
         family = STRUCTURES[params.structure]
         kwargs = params.structure_kwargs()
-        return family.count_parameters(hidden, shape.in_dim, **kwargs) + family.count_parameters(shape.out_dim, hidden, **kwargs)
+        return family.count_parameters(hidden, shape.in_dim, **kwargs) + family.count_parameters(
+            shape.out_dim, hidden, **kwargs
+        )
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, frozen: FrozenAttention | None = None

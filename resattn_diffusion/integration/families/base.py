@@ -47,7 +47,10 @@ def base_linear(module: nn.Module) -> nn.Module:
 
 def linear_shape(linear: nn.Linear) -> OpShape:
     return OpShape(
-        in_dim=linear.in_features, out_dim=linear.out_features, context_dim=linear.in_features, has_bias=linear.bias is not None
+        in_dim=linear.in_features,
+        out_dim=linear.out_features,
+        context_dim=linear.in_features,
+        has_bias=linear.bias is not None,
     )
 
 
@@ -55,7 +58,9 @@ def feed_forward_layer(path: str, ff: nn.Module) -> Layer:
     """A diffusers ``FeedForward`` (``net.0.proj`` -> activation -> ``net.2``) as a layer of role ``"ff"``."""
     first, last = base_linear(ff.net[0].proj), base_linear(ff.net[2])
     shape = OpShape(in_dim=first.in_features, out_dim=last.out_features, context_dim=first.in_features)
-    return Layer(path, ff, "ff", shape, linears={"net.0.proj": ("net.0.proj", ff.net[0].proj), "net.2": ("net.2", ff.net[2])})
+    return Layer(
+        path, ff, "ff", shape, linears={"net.0.proj": ("net.0.proj", ff.net[0].proj), "net.2": ("net.2", ff.net[2])}
+    )
 
 
 def linear_layer(path: str, module: nn.Module) -> Layer:

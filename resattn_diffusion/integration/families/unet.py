@@ -63,7 +63,9 @@ def _set_default_attn_processor_keeping_tuners(unet: nn.Module) -> None:
     elif all(type(p) in CROSS_ATTENTION_PROCESSORS for p in bases):
         processor = AttnProcessor()
     else:
-        raise ValueError(f"Cannot call `set_default_attn_processor` when attention processors are of type {type(bases[0])}")
+        raise ValueError(
+            f"Cannot call `set_default_attn_processor` when attention processors are of type {type(bases[0])}"
+        )
     unet.set_attn_processor(processor)
 
 
@@ -93,7 +95,9 @@ class UNetFamily(ModelFamily):
         path = f"{block_path}.{target}"
         if target == "ff":
             return feed_forward_layer(path, op)
-        return Layer(path, op, "attention", attention_shape(op), ResTunerAttnProcessor, attention_linears(op, self.projections))
+        return Layer(
+            path, op, "attention", attention_shape(op), ResTunerAttnProcessor, attention_linears(op, self.projections)
+        )
 
     def _describe(self, get) -> dict[str, Any]:
         return {

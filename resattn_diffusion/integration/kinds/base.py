@@ -63,7 +63,11 @@ class TunerKindAttach(ABC):
         raise ResTunerError(f"{self.name} tuners add a branch that does not fold into a weight")
 
     def unfuse(  # noqa: B027 - optional hook, no-op by default
-        self, model: nn.Module, state: ResTunerState, names: list[str] | None = None, accept_changed_weights: bool = False
+        self,
+        model: nn.Module,
+        state: ResTunerState,
+        names: list[str] | None = None,
+        accept_changed_weights: bool = False,
     ) -> None:
         """Restore the weights the named tuners (all when None) were folded into, exactly (nothing to do for kinds
         that never fuse); ``accept_changed_weights``: see ``unfuse_res_tuner``."""

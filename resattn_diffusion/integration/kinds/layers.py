@@ -261,7 +261,11 @@ class LinearKind(LayerKind):
             bank.write_planned(owner, write or plan_write(bank, owner, others, keep))
 
     def unfuse(
-        self, model: nn.Module, state: ResTunerState, names: list[str] | None = None, accept_changed_weights: bool = False
+        self,
+        model: nn.Module,
+        state: ResTunerState,
+        names: list[str] | None = None,
+        accept_changed_weights: bool = False,
     ) -> None:
         writes = []
         for bank, owner in state.banks:  # every layer checked before any changes
