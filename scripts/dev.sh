@@ -2,12 +2,27 @@
 # One entry point for the README's two set-up commands:
 #   bash scripts/dev.sh demo   -- install into .venv and run the main job
 #   bash scripts/dev.sh test   -- install into .venv (with dev extras), run ruff, then the tests
+#   bash scripts/dev.sh mutate [PATH ...] -- mutation testing (scripts/mutate.py; README "Mutation score"). It installs
+#     nothing: it runs on $MUTATE_PYTHON, else .venv/bin/python, else python3, which must have the dev extras
+#     (mutmut among them). MUTATE_WORKERS (default: all cores), MUTATE_OUT (default: mutation-results/).
 # torch is installed first, pinned: on a CPU-only machine a bare "torch" requirement pulls a multi-GB CUDA build.
 # Set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>") to choose another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"; shift || true
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+if [ "$what" = "mutate" ]; then
+  # no install step: the lead's machines run this offline, from wheels installed beforehand
+  PY="${MUTATE_PYTHON:-}"
+  if [ -z "$PY" ]; then if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi; fi
+  if ! "$PY" -c "import mutmut, resattn_diffusion" >/dev/null 2>&1; then
+    echo "dev.sh mutate: $PY lacks mutmut or this package's dependencies: pip install 'mutmut==3.8.1' and the" \
+      "dev extras, or set MUTATE_PYTHON to a python that has them" >&2
+    exit 2
+  fi
+  exec "$PY" scripts/mutate.py "$@"
+fi
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
@@ -32,6 +47,6 @@ case "$what" in
     exec $PY -m benchmarks.digits.demo "$@"
     ;;
   *)
-    echo "usage: bash scripts/dev.sh [test|demo] [extra args]" >&2; exit 2
+    echo "usage: bash scripts/dev.sh [test|demo|mutate] [extra args]" >&2; exit 2
     ;;
 esac

@@ -1,0 +1,315 @@
+"""Mutation testing of the math and its integration: ``bash scripts/dev.sh mutate [PATH ...]`` runs this.
+
+Each module (a file of ``resattn_diffusion``) runs in its own mutmut work folder, ``$MUTATE_OUT/work/<module>/``,
+against only the test files that pin it (``PINNING_TESTS`` below): mutmut then runs, per mutant, only those of
+these tests that reach the mutated function. A rerun resumes: finished mutants keep their verdict; a changed
+source or a changed pinning test file restarts that module (new tests are not trusted to keep old verdicts).
+The summary goes to ``$MUTATE_OUT/summary.json`` (module -> killed / survived / timeout / no_tests / total and
+the survivors with their diffs); the score per module group and overall, and the survivors, are printed.
+
+What is not mutated, and why (``DO_NOT_MUTATE_LINES``): a line that raises, logs, or warns, and a line that is
+only a string literal (the continuation of such a message): mutating an error message's text is not a bug in
+the math, and tests pin the error type and its key words, not every word. mutmut itself skips docstrings,
+type annotations, decorated functions other than static/class methods (properties) and module-level code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "resattn_diffusion"
+
+#: mutmut's own verdict names, by the exit code it records for a mutant (mutmut.stats.status_by_exit_code)
+VERDICTS = {1: "killed", 3: "killed", 0: "survived", 5: "no_tests", 33: "no_tests", 34: "skipped", 36: "timeout",
+            -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", 37: "killed", -11: "killed", -9: "killed",
+            None: "not_checked"}  # fmt: skip
+#: a crash of the test process (segfault) or a type-check failure is a kill: the mutant did not pass the tests
+
+#: lines never mutated (regexes, see the module docstring)
+DO_NOT_MUTATE_LINES = [
+    r"^\s*raise\b",
+    r"\blogger\.(debug|info|warning|error|exception)\(",
+    r"\bwarnings\.warn\(",
+    r"^\s*[rRfFbBuU]{0,2}(\"|')[^\"']*(\"|')\s*[,)]?\s*$",  # a line that is only a (message) string literal
+    r"^\s*[rRfFbBuU]{0,2}\"[^\"]*\"\s*$",
+]
+
+
+@dataclass(frozen=True)
+class Module:
+    """One mutated file: its tests, and (optionally) the only functions of it that are in scope."""
+
+    path: str  # relative to the repository, e.g. "resattn_diffusion/tuners/lora.py"
+    group: str
+    tests: tuple[str, ...]  # test files (or node ids) that pin it
+    functions: tuple[str, ...] = ()  # "name" or "Class.method"; empty: the whole file
+    extra_files: tuple[str, ...] = field(default=())  # other repository paths the tests need (copied beside)
+    deselect: tuple[str, ...] = field(default=())  # slow test ids of those files that pin nothing of this module
+
+    @property
+    def dotted(self) -> str:
+        return self.path[: -len(".py")].replace("/", ".").removesuffix(".__init__")
+
+    def mutant_patterns(self) -> list[str]:
+        """mutmut's mutant names are ``<module>.x_<function>__mutmut_<n>`` / ``<module>.xǁClassǁmethod__mutmut_<n>``."""
+        if not self.functions:
+            return [f"{self.dotted}.*"]
+        names = [f"xǁ{f.replace('.', 'ǁ')}" if "." in f else f"x_{f}" for f in self.functions]
+        return [f"{self.dotted}.{name}__mutmut_*" for name in names]
+
+
+T = "tests/"
+#: fast math tests (seconds); test_bypass / test_fast_paths (20+ s) pin only their own modules
+TUNER_TESTS = (T + "test_glora_math.py", T + "test_surm_math.py")
+BENCHMARK_TEST = T + "test_bypass.py::test_benchmark_runs_and_the_bypass_keeps_less_for_backward"
+
+
+def _modules() -> list[Module]:
+    """The default scope: the tuners, the integration layer, the training loss and the metrics."""
+    tuners = {
+        "base": TUNER_TESTS,
+        "adapter": TUNER_TESTS,
+        "bypass": (T + "test_bypass.py",),
+        "fast_paths": (T + "test_fast_paths.py",),
+        "glora": (T + "test_glora_math.py", T + "test_fast_paths.py"),
+        "lora": TUNER_TESTS,
+        "prefix": TUNER_TESTS,
+        "prompt": TUNER_TESTS,
+        "res_attn": TUNER_TESTS,
+        "structured": (T + "test_surm_math.py",),
+        "surm": (T + "test_surm_math.py",),
+    }
+    modules = [Module(f"{PACKAGE}/tuners/{name}.py", "tuners", tests, deselect=(BENCHMARK_TEST,) if
+                      "test_bypass.py" in str(tests) else ()) for name, tests in tuners.items()]  # fmt: skip
+    modules += [
+        Module(f"{PACKAGE}/training/objective.py", "loss", (T + "test_training.py",)),
+        Module(f"{PACKAGE}/training/loop.py", "loss", (T + "test_training.py",), ("diffusion_loss",)),
+        Module(f"{PACKAGE}/training/models.py", "loss", (T + "test_training.py",),
+               ("StableDiffusionBase.per_example_loss",)),  # fmt: skip
+        Module(f"{PACKAGE}/training/flow.py", "loss", (T + "test_dit_training.py",),
+               ("FlowMatchingBase.per_example_loss", "FlowMatchingBase.sample_timesteps")),  # fmt: skip
+        Module(f"{PACKAGE}/evaluation/metrics.py", "metrics", (T + "test_evaluation.py",)),
+    ]
+    return modules
+
+
+MODULES = _modules()
+# tests written to pin one module's math (by the reference / pin test files' names) are added when they exist
+_EXTRA_PINS = {
+    "tuners": ("test_reference_tuners.py", "test_pin_tuners.py"),
+    "loss": ("test_reference_loss.py", "test_pin_loss.py"),
+    "metrics": ("test_reference_metrics.py", "test_pin_metrics.py"),
+    "integration": ("test_reference_tuners.py", "test_pin_integration.py"),
+}
+
+
+def pinning_tests(module: Module) -> list[str]:
+    tests = list(module.tests) + [T + name for name in _EXTRA_PINS.get(module.group, ())]
+    return [t for t in dict.fromkeys(tests) if (REPO / t.split("::")[0]).exists()]
+
+
+# --- one module's run -------------------------------------------------------------------------------------------
+def _digest(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(str(path.relative_to(REPO)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _mutmut_config(module: Module, tests: list[str]) -> str:
+    def toml_list(items: Iterable[str]) -> str:
+        return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+    deselect = [arg for test_id in module.deselect for arg in ("--deselect", test_id)]
+
+    return (
+        "\n[tool.mutmut]\n"
+        f'source_paths = ["{PACKAGE}"]\n'
+        f"only_mutate = {toml_list([module.path])}\n"
+        f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
+        # -p no:cacheprovider: nothing written beside the tests; -x: the first failure kills the mutant
+        f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', '-x', '-q'] + deselect)}\n"
+        f"also_copy = {toml_list(module.extra_files)}\n"
+        f"do_not_mutate_patterns = {toml_list(DO_NOT_MUTATE_LINES)}\n"
+        # torch's OpenMP threads are not fork-safe: fork the mutants from a server that has not run tests
+        'process_isolation = "forkserver"\n'
+        "use_git_change_detection = false\n"
+        "timeout_multiplier = 5.0\n"
+        "timeout_constant = 5.0\n"
+    )
+
+
+def prepare(module: Module, out: Path) -> tuple[Path, list[str]]:
+    """The module's work folder with a copy of the package, its tests and a pyproject naming what to mutate."""
+    tests = pinning_tests(module)
+    if not tests:
+        raise SystemExit(f"mutate: no pinning test file exists for {module.path}; add one to PINNING_TESTS")
+    work = out / "work" / module.dotted
+    sources = [p for p in (REPO / PACKAGE).rglob("*.py")]
+    test_files = [REPO / "tests" / "conftest.py"] + [REPO / t.split("::")[0] for t in tests]
+    source_digest, test_digest = _digest(sources), _digest(test_files + [Path(__file__).resolve()])
+    stamp = work / "stamp.json"
+    old = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if old.get("source") != source_digest and work.exists():
+        shutil.rmtree(work)  # mutmut does not recopy a changed source: start this module over
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / PACKAGE).exists():
+        shutil.copytree(REPO / PACKAGE, work / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(work / "tests", ignore_errors=True)
+    (work / "tests").mkdir()
+    for path in test_files:
+        shutil.copy2(path, work / "tests" / path.name)
+    for extra in module.extra_files:
+        src, dst = REPO / extra, work / extra
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+    pyproject = (REPO / "pyproject.toml").read_text().split("\n[tool.mutmut]")[0]
+    (work / "pyproject.toml").write_text(pyproject + _mutmut_config(module, tests))
+    if old.get("tests") not in (None, test_digest) and (work / "mutants").exists():
+        # new or changed tests: recollect which tests reach which function, and rerun every mutant not yet killed
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        shutil.rmtree(work / "mutants" / "tests", ignore_errors=True)
+        _forget_unkilled(work, module)
+    stamp.write_text(json.dumps({"source": source_digest, "tests": test_digest}))
+    return work, tests
+
+
+def _meta(work: Path, module: Module) -> dict:
+    path = work / "mutants" / (module.path + ".meta")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _forget_unkilled(work: Path, module: Module) -> None:
+    path = work / "mutants" / (module.path + ".meta")
+    if path.exists():
+        meta = json.loads(path.read_text())
+        meta["exit_code_by_key"] = {
+            k: (v if VERDICTS.get(v, "killed") == "killed" else None) for k, v in meta["exit_code_by_key"].items()
+        }
+        path.write_text(json.dumps(meta))
+
+
+def in_scope(module: Module, names: Iterable[str]) -> list[str]:
+    patterns = module.mutant_patterns()
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def run_module(module: Module, out: Path, workers: int, python: str) -> dict:
+    work, tests = prepare(module, out)
+    mutmut = [python, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())"]
+    log = (out / "logs" / f"{module.dotted}.log").open("a")
+    pending = None
+    meta = _meta(work, module)
+    if meta:
+        pending = [n for n in in_scope(module, meta["exit_code_by_key"]) if meta["exit_code_by_key"][n] is None]
+    start = time.monotonic()
+    if pending is None or pending:
+        # first run: every mutant of the file is generated; only the in-scope ones are run (patterns);
+        # a resumed run names the unfinished ones (mutmut reruns a named mutant even if it has a verdict)
+        names = pending if pending else module.mutant_patterns()
+        # mutmut's command line can get long on a large module: it is fine for Linux's argument limits
+        cmd = mutmut + ["run", "--max-children", str(workers)] + names
+        print(f"mutate: {module.path}: {len(pending) if pending else 'all'} mutants, tests {' '.join(tests)}",
+              flush=True)  # fmt: skip
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", RESATTN_TEST_THREADS="1")
+        proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode not in (0,):
+            tail = (out / "logs" / f"{module.dotted}.log").read_text()[-3000:]
+            print(f"mutate: mutmut failed on {module.path} (exit {proc.returncode}); log tail:\n{tail}", flush=True)
+    return summarize(module, work, python, time.monotonic() - start)
+
+
+def summarize(module: Module, work: Path, python: str, seconds: float) -> dict:
+    codes = _meta(work, module).get("exit_code_by_key", {})
+    names = in_scope(module, codes)
+    counts = {"killed": 0, "survived": 0, "timeout": 0, "no_tests": 0, "not_checked": 0, "skipped": 0}
+    survivors = []
+    for name in sorted(names, key=_natural):
+        verdict = VERDICTS.get(codes[name], "suspicious")
+        counts[verdict] = counts.get(verdict, 0) + 1
+        if verdict in ("survived", "no_tests", "suspicious"):
+            survivors.append({"name": name, "verdict": verdict, "diff": _diff(work, name, python)})
+    counts["total"] = len(names)
+    return {"module": module.path, "group": module.group, **counts, "seconds": round(seconds, 1),
+            "survivors": survivors}  # fmt: skip
+
+
+def _natural(name: str) -> tuple[str, int]:
+    head, _, number = name.rpartition("__mutmut_")
+    return head, int(number) if number.isdigit() else 0
+
+
+def _diff(work: Path, name: str, python: str) -> str:
+    code = "import sys; from mutmut.__main__ import cli; sys.exit(cli())"
+    proc = subprocess.run([python, "-c", code, "show", name], cwd=work, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    return "\n".join(line for line in lines[1:] if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
+
+
+def score(rows: list[dict]) -> str:
+    killed = sum(r["killed"] + r["timeout"] for r in rows)
+    total = sum(r["total"] - r["skipped"] - r["not_checked"] for r in rows)
+    return f"{killed}/{total} = {100.0 * killed / total:.1f}%" if total else "no mutants"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dev.sh mutate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", help="files or folders under resattn_diffusion/ (default: all in scope)")
+    args = parser.parse_args(argv)
+    workers = int(os.environ.get("MUTATE_WORKERS") or os.cpu_count() or 1)
+    out = Path(os.environ.get("MUTATE_OUT") or REPO / "mutation-results").resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    chosen = MODULES
+    if args.paths:
+        wanted = [str((Path.cwd() / p).resolve().relative_to(REPO)) for p in args.paths]
+        chosen = [m for m in MODULES if any(m.path == w or m.path.startswith(w.rstrip("/") + "/") for w in wanted)]
+        if not chosen:
+            known = "\n  ".join(m.path for m in MODULES)
+            print(f"mutate: no module in scope under {' '.join(args.paths)}; the modules are:\n  {known}")
+            return 2
+    rows = []
+    summary_path = out / "summary.json"
+    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {"modules": {}}
+    for module in chosen:
+        row = run_module(module, out, workers, sys.executable)
+        rows.append(row)
+        previous["modules"][module.path] = row
+        summary_path.write_text(json.dumps(previous, indent=1, ensure_ascii=False))
+        print(f"  {module.path}: {row['killed'] + row['timeout']}/{row['total']} killed, {row['survived']} survived,"
+              f" {row['no_tests']} without tests ({row['seconds']} s)", flush=True)  # fmt: skip
+    all_rows = list(previous["modules"].values())
+    groups = sorted({r["group"] for r in all_rows})
+    previous["groups"] = {g: score([r for r in all_rows if r["group"] == g]) for g in groups}
+    previous["overall"] = score(all_rows)
+    summary_path.write_text(json.dumps(previous, indent=1, ensure_ascii=False))
+    print("\nsurvivors (this run):")
+    for row in rows:
+        for s in row["survivors"]:
+            print(f"  {s['name']} [{s['verdict']}]\n    " + s["diff"].replace("\n", "\n    "))
+    print("\nscore per module (killed / checked):")
+    for row in sorted(all_rows, key=lambda r: (r["group"], r["module"])):
+        print(f"  {row['module']:<50} {score([row])}")
+    print("score per group:")
+    for g in groups:
+        print(f"  {g:<12} {previous['groups'][g]}")
+    print(f"overall      {previous['overall']}\nsummary: {summary_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
