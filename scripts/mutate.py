@@ -25,10 +25,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: mutmut workers per module when several modules run at once (MUTATE_WORKERS / this = modules side by side)
+MUTANTS_PER_MODULE = 4
 PACKAGE = "resattn_diffusion"
 
 #: mutmut's own verdict names, by the exit code it records for a mutant (mutmut.stats.status_by_exit_code)
@@ -93,14 +96,48 @@ def _modules() -> list[Module]:
     }
     modules = [Module(f"{PACKAGE}/tuners/{name}.py", "tuners", tests, deselect=(BENCHMARK_TEST,) if
                       "test_bypass.py" in str(tests) else ()) for name, tests in tuners.items()]  # fmt: skip
+    # the integration layer: the tests that build tiny models and check the processors / files / fusion exactly
+    fast, bypass, io_tests = T + "test_fast_paths.py", T + "test_bypass.py", T + "test_io_config.py"
+    integration = {
+        "processors": (fast, bypass),
+        "fusion": (T + "test_fuse.py", T + "test_fuse_compose.py"),
+        "io": (io_tests, T + "test_shared_helpers.py", T + "test_save_temporaries.py"),
+        "plan": (io_tests, fast),
+        "state": (io_tests, bypass),
+        "unet_tuners": (fast, bypass, io_tests),
+        "api": (io_tests, fast, bypass),
+        "hotswap": (T + "test_loader_api.py",),
+        "export": (T + "test_export.py",),
+        "loader_mixin": (T + "test_loader_api.py",),
+        "kinds/base": (fast, bypass),
+        "kinds/layers": (fast, bypass, io_tests),
+        "kinds/model": (bypass,),
+        "families/base": (fast, io_tests, T + "test_transformers.py"),
+        "families/unet": (fast, io_tests),
+        "families/joint": (T + "test_transformers.py",),
+        "families/sd3": (T + "test_transformers.py",),
+        "families/flux": (T + "test_transformers.py",),
+    }
     modules += [
-        Module(f"{PACKAGE}/training/objective.py", "loss", (T + "test_training.py",)),
-        Module(f"{PACKAGE}/training/loop.py", "loss", (T + "test_training.py",), ("diffusion_loss",)),
-        Module(f"{PACKAGE}/training/models.py", "loss", (T + "test_training.py",),
-               ("StableDiffusionBase.per_example_loss",)),  # fmt: skip
-        Module(f"{PACKAGE}/training/flow.py", "loss", (T + "test_dit_training.py",),
-               ("FlowMatchingBase.per_example_loss", "FlowMatchingBase.sample_timesteps")),  # fmt: skip
-        Module(f"{PACKAGE}/evaluation/metrics.py", "metrics", (T + "test_evaluation.py",)),
+        Module(f"{PACKAGE}/integration/{name}.py", "integration", tests, deselect=(BENCHMARK_TEST,) if
+               bypass in tests else ()) for name, tests in integration.items()]  # fmt: skip
+    # the loss: what diffusion_loss calls for it, by hand (test_pin_loss); the flow-matching loss by the tests
+    # that compare it with the diffusers scripts' reference (test_dit_training; its other tests load pipelines)
+    loss_tests = (T + "test_pin_loss.py",)
+    dit = T + "test_dit_training.py::"
+    flow_tests = tuple(dit + name for name in ("test_flow_matching_loss_equals_the_diffusers_script_reference",
+                       "test_timestep_schemes_sample_where_they_should", "test_precondition_outputs_compares_denoised_latents"))  # fmt: skip
+    modules += [
+        Module(f"{PACKAGE}/training/objective.py", "loss", loss_tests),
+        Module(f"{PACKAGE}/training/loop.py", "loss", loss_tests, ("diffusion_loss",)),
+        Module(f"{PACKAGE}/training/models.py", "loss", loss_tests, ("StableDiffusionBase.per_example_loss",)),
+        Module(
+            f"{PACKAGE}/training/flow.py",
+            "loss",
+            flow_tests,
+            ("FlowMatchingBase.per_example_loss", "FlowMatchingBase.sample_timesteps"),
+        ),  # fmt: skip
+        Module(f"{PACKAGE}/evaluation/metrics.py", "metrics", (T + "test_pin_metrics.py", T + "test_evaluation.py")),
     ]
     return modules
 
@@ -111,12 +148,14 @@ _EXTRA_PINS = {
     "tuners": ("test_reference_tuners.py", "test_pin_tuners.py"),
     "loss": ("test_reference_loss.py", "test_pin_loss.py"),
     "metrics": ("test_reference_metrics.py", "test_pin_metrics.py"),
-    "integration": ("test_reference_tuners.py", "test_pin_integration.py"),
+    "integration": ("test_reference_processor*.py", "test_pin_integration.py"),
 }
 
 
 def pinning_tests(module: Module) -> list[str]:
-    tests = list(module.tests) + [T + name for name in _EXTRA_PINS.get(module.group, ())]
+    tests = list(module.tests)
+    for pattern in _EXTRA_PINS.get(module.group, ()):
+        tests += sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob(pattern))
     return [t for t in dict.fromkeys(tests) if (REPO / t.split("::")[0]).exists()]
 
 
@@ -285,13 +324,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     summary_path = out / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {"modules": {}}
-    for module in chosen:
-        row = run_module(module, out, workers, sys.executable)
-        rows.append(row)
-        previous["modules"][module.path] = row
-        summary_path.write_text(json.dumps(previous, indent=1, ensure_ascii=False))
-        print(f"  {module.path}: {row['killed'] + row['timeout']}/{row['total']} killed, {row['survived']} survived,"
-              f" {row['no_tests']} without tests ({row['seconds']} s)", flush=True)  # fmt: skip
+    # Several modules at once: each mutmut run has serial phases (collecting which tests reach which function,
+    # the clean run), so on many cores modules run side by side, MUTANTS_PER_MODULE workers each.
+    parallel = max(1, min(len(chosen), workers // MUTANTS_PER_MODULE))
+    children = max(1, workers // parallel)
+    print(f"mutate: {len(chosen)} modules, {parallel} at a time with {children} workers each; out: {out}", flush=True)
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {pool.submit(run_module, module, out, children, sys.executable): module for module in chosen}
+        for future in as_completed(futures):
+            row = future.result()
+            rows.append(row)
+            previous["modules"][row["module"]] = row
+            summary_path.write_text(json.dumps(previous, indent=1, ensure_ascii=False))
+            print(f"  {row['module']}: {row['killed'] + row['timeout']}/{row['total']} killed, {row['survived']} "
+                  f"survived, {row['no_tests']} without tests ({row['seconds']} s)", flush=True)  # fmt: skip
     all_rows = list(previous["modules"].values())
     groups = sorted({r["group"] for r in all_rows})
     previous["groups"] = {g: score([r for r in all_rows if r["group"] == g]) for g in groups}

@@ -1,0 +1,136 @@
+"""Pins of the UNet training loss by hand: ``StableDiffusionBase.per_example_loss`` on stub parts (a VAE whose
+latents are given, a recording denoiser, diffusers' real DDPM scheduler), replaying the same random draws, for
+epsilon and v-prediction, noise offset and Min-SNR weighting; ``diffusion_loss``'s prior weighting; the targets.
+
+Written to kill the surviving mutants of ``scripts/dev.sh mutate`` (README, "Mutation score").
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from resattn_diffusion.training.errors import TrainingError
+from resattn_diffusion.training.loop import diffusion_loss
+from resattn_diffusion.training.models import StableDiffusionBase
+from resattn_diffusion.training.objective import prediction_target
+
+B, C, H = 3, 2, 4
+SCALING = 0.5
+
+
+class _Vae(torch.nn.Module):
+    dtype = torch.float32
+    config = SimpleNamespace(scaling_factor=SCALING)
+
+    def __init__(self, latents: torch.Tensor):
+        super().__init__()
+        self.latents = latents
+
+    def encode(self, pixels: torch.Tensor):
+        return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda generator: self.latents.clone()))
+
+
+class _Denoiser(torch.nn.Module):
+    """A fixed, input-dependent prediction: ``0.3 noisy + 0.001 t`` (per sample), recording what it was given."""
+
+    def forward(self, noisy, timesteps, context, added_cond_kwargs=None, return_dict=False):
+        self.seen = (noisy.clone(), timesteps.clone(), context.clone(), added_cond_kwargs)
+        return (0.3 * noisy + 0.001 * timesteps.float().view(-1, 1, 1, 1),)
+
+
+def _base(prediction_type: str, latents: torch.Tensor, context: torch.Tensor) -> StableDiffusionBase:
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    base = StableDiffusionBase("stub", {}, False, [], [], _Vae(latents), _Denoiser(), scheduler, scheduler)
+    base.encode_prompts = lambda captions, device: (context, None)  # type: ignore[method-assign]
+    return base
+
+
+def _by_hand(prediction_type: str, noise_offset: float, snr_gamma: float | None, seed: int):
+    torch.manual_seed(11)
+    raw_latents, context = torch.randn(B, C, H, H), torch.randn(B, 5, 6)
+    base = _base(prediction_type, raw_latents, context)
+    args = Namespace(noise_offset=noise_offset, snr_gamma=snr_gamma)
+    batch = {"pixel_values": torch.zeros(B, 3, 8, 8), "captions": ["a"] * B}
+    loss = base.per_example_loss(args, base.denoiser, batch, 8, torch.float32, torch.Generator().manual_seed(seed))
+
+    g = torch.Generator().manual_seed(seed)  # the same draws, in the same order
+    latents = raw_latents * SCALING
+    noise = torch.randn(latents.shape, generator=g)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((B, C, 1, 1), generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    abar = base.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    prediction = 0.3 * noisy + 0.001 * t.float().view(-1, 1, 1, 1)
+    expected = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        snr = (abar / (1 - abar)).flatten()
+        clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+        expected = expected * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1))
+    seen_noisy, seen_t, seen_context, added = base.denoiser.seen
+    torch.testing.assert_close(seen_noisy, noisy, atol=1e-5, rtol=1e-5)
+    assert torch.equal(seen_t, t) and torch.equal(seen_context, context) and added is None
+    return loss, expected
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("noise_offset", [0.0, 0.4])
+@pytest.mark.parametrize("snr_gamma", [None, 2.0])
+def test_per_example_loss_equals_the_loss_by_hand(prediction_type: str, noise_offset: float, snr_gamma) -> None:
+    loss, expected = _by_hand(prediction_type, noise_offset, snr_gamma, seed=5)
+    assert loss.shape == (B,)
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_min_snr_weighting_changes_the_loss_where_snr_exceeds_gamma() -> None:
+    plain, _ = _by_hand("epsilon", 0.0, None, seed=5)
+    weighted, _ = _by_hand("epsilon", 0.0, 1e-3, seed=5)
+    assert not torch.allclose(plain, weighted)
+
+
+def test_per_example_loss_refuses_a_sample_predicting_scheduler() -> None:
+    base = _base("sample", torch.randn(B, C, H, H), torch.randn(B, 5, 6))
+    args = Namespace(noise_offset=0.0, snr_gamma=None)
+    batch = {"pixel_values": torch.zeros(B, 3, 8, 8), "captions": ["a"] * B}
+    with pytest.raises(TrainingError, match="predicts 'sample'"):
+        base.per_example_loss(args, base.denoiser, batch, 8, torch.float32, torch.Generator().manual_seed(0))
+
+
+class _Family:
+    def __init__(self, per_example: torch.Tensor):
+        self.per_example = per_example
+
+    def per_example_loss(self, args, denoiser, batch, resolution, weight_dtype, generator):
+        return self.per_example
+
+
+def test_diffusion_loss_weights_the_prior_examples() -> None:
+    per_example = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    is_prior = torch.tensor([False, True, False, True, True])
+    args = Namespace(prior_loss_weight=0.25)
+    loss = diffusion_loss(args, _Family(per_example), None, {"is_prior": is_prior}, 8, torch.float32, None)
+    assert loss.item() == pytest.approx((1.0 + 4.0) / 2 + 0.25 * (2.0 + 8.0 + 16.0) / 3)
+    no_prior = torch.zeros(5, dtype=torch.bool)
+    loss = diffusion_loss(args, _Family(per_example), None, {"is_prior": no_prior}, 8, torch.float32, None)
+    assert loss.item() == pytest.approx(31.0 / 5)
+
+
+def test_prediction_targets() -> None:
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents, noise, t = torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3), torch.tensor([10, 900])
+    assert prediction_target(scheduler, latents, noise, t) is noise
+    scheduler.register_to_config(prediction_type="sample")
+    assert prediction_target(scheduler, latents, noise, t) is latents
+    scheduler.register_to_config(prediction_type="v_prediction")
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    torch.testing.assert_close(prediction_target(scheduler, latents, noise, t), v)
+    scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="unsupported prediction_type 'flow'; use one of epsilon, v_prediction"):
+        prediction_target(scheduler, latents, noise, t)

@@ -1,0 +1,173 @@
+"""Pins of the evaluation math (``evaluation/metrics.py``) against numpy written out here, on random features of
+known, different covariance (never only identical sets), with the edge cases a mutant of the code would change:
+the unbiased N - 1 covariance, the eps retry of a singular product, the imaginary-part check, KID's subsets.
+
+Written to kill the surviving mutants of ``scripts/dev.sh mutate`` (README, "Mutation score").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from resattn_diffusion.evaluation.errors import EvaluationError
+from resattn_diffusion.evaluation.metrics import (
+    ReferenceStatistics,
+    clip_scores,
+    cosine_similarities,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    mean_pairwise_cosine,
+    polynomial_mmd2,
+)
+
+
+def _features(n: int, d: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) * scale
+    return rng.normal(size=(n, d)) @ mix + shift
+
+
+def _sqrtm_psd_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr(sqrtm(S1 S2)) = sum of the square roots of the eigenvalues of S1 S2 (real, >= 0 for PSD S1, S2)."""
+    eig = np.linalg.eigvals(s1 @ s2).real
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def test_feature_statistics_is_the_mean_and_unbiased_covariance() -> None:
+    f = _features(9, 3, 0, shift=2.0)
+    mu, sigma = feature_statistics(f)
+    centered = f - f.sum(axis=0) / 9
+    np.testing.assert_allclose(mu, f.sum(axis=0) / 9)
+    np.testing.assert_allclose(sigma, centered.T @ centered / 8)  # N - 1
+    assert mu.dtype == np.float64 and sigma.shape == (3, 3)
+    mu2, _ = feature_statistics(f.astype(np.float32))
+    assert mu2.dtype == np.float64
+    feature_statistics(f[:2])  # two vectors are enough
+    for bad in (f[:1], f[0], f[None]):
+        with pytest.raises(EvaluationError, match="at least 2 feature vectors"):
+            feature_statistics(bad)
+
+
+def test_frechet_distance_equals_the_formula_on_different_gaussians() -> None:
+    mu1, s1 = feature_statistics(_features(40, 4, 1))
+    mu2, s2 = feature_statistics(_features(40, 4, 2, scale=1.7, shift=0.5))
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * _sqrtm_psd_product(s1, s2))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)
+    # one dimension: |m1 - m2|^2 + (sqrt(v1) - sqrt(v2))^2
+    assert frechet_distance(np.array(1.0), np.array(4.0), np.array(3.0), np.array(9.0)) == pytest.approx(5.0)
+    assert frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(5.0)
+
+
+def test_frechet_distance_retries_a_singular_product_with_eps() -> None:
+    singular = np.diag([1.0, 0.0])
+    other = np.diag([0.0, 1.0])  # S1 S2 = 0: sqrtm is 0 (finite), no retry needed
+    assert frechet_distance(np.zeros(2), singular, np.zeros(2), other) == pytest.approx(2.0, abs=1e-6)
+    # a product whose sqrtm is not finite: nilpotent S1 S2 (scipy gives nan/inf); with eps it is finite
+    s1 = np.array([[1.0, 1.0], [1.0, 1.0]])
+    s2 = np.array([[1.0, -1.0], [-1.0, 1.0]]) * 1e-30
+    value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=1e-6)
+    assert np.isfinite(value) and value == pytest.approx(2.0, abs=1e-2)
+
+
+def test_frechet_distance_refuses_mismatched_or_non_psd_statistics() -> None:
+    with pytest.raises(EvaluationError, match="statistics do not match"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(EvaluationError, match="statistics do not match"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(3))
+    with pytest.raises(EvaluationError, match="statistics do not match"):
+        frechet_distance(np.zeros(3), np.eye(2), np.zeros(3), np.eye(2))
+    with pytest.raises(EvaluationError, match="imaginary part"):
+        frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.diag([1.0, 1.0]))
+
+
+def _k(a: np.ndarray, b: np.ndarray) -> float:
+    return (a @ b / a.shape[0] + 1.0) ** 3
+
+
+def test_polynomial_mmd2_equals_the_unbiased_estimate_by_loops() -> None:
+    x, y = _features(5, 3, 3), _features(6, 3, 4, shift=0.7)
+    m, n = len(x), len(y)
+    xx = sum(_k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(_k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(_k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    assert polynomial_mmd2(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
+
+
+def test_kid_is_mean_and_std_over_seeded_subsets_without_replacement() -> None:
+    f1, f2 = _features(12, 3, 5), _features(10, 3, 6, shift=1.0)
+    mean, std = kernel_inception_distance(f1, f2, num_subsets=4, subset_size=7, seed=3)
+    rng = np.random.default_rng(3)
+    values = []
+    for _ in range(4):
+        i, j = rng.choice(12, 7, replace=False), rng.choice(10, 7, replace=False)
+        values.append(polynomial_mmd2(f1[i], f2[j]))
+    assert (mean, std) == pytest.approx((np.mean(values), np.std(values)), rel=1e-9)
+    # subsets as large as the smaller set: every vector of it, each once
+    full_mean, full_std = kernel_inception_distance(f1[:5], f2[:5], num_subsets=2, subset_size=1000)
+    assert full_mean == pytest.approx(polynomial_mmd2(f1[:5], f2[:5]), rel=1e-9) and full_std == pytest.approx(0)
+    assert kernel_inception_distance(f1, f2, num_subsets=1, subset_size=2)[1] == 0.0
+    with pytest.raises(EvaluationError, match="one width"):
+        kernel_inception_distance(f1, f2[:, :2])
+    with pytest.raises(EvaluationError, match="one width"):
+        kernel_inception_distance(f1[0], f2)
+    with pytest.raises(EvaluationError, match="one width"):
+        kernel_inception_distance(f1, f2[0])
+    with pytest.raises(EvaluationError, match="at least 2 images"):
+        kernel_inception_distance(f1[:1], f2)
+    with pytest.raises(EvaluationError, match="at least 2 images"):
+        kernel_inception_distance(f1, f2, subset_size=1)
+    with pytest.raises(EvaluationError, match="num_subsets"):
+        kernel_inception_distance(f1, f2, num_subsets=0)
+
+
+def test_cosines_and_clip_scores_by_hand() -> None:
+    a = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]])
+    b = np.array([[4.0, 3.0], [-1.0, 0.0], [1.0, 1.0]])
+    np.testing.assert_allclose(cosine_similarities(a, b), [24 / 25, -1.0, 0.0])
+    np.testing.assert_allclose(clip_scores(a, b), [96.0, 0.0, 0.0])
+    np.testing.assert_allclose(cosine_similarities(torch.tensor(a), torch.tensor(b)), [24 / 25, -1.0, 0.0])
+    pairs = [
+        a[i] @ b[j] / max(np.linalg.norm(a[i]) * np.linalg.norm(b[j]), 1e-300) for i in range(2) for j in range(3)
+    ]
+    assert mean_pairwise_cosine(a[:2], b) == pytest.approx(float(np.mean(pairs)))
+    tiny = np.array([[1e-13, 0.0]])  # norm below the 1e-12 floor: divided by 1e-12, not by its own norm
+    np.testing.assert_allclose(cosine_similarities(tiny, np.array([[1.0, 0.0]])), [0.1])
+    with pytest.raises(EvaluationError, match="cannot pair"):
+        cosine_similarities(a, b[:2])
+
+
+def test_reference_statistics_read_from_an_npz(tmp_path) -> None:
+    f = _features(6, 3, 7)
+    only_features = tmp_path / "f.npz"
+    np.savez(only_features, features=f.astype(np.float32))
+    ref = ReferenceStatistics(only_features)
+    assert ref.is_file and ref.num_images == 6 and ref.extractor is None and ref.features.dtype == np.float64
+    mu, sigma = feature_statistics(f.astype(np.float32))
+    np.testing.assert_allclose(ref.mu, mu) and np.testing.assert_allclose(ref.sigma, sigma)
+
+    full = tmp_path / "s.npz"
+    np.savez(full, mu=np.ones(3), sigma=np.eye(3) * 2, features=f, extractor=np.array("inception"),
+             num_images=np.array(50))  # fmt: skip
+    ref = ReferenceStatistics(full)
+    np.testing.assert_allclose(ref.mu, np.ones(3))
+    np.testing.assert_allclose(ref.sigma, np.eye(3) * 2)
+    assert ref.num_images == 50 and ref.extractor == "inception" and ref.features.shape == (6, 3)
+
+    stats_only = tmp_path / "m.npz"
+    np.savez(stats_only, mu=np.zeros(3), sigma=np.eye(3))
+    ref = ReferenceStatistics(stats_only)
+    assert ref.features is None and ref.num_images is None
+
+    empty = tmp_path / "e.npz"
+    np.savez(empty, other=np.zeros(1))
+    with pytest.raises(EvaluationError, match="neither mu/sigma nor features"):
+        ReferenceStatistics(empty)
+    (tmp_path / "bad.npz").write_text("not an npz")
+    with pytest.raises(EvaluationError, match="cannot read reference statistics"):
+        ReferenceStatistics(tmp_path / "bad.npz")
+    with pytest.raises(EvaluationError, match="does not exist"):
+        ReferenceStatistics(tmp_path / "missing")
