@@ -45,8 +45,7 @@ DO_NOT_MUTATE_LINES = [
     r"^\s*raise\b",
     r"\blogger\.(debug|info|warning|error|exception)\(",
     r"\bwarnings\.warn\(",
-    r"^\s*[rRfFbBuU]{0,2}(\"|')[^\"']*(\"|')\s*[,)]?\s*$",  # a line that is only a (message) string literal
-    r"^\s*[rRfFbBuU]{0,2}\"[^\"]*\"\s*$",
+    r"""^\s*[rRfFbBuU]{0,2}("[^"]*"|'[^']*')\s*[,)]?\s*$""",  # a line that is only a (message) string literal
 ]
 
 
@@ -159,7 +158,7 @@ def pinning_tests(module: Module) -> list[str]:
     return [t for t in dict.fromkeys(tests) if (REPO / t.split("::")[0]).exists()]
 
 
-# --- one module's run -------------------------------------------------------------------------------------------
+# --- one job: the modules that share their pinning tests, in one mutmut run -------------------------------------
 def _digest(paths: Iterable[Path]) -> str:
     h = hashlib.sha256()
     for path in sorted(paths):
@@ -168,20 +167,28 @@ def _digest(paths: Iterable[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _mutmut_config(module: Module, tests: list[str]) -> str:
+def jobs_of(modules: list[Module]) -> list[list[Module]]:
+    """Modules with the same pinning tests run as one mutmut job: one collection of which test reaches which
+    function and one clean run for all of them (each costs a full run of those tests)."""
+    by_tests: dict[tuple, list[Module]] = {}
+    for module in modules:
+        by_tests.setdefault((tuple(pinning_tests(module)), module.deselect, module.extra_files), []).append(module)
+    return list(by_tests.values())
+
+
+def _mutmut_config(job: list[Module], tests: list[str]) -> str:
     def toml_list(items: Iterable[str]) -> str:
         return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
-    deselect = [arg for test_id in module.deselect for arg in ("--deselect", test_id)]
-
+    deselect = [arg for test_id in job[0].deselect for arg in ("--deselect", test_id)]
     return (
         "\n[tool.mutmut]\n"
         f'source_paths = ["{PACKAGE}"]\n'
-        f"only_mutate = {toml_list([module.path])}\n"
+        f"only_mutate = {toml_list([m.path for m in job])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         # -p no:cacheprovider: nothing written beside the tests; -x: the first failure kills the mutant
         f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', '-x', '-q'] + deselect)}\n"
-        f"also_copy = {toml_list(module.extra_files)}\n"
+        f"also_copy = {toml_list(job[0].extra_files)}\n"
         f"do_not_mutate_patterns = {toml_list(DO_NOT_MUTATE_LINES)}\n"
         # torch's OpenMP threads are not fork-safe: fork the mutants from a server that has not run tests
         'process_isolation = "forkserver"\n'
@@ -191,39 +198,47 @@ def _mutmut_config(module: Module, tests: list[str]) -> str:
     )
 
 
-def prepare(module: Module, out: Path) -> tuple[Path, list[str]]:
-    """The module's work folder with a copy of the package, its tests and a pyproject naming what to mutate."""
-    tests = pinning_tests(module)
+def job_name(job: list[Module]) -> str:
+    names = "+".join(m.dotted.removeprefix(PACKAGE + ".") for m in job)
+    if len(names) > 80:
+        names = names[:60] + "+" + hashlib.sha256(names.encode()).hexdigest()[:8]
+    return names
+
+
+def prepare(job: list[Module], out: Path) -> tuple[Path, list[str]]:
+    """The job's work folder: a copy of the package, its tests and a pyproject naming what to mutate."""
+    tests = pinning_tests(job[0])
     if not tests:
-        raise SystemExit(f"mutate: no pinning test file exists for {module.path}; add one to PINNING_TESTS")
-    work = out / "work" / module.dotted
+        raise SystemExit(f"mutate: no pinning test file exists for {job[0].path}; add one to _modules()")
+    work = out / "work" / job_name(job)
     sources = [p for p in (REPO / PACKAGE).rglob("*.py")]
     test_files = [REPO / "tests" / "conftest.py"] + [REPO / t.split("::")[0] for t in tests]
     source_digest, test_digest = _digest(sources), _digest(test_files + [Path(__file__).resolve()])
     stamp = work / "stamp.json"
     old = json.loads(stamp.read_text()) if stamp.exists() else {}
     if old.get("source") != source_digest and work.exists():
-        shutil.rmtree(work)  # mutmut does not recopy a changed source: start this module over
+        shutil.rmtree(work)  # mutmut does not recopy a changed source: start this job over
     work.mkdir(parents=True, exist_ok=True)
     if not (work / PACKAGE).exists():
         shutil.copytree(REPO / PACKAGE, work / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(work / "tests", ignore_errors=True)
     (work / "tests").mkdir()
-    for path in test_files:
+    for path in dict.fromkeys(test_files):
         shutil.copy2(path, work / "tests" / path.name)
-    for extra in module.extra_files:
+    for extra in job[0].extra_files:
         src, dst = REPO / extra, work / extra
         if src.is_dir():
             shutil.copytree(src, dst, dirs_exist_ok=True)
         else:
             shutil.copy2(src, dst)
     pyproject = (REPO / "pyproject.toml").read_text().split("\n[tool.mutmut]")[0]
-    (work / "pyproject.toml").write_text(pyproject + _mutmut_config(module, tests))
+    (work / "pyproject.toml").write_text(pyproject + _mutmut_config(job, tests))
     if old.get("tests") not in (None, test_digest) and (work / "mutants").exists():
         # new or changed tests: recollect which tests reach which function, and rerun every mutant not yet killed
         (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
         shutil.rmtree(work / "mutants" / "tests", ignore_errors=True)
-        _forget_unkilled(work, module)
+        for module in job:
+            _forget_unkilled(work, module)
     stamp.write_text(json.dumps({"source": source_digest, "tests": test_digest}))
     return work, tests
 
@@ -248,29 +263,31 @@ def in_scope(module: Module, names: Iterable[str]) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def run_module(module: Module, out: Path, workers: int, python: str) -> dict:
-    work, tests = prepare(module, out)
+def run_job(job: list[Module], out: Path, workers: int, python: str) -> list[dict]:
+    work, tests = prepare(job, out)
     mutmut = [python, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())"]
-    log = (out / "logs" / f"{module.dotted}.log").open("a")
-    pending = None
-    meta = _meta(work, module)
-    if meta:
-        pending = [n for n in in_scope(module, meta["exit_code_by_key"]) if meta["exit_code_by_key"][n] is None]
+    log_path = out / "logs" / f"{job_name(job)}.log"
+    started = all(_meta(work, m) for m in job)
+    pending = []
+    for module in job:
+        codes = _meta(work, module).get("exit_code_by_key", {})
+        pending += [n for n in in_scope(module, codes) if codes[n] is None]
     start = time.monotonic()
-    if pending is None or pending:
-        # first run: every mutant of the file is generated; only the in-scope ones are run (patterns);
-        # a resumed run names the unfinished ones (mutmut reruns a named mutant even if it has a verdict)
-        names = pending if pending else module.mutant_patterns()
-        # mutmut's command line can get long on a large module: it is fine for Linux's argument limits
+    if not started or pending:
+        # first run: every mutant of the files is generated and the in-scope ones run (patterns); a resumed run
+        # names the unfinished ones (mutmut reruns a named mutant even if it has a verdict)
+        names = pending if started else [p for m in job for p in m.mutant_patterns()]
         cmd = mutmut + ["run", "--max-children", str(workers)] + names
-        print(f"mutate: {module.path}: {len(pending) if pending else 'all'} mutants, tests {' '.join(tests)}",
-              flush=True)  # fmt: skip
+        what = f"{len(pending)} unfinished mutants" if started else "all mutants"
+        print(f"mutate: {job_name(job)}: {what}, tests {' '.join(tests)}", flush=True)
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", RESATTN_TEST_THREADS="1")
-        proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if proc.returncode not in (0,):
-            tail = (out / "logs" / f"{module.dotted}.log").read_text()[-3000:]
-            print(f"mutate: mutmut failed on {module.path} (exit {proc.returncode}); log tail:\n{tail}", flush=True)
-    return summarize(module, work, python, time.monotonic() - start)
+        with log_path.open("a") as log:
+            proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            tail = log_path.read_text()[-3000:]
+            print(f"mutate: mutmut failed on {job_name(job)} (exit {proc.returncode}); log tail:\n{tail}", flush=True)
+    seconds = time.monotonic() - start
+    return [summarize(module, work, python, seconds) for module in job]
 
 
 def summarize(module: Module, work: Path, python: str, seconds: float) -> dict:
@@ -324,20 +341,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     summary_path = out / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {"modules": {}}
-    # Several modules at once: each mutmut run has serial phases (collecting which tests reach which function,
-    # the clean run), so on many cores modules run side by side, MUTANTS_PER_MODULE workers each.
-    parallel = max(1, min(len(chosen), workers // MUTANTS_PER_MODULE))
+    # Several jobs at once: each mutmut run has serial phases (collecting which tests reach which function, the
+    # clean run), so on many cores jobs run side by side, MUTANTS_PER_MODULE workers each.
+    jobs = jobs_of(chosen)
+    parallel = max(1, min(len(jobs), workers // MUTANTS_PER_MODULE))
     children = max(1, workers // parallel)
-    print(f"mutate: {len(chosen)} modules, {parallel} at a time with {children} workers each; out: {out}", flush=True)
+    print(f"mutate: {len(chosen)} modules in {len(jobs)} jobs, {parallel} at a time with {children} workers each; "
+          f"out: {out}", flush=True)  # fmt: skip
     with ThreadPoolExecutor(parallel) as pool:
-        futures = {pool.submit(run_module, module, out, children, sys.executable): module for module in chosen}
+        futures = [pool.submit(run_job, job, out, children, sys.executable) for job in jobs]
         for future in as_completed(futures):
-            row = future.result()
-            rows.append(row)
-            previous["modules"][row["module"]] = row
-            summary_path.write_text(json.dumps(previous, indent=1, ensure_ascii=False))
-            print(f"  {row['module']}: {row['killed'] + row['timeout']}/{row['total']} killed, {row['survived']} "
-                  f"survived, {row['no_tests']} without tests ({row['seconds']} s)", flush=True)  # fmt: skip
+            for row in future.result():
+                rows.append(row)
+                previous["modules"][row["module"]] = row
+                summary_path.write_text(json.dumps(previous, indent=1, ensure_ascii=False))
+                print(f"  {row['module']}: {row['killed'] + row['timeout']}/{row['total']} killed, {row['survived']} "
+                      f"survived, {row['no_tests']} without tests ({row['seconds']} s)", flush=True)  # fmt: skip
     all_rows = list(previous["modules"].values())
     groups = sorted({r["group"] for r in all_rows})
     previous["groups"] = {g: score([r for r in all_rows if r["group"] == g]) for g in groups}
