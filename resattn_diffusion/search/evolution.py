@@ -279,7 +279,8 @@ class _Evolution:
             value = float(self.evaluate_fn(genome))
             if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"the held-out loss of a subnet is {value}; the supernet weights are not finite (diverged training?)"
+                    f"the held-out loss of a subnet is {value}; the supernet weights are not finite (diverged "
+                    "training?)"
                 )
             self.fitness[genome] = value
             self.evaluated.append({"parameters": parameters, "fitness": value})

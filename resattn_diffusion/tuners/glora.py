@@ -241,7 +241,8 @@ class GLoRAChoiceSpace:
 
     @classmethod
     def default(cls, rank: int) -> GLoRAChoiceSpace:
-        """The GLoRA paper's space at rank r: lora r and r/2, vector, scalar, none (C without scalar, D/E without lora)."""
+        """The GLoRA paper's space at rank r: lora r and r/2, vector, scalar, none (C without scalar, D/E without
+        lora)."""
         loras = tuple(dict.fromkeys(f"lora{r}" for r in (rank, rank // 2) if r >= 1))
         return cls(
             A=loras + ("vector", "scalar", "none"),
@@ -275,7 +276,8 @@ class GLoRAChoiceSpace:
         return math.prod(len(self.choices(support)) for support in SUPPORTS)
 
     def largest(self) -> GLoRALayerConfig:
-        """The configuration with the largest form of every support (lora of the highest rank > vector > scalar > none)."""
+        """The configuration with the largest form of every support (lora of the highest rank > vector > scalar >
+        none)."""
         return GLoRALayerConfig(**{support: max(self.choices(support), key=form_size_key) for support in SUPPORTS})
 
     def without_bias(self) -> GLoRAChoiceSpace:
@@ -416,8 +418,8 @@ class GLoRA(LinearTuner):
     Formulas, shapes, init and the first-step gradient argument: see the module docstring.
 
     Parameters are named ``<support>_<form>[_up|_down]`` (``A_lora_up``: d_out x r, ``A_lora_down``: r x d_in,
-    ``A_vector``: d_out, ``A_scalar``: 1, ``C_lora_up``: d_in x r, ``C_lora_down``: r x 1, ``C_vector``: d_in, ...), the
-    same in fixed and supernet modules (a supernet's lora factors have r_max components).
+    ``A_vector``: d_out, ``A_scalar``: 1, ``C_lora_up``: d_in x r, ``C_lora_down``: r x 1, ``C_vector``: d_in, ...),
+    the same in fixed and supernet modules (a supernet's lora factors have r_max components).
     """
 
     supports_sequential: ClassVar[bool] = False
