@@ -100,6 +100,16 @@ def structured_dense(matrix: nn.Module, d_out: int, d_in: int) -> torch.Tensor:
     raise AssertionError(f"no reference for the structured family {kind}: write one before testing it")
 
 
+def res_attn_reference(tuner: nn.Module, x: torch.Tensor, c: torch.Tensor, heads: int, swap_kv: bool = False):
+    """``W_up MHA_h(x A_q, c A_k, c A_v)``; the k and v projections are the first and second r rows of kv_proj."""
+    rank = tuner.q_proj.weight.shape[0]
+    a_k, a_v = tuner.kv_proj.weight[:rank], tuner.kv_proj.weight[rank:]
+    if swap_kv:
+        a_k, a_v = a_v, a_k
+    q, k, v = linear(x, tuner.q_proj.weight), linear(c, a_k), linear(c, a_v)
+    return linear(mha(q, k, v, heads), tuner.out_proj.weight)
+
+
 def glora_supports(tuner: nn.Module, config: dict[str, str], d_out: int, d_in: int) -> dict[str, torch.Tensor]:
     """A, B (d_out x d_in), C (d_in), D, E (d_out) of a GLoRA module in the forms ``config`` names (absent: 0).
 
@@ -147,3 +157,24 @@ def randomize(module: nn.Module, seed: int, std: float = 0.5) -> None:
 
 def seeded(*shape: int, seed: int, std: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * std
+
+
+def assert_same_function(
+    run, reference, parameters, seed: int = 99, rtol: float = 1e-9, atol: float = 1e-10
+) -> torch.Tensor:
+    """``run()`` equals ``reference()``, and so do the gradients of a random linear functional of them with
+    respect to ``parameters``; returns the output."""
+    out = run()
+    expected = reference()
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    weights = seeded(*out.shape, seed=seed)
+    grads = torch.autograd.grad((out * weights).sum(), parameters, allow_unused=True)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), parameters, allow_unused=True)
+    assert any(grad is not None for grad in grads)
+    for grad, expected_grad in zip(grads, expected_grads):
+        if grad is None or expected_grad is None:  # a supernet's parameters outside the active configuration
+            assert grad is None or not grad.any()
+            assert expected_grad is None or not expected_grad.any()
+            continue
+        torch.testing.assert_close(grad, expected_grad, rtol=rtol, atol=atol)
+    return out

@@ -14,11 +14,13 @@ import pytest
 import torch
 from reference_math import (
     ACTIVATIONS,
+    assert_same_function,
     glora_delta,
     glora_supports,
     linear,
     mha,
     randomize,
+    res_attn_reference,
     seeded,
     structured_dense,
 )
@@ -41,25 +43,6 @@ def build(name: str, shape: OpShape, seed: int = 0, **hyper) -> nn.Module:
     return module
 
 
-def assert_same_function(run, reference, parameters, seed: int = 99) -> torch.Tensor:
-    """``run()`` equals ``reference()``, and so do the gradients of a random linear functional of them with
-    respect to ``parameters``; returns the output."""
-    out = run()
-    expected = reference()
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
-    weights = seeded(*out.shape, seed=seed)
-    grads = torch.autograd.grad((out * weights).sum(), parameters, allow_unused=True)
-    expected_grads = torch.autograd.grad((expected * weights).sum(), parameters, allow_unused=True)
-    assert any(grad is not None for grad in grads)
-    for grad, expected_grad in zip(grads, expected_grads):
-        if grad is None or expected_grad is None:  # a supernet's parameters outside the active configuration
-            assert grad is None or not grad.any()
-            assert expected_grad is None or not expected_grad.any()
-            continue
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-10)
-    return out
-
-
 def frozen_attention(d: int, d_c: int, inner: int, d_out: int, heads: int, seed: int = 5) -> FrozenAttention:
     """A frozen attention's projections (random, float64), as the processor hands them to a branch."""
     to_q, to_k, to_v = nn.Linear(d, inner, bias=False), nn.Linear(d_c, inner), nn.Linear(d_c, inner)
@@ -78,16 +61,6 @@ def test_every_registered_tuner_has_a_reference_here():
 
 
 # --- Res-Attn ------------------------------------------------------------------------------------------------------
-
-
-def res_attn_reference(tuner: nn.Module, x: torch.Tensor, c: torch.Tensor, heads: int, swap_kv: bool = False):
-    """``W_up MHA_h(x A_q, c A_k, c A_v)``; the k and v projections are the first and second r rows of kv_proj."""
-    rank = tuner.q_proj.weight.shape[0]
-    a_k, a_v = tuner.kv_proj.weight[:rank], tuner.kv_proj.weight[rank:]
-    if swap_kv:
-        a_k, a_v = a_v, a_k
-    q, k, v = linear(x, tuner.q_proj.weight), linear(c, a_k), linear(c, a_v)
-    return linear(mha(q, k, v, heads), tuner.out_proj.weight)
 
 
 RES_ATTN_CASES = [
