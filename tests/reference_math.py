@@ -58,7 +58,7 @@ def circulant(v: torch.Tensor) -> torch.Tensor:
 
 
 def skew_circulant(h: torch.Tensor) -> torch.Tensor:
-    """``skew(h)[i, j] = h[i - j]`` (i >= j), ``-h[n + i - j]`` (i < j): the circulant with the wrapped part negated."""
+    """``skew(h)[i, j] = h[i - j]`` (i >= j), ``-h[n + i - j]`` (i < j): the circulant, wrapped part negated."""
     n = h.shape[0]
     columns = []
     for j in range(n):
