@@ -65,7 +65,7 @@ class Module:
         return self.path[: -len(".py")].replace("/", ".").removesuffix(".__init__")
 
     def mutant_patterns(self) -> list[str]:
-        """mutmut's mutant names are ``<module>.x_<function>__mutmut_<n>`` / ``<module>.xǁClassǁmethod__mutmut_<n>``."""
+        """mutmut names mutants ``<module>.x_<function>__mutmut_<n>`` / ``<module>.xǁClassǁmethod__mutmut_<n>``."""
         if not self.functions:
             return [f"{self.dotted}.*"]
         names = [f"xǁ{f.replace('.', 'ǁ')}" if "." in f else f"x_{f}" for f in self.functions]
@@ -98,18 +98,18 @@ def _modules() -> list[Module]:
     # the integration layer: the tests that build tiny models and check the processors / files / fusion exactly
     fast, bypass, io_tests = T + "test_fast_paths.py", T + "test_bypass.py", T + "test_io_config.py"
     integration = {
-        "processors": (fast, bypass),
+        "processors": (fast, bypass, T + "test_reference_processor.py"),
         "fusion": (T + "test_fuse.py", T + "test_fuse_compose.py"),
         "io": (io_tests, T + "test_shared_helpers.py", T + "test_save_temporaries.py"),
         "plan": (io_tests, fast),
         "state": (io_tests, bypass),
-        "unet_tuners": (fast, bypass, io_tests),
+        "unet_tuners": (fast, bypass, io_tests, T + "test_reference_processor.py"),
         "api": (io_tests, fast, bypass),
         "hotswap": (T + "test_loader_api.py",),
         "export": (T + "test_export.py",),
         "loader_mixin": (T + "test_loader_api.py",),
-        "kinds/base": (fast, bypass),
-        "kinds/layers": (fast, bypass, io_tests),
+        "kinds/base": (fast, bypass, T + "test_reference_processor.py"),
+        "kinds/layers": (fast, bypass, io_tests, T + "test_reference_processor.py"),
         "kinds/model": (bypass,),
         "families/base": (fast, io_tests, T + "test_transformers.py"),
         "families/unet": (fast, io_tests),
@@ -120,12 +120,9 @@ def _modules() -> list[Module]:
     modules += [
         Module(f"{PACKAGE}/integration/{name}.py", "integration", tests, deselect=(BENCHMARK_TEST,) if
                bypass in tests else ()) for name, tests in integration.items()]  # fmt: skip
-    # the loss: what diffusion_loss calls for it, by hand (test_pin_loss); the flow-matching loss by the tests
-    # that compare it with the diffusers scripts' reference (test_dit_training; its other tests load pipelines)
+    # the loss: what diffusion_loss calls for it, by hand (test_reference_loss: UNet and rectified flow, and
+    # test_pin_loss), not the training runs (pipelines, seconds each)
     loss_tests = (T + "test_pin_loss.py",)
-    dit = T + "test_dit_training.py::"
-    flow_tests = tuple(dit + name for name in ("test_flow_matching_loss_equals_the_diffusers_script_reference",
-                       "test_timestep_schemes_sample_where_they_should", "test_precondition_outputs_compares_denoised_latents"))  # fmt: skip
     modules += [
         Module(f"{PACKAGE}/training/objective.py", "loss", loss_tests),
         Module(f"{PACKAGE}/training/loop.py", "loss", loss_tests, ("diffusion_loss",)),
@@ -133,9 +130,9 @@ def _modules() -> list[Module]:
         Module(
             f"{PACKAGE}/training/flow.py",
             "loss",
-            flow_tests,
+            loss_tests,
             ("FlowMatchingBase.per_example_loss", "FlowMatchingBase.sample_timesteps"),
-        ),  # fmt: skip
+        ),
         Module(f"{PACKAGE}/evaluation/metrics.py", "metrics", (T + "test_pin_metrics.py", T + "test_evaluation.py")),
     ]
     return modules
@@ -147,7 +144,7 @@ _EXTRA_PINS = {
     "tuners": ("test_reference_tuners.py", "test_pin_tuners.py"),
     "loss": ("test_reference_loss.py", "test_pin_loss.py"),
     "metrics": ("test_reference_metrics.py", "test_pin_metrics.py"),
-    "integration": ("test_reference_processor*.py", "test_pin_integration.py"),
+    "integration": ("test_pin_integration.py",),
 }
 
 
