@@ -210,7 +210,9 @@ def prepare(job: list[Module], out: Path) -> tuple[Path, list[str]]:
     work = out / "work" / job_name(job)
     sources = [p for p in (REPO / PACKAGE).rglob("*.py")]
     test_files = [REPO / "tests" / "conftest.py"] + [REPO / t.split("::")[0] for t in tests]
-    source_digest, test_digest = _digest(sources), _digest(test_files + [Path(__file__).resolve()])
+    helpers = [p for p in (REPO / "tests").glob("*.py") if not p.name.startswith("test_")]
+    source_digest = _digest(sources)
+    test_digest = _digest(list(dict.fromkeys(test_files + helpers)) + [Path(__file__).resolve()])
     stamp = work / "stamp.json"
     old = json.loads(stamp.read_text()) if stamp.exists() else {}
     if old.get("source") != source_digest and work.exists():
@@ -220,7 +222,8 @@ def prepare(job: list[Module], out: Path) -> tuple[Path, list[str]]:
         shutil.copytree(REPO / PACKAGE, work / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(work / "tests", ignore_errors=True)
     (work / "tests").mkdir()
-    for path in dict.fromkeys(test_files):
+    # the pinning test files, conftest and the tests' own helper modules (not the other test files)
+    for path in dict.fromkeys(test_files + helpers):
         shutil.copy2(path, work / "tests" / path.name)
     for extra in job[0].extra_files:
         src, dst = REPO / extra, work / extra

@@ -248,3 +248,63 @@ def test_res_lora_forward_fold_and_factors() -> None:
         ResLoRAParams(rank=0).validate()
     with pytest.raises(ConfigError, match="dropout"):
         ResLoRAParams(dropout=1.0).validate()
+
+
+# --- which attention path runs (the outputs agree, so only the path tells these mutants apart) ----------------
+def _spy_sdpa(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Record (q, k, v) last dims of every scaled_dot_product_attention call."""
+    calls: list[tuple[int, int, int]] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_few_keys_path_up_to_the_threshold_then_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy_sdpa(monkeypatch)
+    q = torch.randn(1, 3, 32)  # width 32 > FEW_KEYS: a threshold read off the wrong axis takes the other path
+    multi_head_attention(q, torch.randn(1, FEW_KEYS, 32), torch.randn(1, FEW_KEYS, 32), 4)
+    assert calls == []
+    multi_head_attention(q, torch.randn(1, FEW_KEYS + 1, 32), torch.randn(1, FEW_KEYS + 1, 32), 4)
+    assert calls == [(8, 8, 8)]
+
+
+@pytest.mark.parametrize(
+    ("dh", "dv", "padding", "expected"),
+    [
+        (4, 4, "on", (8, 8, 8)),  # the query/key heads padded, the values with them
+        (4, 4, "off", (4, 4, 4)),
+        (8, 5, "on", (8, 8, 8)),  # only the values need it
+        (8, 5, "off", (8, 8, 5)),
+        (8, 8, "on", (8, 8, 8)),  # nothing to pad
+        (4, 12, "on", (16, 16, 16)),  # to the larger of the two, rounded up to 8
+    ],
+)
+def test_head_padding_pads_to_a_multiple_of_8_only_when_asked(monkeypatch, dh, dv, padding, expected) -> None:
+    calls = _spy_sdpa(monkeypatch)
+    n_q = dv  # as many queries as value channels: slicing the wrong axis would go unnoticed otherwise
+    q, k, v = torch.randn(2, n_q, 2 * dh), torch.randn(2, 20, 2 * dh), torch.randn(1, 20, 2 * dv)
+    out = multi_head_attention(q, k, v, 2, padding)
+    assert calls == [expected]
+    torch.testing.assert_close(out, reference_mha(q, k, v, 2), **TOL)
+
+
+def test_init_down_projection_is_lora_kaiming_uniform() -> None:
+    # kaiming_uniform_ with a = sqrt(5): bound = sqrt(6 / ((1 + a^2) fan_in)) = 1 / sqrt(fan_in)
+    tuner = ResAdapter(OpShape(256, 4, 256), ResAdapterParams(rank=64))
+    bound = 1 / math.sqrt(256)
+    weight = tuner.down.weight
+    assert weight.abs().max() <= bound and weight.abs().max() > 0.99 * bound
+    assert torch.all(tuner.up.weight == 0)
+
+
+def test_op_shape_as_dict_and_default_head_padding() -> None:
+    shape = OpShape(1, 2, 3, 4, 5, False)
+    assert shape.as_dict() == {"in_dim": 1, "out_dim": 2, "context_dim": 3, "inner_dim": 4, "heads": 5,
+                               "has_bias": False}  # fmt: skip
+    assert shape.is_attention and not OpShape(1, 2, 3).is_attention
+    assert pads_head_dim(4, "cuda") and not pads_head_dim(4, "cpu")  # the default is "auto"
