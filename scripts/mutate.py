@@ -123,6 +123,12 @@ def _modules() -> list[Module]:
     # the loss: what diffusion_loss calls for it, by hand (test_reference_loss: UNet and rectified flow, and
     # test_pin_loss), not the training runs (pipelines, seconds each)
     loss_tests = (T + "test_pin_loss.py",)
+    # the metrics: the math by hand (test_reference_metrics, test_pin_metrics) and the evaluation tests that use
+    # tiny CLIP / DINO folders (not those that generate images first)
+    ev = T + "test_evaluation.py::"
+    metrics_tests = (T + "test_pin_metrics.py",) + tuple(ev + name for name in (
+        "test_clip_score_and_clip_t_equal_a_hand_computation", "test_clip_i_and_dino_equal_mean_pairwise_cosine",
+        "test_offline_without_weights_the_error_names_the_flag", "test_bad_inputs_give_clear_errors"))  # fmt: skip
     modules += [
         Module(f"{PACKAGE}/training/objective.py", "loss", loss_tests),
         Module(f"{PACKAGE}/training/loop.py", "loss", loss_tests, ("diffusion_loss",)),
@@ -133,7 +139,7 @@ def _modules() -> list[Module]:
             loss_tests,
             ("FlowMatchingBase.per_example_loss", "FlowMatchingBase.sample_timesteps"),
         ),
-        Module(f"{PACKAGE}/evaluation/metrics.py", "metrics", (T + "test_pin_metrics.py", T + "test_evaluation.py")),
+        Module(f"{PACKAGE}/evaluation/metrics.py", "metrics", metrics_tests),
     ]
     return modules
 

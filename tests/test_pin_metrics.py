@@ -171,3 +171,43 @@ def test_reference_statistics_read_from_an_npz(tmp_path) -> None:
         ReferenceStatistics(tmp_path / "bad.npz")
     with pytest.raises(EvaluationError, match="does not exist"):
         ReferenceStatistics(tmp_path / "missing")
+
+
+def _write_images(folder, n: int, seed: int) -> np.ndarray:
+    """n random 4x4 RGB PNGs; returns their pixels in [0, 1], N x 48 in file-name order (C, H, W flattened)."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return (pixels.astype(np.float64) / 255.0).transpose(0, 3, 1, 2).reshape(n, -1)
+
+
+def test_evaluator_fid_and_kid_on_folders_equal_the_formulas(tmp_path) -> None:
+    from resattn_diffusion.evaluation.metrics import Evaluator
+
+    projection = torch.nn.Linear(48, 5, bias=False).double()
+    generated, reference = _write_images(tmp_path / "gen", 9, 1), _write_images(tmp_path / "ref", 11, 2)
+    with torch.no_grad():
+        f_gen = projection(torch.from_numpy(generated)).numpy()
+        f_ref = projection(torch.from_numpy(reference)).numpy()
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), projection)
+    evaluator = Evaluator(["kid", "fid"], reference=tmp_path / "ref", feature_extractor=extractor, batch_size=4,
+                          kid_subsets=3, kid_subset_size=6, seed=2, progress=False)  # fmt: skip
+    report = evaluator.evaluate(tmp_path / "gen")
+    assert report["notes"] == []  # 9 images, 5 features: FID is not flagged as biased
+    mu_g, s_g = feature_statistics(f_gen)
+    mu_r, s_r = feature_statistics(f_ref)
+    assert report["metrics"]["fid"] == pytest.approx(frechet_distance(mu_g, s_g, mu_r, s_r), rel=1e-4)
+    kid, kid_std = kernel_inception_distance(f_gen, f_ref, 3, 6, 2)
+    assert report["metrics"]["kid"] == pytest.approx(kid, rel=1e-4, abs=1e-9)
+    assert report["metrics"]["kid_std"] == pytest.approx(kid_std, rel=1e-4, abs=1e-9)
+    assert list(report["metrics"]) == ["fid", "kid", "kid_std"]  # report order, not the order asked
+    assert report["num_images"] == 9 and report["details"]["num_reference_images"] == 11
+    assert report["details"]["kid_subset_size"] == 6 and report["details"]["kid_subsets"] == 3
+    assert report["generation"] is None
+    _write_images(tmp_path / "few", 4, 3)
+    with pytest.warns(UserWarning, match=r"FID on 4 images \(< feature dim 5\)"):
+        assert len(evaluator.evaluate(tmp_path / "few")["notes"]) == 1
