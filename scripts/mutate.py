@@ -59,6 +59,8 @@ class Module:
     functions: tuple[str, ...] = ()  # "name" or "Class.method"; empty: the whole file
     extra_files: tuple[str, ...] = field(default=())  # other repository paths the tests need (copied beside)
     deselect: tuple[str, ...] = field(default=())  # slow test ids of those files that pin nothing of this module
+    #: share of the mutants a default run checks (MUTATE_SAMPLE overrides it for every module)
+    sample: float = 1.0
 
     @property
     def dotted(self) -> str:
@@ -290,7 +292,7 @@ def sampled(names: list[str], fraction: float) -> list[str]:
     return [n for n in names if int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) < fraction * 0x100000000]
 
 
-def run_job(job: list[Module], out: Path, workers: int, python: str, fraction: float) -> list[dict]:
+def run_job(job: list[Module], out: Path, workers: int, python: str, fraction: float | None) -> list[dict]:
     work, tests = prepare(job, out)
     log_path = out / "logs" / f"{job_name(job)}.log"
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", RESATTN_TEST_THREADS="1")
@@ -299,7 +301,8 @@ def run_job(job: list[Module], out: Path, workers: int, python: str, fraction: f
     pending = []
     for module in job:
         codes = _meta(work, module).get("exit_code_by_key", {})
-        pending += [n for n in sampled(in_scope(module, codes), fraction) if codes[n] is None]
+        share = module.sample if fraction is None else fraction
+        pending += [n for n in sampled(in_scope(module, codes), share) if codes[n] is None]
     start = time.monotonic()
     if pending:
         # named mutants: mutmut reruns a named mutant even if it has a verdict, so only the unfinished are named
@@ -357,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workers = int(os.environ.get("MUTATE_WORKERS") or os.cpu_count() or 1)
     # MUTATE_SAMPLE=0.2: run a fixed fifth of each module's mutants (a quick estimate; the score says "sampled")
-    fraction = float(os.environ.get("MUTATE_SAMPLE") or 1.0)
+    fraction = float(os.environ["MUTATE_SAMPLE"]) if os.environ.get("MUTATE_SAMPLE") else None
     out = Path(os.environ.get("MUTATE_OUT") or REPO / "mutation-results").resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     chosen = MODULES
