@@ -308,3 +308,60 @@ def test_op_shape_as_dict_and_default_head_padding() -> None:
                                "has_bias": False}  # fmt: skip
     assert shape.is_attention and not OpShape(1, 2, 3).is_attention
     assert pads_head_dim(4, "cuda") and not pads_head_dim(4, "cpu")  # the default is "auto"
+
+
+def test_res_attn_self_attention_uses_the_context_when_given_and_one_qkv_matmul_without(monkeypatch) -> None:
+    rank, d = 8, 12
+    square = randomize(ResAttn(OpShape(d, 5, d, d, 3), ResAttnParams(rank=rank, heads=2)))
+    a_q, a_kv, w_up = square.q_proj.weight, square.kv_proj.weight, square.out_proj.weight
+    x, c = torch.randn(2, 6, d), torch.randn(2, 9, d)  # a context of the input's width, but not the input
+    expected = reference_mha(x @ a_q.T, c @ a_kv[:rank].T, c @ a_kv[rank:].T, 2) @ w_up.T
+    torch.testing.assert_close(square(x, c, None), expected, **TOL)
+
+    linears: list[tuple[int, ...]] = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda t, w, b=None: linears.append(w.shape) or real_linear(t, w, b)
+    )
+    square(x, None, None)
+    assert linears == [(3 * rank, d), (5, rank)]  # q, k, v in one matmul, then the output projection
+    linears.clear()
+    square(x, c, None)
+    assert linears == [(rank, d), (2 * rank, d), (5, rank)]
+
+
+def test_res_attn_passes_its_head_padding_to_the_attention(monkeypatch) -> None:
+    tuner = randomize(ResAttn(OpShape(6, 6, 6, 6, 2), ResAttnParams(rank=8, heads=2)))  # head dim 4
+    calls = _spy_sdpa(monkeypatch)
+    x = torch.randn(1, FEW_KEYS + 4, 6)
+    tuner.head_padding = "on"
+    tuner(x, None, None)
+    tuner.head_padding = "off"
+    tuner(x, None, None)
+    assert calls == [(8, 8, 8), (4, 4, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_prefix_and_prompt_follow_the_query_dtype(dtype: torch.dtype) -> None:
+    d, inner, heads = 6, 8, 2
+    frozen, _ = _frozen(d, d, inner, heads, True)
+    frozen.to_q, frozen.to_k, frozen.to_v = (m.to(dtype) for m in (frozen.to_q, frozen.to_k, frozen.to_v))
+    frozen.out_weight = frozen.out_weight.to(dtype)
+    x = torch.randn(3, 4, d, dtype=dtype)  # batch 3: tokens made with another batch size do not broadcast
+    prefix = randomize(ResPrefix(OpShape(d, d, d, inner, heads), ResPrefixParams(prefix_length=3)))
+    prompt = randomize(ResPrompt(OpShape(d, d, d, inner, heads), ResPromptParams(prompt_length=3)))
+    assert prompt.prompt_tokens.shape == (1, 3, d) and prefix.prefix_keys.shape == (1, 3, inner)
+    with torch.no_grad():
+        assert prefix(x, None, frozen).dtype == dtype
+        assert prompt(x, None, frozen).dtype == dtype
+
+
+def test_length_and_rank_checks_name_the_value() -> None:
+    cases = [
+        (ResAttnParams(rank=0), "rank"), (ResAttnParams(heads=0), "heads"), (ResLoRAParams(rank=0), "rank"),
+        (ResAdapterParams(rank=0), "rank"), (ResPrefixParams(prefix_length=0), "prefix_length"),
+        (ResPromptParams(prompt_length=0), "prompt_length"),
+    ]  # fmt: skip
+    for params, name in cases:
+        with pytest.raises(ConfigError, match=f"^{name} must be a positive number, got 0$"):
+            params.validate()
