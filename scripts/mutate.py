@@ -368,7 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     chosen = MODULES
     if args.paths:
-        wanted = [str((Path.cwd() / p).resolve().relative_to(REPO)) for p in args.paths]
+        try:
+            wanted = [str((Path.cwd() / p).resolve().relative_to(REPO)) for p in args.paths]
+        except ValueError:
+            print(f"mutate: give paths inside {REPO}, e.g. resattn_diffusion/tuners/lora.py; got {args.paths}")
+            return 2
         chosen = [m for m in MODULES if any(m.path == w or m.path.startswith(w.rstrip("/") + "/") for w in wanted)]
         if not chosen:
             known = "\n  ".join(m.path for m in MODULES)
