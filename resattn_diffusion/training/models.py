@@ -363,8 +363,14 @@ class StableDiffusionBase(FrozenPipelineParts):
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(scheduler, timesteps)
-            weights = torch.clamp(snr, max=args.snr_gamma)  # min(SNR, gamma)
-            weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+            clipped = torch.clamp(snr, max=args.snr_gamma)  # min(SNR, gamma)
+            if prediction_type == "epsilon":
+                # min(SNR, gamma) / SNR -> 1 as SNR -> 0: the last timestep of a zero-terminal-SNR schedule
+                # (rescale_betas_zero_snr) gets that limit, not 0 / 0 = NaN
+                safe = snr.clamp(min=torch.finfo(snr.dtype).tiny)
+                weights = torch.where(snr > 0, clipped / safe, torch.ones_like(snr))
+            else:
+                weights = clipped / (snr + 1)
             per_example = per_example * weights
         return per_example
 
