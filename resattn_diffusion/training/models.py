@@ -146,8 +146,33 @@ def _text_encoder_class(path: str, subfolder: str, revision: str | None, cache_d
     return getattr(transformers, name)
 
 
+class FrozenPipelineParts:
+    """What every training family does alike with its frozen VAE, text encoders and denoiser (a subclass provides
+    ``vae``, ``text_encoders`` and ``denoiser``)."""
+
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    denoiser: nn.Module
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Move the frozen parts; the VAE stays fp32 under fp16 when its config asks (SDXL's overflows in fp16)."""
+        vae_dtype = (
+            torch.float32
+            if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True)
+            else weight_dtype
+        )
+        move(self.vae, device, vae_dtype)
+        for encoder in self.text_encoders:
+            move(encoder, device, weight_dtype)
+        move(self.denoiser, device, weight_dtype)
+
+
 @dataclass
-class StableDiffusionBase:
+class StableDiffusionBase(FrozenPipelineParts):
     """The frozen components of a Stable Diffusion 1.x / 2.x / SDXL pipeline that training needs (the UNet family
     of :class:`DenoiserFamily`), trained on noise (or velocity) prediction."""
 
@@ -259,22 +284,6 @@ class StableDiffusionBase:
         for module in [vae, unet, *text_encoders]:
             module.requires_grad_(False)
         return cls(path, model_index, sdxl, tokenizers, text_encoders, vae, unet, noise_scheduler, inference_scheduler)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        """Move the frozen parts; the VAE stays fp32 under fp16 when its config asks (SDXL's overflows in fp16)."""
-        vae_dtype = (
-            torch.float32
-            if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True)
-            else weight_dtype
-        )
-        move(self.vae, device, vae_dtype)
-        for encoder in self.text_encoders:
-            move(encoder, device, weight_dtype)
-        move(self.denoiser, device, weight_dtype)
 
     @torch.no_grad()
     def encode_prompts(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
