@@ -134,3 +134,98 @@ def test_prediction_targets() -> None:
     scheduler.register_to_config(prediction_type="flow")
     with pytest.raises(ValueError, match="unsupported prediction_type 'flow'; use one of epsilon, v_prediction"):
         prediction_target(scheduler, latents, noise, t)
+
+
+# --- what the reference stubs cannot see: the generator of the VAE draw, a missing shift factor, weight dtypes --
+class _NoisyVAE:
+    """``sample(generator)`` draws: latents = pixels + 0.3 noise from the training generator (as a real VAE's
+    posterior does); a draw from the global RNG instead would make the loss depend on unrelated seeding."""
+
+    dtype = torch.float32
+
+    def __init__(self, config):
+        self.config = config
+
+    def encode(self, pixels):
+        def sample(generator=None):
+            return pixels + 0.3 * torch.randn(pixels.shape, generator=generator)
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(sample=sample))
+
+
+def _flow_args():
+    return Namespace(weighting_scheme="none", precondition_outputs=False, prior_loss_weight=1.0, guidance_scale=None,
+                     max_sequence_length=None, logit_mean=None, logit_std=None, mode_scale=None)  # fmt: skip
+
+
+def _loss_twice(base, args, batch, dtype=torch.float32) -> list[torch.Tensor]:
+    losses = []
+    for global_seed in (1, 2):  # only the global RNG differs between the two calls
+        torch.manual_seed(global_seed)
+        losses.append(diffusion_loss(args, base, base.denoiser, batch, 48, dtype, torch.Generator().manual_seed(4)))
+    return losses
+
+
+def test_vae_draws_and_noise_come_from_the_training_generator_only() -> None:
+    import test_reference_loss as ref
+
+    unet = ref.unet_base("epsilon", torch.zeros(3, *ref.LATENT_SHAPE))
+    unet.vae = _NoisyVAE(unet.vae.config)
+    batch = ref.fixed_batch(3, 0)
+    first, second = _loss_twice(unet, Namespace(noise_offset=0.1, snr_gamma=None, prior_loss_weight=1.0), batch)
+    assert first == second
+    for kind in ("sd3", "flux"):
+        flow = ref.flow_base(kind)
+        flow.vae = _NoisyVAE(flow.vae.config)
+        first, second = _loss_twice(flow, _flow_args(), ref.fixed_batch(3, 0))
+        assert first == second, kind
+
+
+def test_flow_without_a_shift_factor_shifts_by_zero() -> None:
+    import test_reference_loss as ref
+
+    batch = ref.fixed_batch(3, 0)
+    without = ref.flow_base("sd3")
+    without.vae.config["shift_factor"] = None
+    with_half = ref.flow_base("sd3")
+    with_half.vae.config["shift_factor"] = 0.5
+    shifted = dict(batch, pixel_values=batch["pixel_values"] + 0.5)  # (x + 0.5) - 0.5 = x - 0
+    (a, _), (b, _) = _loss_twice(without, _flow_args(), batch), _loss_twice(with_half, _flow_args(), shifted)
+    torch.testing.assert_close(a, b)
+
+
+def test_the_denoiser_gets_the_weight_dtype() -> None:
+    import test_reference_loss as ref
+
+    seen = {}
+
+    class Recording(ref.KnownTransformer):
+        def forward(self, hidden_states, timestep, **kwargs):
+            seen["dtypes"] = [hidden_states.dtype] + [v.dtype for v in kwargs.values() if torch.is_tensor(v)
+                                                      and v.is_floating_point() and v.dim() > 1]  # fmt: skip
+            return super().forward(hidden_states, timestep, **kwargs)
+
+    for kind in ("sd3", "flux"):
+        flow = ref.flow_base(kind)
+        flow.denoiser = Recording(guidance_embeds=kind == "flux")
+        loss = diffusion_loss(_flow_args(), flow, flow.denoiser, ref.fixed_batch(2, 0), 48,
+                              torch.float64, torch.Generator().manual_seed(0))  # fmt: skip
+        assert loss.dtype == torch.float32  # the loss itself in float32, whatever the weights
+        assert seen["dtypes"] and set(seen["dtypes"]) == {torch.float64}, (kind, seen)
+
+
+def test_the_unet_gets_the_weight_dtype() -> None:
+    import test_reference_loss as ref
+
+    seen = {}
+
+    class Recording(ref.KnownUNet):
+        def forward(self, noisy, timesteps, context, added_cond_kwargs=None, return_dict=False):
+            seen["dtypes"] = (noisy.dtype, context.dtype)
+            return super().forward(noisy, timesteps, context, added_cond_kwargs, return_dict)
+
+    unet = ref.unet_base("epsilon", torch.zeros(2, *ref.LATENT_SHAPE))
+    unet.denoiser = Recording(torch.zeros(2, *ref.LATENT_SHAPE))
+    args = Namespace(noise_offset=0.0, snr_gamma=None, prior_loss_weight=1.0)
+    loss = diffusion_loss(args, unet, unet.denoiser, ref.fixed_batch(2, 0), 48, torch.float64, torch.Generator())
+    assert loss.dtype == torch.float32 and seen["dtypes"] == (torch.float64, torch.float64)
