@@ -194,7 +194,8 @@ def test_flow_without_a_shift_factor_shifts_by_zero() -> None:
     torch.testing.assert_close(a, b)
 
 
-def test_the_denoiser_gets_the_weight_dtype() -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_denoiser_gets_the_weight_dtype(dtype: torch.dtype) -> None:
     import test_reference_loss as ref
 
     seen = {}
@@ -209,9 +210,9 @@ def test_the_denoiser_gets_the_weight_dtype() -> None:
         flow = ref.flow_base(kind)
         flow.denoiser = Recording(guidance_embeds=kind == "flux")
         loss = diffusion_loss(_flow_args(), flow, flow.denoiser, ref.fixed_batch(2, 0), 48,
-                              torch.float64, torch.Generator().manual_seed(0))  # fmt: skip
+                              dtype, torch.Generator().manual_seed(0))  # fmt: skip
         assert loss.dtype == torch.float32  # the loss itself in float32, whatever the weights
-        assert seen["dtypes"] and set(seen["dtypes"]) == {torch.float64}, (kind, seen)
+        assert seen["dtypes"] and set(seen["dtypes"]) == {dtype}, (kind, seen)
 
 
 def test_the_unet_gets_the_weight_dtype() -> None:
