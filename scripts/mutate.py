@@ -357,14 +357,35 @@ def score(rows: list[dict]) -> str:
     return f"{killed}/{checked} = {100.0 * killed / checked:.1f}%{ran}"
 
 
+def markdown_table(rows: Iterable[dict]) -> str:
+    """The README's score table: one line per module, then one per group and the overall score."""
+    rows = sorted(rows, key=lambda r: (r["group"], r["module"]))
+    lines = ["| module | killed | survived | no tests | score (killed / run) |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        module = r["module"].removeprefix(PACKAGE + "/")
+        lines.append(f"| {module} | {r['killed'] + r['timeout']} | {r['survived']} | {r['no_tests']} | {score([r])} |")
+    for group in sorted({r["group"] for r in rows}):
+        lines.append(f"| **{group}** | | | | **{score([r for r in rows if r['group'] == group])}** |")
+    lines.append(f"| **all of the above** | | | | **{score(rows)}** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dev.sh mutate", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="files or folders under resattn_diffusion/ (default: all in scope)")
+    parser.add_argument("--table", action="store_true", help="print the last summary as a markdown table, run nothing")
     args = parser.parse_args(argv)
     workers = int(os.environ.get("MUTATE_WORKERS") or os.cpu_count() or 1)
     # MUTATE_SAMPLE=0.2: run a fixed fifth of each module's mutants (a quick estimate; the score says "sampled")
     fraction = float(os.environ["MUTATE_SAMPLE"]) if os.environ.get("MUTATE_SAMPLE") else None
     out = Path(os.environ.get("MUTATE_OUT") or REPO / "mutation-results").resolve()
+    if args.table:
+        summary = out / "summary.json"
+        if not summary.exists():
+            print(f"mutate: no {summary} yet: run the mutation job first")
+            return 2
+        print(markdown_table(json.loads(summary.read_text())["modules"].values()))
+        return 0
     (out / "logs").mkdir(parents=True, exist_ok=True)
     chosen = MODULES
     if args.paths:

@@ -90,3 +90,15 @@ def test_message_lines_are_not_mutated_but_conditions_are(mutate) -> None:
     assert skipped('        logger.warning("%s holds checkpoints", output_dir)')
     assert not skipped('    if prediction_type == "epsilon":')
     assert not skipped("    scale = head_dim**-0.5")
+
+
+def test_markdown_table_has_a_line_per_module_and_group(mutate) -> None:
+    base = {"survived": 1, "timeout": 0, "no_tests": 0, "skipped": 0, "not_checked": 0}
+    rows = [
+        dict(base, module="resattn_diffusion/tuners/lora.py", group="tuners", killed=9, total=10),
+        dict(base, module="resattn_diffusion/evaluation/metrics.py", group="metrics", killed=3, total=4),
+    ]
+    lines = mutate.markdown_table(rows).splitlines()
+    assert lines[2] == "| evaluation/metrics.py | 3 | 1 | 0 | 3/4 = 75.0% |"
+    assert lines[3] == "| tuners/lora.py | 9 | 1 | 0 | 9/10 = 90.0% |"
+    assert lines[-1] == "| **all of the above** | | | | **12/14 = 85.7%** |"
