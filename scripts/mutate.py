@@ -295,7 +295,12 @@ def sampled(names: list[str], fraction: float) -> list[str]:
     return [n for n in names if int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) < fraction * 0x100000000]
 
 
-def run_job(job: list[Module], out: Path, workers: int, python: str, fraction: float | None) -> list[dict]:
+def run_job(
+    job: list[Module], out: Path, workers: int, python: str, fraction: float | None, report: bool = False
+) -> list[dict]:
+    if report:  # the verdicts as they are, nothing prepared (which could reset some) and nothing run
+        work = out / "work" / job_name(job)
+        return [summarize(module, work, python, 0.0) for module in job if _meta(work, module)]
     work, tests = prepare(job, out)
     log_path = out / "logs" / f"{job_name(job)}.log"
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", RESATTN_TEST_THREADS="1")
@@ -374,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dev.sh mutate", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="files or folders under resattn_diffusion/ (default: all in scope)")
     parser.add_argument("--table", action="store_true", help="print the last summary as a markdown table, run nothing")
+    parser.add_argument(
+        "--report", action="store_true", help="summarize what the work folders hold (an interrupted run), run nothing"
+    )
     args = parser.parse_args(argv)
     workers = int(os.environ.get("MUTATE_WORKERS") or os.cpu_count() or 1)
     # MUTATE_SAMPLE=0.2: run a fixed fifth of each module's mutants (a quick estimate; the score says "sampled")
@@ -410,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mutate: {len(chosen)} modules in {len(jobs)} jobs, {parallel} at a time with {children} workers each; "
           f"out: {out}", flush=True)  # fmt: skip
     with ThreadPoolExecutor(parallel) as pool:
-        futures = [pool.submit(run_job, job, out, children, sys.executable, fraction) for job in jobs]
+        futures = [pool.submit(run_job, job, out, children, sys.executable, fraction, args.report) for job in jobs]
         for future in as_completed(futures):
             for row in future.result():
                 rows.append(row)
