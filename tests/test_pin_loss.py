@@ -230,3 +230,50 @@ def test_the_unet_gets_the_weight_dtype() -> None:
     args = Namespace(noise_offset=0.0, snr_gamma=None, prior_loss_weight=1.0)
     loss = diffusion_loss(args, unet, unet.denoiser, ref.fixed_batch(2, 0), 48, torch.float64, torch.Generator())
     assert loss.dtype == torch.float32 and seen["dtypes"] == (torch.float64, torch.float64)
+
+
+def test_sdxl_gets_its_size_conditions_at_the_training_resolution() -> None:
+    torch.manual_seed(3)
+    base = _base("epsilon", torch.randn(2, C, H, H), torch.randn(2, 5, 6))
+    base.sdxl = True
+    pooled = torch.randn(2, 7)
+    base.encode_prompts = lambda captions, device: (torch.randn(2, 5, 6), pooled)  # type: ignore[method-assign]
+    batch = {"pixel_values": torch.zeros(2, 3, 8, 8), "captions": ["a", "b"], "is_prior": torch.zeros(2, dtype=bool)}
+    batch.update(original_sizes=torch.tensor([[40, 30], [64, 64]]), crop_top_lefts=torch.tensor([[2, 0], [0, 5]]))
+    args = Namespace(noise_offset=0.0, snr_gamma=None, prior_loss_weight=1.0)
+    diffusion_loss(args, base, base.denoiser, batch, 24, torch.float32, torch.Generator().manual_seed(0))
+    added = base.denoiser.seen[3]
+    torch.testing.assert_close(added["text_embeds"], pooled)
+    expected = torch.tensor([[40, 30, 2, 0, 24, 24], [64, 64, 0, 5, 24, 24]], dtype=torch.float32)
+    torch.testing.assert_close(added["time_ids"], expected)
+
+
+def test_flow_timesteps_clamp_u_of_one_to_the_last_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers.training_utils as training_utils
+    import test_reference_loss as ref
+
+    flow = ref.flow_base("sd3")
+    monkeypatch.setattr(training_utils, "compute_density_for_timestep_sampling",
+                        lambda **kwargs: torch.tensor([1.0, 0.0, 0.5]))  # fmt: skip
+    timesteps, sigmas = flow.sample_timesteps(_flow_args(), 3, torch.Generator())
+    scheduler, count = flow.noise_scheduler, flow.noise_scheduler.config.num_train_timesteps
+    indices = torch.tensor([count - 1, 0, count // 2])
+    torch.testing.assert_close(timesteps, scheduler.timesteps[indices])
+    torch.testing.assert_close(sigmas, scheduler.sigmas[indices])
+
+
+def test_the_unet_gets_bf16_inputs_with_a_noise_offset() -> None:
+    import test_reference_loss as ref
+
+    seen = {}
+
+    class Recording(ref.KnownUNet):
+        def forward(self, noisy, timesteps, context, added_cond_kwargs=None, return_dict=False):
+            seen["dtype"] = noisy.dtype
+            return super().forward(noisy, timesteps, context, added_cond_kwargs, return_dict)
+
+    unet = ref.unet_base("epsilon", torch.zeros(2, *ref.LATENT_SHAPE))
+    unet.denoiser = Recording(torch.zeros(2, *ref.LATENT_SHAPE))
+    args = Namespace(noise_offset=0.2, snr_gamma=None, prior_loss_weight=1.0)
+    diffusion_loss(args, unet, unet.denoiser, ref.fixed_batch(2, 0), 48, torch.bfloat16, torch.Generator())
+    assert seen["dtype"] == torch.bfloat16
