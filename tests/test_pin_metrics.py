@@ -62,11 +62,11 @@ def test_frechet_distance_equals_the_formula_on_different_gaussians() -> None:
     assert frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(5.0)
 
 
-def test_frechet_distance_retries_a_singular_product_with_eps() -> None:
+def test_frechet_distance_of_singular_covariances() -> None:
     singular = np.diag([1.0, 0.0])
     other = np.diag([0.0, 1.0])  # S1 S2 = 0: sqrtm is 0 (finite), no retry needed
     assert frechet_distance(np.zeros(2), singular, np.zeros(2), other) == pytest.approx(2.0, abs=1e-6)
-    # a product whose sqrtm is not finite: nilpotent S1 S2 (scipy gives nan/inf); with eps it is finite
+    # rank-one S1 and a tiny S2 whose product is 0: sqrtm(0) = 0, the distance is tr(S1) + tr(S2)
     s1 = np.array([[1.0, 1.0], [1.0, 1.0]])
     s2 = np.array([[1.0, -1.0], [-1.0, 1.0]]) * 1e-30
     value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=1e-6)
@@ -211,3 +211,49 @@ def test_evaluator_fid_and_kid_on_folders_equal_the_formulas(tmp_path) -> None:
     _write_images(tmp_path / "few", 4, 3)
     with pytest.warns(UserWarning, match=r"FID on 4 images \(< feature dim 5\)"):
         assert len(evaluator.evaluate(tmp_path / "few")["notes"]) == 1
+
+
+def test_frechet_distance_eps_retry_when_the_root_is_not_finite() -> None:
+    # S1 S2 = [[0, 1], [0, 0]] has no square root (scipy returns inf): retried with eps I added to both
+    s1, s2, eps = np.diag([1.0, 0.0]), np.array([[0.0, 1.0], [0.0, 0.0]]), 1e-4
+    shifted = (s1 + eps * np.eye(2)) @ (s2 + eps * np.eye(2))
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(shifted).astype(complex)).real.sum()
+    with np.errstate(all="ignore"):
+        value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=eps)
+    assert value == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_normalized_rows_are_float64_whatever_the_input() -> None:
+    a = np.array([[3.0, 4.0]], dtype=np.float32)
+    assert cosine_similarities(a, a).dtype == np.float64
+
+
+def test_save_reference_statistics_writes_what_the_reader_reads(tmp_path) -> None:
+    from resattn_diffusion.evaluation.features import ImageEncoder
+    from resattn_diffusion.evaluation.metrics import save_reference_statistics
+
+    pixels = _write_images(tmp_path / "real", 5, 4)
+    projection = torch.nn.Linear(48, 3, bias=False).double()
+    encoder = ImageEncoder(torch.nn.Sequential(torch.nn.Flatten(), projection), name="proj3")
+    with torch.no_grad():
+        features = projection(torch.from_numpy(pixels)).numpy()
+    (tmp_path / "out").mkdir()  # an existing folder is fine, a missing parent is made
+    for target in (tmp_path / "out" / "a" / "stats", tmp_path / "out" / "b.npz"):
+        path = save_reference_statistics(tmp_path / "real", target, encoder=encoder, batch_size=2, progress=False)
+        assert path.suffix == ".npz" and path.name in ("stats.npz", "b.npz") and path.is_file()
+        with np.load(path) as data:
+            assert sorted(data.files) == ["extractor", "features", "mu", "num_images", "sigma"]
+            assert str(data["extractor"]) == "proj3" and int(data["num_images"]) == 5
+        ref = ReferenceStatistics(path)
+        mu, sigma = feature_statistics(features)
+        np.testing.assert_allclose(ref.mu, mu, rtol=1e-5)
+        np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-5)
+        np.testing.assert_allclose(ref.features, features, rtol=1e-5)
+        ref.load(encoder, 2, False)  # the same extractor: nothing to do
+        other = ImageEncoder(torch.nn.Flatten(), name="other")
+        with pytest.raises(EvaluationError, match="computed with 'proj3', but this evaluation uses 'other'"):
+            ref.load(other, 2, False)
+    stats_only = save_reference_statistics(tmp_path / "real", tmp_path / "m", encoder=encoder, keep_features=False,
+                                           progress=False)  # fmt: skip
+    with np.load(stats_only) as data:
+        assert "features" not in data.files
