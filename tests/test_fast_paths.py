@@ -231,3 +231,103 @@ def test_fast_paths_under_autocast_follow_the_reference_in_half_precision():
         errors = {path: (out - exact).abs().max().item() for path, out in results.items()}
         scale = exact.abs().max().item()
         assert errors["fast"] <= 2 * errors["reference"] + 1e-2 * scale, (name, errors)
+
+
+# --- the FFT families' dense matrix keeps nothing for backward (issue 14, third GPU run) -------------------------
+
+
+def _saved_bytes_of(fn):
+    saved = [0]
+
+    def pack(tensor):
+        saved[0] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, saved[0]
+
+
+@pytest.mark.parametrize("family", ["circulant", "toeplitz", "ldr"])
+def test_fft_dense_matrix_is_recomputed_in_backward(family):
+    """The fast path's M = structured_forward(I)^T saves nothing for backward (it runs again there) and gives the
+    same numbers, bit for bit, as keeping its spectra; both equal the reference ``materialize``."""
+    torch.manual_seed(0)
+    matrix = STRUCTURES[family](24, 40, init="random").double()
+    weights = torch.randn(24, 40, dtype=torch.float64)
+    results = {}
+    for recompute in (False, True):
+        matrix.recompute_fft_dense = recompute
+        with forced_paths("fast"):
+            dense, saved = _saved_bytes_of(matrix.dense_matrix)
+        grads = torch.autograd.grad((dense * weights).sum(), list(matrix.parameters()))
+        results[recompute] = dense, grads, saved
+    assert results[True][2] == 0 < results[False][2]
+    assert torch.equal(results[True][0], results[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
+    exact = matrix.materialize()
+    torch.testing.assert_close(results[True][0], exact)
+    exact_grads = torch.autograd.grad((exact * weights).sum(), list(matrix.parameters()))
+    for fast_grad, exact_grad in zip(results[True][1], exact_grads):
+        torch.testing.assert_close(fast_grad, exact_grad)
+
+
+@pytest.mark.parametrize("tuner", ["surm_ldr", "surm_kronecker"])
+def test_surm_ldr_and_kronecker_train_on_the_merged_path_without_per_token_ffts(tuner, monkeypatch):
+    """On the fast path (CUDA's choice) a training step of SURM-LDR runs its FFTs on the d_in x n identity only
+    (the merged GEMM carries the tokens), Kronecker none at all; both equal the reference."""
+    unet = _unet_with(rd.ResTunerConfig(tuner))
+    inputs = _inputs(unet)
+    widest = max(m.in_features for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    tokens = inputs["sample"].shape[0] * inputs["sample"].shape[-1] * inputs["sample"].shape[-2]
+    assert tokens > widest  # so a per-token FFT would show
+    rows_seen = []
+    for name in ("fft", "ifft", "rfft", "irfft"):
+        original = getattr(torch.fft, name)
+
+        def recording(x, *args, original=original, **kwargs):
+            rows_seen.append(x.numel() // max(x.shape[-1], 1))
+            return original(x, *args, **kwargs)
+
+        monkeypatch.setattr(torch.fft, name, recording)
+    merged = []
+    original_merged = LinearBank.merged_forward
+    monkeypatch.setattr(LinearBank, "merged_forward", lambda *a: merged.append(1) or original_merged(*a))
+    unet.train()
+    with forced_paths("fast"):
+        out = unet(**inputs).sample
+        out.square().sum().backward()
+    assert merged
+    if tuner == "surm_ldr":
+        assert rows_seen and max(rows_seen) <= widest, max(rows_seen)
+    else:
+        assert not rows_seen
+    unet.eval()
+    _assert_paths_agree(unet, inputs)
+
+
+def test_res_attn_self_attention_branch_is_one_qkv_gemm_and_padded_sdpa(monkeypatch):
+    """Res-Attn's branch where c = x: q, k and v come out of one GEMM, and on the fast path the attention gets
+    heads padded from 4 to 8 channels (the fused kernels' multiple) -- the same output as unpadded."""
+    from resattn_diffusion.tuners.res_attn import ResAttn, ResAttnParams
+
+    torch.manual_seed(0)
+    tuner = ResAttn(tuner_base.OpShape(32, 32, 32, 32, 4), ResAttnParams()).double()
+    torch.nn.init.normal_(tuner.out_proj.weight)
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    linears, head_dims = [], []
+    original_linear, original_sdpa = F.linear, F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "linear", lambda *a, **k: linears.append(a[1].shape) or original_linear(*a, **k))
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda q, *a, **k: head_dims.append(q.shape[-1]) or original_sdpa(q, *a, **k),
+    )
+    outputs = {}
+    for path in ("reference", "fast"):
+        linears.clear()
+        with forced_paths(path), torch.no_grad():
+            outputs[path] = tuner(x, None, None)
+        assert linears == [torch.Size([24, 32]), torch.Size([32, 8])], linears  # qkv in one GEMM, then W_up
+    assert head_dims == [4, 8]
+    torch.testing.assert_close(outputs["fast"], outputs["reference"])

@@ -40,6 +40,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .base import ConfigError
@@ -316,6 +317,11 @@ class StructuredMatrix(nn.Module, abc.ABC):
     path: str = "auto"
     #: The family's structured path is FFTs: :meth:`dense_matrix` can materialise M through it (see there).
     materializes_through_fft: ClassVar[bool] = False
+    #: Whether :meth:`dense_matrix`'s FFT form keeps nothing but the parameters for backward and forms M again
+    #: there (activation checkpointing of the n x n materialisation; the same ops, so the same numbers). Kept, its
+    #: float32 complex spectra of the identity -- up to 12 n^2 bytes per layer (LDR) -- stay alive from a layer's
+    #: forward to its backward: ~1.2 GB over SD 1.5's attention projections, for a few n^2 log n FFT flops saved.
+    recompute_fft_dense: bool = True
 
     def __init__(self, d_out: int, d_in: int):
         super().__init__()
@@ -336,7 +342,8 @@ class StructuredMatrix(nn.Module, abc.ABC):
         fast paths are (CUDA, or ``forced_paths("fast")``) -- M formed by applying the structured path to the
         identity, ``M = structured_forward(I)^T``. Equal up to rounding; the difference is the backward: the
         index gather of ``materialize`` scatters n^2 gradients into n parameters (on a GPU a sort or contended
-        atomics per layer and step), the FFT form's backward is a few FFTs of an n x n block."""
+        atomics per layer and step), the FFT form's backward is a few FFTs of an n x n block. The FFT form saves
+        only the parameters for backward and runs again there (:attr:`recompute_fft_dense`)."""
         parameter = next(self.parameters(), None)
         if (
             self.materializes_through_fft
@@ -345,9 +352,18 @@ class StructuredMatrix(nn.Module, abc.ABC):
             and any(p.requires_grad for p in self.parameters())
             and fast_path_wanted(parameter.device.type)
         ):
-            identity = torch.eye(self.d_in, device=parameter.device, dtype=parameter.dtype)
-            return self.structured_forward(identity).transpose(0, 1)
+            if self.recompute_fft_dense:
+                return torch.utils.checkpoint.checkpoint(
+                    self._dense_through_fft, use_reentrant=False, preserve_rng_state=False
+                )
+            return self._dense_through_fft()
         return self.materialize()
+
+    def _dense_through_fft(self) -> torch.Tensor:
+        """``M = structured_forward(I)^T``: the structured path applied to the d_in x d_in identity."""
+        parameter = next(self.parameters())
+        identity = torch.eye(self.d_in, device=parameter.device, dtype=parameter.dtype)
+        return self.structured_forward(identity).transpose(0, 1)
 
     @abc.abstractmethod
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
