@@ -80,6 +80,8 @@ def run_part(
     tuners: list[str] | None = None,
     compile_backend: str = "inductor",
     compiled_rows: list[str] | None = None,
+    peer_rows: list[str] | None = None,
+    extra_rows: bool = True,
 ) -> dict[str, Any]:
     """Run one part with its time guard, writing ``out/<part>.json`` (and the summary) at every checkpoint.
 
@@ -87,7 +89,9 @@ def run_part(
     importing torch and diffusers count against ``budget`` too. ``tuners`` restricts our rows (default: every
     registered tuner; SDXL: res_attn and res_bypass); ``compile_backend`` is ``torch.compile``'s (the smoke test
     uses ``"eager"``: no compiler, the same code path); ``compiled_rows`` restricts ``sampling_compiled`` to these
-    rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows)."""
+    rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows); ``peer_rows``
+    restricts ``train_sd15``'s peers to these of ``train_step.PEER_ROWS`` (default: all) and ``extra_rows=False``
+    leaves out its Res-Attn-with-one-head, ``[reference]`` and ``[fast]`` rows."""
     start = time.perf_counter()
     already = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     deadline = start + budget - already - GUARD_MARGIN_S
@@ -113,6 +117,10 @@ def run_part(
                 size, sdxl_tuners, peer_rows=(train_step.PEFT_LORA,), deadline=deadline, checkpoint=checkpoint
             )
         else:
+            peers_wanted = train_step.PEER_ROWS if peer_rows is None else tuple(peer_rows)
+            unknown = sorted(set(peers_wanted) - set(train_step.PEER_ROWS))
+            if unknown:
+                raise SystemExit(f"--peer-rows {unknown}: choose among {list(train_step.PEER_ROWS)}")
             extra = {}
             if "res_attn" in selected:
                 extra[RES_ATTN_ONE_HEAD] = ResTunerConfig("res_attn", heads=1)
@@ -122,8 +130,16 @@ def run_part(
             with_fast = [name for name in FAST_ROWS if name in selected]
             extra |= {name + FAST_SUFFIX: ResTunerConfig(name) for name in with_fast}
             contexts |= {name + FAST_SUFFIX: fast_paths for name in with_fast}
+            if not extra_rows:
+                extra, contexts = {}, {}
             result = train_step.run(
-                size, selected, extra_configs=extra, case_contexts=contexts, deadline=deadline, checkpoint=checkpoint
+                size,
+                selected,
+                peer_rows=peers_wanted,
+                extra_configs=extra,
+                case_contexts=contexts,
+                deadline=deadline,
+                checkpoint=checkpoint,
             )
     elif part == "sampling":
         result = sampling.run(size, selected, deadline=deadline)
@@ -382,6 +398,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compiled-rows", nargs="*", default=None, help="sampling_compiled: only these rows of sampling.COMPILED_ROWS"
     )
+    parser.add_argument(
+        "--peer-rows", nargs="*", default=None, help="train_sd15: only these peers of train_step.PEER_ROWS"
+    )
+    parser.add_argument(
+        "--no-extra-rows", action="store_true", help="train_sd15: no heads=1, [reference] or [fast] rows"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -406,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
             args.tuners,
             args.compile_backend,
             args.compiled_rows,
+            args.peer_rows,
+            not args.no_extra_rows,
         )
     except Exception as error:  # the part as a whole failed: record it, the shell script goes on with the next
         write_json(out / f"{args.part}.json", {"part": args.part, "error": describe_error(error), "rows": []})
