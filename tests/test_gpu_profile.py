@@ -46,6 +46,11 @@ def test_backward_ops_follow_their_forward_op_into_the_branch():
     split = gpu_profile.split_time(list(profiler.events()), on_device=False)
     assert split["branch"] > 0 and split["frozen"] > 0 and set(split) == set(gpu_profile.CATEGORIES)
     assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks  # removed on exit
+    # The GPU's accounting (kernels per op; none on CPU) runs on the same events without failing.
+    on_device = gpu_profile.split_time(list(profiler.events()), on_device=True)
+    assert set(on_device) == {*gpu_profile.CATEGORIES, "unattributed"} and not any(on_device.values())
+    kernels = gpu_profile.top_kernels(profiler.key_averages(), on_device=True, calls=1)
+    assert 0 < len(kernels) <= gpu_profile.TOP_KERNELS
 
 
 def test_branch_modules_are_our_tuners_and_peft_lora_factors():
@@ -83,6 +88,7 @@ def test_profile_tiny_rows_on_cpu(tmp_path: Path):
     assert ldr["trainable_parameters"] > 0 and ldr["peak_memory_mb"] > 0
     assert sampling["split_ms_per_call"]["branch"] > 0 and "saved_for_backward" not in sampling
     assert sampling["measured_ms_per_call"] > 0 and sampling["wall_ms_per_call"] > 0
+    assert sampling["wall_ms_per_call_profiled"] > 0
     markdown = (tmp_path / "profile.md").read_text()
     assert "| surm_ldr (training step) |" in markdown and "## res_attn (unfused): top" in markdown
 

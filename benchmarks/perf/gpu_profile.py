@@ -14,8 +14,9 @@ to ``DIR/profile.json`` after every row (a killed run keeps the rows it finished
   deltas our merged-GEMM path forms from the parameters (:meth:`LinearTuner.fold` while profiling), and each
   backward op goes where the forward op that recorded its autograd node went (the profiler's sequence numbers).
   The merged GEMM itself is ``frozen``: it is the frozen projection's GEMM, with the delta added to its weight;
-* the wall time of a profiled step beside its kernel time (a step whose wall time is far above its kernel time is
-  bound by the CPU launching kernels, not by the GPU);
+* the wall time of a call (timed without the profiler, whose overhead slows the launching side; also with it)
+  beside its kernel time: a call whose wall time is far above its kernel time is bound by the CPU launching
+  kernels, not by the GPU;
 * the bytes saved for backward by each tuner module, the folds and the frozen model
   (``torch.autograd.graph.saved_tensors_hooks`` over one step; each storage counted once, parameters not at all),
   and the allocator's peak of the step.
@@ -273,11 +274,17 @@ def saved_bytes(model: nn.Module, call: Callable[[], None]) -> dict[str, Any]:
 def profile_call(
     model: nn.Module, call: Callable[[], None], device: str, warmup: int, calls: int, trainable: bool
 ) -> dict[str, Any]:
-    """Warm up, profile ``calls`` calls, then count the saved bytes and the peak memory of one more."""
+    """Warm up, time ``calls`` calls without the profiler (its own overhead slows the launching side), profile
+    ``calls`` calls, then count the saved bytes and the peak memory of one more."""
     on_device = torch.device(device).type == "cuda"
     for _ in range(warmup):
         call()
     synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    synchronize(device)
+    unprofiled = time.perf_counter() - start
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with Attribution(model), torch.profiler.profile(activities=activities) as profiler:
         start = time.perf_counter()
@@ -290,7 +297,8 @@ def profile_call(
     row: dict[str, Any] = {
         "calls_profiled": calls,
         "time_unit": "GPU kernel time" if on_device else "CPU op self time",
-        "wall_ms_per_call": wall * 1e3 / calls,
+        "wall_ms_per_call": unprofiled * 1e3 / calls,
+        "wall_ms_per_call_profiled": wall * 1e3 / calls,
         "split_ms_per_call": {name: value / 1e3 / calls for name, value in split.items()},
         "top_kernels": top_kernels(profiler.key_averages(), on_device, calls),
     }
@@ -400,7 +408,7 @@ def run(
             log(f"gpu_profile: {name} failed: {row['error']}")
         row["seconds"] = time.perf_counter() - row_start
         result["rows"].append(row)
-        model = call = case = None  # noqa: F841 - free this row's UNet before the next one is built
+        model = call = case = built = picked = None  # noqa: F841 - free this row's UNets before the next row
         free_device_memory(device)
         checkpoint()
     checkpoint()
@@ -451,8 +459,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"Training: {_size_line(result.get('train_size'))}; sampling: {_size_line(result.get('sampling_size'))}. "
         f"Per call, over the profiled calls. `branch`: inside tuner modules (peft: lora_A/B); `fold`: forming the "
-        "merged GEMM's delta; backward ops follow their forward op. A wall time far above the kernel time means the "
-        "step is bound by launching kernels, not by the GPU.",
+        "merged GEMM's delta; backward ops follow their forward op. Wall time: without the profiler; far above the "
+        "kernel time, the call is bound by launching kernels, not by the GPU.",
         "",
         markdown_table(headers, table),
     ]
