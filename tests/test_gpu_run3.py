@@ -51,12 +51,31 @@ def test_train_part_with_chosen_peers_and_no_extra_rows(tmp_path: Path) -> None:
         tuners=["res_attn", "surm_ldr"],
         peer_rows=["peft_lora"],
         extra_rows=False,
+        spectra_rows=["surm_ldr"],
     )
     names = [row["name"] for row in result["rows"]]
-    expected = ["floor", "res_attn", "surm_ldr"] + (
-        ["peft_lora"] if gpu_suite.train_step.peers.peft_available() else []
-    )
-    assert names == expected
+    expected = ["floor", "res_attn", "surm_ldr", "surm_ldr [spectra kept]"]
+    assert names == expected + (["peft_lora"] if gpu_suite.train_step.peers.peft_available() else [])
     assert all(row["step_s"] for row in result["rows"]), result["rows"]
+    assert gpu_suite.StructuredMatrix.recompute_fft_dense  # the row's context restored the default
     with pytest.raises(SystemExit, match="peer-rows"):
         gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], peer_rows=["peft_ia3"])
+    with pytest.raises(SystemExit, match="spectra-rows"):
+        gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], spectra_rows=["res_attn"])
+
+
+def test_spectra_kept_context_keeps_the_spectra_and_restores_the_default() -> None:
+    import torch
+
+    from benchmarks.perf import gpu_suite
+    from resattn_diffusion.tuners.fast_paths import forced_paths
+    from resattn_diffusion.tuners.structured import LDRMatrix
+
+    matrix = LDRMatrix(12, 20)
+    saved = []
+    with forced_paths("fast"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        matrix.dense_matrix()
+        assert not saved  # recomputed in backward: nothing kept
+        with gpu_suite.spectra_kept():
+            matrix.dense_matrix()
+    assert saved and LDRMatrix.recompute_fft_dense

@@ -24,9 +24,11 @@ The training recipe is the training scripts': frozen weights fp16/bf16, trainabl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import torch
 
 from resattn_diffusion import ResTunerConfig, get_tuner_spec, tuner_names
 from resattn_diffusion.tuners.fast_paths import forced_paths
+from resattn_diffusion.tuners.structured import StructuredMatrix
 
 from . import compile_breaks, sampling, train_step
 from .common import BenchmarkSize, describe_error, log, machine_info, markdown_table, write_json
@@ -57,6 +60,9 @@ FAST_ROWS = ("glora",)
 FAST_SUFFIX = " [fast]"
 #: Row name of Res-Attn with one head (head dim 8 instead of 4: the default's alternative the issue measured).
 RES_ATTN_ONE_HEAD = "res_attn (heads=1)"
+#: Rows of SURM FFT families timed once more with their dense delta's FFT spectra kept for backward instead of
+#: recomputed there (``StructuredMatrix.recompute_fft_dense = False``): the memory / time trade-off, measured.
+SPECTRA_KEPT_SUFFIX = " [spectra kept]"
 
 
 def part_size(part: str, device: str, tiny: bool) -> BenchmarkSize:
@@ -82,6 +88,7 @@ def run_part(
     compiled_rows: list[str] | None = None,
     peer_rows: list[str] | None = None,
     extra_rows: bool = True,
+    spectra_rows: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run one part with its time guard, writing ``out/<part>.json`` (and the summary) at every checkpoint.
 
@@ -91,7 +98,8 @@ def run_part(
     uses ``"eager"``: no compiler, the same code path); ``compiled_rows`` restricts ``sampling_compiled`` to these
     rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows); ``peer_rows``
     restricts ``train_sd15``'s peers to these of ``train_step.PEER_ROWS`` (default: all) and ``extra_rows=False``
-    leaves out its Res-Attn-with-one-head, ``[reference]`` and ``[fast]`` rows."""
+    leaves out its Res-Attn-with-one-head, ``[reference]`` and ``[fast]`` rows; ``spectra_rows`` (SURM FFT
+    families) adds ``<name> [spectra kept]`` rows (see :data:`SPECTRA_KEPT_SUFFIX`)."""
     start = time.perf_counter()
     already = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     deadline = start + budget - already - GUARD_MARGIN_S
@@ -132,6 +140,11 @@ def run_part(
             contexts |= {name + FAST_SUFFIX: fast_paths for name in with_fast}
             if not extra_rows:
                 extra, contexts = {}, {}
+            for name in spectra_rows or []:
+                if not name.startswith("surm_"):
+                    raise SystemExit(f"--spectra-rows {name!r}: only SURM tuners form their delta through FFTs")
+                extra[name + SPECTRA_KEPT_SUFFIX] = ResTunerConfig(name)
+                contexts[name + SPECTRA_KEPT_SUFFIX] = spectra_kept
             result = train_step.run(
                 size,
                 selected,
@@ -163,6 +176,17 @@ def run_part(
 def reference_paths():
     """Every tuner on its reference path (the CPU default), for the ``[reference]`` rows."""
     return forced_paths("reference")
+
+
+@contextlib.contextmanager
+def spectra_kept() -> Iterator[None]:
+    """Every structured matrix keeps its dense delta's FFT spectra for backward (the behaviour before run 3)."""
+    previous = StructuredMatrix.recompute_fft_dense
+    StructuredMatrix.recompute_fft_dense = False
+    try:
+        yield
+    finally:
+        StructuredMatrix.recompute_fft_dense = previous
 
 
 def fast_paths():
@@ -403,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
         "--peer-rows", nargs="*", default=None, help="train_sd15: only these peers of train_step.PEER_ROWS"
     )
     parser.add_argument(
+        "--spectra-rows", nargs="*", default=None, help="train_sd15: SURM tuners timed again with spectra kept"
+    )
+    parser.add_argument(
         "--no-extra-rows", action="store_true", help="train_sd15: no heads=1, [reference] or [fast] rows"
     )
     args = parser.parse_args(argv)
@@ -431,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
             args.compiled_rows,
             args.peer_rows,
             not args.no_extra_rows,
+            args.spectra_rows,
         )
     except Exception as error:  # the part as a whole failed: record it, the shell script goes on with the next
         write_json(out / f"{args.part}.json", {"part": args.part, "error": describe_error(error), "rows": []})
