@@ -5,7 +5,8 @@
 
 Rows (:data:`TRAIN_ROWS`, :data:`SAMPLING_ROWS`): an SD 1.5 512 px batch 4 fp16 training step (the training
 scripts' recipe, as ``train_step.py``) of the floor, peft LoRA matched to Res-Attn, res_attn, glora, surm_ldr and
-surm_circulant; an eager ``no_grad`` UNet forward at batch 2 of the base and of Res-Attn unfused. Per row, written
+surm_circulant; an eager ``no_grad`` UNet forward at batch 2 of the base and of Res-Attn unfused (run in
+:data:`DEFAULT_ORDER`, so the time guard drops the last ones). Per row, written
 to ``DIR/profile.json`` after every row (a killed run keeps the rows it finished) and ``DIR/profile.md``:
 
 * the top :data:`TOP_KERNELS` CUDA kernels by self time per step (on CPU: the top ops by self CPU time);
@@ -63,8 +64,22 @@ TRAIN_ROWS = (train_step.FLOOR, "res_attn", train_step.PEFT_LORA, "surm_ldr", "s
 SAMPLING_ROWS = (sampling.BASE, "res_attn (unfused)")
 #: Kernels (ops on CPU) listed per row.
 TOP_KERNELS = 15
-#: (warm-up, profiled) calls per row on a GPU: a training step of SD 1.5 takes ~0.1-0.3 s, a forward ~0.03 s.
-GPU_CALLS = {"train": (2, 2), "sampling": (3, 4)}
+#: (warm-up, profiled) calls per row on a GPU: a training step of SD 1.5 takes ~0.1-0.3 s, a forward ~0.03 s; what
+#: costs is the profiler's post-processing of every op and kernel, so one profiled training step.
+GPU_CALLS = {"train": (2, 1), "sampling": (3, 3)}
+#: Calls timed without the profiler (at least), for the wall time per call.
+UNPROFILED_CALLS = 2
+#: The order rows run in (the time guard skips the last ones first): the headline tuner and its baselines first.
+DEFAULT_ORDER = (
+    train_step.FLOOR,
+    "res_attn",
+    sampling.BASE,
+    "res_attn (unfused)",
+    train_step.PEFT_LORA,
+    "surm_ldr",
+    "surm_circulant",
+    "glora",
+)
 #: Range-name prefix of the attribution ranges (``res::<category>::<module>``).
 RANGE_PREFIX = "res::"
 CATEGORIES = ("frozen", "branch", "fold", "optimizer")
@@ -280,11 +295,12 @@ def profile_call(
     for _ in range(warmup):
         call()
     synchronize(device)
+    unprofiled_calls = max(calls, UNPROFILED_CALLS)
     start = time.perf_counter()
-    for _ in range(calls):
+    for _ in range(unprofiled_calls):
         call()
     synchronize(device)
-    unprofiled = time.perf_counter() - start
+    unprofiled = (time.perf_counter() - start) / unprofiled_calls
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with Attribution(model), torch.profiler.profile(activities=activities) as profiler:
         start = time.perf_counter()
@@ -297,7 +313,7 @@ def profile_call(
     row: dict[str, Any] = {
         "calls_profiled": calls,
         "time_unit": "GPU kernel time" if on_device else "CPU op self time",
-        "wall_ms_per_call": unprofiled * 1e3 / calls,
+        "wall_ms_per_call": unprofiled * 1e3,
         "wall_ms_per_call_profiled": wall * 1e3 / calls,
         "split_ms_per_call": {name: value / 1e3 / calls for name, value in split.items()},
         "top_kernels": top_kernels(profiler.key_averages(), on_device, calls),
@@ -340,13 +356,13 @@ def run(
     started_at: float | None = None,
     paths: str = "auto",
 ) -> dict[str, Any]:
-    """Profile ``rows`` (default: every train row, then every sampling row), writing ``out/profile.json`` and
+    """Profile ``rows`` (default: :data:`DEFAULT_ORDER`, every row), writing ``out/profile.json`` and
     ``out/profile.md`` after each. ``paths``: ``"auto"`` (each tuner's automatic choice: the fast paths on CUDA) or
     ``"reference"`` / ``"fast"`` (:func:`~resattn_diffusion.tuners.fast_paths.forced_paths` around every call)."""
     start = time.perf_counter()
     already = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     deadline = start + budget - already - GUARD_MARGIN_S
-    wanted = list(rows) if rows is not None else [*TRAIN_ROWS, *SAMPLING_ROWS]
+    wanted = list(rows) if rows is not None else list(DEFAULT_ORDER)
     unknown = sorted(set(wanted) - set(TRAIN_ROWS) - set(SAMPLING_ROWS))
     if unknown:
         raise SystemExit(f"--rows {unknown}: choose among {[*TRAIN_ROWS, *SAMPLING_ROWS]}")

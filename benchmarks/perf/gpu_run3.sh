@@ -5,8 +5,8 @@
 #
 # Hard wall-clock limit: GPU_RUN3_TOTAL_S (default 240 s) for everything, each part killed by `timeout` at its
 # guard + 8 s and never past the total (a part gets at most what is left; unused time passes on):
-#   (a) profile     benchmarks/perf/gpu_profile.py: torch.profiler over 2 SD 1.5 training steps (512 px, batch 4,
-#                   fp16) of floor, res_attn, peft LoRA, surm_ldr, surm_circulant, glora and 4 eager sampling
+#   (a) profile     benchmarks/perf/gpu_profile.py: torch.profiler over 1 SD 1.5 training step (512 px, batch 4,
+#                   fp16) of floor, res_attn, peft LoRA, surm_ldr, surm_circulant, glora and 3 eager sampling
 #                   forwards (batch 2) of the base and res_attn unfused: top 15 kernels, frozen / branch / fold /
 #                   optimizer kernel time, wall vs kernel time, bytes saved for backward per tuner module  guard 110 s
 #   (b) train_sd15  floor, res_attn, surm_ldr, surm_kronecker, surm_circulant, peft LoRA, peft C3A matched to
