@@ -331,3 +331,22 @@ def test_res_attn_self_attention_branch_is_one_qkv_gemm_and_padded_sdpa(monkeypa
         assert linears == [torch.Size([24, 32]), torch.Size([32, 8])], linears  # qkv in one GEMM, then W_up
     assert head_dims == [4, 8]
     torch.testing.assert_close(outputs["fast"], outputs["reference"])
+
+
+def test_skew_modulation_is_a_cached_constant_usable_after_inference_mode():
+    """LDR's modulation ``exp(i pi t / n)`` is built once per (n, device, dtype) -- also when first asked for under
+    ``inference_mode`` -- and autograd can save it afterwards; the cached value equals a fresh one."""
+    from resattn_diffusion.tuners import structured
+
+    n = 37  # a size no other test uses, so the first call below builds it
+    structured._SKEW_MODULATIONS.pop((n, torch.device("cpu"), torch.float32), None)
+    with torch.inference_mode():
+        first = structured._skew_modulation(n, torch.device("cpu"), torch.float32)
+    assert not first.is_inference()
+    assert structured._skew_modulation(n, torch.device("cpu"), torch.float32) is first
+    torch.testing.assert_close(first, structured._build_skew_modulation(n, torch.device("cpu"), torch.float32))
+    matrix = STRUCTURES["ldr"](n, n, init="random")
+    x = torch.randn(3, n, requires_grad=True)
+    matrix.path = "structured"
+    matrix(x).sum().backward()  # the cached constant saved for backward
+    assert x.grad is not None and matrix.g.grad is not None

@@ -167,8 +167,26 @@ def toeplitz_apply(t: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor
     return y.to(x.dtype)
 
 
+#: :func:`_skew_modulation`'s constants by (n, device, dtype): a handful of n-vectors, built once instead of five
+#: kernels per call (on a GPU the training steps are bound by launching kernels, and LDR needs it per layer twice).
+_SKEW_MODULATIONS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def _skew_modulation(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``w^t = exp(i pi t / n)`` for t < n (the diagonal M of ``skew(h) = M^-1 circ(M h) M``), complex of ``dtype``."""
+    """``w^t = exp(i pi t / n)`` for t < n (the diagonal M of ``skew(h) = M^-1 circ(M h) M``), complex of ``dtype``.
+    A constant, cached per (n, device, dtype) -- except while ``torch.compile`` traces, which folds it itself."""
+    if torch.compiler.is_compiling():
+        return _build_skew_modulation(n, device, dtype)
+    key = (n, torch.device(device), dtype)
+    cached = _SKEW_MODULATIONS.get(key)
+    if cached is None:
+        # A normal tensor even when first asked for under inference_mode: autograd may save it later.
+        with torch.inference_mode(False), torch.no_grad():
+            cached = _SKEW_MODULATIONS[key] = _build_skew_modulation(n, device, dtype)
+    return cached
+
+
+def _build_skew_modulation(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     angle = torch.arange(n, device=device, dtype=torch.float64) * (math.pi / n)
     return torch.polar(torch.ones_like(angle), angle).to(
         torch.complex128 if dtype == torch.float64 else torch.complex64
