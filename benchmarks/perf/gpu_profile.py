@@ -212,7 +212,9 @@ def classify_events(events: list[Any]) -> list[tuple[Any, str]]:
     ordered = sorted(cpu_events, key=lambda e: (e.name.startswith(BACKWARD_PREFIX), e.time_range.start))
     for event in ordered:
         where = category(event)
-        if event.sequence_nr >= 0 and not event.name.startswith(BACKWARD_PREFIX) and where in ("branch", "fold"):
+        if event.sequence_nr >= 0 and not event.name.startswith(BACKWARD_PREFIX):
+            # Ops that create no node peek the same number as the next op that does: the last one (which created
+            # the node) wins, so a frozen op right after a branch keeps its own backward.
             forward_category[(event.thread, event.sequence_nr)] = where
     by_id.clear()  # ... then everything again with that map complete (ops run inside a backward op included)
     return [(event, category(event)) for event in ordered]
