@@ -13,6 +13,7 @@ import resattn_diffusion as rd
 from resattn_diffusion.integration.processors import LinearBank, select_linear_path
 from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, unet_inputs
 from resattn_diffusion.tuners import base as tuner_base
+from resattn_diffusion.tuners import structured
 from resattn_diffusion.tuners.fast_paths import fast_path_wanted, forced_path, forced_paths
 from resattn_diffusion.tuners.structured import STRUCTURES
 
@@ -248,34 +249,59 @@ def _saved_bytes_of(fn):
     return out, saved[0]
 
 
+@pytest.mark.parametrize("strided", [True, False])
 @pytest.mark.parametrize("family", ["circulant", "toeplitz", "ldr"])
-def test_fft_dense_matrix_is_recomputed_in_backward(family):
-    """The fast path's M = structured_forward(I)^T saves nothing for backward (it runs again there) and gives the
-    same numbers, bit for bit, as keeping its spectra; both equal the reference ``materialize``."""
+@pytest.mark.parametrize("d_out, d_in", [(24, 40), (40, 24), (17, 17)])
+def test_fast_dense_forms_equal_materialize_and_keep_nothing_n_by_n(family, strided, d_out, d_in, monkeypatch):
+    """The fast path's dense M -- strided views of the parameters (run 3) or the FFT path on the identity (run 2) --
+    equals the reference ``materialize`` in values and gradients; with ``recompute_dense`` it keeps nothing for
+    backward, and recomputing gives the same numbers, bit for bit, as keeping."""
     torch.manual_seed(0)
-    matrix = STRUCTURES[family](24, 40, init="random").double()
-    weights = torch.randn(24, 40, dtype=torch.float64)
+    matrix = STRUCTURES[family](d_out, d_in, init="random").double()
+    monkeypatch.setattr(type(matrix), "use_strided_dense", strided)
+    weights = torch.randn(d_out, d_in, dtype=torch.float64)
     results = {}
     for recompute in (False, True):
-        matrix.recompute_fft_dense = recompute
+        matrix.recompute_dense = recompute
         with forced_paths("fast"):
             dense, saved = _saved_bytes_of(matrix.dense_matrix)
         grads = torch.autograd.grad((dense * weights).sum(), list(matrix.parameters()))
         results[recompute] = dense, grads, saved
-    assert results[True][2] == 0 < results[False][2]
+    assert results[True][2] == 0
+    keeps_factors = not strided or family == "ldr"  # the FFT form's spectra, LDR's two strided factors
+    assert (results[False][2] > 0) == keeps_factors
     assert torch.equal(results[True][0], results[False][0])
     assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
     exact = matrix.materialize()
     torch.testing.assert_close(results[True][0], exact)
+    if strided and family != "ldr":
+        assert torch.equal(results[True][0], exact)  # the same entries, copied: no rounding at all
     exact_grads = torch.autograd.grad((exact * weights).sum(), list(matrix.parameters()))
     for fast_grad, exact_grad in zip(results[True][1], exact_grads):
         torch.testing.assert_close(fast_grad, exact_grad)
 
 
-@pytest.mark.parametrize("tuner", ["surm_ldr", "surm_kronecker"])
-def test_surm_ldr_and_kronecker_train_on_the_merged_path_without_per_token_ffts(tuner, monkeypatch):
-    """On the fast path (CUDA's choice) a training step of SURM-LDR runs its FFTs on the d_in x n identity only
-    (the merged GEMM carries the tokens), Kronecker none at all; both equal the reference."""
+@pytest.mark.parametrize("n, rows, cols", [(8, 8, 8), (8, 5, 8), (8, 8, 3), (1, 1, 1), (20, 12, 20), (5, 5, 1)])
+def test_strided_blocks_gradcheck(n, rows, cols):
+    torch.manual_seed(0)
+    v = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    for block, reference in (
+        (structured.circulant_block, structured.circulant_matrix),
+        (structured.skew_circulant_block, structured.skew_circulant_matrix),
+    ):
+        assert torch.equal(block(v, rows, cols), reference(v)[:rows, :cols])
+        assert torch.autograd.gradcheck(lambda v, block=block: block(v, rows, cols), (v,))
+    t = torch.randn(rows + cols - 1, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(structured.toeplitz_block(t.flip(0), rows, cols), structured.toeplitz_matrix(t, rows, cols))
+    assert torch.autograd.gradcheck(lambda t: structured.toeplitz_block(t.flip(0), rows, cols), (t,))
+
+
+@pytest.mark.parametrize("tuner, strided", [("surm_ldr", True), ("surm_ldr", False), ("surm_kronecker", True)])
+def test_surm_ldr_and_kronecker_train_on_the_merged_path_without_per_token_ffts(tuner, strided, monkeypatch):
+    """On the fast path (CUDA's choice) a training step of SURM-LDR runs no FFT at all (its strided form) or, in
+    run 2's form, FFTs of the d_in x n identity only (the merged GEMM carries the tokens); Kronecker none; all equal
+    the reference."""
+    monkeypatch.setattr(structured.StructuredMatrix, "use_strided_dense", strided)
     unet = _unet_with(rd.ResTunerConfig(tuner))
     inputs = _inputs(unet)
     widest = max(m.in_features for m in unet.modules() if isinstance(m, torch.nn.Linear))
@@ -298,7 +324,7 @@ def test_surm_ldr_and_kronecker_train_on_the_merged_path_without_per_token_ffts(
         out = unet(**inputs).sample
         out.square().sum().backward()
     assert merged
-    if tuner == "surm_ldr":
+    if tuner == "surm_ldr" and not strided:
         assert rows_seen and max(rows_seen) <= widest, max(rows_seen)
     else:
         assert not rows_seen

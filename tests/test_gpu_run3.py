@@ -32,7 +32,8 @@ def test_gpu_run3_keeps_its_total_time_limit(tmp_path: Path) -> None:
     assert f"profile: guard {total - 10}s" in log  # 110 s wanted, clipped to what the total leaves
     assert "skipped, time is up" in log and "done in" in log
     profile = json.loads((out / "profile.json").read_text())
-    assert profile["benchmark"] == "gpu_profile" and profile["rows"][0]["name"] == "base"
+    assert profile["benchmark"] == "gpu_profile"  # written before the first row: there even if it was killed
+    assert [row["name"] for row in profile["rows"]] in ([], ["base"])  # on loaded cores the row may not finish
     assert len([p for p in out.rglob("*") if p.is_file()]) <= 6
 
 
@@ -51,20 +52,20 @@ def test_train_part_with_chosen_peers_and_no_extra_rows(tmp_path: Path) -> None:
         tuners=["res_attn", "surm_ldr"],
         peer_rows=["peft_lora"],
         extra_rows=False,
-        spectra_rows=["surm_ldr"],
+        run2_dense_rows=["surm_ldr"],
     )
     names = [row["name"] for row in result["rows"]]
-    expected = ["floor", "res_attn", "surm_ldr", "surm_ldr [spectra kept]"]
+    expected = ["floor", "res_attn", "surm_ldr", "surm_ldr [run-2 dense]"]
     assert names == expected + (["peft_lora"] if gpu_suite.train_step.peers.peft_available() else [])
     assert all(row["step_s"] for row in result["rows"]), result["rows"]
-    assert gpu_suite.StructuredMatrix.recompute_fft_dense  # the row's context restored the default
+    assert gpu_suite.StructuredMatrix.recompute_dense  # the row's context restored the default
     with pytest.raises(SystemExit, match="peer-rows"):
         gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], peer_rows=["peft_ia3"])
-    with pytest.raises(SystemExit, match="spectra-rows"):
-        gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], spectra_rows=["res_attn"])
+    with pytest.raises(SystemExit, match="run2-dense-rows"):
+        gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], run2_dense_rows=["res_attn"])
 
 
-def test_spectra_kept_context_keeps_the_spectra_and_restores_the_default() -> None:
+def test_run2_dense_context_forms_the_delta_as_before_and_restores_the_defaults() -> None:
     import torch
 
     from benchmarks.perf import gpu_suite
@@ -74,8 +75,10 @@ def test_spectra_kept_context_keeps_the_spectra_and_restores_the_default() -> No
     matrix = LDRMatrix(12, 20)
     saved = []
     with forced_paths("fast"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        matrix.dense_matrix()
-        assert not saved  # recomputed in backward: nothing kept
-        with gpu_suite.spectra_kept():
-            matrix.dense_matrix()
-    assert saved and LDRMatrix.recompute_fft_dense
+        strided = matrix.dense_matrix()
+        assert not saved  # the strided product is recomputed in backward: nothing kept
+        with gpu_suite.run2_dense():
+            fft = matrix.dense_matrix()
+    assert saved and any(t.is_complex() for t in saved)  # run 2's FFT form kept its spectra
+    assert LDRMatrix.use_strided_dense and LDRMatrix.recompute_dense
+    torch.testing.assert_close(strided, fft)

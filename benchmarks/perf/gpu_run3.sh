@@ -9,10 +9,10 @@
 #                   fp16) of floor, res_attn, peft LoRA, surm_ldr, surm_circulant, glora and 3 eager sampling
 #                   forwards (batch 2) of the base and res_attn unfused: top 15 kernels, frozen / branch / fold /
 #                   optimizer kernel time, wall vs kernel time, bytes saved for backward per tuner module  guard 110 s
-#   (b) train_sd15  floor, res_attn, surm_ldr, surm_kronecker, surm_circulant, peft LoRA, peft C3A matched to
-#                   surm_circulant (no heads=1 / [reference] / [fast] rows): step time and peak memory, the SURM
-#                   FFT families now keeping nothing of their dense matrix for backward, and surm_ldr /
-#                   surm_circulant "[spectra kept]" (as before: the trade-off of that recompute)   guard  75 s
+#   (b) train_sd15  floor, res_attn, surm_ldr, surm_kronecker, surm_circulant, surm_toeplitz, peft LoRA, peft C3A
+#                   matched to circulant and to Toeplitz, and surm_ldr "[run-2 dense]" (its delta formed as in run 2:
+#                   FFT of the identity, spectra kept), no heads=1 / [reference] / [fast] rows: step time and peak
+#                   memory of the SURM deltas formed from strided views (LDR's product recomputed)     guard  75 s
 #   (c) sampling    eager, batch 2: base, res_attn unfused, peft LoRA (unfused, fused): whatever is left (~40 s)
 # Output in OUT (6 files): profile.json, profile.md, train_sd15.json, sampling.json, summary.md, run.log.
 # CPU smoke test (tests/test_gpu_run3.py): GPU_SUITE_ARGS="--tiny --device cpu" PROFILE_ARGS="--tiny --device cpu".
@@ -54,8 +54,8 @@ run_guarded() {
 run_guarded profile 110 benchmarks.perf.gpu_profile --out "$OUT" $PROFILE_ARGS
 # shellcheck disable=SC2086
 run_guarded train_sd15 75 benchmarks.perf.gpu_suite train_sd15 --out "$OUT" \
-    --tuners res_attn surm_ldr surm_kronecker surm_circulant --spectra-rows surm_ldr surm_circulant \
-    --peer-rows peft_lora "peft_c3a (~surm_circulant)" --no-extra-rows $EXTRA_ARGS
+    --tuners res_attn surm_ldr surm_kronecker surm_circulant surm_toeplitz --run2-dense-rows surm_ldr \
+    --peer-rows peft_lora "peft_c3a (~surm_circulant)" "peft_c3a (~surm_toeplitz)" --no-extra-rows $EXTRA_ARGS
 # shellcheck disable=SC2086
 run_guarded sampling 400 benchmarks.perf.gpu_suite sampling --out "$OUT" --tuners res_attn $EXTRA_ARGS
 # Every suite part already rewrote summary.md as it went; rebuild it once more only if the total leaves time.

@@ -60,9 +60,10 @@ FAST_ROWS = ("glora",)
 FAST_SUFFIX = " [fast]"
 #: Row name of Res-Attn with one head (head dim 8 instead of 4: the default's alternative the issue measured).
 RES_ATTN_ONE_HEAD = "res_attn (heads=1)"
-#: Rows of SURM FFT families timed once more with their dense delta's FFT spectra kept for backward instead of
-#: recomputed there (``StructuredMatrix.recompute_fft_dense = False``): the memory / time trade-off, measured.
-SPECTRA_KEPT_SUFFIX = " [spectra kept]"
+#: Rows of SURM FFT families timed once more with their dense delta formed as in GPU run 2 -- the FFT path applied
+#: to the identity, its spectra kept for backward (``use_strided_dense`` and ``recompute_dense`` off): run 3's
+#: strided forms against it, measured in the same run.
+RUN2_DENSE_SUFFIX = " [run-2 dense]"
 
 
 def part_size(part: str, device: str, tiny: bool) -> BenchmarkSize:
@@ -88,7 +89,7 @@ def run_part(
     compiled_rows: list[str] | None = None,
     peer_rows: list[str] | None = None,
     extra_rows: bool = True,
-    spectra_rows: list[str] | None = None,
+    run2_dense_rows: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run one part with its time guard, writing ``out/<part>.json`` (and the summary) at every checkpoint.
 
@@ -98,8 +99,8 @@ def run_part(
     uses ``"eager"``: no compiler, the same code path); ``compiled_rows`` restricts ``sampling_compiled`` to these
     rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows); ``peer_rows``
     restricts ``train_sd15``'s peers to these of ``train_step.PEER_ROWS`` (default: all) and ``extra_rows=False``
-    leaves out its Res-Attn-with-one-head, ``[reference]`` and ``[fast]`` rows; ``spectra_rows`` (SURM FFT
-    families) adds ``<name> [spectra kept]`` rows (see :data:`SPECTRA_KEPT_SUFFIX`)."""
+    leaves out its Res-Attn-with-one-head, ``[reference]`` and ``[fast]`` rows; ``run2_dense_rows`` (SURM FFT
+    families) adds ``<name> [run-2 dense]`` rows (see :data:`RUN2_DENSE_SUFFIX`)."""
     start = time.perf_counter()
     already = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     deadline = start + budget - already - GUARD_MARGIN_S
@@ -140,11 +141,11 @@ def run_part(
             contexts |= {name + FAST_SUFFIX: fast_paths for name in with_fast}
             if not extra_rows:
                 extra, contexts = {}, {}
-            for name in spectra_rows or []:
+            for name in run2_dense_rows or []:
                 if not name.startswith("surm_"):
-                    raise SystemExit(f"--spectra-rows {name!r}: only SURM tuners form their delta through FFTs")
-                extra[name + SPECTRA_KEPT_SUFFIX] = ResTunerConfig(name)
-                contexts[name + SPECTRA_KEPT_SUFFIX] = spectra_kept
+                    raise SystemExit(f"--run2-dense-rows {name!r}: only SURM tuners form a structured dense delta")
+                extra[name + RUN2_DENSE_SUFFIX] = ResTunerConfig(name)
+                contexts[name + RUN2_DENSE_SUFFIX] = run2_dense
             result = train_step.run(
                 size,
                 selected,
@@ -179,14 +180,14 @@ def reference_paths():
 
 
 @contextlib.contextmanager
-def spectra_kept() -> Iterator[None]:
-    """Every structured matrix keeps its dense delta's FFT spectra for backward (the behaviour before run 3)."""
-    previous = StructuredMatrix.recompute_fft_dense
-    StructuredMatrix.recompute_fft_dense = False
+def run2_dense() -> Iterator[None]:
+    """Every structured matrix forms its dense delta as in GPU run 2: FFT path on the identity, spectra kept."""
+    previous = StructuredMatrix.use_strided_dense, StructuredMatrix.recompute_dense
+    StructuredMatrix.use_strided_dense = StructuredMatrix.recompute_dense = False
     try:
         yield
     finally:
-        StructuredMatrix.recompute_fft_dense = previous
+        StructuredMatrix.use_strided_dense, StructuredMatrix.recompute_dense = previous
 
 
 def fast_paths():
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         "--peer-rows", nargs="*", default=None, help="train_sd15: only these peers of train_step.PEER_ROWS"
     )
     parser.add_argument(
-        "--spectra-rows", nargs="*", default=None, help="train_sd15: SURM tuners timed again with spectra kept"
+        "--run2-dense-rows", nargs="*", default=None, help="train_sd15: SURM tuners again with run 2's dense form"
     )
     parser.add_argument(
         "--no-extra-rows", action="store_true", help="train_sd15: no heads=1, [reference] or [fast] rows"
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
             args.compiled_rows,
             args.peer_rows,
             not args.no_extra_rows,
-            args.spectra_rows,
+            args.run2_dense_rows,
         )
     except Exception as error:  # the part as a whole failed: record it, the shell script goes on with the next
         write_json(out / f"{args.part}.json", {"part": args.part, "error": describe_error(error), "rows": []})
