@@ -326,7 +326,7 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
     from benchmarks.digits.methods import select_methods
 
     tasks = list(args.tasks)
-    methods = [method.name for method in select_methods(args.methods)]
+    methods = [method.name for method in select_methods(args.methods, getattr(args, "with_large", False))]
     runs_link = (
         Path(runs_dir).resolve().relative_to(Path(results_dir).resolve()).as_posix()
         if Path(runs_dir).resolve().is_relative_to(Path(results_dir).resolve())

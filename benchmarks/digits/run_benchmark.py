@@ -8,7 +8,15 @@ resumed, or run partly on another machine and merged by copying that folder's fi
 95% intervals, significance against peft LoRA and full fine-tuning, links to every sample grid) and
 ``quality_vs_params.png`` are written to ``--results`` from whatever has finished.
 
-    .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2             # the full benchmark (~90 min, 2 cores)
+Budget. The default methods are every tuner at its default size, the three peft peers and full fine-tuning (16
+methods, 2 tasks: 2 base runs, 96 sweep runs plus widenings, 108 evaluation runs). Measured on the 2-core machine,
+one thread per run, from the fastest quarter of each method's finished runs (``--status`` prices every run that
+way): about 110 core-minutes, ~55 minutes on 2
+workers (from the first 44 finished runs; sweeps that widen add to it). The larger sizes (``res_attn-large`` ...) are opt-in: name them in ``--methods`` or
+pass ``--with_large`` (10 more methods, each with its own sweep; about 1.6x the runs).
+
+    .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2             # the default benchmark
+    .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2 --with_large   # ... and every larger size
     .venv/bin/python -m benchmarks.digits.run_benchmark --status                # what remains, in core-minutes
     .venv/bin/python -m benchmarks.digits.run_benchmark --report_only           # tables and plot from finished runs
     .venv/bin/python -m benchmarks.digits.run_benchmark --quick --results /tmp/q    # a smoke test (the tests run it)
@@ -113,9 +121,10 @@ class Benchmark:
         self.results_dir = Path(args.results)
         self.runs_dir = self.results_dir / "runs" / self.case.name
         self.data_dir = self.results_dir / "data"
-        self.methods = select_methods(args.methods)
+        self.methods = select_methods(args.methods, args.with_large)
         self.initial_rates = parse_lrs(args.lrs)
         self._cache: dict[Path, dict] = {}
+        self.workers = max(args.workers, 1)  # for the wall-clock estimate (0 runs one at a time)
 
     def plan(self) -> Plan:
         finished = read_finished(self.runs_dir, self.case, self._cache)
@@ -132,7 +141,7 @@ class Benchmark:
     def execute(self) -> None:
         start = time.perf_counter()
         plan = self.plan()
-        print(f"case {self.case.name}: {remaining_summary(plan)}", flush=True)
+        print(f"case {self.case.name}: {remaining_summary(plan, workers=self.workers)}", flush=True)
         if plan.pending:
             from benchmarks.digits.single_run import prepare_data
 
@@ -145,7 +154,7 @@ class Benchmark:
                     self._run_in_workers()
             except KeyboardInterrupt:
                 self.write_report()  # from whatever finished
-                print(f"stopped: {remaining_summary(self.plan())}", flush=True)
+                print(f"stopped: {remaining_summary(self.plan(), workers=self.workers)}", flush=True)
                 raise SystemExit(130) from None
         self.write_report()
         print(f"finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
@@ -200,7 +209,7 @@ class Benchmark:
                     if not ok:
                         failed.add(key)
                     print(f"[{'done' if ok else 'failed'}] {key}: {message}", flush=True)
-                print(f"          {remaining_summary(self.plan(), [s.key for s in in_flight.values()])}", flush=True)
+                print(f"          {remaining_summary(self.plan(), [s.key for s in in_flight.values()], self.workers)}", flush=True)
         except KeyboardInterrupt:
             print(
                 f"stopping: {len(in_flight)} runs in flight are abandoned (rerun the same command to resume)",
@@ -223,7 +232,7 @@ class Benchmark:
     def status(self) -> None:
         plan = self.plan()
         print(f"case {self.case.name} in {self.runs_dir}")
-        print(remaining_summary(plan))
+        print(remaining_summary(plan, workers=self.workers))
         for spec in plan.pending:
             print(f"  {spec.key} ({spec.role})")
 
@@ -265,7 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--dreambooth_steps", type=int, default=Case.dreambooth_steps, help="optimizer steps (DreamBooth)"
     )
     parser.add_argument("--style_steps", type=int, default=Case.style_steps, help="optimizer steps (style)")
-    parser.add_argument("--methods", nargs="+", default=None, help="method names (default: all); see methods.py")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="method names (default: every tuner at its default size, the peft peers, full fine-tuning; 'all' adds "
+        "every larger setting); see methods.py",
+    )
+    parser.add_argument(
+        "--with_large",
+        action="store_true",
+        help="also run the larger setting (<tuner>-large) of every selected tuner that has one, each with its own sweep",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument(
         "--lrs",
