@@ -22,7 +22,6 @@ from benchmarks.digits.plan import (
     DEFAULT_RUN_SECONDS,
     RESULT_VERSION,
     Case,
-    RunSpec,
     estimate_seconds,
     make_plan,
     plan_seconds,
@@ -117,7 +116,9 @@ def test_status_prices_the_whole_plan_from_measured_runs():
     plan = make_plan(["dreambooth"], methods, [0, 1, 2], finished, extra_seeds=[3])
     seconds = plan_seconds(plan)
     ready = list(plan.pending)
-    assert sorted((spec.method, spec.role) for spec in ready) == [("peft_lora", "sweep")] * 3 + [("res_attn", "eval")] * 3
+    assert (
+        sorted((spec.method, spec.role) for spec in ready) == [("peft_lora", "sweep")] * 3 + [("res_attn", "eval")] * 3
+    )
     assert plan.unresolved == {("dreambooth", "peft_lora"): 3}
     # res_attn's estimate is 20 s (the loaded run is not in its fastest quarter), peft_lora borrows it
     assert seconds["ready"] == pytest.approx(20.0 * len(ready))
@@ -164,4 +165,3 @@ def test_cached_class_images_are_bit_identical_to_regenerated_ones(tmp_path):
     before = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.png")}
     assert _class_images(tmp_path / "b", 2) == topped_up
     assert {path.name: path.stat().st_mtime_ns for path in folder.glob("*.png")} == before
-

@@ -11,9 +11,9 @@ resumed, or run partly on another machine and merged by copying that folder's fi
 Budget. The default methods are every tuner at its default size, the three peft peers and full fine-tuning (16
 methods, 2 tasks: 2 base runs, 96 sweep runs plus widenings, 108 evaluation runs). Measured on the 2-core machine,
 one thread per run, from the fastest quarter of each method's finished runs (``--status`` prices every run that
-way): about 110 core-minutes, ~55 minutes on 2
-workers (from the first 44 finished runs; sweeps that widen add to it). The larger sizes (``res_attn-large`` ...) are opt-in: name them in ``--methods`` or
-pass ``--with_large`` (10 more methods, each with its own sweep; about 1.6x the runs).
+way): about 110 core-minutes, ~55 minutes on 2 workers (from the first 44 finished runs; sweeps that widen add
+to it). The larger sizes (``res_attn-large`` ...) are opt-in: name them in ``--methods`` or pass ``--with_large``
+(10 more methods, each with its own sweep: about 1.6x the runs).
 
     .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2             # the default benchmark
     .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2 --with_large   # ... and every larger size
@@ -209,7 +209,10 @@ class Benchmark:
                     if not ok:
                         failed.add(key)
                     print(f"[{'done' if ok else 'failed'}] {key}: {message}", flush=True)
-                print(f"          {remaining_summary(self.plan(), [s.key for s in in_flight.values()], self.workers)}", flush=True)
+                print(
+                    f"          {remaining_summary(self.plan(), [s.key for s in in_flight.values()], self.workers)}",
+                    flush=True,
+                )
         except KeyboardInterrupt:
             print(
                 f"stopping: {len(in_flight)} runs in flight are abandoned (rerun the same command to resume)",
@@ -310,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--status", action="store_true", help="print what remains (runs, core-minutes); run nothing")
     parser.add_argument("--report_only", action="store_true", help="write the report from finished runs; run nothing")
     parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="also rewrite this README's generated blocks (<!-- digits-claims:begin/end -->, "
+        "<!-- digits-which-tuner:begin/end -->) from the finished runs",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"a smoke test at a tiny budget ({QUICK}); explicit options still apply on top",
@@ -335,6 +345,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--{name} must be at least 1")
     if args.workers < 0 or args.max_widen < 0:
         raise SystemExit("--workers and --max_widen must be at least 0")
+    if args.readme is not None:  # before hours of runs, not after
+        from benchmarks.digits.guide import check_readme
+
+        try:
+            check_readme(args.readme)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(
             "--seeds: give at least two different seeds (the first chooses the learning rates, the "
