@@ -1,7 +1,9 @@
-"""Thin diffusers pipelines with res tuners: a stock Stable Diffusion / SDXL / SD3 / Flux pipeline + ``ResTunerLoaderMixin``.
+"""Thin diffusers pipelines with res tuners: a stock Stable Diffusion / SDXL / SD3 / Flux pipeline +
+``ResTunerLoaderMixin``.
 
-Each ``res_tuner_*.py`` file defines one pipeline class, so each also works as ``DiffusionPipeline.from_pretrained(model,
-custom_pipeline="pipelines/<file>.py", trust_remote_code=True)``. ``auto.py`` wraps diffusers' ``AutoPipelineFor*``.
+Each ``res_tuner_*.py`` file defines one pipeline class, so each also works as
+``DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/<file>.py", trust_remote_code=True)``.
+``auto.py`` wraps diffusers' ``AutoPipelineFor*``.
 """
 
 from .auto import (

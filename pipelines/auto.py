@@ -1,7 +1,7 @@
-"""diffusers' ``AutoPipelineFor*`` with the res tuner methods: ``ResTunerAutoPipelineForText2Image.from_pretrained(model)``
-returns the pipeline diffusers picks for ``model`` (SD, SDXL, their ControlNet variants, ...) with
-``load_res_tuner`` & co. of :class:`resattn_diffusion.ResTunerLoaderMixin` available; ``from_pipe`` switches task
-and keeps the loaded tuners (they live on the shared UNet).
+"""diffusers' ``AutoPipelineFor*`` with the res tuner methods:
+``ResTunerAutoPipelineForText2Image.from_pretrained(model)`` returns the pipeline diffusers picks for ``model`` (SD,
+SDXL, their ControlNet variants, ...) with ``load_res_tuner`` & co. of :class:`resattn_diffusion.ResTunerLoaderMixin`
+available; ``from_pipe`` switches task and keeps the loaded tuners (they live on the shared UNet).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The tuners sit on ``pipe.transformer``. Usable as a class (``from pipelines import ResTunerFluxPipeline``) or as a
 diffusers custom pipeline::
 
-    pipe = DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/res_tuner_flux.py", trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(
+        model, custom_pipeline="pipelines/res_tuner_flux.py", trust_remote_code=True
+    )
 
 A per-call tuner scale goes through ``joint_attention_kwargs={"res_tuner_scale": s}``. The file holds exactly one
 pipeline class (diffusers takes the one it finds) and imports ``resattn_diffusion`` as an installed package.
@@ -15,5 +17,5 @@ from resattn_diffusion import ResTunerLoaderMixin
 
 
 class ResTunerFluxPipeline(ResTunerLoaderMixin, FluxPipeline):
-    """``FluxPipeline`` with ``load_res_tuner`` / ``unload_res_tuner`` / ``set_res_tuners`` / ``fuse_res_tuner`` and the
-    rest of :class:`resattn_diffusion.ResTunerLoaderMixin`, on ``pipe.transformer``."""
+    """``FluxPipeline`` with ``load_res_tuner`` / ``unload_res_tuner`` / ``set_res_tuners`` / ``fuse_res_tuner`` and
+    the rest of :class:`resattn_diffusion.ResTunerLoaderMixin`, on ``pipe.transformer``."""

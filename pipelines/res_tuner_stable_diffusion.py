@@ -15,5 +15,5 @@ from resattn_diffusion import ResTunerLoaderMixin
 
 
 class ResTunerStableDiffusionPipeline(ResTunerLoaderMixin, StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` with ``load_res_tuner`` / ``unload_res_tuner`` / ``set_res_tuners`` / ``fuse_res_tuner``
-    and the rest of :class:`resattn_diffusion.ResTunerLoaderMixin`."""
+    """``StableDiffusionPipeline`` with ``load_res_tuner`` / ``unload_res_tuner`` / ``set_res_tuners`` /
+    ``fuse_res_tuner`` and the rest of :class:`resattn_diffusion.ResTunerLoaderMixin`."""

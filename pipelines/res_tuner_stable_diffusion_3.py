@@ -16,5 +16,5 @@ from resattn_diffusion import ResTunerLoaderMixin
 
 
 class ResTunerStableDiffusion3Pipeline(ResTunerLoaderMixin, StableDiffusion3Pipeline):
-    """``StableDiffusion3Pipeline`` with ``load_res_tuner`` / ``unload_res_tuner`` / ``set_res_tuners`` / ``fuse_res_tuner``
-    and the rest of :class:`resattn_diffusion.ResTunerLoaderMixin`, on ``pipe.transformer``."""
+    """``StableDiffusion3Pipeline`` with ``load_res_tuner`` / ``unload_res_tuner`` / ``set_res_tuners`` /
+    ``fuse_res_tuner`` and the rest of :class:`resattn_diffusion.ResTunerLoaderMixin`, on ``pipe.transformer``."""

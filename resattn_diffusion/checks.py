@@ -51,7 +51,8 @@ def check_scale(value: Any, what: str = "scale") -> float:
     scale = float(value)
     if not math.isfinite(scale) or abs(scale) > MAX_ABS_SCALE:
         raise ConfigError(
-            f"{what} must be a finite number with |{what}| <= {MAX_ABS_SCALE:g} (0 is off, 1 as trained), got {scale!r}"
+            f"{what} must be a finite number with |{what}| <= {MAX_ABS_SCALE:g} (0 is off, 1 as trained), got "
+            f"{scale!r}"
         )
     return scale
 
@@ -149,7 +150,8 @@ def _check_mapping_items(where: str, value: dict, hint: Any) -> None:
     for key, item in value.items():
         if (key_types and not isinstance(key, key_types)) or (value_types and not isinstance(item, value_types)):
             raise ConfigError(
-                f"{where} maps {_names(key_types or (object,))} to {_names(value_types or (object,))}; got {_short(key)}: {_short(item)}"
+                f"{where} maps {_names(key_types or (object,))} to {_names(value_types or (object,))}; got "
+                f"{_short(key)}: {_short(item)}"
             )
 
 

@@ -16,7 +16,8 @@ TARGETS = ("attn1", "attn2", "ff")
 #: Linear projections of a UNet attention that a linear tuner (Res-LoRA, GLoRA, SURM) can sit beside.
 #: On the ``ff`` target a linear tuner sits beside both of the feed-forward's linears.
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
-#: Targets that name a feed-forward in some family: tuners that read an attention's frozen projections cannot sit there.
+#: Targets that name a feed-forward in some family: tuners that read an attention's frozen projections cannot sit
+#: there.
 _FEED_FORWARD_TARGETS = ("ff", "ff_context")
 PLACEMENTS = ("parallel", "sequential")
 
@@ -174,8 +175,8 @@ class ResTunerConfig:
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
         return (
-            f"ResTunerConfig(tuner={self.tuner!r}, targets={self.targets and list(self.targets)}, blocks={self.blocks}, "
-            f"placement={self.placement!r}, scale={self.scale}, {hyper})"
+            f"ResTunerConfig(tuner={self.tuner!r}, targets={self.targets and list(self.targets)}, "
+            f"blocks={self.blocks}, placement={self.placement!r}, scale={self.scale}, {hyper})"
         )
 
 

@@ -56,7 +56,8 @@ def parameter_table(
             + (" (q,k,v,out)" if config.spec.kind == "linear" else "")
         )
         rows.append(
-            f"| `{config.tuner}` | `{_formula(config.tuner)}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |"
+            f"| `{config.tuner}` | `{_formula(config.tuner)}` | {hyper} | {where} | {count:,} | "
+            f"{100 * count / total:.3f} |"
         )
     for name, formula, hyper, where, count in extra_rows:
         rows.append(f"| {name} | `{formula}` | {hyper} | {where} | {count:,} | {100 * count / total:.3f} |")

@@ -37,7 +37,8 @@ class TunerSpec:
         unknown = set(values) - allowed
         if unknown:
             raise ConfigError(
-                f"tuner {self.name!r} has no hyperparameter(s) {sorted(map(str, unknown))}; its hyperparameters are {sorted(allowed)}"
+                f"tuner {self.name!r} has no hyperparameter(s) {sorted(map(str, unknown))}; its hyperparameters are "
+                f"{sorted(allowed)}"
             )
         check_hyperparameters(self.name, self.params_cls, values)  # types and sizes, before anything is built
         params = self.params_cls(**values)
@@ -57,7 +58,8 @@ def register_tuner(name: str, params_cls: type, module_cls: type, kind: TunerKin
 def get_tuner_spec(name: str) -> TunerSpec:
     if not isinstance(name, str):
         raise ConfigError(
-            f"tuner must be the name of a registered tuner, got {type(name).__name__}; registered tuners: {sorted(_TUNERS)}"
+            f"tuner must be the name of a registered tuner, got {type(name).__name__}; registered tuners: "
+            f"{sorted(_TUNERS)}"
         )
     try:
         return _TUNERS[name]

@@ -971,10 +971,10 @@ def _check_dit_kind(kind: str) -> None:
 def make_t5_tokenizer(words: Sequence[str] = (), model_max_length: int = 512) -> Any:
     """A small T5 (SentencePiece unigram) tokenizer generated offline.
 
-    Vocabulary (case-sensitive, as T5's): ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), ``▁``, one whole-word piece ``▁word`` per word of
-    :data:`DEFAULT_WORDS` + ``words``, and every printable ASCII character alone and after ``▁``, so any ASCII text
-    encodes without unknown tokens (other characters become ``<unk>``, as with T5's own vocabulary). Whole words get
-    higher scores than their characters, so the unigram model picks them.
+    Vocabulary (case-sensitive, as T5's): ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), ``▁``, one whole-word piece
+    ``▁word`` per word of :data:`DEFAULT_WORDS` + ``words``, and every printable ASCII character alone and after ``▁``,
+    so any ASCII text encodes without unknown tokens (other characters become ``<unk>``, as with T5's own vocabulary).
+    Whole words get higher scores than their characters, so the unigram model picks them.
     """
     from transformers import T5TokenizerFast
 
@@ -1068,8 +1068,8 @@ def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0) -> Any:
 
     - ``"sd3"``: ``StableDiffusion3Pipeline``: two ``CLIPTextModelWithProjection`` (CLIP-L and -G roles, read at the
       penultimate layer, pooled outputs concatenated), a T5 encoder, :func:`tiny_sd3_transformer` (SD3.5-featured,
-      see :func:`tiny_dit_transformer_overrides`), a 16-channel VAE with SD3's scaling and shift factors, ``FlowMatchEulerDiscreteScheduler``
-      with shift 3. Default size 32x32 pixels.
+      see :func:`tiny_dit_transformer_overrides`), a 16-channel VAE with SD3's scaling and shift factors,
+      ``FlowMatchEulerDiscreteScheduler`` with shift 3. Default size 32x32 pixels.
     - ``"flux"``: ``FluxPipeline``: ``CLIPTextModel`` (pooled output) + T5, :func:`tiny_flux_transformer` with
       guidance embedding, Flux's VAE factors, the dynamically shifted flow-matching scheduler of FLUX.1-dev. Pass
       ``height``/``width`` when generating (Flux's default is 128 latents, 256 pixels here); multiples of 4.

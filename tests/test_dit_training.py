@@ -384,8 +384,9 @@ def test_evaluation_generates_from_dit_pipelines(kind, dit_dirs, tmp_path):
     assert attention_kwargs_name(load_pipeline(dit_dirs[kind], device="cpu")) == "joint_attention_kwargs"
     out = tmp_path / "images"
     code = eval_main([
-        "generate", "--pipeline", str(dit_dirs[kind]), "--prompt", PROMPT, "--prompt", "a red car", "--seeds", "0", "1", "--steps", "2",
-        "--guidance", "3.5", "--height", "32", "--width", "32", "--out", str(out), "--device", "cpu",
+        "generate", "--pipeline", str(dit_dirs[kind]), "--prompt", PROMPT, "--prompt", "a red car",
+        "--seeds", "0", "1", "--steps", "2", "--guidance", "3.5", "--height", "32", "--width", "32",
+        "--out", str(out), "--device", "cpu",
     ])  # fmt: skip
     assert code == 0
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]

@@ -7,11 +7,10 @@ import random
 import pytest
 import torch
 
-from resattn_diffusion.search.supernet import sample_layer_config
+from resattn_diffusion.search.glora_space import GLoRAChoiceSpace, sample_layer_config
 from resattn_diffusion.tuners.base import ConfigError, OpShape
 from resattn_diffusion.tuners.glora import (
     GLoRA,
-    GLoRAChoiceSpace,
     GLoRALayerConfig,
     GLoRAParams,
     format_layer_config,
@@ -313,7 +312,7 @@ def test_supernet_matches_fixed_modules():
     generator = torch.Generator().manual_seed(3)
     outputs = []
     for _ in range(12):
-        config = sample_layer_config(supernet.space, generator)
+        config = sample_layer_config(GLoRAChoiceSpace.of_module(supernet), generator)
         supernet.set_active(config)
         fixed = GLoRA(shape, GLoRAParams(config=str(config)))
         fixed.load_state_dict(supernet.fixed_state_dict(), strict=True)
@@ -344,7 +343,7 @@ def test_supernet_lora_uses_leading_components_and_only_they_learn():
 def test_supernet_without_bias_has_no_d():
     shape = OpShape(in_dim=12, out_dim=10, context_dim=12)
     supernet = GLoRA(shape, GLoRAParams(supernet=True), has_bias=False)
-    assert supernet.space.D == ("none",)
+    assert supernet.held_forms["D"] == GLoRAChoiceSpace.of_module(supernet).D == ("none",)
     assert not any(name.startswith("D_") for name, _ in supernet.named_parameters())
     supernet.set_active("A=vector,D=vector")  # D is dropped for a bias-free layer rather than refused
     assert supernet.active_config.D == "none"

@@ -26,10 +26,11 @@ from resattn_diffusion.search import (
 )
 from resattn_diffusion.search.cli import main as search_main
 from resattn_diffusion.search.cli import parse_budget, parse_timesteps
+from resattn_diffusion.search.glora_space import GLoRAChoiceSpace
 from resattn_diffusion.testing import frozen_tiny_unet as frozen_unet
 from resattn_diffusion.testing import randomize_tuner as randomize
 from resattn_diffusion.testing import save_tiny_pipeline, unet_inputs
-from resattn_diffusion.tuners.glora import GLoRAChoiceSpace, GLoRAParams, parse_layer_config
+from resattn_diffusion.tuners.glora import GLoRAParams, parse_layer_config
 
 Q1 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 UP_K2 = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"

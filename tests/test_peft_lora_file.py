@@ -34,8 +34,9 @@ def test_a_trained_peft_lora_loads_into_a_stock_pipeline(kind, tiny_dirs, tmp_pa
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "instance" / f"{index}.png")
     saved = peers_train.main([
         "dreambooth", "--pretrained_model_name_or_path", str(tiny_dirs[kind]), "--output_dir", str(tmp_path / "out"),
-        "--resolution", "32", "--train_batch_size", "1", "--max_train_steps", "2", "--report_to", "none", "--seed", "0",
-        "--learning_rate", "5e-2", "--instance_data_dir", str(tmp_path / "instance"), "--instance_prompt", "a sks dog",
+        "--resolution", "32", "--train_batch_size", "1", "--max_train_steps", "2", "--report_to", "none",
+        "--seed", "0", "--learning_rate", "5e-2", "--instance_data_dir", str(tmp_path / "instance"),
+        "--instance_prompt", "a sks dog",
         "--peft_method", "lora", "--peft_rank", "2",
     ])  # fmt: skip
     keys = list(load_file(saved / "pytorch_lora_weights.safetensors"))

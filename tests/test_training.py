@@ -263,9 +263,11 @@ def test_accelerate_launch_two_processes(tiny_dirs, data, tmp_path):
     ``--multi_gpu`` with ``ACCELERATE_USE_CPU=1`` (which selects the CPU / gloo backend in each process)."""
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(REPO_ROOT / "train_text2img.py"), *text2img_args(tiny_dirs["sd1"], out, data), "--checkpointing_steps", "2",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        str(REPO_ROOT / "train_text2img.py"), *text2img_args(tiny_dirs["sd1"], out, data),
+        "--checkpointing_steps", "2",
     ]  # fmt: skip
     env = {
         **os.environ,

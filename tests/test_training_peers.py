@@ -47,7 +47,8 @@ def dreambooth_argv(model: Path, out: Path, images: dict[str, Path], *method: st
     return [
         "--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--resolution", "32",
         "--train_batch_size", "1", "--max_train_steps", "2", "--report_to", "none", "--seed", "0",
-        "--learning_rate", "1e-2", "--instance_data_dir", str(images["instance"]), "--instance_prompt", "a photo of sks dog",
+        "--learning_rate", "1e-2", "--instance_data_dir", str(images["instance"]),
+        "--instance_prompt", "a photo of sks dog",
         *method,
     ]  # fmt: skip
 

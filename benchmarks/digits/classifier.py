@@ -345,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['train_seconds']}s; saved to {args.out}")
     for style, values in metrics.get("styled", {}).items():
         print(
-            f"  {style:9s} digit accuracy {values['digit_accuracy']:.3f}  style accuracy {values['style_accuracy']:.3f}"
+            f"  {style:9s} digit accuracy {values['digit_accuracy']:.3f}  style accuracy "
+            f"{values['style_accuracy']:.3f}"
         )
 
 

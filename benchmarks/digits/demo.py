@@ -78,8 +78,8 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
     previous = [out / name for name in (METRICS_NAME, GRID_NAME, TUNER_FOLDER) if (out / name).exists()]
     if previous and not overwrite:
         raise SystemExit(
-            f"error: {out} holds the results of a previous run ({', '.join(p.name for p in previous)}); pass --overwrite "
-            "to replace them, or --out another folder"
+            f"error: {out} holds the results of a previous run ({', '.join(p.name for p in previous)}); pass "
+            "--overwrite to replace them, or --out another folder"
         )
     for path in previous:
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -6,8 +6,8 @@ case's folder, and nothing else survives it (the trained weights go to a scratch
 
 * ``<key>.json`` -- self-contained: the case, task, method (name, family, flags), learning rate, seed, role, every
   metric, the trainable parameters, the seconds per optimizer step (from ``train_stats.json``,
-  :mod:`benchmarks.peers.train`), wall seconds, memory, the machine. Written last and atomically, so a file that exists is
-  a finished run, and files from several machines merge by copying;
+  :mod:`benchmarks.peers.train`), wall seconds, memory, the machine. Written last and atomically, so a file that exists
+  is a finished run, and files from several machines merge by copying;
 * ``<key>.png`` -- the sample grid the metrics were computed on (rows: see the task's ``evaluate``);
 * ``<key>.log`` -- the run's output.
 

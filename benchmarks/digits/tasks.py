@@ -20,10 +20,10 @@ classifier (:func:`~benchmarks.digits.classifier.load_digit_classifier`). Metric
 **Task B, style** (:class:`StyleTask`): a style the base never saw (``rotated`` by default; any of
 :data:`~benchmarks.digits.data.STYLES`) learned from a few hundred captioned styled digits of the seen classes
 ("a photo of digit seven in rotated style"). The default is a geometric style whose presence can be judged on every
-digit: a mirrored 0, 1 or 8 is a plain one, so ``mirrored`` caps the style accuracy of well-drawn symmetric digits. Judge: the style-aware classifier
-(:func:`~benchmarks.digits.classifier.load_style_classifier`), which names the digit whatever the style (>= 0.95
-on real styled test digits for every style) and the style itself. Metrics, on samples of that caption for every
-seen digit:
+digit: a mirrored 0, 1 or 8 is a plain one, so ``mirrored`` caps the style accuracy of well-drawn symmetric digits.
+Judge: the style-aware classifier (:func:`~benchmarks.digits.classifier.load_style_classifier`), which names the digit
+whatever the style (>= 0.95 on real styled test digits for every style) and the style itself. Metrics, on samples of
+that caption for every seen digit:
 
 * ``content_accuracy`` -- share of samples recognised as the prompted digit; ``worst_prompt_accuracy`` -- the
   same for the worst digit (the per-prompt check);

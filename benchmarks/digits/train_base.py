@@ -414,8 +414,9 @@ def train_denoiser(
             elapsed = time.perf_counter() - start
             count = log_every if step % log_every == 0 else step % log_every
             print(
-                f"[unet] step {step}/{recipe.steps}  loss {running / count:.4f}  lr {lr_schedule.get_last_lr()[0]:.2e}  "
-                f"{elapsed:.0f}s (eta {elapsed / step * (recipe.steps - step):.0f}s)",
+                f"[unet] step {step}/{recipe.steps}  loss {running / count:.4f}  lr "
+                f"{lr_schedule.get_last_lr()[0]:.2e}  {elapsed:.0f}s (eta "
+                f"{elapsed / step * (recipe.steps - step):.0f}s)",
                 flush=True,
             )
             running = 0.0

@@ -55,8 +55,8 @@ def saved_method(output_dir: str | Path) -> TrainingMethod:
         if result_path(output_dir, method).exists():
             return method
     raise TrainingError(
-        f"{str(output_dir)!r} holds no training result (expected {WEIGHT_NAME}, {PEFT_FOLDER}/ or {FULL_UNET_FOLDER}/); "
-        "pass the --output_dir of a finished run"
+        f"{str(output_dir)!r} holds no training result (expected {WEIGHT_NAME}, {PEFT_FOLDER}/ or "
+        f"{FULL_UNET_FOLDER}/); pass the --output_dir of a finished run"
     )
 
 
@@ -90,8 +90,8 @@ def peft_config(method: str, rank: int | None, block_size: int | None, unet: nn.
         ]
         if bad:
             raise TrainingError(
-                f"--peft_block_size {block_size} does not divide the input and output sizes of {bad[0]} (and {len(bad) - 1} "
-                f"more); use a divisor of {default_c3a_block_size(unet)}"
+                f"--peft_block_size {block_size} does not divide the input and output sizes of {bad[0]} (and "
+                f"{len(bad) - 1} more); use a divisor of {default_c3a_block_size(unet)}"
             )
         return C3AConfig(block_size=block_size, target_modules=targets, init_weights=True)
     raise TrainingError(f"--peft_method {method!r} is not one of {PEFT_METHODS}")

@@ -295,8 +295,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"UNet widths {size['block_out_channels']}, {size['layers_per_block']} layers per block "
         f"({result['unet_parameters']:,} frozen parameters), {size['latent_size']}x{size['latent_size']} latents, "
         f"batch {size['batch_size']}, {size['context_tokens']} context tokens; device {result['device']}, "
-        f"{machine['torch_threads']} torch thread(s), {result['clock']} clock, median of {size['repeats']} interleaved "
-        f"rounds; load average {machine['load_average_1_5_15min']}.",
+        f"{machine['torch_threads']} torch thread(s), {result['clock']} clock, median of {size['repeats']} "
+        f"interleaved rounds; load average {machine['load_average_1_5_15min']}.",
         "",
         markdown_table(headers, rows),
         "",

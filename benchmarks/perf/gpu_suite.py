@@ -268,7 +268,8 @@ def summary_markdown(results: dict[str, dict[str, Any]]) -> str:
     parts = [
         "# GPU performance (issue 14)",
         "",
-        "Reproduce: `bash benchmarks/perf/gpu_run.sh OUT` (or one part: `python -m benchmarks.perf.gpu_suite PART --out OUT`).",
+        "Reproduce: `bash benchmarks/perf/gpu_run.sh OUT` (or one part: `python -m benchmarks.perf.gpu_suite PART "
+        "--out OUT`).",
         "",
         _device_line(results),
         "",

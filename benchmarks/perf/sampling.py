@@ -183,8 +183,9 @@ def run_compiled(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     backend: str = "inductor",
 ) -> dict[str, Any]:
-    """Eager and ``torch.compile``-d (``backend``, default inductor, default mode) ``no_grad`` forwards of ``rows`` (names as in
-    :data:`COMPILED_ROWS`; ``"peft_lora (unfused)"`` is peft LoRA at Res-Attn's parameter count), interleaved.
+    """Eager and ``torch.compile``-d (``backend``, default inductor, default mode) ``no_grad`` forwards of ``rows``
+    (names as in :data:`COMPILED_ROWS`; ``"peft_lora (unfused)"`` is peft LoRA at Res-Attn's parameter count),
+    interleaved.
 
     Rows are compiled in the order given, with inductor's on-disk caches as configured (a fused row's graph equals
     the base's, so it may hit the cache: ``compile_s`` is the first call's time, not a cold compile; the CPU

@@ -138,7 +138,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser, batch_flag: str) ->
         "--guidance",
         type=float,
         default=7.5,
-        help="classifier-free guidance scale (default 7.5); for Flux the distilled guidance value (3.5 for FLUX.1-dev)",
+        help="classifier-free guidance scale (default 7.5); for Flux the distilled guidance value "
+        "(3.5 for FLUX.1-dev)",
     )
     group.add_argument("--negative-prompt", default=None)
     group.add_argument("--height", type=int, default=None)

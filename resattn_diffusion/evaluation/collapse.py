@@ -66,8 +66,8 @@ def prompt_separation(
     generated_groups, reference_set = set(np.asarray(groups).tolist()), set(np.asarray(reference_groups).tolist())
     if len(generated_groups) < 2 or generated_groups != reference_set:
         raise EvaluationError(
-            f"prompt_separation needs at least two groups and the same groups in both sets; got {sorted(generated_groups)} "
-            f"generated and {sorted(reference_set)} reference."
+            "prompt_separation needs at least two groups and the same groups in both sets; got "
+            f"{sorted(generated_groups)} generated and {sorted(reference_set)} reference."
         )
     reference = between_group_variance(reference_features, reference_groups)
     if reference <= 0:

@@ -1,11 +1,11 @@
 """Export weight-space tuners (Res-LoRA, GLoRA, SURM) as LoRA files that other tools load.
 
-A linear tuner beside ``y = W0 x + b0`` adds ``s (dW x + db)`` (its :meth:`~resattn_diffusion.tuners.base.LinearTuner.fold`,
-composed with ``W0`` in sequential placement). A LoRA adds ``up (down x) + bias``: so a tuner exports exactly as
-``down = A, up = s B`` when it is a low-rank product (Res-LoRA: a key rename), and otherwise at full rank as
-``down = I, up = s dW`` (or ``down = s dW, up = I`` when ``d_out < d_in``), which reproduces ``dW x`` without
-rounding. ``rank=k`` instead writes the best rank-k approximation (truncated SVD, split ``U sqrt(S)``,
-``sqrt(S) V^T``) and reports each layer's relative error ``||dW - dW_k||_F / ||dW||_F``.
+A linear tuner beside ``y = W0 x + b0`` adds ``s (dW x + db)`` (its
+:meth:`~resattn_diffusion.tuners.base.LinearTuner.fold`, composed with ``W0`` in sequential placement). A LoRA adds
+``up (down x) + bias``: so a tuner exports exactly as ``down = A, up = s B`` when it is a low-rank product (Res-LoRA: a
+key rename), and otherwise at full rank as ``down = I, up = s dW`` (or ``down = s dW, up = I`` when ``d_out < d_in``),
+which reproduces ``dW x`` without rounding. ``rank=k`` instead writes the best rank-k approximation (truncated SVD,
+split ``U sqrt(S)``, ``sqrt(S) V^T``) and reports each layer's relative error ``||dW - dW_k||_F / ||dW||_F``.
 
 Formats (both without alpha: every loader then scales by 1, and ``s`` is baked into ``up``; kohya files carry no
 ``.alpha`` key because diffusers 0.4x misreads per-layer alphas of mixed-rank kohya files):
@@ -163,7 +163,8 @@ def _safetensors_base_weights(location: Path) -> BaseWeights:
                 out.append(f.get_tensor(key) if key in f.keys() else None)
         if out[0] is None:
             raise ResTunerFileError(
-                f"the base weights at {str(location)!r} have no {path}.weight: it is not the model the tuner was trained on"
+                f"the base weights at {str(location)!r} have no {path}.weight: it is not the model the tuner was "
+                "trained on"
             )
         return out[0], out[1]
 
@@ -180,7 +181,8 @@ def load_base_weights(base: str | os.PathLike | nn.Module) -> BaseWeights:
     if not path.exists():
         raise ResTunerFileError(
             f"no base model at {str(path)!r}; pass the local folder of the base model the tuner was trained on (a "
-            "Hub model is not fetched here: download it first, e.g. with huggingface-cli download, and pass its folder)"
+            "Hub model is not fetched here: download it first, e.g. with huggingface-cli download, and pass its "
+            "folder)"
         )
     location = _unet_weights_location(path)
     if location.is_file() or any(location.glob("*.safetensors")):
@@ -281,9 +283,10 @@ def export_lora(
     spec = config.spec
     if spec.kind != "linear":
         raise ResTunerError(
-            f"{source!r} holds a {config.tuner!r} tuner ({spec.summary}), which {_NOT_A_WEIGHT_DELTA.get(spec.kind, 'is not a weight delta')}; "
-            "only weight-space tuners (res_lora, glora, surm_circulant/toeplitz/kronecker/ldr) export to LoRA. "
-            "Load this one with pipe.load_res_tuner (pipelines/)."
+            f"{source!r} holds a {config.tuner!r} tuner ({spec.summary}), which "
+            f"{_NOT_A_WEIGHT_DELTA.get(spec.kind, 'is not a weight delta')}; only weight-space tuners (res_lora, "
+            "glora, surm_circulant/toeplitz/kronecker/ldr) export to LoRA. Load this one with pipe.load_res_tuner "
+            "(pipelines/)."
         )
     if getattr(config.params, "supernet", False):
         raise ResTunerError(
@@ -328,9 +331,9 @@ def export_lora(
                 weight, bias = read_base(path)
                 if tuple(weight.shape) != (d_out, d_in) or (bias is not None) != bool(shape.get("has_bias", True)):
                     raise ResTunerFileError(
-                        f"base layer {path}: weight {tuple(weight.shape)}, bias {'yes' if bias is not None else 'no'}; "
-                        f"the tuner was trained on {(d_out, d_in)} with bias {'yes' if shape.get('has_bias', True) else 'no'}: "
-                        "pass the base model it was trained on"
+                        f"base layer {path}: weight {tuple(weight.shape)}, bias "
+                        f"{'yes' if bias is not None else 'no'}; the tuner was trained on {(d_out, d_in)} with bias "
+                        f"{'yes' if shape.get('has_bias', True) else 'no'}: pass the base model it was trained on"
                     )
                 weight, bias = weight.float(), None if bias is None else bias.float()
             else:  # the delta reads neither: stand-ins of the right shape and dtype

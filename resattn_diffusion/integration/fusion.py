@@ -79,8 +79,8 @@ def check_additive(merges: PeftMerges, layer_path: str) -> None:
             continue
         kind = type(variants[adapter]).__name__ if adapter in variants else type(wrapper).__name__
         raise _error(
-            f"the diffusers/peft adapter {adapter!r} on {layer_path} is merged into the weight in a form that does not "
-            f"simply add to it ({kind}, e.g. DoRA), so res tuners cannot be folded beside it exactly. Nothing was "
+            f"the diffusers/peft adapter {adapter!r} on {layer_path} is merged into the weight in a form that does "
+            f"not simply add to it ({kind}, e.g. DoRA), so res tuners cannot be folded beside it exactly. Nothing was "
             "changed. Call pipe.unfuse_lora() first, fuse or unfuse the res tuners, then pipe.fuse_lora() again"
         )
 

@@ -76,7 +76,8 @@ def resolve_tuner_file(path: str | os.PathLike, weight_name: str | None = None) 
     a regular file: a FIFO, device or socket named ``*.safetensors`` would block or never end when read."""
     if not isinstance(path, (str, os.PathLike)):
         raise ResTunerFileError(
-            f"path must be a tuner file or a folder holding one (a str or os.PathLike), got {type(path).__name__} {path!r}"
+            f"path must be a tuner file or a folder holding one (a str or os.PathLike), got {type(path).__name__} "
+            f"{path!r}"
         )
     if weight_name is not None:
         _check_weight_name(weight_name)
@@ -111,7 +112,8 @@ def _check_weight_name(weight_name: Any) -> None:
         or (os.altsep and os.altsep in weight_name)
     ):
         raise ResTunerFileError(
-            f"weight_name must be the name of a file inside the folder (like {WEIGHT_NAME!r}, no '/' or '..'), got {weight_name!r}"
+            f"weight_name must be the name of a file inside the folder (like {WEIGHT_NAME!r}, no '/' or '..'), got "
+            f"{weight_name!r}"
         )
 
 
@@ -124,7 +126,8 @@ def _check_regular_file(path: Path) -> None:
         ) from None
     if not stat.S_ISREG(mode):
         raise ResTunerFileError(
-            f"{str(path)!r} is not a regular file (a FIFO, device or socket); a tuner file is a .safetensors file on disk"
+            f"{str(path)!r} is not a regular file (a FIFO, device or socket); a tuner file is a .safetensors file on "
+            "disk"
         )
 
 
@@ -300,7 +303,8 @@ def read_tuner_header(
     for key, (dtype, _) in entries.items():
         if dtype not in FLOAT_DTYPES:
             raise ResTunerFileError(
-                f"{str(file)!r}: tensor {key!r} has dtype {dtype}; tuner weights are floating point ({', '.join(FLOAT_DTYPES)})"
+                f"{str(file)!r}: tensor {key!r} has dtype {dtype}; tuner weights are floating point "
+                f"({', '.join(FLOAT_DTYPES)})"
             )
     return file, metadata, entries
 
@@ -322,8 +326,9 @@ def _check_header_size(file: Path) -> None:
     (header_bytes,) = struct.unpack("<Q", prefix)
     if header_bytes > MAX_HEADER_BYTES:
         raise ResTunerFileError(
-            f"{str(file)!r} has a safetensors header of {header_bytes:,} bytes; a tuner file's header (its metadata and "
-            f"tensor table) is at most {MAX_HEADER_BYTES:,} bytes. This is not a tuner file saved by save_res_tuner"
+            f"{str(file)!r} has a safetensors header of {header_bytes:,} bytes; a tuner file's header (its metadata "
+            f"and tensor table) is at most {MAX_HEADER_BYTES:,} bytes. This is not a tuner file saved by "
+            "save_res_tuner"
         )
     if 8 + header_bytes > size:
         raise ResTunerFileError(
@@ -334,8 +339,8 @@ def _check_header_size(file: Path) -> None:
 def _check_format_version(file: str, text: str | None) -> None:
     if not isinstance(text, str) or not text.isascii() or not text.isdigit():
         raise ResTunerFileError(
-            f"{file!r}: metadata field 'format_version' is {text!r}; it must be a whole number from 1 to {FORMAT_VERSION} "
-            "(the file was not written by save_res_tuner, or was altered)"
+            f"{file!r}: metadata field 'format_version' is {text!r}; it must be a whole number from 1 to "
+            f"{FORMAT_VERSION} (the file was not written by save_res_tuner, or was altered)"
         )
     version = int(text[:12])  # at most 12 digits are read: a 10^40 version is as unreadable as 10^12
     if version > FORMAT_VERSION:
@@ -416,7 +421,8 @@ def _file_layers(file: str, metadata: dict[str, str]) -> dict[str, dict]:
     for path, shape in layers.items():
         if not isinstance(shape, dict):
             raise ResTunerFileError(
-                f"{file!r}: metadata field 'layers' maps layer {path!r} to a {type(shape).__name__}; each layer maps to its shape (an object)"
+                f"{file!r}: metadata field 'layers' maps layer {path!r} to a {type(shape).__name__}; each layer maps "
+                "to its shape (an object)"
             )
     return layers
 
@@ -546,8 +552,9 @@ def load_res_tuner(
     if made_for is not None and made_for != family.name:
         other = family_named(str(made_for))
         raise ResTunerFileError(
-            f"tuner file {file!r} was made for a {base.get('class', '?')} ({other.model_word if other else made_for}), "
-            f"not for this {type(unet).__name__} ({family.model_word}); load it into the kind of model it was trained on"
+            f"tuner file {file!r} was made for a {base.get('class', '?')} "
+            f"({other.model_word if other else made_for}), not for this {type(unet).__name__} ({family.model_word}); "
+            "load it into the kind of model it was trained on"
         )
     try:
         expected = expected_fingerprint(unet, config)
@@ -644,7 +651,8 @@ def checked_tuner_tensors(
             value = remaining.pop(file_key)
             if value.shape != target.shape:
                 raise ResTunerFileError(
-                    f"{file!r}: tensor {file_key!r} has shape {tuple(value.shape)}, the tuner here needs {tuple(target.shape)}"
+                    f"{file!r}: tensor {file_key!r} has shape {tuple(value.shape)}, the tuner here needs "
+                    f"{tuple(target.shape)}"
                 )
             if not torch.isfinite(value.float()).all():
                 raise ResTunerFileError(

@@ -49,8 +49,8 @@ def denoiser_attribute(pipeline: Any) -> str:
         if isinstance(getattr(pipeline, name, None), nn.Module):
             return name
     raise ResTunerError(
-        f"{type(pipeline).__name__} has no denoiser (neither pipe.unet nor pipe.transformer is a model); res tuners sit on "
-        "a UNet or a diffusion transformer"
+        f"{type(pipeline).__name__} has no denoiser (neither pipe.unet nor pipe.transformer is a model); res tuners "
+        "sit on a UNet or a diffusion transformer"
     )
 
 
@@ -82,7 +82,8 @@ def resolve_tuner_source(
         )
     if not isinstance(path_or_repo, (str, os.PathLike)):
         raise ResTunerFileError(
-            f"load_res_tuner takes a path (a .safetensors file or a folder) or a Hub repo id, got {type(path_or_repo).__name__}"
+            "load_res_tuner takes a path (a .safetensors file or a folder) or a Hub repo id, got "
+            f"{type(path_or_repo).__name__}"
         )
     if os.path.lexists(path_or_repo):
         if hub_kwargs.get("subfolder"):
@@ -165,7 +166,8 @@ class ResTunerLoaderMixin:
         config: ResTunerConfig | None = None,
         **hub_kwargs: Any,
     ) -> str:
-        """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet`` / ``pipe.transformer``.
+        """Load a tuner saved with ``save_res_tuner`` (or by the training scripts) onto ``pipe.unet`` /
+        ``pipe.transformer``.
 
         Args:
             path_or_folder: a ``.safetensors`` tuner file; a folder holding ``res_tuner.safetensors`` (a training
@@ -192,8 +194,8 @@ class ResTunerLoaderMixin:
         _check_not_offloaded_to_meta(denoiser)
         if any(getattr(module, "fused_projections", False) for module in denoiser.modules()):
             raise ResTunerError(
-                "the UNet's attention projections are fused (fuse_qkv_projections); call pipe.unfuse_qkv_projections() "
-                "before loading res tuners"
+                "the UNet's attention projections are fused (fuse_qkv_projections); call "
+                "pipe.unfuse_qkv_projections() before loading res tuners"
             )
         if isinstance(path_or_folder, Mapping):
             if hub_kwargs or weight_name is not None:
@@ -338,7 +340,8 @@ class ResTunerLoaderMixin:
 
     # -- inspection -----------------------------------------------------------------------------------------------
     def get_res_tuners(self) -> dict[str, dict[str, Any]]:
-        """Name -> ``{"config": ResTunerConfig, "scale": float, "enabled": bool, "fused": bool}`` of every loaded tuner."""
+        """Name -> ``{"config": ResTunerConfig, "scale": float, "enabled": bool, "fused": bool}`` of every loaded
+        tuner."""
         denoiser = self._res_tuner_denoiser
         configs: dict[str, ResTunerConfig] = get_res_tuner_configs(denoiser)
         status = res_tuner_settings(denoiser)
@@ -359,7 +362,8 @@ class ResTunerLoaderMixin:
 
     def fuse_qkv_projections(self, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``fuse_qkv_projections``, refused while res tuners are loaded: the fused ``to_qkv`` bypasses the
-        ``to_q``/``to_k``/``to_v`` layers linear tuners sit on, and unfusing would not restore the tuners' processors."""
+        ``to_q``/``to_k``/``to_v`` layers linear tuners sit on, and unfusing would not restore the tuners'
+        processors."""
         loaded = _loaded_names(self)
         if loaded:
             raise ResTunerError(
@@ -379,7 +383,8 @@ class ResTunerLoaderMixin:
         names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
         if not isinstance(names, (list, tuple)) or not names or not all(isinstance(name, str) for name in names):
             raise ResTunerError(
-                f"adapter_name must be a loaded tuner's name, a non-empty list of names or None (all), got {adapter_name!r}"
+                "adapter_name must be a loaded tuner's name, a non-empty list of names or None (all), got "
+                f"{adapter_name!r}"
             )
         names = list(names)
         missing = [name for name in names if name not in loaded]
@@ -411,7 +416,8 @@ def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str
     if unknown:
         raise ConfigError(
             f"per-block scales for {name!r} have unknown key(s) {unknown}; the keys are 'down', 'mid' and 'up' "
-            '(diffusers\' set_adapters form: {"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer layer]}})'
+            '(diffusers\' set_adapters form: {"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer '
+            "layer]}})"
         )
     try:
         expanded = _maybe_expand_lora_scales(unet, [weights], default_scale=1.0)[0]

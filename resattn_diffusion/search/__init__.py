@@ -1,6 +1,8 @@
-"""GLoRA's supernet sampling and evolutionary structure search (see :mod:`.supernet` and :mod:`.evolution`)."""
+"""GLoRA's choice space, supernet sampling and evolutionary structure search (see :mod:`.glora_space`,
+:mod:`.supernet` and :mod:`.evolution`)."""
 
 from .evolution import DenoisingFitness, LayerSpace, SearchResult, evolutionary_search, search_glora
+from .glora_space import GLoRAChoiceSpace, sample_layer_config
 from .supernet import (
     fixed_glora_config,
     get_subnet,
@@ -15,12 +17,14 @@ from .supernet import (
 
 __all__ = [
     "DenoisingFitness",
+    "GLoRAChoiceSpace",
     "LayerSpace",
     "SearchResult",
     "evolutionary_search",
     "fixed_glora_config",
     "get_subnet",
     "is_glora_supernet",
+    "sample_layer_config",
     "sample_subnet",
     "save_subnet",
     "search_glora",

@@ -39,7 +39,8 @@ SUPERNET_NAME = "supernet"
 
 
 class SearchInputError(ValueError):
-    """Bad command-line input (a missing folder, an unreadable image, a malformed number); the message says what to do."""
+    """Bad command-line input (a missing folder, an unreadable image, a malformed number); the message says what to
+    do."""
 
 
 # --- held-out data ---------------------------------------------------------------------------------------------
@@ -176,7 +177,8 @@ def _load_pipeline(name_or_path: str, device: torch.device, dtype: torch.dtype):
         pipeline = DiffusionPipeline.from_pretrained(name_or_path, **from_pretrained_dtype(dtype))
     except (OSError, ValueError) as err:
         raise SearchInputError(
-            f"could not load the pipeline {name_or_path!r}: {err}\nOffline, pass a local diffusers folder (with model_index.json)"
+            f"could not load the pipeline {name_or_path!r}: {err}\nOffline, pass a local diffusers folder (with "
+            "model_index.json)"
         ) from None
     if getattr(pipeline, "unet", None) is None or getattr(pipeline, "vae", None) is None:
         raise SearchInputError(f"{name_or_path!r} is not a Stable Diffusion pipeline with a UNet and a VAE")

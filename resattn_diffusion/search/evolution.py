@@ -35,14 +35,9 @@ from torch import nn
 
 from ..training.objective import prediction_target
 from ..tuners.base import ConfigError
-from ..tuners.glora import (
-    SUPPORTS,
-    GLoRAChoiceSpace,
-    GLoRALayerConfig,
-    form_size_key,
-    num_parameters,
-)
-from .supernet import _require_unfused, get_subnet, sample_layer_config, set_subnet, supernet_layers
+from ..tuners.glora import SUPPORTS, GLoRALayerConfig, num_parameters
+from .glora_space import GLoRAChoiceSpace, sample_layer_config
+from .supernet import _require_unfused, get_subnet, set_subnet, supernet_layers
 
 __all__ = [
     "DenoisingFitness",
@@ -186,7 +181,7 @@ class LayerSpace:
         return num_parameters(config, self.d_out, self.d_in, self.has_bias)
 
     def smallest(self) -> str:
-        return str(GLoRALayerConfig(**{s: min(self.space.choices(s), key=form_size_key) for s in SUPPORTS}))
+        return str(self.space.smallest())
 
 
 @dataclass
@@ -214,10 +209,6 @@ class SearchResult:
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def _smaller_forms(space: GLoRAChoiceSpace, support: str, form: str) -> list[str]:
-    return sorted((f for f in space.choices(support) if form_size_key(f) < form_size_key(form)), key=form_size_key)
 
 
 class _Evolution:
@@ -250,11 +241,11 @@ class _Evolution:
                 (index, support)
                 for index, (layer, config) in enumerate(zip(self.layers, configs))
                 for support in SUPPORTS
-                if _smaller_forms(layer.space, support, getattr(config, support))
+                if layer.space.smaller_forms(support, getattr(config, support))
             ]
             index, support = self.rng.choice(shrinkable)  # non-empty: the smallest genome fits (checked up front)
             layer, config = self.layers[index], configs[index]
-            smaller = _smaller_forms(layer.space, support, getattr(config, support))[-1]
+            smaller = layer.space.smaller_forms(support, getattr(config, support))[-1]
             before = layer.count(str(config))
             configs[index] = GLoRALayerConfig(**{**{s: getattr(config, s) for s in SUPPORTS}, support: smaller})
             total += layer.count(str(configs[index])) - before
@@ -279,7 +270,8 @@ class _Evolution:
             value = float(self.evaluate_fn(genome))
             if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"the held-out loss of a subnet is {value}; the supernet weights are not finite (diverged training?)"
+                    f"the held-out loss of a subnet is {value}; the supernet weights are not finite (diverged "
+                    "training?)"
                 )
             self.fitness[genome] = value
             self.evaluated.append({"parameters": parameters, "fitness": value})
@@ -440,7 +432,10 @@ def search_glora(
     """
     modules = list(supernet_layers(unet, adapter_name))
     _require_unfused(unet, adapter_name)
-    layers = [LayerSpace(path, module.space, module.d_out, module.d_in, module.has_bias) for path, module in modules]
+    layers = [
+        LayerSpace(path, GLoRAChoiceSpace.of_module(module), module.d_out, module.d_in, module.has_bias)
+        for path, module in modules
+    ]
     fitness = DenoisingFitness(
         unet,
         latents,

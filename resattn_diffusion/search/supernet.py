@@ -32,7 +32,8 @@ from ..integration.io import file_tensors, write_tuner_file
 from ..training.data import derive_seed
 from ..training.trainable import TrainingCallback
 from ..tuners.base import ConfigError
-from ..tuners.glora import SUPPORTS, GLoRA, GLoRAChoiceSpace, GLoRALayerConfig, num_parameters, parse_layer_config
+from ..tuners.glora import GLoRA, num_parameters, parse_layer_config
+from .glora_space import GLoRAChoiceSpace, sample_layer_config
 
 __all__ = [
     "SubnetSampling",
@@ -48,22 +49,6 @@ __all__ = [
     "supernet_layers",
     "training_callbacks",
 ]
-
-
-def sample_layer_config(space: GLoRAChoiceSpace, generator: torch.Generator | random.Random) -> GLoRALayerConfig:
-    """A configuration drawn uniformly (each support independently) from ``space``; reproducible for a seeded
-    ``torch.Generator`` or ``random.Random``."""
-    picks = {}
-    for support in SUPPORTS:
-        choices = space.choices(support)
-        if isinstance(generator, random.Random):
-            index = generator.randrange(len(choices))
-        elif isinstance(generator, torch.Generator):
-            index = int(torch.randint(len(choices), (1,), generator=generator).item())
-        else:
-            raise TypeError(f"generator must be a torch.Generator or random.Random, got {type(generator).__name__}")
-        picks[support] = choices[index]
-    return GLoRALayerConfig(**picks)
 
 
 # --- params ----------------------------------------------------------------------------------------------------
@@ -109,7 +94,7 @@ def _require_unfused(unet: nn.Module, adapter_name: str) -> None:
 
 def subnet_spaces(unet: nn.Module, adapter_name: str = "default") -> dict[str, GLoRAChoiceSpace]:
     """Layer path -> the choice space of that layer (without D on a bias-free layer)."""
-    return {path: module.space for path, module in supernet_layers(unet, adapter_name)}
+    return {path: GLoRAChoiceSpace.of_module(module) for path, module in supernet_layers(unet, adapter_name)}
 
 
 def get_subnet(unet: nn.Module, adapter_name: str = "default") -> dict[str, str]:
@@ -125,7 +110,7 @@ def sample_subnet(
     _require_unfused(unet, adapter_name)
     configs = {}
     for path, module in supernet_layers(unet, adapter_name):
-        layer_config = sample_layer_config(module.space, generator)
+        layer_config = sample_layer_config(module.held_forms, generator)
         module.set_active(layer_config)
         configs[path] = str(module.active_config)
     return configs
@@ -178,8 +163,9 @@ def set_subnet(unet: nn.Module, configs: Mapping[str, str], adapter_name: str = 
     parsed = {}
     for path, module in layers:
         layer_config = parse_layer_config(configs[path])
-        if not module.space.contains(layer_config if module.has_bias else layer_config.without_bias()):
-            raise ConfigError(f"layer {path}: configuration {layer_config} is outside its choice space {module.space}")
+        space = GLoRAChoiceSpace.of_module(module)
+        if not space.contains(layer_config if module.has_bias else layer_config.without_bias()):
+            raise ConfigError(f"layer {path}: configuration {layer_config} is outside its choice space {space}")
         parsed[path] = layer_config
     for path, module in layers:
         module.set_active(parsed[path])

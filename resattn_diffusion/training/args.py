@@ -111,7 +111,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         choices=known_targets(),
-        help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on SD3 / Flux).",
+        help="Operations that get a branch (default: the model's: attn1 attn2 on a UNet, attn (and attn2) on "
+        "SD3 / Flux).",
     )
     tuner.add_argument(
         "--blocks",
@@ -213,7 +214,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         "--resolution",
         type=int,
         default=None,
-        help="Training resolution; images are resized (shorter side) and cropped to it (default: the model's native size).",
+        help="Training resolution; images are resized (shorter side) and cropped to it "
+        "(default: the model's native size).",
     )
     data.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
     data.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
@@ -315,9 +317,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     ckpt.add_argument(
         "--allow_inexact_resume",
         action="store_true",
-        help="Resume even when the checkpoint's random states (random_states_<process>.pkl) are missing or unreadable; "
-        "the run then continues with fresh random states and no longer equals an uninterrupted one (a loud warning "
-        "says so). Without it such a checkpoint is refused.",
+        help="Resume even when the checkpoint's random states (random_states_<process>.pkl) are missing or "
+        "unreadable; the run then continues with fresh random states and no longer equals an uninterrupted one "
+        "(a loud warning says so). Without it such a checkpoint is refused.",
     )
 
     val = parser.add_argument_group("validation and logging")
@@ -449,7 +451,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     unknown = set(report_to) - {"tensorboard", "wandb", "comet_ml", "all", "none"}
     if unknown:
         parser.error(
-            f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or none"
+            f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or "
+            "none"
         )
 
 

@@ -58,12 +58,14 @@ def resolve_resume_checkpoint(output_dir: str | Path, value: str | None) -> Path
         if candidate.is_dir():
             if not (candidate / STATE_FILE).is_file():
                 raise TrainingError(
-                    f"checkpoint {str(candidate)!r} is incomplete (no {STATE_FILE}; the save was interrupted); pick an older one"
+                    f"checkpoint {str(candidate)!r} is incomplete (no {STATE_FILE}; the save was interrupted); pick "
+                    "an older one"
                 )
             return candidate
     available = [folder.name for _, folder in list_checkpoints(output_dir)]
     raise TrainingError(
-        f"--resume_from_checkpoint {value!r}: no such checkpoint folder; checkpoints in {str(output_dir)!r}: {available or 'none'}"
+        f"--resume_from_checkpoint {value!r}: no such checkpoint folder; checkpoints in {str(output_dir)!r}: "
+        f"{available or 'none'}"
     )
 
 
@@ -124,8 +126,8 @@ def check_checkpoint_matches(folder: Path, config: ResTunerConfig) -> None:
     saved = ResTunerConfig.from_json(metadata["config"])
     if saved != config:
         raise TrainingError(
-            f"checkpoint {str(folder)!r} trained {saved}, but this run asks for {config}; resume with the same tuner flags "
-            "(or --tuner_config the args of that run) or start a new --output_dir"
+            f"checkpoint {str(folder)!r} trained {saved}, but this run asks for {config}; resume with the same tuner "
+            "flags (or --tuner_config the args of that run) or start a new --output_dir"
         )
 
 

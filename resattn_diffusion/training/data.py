@@ -270,7 +270,8 @@ def _read_metadata(folder: Path, metadata: Path, caption_column: str, image_colu
             path = folder / row[image_column]
             if not path.is_file():
                 raise TrainingDataError(
-                    f"{str(metadata)!r} line {line_number} names {row[image_column]!r}, which is not in {str(folder)!r}"
+                    f"{str(metadata)!r} line {line_number} names {row[image_column]!r}, which is not in "
+                    f"{str(folder)!r}"
                 )
             check_image_file(path)
             records.append((path, row[caption_column]))

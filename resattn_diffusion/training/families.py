@@ -25,9 +25,9 @@ def family_of(args: Namespace) -> type[DenoiserFamily]:
             return family
     denoiser = model_index.get("transformer") or model_index.get("unet") or ["", "no denoiser"]
     raise TrainingError(
-        f"{args.pretrained_model_name_or_path} is a {model_index.get('_class_name', 'pipeline')} with a {denoiser[1]}; the "
-        "training scripts know Stable Diffusion 1.x/2.x/XL (UNet2DConditionModel), SD3 (SD3Transformer2DModel) and "
-        "Flux (FluxTransformer2DModel)"
+        f"{args.pretrained_model_name_or_path} is a {model_index.get('_class_name', 'pipeline')} with a "
+        f"{denoiser[1]}; the training scripts know Stable Diffusion 1.x/2.x/XL (UNet2DConditionModel), SD3 "
+        "(SD3Transformer2DModel) and Flux (FluxTransformer2DModel)"
     )
 
 

@@ -111,13 +111,13 @@ class FlowMatchingBase(ABC):
         for flag, neutral in UNET_ONLY_FLAGS.items():
             if getattr(args, flag, neutral) not in (neutral, None):
                 raise TrainingError(
-                    f"--{flag} belongs to the UNet's noise-prediction objective; {cls.name} trains with rectified flow. "
-                    "Drop it (use --weighting_scheme to weight timesteps)"
+                    f"--{flag} belongs to the UNet's noise-prediction objective; {cls.name} trains with rectified "
+                    "flow. Drop it (use --weighting_scheme to weight timesteps)"
                 )
         if getattr(args, "enable_xformers_memory_efficient_attention", False):
             raise TrainingError(
-                f"--enable_xformers_memory_efficient_attention is for UNets; {cls.name}'s joint attention runs PyTorch SDPA "
-                "(drop the flag)"
+                f"--enable_xformers_memory_efficient_attention is for UNets; {cls.name}'s joint attention runs "
+                "PyTorch SDPA (drop the flag)"
             )
         length = getattr(args, "max_sequence_length", None)
         if length is not None and not 1 <= length <= 512:
@@ -484,7 +484,8 @@ class FluxBase(FlowMatchingBase):
         super().check_loaded(args)
         if getattr(args, "guidance_scale", None) is not None and not self.denoiser.config.guidance_embeds:
             raise TrainingError(
-                f"--guidance_scale: {self.path}'s transformer has no guidance embedding (FLUX.1-schnell-like); drop the flag"
+                f"--guidance_scale: {self.path}'s transformer has no guidance embedding (FLUX.1-schnell-like); drop "
+                "the flag"
             )
 
     def latent_channels_expected(self) -> int:

@@ -348,7 +348,8 @@ def check_optional_packages(args: Namespace) -> None:
         raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise TrainingError(
-            "--enable_xformers_memory_efficient_attention needs xformers (GPU only): pip install xformers, or drop the flag"
+            "--enable_xformers_memory_efficient_attention needs xformers (GPU only): pip install xformers, or drop "
+            "the flag"
         )
     trackers = trackers_of(args.report_to) or []
     if ("wandb" in trackers or trackers == "all") and importlib.util.find_spec("wandb") is None:

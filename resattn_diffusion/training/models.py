@@ -73,7 +73,8 @@ class DenoiserFamily(Protocol):
         """Move the frozen parts to ``device`` in the training precision."""
 
     def cache_prompts(self, prompts: list[str], device: torch.device, args: Namespace) -> None:
-        """A run whose prompts are all known (DreamBooth): encode them now; a family may then free its text encoders."""
+        """A run whose prompts are all known (DreamBooth): encode them now; a family may then free its text
+        encoders."""
 
     def validation_prompts(self, args: Namespace) -> list[str]:
         """The prompts validation will need encoded."""
@@ -102,15 +103,15 @@ def read_model_index(path: str, revision: str | None = None, cache_dir: str | No
 
     if Path(path).is_dir() and not (Path(path) / "model_index.json").is_file():
         raise TrainingError(
-            f"--pretrained_model_name_or_path {path!r} is a folder without model_index.json; pass the folder of a whole "
-            "diffusers pipeline (with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            f"--pretrained_model_name_or_path {path!r} is a folder without model_index.json; pass the folder of a "
+            "whole diffusers pipeline (with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     try:
         return dict(DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir))
     except (OSError, ValueError) as err:
         raise TrainingError(
-            f"cannot read the base model {path!r}: {err}. Pass a local diffusers pipeline folder, or a hub id on a machine "
-            "that can reach the hub"
+            f"cannot read the base model {path!r}: {err}. Pass a local diffusers pipeline folder, or a hub id on a "
+            "machine that can reach the hub"
         ) from None
 
 
@@ -184,8 +185,8 @@ class StableDiffusionBase:
         ]
         if given:
             raise TrainingError(
-                f"--{given[0]} belongs to rectified-flow training of SD3 / Flux; {args.pretrained_model_name_or_path} is a UNet "
-                "model trained on noise prediction (drop the flag; --snr_gamma weights its timesteps)"
+                f"--{given[0]} belongs to rectified-flow training of SD3 / Flux; {args.pretrained_model_name_or_path} "
+                "is a UNet model trained on noise prediction (drop the flag; --snr_gamma weights its timesteps)"
             )
 
     @classmethod
@@ -314,7 +315,8 @@ class StableDiffusionBase:
         weight_dtype: torch.dtype,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """The denoising loss of each example (MSE against the noise or velocity; Min-SNR weighted with ``--snr_gamma``)."""
+        """The denoising loss of each example (MSE against the noise or velocity; Min-SNR weighted with
+        ``--snr_gamma``)."""
         import torch.nn.functional as F
 
         device = generator.device

@@ -45,9 +45,9 @@ def create_hub_repo(args: Namespace) -> str:
         url = huggingface_hub.create_repo(repo_id, token=args.hub_token, private=args.hub_private, exist_ok=True)
     except Exception as err:  # HTTP, auth, offline: huggingface_hub raises many kinds
         raise TrainingError(
-            f"--push_to_hub: cannot create or reach the Hub repo {repo_id!r}: {type(err).__name__}: {_first_line(err)}. "
-            "Log in with `hf auth login` (or pass --hub_token), check --hub_model_id, or drop --push_to_hub and "
-            "upload output_dir later with `hf upload`"
+            f"--push_to_hub: cannot create or reach the Hub repo {repo_id!r}: {type(err).__name__}: "
+            f"{_first_line(err)}. Log in with `hf auth login` (or pass --hub_token), check --hub_model_id, or drop "
+            "--push_to_hub and upload output_dir later with `hf upload`"
         ) from None
     return getattr(url, "repo_id", None) or repo_id
 
@@ -67,8 +67,9 @@ def push_output_dir(repo_id: str, output_dir: Path, token: str | None, message: 
         )
     except Exception as err:
         text = (
-            f"uploading {str(output_dir)!r} to the Hub repo {repo_id!r} failed: {type(err).__name__}: {_first_line(err)}. "
-            f"Everything is still in {str(output_dir)!r}; upload it later with `hf upload {repo_id} {output_dir}`"
+            f"uploading {str(output_dir)!r} to the Hub repo {repo_id!r} failed: {type(err).__name__}: "
+            f"{_first_line(err)}. Everything is still in {str(output_dir)!r}; upload it later with `hf upload "
+            f"{repo_id} {output_dir}`"
         )
         if required:
             raise TrainingError(text) from None

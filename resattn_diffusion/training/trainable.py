@@ -133,8 +133,9 @@ def prepare_unet_for_training(
     not_fp32 = [p for p in parameters if p.dtype != torch.float32]
     if not_fp32:
         raise TrainingError(
-            f"{len(not_fp32)} tuner parameter(s) of {config.tuner} are not registered under the UNet, so they could not be "
-            "kept in fp32 (and would not be synchronised across processes): the tuner must be a submodule of the UNet"
+            f"{len(not_fp32)} tuner parameter(s) of {config.tuner} are not registered under the UNet, so they could "
+            "not be kept in fp32 (and would not be synchronised across processes): the tuner must be a submodule of "
+            "the UNet"
         )
     return parameters
 
@@ -190,7 +191,8 @@ def load_trained_unet(unet: nn.Module, output_dir: str | Path) -> nn.Module:
     output_dir = Path(output_dir)
     if not (output_dir / WEIGHT_NAME).is_file():
         raise TrainingError(
-            f"{str(output_dir)!r} holds no training result (expected {WEIGHT_NAME}); pass the --output_dir of a finished run"
+            f"{str(output_dir)!r} holds no training result (expected {WEIGHT_NAME}); pass the --output_dir of a "
+            "finished run"
         )
     load_res_tuner(unet, output_dir)
     return unet

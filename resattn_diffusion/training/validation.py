@@ -1,4 +1,5 @@
-"""Validation images: the denoiser being trained inside its family's stock diffusers pipeline, saved as a PNG grid and logged."""
+"""Validation images: the denoiser being trained inside its family's stock diffusers pipeline, saved as a PNG grid and
+logged."""
 
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ The lora factors ``*_down`` get their gradient once ``*_up`` has moved. Never ar
 
 Supernet (as in the GLoRA paper): the module holds the largest form of each support in a choice space (lora
 factors up to ``r_max``, plus the vector and scalar parameters) and evaluates any configuration of that space
-(:meth:`GLoRA.set_active`; drawing configurations is the search's, :mod:`resattn_diffusion.search.supernet`);
+(:meth:`GLoRA.set_active`; the choice space, drawing configurations and the search are
+:mod:`resattn_diffusion.search`'s: :mod:`~resattn_diffusion.search.glora_space`, ``supernet``, ``evolution``);
 ``lora<r>`` uses the first r components ``X_up[:, :r] X_down[:r, :]`` of the shared
 ``r_max`` factors. :func:`num_parameters` counts a configuration's parameters (for the search's budget);
 :meth:`GLoRA.fixed_state_dict` cuts the sub-network out as the state dict of a fixed-configuration module.
@@ -49,7 +50,6 @@ factors up to ``r_max``, plus the vector and scalar parameters) and evaluates an
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -207,7 +207,13 @@ def num_parameters(config: GLoRALayerConfig | str, d_out: int, d_in: int, has_bi
     return total
 
 
-# --- choice space (supernet) -----------------------------------------------------------------------------------
+# --- the forms a supernet holds ------------------------------------------------------------------------------
+# The ``choices`` hyperparameter's syntax and default live here because the module allocates its parameters from
+# them; the choice space as the search uses it (membership, size, sampling, stepping forms down) is
+# :class:`resattn_diffusion.search.glora_space.GLoRAChoiceSpace`.
+
+#: Forms per support tensor, each a non-empty tuple of canonical forms: what a supernet layer holds.
+FormChoices = dict[str, tuple[str, ...]]
 
 
 def form_size_key(form: str) -> tuple[int, int]:
@@ -216,71 +222,51 @@ def form_size_key(form: str) -> tuple[int, int]:
     return {"none": 0, "scalar": 1, "vector": 2, "lora": 3}[kind], rank
 
 
-@dataclass(frozen=True)
-class GLoRAChoiceSpace:
-    """The forms a supernet layer may take, per support tensor (each a non-empty tuple of canonical forms).
+def canonical_form_choices(
+    support: str, choices: str | tuple[str, ...], default_rank: int | None = None
+) -> tuple[str, ...]:
+    """The canonical, de-duplicated forms of one support (a single form may be given as a string)."""
+    if isinstance(choices, str):
+        choices = (choices,)
+    canonical = tuple(dict.fromkeys(parse_form(support, choice, default_rank) for choice in choices))
+    if not canonical:
+        raise ConfigError(f"GLoRA choice space: {support} needs at least one form")
+    return canonical
 
-    Short form: ``"A=lora8|lora4|vector|scalar|none,B=...,C=lora8|vector|none,D=vector|scalar|none,E=..."``.
-    """
 
-    A: tuple[str, ...] = ("none",)
-    B: tuple[str, ...] = ("none",)
-    C: tuple[str, ...] = ("none",)
-    D: tuple[str, ...] = ("none",)
-    E: tuple[str, ...] = ("none",)
+def paper_form_choices(rank: int) -> FormChoices:
+    """The GLoRA paper's space at rank r: lora r and r/2, vector, scalar, none (C without scalar, D/E without
+    lora). The default of :attr:`GLoRAParams.choices`."""
+    loras = tuple(dict.fromkeys(f"lora{r}" for r in (rank, rank // 2) if r >= 1))
+    return {
+        "A": loras + ("vector", "scalar", "none"),
+        "B": loras + ("vector", "scalar", "none"),
+        "C": loras + ("vector", "none"),
+        "D": ("vector", "scalar", "none"),
+        "E": ("vector", "scalar", "none"),
+    }
 
-    def __post_init__(self) -> None:
-        for support in SUPPORTS:
-            choices = getattr(self, support)
-            if isinstance(choices, str):
-                choices = (choices,)
-            canonical = tuple(dict.fromkeys(parse_form(support, choice) for choice in choices))
-            if not canonical:
-                raise ConfigError(f"GLoRA choice space: {support} needs at least one form")
-            object.__setattr__(self, support, canonical)
 
-    @classmethod
-    def default(cls, rank: int) -> GLoRAChoiceSpace:
-        """The GLoRA paper's space at rank r: lora r and r/2, vector, scalar, none (C without scalar, D/E without lora)."""
-        loras = tuple(dict.fromkeys(f"lora{r}" for r in (rank, rank // 2) if r >= 1))
-        return cls(
-            A=loras + ("vector", "scalar", "none"),
-            B=loras + ("vector", "scalar", "none"),
-            C=loras + ("vector", "none"),
-            D=("vector", "scalar", "none"),
-            E=("vector", "scalar", "none"),
-        )
+def parse_form_choices(text: str, default_rank: int | None = None) -> FormChoices:
+    """Read ``"A=lora8|lora4|vector,B=none,..."`` (omitted supports are ``none``; a bare ``lora`` takes
+    ``default_rank``)."""
+    assignments = _split_assignments(text, "choice space")
+    choices = {support: ("none",) for support in SUPPORTS}
+    for support, value in assignments.items():
+        forms = tuple(choice for choice in value.split("|") if choice.strip())
+        choices[support] = canonical_form_choices(support, forms, default_rank)
+    return choices
 
-    @classmethod
-    def parse(cls, text: str, default_rank: int | None = None) -> GLoRAChoiceSpace:
-        assignments = _split_assignments(text, "choice space")
-        return cls(
-            **{
-                key: tuple(parse_form(key, choice, default_rank) for choice in value.split("|") if choice.strip())
-                for key, value in assignments.items()
-            }
-        )
 
-    def __str__(self) -> str:
-        return ",".join(f"{support}={'|'.join(getattr(self, support))}" for support in SUPPORTS)
+def format_form_choices(choices: Mapping[str, tuple[str, ...]]) -> str:
+    """The short form read by :func:`parse_form_choices`, every support named."""
+    return ",".join(f"{support}={'|'.join(choices[support])}" for support in SUPPORTS)
 
-    def choices(self, support: str) -> tuple[str, ...]:
-        return getattr(self, support)
 
-    def contains(self, config: GLoRALayerConfig) -> bool:
-        return all(getattr(config, support) in self.choices(support) for support in SUPPORTS)
-
-    def size(self) -> int:
-        """The number of distinct layer configurations."""
-        return math.prod(len(self.choices(support)) for support in SUPPORTS)
-
-    def largest(self) -> GLoRALayerConfig:
-        """The configuration with the largest form of every support (lora of the highest rank > vector > scalar > none)."""
-        return GLoRALayerConfig(**{support: max(self.choices(support), key=form_size_key) for support in SUPPORTS})
-
-    def without_bias(self) -> GLoRAChoiceSpace:
-        """The space for a layer without bias: D is always ``none``."""
-        return GLoRAChoiceSpace(self.A, self.B, self.C, ("none",), self.E)
+def largest_forms(choices: Mapping[str, tuple[str, ...]]) -> GLoRALayerConfig:
+    """The configuration with the largest form of every support (lora of the highest rank > vector > scalar >
+    none): what a supernet holds parameters for."""
+    return GLoRALayerConfig(**{support: max(choices[support], key=form_size_key) for support in SUPPORTS})
 
 
 def check_lora_ranks(config: GLoRALayerConfig, shape: OpShape, where: str) -> None:
@@ -306,7 +292,7 @@ class GLoRAParams(TunerParams):
       patterns too (the structure search writes its result that way).
     * ``supernet``: hold the largest forms of ``choices`` and evaluate sampled configurations.
     * ``choices``: the supernet's choice space in short form (``"A=lora8|lora4|vector|scalar|none,..."``);
-      empty = :meth:`GLoRAChoiceSpace.default` at ``rank``. ``config``/``overrides`` are unused by a supernet.
+      empty = :func:`paper_form_choices` at ``rank``. ``config``/``overrides`` are unused by a supernet.
     """
 
     rank: int = 4
@@ -332,13 +318,13 @@ class GLoRAParams(TunerParams):
                 raise ConfigError(f"GLoRA override {pattern!r}: {error}") from None
         if not isinstance(self.supernet, bool):
             raise ConfigError(f"GLoRA supernet must be true or false, got {self.supernet!r}")
-        self.choice_space()
+        self.form_choices()
 
     def validate_for(self, shape: OpShape) -> None:
         if shape.in_dim < 1 or shape.out_dim < 1:
             raise ConfigError(f"GLoRA needs positive in_dim and out_dim, got {shape.in_dim} -> {shape.out_dim}")
         if self.supernet:
-            check_lora_ranks(self.choice_space().largest(), shape, "the choice space")
+            check_lora_ranks(largest_forms(self.form_choices()), shape, "the choice space")
         else:
             # Overrides are checked by the module built for the layers they match (they may not match this one).
             check_lora_ranks(self.layer_config(), shape, "config")
@@ -387,10 +373,11 @@ class GLoRAParams(TunerParams):
         text = self.config if override_pattern is None else self.overrides[override_pattern]
         return parse_layer_config(text, default_rank=self.rank)
 
-    def choice_space(self) -> GLoRAChoiceSpace:
+    def form_choices(self) -> FormChoices:
+        """The supernet's forms per support: ``choices`` read, or the paper's space at ``rank`` when it is empty."""
         if not str(self.choices).strip():
-            return GLoRAChoiceSpace.default(self.rank)
-        return GLoRAChoiceSpace.parse(self.choices, default_rank=self.rank)
+            return paper_form_choices(self.rank)
+        return parse_form_choices(self.choices, default_rank=self.rank)
 
 
 def override_matches(pattern: str, layer_path: str) -> bool:
@@ -411,13 +398,13 @@ class GLoRA(LinearTuner):
     r"""GLoRA branch ``T(x) = (W0 ⊙ A) x + B x + b0 ⊙ D + E + W0 C`` beside a frozen ``y = W0 x + b0``.
 
     ``GLoRA(shape, params)`` builds the fixed configuration ``params.config`` (or ``layer_config`` when the
-    integration resolved an override) -- or, with ``params.supernet``, every form of ``params.choice_space()``,
-    active configuration its largest until :meth:`set_active`. ``has_bias=False`` (a layer without bias) drops D.
-    Formulas, shapes, init and the first-step gradient argument: see the module docstring.
+    integration resolved an override) -- or, with ``params.supernet``, every form of ``params.form_choices()``
+    (:attr:`held_forms`), active configuration its largest until :meth:`set_active`. ``has_bias=False`` (a layer
+    without bias) drops D. Formulas, shapes, init and the first-step gradient argument: see the module docstring.
 
     Parameters are named ``<support>_<form>[_up|_down]`` (``A_lora_up``: d_out x r, ``A_lora_down``: r x d_in,
-    ``A_vector``: d_out, ``A_scalar``: 1, ``C_lora_up``: d_in x r, ``C_lora_down``: r x 1, ``C_vector``: d_in, ...), the
-    same in fixed and supernet modules (a supernet's lora factors have r_max components).
+    ``A_vector``: d_out, ``A_scalar``: 1, ``C_lora_up``: d_in x r, ``C_lora_down``: r x 1, ``C_vector``: d_in, ...),
+    the same in fixed and supernet modules (a supernet's lora factors have r_max components).
     """
 
     supports_sequential: ClassVar[bool] = False
@@ -444,18 +431,19 @@ class GLoRA(LinearTuner):
         self.has_bias = has_bias
         self.supernet = params.supernet
         if params.supernet:
-            space = params.choice_space()
-            self.space: GLoRAChoiceSpace | None = space if has_bias else space.without_bias()
-            held = {support: self.space.choices(support) for support in SUPPORTS}
-            initial = self.space.largest()
+            held = params.form_choices()
+            if not has_bias:
+                held["D"] = ("none",)  # b0 ⊙ D = 0 without a bias
+            initial = largest_forms(held)
         else:
-            self.space = None
             config = params.layer_config() if layer_config is None else parse_layer_config(layer_config, params.rank)
             check_lora_ranks(config, shape, f"layer configuration {config}")
             if not has_bias:
                 config = config.without_bias()
             held = {support: (getattr(config, support),) for support in SUPPORTS}
             initial = config
+        #: per support, the forms this module can evaluate (a fixed module: its one configuration's)
+        self.held_forms: FormChoices = held
 
         #: per support: the largest lora rank held (0: none) and the non-lora kinds held
         self.held_lora_rank: dict[str, int] = {}
@@ -638,21 +626,26 @@ class GLoRA(LinearTuner):
         return torch.float32 if first is None else first.dtype
 
     def extra_repr(self) -> str:
-        mode = f"supernet over {self.space}" if self.supernet else "fixed"
+        mode = f"supernet over {format_form_choices(self.held_forms)}" if self.supernet else "fixed"
         return f"d_out={self.d_out}, d_in={self.d_in}, {mode}, active={self.active_config}"
 
 
 __all__ = [
     "ALLOWED_KINDS",
+    "FormChoices",
     "GLoRA",
-    "GLoRAChoiceSpace",
     "GLoRALayerConfig",
     "GLoRAParams",
     "SUPPORTS",
+    "canonical_form_choices",
     "form_size_key",
+    "format_form_choices",
     "format_layer_config",
+    "largest_forms",
     "num_parameters",
     "override_matches",
+    "paper_form_choices",
     "parse_form",
+    "parse_form_choices",
     "parse_layer_config",
 ]

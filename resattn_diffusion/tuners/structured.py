@@ -149,7 +149,8 @@ def circulant_apply(v: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tenso
 
 def toeplitz_apply(t: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor:
     """``T(t) x`` by FFT through the circulant embedding of fast length ``L >= d_out + d_in - 1`` (float32 or
-    wider): ``irfft(rfft(x, L) * rfft(t, L))[d_in - 1 : d_in - 1 + d_out]``. ``t``: (d_out + d_in - 1,), ``x``: (..., d_in)."""
+    wider): ``irfft(rfft(x, L) * rfft(t, L))[d_in - 1 : d_in - 1 + d_out]``. ``t``: (d_out + d_in - 1,),
+    ``x``: (..., d_in)."""
     d_in = x.shape[-1]
     length = next_fast_fft_length(d_out + d_in - 1)
     dtype = fft_dtype(x)
@@ -174,7 +175,8 @@ def _skew_modulation(n: int, device: torch.device, dtype: torch.dtype) -> torch.
 
 
 def skew_circulant_apply(h: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor:
-    """``skew(h)[:d_out, :d_in] x = (conj(w^t) ifft(fft(w^t h) fft(w^t pad_n(x)))).real[:d_out]`` (float32 or wider)."""
+    """``skew(h)[:d_out, :d_in] x = (conj(w^t) ifft(fft(w^t h) fft(w^t pad_n(x)))).real[:d_out]`` (float32 or
+    wider)."""
     n = h.shape[-1]
     dtype = fft_dtype(x)
     with float32_fft_region(x.device):
@@ -230,7 +232,8 @@ def _n_log_n(n: int) -> float:
 
 
 def kronecker_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(A (x) B) x`` without forming the product: ``(A X B^T).reshape(..., a1 b1)`` with ``X = x.reshape(..., a2, b2)``."""
+    """``(A (x) B) x`` without forming the product: ``(A X B^T).reshape(..., a1 b1)`` with
+    ``X = x.reshape(..., a2, b2)``."""
     a1, a2 = a.shape
     b1, b2 = b.shape
     a = a.to(x.dtype)
@@ -271,7 +274,8 @@ def resolve_kronecker_factors(
         raise ConfigError(
             f"Kronecker factors for a {d_out} x {d_in} weight (A (x) B needs a1*b1 = {d_out}, a2*b2 = {d_in}): "
             + "; ".join(problems)
-            + f". The automatic choice is out_factor={default_kronecker_factor(d_out)}, in_factor={default_kronecker_factor(d_in)}."
+            + f". The automatic choice is out_factor={default_kronecker_factor(d_out)}, "
+            f"in_factor={default_kronecker_factor(d_in)}."
         )
     a1 = out_factor or default_kronecker_factor(d_out)
     a2 = in_factor or default_kronecker_factor(d_in)
@@ -457,8 +461,9 @@ class KroneckerMatrix(StructuredMatrix):
     r"""``M = A (x) B``, ``A`` a1 x a2, ``B`` b1 x b2 with ``a1 b1 = d_out``, ``a2 b2 = d_in``: ``a1 a2 + b1 b2``
     parameters, applied as ``(A X B^T)`` on the row-major ``X = x.reshape(a2, b2)`` (never forming the product).
 
-    Init "zero": ``A = 0`` and B random, so ``M = 0`` and ``dL/dA[i1, j1] = sum_{i2, j2} G[i1, i2] B[i2, j2] X[j1, j2]``
-    (i.e. ``G B X^T`` summed over rows) is non-zero; B gets its gradient once A has moved. Never both zero.
+    Init "zero": ``A = 0`` and B random, so ``M = 0`` and
+    ``dL/dA[i1, j1] = sum_{i2, j2} G[i1, i2] B[i2, j2] X[j1, j2]`` (i.e. ``G B X^T`` summed over rows) is non-zero; B
+    gets its gradient once A has moved. Never both zero.
     """
 
     def __init__(self, d_out: int, d_in: int, init: str = "zero", out_factor: int = 0, in_factor: int = 0):

@@ -7,7 +7,8 @@ structured, possibly full-rank d_out x d_in matrix with few parameters, applied 
 * ``surm_toeplitz``: ``dW = T(t)``, ``T[i, j] = t[i - j + d_in - 1]``; ``d_out + d_in - 1`` parameters.
 * ``surm_kronecker``: ``dW = A (x) B``, A a1 x a2, B b1 x b2, ``a1 b1 = d_out``, ``a2 b2 = d_in``;
   ``a1 a2 + b1 b2`` parameters.
-* ``surm_ldr``: ``dW = (sum_{i<k} circ(g_i) skew(h_i))[:d_out, :d_in]``; ``2 k n`` parameters, ``n = max(d_in, d_out)``.
+* ``surm_ldr``: ``dW = (sum_{i<k} circ(g_i) skew(h_i))[:d_out, :d_in]``; ``2 k n`` parameters,
+  ``n = max(d_in, d_out)``.
 
 The precise definitions (first-column conventions of circulant and skew-circulant, the Toeplitz indexing, the
 row-major Kronecker identity) are in :mod:`resattn_diffusion.tuners.structured`.
@@ -173,7 +174,8 @@ class SURMLinear(LinearTuner):
 
 class SURMCirculant(SURMLinear):
     r"""SURM circulant: ``T(x) = circ(v)[:d_out, :d_in] x``, ``circ(v)[i, j] = v[(i - j) mod n]``,
-    ``n = max(d_in, d_out)``; computed as ``irfft(rfft(pad_n(x)) * rfft(v))[:d_out]``. Parameters: n. Init ``v = 0``."""
+    ``n = max(d_in, d_out)``; computed as ``irfft(rfft(pad_n(x)) * rfft(v))[:d_out]``. Parameters: n. Init
+    ``v = 0``."""
 
     structure = "circulant"
 
@@ -188,7 +190,8 @@ class SURMToeplitz(SURMLinear):
 
 class SURMKronecker(SURMLinear):
     r"""SURM Kronecker: ``T(x) = (A (x) B) x = (A X B^T).reshape(d_out)`` with ``X = x.reshape(a2, b2)`` (row-major),
-    A a1 x a2, B b1 x b2, ``a1 b1 = d_out``, ``a2 b2 = d_in``. Parameters: ``a1 a2 + b1 b2``. Init ``A = 0``, B random."""
+    A a1 x a2, B b1 x b2, ``a1 b1 = d_out``, ``a2 b2 = d_in``. Parameters: ``a1 a2 + b1 b2``. Init ``A = 0``, B
+    random."""
 
     structure = "kronecker"
 

@@ -141,7 +141,8 @@ class ModelFamily(ABC):
         unknown = [p for p in projections if p not in self.projections]
         if unknown:
             raise ConfigError(
-                f"projection(s) {unknown} do not exist on a {self.model_word}; its projections are {list(self.projections)}"
+                f"projection(s) {unknown} do not exist on a {self.model_word}; its projections are "
+                f"{list(self.projections)}"
             )
         return tuple(projections)
 
@@ -168,7 +169,8 @@ class ModelFamily(ABC):
                     examples = sorted({".".join(p.split(".")[:2]) for p, _ in blocks})
                     raise ConfigError(
                         f"block pattern {pattern!r} matches no transformer block of this {self.model_word}; "
-                        f"blocks are named like {blocks[0][0]!r}; patterns that match: {examples + list(self.block_examples)}"
+                        f"blocks are named like {blocks[0][0]!r}; patterns that match: "
+                        f"{examples + list(self.block_examples)}"
                     )
         layers = []
         for block_path, block in blocks:
@@ -180,6 +182,7 @@ class ModelFamily(ABC):
                     layers.append(layer)
         if not layers:
             raise ConfigError(
-                f"config {config} selects no layer of this {self.model_word} (targets {list(targets)}, blocks {config.blocks})"
+                f"config {config} selects no layer of this {self.model_word} (targets {list(targets)}, blocks "
+                f"{config.blocks})"
             )
         return layers

@@ -29,8 +29,8 @@ def joint_attention_layer(path: str, attn: nn.Module) -> Layer:
     context_dim = in_dim if added_k is None else added_k.in_features
     if context_dim != in_dim:
         raise ResTunerError(
-            f"{path}: the text stream is {context_dim} wide and the image stream {in_dim}; the branches read the joint "
-            "sequence [text; image] and need one width"
+            f"{path}: the text stream is {context_dim} wide and the image stream {in_dim}; the branches read the "
+            "joint sequence [text; image] and need one width"
         )
     to_out = getattr(attn, "to_out", None)
     out_dim = inner_dim if to_out is None else to_out[0].out_features

@@ -1,8 +1,8 @@
 """Operation and linear tuners: one tuner module per layer, held in a :class:`~..processors.TunerBank` at the layer.
 
 An attention layer's bank lives in the processor that wraps the attention's own (the family names the processor
-class); a feed-forward's bank is a child module of it, with a forward hook adding the branches; a linear's bank computes
-the projection itself through an instance ``forward`` (one GEMM with the merged weight where that is faster).
+class); a feed-forward's bank is a child module of it, with a forward hook adding the branches; a linear's bank
+computes the projection itself through an instance ``forward`` (one GEMM with the merged weight where that is faster).
 Hooks and processors keep every frozen module where it was and of its own class (state-dict keys unchanged).
 """
 
@@ -174,7 +174,8 @@ class OperationKind(LayerKind):
         if single_linears:
             raise ResTunerError(
                 f"target(s) {single_linears} of a {family.model_word} are single linear projections: only linear "
-                f"tuners (res_lora, glora, surm_*) sit there; {config.tuner} targets {list(family.targets)} minus those"
+                f"tuners (res_lora, glora, surm_*) sit there; {config.tuner} targets {list(family.targets)} minus "
+                "those"
             )
         if getattr(config.spec.module_cls, "needs_frozen_attention", False):
             feed_forwards = [layer.path for layer in layers if layer.role != "attention"]
@@ -253,8 +254,8 @@ class LinearKind(LayerKind):
                     torch.isfinite(write.weight).all() and (write.bias is None or torch.isfinite(write.bias).all())
                 ):
                     raise ResTunerError(
-                        f"fusing {present} into {bank.layer_path} gives NaN or inf weights (a diverged tuner or a huge "
-                        "scale); nothing was fused. Check the tuner's weights, or run it unfused."
+                        f"fusing {present} into {bank.layer_path} gives NaN or inf weights (a diverged tuner or a "
+                        "huge scale); nothing was fused. Check the tuner's weights, or run it unfused."
                     )
                 plans.append((bank, owner, others, keep, write))
         for bank, owner, others, keep, write in plans:
