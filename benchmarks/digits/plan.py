@@ -307,7 +307,8 @@ def remaining_summary(plan: Plan, in_flight: Iterable[str] = (), workers: int | 
     remaining = seconds["ready"] + seconds["after_sweeps"]
     wall = f", ~{remaining / 60 / workers:.0f} min on {workers} workers" if workers else ""
     return (
-        f"{len(plan.finished)} runs finished; {len(ready)} ready to run (~{seconds['ready'] / 60:.0f} core-minutes) and "
+        f"{len(plan.finished)} runs finished; {len(ready)} ready to run (~{seconds['ready'] / 60:.0f} core-minutes) "
+        "and "
         f"{plan.unresolved_eval_runs} evaluation runs after the {sweeps_open} open sweeps "
         f"(~{seconds['after_sweeps'] / 60:.0f} core-minutes, more if a sweep widens): ~{remaining / 60:.0f} "
         f"core-minutes to go{wall}; the whole plan ~{seconds['total'] / 60:.0f} core-minutes (per-run times: the "

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.digits.methods import PROMPT_BLIND, REFERENCE_METHODS
-from benchmarks.digits.plan import BASE, Case, Plan
+from benchmarks.digits.plan import BASE, Case, Plan, plan_seconds
 
 #: metric -> (column title, higher is better, format)
 METRICS: dict[str, tuple[str, bool, str]] = {
@@ -377,9 +377,11 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
         "direction; about 1 in 20 comparisons is marked by chance). `lr ... (edge)`: the chosen rate is still at an "
         "edge of its widened sweep. Frechet distances on tens of samples are biased upwards: compare within a column.",
         "",
-        f"Progress: {len(plan.finished)} runs finished, {remaining} to go. Finish and rebuild with `{command}` "
-        "(finished runs are skipped); `--status` prints what remains in core-minutes. Sample grids: every run's is "
-        f"beside its result in `{runs_link}/`; the repository keeps those of seed 1.",
+        f"Progress: {len(plan.finished)} runs finished, {remaining} to go; the whole plan costs "
+        f"~{plan_seconds(plan)['total'] / 60:.0f} core-minutes (one thread per run; each run priced at the fastest "
+        "quarter of its method's finished runs, sweeps that still widen not counted). Finish and rebuild with "
+        f"`{command}` (finished runs are skipped); `--status` prints what remains in core-minutes. Sample grids: "
+        f"every run's is beside its result in `{runs_link}/`; the repository keeps those of seed 1.",
         "",
         "## Summary",
         "",

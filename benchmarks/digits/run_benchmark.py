@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--with_large",
         action="store_true",
-        help="also run the larger setting (<tuner>-large) of every selected tuner that has one, each with its own sweep",
+        help="also run the larger setting (<tuner>-large) of every selected tuner that has one, each with its own "
+        "sweep",
     )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument(
