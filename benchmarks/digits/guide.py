@@ -386,15 +386,13 @@ def _quality_line(plan: Plan, tasks: Sequence[str], candidates: Sequence[str]) -
     return "; ".join(verdicts), "; ".join(evidence)
 
 
-def which_tuner_rows(
-    plan: Plan,
-    tasks: Sequence[str],
-    methods: Sequence[str],
-    perf_dir: Path = PERF_RESULTS_DIR,
-    links_from: Path = REPO_ROOT,
-) -> list[tuple[str, str, str]]:
-    """(you need, pick, evidence) for every row of the guide, from the plan's finished runs and ``perf_dir``; links
-    to the cited files are relative to the folder ``links_from`` (where the markdown goes)."""
+Row = tuple[str, str, str]  # (you need, pick, evidence)
+
+
+def quality_rows(
+    plan: Plan, tasks: Sequence[str], methods: Sequence[str], perf_dir: Path, links_from: Path
+) -> list[Row]:
+    """A new subject, a style: the tuners and peers ranked by the intervals, the ceiling beside the best."""
     rows = []
     for need, (task, metric, secondary) in QUALITY_ROWS.items():
         if task not in tasks:
@@ -409,76 +407,100 @@ def which_tuner_rows(
             ceiling = difference(plan, task, metric, ranking.best, CEILING)
             evidence += f"; the ceiling {quality_cell(plan, task, metric, CEILING)}: " + claim_sentence(ceiling)
         rows.append((need, ranking.verdict(), evidence + " (benchmark report)"))
-
-    memory = measured_memory(perf_dir, methods)
-    if memory:
-        source = memory[0]
-        lowest = source.cheapest()
-        binding = [name for name in source.values if name not in PROMPT_BLIND]
-        lowest_binding = source.cheapest(binding)
-        pick = f"lowest peak training memory: {_names(lowest)}"
-        if set(lowest) & set(PROMPT_BLIND) and lowest_binding:
-            pick += f" († cannot bind a new identifier); for a new subject: {_names(lowest_binding)}"
-        shown = list(dict.fromkeys(lowest + lowest_binding))
-        evidence = "; ".join(
-            f"{m.setting}: "
-            + ", ".join(f"`{n}` {m.values[n]:.0f} MB{m.ratio(n)}" for n in shown if n in m.values)
-            + f" ({_cite(m.path, links_from)})"
-            for m in memory
-        )
-        verdicts, quality = _quality_line(plan, tasks, shown)
-        rows.append(
-            ("tight GPU memory (training)", pick + f". Quality of these: {verdicts}", f"{evidence}; {quality}")
-        )
-
-    sampling = measured_fused_sampling(perf_dir, methods)
-    if sampling:
-        fusable = [name for name in methods if any(name in m.values for m in sampling)]
-        verdicts, quality = _quality_line(plan, tasks, fusable)
-        ranges = "; ".join(
-            f"{m.setting}: fused sampling {min(m.values.values()):.2f}-{max(m.values.values()):.2f}x the base "
-            f"({_cite(m.path, links_from)})"
-            for m in sampling
-        )
-        rows.append(
-            (
-                "zero inference cost",
-                f"a tuner that fuses into the base weights: {_names(fusable)}. Best of these: {verdicts}",
-                f"{ranges}; {quality}",
-            )
-        )
-
-    parameters = trainable_parameters(plan, [name for name in methods if name != CEILING])
-    if parameters:
-        smallest = min(parameters, key=parameters.get)
-        picks = [f"smallest of the {len(parameters)} methods run: `{smallest}` ({parameters[smallest]:,} parameters)"]
-        shown = [smallest]
-        for task, metric, _ in QUALITY_ROWS.values():
-            if task not in tasks:
-                continue
-            sized = [name for name in rank_methods(plan, task, metric, list(parameters)).group]
-            if sized:
-                name = min(sized, key=parameters.get)
-                picks.append(
-                    f"smallest not shown worse than the best on {TASK_LABELS[task]}: `{name}` "
-                    f"({parameters[name]:,} parameters)"
-                )
-                shown.append(name)
-        shown = list(dict.fromkeys(shown))
-        files = measured_file_kb(perf_dir, shown)
-        evidence = ", ".join(
-            f"`{name}` {parameters[name]:,} x {BYTES_PER_PARAMETER} B = "
-            f"{parameters[name] * BYTES_PER_PARAMETER / 1024:.1f} kB"
-            for name in shown
-        )
-        evidence += " (trainable parameters on the digits base, float32; benchmark result files)"
-        if files:
-            evidence += "; saved files on the SD 1.5-shaped perf UNet: " + ", ".join(
-                f"`{name}` {files.values[name]:.0f} kB" for name in shown if name in files.values
-            )
-            evidence += f" ({_cite(files.path, links_from)})"
-        rows.append(("smallest file", "; ".join(picks), evidence))
     return rows
+
+
+def memory_rows(
+    plan: Plan, tasks: Sequence[str], methods: Sequence[str], perf_dir: Path, links_from: Path
+) -> list[Row]:
+    """Tight GPU memory: the lowest measured peak training memory (and the lowest that can bind an identifier)."""
+    memory = measured_memory(perf_dir, methods)
+    if not memory:
+        return []
+    source = memory[0]
+    lowest = source.cheapest()
+    lowest_binding = source.cheapest([name for name in source.values if name not in PROMPT_BLIND])
+    pick = f"lowest peak training memory: {_names(lowest)}"
+    if set(lowest) & set(PROMPT_BLIND) and lowest_binding:
+        pick += f" († cannot bind a new identifier); for a new subject: {_names(lowest_binding)}"
+    shown = list(dict.fromkeys(lowest + lowest_binding))
+    evidence = "; ".join(
+        f"{m.setting}: "
+        + ", ".join(f"`{n}` {m.values[n]:.0f} MB{m.ratio(n)}" for n in shown if n in m.values)
+        + f" ({_cite(m.path, links_from)})"
+        for m in memory
+    )
+    verdicts, quality = _quality_line(plan, tasks, shown)
+    return [("tight GPU memory (training)", f"{pick}. Quality of these: {verdicts}", f"{evidence}; {quality}")]
+
+
+def inference_rows(
+    plan: Plan, tasks: Sequence[str], methods: Sequence[str], perf_dir: Path, links_from: Path
+) -> list[Row]:
+    """Zero inference cost: the methods measured fused into the base weights, ranked by quality."""
+    sampling = measured_fused_sampling(perf_dir, methods)
+    if not sampling:
+        return []
+    fusable = [name for name in methods if any(name in m.values for m in sampling)]
+    verdicts, quality = _quality_line(plan, tasks, fusable)
+    ranges = "; ".join(
+        f"{m.setting}: fused sampling {min(m.values.values()):.2f}-{max(m.values.values()):.2f}x the base "
+        f"({_cite(m.path, links_from)})"
+        for m in sampling
+    )
+    pick = f"a tuner that fuses into the base weights: {_names(fusable)}. Best of these: {verdicts}"
+    return [("zero inference cost", pick, f"{ranges}; {quality}")]
+
+
+def file_rows(plan: Plan, tasks: Sequence[str], methods: Sequence[str], perf_dir: Path, links_from: Path) -> list[Row]:
+    """Smallest file: the fewest trainable parameters, and the fewest among each task's top quality group."""
+    parameters = trainable_parameters(plan, [name for name in methods if name != CEILING])
+    if not parameters:
+        return []
+    smallest = min(parameters, key=parameters.get)
+    picks = [f"smallest of the {len(parameters)} methods run: `{smallest}` ({parameters[smallest]:,} parameters)"]
+    shown = [smallest]
+    for task, metric, _ in QUALITY_ROWS.values():
+        if task not in tasks:
+            continue
+        group = rank_methods(plan, task, metric, list(parameters)).group
+        if group:
+            name = min(group, key=parameters.get)
+            picks.append(
+                f"smallest not shown worse than the best on {TASK_LABELS[task]}: `{name}` "
+                f"({parameters[name]:,} parameters)"
+            )
+            shown.append(name)
+    shown = list(dict.fromkeys(shown))
+    evidence = ", ".join(
+        f"`{name}` {parameters[name]:,} x {BYTES_PER_PARAMETER} B = "
+        f"{parameters[name] * BYTES_PER_PARAMETER / 1024:.1f} kB"
+        for name in shown
+    )
+    evidence += " (trainable parameters on the digits base, float32; benchmark result files)"
+    files = measured_file_kb(perf_dir, shown)
+    if files:
+        evidence += "; saved files on the SD 1.5-shaped perf UNet: " + ", ".join(
+            f"`{name}` {files.values[name]:.0f} kB" for name in shown if name in files.values
+        )
+        evidence += f" ({_cite(files.path, links_from)})"
+    return [("smallest file", "; ".join(picks), evidence)]
+
+
+#: the guide's rows, in order; a new need is one more function here (a row without data is left out, not invented)
+ROW_BUILDERS = (quality_rows, memory_rows, inference_rows, file_rows)
+
+
+def which_tuner_rows(
+    plan: Plan,
+    tasks: Sequence[str],
+    methods: Sequence[str],
+    perf_dir: Path = PERF_RESULTS_DIR,
+    links_from: Path = REPO_ROOT,
+) -> list[Row]:
+    """(you need, pick, evidence) for every row of the guide, from the plan's finished runs and ``perf_dir``; links
+    to the cited files are relative to the folder ``links_from`` (where the markdown goes)."""
+    return [row for build in ROW_BUILDERS for row in build(plan, tasks, methods, Path(perf_dir), Path(links_from))]
 
 
 def which_tuner_table(
