@@ -126,6 +126,10 @@ def test_status_prices_the_whole_plan_from_measured_runs():
     assert seconds["total"] == pytest.approx(seconds["finished"] + seconds["ready"] + seconds["after_sweeps"])
     text = remaining_summary(plan, workers=2)
     assert f"{len(ready)} ready to run" in text and "on 2 workers" in text and "whole plan" in text
+    # a finished run of a method outside the selection is no part of this plan's cost
+    other = record("dreambooth", "res_attn-large", 0, 20.0)
+    widened = make_plan(["dreambooth"], methods, [0, 1, 2], {**finished, "other": other}, extra_seeds=[3])
+    assert plan_seconds(widened)["finished"] == pytest.approx(seconds["finished"])
     in_flight = [ready[0].key]
     assert plan_seconds(plan, in_flight)["ready"] == pytest.approx(seconds["ready"] - 20.0)
     assert plan_seconds(plan, in_flight)["total"] == pytest.approx(seconds["total"])

@@ -294,7 +294,13 @@ def plan_seconds(plan: Plan, in_flight: Iterable[str] = ()) -> dict[str, float]:
     ready = sum(estimate_seconds(s.task, s.method, measured) for s in plan.pending if s.key not in busy)
     flying = sum(estimate_seconds(s.task, s.method, measured) for s in plan.pending if s.key in busy)
     after = sum(count * estimate_seconds(task, method, measured) for (task, method), count in plan.unresolved.items())
-    done = sum(estimate_seconds(r["task"], r["method"], measured) for r in plan.finished.values())
+    # only the finished runs of this plan's methods: the folder may hold others (another selection's, --with_large)
+    selected = set(plan.sweeps) | {(task, BASE) for task, _ in plan.sweeps}
+    done = sum(
+        estimate_seconds(r["task"], r["method"], measured)
+        for r in plan.finished.values()
+        if (r["task"], r["method"]) in selected
+    )
     return {"ready": ready, "after_sweeps": after, "finished": done, "total": done + flying + ready + after}
 
 
