@@ -102,6 +102,9 @@ def test_run_seconds_read_the_fastest_quarter_of_each_methods_runs():
     assert estimate_seconds("dreambooth", "glora", measured) == pytest.approx(28.0)
     assert estimate_seconds("style", "glora", measured) == 40.0
     assert estimate_seconds("dreambooth", "glora", {}) == DEFAULT_RUN_SECONDS["dreambooth"]
+    # CPU time, where recorded, is what a run costs a core whatever the load: it wins over the wall clock
+    loaded = {f"c{i}": {**record("style", "glora", i, 300.0), "cpu_seconds": 35.0 + i} for i in range(4)}
+    assert run_seconds(loaded)[("style", "glora")] == 35.0
 
 
 def test_status_prices_the_whole_plan_from_measured_runs():

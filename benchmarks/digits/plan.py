@@ -258,15 +258,18 @@ def read_finished(folder: Path, case: Case, cache: dict[Path, dict] | None = Non
 
 def run_seconds(finished: dict[str, dict]) -> dict[tuple[str, str], float]:
     """(task, method) -> one run's single-thread seconds as measured without contention: the mean of the fastest
-    quarter (at least one) of the finished runs' ``wall_seconds``.
+    quarter (at least one) of the finished runs' ``cpu_seconds`` (the process's CPU time), or ``wall_seconds`` for
+    runs recorded before CPU time was.
 
-    Contention only ever adds time (other jobs on the same cores stretched some runs 3-30x), so the fastest runs are
-    the ones that measured the run itself; the mean of a quarter rather than the minimum keeps one lucky run from
-    setting the estimate once there are several."""
+    Contention only ever adds wall time (other jobs on the same cores stretched single runs up to 40x) and barely
+    touches CPU time; the fastest runs are the ones that measured the run itself, and the mean of a quarter rather
+    than the minimum keeps one lucky run from setting the estimate once there are several. A method whose every run
+    was timed by the wall clock under load is overestimated until it has CPU-timed runs."""
     times: dict[tuple[str, str], list[float]] = {}
     for record in finished.values():
-        if isinstance(record.get("wall_seconds"), (int, float)):
-            times.setdefault((record["task"], record["method"]), []).append(float(record["wall_seconds"]))
+        seconds = record.get("cpu_seconds", record.get("wall_seconds"))
+        if isinstance(seconds, (int, float)):
+            times.setdefault((record["task"], record["method"]), []).append(float(seconds))
     estimates = {}
     for key, values in times.items():
         fastest = sorted(values)[: max(1, len(values) // 4)]

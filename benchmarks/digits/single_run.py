@@ -6,8 +6,8 @@ case's folder, and nothing else survives it (the trained weights go to a scratch
 
 * ``<key>.json`` -- self-contained: the case, task, method (name, family, flags), learning rate, seed, role, every
   metric, the trainable parameters, the seconds per optimizer step (from ``train_stats.json``,
-  :mod:`benchmarks.peers.train`), wall seconds, memory, the machine. Written last and atomically, so a file that exists
-  is a finished run, and files from several machines merge by copying;
+  :mod:`benchmarks.peers.train`), wall and CPU seconds, memory, the machine. Written last and atomically, so a file
+  that exists is a finished run, and files from several machines merge by copying;
 * ``<key>.png`` -- the sample grid the metrics were computed on (rows: see the task's ``evaluate``);
 * ``<key>.log`` -- the run's output.
 
@@ -167,7 +167,7 @@ def execute(
     from benchmarks.peers.train import parse_args, train
     from benchmarks.peers.trainables import load_tuned_pipeline
 
-    wall_start = time.perf_counter()
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     task = make_task(spec.task, case.heldout, case.style, case.class_images)
@@ -220,6 +220,8 @@ def execute(
     record["grid"] = grid.name
     record["eval_seconds"] = round(time.perf_counter() - start, 1)
     record["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
+    # CPU seconds of this process: what the run costs a core, however many other jobs shared the machine
+    record["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     _write_atomically(folder / f"{spec.key}.json", json.dumps(record, indent=2) + "\n")
