@@ -103,9 +103,9 @@ def check_hyperparameters(tuner: str, params_cls: type, values: Mapping[str, Any
             continue
         where = f"{tuner}: hyperparameter {name}"
         if isinstance(value, bool) and bool not in allowed:
-            raise ConfigError(f"{where} must be {_names(allowed)}, got the bool {value!r}")
+            raise ConfigError(f"{where} must be {_type_names(allowed)}, got the bool {value!r}")
         if not isinstance(value, allowed):
-            raise ConfigError(f"{where} must be {_names(allowed)}, got {type(value).__name__} {_short(value)}")
+            raise ConfigError(f"{where} must be {_type_names(allowed)}, got {type(value).__name__} {_short(value)}")
         if float not in allowed and isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
             raise ConfigError(
                 f"{where}={value} is beyond any layer of a Stable Diffusion model; sizes are at most {MAX_SIZE}"
@@ -150,7 +150,7 @@ def _check_mapping_items(where: str, value: dict, hint: Any) -> None:
     for key, item in value.items():
         if (key_types and not isinstance(key, key_types)) or (value_types and not isinstance(item, value_types)):
             raise ConfigError(
-                f"{where} maps {_names(key_types or (object,))} to {_names(value_types or (object,))}; got "
+                f"{where} maps {_type_names(key_types or (object,))} to {_type_names(value_types or (object,))}; got "
                 f"{_short(key)}: {_short(item)}"
             )
 
@@ -191,7 +191,8 @@ def _allowed_types(hint: Any) -> tuple[type, ...] | None:
     return None
 
 
-def _names(allowed: tuple[type, ...]) -> str:
+def _type_names(allowed: tuple[type, ...]) -> str:
+    """The types a value may have, as an error message says them: ``(float, type(None))`` -> ``"None or a number"``."""
     return " or ".join(
         sorted({"a number" if t is float else ("None" if t is type(None) else f"a {t.__name__}") for t in allowed})
     )

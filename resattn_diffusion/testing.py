@@ -25,7 +25,7 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -473,10 +473,11 @@ def unet_inputs(
     return inputs
 
 
-def _tiny_vae(kind: str, seed: int) -> AutoencoderKL:
-    """Two-block VAE (downsampling factor 2) with SD's (or SDXL's) latent scaling factor."""
+def _seeded_tiny_vae(seed: int, latent_channels: int, **config: Any) -> AutoencoderKL:
+    """The two-block VAE (downsampling factor 2) of every tiny pipeline, its weights drawn from ``seed``;
+    ``config``: the family's own settings (scaling factors, quant convs)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + _VAE_SEED_OFFSET)
+        torch.manual_seed(seed)
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -484,12 +485,17 @@ def _tiny_vae(kind: str, seed: int) -> AutoencoderKL:
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
             block_out_channels=(8, 16),
             layers_per_block=1,
-            latent_channels=4,
+            latent_channels=latent_channels,
             norm_num_groups=4,
             sample_size=32,
-            scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
+            **config,
         )
     return vae.eval()
+
+
+def _tiny_vae(kind: str, seed: int) -> AutoencoderKL:
+    """The tiny VAE with SD's (or SDXL's) 4 latent channels and latent scaling factor."""
+    return _seeded_tiny_vae(seed + _VAE_SEED_OFFSET, 4, scaling_factor=0.13025 if kind == "sdxl" else 0.18215)
 
 
 def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str, **extra: Any) -> CLIPTextConfig:
@@ -616,10 +622,15 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> P
         folder: target directory; created if missing. An existing diffusers folder in it is overwritten.
         seed: seed of all weight initialisations.
     """
+    return _save_pipeline_folder(lambda: tiny_pipeline(kind, seed), folder, "save_tiny_pipeline")
+
+
+def _save_pipeline_folder(build: Callable[[], Any], folder: str | os.PathLike, caller: str) -> Path:
+    """``build()``'s pipeline saved to ``folder`` (safetensors); a path that is a file is refused before building."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"save_tiny_pipeline: {folder} exists and is not a directory; pass a folder path.")
-    tiny_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
+        raise NotADirectoryError(f"{caller}: {folder} exists and is not a directory; pass a folder path.")
+    build().save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -992,24 +1003,14 @@ def make_t5_tokenizer(words: Sequence[str] = (), model_max_length: int = 512) ->
 
 
 def _tiny_dit_vae(kind: str, seed: int) -> AutoencoderKL:
-    """Two-block VAE (factor 2) with 16 latent channels and no quant convs, as SD3's and Flux's VAE."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + _DIT_VAE_SEED_OFFSET)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=_DIT_LATENT_CHANNELS,
-            norm_num_groups=4,
-            sample_size=32,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            **_DIT_VAE_FACTORS[kind],
-        )
-    return vae.eval()
+    """The tiny VAE with 16 latent channels and no quant convs, as SD3's and Flux's VAE."""
+    return _seeded_tiny_vae(
+        seed + _DIT_VAE_SEED_OFFSET,
+        _DIT_LATENT_CHANNELS,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **_DIT_VAE_FACTORS[kind],
+    )
 
 
 def _tiny_t5(tokenizer: Any, seed: int) -> torch.nn.Module:
@@ -1141,10 +1142,4 @@ def save_tiny_dit_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) 
     It loads offline with ``StableDiffusion3Pipeline`` / ``FluxPipeline`` / ``DiffusionPipeline.from_pretrained``
     and generates exactly what the in-memory pipeline generates.
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(
-            f"save_tiny_dit_pipeline: {folder} exists and is not a directory; pass a folder path."
-        )
-    tiny_dit_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return _save_pipeline_folder(lambda: tiny_dit_pipeline(kind, seed), folder, "save_tiny_dit_pipeline")

@@ -70,12 +70,10 @@ def skew_circulant(h: torch.Tensor) -> torch.Tensor:
 
 
 def toeplitz(t: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
-    """``T(t)[i, j] = t[i - j + d_in - 1]``, built row by row."""
+    """``T(t)[i, j] = t[i - j + d_in - 1]``, built row by row: row i is ``t[i : i + d_in]`` reversed
+    (j = 0 reads ``t[i + d_in - 1]``, j = d_in - 1 reads ``t[i]``)."""
     assert t.shape[0] == d_out + d_in - 1
-    rows = []
-    for i in range(d_out):
-        rows.append(torch.stack([t[i - j + d_in - 1] for j in range(d_in)]))
-    return torch.stack(rows)
+    return torch.stack([torch.flip(t[i : i + d_in], dims=[0]) for i in range(d_out)])
 
 
 def kronecker(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

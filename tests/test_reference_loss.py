@@ -106,10 +106,18 @@ class KnownTransformer(nn.Module):
 
 
 # --- the schedule and the loss written out -------------------------------------------------------------------------
-def hand_alphas_cumprod() -> torch.Tensor:
-    """``prod_{s<=t} (1 - beta_s)`` with SD's scaled-linear betas ``linspace(sqrt(b0), sqrt(b1), T)^2``, float64."""
-    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TIMESTEPS, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+def hand_alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """``prod_{s<=t} (1 - beta_s)`` with SD's scaled-linear betas ``linspace(sqrt(b0), sqrt(b1), T)^2``, float64.
+
+    ``zero_terminal_snr``: Lin et al. 2023's rescaling (diffusers' ``rescale_betas_zero_snr``): ``sqrt(alpha_bar)``
+    shifted to end at 0 and scaled to keep its first value."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, num_timesteps, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+    if zero_terminal_snr:
+        root = alpha_bar.sqrt()
+        first, last = root[0].item(), root[-1].item()
+        alpha_bar = ((root - last) * first / (first - last)) ** 2
+    return alpha_bar
 
 
 def hand_unet_loss(
@@ -121,6 +129,8 @@ def hand_unet_loss(
     snr_gamma: float | None = None,
     prior_loss_weight: float = 1.0,
     noise_offset: float = 0.0,
+    num_timesteps: int = NUM_TIMESTEPS,
+    zero_terminal_snr: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The UNet objective from the definitions, float64, with the training core's draws (noise, offset, t)."""
     generator = torch.Generator().manual_seed(seed)
@@ -128,10 +138,10 @@ def hand_unet_loss(
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((batch, channels, 1, 1), generator=generator)
-    timesteps = torch.randint(0, NUM_TIMESTEPS, (batch,), generator=generator)
+    timesteps = torch.randint(0, num_timesteps, (batch,), generator=generator)
 
     x0, eps = latents.double(), noise.double()
-    alpha_bar = hand_alphas_cumprod()[timesteps].view(-1, 1, 1, 1)
+    alpha_bar = hand_alphas_cumprod(num_timesteps, zero_terminal_snr)[timesteps].view(-1, 1, 1, 1)
     alpha, sigma = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
     noisy = alpha * x0 + sigma * eps
     prediction = known.double() + 0.5 * noisy
@@ -140,22 +150,29 @@ def hand_unet_loss(
     snr = (alpha**2 / sigma**2).flatten()
     if snr_gamma is not None:
         clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-        per_example = per_example * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0))
+        if prediction_type == "epsilon":  # min(SNR, gamma) / SNR, and its limit 1 at SNR = 0
+            weights = torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
+        else:
+            weights = clipped / (snr + 1.0)
+        per_example = per_example * weights
     loss = per_example[~is_prior].mean()
     if is_prior.any():
         loss = loss + prior_loss_weight * per_example[is_prior].mean()
     return {"loss": loss, "per_example": per_example, "noisy": noisy, "timesteps": timesteps, "snr": snr}
 
 
-def unet_base(prediction_type: str, known: torch.Tensor) -> StableDiffusionBase:
+def unet_base(
+    prediction_type: str, known: torch.Tensor, num_timesteps: int = NUM_TIMESTEPS, zero_terminal_snr: bool = False
+) -> StableDiffusionBase:
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(
-        num_train_timesteps=NUM_TIMESTEPS,
+        num_train_timesteps=num_timesteps,
         beta_start=BETA_START,
         beta_end=BETA_END,
         beta_schedule="scaled_linear",
         prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_terminal_snr,
     )
     return StableDiffusionBase(
         path="stub",
@@ -188,10 +205,12 @@ def run_unet_case(
     snr_gamma: float | None = None,
     prior_loss_weight: float = 1.0,
     noise_offset: float = 0.0,
+    num_timesteps: int = NUM_TIMESTEPS,
+    zero_terminal_snr: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], StableDiffusionBase]:
     batch = fixed_batch(num_instance, num_class)
     known = torch.randn((num_instance + num_class, *LATENT_SHAPE), generator=torch.Generator().manual_seed(2))
-    base = unet_base(prediction_type, known)
+    base = unet_base(prediction_type, known, num_timesteps, zero_terminal_snr)
     args = Namespace(noise_offset=noise_offset, snr_gamma=snr_gamma, prior_loss_weight=prior_loss_weight)
     generator = torch.Generator().manual_seed(seed)
     ours = diffusion_loss(args, base, base.denoiser, batch, 48, torch.float32, generator)
@@ -204,6 +223,8 @@ def run_unet_case(
         snr_gamma,
         prior_loss_weight,
         noise_offset,
+        num_timesteps,
+        zero_terminal_snr,
     )
     return ours, reference, base
 
@@ -256,6 +277,31 @@ def test_min_snr_weighting_equals_the_weights_by_hand(prediction_type):
     assert_same_loss(ours, reference, base)
     unweighted, _, _ = run_unet_case(prediction_type, num_instance=8)
     assert abs(ours.item() - unweighted.item()) > 0.05 * unweighted.item()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_on_a_zero_terminal_snr_schedule_takes_the_limit_at_snr_0(prediction_type):
+    """SNR = 0 at the last timestep of a rescaled schedule: the epsilon weight min(SNR, gamma) / SNR is taken as
+    its limit 1 there (0 / 0 would make the loss NaN), the v weight min(SNR, gamma) / (SNR + 1) is 0."""
+    from diffusers import DDPMScheduler
+
+    zero_snr = DDPMScheduler(
+        num_train_timesteps=8,
+        beta_start=BETA_START,
+        beta_end=BETA_END,
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=True,
+    )
+    torch.testing.assert_close(
+        zero_snr.alphas_cumprod.double(), hand_alphas_cumprod(8, zero_terminal_snr=True), rtol=1e-5, atol=1e-7
+    )
+    ours, reference, base = run_unet_case(
+        prediction_type, num_instance=8, seed=0, snr_gamma=1.0, num_timesteps=8, zero_terminal_snr=True
+    )
+    assert (reference["timesteps"] == 7).any() and (reference["snr"] == 0).any()
+    assert (reference["snr"] > 1.0).any() and ((reference["snr"] > 0) & (reference["snr"] < 1.0)).any()
+    assert torch.isfinite(ours)
+    assert_same_loss(ours, reference, base)
 
 
 def test_noise_offset_adds_one_draw_per_example_and_channel():

@@ -1,5 +1,6 @@
 """Where branches run, against hand computations: the attention processor, the feed-forward hook, the linear banks
-(branch and merged GEMM), GLoRA's W0 beside fused weights, and the bypass before ``conv_norm_out``.
+(branch and merged GEMM), GLoRA's W0 beside fused weights, the bypass before ``conv_norm_out``, and the joint
+attention of SD3 / Flux.
 
 ``OP`` is the frozen attention run by a stock diffusers ``AttnProcessor2_0`` on an untouched copy; ``T`` is the
 hand-written formula of ``tests/reference_math.py`` reading the tuner's parameters. On the tiny SD2 UNet (float64)
@@ -30,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 import resattn_diffusion as rd
-from resattn_diffusion.testing import frozen_tiny_unet, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_model, frozen_tiny_unet, unet_inputs
 from resattn_diffusion.tuners.fast_paths import forced_paths
 
 BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -379,3 +380,99 @@ def test_bypass_equals_hand_computation_before_conv_norm_out(lateral, vertical, 
     out = assert_same_function(lambda: unet(**inputs).sample, reference, parameters)
     with torch.no_grad():
         assert not torch.allclose(out, reference_unet(**inputs).sample, atol=1e-4)
+
+
+# --- joint attention of diffusion transformers (SD3 MMDiT, Flux single blocks) -------------------------------------
+
+
+def _rms_norm_per_head(x: torch.Tensor, norm: nn.Module | None, heads: int) -> torch.Tensor:
+    """A qk-norm written out: per head ``x / sqrt(mean(x^2) + eps) * weight`` (identity when there is none)."""
+    if norm is None:
+        return x
+    split = x.unflatten(-1, (heads, -1))
+    normed = split / torch.sqrt((split**2).mean(dim=-1, keepdim=True) + norm.eps) * norm.weight
+    return normed.flatten(-2)
+
+
+def joint_branch(name: str, tuner: nn.Module, inputs: torch.Tensor, context: torch.Tensor, stock: nn.Module):
+    """SPEC's branch on a joint attention: Res-Attn's keys and values from ``context``; Res-Prefix / Res-Prompt with
+    the frozen query ``norm_q(to_q(x))`` (no rotary), prompt tokens through the text stream's ``add_k_proj`` /
+    ``add_v_proj`` where there are some, and ``W_o = I`` where the attention has no ``to_out``."""
+    if name not in ("res_prefix", "res_prompt"):
+        return operation_branch(name, tuner, inputs, context, None)
+    heads = stock.heads
+    q = _rms_norm_per_head(linear(inputs, stock.to_q.weight, stock.to_q.bias), stock.norm_q, heads)
+    to_out = getattr(stock, "to_out", None)
+    w_o = None if to_out is None else to_out[0].weight
+    if name == "res_prefix":
+        attended = mha(q, tuner.prefix_keys, tuner.prefix_values, heads)
+        return attended if w_o is None else linear(attended, w_o)
+    if getattr(stock, "add_k_proj", None) is not None:
+        k_proj, k_norm, v_proj = stock.add_k_proj, stock.norm_added_k, stock.add_v_proj
+    else:
+        k_proj, k_norm, v_proj = stock.to_k, stock.norm_k, stock.to_v
+    k = _rms_norm_per_head(linear(tuner.prompt_tokens, k_proj.weight, k_proj.bias), k_norm, heads)
+    v = linear(tuner.prompt_tokens, v_proj.weight, v_proj.bias)
+    attended = mha(q, k, v, heads)
+    return tuner.gate * (attended if w_o is None else linear(attended, w_o))
+
+
+JOINT_TUNERS = ("res_attn", "res_adapter", "res_prefix", "res_prompt", "surm_adapter")
+
+
+@pytest.mark.parametrize("name", JOINT_TUNERS)
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+def test_sd3_joint_attention_adds_the_branch_to_the_image_stream(name, placement):
+    """``y_img' = y_img + s T(x_img, [c; x_img])`` (sequential: ``T(y_img, [c; x_img])``), ``y_txt`` unchanged."""
+    model = frozen_tiny_model("sd3").to(torch.float64)
+    path = "transformer_blocks.0"
+    attention = model.get_submodule(f"{path}.attn")
+    stock = copy.deepcopy(attention)  # keeps diffusers' JointAttnProcessor2_0
+    hyper = {"rank": 8, "heads": 2} if name == "res_attn" else {}
+    config = rd.ResTunerConfig(name, targets=["attn"], blocks=[path], placement=placement, scale=SCALE, **hyper)
+    rd.add_res_tuner(model, config)
+    (tuner,) = _tuner_modules(model).values()
+    randomize(tuner, 1, std=0.3)
+    x, c = seeded(2, 18, 16, seed=1), seeded(2, 5, 16, seed=2)  # 23 joint keys: the SDPA path
+    with torch.no_grad():
+        image, text = stock(x, encoder_hidden_states=c)
+    source = x if placement == "parallel" else image
+
+    def reference():
+        return image + SCALE * joint_branch(name, tuner, source, torch.cat([c, x], dim=1), stock)
+
+    tuned_text = []
+
+    def run():
+        tuned_image, tuned_text_out = attention(x, encoder_hidden_states=c)
+        tuned_text.append(tuned_text_out)
+        return tuned_image
+
+    assert_same_function(run, reference, list(tuner.parameters()))
+    torch.testing.assert_close(tuned_text[0], text, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["res_attn", "res_prefix", "res_prompt"])
+def test_flux_single_block_attention_uses_qk_norms_and_no_output_projection(name):
+    model = frozen_tiny_model("flux").to(torch.float64)
+    path = "single_transformer_blocks.0"
+    attention = model.get_submodule(f"{path}.attn")
+    stock = copy.deepcopy(attention)
+    assert getattr(stock, "to_out", None) is None and stock.norm_q is not None
+    hyper = {"rank": 8, "heads": 2} if name == "res_attn" else {}
+    rd.add_res_tuner(model, rd.ResTunerConfig(name, targets=["attn"], blocks=[path], scale=SCALE, **hyper))
+    (tuner,) = _tuner_modules(model).values()
+    randomize(tuner, 2, std=0.3)
+    with torch.no_grad():  # a trained-looking qk-norm: its weight matters
+        stock.norm_q.weight.copy_(seeded(*stock.norm_q.weight.shape, seed=8, std=0.5) + 1.0)
+        stock.norm_k.weight.copy_(seeded(*stock.norm_k.weight.shape, seed=9, std=0.5) + 1.0)
+        attention.norm_q.weight.copy_(stock.norm_q.weight)
+        attention.norm_k.weight.copy_(stock.norm_k.weight)
+    x = seeded(2, 12, stock.to_q.in_features, seed=1)
+    with torch.no_grad():
+        frozen = stock(x)
+    assert_same_function(
+        lambda: attention(x),
+        lambda: frozen + SCALE * joint_branch(name, tuner, x, x, stock),
+        list(tuner.parameters()),
+    )

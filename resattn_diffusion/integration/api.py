@@ -178,7 +178,8 @@ def _require_state(unet: nn.Module) -> ResTunerState:
     return state
 
 
-def _names(state: ResTunerState, adapter_name: str | list[str] | None) -> list[str]:
+def _selected_tuner_names(state: ResTunerState, adapter_name: str | list[str] | None) -> list[str]:
+    """The names an ``adapter_name`` argument selects (None: every tuner), each checked to be loaded."""
     if adapter_name is None:
         return list(state.configs)
     if isinstance(adapter_name, str):
@@ -202,8 +203,9 @@ def get_res_tuner_configs(unet: nn.Module) -> dict[str, ResTunerConfig]:
     return {} if state is None else dict(state.configs)
 
 
-def _settings(unet: nn.Module, names: list[str]) -> Iterator[tuple[str, TunerSetting]]:
-    """(name, setting) of every place the named tuners sit, each once."""
+def _settings_by_name(unet: nn.Module, names: list[str]) -> Iterator[tuple[str, TunerSetting]]:
+    """(tuner name, its setting at one place) for every place the named tuners sit, each place once (a bypass,
+    whose bank is also in ``state.banks``, is reported by its kind only)."""
     state = _require_state(unet)
     for name in names:
         for setting in kind_of(state.configs[name]).settings(unet, state, name):
@@ -214,8 +216,8 @@ def set_res_tuner_scale(unet: nn.Module, scale: float, adapter_name: str | list[
     """Set the scale ``s`` of the named tuner(s) (all when None). Refused, changing nothing, if any of them is
     fused with another scale."""
     scale = check_scale(scale)
-    names = _names(_require_state(unet), adapter_name)
-    settings = list(_settings(unet, names))
+    names = _selected_tuner_names(_require_state(unet), adapter_name)
+    settings = list(_settings_by_name(unet, names))
     for name, setting in settings:  # check every tuner before changing any
         if setting.fused and setting.scale != scale:
             raise ResTunerError(f"tuner {name!r} is fused into the weights; unfuse it before changing its scale")
@@ -230,8 +232,8 @@ def set_res_tuner_enabled(unet: nn.Module, enabled: bool, adapter_name: str | li
     """Switch the named tuner(s) (all when None) on or off without removing them. Refused, changing nothing, if
     any of them is fused and would be switched off."""
     enabled = check_enabled(enabled)
-    names = _names(_require_state(unet), adapter_name)
-    settings = list(_settings(unet, names))
+    names = _selected_tuner_names(_require_state(unet), adapter_name)
+    settings = list(_settings_by_name(unet, names))
     for name, setting in settings:  # check every tuner before changing any
         if setting.fused and not enabled:
             raise ResTunerError(f"tuner {name!r} is fused into the weights; unfuse it before disabling it")
@@ -248,7 +250,7 @@ def res_tuner_settings(unet: nn.Module) -> dict[str, dict[str, float | bool]]:
     status = {
         name: {"scale": config.scale, "enabled": False, "fused": False} for name, config in state.configs.items()
     }
-    for name, setting in _settings(unet, list(state.configs)):
+    for name, setting in _settings_by_name(unet, list(state.configs)):
         status[name]["scale"] = setting.scale
         status[name]["enabled"] = status[name]["enabled"] or setting.enabled
         status[name]["fused"] = status[name]["fused"] or setting.fused
@@ -261,7 +263,7 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None,
     (as in diffusers' ``fuse_lora``) every fused weight is computed and checked first, and a NaN or inf anywhere
     refuses the whole fuse, changing nothing."""
     state = _require_state(unet)
-    names = _names(state, adapter_name)
+    names = _selected_tuner_names(state, adapter_name)
     cannot = [n for n in names if not kind_of(state.configs[n]).can_fuse]
     if cannot:
         raise ResTunerError(
@@ -275,7 +277,7 @@ def fuse_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None,
 
 def _refuse_disabled(unet: nn.Module, names: list[str]) -> None:
     """Fusing a disabled tuner would silently do nothing (a disabled branch has nothing to fold): refuse it."""
-    enabled = {name for name, setting in _settings(unet, names) if setting.enabled}
+    enabled = {name for name, setting in _settings_by_name(unet, names) if setting.enabled}
     disabled = [name for name in names if name not in enabled]
     if disabled:
         raise ResTunerError(
@@ -296,7 +298,7 @@ def unfuse_res_tuner(
     fused). ``accept_changed_weights=True`` then subtracts exactly the tuners' delta and keeps the other change."""
     check_enabled(accept_changed_weights, "accept_changed_weights")
     state = _require_state(unet)
-    names = None if adapter_name is None else _names(state, adapter_name)
+    names = None if adapter_name is None else _selected_tuner_names(state, adapter_name)
     kinds = [kind for kind in {id(kind_of(c)): kind_of(c) for c in state.configs.values()}.values() if kind.can_fuse]
     for kind in kinds:
         kind.unfuse(unet, state, names, accept_changed_weights)
@@ -337,7 +339,7 @@ def res_tuner_parameters(unet: nn.Module, adapter_name: str | None = None) -> li
     """The parameters of the named tuner (all tuners when None) -- what an optimizer should get."""
     state = _require_state(unet)
     params = []
-    for name in _names(state, adapter_name):
+    for name in _selected_tuner_names(state, adapter_name):
         for _, tuner in iter_tuners(unet, name):
             params.extend(tuner.parameters())
     return params

@@ -282,6 +282,14 @@ class LinearBank(TunerBank):
         return self.add_branches(F.linear(x, linear.weight, linear.bias), x, linear)
 
     def add_branches(self, frozen_out: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """``frozen_out + sum_i s_i T_i(x, W0, b0)`` (a sequential branch reads ``W0 x + b0`` instead of ``x``).
+
+        Hot path, per call: the cached list of running branches (:meth:`TunerBank.active`), then per branch the
+        tuner's forward and one add. W0 is the live weight unless a tuner that reads it (GLoRA) or a sequential
+        branch runs; only then is the base looked up (:func:`.fusion.frozen_base`: the fused record while something
+        is fused, else a check for merged peft adapters), and ``W0 x + b0`` recomputed only when the live weight
+        differs from W0.
+        """
         out = frozen_out
         branches = self.active()
         weight, bias, base_out = linear.weight, linear.bias, frozen_out

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .errors import TrainingError
-from .models import move, read_model_index
+from .models import FrozenPipelineParts, read_model_index
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _flag_value(args: Namespace, name: str) -> Any:
     return FLOW_DEFAULTS.get(name) if value is None else value
 
 
-class FlowMatchingBase(ABC):
+class FlowMatchingBase(FrozenPipelineParts, ABC):
     """A frozen SD3 or Flux pipeline's parts and its rectified-flow objective (see the module docstring).
 
     Subclasses name their pipeline class, their text encoders and their defaults, and implement
@@ -217,26 +217,9 @@ class FlowMatchingBase(ABC):
         ]
 
     @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def resolution_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor times the 2x2 patches of both transformers."""
         return self.vae_scale_factor * 2
-
-    def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        """Move the frozen parts; the VAE stays fp32 under fp16 when its config asks."""
-        vae_dtype = (
-            torch.float32
-            if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True)
-            else weight_dtype
-        )
-        move(self.vae, device, vae_dtype)
-        for encoder in self.text_encoders:
-            move(encoder, device, weight_dtype)
-        move(self.denoiser, device, weight_dtype)
-        self.device = device
 
     def max_sequence_length(self, args: Namespace) -> int:
         value = getattr(args, "max_sequence_length", None)

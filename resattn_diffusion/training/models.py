@@ -146,8 +146,33 @@ def _text_encoder_class(path: str, subfolder: str, revision: str | None, cache_d
     return getattr(transformers, name)
 
 
+class FrozenPipelineParts:
+    """What every training family does alike with its frozen VAE, text encoders and denoiser (a subclass provides
+    ``vae``, ``text_encoders`` and ``denoiser``)."""
+
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    denoiser: nn.Module
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Move the frozen parts; the VAE stays fp32 under fp16 when its config asks (SDXL's overflows in fp16)."""
+        vae_dtype = (
+            torch.float32
+            if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True)
+            else weight_dtype
+        )
+        move(self.vae, device, vae_dtype)
+        for encoder in self.text_encoders:
+            move(encoder, device, weight_dtype)
+        move(self.denoiser, device, weight_dtype)
+
+
 @dataclass
-class StableDiffusionBase:
+class StableDiffusionBase(FrozenPipelineParts):
     """The frozen components of a Stable Diffusion 1.x / 2.x / SDXL pipeline that training needs (the UNet family
     of :class:`DenoiserFamily`), trained on noise (or velocity) prediction."""
 
@@ -260,22 +285,6 @@ class StableDiffusionBase:
             module.requires_grad_(False)
         return cls(path, model_index, sdxl, tokenizers, text_encoders, vae, unet, noise_scheduler, inference_scheduler)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        """Move the frozen parts; the VAE stays fp32 under fp16 when its config asks (SDXL's overflows in fp16)."""
-        vae_dtype = (
-            torch.float32
-            if weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True)
-            else weight_dtype
-        )
-        move(self.vae, device, vae_dtype)
-        for encoder in self.text_encoders:
-            move(encoder, device, weight_dtype)
-        move(self.denoiser, device, weight_dtype)
-
     @torch.no_grad()
     def encode_prompts(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning of ``captions``: the UNet's context, and SDXL's pooled embedding (None otherwise)."""
@@ -354,8 +363,14 @@ class StableDiffusionBase:
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(scheduler, timesteps)
-            weights = torch.clamp(snr, max=args.snr_gamma)  # min(SNR, gamma)
-            weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+            clipped = torch.clamp(snr, max=args.snr_gamma)  # min(SNR, gamma)
+            if prediction_type == "epsilon":
+                # min(SNR, gamma) / SNR -> 1 as SNR -> 0: the last timestep of a zero-terminal-SNR schedule
+                # (rescale_betas_zero_snr) gets that limit, not 0 / 0 = NaN
+                safe = snr.clamp(min=torch.finfo(snr.dtype).tiny)
+                weights = torch.where(snr > 0, clipped / safe, torch.ones_like(snr))
+            else:
+                weights = clipped / (snr + 1)
             per_example = per_example * weights
         return per_example
 

@@ -9,38 +9,22 @@ from typing import Any
 
 from torch import nn
 
-from .base import Layer, ModelFamily, feed_forward_layer, linear_layer
-from .joint import JOINT_PROJECTIONS, joint_attention_layer
-
-_SINGLE_LINEARS = ("proj_mlp", "proj_out")
+from .joint import JointTransformerFamily
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(JointTransformerFamily):
     name = "flux"
     model_word = "Flux transformer"
     model_classes = ("FluxTransformer2DModel",)
     targets = ("attn", "ff", "ff_context", "proj_mlp", "proj_out")
     default_targets = ("attn",)
-    projections = JOINT_PROJECTIONS
-    default_projections = JOINT_PROJECTIONS
-    call_kwargs = "joint_attention_kwargs"
+    single_linears = ("proj_mlp", "proj_out")
     block_examples = ("transformer_blocks.*", "single_transformer_blocks.*")
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         double = [(f"transformer_blocks.{i}", b) for i, b in enumerate(model.transformer_blocks)]
         single = [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(model.single_transformer_blocks)]
         return double + single
-
-    def operation(self, block_path: str, block: nn.Module, target: str) -> Layer | None:
-        op = getattr(block, target, None)
-        if op is None:
-            return None  # ff/ff_context in a single block, proj_mlp/proj_out in a double block
-        path = f"{block_path}.{target}"
-        if target in _SINGLE_LINEARS:
-            return linear_layer(path, op)
-        if target in ("ff", "ff_context"):
-            return feed_forward_layer(path, op)
-        return joint_attention_layer(path, op)
 
     def _describe(self, get) -> dict[str, Any]:
         return {

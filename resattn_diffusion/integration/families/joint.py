@@ -1,4 +1,5 @@
-"""What the SD3 and Flux families share: the joint attention of a diffusion transformer as a tuner layer."""
+"""What the SD3 and Flux families share: the joint attention of a diffusion transformer as a tuner layer, and
+how a block's targets become layers (:class:`JointTransformerFamily`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from torch import nn
 from ...tuners.base import OpShape
 from ..processors import ResTunerJointAttnProcessor
 from ..state import ResTunerError
-from .base import Layer
+from .base import Layer, ModelFamily, feed_forward_layer, linear_layer
 from .unet import attention_linears
 
 #: Projections of a joint attention: the image stream's, then the text stream's (``to_out`` is ``to_out.0``).
@@ -40,3 +41,27 @@ def joint_attention_layer(path: str, attn: nn.Module) -> Layer:
         # SD3's last block drops the text stream's output: a tuner on its text queries could never change the image.
         projections = tuple(p for p in projections if p not in ("add_q_proj", "to_add_out"))
     return Layer(path, attn, "attention", shape, ResTunerJointAttnProcessor, attention_linears(attn, projections))
+
+
+class JointTransformerFamily(ModelFamily):
+    """A diffusion transformer of joint-attention blocks (SD3, Flux): joint attentions, feed-forwards and, where a
+    family names them in :attr:`single_linears`, single linear projections as targets."""
+
+    projections = JOINT_PROJECTIONS
+    default_projections = JOINT_PROJECTIONS
+    call_kwargs = "joint_attention_kwargs"
+    #: targets that are one linear each (Flux's single blocks' ``proj_mlp``, ``proj_out``): linear tuners only
+    single_linears: tuple[str, ...] = ()
+
+    def operation(self, block_path: str, block: nn.Module, target: str) -> Layer | None:
+        op = getattr(block, target, None)
+        if op is None:
+            # not in every block: SD3's attn2 (dual-attention blocks only) and ff_context (not the last block),
+            # Flux's ff / ff_context (double blocks only) and proj_mlp / proj_out (single blocks only)
+            return None
+        path = f"{block_path}.{target}"
+        if target in self.single_linears:
+            return linear_layer(path, op)
+        if target in ("ff", "ff_context"):
+            return feed_forward_layer(path, op)
+        return joint_attention_layer(path, op)

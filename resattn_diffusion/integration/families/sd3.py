@@ -8,32 +8,19 @@ from typing import Any
 
 from torch import nn
 
-from .base import Layer, ModelFamily, feed_forward_layer
-from .joint import JOINT_PROJECTIONS, joint_attention_layer
+from .joint import JointTransformerFamily
 
 
-class SD3Family(ModelFamily):
+class SD3Family(JointTransformerFamily):
     name = "sd3"
     model_word = "SD3 transformer"
     model_classes = ("SD3Transformer2DModel",)
     targets = ("attn", "attn2", "ff", "ff_context")
     default_targets = ("attn", "attn2")
-    projections = JOINT_PROJECTIONS
-    default_projections = JOINT_PROJECTIONS
-    call_kwargs = "joint_attention_kwargs"
     block_examples = ("transformer_blocks.*", "transformer_blocks.1*")
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"transformer_blocks.{i}", block) for i, block in enumerate(model.transformer_blocks)]
-
-    def operation(self, block_path: str, block: nn.Module, target: str) -> Layer | None:
-        op = getattr(block, target, None)
-        if op is None:
-            return None  # attn2 outside SD3.5's dual-attention blocks, ff_context in the last block
-        path = f"{block_path}.{target}"
-        if target in ("ff", "ff_context"):
-            return feed_forward_layer(path, op)
-        return joint_attention_layer(path, op)
 
     def _describe(self, get) -> dict[str, Any]:
         return {
