@@ -9,11 +9,11 @@ resumed, or run partly on another machine and merged by copying that folder's fi
 ``quality_vs_params.png`` are written to ``--results`` from whatever has finished.
 
 Budget. The default methods are every tuner at its default size, the three peft peers and full fine-tuning (16
-methods, 2 tasks: 2 base runs, 96 sweep runs plus widenings, 108 evaluation runs). Measured on the 2-core machine,
-one thread per run, from the fastest quarter of each method's finished runs (``--status`` prices every run that
-way): about 110 core-minutes, ~55 minutes on 2 workers (from the first 44 finished runs; sweeps that widen add
-to it). The larger sizes (``res_attn-large`` ...) are opt-in: name them in ``--methods`` or pass ``--with_large``
-(10 more methods, each with its own sweep: about 1.6x the runs).
+methods, 2 tasks: 2 base runs, 96 sweep runs plus widenings, 108 evaluation runs). Priced as ``--status`` prices
+every run -- one thread, the fastest quarter of each method's finished runs -- the 222 runs of the shipped results
+(15 sweeps widened, 16 rates added) cost ~118 core-minutes: about 60 minutes with ``--workers 2`` on 2 idle cores.
+The larger sizes (``res_attn-large`` ...) are opt-in: name them in ``--methods`` or pass ``--with_large`` (10 more
+methods, each with its own sweep: about 1.6x the runs).
 
     .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2             # the default benchmark
     .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2 --with_large   # ... and every larger size
