@@ -69,6 +69,7 @@ def test_benchmark_quick_mode_end_to_end(tmp_path, capsys):
         assert record["case"]["samples"] == 4 and record["role"] in ("base", "sweep", "eval")
     lora = records["dreambooth__peft_lora__lr0.001__seed1"]
     assert lora["trainable_parameters"] == 23_296 and lora["peak_rss_mb"] > 0 and lora["seconds_per_step"] > 0
+    assert 0 < lora["cpu_seconds"] <= 1.5 * lora["wall_seconds"]  # one thread (plus a little of torch's helpers)
     assert set(lora["metrics"]) >= {
         "subject_fidelity",
         "prior_retention",

@@ -13,6 +13,7 @@ import resattn_diffusion as rd
 from resattn_diffusion.integration.processors import LinearBank, select_linear_path
 from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, unet_inputs
 from resattn_diffusion.tuners import base as tuner_base
+from resattn_diffusion.tuners import structured
 from resattn_diffusion.tuners.fast_paths import fast_path_wanted, forced_path, forced_paths
 from resattn_diffusion.tuners.structured import STRUCTURES
 
@@ -231,3 +232,147 @@ def test_fast_paths_under_autocast_follow_the_reference_in_half_precision():
         errors = {path: (out - exact).abs().max().item() for path, out in results.items()}
         scale = exact.abs().max().item()
         assert errors["fast"] <= 2 * errors["reference"] + 1e-2 * scale, (name, errors)
+
+
+# --- the FFT families' dense matrix keeps nothing for backward (issue 14, third GPU run) -------------------------
+
+
+def _saved_bytes_of(fn):
+    saved = [0]
+
+    def pack(tensor):
+        saved[0] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, saved[0]
+
+
+@pytest.mark.parametrize("strided", [True, False])
+@pytest.mark.parametrize("family", ["circulant", "toeplitz", "ldr"])
+@pytest.mark.parametrize("d_out, d_in", [(24, 40), (40, 24), (17, 17)])
+def test_fast_dense_forms_equal_materialize_and_keep_nothing_n_by_n(family, strided, d_out, d_in, monkeypatch):
+    """The fast path's dense M -- strided views of the parameters (run 3) or the FFT path on the identity (run 2) --
+    equals the reference ``materialize`` in values and gradients; with ``recompute_dense`` it keeps nothing for
+    backward, and recomputing gives the same numbers, bit for bit, as keeping."""
+    torch.manual_seed(0)
+    matrix = STRUCTURES[family](d_out, d_in, init="random").double()
+    monkeypatch.setattr(type(matrix), "use_strided_dense", strided)
+    weights = torch.randn(d_out, d_in, dtype=torch.float64)
+    results = {}
+    for recompute in (False, True):
+        matrix.recompute_dense = recompute
+        with forced_paths("fast"):
+            dense, saved = _saved_bytes_of(matrix.dense_matrix)
+        grads = torch.autograd.grad((dense * weights).sum(), list(matrix.parameters()))
+        results[recompute] = dense, grads, saved
+    assert results[True][2] == 0
+    keeps_factors = not strided or family == "ldr"  # the FFT form's spectra, LDR's two strided factors
+    assert (results[False][2] > 0) == keeps_factors
+    assert torch.equal(results[True][0], results[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
+    exact = matrix.materialize()
+    torch.testing.assert_close(results[True][0], exact)
+    if strided and family != "ldr":
+        assert torch.equal(results[True][0], exact)  # the same entries, copied: no rounding at all
+    exact_grads = torch.autograd.grad((exact * weights).sum(), list(matrix.parameters()))
+    for fast_grad, exact_grad in zip(results[True][1], exact_grads):
+        torch.testing.assert_close(fast_grad, exact_grad)
+
+
+@pytest.mark.parametrize("n, rows, cols", [(8, 8, 8), (8, 5, 8), (8, 8, 3), (1, 1, 1), (20, 12, 20), (5, 5, 1)])
+def test_strided_blocks_gradcheck(n, rows, cols):
+    torch.manual_seed(0)
+    v = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    for block, reference in (
+        (structured.circulant_block, structured.circulant_matrix),
+        (structured.skew_circulant_block, structured.skew_circulant_matrix),
+    ):
+        assert torch.equal(block(v, rows, cols), reference(v)[:rows, :cols])
+        assert torch.autograd.gradcheck(lambda v, block=block: block(v, rows, cols), (v,))
+    t = torch.randn(rows + cols - 1, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(structured.toeplitz_block(t.flip(0), rows, cols), structured.toeplitz_matrix(t, rows, cols))
+    assert torch.autograd.gradcheck(lambda t: structured.toeplitz_block(t.flip(0), rows, cols), (t,))
+
+
+@pytest.mark.parametrize("tuner, strided", [("surm_ldr", True), ("surm_ldr", False), ("surm_kronecker", True)])
+def test_surm_ldr_and_kronecker_train_on_the_merged_path_without_per_token_ffts(tuner, strided, monkeypatch):
+    """On the fast path (CUDA's choice) a training step of SURM-LDR runs no FFT at all (its strided form) or, in
+    run 2's form, FFTs of the d_in x n identity only (the merged GEMM carries the tokens); Kronecker none; all equal
+    the reference."""
+    monkeypatch.setattr(structured.StructuredMatrix, "use_strided_dense", strided)
+    unet = _unet_with(rd.ResTunerConfig(tuner))
+    inputs = _inputs(unet)
+    widest = max(m.in_features for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    tokens = inputs["sample"].shape[0] * inputs["sample"].shape[-1] * inputs["sample"].shape[-2]
+    assert tokens > widest  # so a per-token FFT would show
+    rows_seen = []
+    for name in ("fft", "ifft", "rfft", "irfft"):
+        original = getattr(torch.fft, name)
+
+        def recording(x, *args, original=original, **kwargs):
+            rows_seen.append(x.numel() // max(x.shape[-1], 1))
+            return original(x, *args, **kwargs)
+
+        monkeypatch.setattr(torch.fft, name, recording)
+    merged = []
+    original_merged = LinearBank.merged_forward
+    monkeypatch.setattr(LinearBank, "merged_forward", lambda *a: merged.append(1) or original_merged(*a))
+    unet.train()
+    with forced_paths("fast"):
+        out = unet(**inputs).sample
+        out.square().sum().backward()
+    assert merged
+    if tuner == "surm_ldr" and not strided:
+        assert rows_seen and max(rows_seen) <= widest, max(rows_seen)
+    else:
+        assert not rows_seen
+    unet.eval()
+    _assert_paths_agree(unet, inputs)
+
+
+def test_res_attn_self_attention_branch_is_one_qkv_gemm_and_padded_sdpa(monkeypatch):
+    """Res-Attn's branch where c = x: q, k and v come out of one GEMM, and on the fast path the attention gets
+    heads padded from 4 to 8 channels (the fused kernels' multiple) -- the same output as unpadded."""
+    from resattn_diffusion.tuners.res_attn import ResAttn, ResAttnParams
+
+    torch.manual_seed(0)
+    tuner = ResAttn(tuner_base.OpShape(32, 32, 32, 32, 4), ResAttnParams()).double()
+    torch.nn.init.normal_(tuner.out_proj.weight)
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    linears, head_dims = [], []
+    original_linear, original_sdpa = F.linear, F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "linear", lambda *a, **k: linears.append(a[1].shape) or original_linear(*a, **k))
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda q, *a, **k: head_dims.append(q.shape[-1]) or original_sdpa(q, *a, **k),
+    )
+    outputs = {}
+    for path in ("reference", "fast"):
+        linears.clear()
+        with forced_paths(path), torch.no_grad():
+            outputs[path] = tuner(x, None, None)
+        assert linears == [torch.Size([24, 32]), torch.Size([32, 8])], linears  # qkv in one GEMM, then W_up
+    assert head_dims == [4, 8]
+    torch.testing.assert_close(outputs["fast"], outputs["reference"])
+
+
+def test_skew_modulation_is_a_cached_constant_usable_after_inference_mode():
+    """LDR's modulation ``exp(i pi t / n)`` is built once per (n, device, dtype) -- also when first asked for under
+    ``inference_mode`` -- and autograd can save it afterwards; the cached value equals a fresh one."""
+    from resattn_diffusion.tuners import structured
+
+    n = 37  # a size no other test uses, so the first call below builds it
+    structured._SKEW_MODULATIONS.pop((n, torch.device("cpu"), torch.float32), None)
+    with torch.inference_mode():
+        first = structured._skew_modulation(n, torch.device("cpu"), torch.float32)
+    assert not first.is_inference()
+    assert structured._skew_modulation(n, torch.device("cpu"), torch.float32) is first
+    torch.testing.assert_close(first, structured._build_skew_modulation(n, torch.device("cpu"), torch.float32))
+    matrix = STRUCTURES["ldr"](n, n, init="random")
+    x = torch.randn(3, n, requires_grad=True)
+    matrix.path = "structured"
+    matrix(x).sum().backward()  # the cached constant saved for backward
+    assert x.grad is not None and matrix.g.grad is not None

@@ -1,8 +1,10 @@
 """The methods the benchmark compares, each as the training-core flags that select it.
 
-* every registered tuner (``resattn_diffusion.tuner_names()``) with its default settings (``<tuner>``) and one
-  larger setting (``<tuner>-large``, :data:`LARGER_SETTINGS`); SURM's circulant and Toeplitz tuners have no size
-  hyperparameter, so they have no larger setting;
+* every registered tuner (``resattn_diffusion.tuner_names()``) with its default settings (``<tuner>``) and, opt-in,
+  one larger setting (``<tuner>-large``, :data:`LARGER_SETTINGS`; SURM's circulant and Toeplitz tuners have no size
+  hyperparameter, so they have no larger setting). The default selection (:func:`default_methods`) leaves the larger
+  settings out to keep the benchmark within its budget (~90 minutes on 2 cores); name them (``res_attn-large``) or
+  pass ``with_large`` (``--with_large``) to add them, each with its own sweep;
 * the peft peers on the same attention projections (to_q, to_k, to_v, to_out.0 of attn1 and attn2): LoRA at rank 4
   (23,296 parameters on the digits base, the closest rank to res_attn's default 24,064), peft's GLoRA at rank 4 and
   peft's block-circulant C3A at block size 8;
@@ -140,17 +142,32 @@ def all_methods() -> list[Method]:
     return methods
 
 
-def select_methods(names: list[str] | None) -> list[Method]:
-    """The methods called ``names`` (None or ["all"] = every method), in the benchmark's order."""
+def is_larger_setting(name: str) -> bool:
+    """Whether ``name`` is a tuner's opt-in larger setting (``<tuner>-large``)."""
+    return name.endswith("-large") and name.removesuffix("-large") in LARGER_SETTINGS
+
+
+def default_methods() -> list[Method]:
+    """The default selection: every tuner at its default size, the peft peers and full fine-tuning."""
+    return [method for method in all_methods() if not is_larger_setting(method.name)]
+
+
+def select_methods(names: list[str] | None, with_large: bool = False) -> list[Method]:
+    """The methods called ``names``, in the benchmark's order: None = :func:`default_methods`, ["all"] = every method
+    including the larger settings. ``with_large`` adds the larger setting of every selected tuner that has one."""
     methods = all_methods()
-    if not names or names == ["all"]:
+    if names == ["all"]:
         return methods
     known = {method.name: method for method in methods}
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names or [] if name not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(known)} or 'all'")
-    return [method for method in methods if method.name in names]
+    wanted = set(names) if names else {method.name for method in default_methods()}
+    if with_large:
+        wanted |= {f"{name}-large" for name in wanted if f"{name}-large" in known}
+    return [method for method in methods if method.name in wanted]
 
 
 def method_by_name(name: str) -> Method:
+    """Any method, larger settings included (a run names its method; the selection does not matter here)."""
     return select_methods([name])[0]

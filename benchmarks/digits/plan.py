@@ -31,7 +31,8 @@ BASE = "base"
 #: the version of the metrics a result file holds; files of another version are not this benchmark's results (they
 #: are ignored and their runs made again)
 RESULT_VERSION = 2
-#: seconds per run assumed before any run of that kind has finished (one thread, measured on the 2-core machine)
+#: seconds per run assumed before any run of the task has finished (one thread, the fastest runs of res_attn, peft
+#: LoRA and full fine-tuning on the 2-core machine: DreamBooth 22-27 s, style 31-44 s)
 DEFAULT_RUN_SECONDS: dict[str, float] = {"dreambooth": 25.0, "style": 35.0}
 
 
@@ -157,6 +158,8 @@ class Plan:
     pending: list[RunSpec]
     unresolved_eval_runs: int  # evaluation runs that will follow sweeps not yet resolved
     finished: dict[str, dict]
+    #: (task, method) -> its evaluation runs that will follow its sweep (the open sweeps only)
+    unresolved: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def eval_records(self, task: str, method: str) -> list[dict]:
         """The finished evaluation runs of a method at its chosen rate (the numbers the report shows)."""
@@ -198,7 +201,7 @@ def make_plan(
         raise ValueError("give at least two seeds: the first chooses the learning rate, the others are reported")
     sweeps: dict[tuple[str, str], SweepState] = {}
     pending: list[RunSpec] = []
-    unresolved = 0
+    unresolved: dict[tuple[str, str], int] = {}
     for task in tasks:
         base = RunSpec(task, BASE, 0.0, 0, "base")
         if base.key not in finished:
@@ -216,7 +219,7 @@ def make_plan(
                     for rate in state.rates
                     if rate not in state.scores
                 ]
-                unresolved += len(wanted_seeds)
+                unresolved[(task, method.name)] = len(wanted_seeds)
                 continue
             eval_runs += [
                 spec
@@ -229,7 +232,7 @@ def make_plan(
         sweep_runs + eval_runs,
         key=lambda spec: (spec.method not in HEADLINE_METHODS, spec.role != "sweep", spec.seed, spec.task),
     )
-    return Plan(sweeps, pending, unresolved, finished)
+    return Plan(sweeps, pending, sum(unresolved.values()), finished, unresolved)
 
 
 # --- the result files -----------------------------------------------------------------------------------------
@@ -253,29 +256,70 @@ def read_finished(folder: Path, case: Case, cache: dict[Path, dict] | None = Non
     return finished
 
 
-def estimate_seconds(spec: RunSpec, finished: dict[str, dict]) -> float:
-    """One run's expected single-thread seconds: the mean of finished runs of the same method and task, else of
-    the task, else :data:`DEFAULT_RUN_SECONDS`."""
-    same = [
-        r["wall_seconds"]
-        for r in finished.values()
-        if r["task"] == spec.task and r["method"] == spec.method and "wall_seconds" in r
-    ]
-    if not same:
-        same = [r["wall_seconds"] for r in finished.values() if r["task"] == spec.task and "wall_seconds" in r]
-    return sum(same) / len(same) if same else DEFAULT_RUN_SECONDS[spec.task]
+def run_seconds(finished: dict[str, dict]) -> dict[tuple[str, str], float]:
+    """(task, method) -> one run's single-thread seconds as measured without contention: the mean of the fastest
+    quarter (at least one) of the finished runs' ``cpu_seconds`` (the process's CPU time), or ``wall_seconds`` for
+    runs recorded before CPU time was.
+
+    Contention only ever adds wall time (other jobs on the same cores stretched single runs up to 40x) and barely
+    touches CPU time; the fastest runs are the ones that measured the run itself, and the mean of a quarter rather
+    than the minimum keeps one lucky run from setting the estimate once there are several. A method whose every run
+    was timed by the wall clock under load is overestimated until it has CPU-timed runs."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for record in finished.values():
+        seconds = record.get("cpu_seconds", record.get("wall_seconds"))
+        if isinstance(seconds, (int, float)):
+            times.setdefault((record["task"], record["method"]), []).append(float(seconds))
+    estimates = {}
+    for key, values in times.items():
+        fastest = sorted(values)[: max(1, len(values) // 4)]
+        estimates[key] = sum(fastest) / len(fastest)
+    return estimates
 
 
-def remaining_summary(plan: Plan, in_flight: Iterable[str] = ()) -> str:
-    """How many runs remain and their estimated core-minutes (one thread each)."""
+def estimate_seconds(task: str, method: str, measured: dict[tuple[str, str], float]) -> float:
+    """One run's expected single-thread seconds: ``measured`` (:func:`run_seconds`) for the method on the task, else
+    the median over the task's measured methods, else :data:`DEFAULT_RUN_SECONDS`."""
+    if (task, method) in measured:
+        return measured[(task, method)]
+    same_task = sorted(seconds for (t, m), seconds in measured.items() if t == task and m != BASE)
+    if same_task:
+        return same_task[len(same_task) // 2]
+    return DEFAULT_RUN_SECONDS[task]
+
+
+def plan_seconds(plan: Plan, in_flight: Iterable[str] = ()) -> dict[str, float]:
+    """Estimated single-thread seconds of the plan's parts: ``ready`` (pending, not in flight), ``after_sweeps``
+    (evaluation runs that follow open sweeps), ``finished`` (what the finished runs cost without contention) and
+    ``total``, all priced by :func:`estimate_seconds`."""
+    measured = run_seconds(plan.finished)
+    busy = set(in_flight)
+    ready = sum(estimate_seconds(s.task, s.method, measured) for s in plan.pending if s.key not in busy)
+    flying = sum(estimate_seconds(s.task, s.method, measured) for s in plan.pending if s.key in busy)
+    after = sum(count * estimate_seconds(task, method, measured) for (task, method), count in plan.unresolved.items())
+    # only the finished runs of this plan's methods: the folder may hold others (another selection's, --with_large)
+    selected = set(plan.sweeps) | {(task, BASE) for task, _ in plan.sweeps}
+    done = sum(
+        estimate_seconds(r["task"], r["method"], measured)
+        for r in plan.finished.values()
+        if (r["task"], r["method"]) in selected
+    )
+    return {"ready": ready, "after_sweeps": after, "finished": done, "total": done + flying + ready + after}
+
+
+def remaining_summary(plan: Plan, in_flight: Iterable[str] = (), workers: int | None = None) -> str:
+    """How many runs remain and their estimated core-minutes (one thread each), and what the whole plan costs."""
     busy = set(in_flight)
     ready = [spec for spec in plan.pending if spec.key not in busy]
-    seconds = sum(estimate_seconds(spec, plan.finished) for spec in ready)
-    per_task_eval = {task: DEFAULT_RUN_SECONDS[task] for task in DEFAULT_RUN_SECONDS}
-    later = plan.unresolved_eval_runs * sum(per_task_eval.values()) / len(per_task_eval)
+    seconds = plan_seconds(plan, busy)
     sweeps_open = sum(1 for state in plan.sweeps.values() if not state.resolved)
+    remaining = seconds["ready"] + seconds["after_sweeps"]
+    wall = f", ~{remaining / 60 / workers:.0f} min on {workers} workers" if workers else ""
     return (
-        f"{len(plan.finished)} runs finished; {len(ready)} ready to run (~{seconds / 60:.0f} core-minutes) and "
+        f"{len(plan.finished)} runs finished; {len(ready)} ready to run (~{seconds['ready'] / 60:.0f} core-minutes) "
+        "and "
         f"{plan.unresolved_eval_runs} evaluation runs after the {sweeps_open} open sweeps "
-        f"(~{later / 60:.0f} core-minutes, more if a sweep widens): ~{(seconds + later) / 60:.0f} core-minutes in all"
+        f"(~{seconds['after_sweeps'] / 60:.0f} core-minutes, more if a sweep widens): ~{remaining / 60:.0f} "
+        f"core-minutes to go{wall}; the whole plan ~{seconds['total'] / 60:.0f} core-minutes (per-run times: the "
+        "fastest quarter of each method's finished runs)"
     )

@@ -15,13 +15,14 @@ Statistics, per method and metric, over the evaluation seeds (never the seed tha
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.digits.methods import PROMPT_BLIND, REFERENCE_METHODS
-from benchmarks.digits.plan import BASE, Case, Plan
+from benchmarks.digits.plan import BASE, Case, Plan, plan_seconds
 
 #: metric -> (column title, higher is better, format)
 METRICS: dict[str, tuple[str, bool, str]] = {
@@ -103,7 +104,29 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
         return 1.0
     if a.std() == 0 and b.std() == 0:
         return 0.0 if a.mean() != b.mean() else 1.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # one side constant: scipy warns of precision loss, the p-value is still right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def welch_difference_interval(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), low, high): the Welch interval of the difference of means, the one that excludes 0
+    exactly when :func:`welch_p_value` is below ``1 - confidence``; a point when both sides have zero spread."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        raise ValueError("a difference interval needs at least two values on each side")
+    diff = float(a.mean() - b.mean())
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff
+    dof = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, dof) * se)
+    return diff, diff - half, diff + half
 
 
 def significance_marks(
@@ -326,7 +349,7 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
     from benchmarks.digits.methods import select_methods
 
     tasks = list(args.tasks)
-    methods = [method.name for method in select_methods(args.methods)]
+    methods = [method.name for method in select_methods(args.methods, getattr(args, "with_large", False))]
     runs_link = (
         Path(runs_dir).resolve().relative_to(Path(results_dir).resolve()).as_posix()
         if Path(runs_dir).resolve().is_relative_to(Path(results_dir).resolve())
@@ -354,9 +377,11 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
         "direction; about 1 in 20 comparisons is marked by chance). `lr ... (edge)`: the chosen rate is still at an "
         "edge of its widened sweep. Frechet distances on tens of samples are biased upwards: compare within a column.",
         "",
-        f"Progress: {len(plan.finished)} runs finished, {remaining} to go. Finish and rebuild with `{command}` "
-        "(finished runs are skipped); `--status` prints what remains in core-minutes. Sample grids: every run's is "
-        f"beside its result in `{runs_link}/`; the repository keeps those of seed 1.",
+        f"Progress: {len(plan.finished)} runs finished, {remaining} to go; the whole plan costs "
+        f"~{plan_seconds(plan)['total'] / 60:.0f} core-minutes (one thread per run; each run priced at the fastest "
+        "quarter of its method's finished runs, sweeps that still widen not counted). Finish and rebuild with "
+        f"`{command}` (finished runs are skipped); `--status` prints what remains in core-minutes. Sample grids: "
+        f"every run's is beside its result in `{runs_link}/`; the repository keeps those of seed 1.",
         "",
         "## Summary",
         "",
@@ -387,7 +412,22 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
             "every prompt gives the same image (a collapse the style FD alone can miss). Grids: one row per digit.",
             "",
         ]
+    from benchmarks.digits.guide import claims_markdown, which_tuner_table
+
     text += [
+        "## Which tuner when",
+        "",
+        which_tuner_table(plan, tasks, methods, links_from=Path(results_dir).resolve()),
+        "",
+        "## Claims against peft LoRA and full fine-tuning",
+        "",
+        claims_markdown(
+            plan,
+            tasks,
+            [name for name in methods if name not in REFERENCE_METHODS],
+            [(task, metric) for task, metric in HEADLINE_METRIC.items() if task in tasks],
+        ),
+        "",
         "## Learning-rate sweeps",
         "",
         "Score: DreamBooth = subject fidelity + prior retention; style = styled content + (content + style) / 8 "
@@ -401,4 +441,8 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
     ]
     report = Path(results_dir) / "benchmark.md"
     report.write_text("\n".join(text))
+    if getattr(args, "readme", None) is not None:
+        from benchmarks.digits.guide import readme_blocks, update_readme
+
+        update_readme(args.readme, readme_blocks(plan, tasks, methods, readme_dir=Path(args.readme).resolve().parent))
     return report

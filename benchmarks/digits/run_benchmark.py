@@ -8,7 +8,15 @@ resumed, or run partly on another machine and merged by copying that folder's fi
 95% intervals, significance against peft LoRA and full fine-tuning, links to every sample grid) and
 ``quality_vs_params.png`` are written to ``--results`` from whatever has finished.
 
-    .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2             # the full benchmark (~90 min, 2 cores)
+Budget. The default methods are every tuner at its default size, the three peft peers and full fine-tuning (16
+methods, 2 tasks: 2 base runs, 96 sweep runs plus widenings, 108 evaluation runs). Priced as ``--status`` prices
+every run -- one thread, the fastest quarter of each method's finished runs -- the 222 runs of the shipped results
+(15 sweeps widened, 16 rates added) cost ~118 core-minutes: about 60 minutes with ``--workers 2`` on 2 idle cores.
+The larger sizes (``res_attn-large`` ...) are opt-in: name them in ``--methods`` or pass ``--with_large`` (10 more
+methods, each with its own sweep: about 1.6x the runs).
+
+    .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2             # the default benchmark
+    .venv/bin/python -m benchmarks.digits.run_benchmark --workers 2 --with_large   # ... and every larger size
     .venv/bin/python -m benchmarks.digits.run_benchmark --status                # what remains, in core-minutes
     .venv/bin/python -m benchmarks.digits.run_benchmark --report_only           # tables and plot from finished runs
     .venv/bin/python -m benchmarks.digits.run_benchmark --quick --results /tmp/q    # a smoke test (the tests run it)
@@ -113,9 +121,10 @@ class Benchmark:
         self.results_dir = Path(args.results)
         self.runs_dir = self.results_dir / "runs" / self.case.name
         self.data_dir = self.results_dir / "data"
-        self.methods = select_methods(args.methods)
+        self.methods = select_methods(args.methods, args.with_large)
         self.initial_rates = parse_lrs(args.lrs)
         self._cache: dict[Path, dict] = {}
+        self.workers = max(args.workers, 1)  # for the wall-clock estimate (0 runs one at a time)
 
     def plan(self) -> Plan:
         finished = read_finished(self.runs_dir, self.case, self._cache)
@@ -132,7 +141,7 @@ class Benchmark:
     def execute(self) -> None:
         start = time.perf_counter()
         plan = self.plan()
-        print(f"case {self.case.name}: {remaining_summary(plan)}", flush=True)
+        print(f"case {self.case.name}: {remaining_summary(plan, workers=self.workers)}", flush=True)
         if plan.pending:
             from benchmarks.digits.single_run import prepare_data
 
@@ -145,7 +154,7 @@ class Benchmark:
                     self._run_in_workers()
             except KeyboardInterrupt:
                 self.write_report()  # from whatever finished
-                print(f"stopped: {remaining_summary(self.plan())}", flush=True)
+                print(f"stopped: {remaining_summary(self.plan(), workers=self.workers)}", flush=True)
                 raise SystemExit(130) from None
         self.write_report()
         print(f"finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
@@ -200,7 +209,10 @@ class Benchmark:
                     if not ok:
                         failed.add(key)
                     print(f"[{'done' if ok else 'failed'}] {key}: {message}", flush=True)
-                print(f"          {remaining_summary(self.plan(), [s.key for s in in_flight.values()])}", flush=True)
+                print(
+                    f"          {remaining_summary(self.plan(), [s.key for s in in_flight.values()], self.workers)}",
+                    flush=True,
+                )
         except KeyboardInterrupt:
             print(
                 f"stopping: {len(in_flight)} runs in flight are abandoned (rerun the same command to resume)",
@@ -223,7 +235,7 @@ class Benchmark:
     def status(self) -> None:
         plan = self.plan()
         print(f"case {self.case.name} in {self.runs_dir}")
-        print(remaining_summary(plan))
+        print(remaining_summary(plan, workers=self.workers))
         for spec in plan.pending:
             print(f"  {spec.key} ({spec.role})")
 
@@ -265,7 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--dreambooth_steps", type=int, default=Case.dreambooth_steps, help="optimizer steps (DreamBooth)"
     )
     parser.add_argument("--style_steps", type=int, default=Case.style_steps, help="optimizer steps (style)")
-    parser.add_argument("--methods", nargs="+", default=None, help="method names (default: all); see methods.py")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="method names (default: every tuner at its default size, the peft peers, full fine-tuning; 'all' adds "
+        "every larger setting); see methods.py",
+    )
+    parser.add_argument(
+        "--with_large",
+        action="store_true",
+        help="also run the larger setting (<tuner>-large) of every selected tuner that has one, each with its own "
+        "sweep",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument(
         "--lrs",
@@ -289,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     parser.add_argument("--status", action="store_true", help="print what remains (runs, core-minutes); run nothing")
     parser.add_argument("--report_only", action="store_true", help="write the report from finished runs; run nothing")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="also rewrite this README's generated blocks (<!-- digits-claims:begin/end -->, "
+        "<!-- digits-which-tuner:begin/end -->) from the finished runs",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -315,6 +346,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--{name} must be at least 1")
     if args.workers < 0 or args.max_widen < 0:
         raise SystemExit("--workers and --max_widen must be at least 0")
+    if args.readme is not None:  # before hours of runs, not after
+        from benchmarks.digits.guide import check_readme
+
+        try:
+            check_readme(args.readme)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(
             "--seeds: give at least two different seeds (the first chooses the learning rates, the "

@@ -24,9 +24,11 @@ The training recipe is the training scripts': frozen weights fp16/bf16, trainabl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import torch
 
 from resattn_diffusion import ResTunerConfig, get_tuner_spec, tuner_names
 from resattn_diffusion.tuners.fast_paths import forced_paths
+from resattn_diffusion.tuners.structured import StructuredMatrix
 
 from . import compile_breaks, sampling, train_step
 from .common import BenchmarkSize, describe_error, log, machine_info, markdown_table, write_json
@@ -57,6 +60,10 @@ FAST_ROWS = ("glora",)
 FAST_SUFFIX = " [fast]"
 #: Row name of Res-Attn with one head (head dim 8 instead of 4: the default's alternative the issue measured).
 RES_ATTN_ONE_HEAD = "res_attn (heads=1)"
+#: Rows of SURM FFT families timed once more with their dense delta formed as in GPU run 2 -- the FFT path applied
+#: to the identity, its spectra kept for backward (``use_strided_dense`` and ``recompute_dense`` off): run 3's
+#: strided forms against it, measured in the same run.
+RUN2_DENSE_SUFFIX = " [run-2 dense]"
 
 
 def part_size(part: str, device: str, tiny: bool) -> BenchmarkSize:
@@ -80,6 +87,9 @@ def run_part(
     tuners: list[str] | None = None,
     compile_backend: str = "inductor",
     compiled_rows: list[str] | None = None,
+    peer_rows: list[str] | None = None,
+    extra_rows: bool = True,
+    run2_dense_rows: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run one part with its time guard, writing ``out/<part>.json`` (and the summary) at every checkpoint.
 
@@ -87,7 +97,10 @@ def run_part(
     importing torch and diffusers count against ``budget`` too. ``tuners`` restricts our rows (default: every
     registered tuner; SDXL: res_attn and res_bypass); ``compile_backend`` is ``torch.compile``'s (the smoke test
     uses ``"eager"``: no compiler, the same code path); ``compiled_rows`` restricts ``sampling_compiled`` to these
-    rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows)."""
+    rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows); ``peer_rows``
+    restricts ``train_sd15``'s peers to these of ``train_step.PEER_ROWS`` (default: all) and ``extra_rows=False``
+    leaves out its Res-Attn-with-one-head, ``[reference]`` and ``[fast]`` rows; ``run2_dense_rows`` (SURM FFT
+    families) adds ``<name> [run-2 dense]`` rows (see :data:`RUN2_DENSE_SUFFIX`)."""
     start = time.perf_counter()
     already = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     deadline = start + budget - already - GUARD_MARGIN_S
@@ -113,6 +126,10 @@ def run_part(
                 size, sdxl_tuners, peer_rows=(train_step.PEFT_LORA,), deadline=deadline, checkpoint=checkpoint
             )
         else:
+            peers_wanted = train_step.PEER_ROWS if peer_rows is None else tuple(peer_rows)
+            unknown = sorted(set(peers_wanted) - set(train_step.PEER_ROWS))
+            if unknown:
+                raise SystemExit(f"--peer-rows {unknown}: choose among {list(train_step.PEER_ROWS)}")
             extra = {}
             if "res_attn" in selected:
                 extra[RES_ATTN_ONE_HEAD] = ResTunerConfig("res_attn", heads=1)
@@ -122,8 +139,21 @@ def run_part(
             with_fast = [name for name in FAST_ROWS if name in selected]
             extra |= {name + FAST_SUFFIX: ResTunerConfig(name) for name in with_fast}
             contexts |= {name + FAST_SUFFIX: fast_paths for name in with_fast}
+            if not extra_rows:
+                extra, contexts = {}, {}
+            for name in run2_dense_rows or []:
+                if not name.startswith("surm_"):
+                    raise SystemExit(f"--run2-dense-rows {name!r}: only SURM tuners form a structured dense delta")
+                extra[name + RUN2_DENSE_SUFFIX] = ResTunerConfig(name)
+                contexts[name + RUN2_DENSE_SUFFIX] = run2_dense
             result = train_step.run(
-                size, selected, extra_configs=extra, case_contexts=contexts, deadline=deadline, checkpoint=checkpoint
+                size,
+                selected,
+                peer_rows=peers_wanted,
+                extra_configs=extra,
+                case_contexts=contexts,
+                deadline=deadline,
+                checkpoint=checkpoint,
             )
     elif part == "sampling":
         result = sampling.run(size, selected, deadline=deadline)
@@ -147,6 +177,17 @@ def run_part(
 def reference_paths():
     """Every tuner on its reference path (the CPU default), for the ``[reference]`` rows."""
     return forced_paths("reference")
+
+
+@contextlib.contextmanager
+def run2_dense() -> Iterator[None]:
+    """Every structured matrix forms its dense delta as in GPU run 2: FFT path on the identity, spectra kept."""
+    previous = StructuredMatrix.use_strided_dense, StructuredMatrix.recompute_dense
+    StructuredMatrix.use_strided_dense = StructuredMatrix.recompute_dense = False
+    try:
+        yield
+    finally:
+        StructuredMatrix.use_strided_dense, StructuredMatrix.recompute_dense = previous
 
 
 def fast_paths():
@@ -383,6 +424,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compiled-rows", nargs="*", default=None, help="sampling_compiled: only these rows of sampling.COMPILED_ROWS"
     )
+    parser.add_argument(
+        "--peer-rows", nargs="*", default=None, help="train_sd15: only these peers of train_step.PEER_ROWS"
+    )
+    parser.add_argument(
+        "--run2-dense-rows", nargs="*", default=None, help="train_sd15: SURM tuners again with run 2's dense form"
+    )
+    parser.add_argument(
+        "--no-extra-rows", action="store_true", help="train_sd15: no heads=1, [reference] or [fast] rows"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
             args.tuners,
             args.compile_backend,
             args.compiled_rows,
+            args.peer_rows,
+            not args.no_extra_rows,
+            args.run2_dense_rows,
         )
     except Exception as error:  # the part as a whole failed: record it, the shell script goes on with the next
         write_json(out / f"{args.part}.json", {"part": args.part, "error": describe_error(error), "rows": []})

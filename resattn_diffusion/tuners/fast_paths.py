@@ -7,7 +7,9 @@ rounding; ``tests/test_fast_paths.py`` checks each one on CPU by forcing it). Th
   ``W0 x + b0`` plus a branch ``T(x) = dW x + db`` (two passes over the activations, and for SURM's FFT paths
   float32 complex spectra of every token kept for backward), the layer runs one GEMM,
   ``F.linear(x, W0 + s dW, b0 + s db)``, with ``dW`` formed once per forward from the tuner's parameters (d_out x
-  d_in is small next to the activations of a UNet layer) and carrying the gradient back to them. Chosen on CUDA
+  d_in is small next to the activations of a UNet layer) and carrying the gradient back to them (SURM circulant,
+  Toeplitz and LDR form ``dW`` from strided views of their parameters, nothing n x n kept for backward: see
+  :meth:`~resattn_diffusion.tuners.structured.StructuredMatrix.dense_matrix`). Chosen on CUDA
   when every active tuner of the layer is parallel and mergeable (see
   :func:`resattn_diffusion.integration.processors.select_linear_path`).
 * **dense structured matrix** (SURM-Adapter's projections): the structured matrix materialised once per forward

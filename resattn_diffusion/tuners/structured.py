@@ -40,6 +40,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .base import ConfigError
@@ -115,6 +116,52 @@ def toeplitz_matrix(t: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
     return t[rows[:, None] - cols[None, :] + d_in - 1]
 
 
+# --- dense forms for training on the fast path: few kernels, nothing saved ----------------------------------------
+
+
+class _ToeplitzFromVector(torch.autograd.Function):
+    """``M[i, j] = u[rows - 1 - i + j]`` (rows x cols, ``u`` of length ``rows + cols - 1``): a flipped Hankel view of
+    u, copied. Backward: ``du[q] = sum_{rows - 1 - i + j = q} G[i, j]``, the anti-diagonal sums of the row-flipped
+    gradient, read through a strided view of it padded by ``rows`` columns (row r shifted right by r). A handful of
+    kernels each way and nothing saved, where an index gather's backward scatters ``rows * cols`` gradients."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        ctx.rows, ctx.cols = rows, cols
+        u = u.contiguous()
+        return u.as_strided((rows, cols), (1, 1), u.storage_offset()).flip(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        rows, cols = ctx.rows, ctx.cols
+        width = rows + cols
+        padded = F.pad(grad.flip(0), (0, rows)).contiguous()  # (rows, cols + rows), zeros on the right
+        shifted = padded.as_strided((rows, width), (width - 1, 1))  # [r, c] = flipped G[r, c - r], or a zero
+        return shifted.sum(0)[: width - 1], None, None
+
+
+def toeplitz_block(u: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``M[i, j] = u[rows - 1 - i + j]`` (rows x cols, differentiable; see :class:`_ToeplitzFromVector`)."""
+    return _ToeplitzFromVector.apply(u, rows, cols)
+
+
+def circulant_block(v: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``circ(v)[:rows, :cols]`` as :func:`toeplitz_block` of ``u[p] = v[(rows - 1 - p) mod n]``, a slice of the
+    reversed ``[v, v]`` (rows, cols <= n). Equal to :func:`circulant_matrix`'s block, exactly."""
+    n = v.shape[-1]
+    u = torch.cat([v, v]).flip(0)[n - rows : n + cols - 1]
+    return toeplitz_block(u, rows, cols)
+
+
+def skew_circulant_block(h: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``skew(h)[:rows, :cols]``: a Toeplitz matrix with ``s[d] = h[d]`` (d >= 0), ``-h[n + d]`` (d < 0) on its
+    diagonals, i.e. :func:`toeplitz_block` of a slice of the reversed ``[-h, h]``. Equal to
+    :func:`skew_circulant_matrix`'s block, exactly."""
+    n = h.shape[-1]
+    u = torch.cat([-h, h]).flip(0)[n - rows : n + cols - 1]
+    return toeplitz_block(u, rows, cols)
+
+
 #: On CPU the FFT paths run over blocks of rows of about this many elements: intermediates that fit the cache
 #: (and come from the allocator's free lists instead of fresh, page-faulting memory) make the FFT path 2-4x
 #: faster at SD widths than one pass over tens of megabytes. GPUs run the whole batch at once.
@@ -166,8 +213,26 @@ def toeplitz_apply(t: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor
     return y.to(x.dtype)
 
 
+#: :func:`_skew_modulation`'s constants by (n, device, dtype): a handful of n-vectors, built once instead of five
+#: kernels per call (on a GPU the training steps are bound by launching kernels, and LDR needs it per layer twice).
+_SKEW_MODULATIONS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def _skew_modulation(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``w^t = exp(i pi t / n)`` for t < n (the diagonal M of ``skew(h) = M^-1 circ(M h) M``), complex of ``dtype``."""
+    """``w^t = exp(i pi t / n)`` for t < n (the diagonal M of ``skew(h) = M^-1 circ(M h) M``), complex of ``dtype``.
+    A constant, cached per (n, device, dtype) -- except while ``torch.compile`` traces, which folds it itself."""
+    if torch.compiler.is_compiling():
+        return _build_skew_modulation(n, device, dtype)
+    key = (n, torch.device(device), dtype)
+    cached = _SKEW_MODULATIONS.get(key)
+    if cached is None:
+        # A normal tensor even when first asked for under inference_mode: autograd may save it later.
+        with torch.inference_mode(False), torch.no_grad():
+            cached = _SKEW_MODULATIONS[key] = _build_skew_modulation(n, device, dtype)
+    return cached
+
+
+def _build_skew_modulation(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     angle = torch.arange(n, device=device, dtype=torch.float64) * (math.pi / n)
     return torch.polar(torch.ones_like(angle), angle).to(
         torch.complex128 if dtype == torch.float64 else torch.complex64
@@ -320,6 +385,15 @@ class StructuredMatrix(nn.Module, abc.ABC):
     path: str = "auto"
     #: The family's structured path is FFTs: :meth:`dense_matrix` can materialise M through it (see there).
     materializes_through_fft: ClassVar[bool] = False
+    #: Whether the fast path forms M by the family's strided dense form (:meth:`strided_dense`: Toeplitz views of
+    #: the parameters, a few kernels) where it has one, rather than by its FFT path applied to the identity (some
+    #: twenty kernels for LDR, each way). Class-wide; the GPU benchmark times both (``[run-2 dense]`` rows).
+    use_strided_dense: bool = True
+    #: Whether a dense form that would keep n x n intermediates for backward -- the FFT form's float32 complex
+    #: spectra of the identity (up to 12 n^2 bytes per layer, LDR), LDR's two strided factors (8 n^2) -- keeps
+    #: nothing but the parameters and forms them again in backward (activation checkpointing; the same ops, so the
+    #: same numbers). Kept, they add ~0.4-1.9 GB over SD 1.5's attention projections (README, GPU section).
+    recompute_dense: bool = True
 
     def __init__(self, d_out: int, d_in: int):
         super().__init__()
@@ -337,10 +411,12 @@ class StructuredMatrix(nn.Module, abc.ABC):
 
     def dense_matrix(self) -> torch.Tensor:
         """M for a forward pass: :meth:`materialize`, or -- for the FFT families when a gradient is wanted and the
-        fast paths are (CUDA, or ``forced_paths("fast")``) -- M formed by applying the structured path to the
-        identity, ``M = structured_forward(I)^T``. Equal up to rounding; the difference is the backward: the
-        index gather of ``materialize`` scatters n^2 gradients into n parameters (on a GPU a sort or contended
-        atomics per layer and step), the FFT form's backward is a few FFTs of an n x n block."""
+        fast paths are (CUDA, or ``forced_paths("fast")``) -- M in a form whose backward suits a GPU: the index
+        gather of ``materialize`` scatters n^2 gradients into n parameters (a sort or contended atomics per layer
+        and step). That form is the family's :meth:`strided_dense` (Toeplitz views of the parameters, whose
+        backward sums diagonals through strided views) where it has one and :attr:`use_strided_dense` is on, else
+        its FFT path applied to the identity, ``M = structured_forward(I)^T``. All equal up to rounding; forms
+        that keep n x n intermediates for backward run again there instead (:attr:`recompute_dense`)."""
         parameter = next(self.parameters(), None)
         if (
             self.materializes_through_fft
@@ -349,9 +425,27 @@ class StructuredMatrix(nn.Module, abc.ABC):
             and any(p.requires_grad for p in self.parameters())
             and fast_path_wanted(parameter.device.type)
         ):
-            identity = torch.eye(self.d_in, device=parameter.device, dtype=parameter.dtype)
-            return self.structured_forward(identity).transpose(0, 1)
+            form = self.strided_dense if self.use_strided_dense and self.has_strided_dense else self._dense_through_fft
+            if self.recompute_dense and (form == self._dense_through_fft or self.strided_dense_saves_factors):
+                return torch.utils.checkpoint.checkpoint(form, use_reentrant=False, preserve_rng_state=False)
+            return form()
         return self.materialize()
+
+    #: The family has a :meth:`strided_dense` form.
+    has_strided_dense: ClassVar[bool] = False
+    #: Its strided form keeps n x n factors for backward (LDR's product), so :attr:`recompute_dense` applies to it.
+    strided_dense_saves_factors: ClassVar[bool] = False
+
+    def strided_dense(self) -> torch.Tensor:
+        """M as a differentiable function of the parameters built from strided views (:func:`toeplitz_block`). The
+        families with one set ``has_strided_dense`` and override this; the others' form is the FFT one."""
+        return self._dense_through_fft()
+
+    def _dense_through_fft(self) -> torch.Tensor:
+        """``M = structured_forward(I)^T``: the structured path applied to the d_in x d_in identity."""
+        parameter = next(self.parameters())
+        identity = torch.eye(self.d_in, device=parameter.device, dtype=parameter.dtype)
+        return self.structured_forward(identity).transpose(0, 1)
 
     @abc.abstractmethod
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -422,6 +516,11 @@ class CirculantMatrix(StructuredMatrix):
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return circulant_apply(self.v, x, self.d_out)
 
+    has_strided_dense = True
+
+    def strided_dense(self) -> torch.Tensor:
+        return circulant_block(self.v, self.d_out, self.d_in)
+
     def structured_cost(self, rows: int) -> float:
         return rows * FFT_COST_PER_ELEMENT["circulant"] * _n_log_n(self.size)
 
@@ -448,6 +547,11 @@ class ToeplitzMatrix(StructuredMatrix):
 
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return toeplitz_apply(self.t, x, self.d_out)
+
+    has_strided_dense = True
+
+    def strided_dense(self) -> torch.Tensor:
+        return toeplitz_block(self.t.flip(0), self.d_out, self.d_in)
 
     def structured_cost(self, rows: int) -> float:
         length = next_fast_fft_length(self.d_out + self.d_in - 1)
@@ -525,6 +629,19 @@ class LDRMatrix(StructuredMatrix):
 
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ldr_apply(self.g, self.h, x, self.d_out)
+
+    has_strided_dense = True
+    strided_dense_saves_factors = True
+
+    def strided_dense(self) -> torch.Tensor:
+        """``sum_i circ(g_i)[:d_out, :] skew(h_i)[:, :d_in]``: two strided factors and one float32 matmul per term
+        (autocast off: a half-precision product of n terms would lose what the FFT form keeps)."""
+        with float32_fft_region(self.g.device):
+            terms = [
+                circulant_block(g, self.d_out, self.size) @ skew_circulant_block(h, self.size, self.d_in)
+                for g, h in zip(self.g, self.h)
+            ]
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
 
     def structured_cost(self, rows: int) -> float:
         return rows * self.g.shape[0] * FFT_COST_PER_ELEMENT["ldr"] * _n_log_n(self.size)
