@@ -257,3 +257,40 @@ def test_save_reference_statistics_writes_what_the_reader_reads(tmp_path) -> Non
                                            progress=False)  # fmt: skip
     with np.load(stats_only) as data:
         assert "features" not in data.files
+
+
+def test_kid_defaults_and_float64_arithmetic() -> None:
+    f1, f2 = _features(8, 3, 8), _features(7, 3, 9, shift=0.3)
+    assert kernel_inception_distance(f1, f2, 3, 5) == kernel_inception_distance(f1, f2, 3, 5, seed=0)
+    as32 = kernel_inception_distance(f1.astype(np.float32), f2.astype(np.float32), 3, 5)
+    g1, g2 = f1.astype(np.float32).astype(np.float64), f2.astype(np.float32).astype(np.float64)
+    as64 = kernel_inception_distance(g1, g2, 3, 5)
+    assert as32 == pytest.approx(as64, rel=1e-13)  # float32 features are computed with in float64
+
+
+def test_evaluator_defaults_details_and_subject_checks(tmp_path) -> None:
+    import json
+
+    from resattn_diffusion.evaluation.metrics import Evaluator
+
+    _write_images(tmp_path / "gen", 6, 5)
+    _write_images(tmp_path / "ref", 4, 6)
+    records = [{"file": f"{i:03d}.png", "pipeline": "sd", "steps": 20, "guidance": 7.5, "seed": i % 2,
+                "prompt": "a" if i < 3 else "b", "scale": 1.0 if i else 0.5} for i in range(6)]  # fmt: skip
+    (tmp_path / "gen" / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+    evaluator = Evaluator(["kid"], reference=tmp_path / "ref", feature_extractor=extractor, kid_subsets=2,
+                          progress=False)  # fmt: skip
+    assert evaluator.kid_subset_size == 1000 and evaluator.seed == 0
+    report = evaluator.evaluate(tmp_path / "gen")
+    details = report["details"]
+    assert details["kid_subset_size"] == 4  # the smaller set: 4 reference images
+    assert details["fid_features"] == "custom" and details["reference"] == str(tmp_path / "ref")
+    assert report["generation"] == {"pipeline": "sd", "steps": 20, "guidance": 7.5, "tuner": None,
+                                    "negative_prompt": None, "height": None, "width": None,
+                                    "num_prompts": 2, "num_seeds": 2}  # fmt: skip
+    for metric in ("clip_i", "dino"):
+        with pytest.raises(EvaluationError, match="need the subject's real images"):
+            Evaluator([metric])
+    with pytest.raises(EvaluationError, match="generated image folder"):
+        evaluator.evaluate(tmp_path / "missing")
