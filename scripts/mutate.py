@@ -103,7 +103,14 @@ def _modules() -> list[Module]:
     # the integration layer: the tests that build tiny models and check the processors / files / fusion exactly
     fast, bypass, io_tests = T + "test_fast_paths.py", T + "test_bypass.py", T + "test_io_config.py"
     integration = {
-        "processors": (fast, bypass, T + "test_reference_processor.py"),
+        # the linear banks' fusing and the joint (SD3 / Flux) processor live here too
+        "processors": (
+            fast,
+            bypass,
+            T + "test_reference_processor.py",
+            T + "test_fuse.py",
+            T + "test_transformers.py",
+        ),
         "fusion": (T + "test_fuse.py", T + "test_fuse_compose.py"),
         "io": (io_tests, T + "test_shared_helpers.py", T + "test_save_temporaries.py"),
         "plan": (io_tests, fast),
