@@ -238,7 +238,7 @@ def test_save_reference_statistics_writes_what_the_reader_reads(tmp_path) -> Non
     with torch.no_grad():
         features = projection(torch.from_numpy(pixels)).numpy()
     (tmp_path / "out").mkdir()  # an existing folder is fine, a missing parent is made
-    for target in (tmp_path / "out" / "a" / "stats", tmp_path / "out" / "b.npz"):
+    for target in (tmp_path / "out" / "a" / "b" / "stats", tmp_path / "out" / "b.npz"):
         path = save_reference_statistics(tmp_path / "real", target, encoder=encoder, batch_size=2, progress=False)
         assert path.suffix == ".npz" and path.name in ("stats.npz", "b.npz") and path.is_file()
         with np.load(path) as data:
@@ -292,5 +292,7 @@ def test_evaluator_defaults_details_and_subject_checks(tmp_path) -> None:
     for metric in ("clip_i", "dino"):
         with pytest.raises(EvaluationError, match="need the subject's real images"):
             Evaluator([metric])
+        with pytest.raises(EvaluationError, match="subject folder"):
+            Evaluator([metric], subject=tmp_path / "no_subject")
     with pytest.raises(EvaluationError, match="generated image folder"):
         evaluator.evaluate(tmp_path / "missing")
