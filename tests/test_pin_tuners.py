@@ -365,3 +365,22 @@ def test_length_and_rank_checks_name_the_value() -> None:
     for params, name in cases:
         with pytest.raises(ConfigError, match=f"^{name} must be a positive number, got 0$"):
             params.validate()
+
+
+def test_surm_checks_dims_factors_and_hidden_width() -> None:
+    from resattn_diffusion.tuners.surm import SURMAdapterParams, SURMCirculantParams, SURMKroneckerParams
+
+    for bad in (OpShape(0, 5, 0), OpShape(5, 0, 5)):
+        with pytest.raises(ConfigError, match="SURM needs positive in_dim and out_dim"):
+            SURMCirculantParams().validate_for(bad)
+    SURMCirculantParams().validate_for(OpShape(1, 1, 1))  # one feature is enough
+    for name in ("out_factor", "in_factor"):
+        for bad in ("2", 2.0, True, -1):
+            with pytest.raises(ConfigError, match=f"^{name} must be a non-negative integer"):
+                SURMKroneckerParams(**{name: bad}).validate()
+    SURMKroneckerParams(out_factor=0, in_factor=3).validate()
+    for bad in ("4", 4.0, True, -1):
+        with pytest.raises(ConfigError, match="hidden_dim must be a non-negative integer"):
+            SURMAdapterParams(hidden_dim=bad).validate()
+    with pytest.raises(ConfigError, match="^structure="):
+        SURMAdapterParams(structure="dense").validate()
