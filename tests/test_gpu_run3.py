@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_run3_keeps_its_total_time_limit(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    total = 50
+    total = 27
     env = dict(
         os.environ,
         PYTHON=sys.executable,
