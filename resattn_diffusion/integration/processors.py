@@ -437,9 +437,8 @@ class ResTunerAttnProcessor(nn.Module):
         # A per-call scale passed to the attention itself (the UNet's pre-hook sets ``bank.call_scale`` instead) goes
         # to the bank as an argument, not as state: nothing to restore afterwards, so no try/finally in the hot path.
         bank = self.bank
-        if (
-            res_tuner_scale is not None
-        ):  # only when the attention itself is given a scale (the UNet's hook checks its own)
+        # only when the attention itself is given a scale (the UNet's hook checks its own)
+        if res_tuner_scale is not None:
             check_call_scale(res_tuner_scale)
         if self.backend == "wrapped":
             if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)

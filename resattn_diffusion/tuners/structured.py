@@ -425,20 +425,19 @@ class StructuredMatrix(nn.Module, abc.ABC):
             and any(p.requires_grad for p in self.parameters())
             and fast_path_wanted(parameter.device.type)
         ):
-            form = self.strided_dense if self.use_strided_dense and self.has_strided_dense else self._dense_through_fft
+            has_strided = type(self).strided_dense is not StructuredMatrix.strided_dense
+            form = self.strided_dense if self.use_strided_dense and has_strided else self._dense_through_fft
             if self.recompute_dense and (form == self._dense_through_fft or self.strided_dense_saves_factors):
                 return torch.utils.checkpoint.checkpoint(form, use_reentrant=False, preserve_rng_state=False)
             return form()
         return self.materialize()
 
-    #: The family has a :meth:`strided_dense` form.
-    has_strided_dense: ClassVar[bool] = False
     #: Its strided form keeps n x n factors for backward (LDR's product), so :attr:`recompute_dense` applies to it.
     strided_dense_saves_factors: ClassVar[bool] = False
 
     def strided_dense(self) -> torch.Tensor:
         """M as a differentiable function of the parameters built from strided views (:func:`toeplitz_block`). The
-        families with one set ``has_strided_dense`` and override this; the others' form is the FFT one."""
+        families with one override this; the others' form is the FFT one."""
         return self._dense_through_fft()
 
     def _dense_through_fft(self) -> torch.Tensor:
@@ -516,8 +515,6 @@ class CirculantMatrix(StructuredMatrix):
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return circulant_apply(self.v, x, self.d_out)
 
-    has_strided_dense = True
-
     def strided_dense(self) -> torch.Tensor:
         return circulant_block(self.v, self.d_out, self.d_in)
 
@@ -547,8 +544,6 @@ class ToeplitzMatrix(StructuredMatrix):
 
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return toeplitz_apply(self.t, x, self.d_out)
-
-    has_strided_dense = True
 
     def strided_dense(self) -> torch.Tensor:
         return toeplitz_block(self.t.flip(0), self.d_out, self.d_in)
@@ -630,7 +625,6 @@ class LDRMatrix(StructuredMatrix):
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ldr_apply(self.g, self.h, x, self.d_out)
 
-    has_strided_dense = True
     strided_dense_saves_factors = True
 
     def strided_dense(self) -> torch.Tensor:
