@@ -382,6 +382,20 @@ def markdown_table(rows: Iterable[dict]) -> str:
     return "\n".join(lines)
 
 
+def _environment_number(name: str, kind: type, low: float, high: float, what: str) -> int | float | None:
+    """The number in environment variable ``name`` (None when unset or empty), refused unless in [low, high]."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise SystemExit(f"mutate: {name}={text!r} is not a number; give {what}") from None
+    if not low <= value <= high:  # NaN fails this too
+        raise SystemExit(f"mutate: {name}={text!r} is out of range; give {what}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dev.sh mutate", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="files or folders under resattn_diffusion/ (default: all in scope)")
@@ -390,9 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         "--report", action="store_true", help="summarize what the work folders hold (an interrupted run), run nothing"
     )
     args = parser.parse_args(argv)
-    workers = int(os.environ.get("MUTATE_WORKERS") or os.cpu_count() or 1)
+    workers = _environment_number("MUTATE_WORKERS", int, 1, 4096, "a whole number of workers, e.g. 16")
+    workers = workers or os.cpu_count() or 1
     # MUTATE_SAMPLE=0.2: run a fixed fifth of each module's mutants (a quick estimate; the score says "sampled")
-    fraction = float(os.environ["MUTATE_SAMPLE"]) if os.environ.get("MUTATE_SAMPLE") else None
+    fraction = _environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share of the mutants in (0, 1], e.g. 0.2")
     out = Path(os.environ.get("MUTATE_OUT") or REPO / "mutation-results").resolve()
     if args.table:
         summary = out / "summary.json"

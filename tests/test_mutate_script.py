@@ -102,3 +102,29 @@ def test_markdown_table_has_a_line_per_module_and_group(mutate) -> None:
     assert lines[2] == "| evaluation/metrics.py | 3 | 1 | 0 | 3/4 = 75.0% |"
     assert lines[3] == "| tuners/lora.py | 9 | 1 | 0 | 9/10 = 90.0% |"
     assert lines[-1] == "| **all of the above** | | | | **12/14 = 85.7%** |"
+
+
+@pytest.mark.parametrize(
+    "name,value,words",
+    [
+        ("MUTATE_WORKERS", "abc", "not a number"),
+        ("MUTATE_WORKERS", "0", "out of range"),
+        ("MUTATE_WORKERS", "-3", "out of range"),
+        ("MUTATE_SAMPLE", "2", "out of range"),
+        ("MUTATE_SAMPLE", "nan", "out of range"),
+        ("MUTATE_SAMPLE", "0", "out of range"),
+    ],
+)
+def test_bad_environment_numbers_are_refused_before_anything_runs(mutate, monkeypatch, tmp_path, name, value, words):
+    monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MUTATE_OUT", str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match=f"{name}=.*{words}"):
+        mutate.main([])
+    assert not (tmp_path / "out").exists()
+
+
+def test_environment_numbers_in_range_are_read(mutate, monkeypatch):
+    monkeypatch.setenv("MUTATE_SAMPLE", "0.25")
+    assert mutate._environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share") == 0.25
+    monkeypatch.setenv("MUTATE_SAMPLE", "")
+    assert mutate._environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share") is None
