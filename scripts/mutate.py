@@ -156,10 +156,10 @@ def _modules() -> list[Module]:
 MODULES = _modules()
 # tests written to pin one module's math (by the reference / pin test files' names) are added when they exist
 _EXTRA_PINS = {
-    "tuners": ("test_reference_tuners.py", "test_pin_tuners.py"),
-    "loss": ("test_reference_loss.py", "test_pin_loss.py"),
-    "metrics": ("test_reference_metrics.py", "test_pin_metrics.py"),
-    "integration": ("test_pin_integration.py",),
+    "tuners": ("test_reference_tuners.py", "test_pin_tuners*.py"),
+    "loss": ("test_reference_loss.py", "test_pin_loss*.py"),
+    "metrics": ("test_reference_metrics.py", "test_pin_metrics*.py"),
+    "integration": ("test_reference_processor.py", "test_pin_integration*.py"),
 }
 
 
