@@ -143,3 +143,31 @@ def test_accept_changed_weights_drops_the_bias_that_fusing_created():
     w0 = before[created[0][0].layer_path][0]
     delta = folded(created[0][0], "g", w0, None)[0]
     torch.testing.assert_close(created[0][1].weight, (w0 + delta) * 1.5 - delta, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tuner,hyper", [("res_lora", {}), ("surm_circulant", {})])
+def test_a_sequential_tuner_folds_as_dw_w0_and_dw_b0_plus_db_and_fused_equals_unfused(tuner, hyper):
+    unet = frozen_tiny_unet("sd1").to(torch.float64)
+    config = rd.ResTunerConfig(tuner, targets=["attn1"], blocks=["down_blocks.0"], placement="sequential", scale=0.7,
+                               **hyper)
+    rd.add_res_tuner(unet, config)
+    randomize_tuner(unet, seed=4, std=0.2)
+    before = originals(unet)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    with torch.no_grad():
+        unfused = {bank.layer_path: owner(x) for bank, owner in banks(unet)}
+    rd.fuse_res_tuner(unet)
+    for bank, owner in banks(unet):
+        w0, b0 = before[bank.layer_path]
+        delta_w, delta_b = bank.tuners["default"].fold(w0, b0)
+        expected_b = (0 if delta_b is None else delta_b) + (0 if b0 is None else delta_w @ b0)
+        torch.testing.assert_close(owner.weight, w0 + 0.7 * delta_w @ w0, rtol=1e-6, atol=1e-7)
+        if b0 is None and delta_b is None:
+            assert owner.bias is None
+        else:
+            torch.testing.assert_close(owner.bias, (0 if b0 is None else b0) + 0.7 * expected_b, rtol=1e-6, atol=1e-7)
+        with torch.no_grad():
+            torch.testing.assert_close(owner(x), unfused[bank.layer_path], rtol=1e-6, atol=1e-6)
+    rd.unfuse_res_tuner(unet)
+    for bank, owner in banks(unet):
+        assert torch.equal(owner.weight, before[bank.layer_path][0])

@@ -264,3 +264,67 @@ def test_joint_processor_with_an_empty_bank_returns_diffusers_output_itself():
         frozen_image, frozen_text = stock(attn, image, text, None)
         image_out, text_out = attn(image, text)
     assert torch.equal(image_out, frozen_image) and torch.equal(text_out, frozen_text)
+
+
+def test_the_bank_runs_what_is_enabled_unfused_and_added_with_per_call_and_per_name_scales():
+    attn = attention(cross_attention_dim=CONTEXT_DIM)
+    kwargs = inputs(cross=True, masked=False)
+    hidden = seeded(2, TOKENS, DIM, seed=3)
+    processor = ResTunerAttnProcessor(AttnProcessor2_0(), "blocks.0.attn")
+    attn.set_processor(processor)
+    bank = processor.bank
+    first, second = RecordingBranch(DIM, DIM, seed=1), RecordingBranch(DIM, DIM, seed=2)
+    context = kwargs["encoder_hidden_states"]
+    with torch.no_grad():
+        frozen = attn(hidden, **kwargs)
+        one = hidden @ first.weight + context.mean()
+        two = hidden @ second.weight + context.mean()
+
+        def run(**extra):
+            return attn(hidden, **kwargs, **extra)
+
+        bank.add("first", first, 1.0, "parallel")
+        run()  # the list of branches is cached now: adding, removing or changing a setting must renew it
+        bank.add("second", second, 0.5, "parallel")
+        torch.testing.assert_close(run(), frozen + one + 0.5 * two)
+        torch.testing.assert_close(run(res_tuner_scale={"second": 2.0}), frozen + one + 2.0 * two)  # first keeps 1
+        torch.testing.assert_close(run(res_tuner_scale={"first": 0.0}), frozen + 0.5 * two)
+        bank.settings["first"].enabled = False
+        torch.testing.assert_close(run(), frozen + 0.5 * two)
+        bank.settings["first"].enabled = True
+        bank.settings["second"].scale = 0.0  # a branch at scale 0 is not computed at all
+        calls = len(second.calls)
+        torch.testing.assert_close(run(), frozen + one)
+        assert len(second.calls) == calls
+        torch.testing.assert_close(run(res_tuner_scale=3.0), frozen + 3.0 * one + 3.0 * two)  # a float: every tuner
+        bank.settings["first"].fused = True  # a fused branch is in the weights, never run beside them
+        torch.testing.assert_close(run(res_tuner_scale=1.0), frozen + two)
+        bank.remove("first")
+        bank.settings["second"].scale = 1.0
+        torch.testing.assert_close(run(), frozen + two)
+        bank.call_scale = 0.25  # what the model's pre-hook sets for one call
+        torch.testing.assert_close(run(), frozen + 0.25 * two)
+
+
+def test_a_sequential_branch_reads_the_attention_output_without_the_frozen_query():
+    attn = attention(cross_attention_dim=CONTEXT_DIM)
+    kwargs = inputs(cross=True, masked=False)
+    hidden = seeded(2, TOKENS, DIM, seed=3)
+    processor = ResTunerAttnProcessor(AttnProcessor2_0(), "blocks.0.attn")
+    attn.set_processor(processor)
+    parallel, sequential = RecordingBranch(DIM, DIM, seed=1), RecordingBranch(DIM, DIM, seed=2)
+    processor.bank.add("par", parallel, 1.0, "parallel")
+    processor.bank.add("seq", sequential, 0.5, "sequential")
+    with torch.no_grad():
+        frozen = AttnProcessor2_0()(attn, hidden, **kwargs)
+        out = attn(hidden, **kwargs)
+    context = kwargs["encoder_hidden_states"]
+    expected = frozen + (hidden @ parallel.weight + context.mean()) + 0.5 * (frozen @ sequential.weight + context.mean())
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    (_, _, par_frozen), = parallel.calls
+    (x, seen_context, seq_frozen), = sequential.calls
+    torch.testing.assert_close(x, frozen, rtol=1e-12, atol=1e-12)
+    assert torch.equal(seen_context, context)
+    assert par_frozen.query is not None and seq_frozen.query is None
+    assert seq_frozen.to_q is attn.to_q and seq_frozen.to_k is attn.to_k and seq_frozen.to_v is attn.to_v
+    assert seq_frozen.out_weight is attn.to_out[0].weight and seq_frozen.heads == HEADS
