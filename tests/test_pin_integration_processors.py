@@ -328,3 +328,20 @@ def test_a_sequential_branch_reads_the_attention_output_without_the_frozen_query
     assert par_frozen.query is not None and seq_frozen.query is None
     assert seq_frozen.to_q is attn.to_q and seq_frozen.to_k is attn.to_k and seq_frozen.to_v is attn.to_v
     assert seq_frozen.out_weight is attn.to_out[0].weight and seq_frozen.heads == HEADS
+
+
+def test_only_diffusers_stock_sdpa_processor_is_computed_inline():
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    from resattn_diffusion.integration import processors
+
+    class CustomSdpa(AttnProcessor2_0):  # a subclass may change the computation: it is called, not reimplemented
+        pass
+
+    assert ResTunerAttnProcessor(AttnProcessor2_0(), "a").backend == "sdpa"
+    assert ResTunerAttnProcessor(CustomSdpa(), "a").backend == "wrapped"
+    assert ResTunerAttnProcessor(AttnProcessor(), "a").backend == "wrapped"
+    if processors.xformers_ops is None:  # xformers absent (always on CPU): its processor is only ever wrapped
+        assert ResTunerAttnProcessor(XFormersAttnProcessor(), "a").backend == "wrapped"
+    wrapped = ResTunerAttnProcessor(ResTunerAttnProcessor(AttnProcessor2_0(), "a"), "a")  # never nested
+    assert type(wrapped.base_processor) is AttnProcessor2_0 and wrapped.backend == "sdpa"
