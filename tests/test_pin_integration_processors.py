@@ -69,7 +69,6 @@ CASES = {
 
 
 def inputs(cross: bool, masked: bool) -> dict[str, torch.Tensor | None]:
-    hidden = seeded(2, TOKENS, DIM, seed=3)
     context = seeded(2, CONTEXT_TOKENS, CONTEXT_DIM, seed=4) if cross else None
     mask = None
     if masked:  # diffusers' additive mask over the keys; the second example sees only its first two keys
@@ -106,7 +105,7 @@ def test_frozen_attention_is_diffusers_own_and_the_branch_reads_what_it_should(c
     expected = reference + 0.5 * (hidden @ branch.weight + (0.0 if context is None else context.mean()))
     torch.testing.assert_close(tuned, expected, rtol=1e-12, atol=1e-12)
 
-    (x, seen_context, frozen), = branch.calls
+    ((x, seen_context, frozen),) = branch.calls
     assert torch.equal(x, hidden)
     if context is None:
         assert seen_context is None
@@ -201,7 +200,11 @@ def _rotary(model, kind: str, text_tokens: int, image_tokens: int) -> dict:
 
 @pytest.mark.parametrize(
     "kind,path",
-    [("sd3", "transformer_blocks.0.attn"), ("sd35", "transformer_blocks.0.attn"), ("flux", "transformer_blocks.0.attn")],
+    [
+        ("sd3", "transformer_blocks.0.attn"),
+        ("sd35", "transformer_blocks.0.attn"),
+        ("flux", "transformer_blocks.0.attn"),
+    ],
 )
 def test_joint_attention_hands_the_branch_the_normed_frozen_projections_of_both_streams(kind, path):
     model, attn, stock, _, branch = _joint_case(kind, path)
@@ -319,10 +322,12 @@ def test_a_sequential_branch_reads_the_attention_output_without_the_frozen_query
         frozen = AttnProcessor2_0()(attn, hidden, **kwargs)
         out = attn(hidden, **kwargs)
     context = kwargs["encoder_hidden_states"]
-    expected = frozen + (hidden @ parallel.weight + context.mean()) + 0.5 * (frozen @ sequential.weight + context.mean())
+    expected = (
+        frozen + (hidden @ parallel.weight + context.mean()) + 0.5 * (frozen @ sequential.weight + context.mean())
+    )
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    (_, _, par_frozen), = parallel.calls
-    (x, seen_context, seq_frozen), = sequential.calls
+    ((_, _, par_frozen),) = parallel.calls
+    ((x, seen_context, seq_frozen),) = sequential.calls
     torch.testing.assert_close(x, frozen, rtol=1e-12, atol=1e-12)
     assert torch.equal(seen_context, context)
     assert par_frozen.query is not None and seq_frozen.query is None
