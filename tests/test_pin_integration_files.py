@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration import io as tuner_io
-from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, tiny_unet
+from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner
 
 LORA = rd.ResTunerConfig(tuner="res_lora", rank=2, targets=["attn2"])
 
