@@ -366,3 +366,42 @@ def _inputs(unet):
 def _out(unet, inputs):
     with torch.no_grad():
         return unet(**inputs).sample
+
+
+# --- the model's state: names and hooks ----------------------------------------------------------------------
+def _hooks(model: nn.Module) -> dict[str, int]:
+    """Every hook table of every module, by size: what adding tuners adds and removing them must take away."""
+    tables = (
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    )
+    return {f"{name}:{table}": len(getattr(m, table)) for name, m in model.named_modules() for table in tables}
+
+
+@pytest.mark.parametrize("copy_first", [False, True])
+def test_removing_every_tuner_removes_every_hook_also_on_a_deep_copy(copy_first):
+    import copy
+
+    unet = frozen_tiny_unet()
+    before = _hooks(unet)
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_adapter", targets=["ff"]), "ff")
+    rd.add_res_tuner(unet, LORA, "lora")
+    assert _hooks(unet) != before
+    if copy_first:  # hooks are found by identity of the function, not by handles kept on the original
+        unet = copy.deepcopy(unet)
+    rd.remove_res_tuner(unet, "ff")
+    assert list(rd.get_res_tuner_configs(unet)) == ["lora"]
+    rd.remove_res_tuner(unet)
+    assert _hooks(unet) == before
+
+
+def test_a_name_that_is_not_a_loaded_tuner_is_refused_naming_the_loaded_ones():
+    unet = _pipe_with("a", "b").unet
+    with pytest.raises(rd.ResTunerError, match=r"adapter_name must be a tuner's name \(a string\), got int 3"):
+        tuner_io.res_tuner_state_dict(unet, 3)
+    with pytest.raises(rd.ResTunerError, match=r"no tuner named 'c' on this model; loaded tuners .*\['a', 'b'\]"):
+        tuner_io.res_tuner_state_dict(unet, "c")
+    assert {name: s["scale"] for name, s in _Pipe(unet).get_res_tuners().items()} == {"a": 1.0, "b": 1.0}
