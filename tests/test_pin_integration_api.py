@@ -366,7 +366,7 @@ def test_layer_scales_refusals_change_nothing(unet):
     rd.fuse_res_tuner(unet, "a")
     fused_scale_kept = {p.split(".")[0]: 1.0 for p in paths}
     api.set_res_tuner_layer_scales(unet, "a", fused_scale_kept)  # the fused scale itself: fine
-    with pytest.raises(rd.ResTunerError, match="tuner 'a' is fused into the weights; unfuse it before changing its sc"):
+    with pytest.raises(rd.ResTunerError, match="tuner 'a' is fused into the weights; unfuse it before"):
         api.set_res_tuner_layer_scales(unet, "a", {"down_blocks": 1.0, "up_blocks": 0.5})
     assert set(_layer_scales(unet, "a").values()) == {1.0}
 
@@ -379,7 +379,8 @@ def test_summary_counts_each_tuners_layers_and_parameters(unet):
     assert own == sum(p.numel() for p in unet.parameters())
     assert rd.res_tuner_summary(unet) == {"unet_parameters": own, "tuners": {}}
     paths_a = rd.add_res_tuner(unet, _lora(), "a")
-    paths_b = rd.add_res_tuner(unet, rd.ResTunerConfig("res_attn", rank=4, targets=["attn2"], placement="sequential"), "b")
+    sequential = rd.ResTunerConfig("res_attn", rank=4, targets=["attn2"], placement="sequential")
+    paths_b = rd.add_res_tuner(unet, sequential, "b")
     summary = rd.res_tuner_summary(unet)
     assert summary["unet_parameters"] == own  # the tuners' own parameters are not the model's
     count_a = sum(p.numel() for p in rd.res_tuner_parameters(unet, "a"))

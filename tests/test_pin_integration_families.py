@@ -135,8 +135,10 @@ def test_block_patterns_match_whole_path_parts(unet):
 
 
 def test_unknown_targets_and_projections_name_the_family_vocabulary(unet, sd3):
-    with pytest.raises(rd.ConfigError, match=r"target\(s\) \['attn1'\] do not exist on a SD3 transformer; its "
-                       r"targets are \['attn', 'attn2', 'ff', 'ff_context'\] \(default \['attn', 'attn2'\]\)"):  # fmt: skip
+    vocabulary = r"its targets are \['attn', 'attn2', 'ff', 'ff_context'\] \(default \['attn', 'attn2'\]\)"
+    with pytest.raises(
+        rd.ConfigError, match=r"target\(s\) \['attn1'\] do not exist on a SD3 transformer; " + vocabulary
+    ):
         api.find_layers(sd3, rd.ResTunerConfig("res_attn", rank=4, targets=["attn1"]))
     with pytest.raises(rd.ConfigError, match=r"projection\(s\) \['add_q_proj'\] do not exist on a UNet; its "
                        r"projections are \['to_q', 'to_k', 'to_v', 'to_out'\]"):  # fmt: skip
