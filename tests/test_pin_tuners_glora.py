@@ -47,6 +47,7 @@ def test_parse_form_reads_case_spaces_and_default_rank() -> None:
     assert parse_form("B", "lora1") == "lora1"
     assert parse_form("E", " Scalar") == "scalar"
     assert parse_form("D", "NONE") == "none"
+    assert GLoRALayerConfig.parse("A=lora,C=lora2", default_rank=3) == GLoRALayerConfig(A="lora3", C="lora2")
     with pytest.raises(ConfigError, match=r"unknown GLoRA support tensor 'F'.*\['A', 'B', 'C', 'D', 'E'\]"):
         parse_form("F", "vector")
     with pytest.raises(ConfigError, match="rank must be >= 1"):
@@ -135,6 +136,11 @@ def test_the_most_specific_override_decides_a_layer() -> None:
     tied = GLoRAParams(overrides={"up_blocks.1*": "A=scalar", "*.attn2.to_k": "A=vector"})
     assert tied.matching_override(path) == "*.attn2.to_k"
     assert GLoRAParams(overrides={"down_blocks.*": "A=vector"}).matching_override(path) is None
+    # a pattern that does not match is skipped, whatever comes after it
+    assert GLoRAParams(overrides={"down_blocks.*": "A=vector", "*.to_k": "A=scalar"}).matching_override(path) == "*.to_k"
+    # a [set] is one literal character: "up_blocks.[0123456789]" (11) loses to "up_blocks.1.attentions" (22)
+    sets = GLoRAParams(overrides={"up_blocks.1.attentions": "A=vector", "up_blocks.[0123456789]": "A=scalar"})
+    assert sets.matching_override(path) == "up_blocks.1.attentions"
 
 
 def test_for_layer_gives_the_winning_configuration_and_no_overrides() -> None:

@@ -126,6 +126,7 @@ def test_modules_report_their_shapes_and_parameter_counts() -> None:
     assert tuple(ldr.g.shape) == tuple(ldr.h.shape) == (3, 10)
     assert repr(ldr) == "LDRMatrix(d_out=6, d_in=10, displacement_rank=3)"
     assert LDRMatrix.count_parameters(6, 10, displacement_rank=3) == 60
+    assert LDRMatrix.count_parameters(6, 10) == 20 and tuple(LDRMatrix(6, 10).g.shape) == (1, 10)  # k = 1 by default
     assert repr(CirculantMatrix(6, 10)) == "CirculantMatrix(d_out=6, d_in=10)"
     assert tuple(CirculantMatrix(6, 10).v.shape) == (10,) and CirculantMatrix.count_parameters(6, 10) == 10
     assert tuple(ToeplitzMatrix(6, 10).t.shape) == (15,) and ToeplitzMatrix.count_parameters(6, 10) == 15
