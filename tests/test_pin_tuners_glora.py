@@ -291,3 +291,18 @@ def test_forward_and_fold_keep_the_input_and_weight_dtypes() -> None:
     assert torch.equal(empty(x, weight, bias), torch.zeros(3, 5, dtype=torch.float64))
     zero_weight, no_bias = empty.fold(weight, bias)
     assert torch.equal(zero_weight, torch.zeros_like(weight)) and no_bias is None
+
+
+@pytest.mark.parametrize("config", ["A=vector,B=scalar,E=vector", "A=scalar,B=lora2,C=vector", "A=lora2,B=vector,D=scalar"])
+def test_half_precision_activations_give_half_outputs_close_to_float64(config: str) -> None:
+    """float32 parameters beside a float16 layer: the branch runs and returns float16 (the dtype the frozen layer's
+    output has, so the two add without promoting the UNet's activations)."""
+    module = _randomize(GLoRA(_shape(6, 5), GLoRAParams(config=config)))
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(5, 6, generator=generator).half()
+    bias = torch.randn(5, generator=generator).half()
+    x = torch.randn(3, 6, generator=generator).half()
+    out = module(x, weight, bias)
+    assert out.dtype == torch.float16
+    expected = module.double()(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
