@@ -60,6 +60,7 @@ CASES = {
     "qk_rms_norm_cross": ({"qk_norm": "rms_norm", "cross_attention_dim": CONTEXT_DIM}, True, False),
     "cross_masked": ({"cross_attention_dim": CONTEXT_DIM}, True, True),
     "self_masked": ({}, False, True),
+    "self_masked_per_query": ({}, False, "per_query"),
     "group_norm_residual_rescaled": (
         {"norm_num_groups": 4, "residual_connection": True, "rescale_output_factor": 2.0},
         False,
@@ -68,13 +69,16 @@ CASES = {
 }
 
 
-def inputs(cross: bool, masked: bool) -> dict[str, torch.Tensor | None]:
+def inputs(cross: bool, masked: bool | str) -> dict[str, torch.Tensor | None]:
     context = seeded(2, CONTEXT_TOKENS, CONTEXT_DIM, seed=4) if cross else None
     mask = None
     if masked:  # diffusers' additive mask over the keys; the second example sees only its first two keys
         keys = CONTEXT_TOKENS if cross else TOKENS
-        mask = torch.zeros(2, 1, keys, dtype=torch.float64)
+        # one row for every query (diffusers' processors accept (B, N, keys) too), else one for all of them
+        mask = torch.zeros(2, TOKENS if masked == "per_query" else 1, keys, dtype=torch.float64)
         mask[1, :, 2:] = -10000.0
+        if masked == "per_query":
+            mask[0, 1:, :1] = -10000.0  # the first example's later queries do not see its first key
     return {"encoder_hidden_states": context, "attention_mask": mask}
 
 
