@@ -175,3 +175,15 @@ def test_job_layout_keeps_two_cores_busy_and_splits_many(mutate) -> None:
     assert mutate.job_layout(1, 16) == (1, 16)
     # the largest group (the integration, sorted first) starts first
     assert mutate.jobs_of(mutate.MODULES)[0][0].group == "integration"
+
+
+def test_top_level_folders_the_tests_import_are_copied_into_the_work_folder(mutate) -> None:
+    # test_fuse_compose / test_loader_api import pipelines: without it the integration's stats run fails at once
+    integration = next(m for m in mutate.MODULES if m.group == "integration")
+    assert "pipelines" in integration.extra_files
+    for module in mutate.MODULES:
+        for test in mutate.pinning_tests(module):
+            text = (REPO / test.split("::")[0]).read_text()
+            for folder in mutate.TOP_LEVEL_IMPORTS:
+                if re.search(rf"^(from|import) {folder}\b", text, re.MULTILINE):
+                    assert folder in module.extra_files, (module.path, test, folder)
