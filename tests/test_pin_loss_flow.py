@@ -1,7 +1,8 @@
-"""Pins of the rectified-flow loss (``training/flow.py``, ``FlowMatchingBase.per_example_loss``) that the
-reference stubs of ``test_reference_loss.py`` cannot see: prompts not yet cached are encoded with the run's own
-flags (SD3's ``--max_sequence_length``), and arguments without ``precondition_outputs`` train the plain
-velocity target.
+"""Pins of the training loss (``FlowMatchingBase.per_example_loss`` in ``training/flow.py``,
+``StableDiffusionBase.per_example_loss`` in ``training/models.py``) that the reference stubs of
+``test_reference_loss.py`` cannot see: prompts not yet cached are encoded with the run's own flags (SD3's
+``--max_sequence_length``), arguments without ``precondition_outputs`` train the plain velocity target, and the
+VAE gets the pixels in its own dtype (a half-precision VAE is fed float32 batches).
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 from argparse import Namespace
 
 import torch
-from test_pin_loss import _flow_args
-from test_reference_loss import fixed_batch, flow_base
+from test_pin_loss import _flow_args, _NoisyVAE
+from test_reference_loss import LATENT_SHAPE, fixed_batch, flow_base, unet_base
 
 from resattn_diffusion.training.loop import diffusion_loss
 
@@ -55,3 +56,28 @@ def test_arguments_without_precondition_outputs_train_the_velocity_target() -> N
         plain = _loss(flow_base(kind), explicit, batch)
         torch.testing.assert_close(_loss(flow_base(kind), without, batch), plain, rtol=0, atol=0)
         assert not torch.allclose(_loss(flow_base(kind), preconditioned, batch), plain), kind
+
+
+class _DtypeCheckingVAE(_NoisyVAE):
+    """A VAE held in float64 (as a real one in fp16 / bf16 would be): like its convolutions, it refuses inputs
+    of another dtype."""
+
+    dtype = torch.float64
+
+    def encode(self, pixels):
+        assert pixels.dtype == torch.float64, f"the VAE got {pixels.dtype} pixels"
+        return super().encode(pixels)
+
+
+def test_the_vae_gets_the_pixels_in_its_own_dtype() -> None:
+    unet = unet_base("epsilon", torch.zeros(3, *LATENT_SHAPE))
+    unet.vae = _DtypeCheckingVAE(unet.vae.config)
+    args = Namespace(noise_offset=0.0, snr_gamma=None, prior_loss_weight=1.0)
+    bases = [(unet, args)]
+    for kind in ("sd3", "flux"):
+        flow = flow_base(kind)
+        flow.vae = _DtypeCheckingVAE(flow.vae.config)
+        bases.append((flow, _flow_args()))
+    for base, base_args in bases:
+        loss = _loss(base, base_args, fixed_batch(3, 0))  # float32 pixels in the batch
+        assert loss.dim() == 0 and torch.isfinite(loss)
