@@ -136,8 +136,8 @@ def test_markdown_table_has_a_line_per_module_and_group(mutate) -> None:
         dict(base, module="resattn_diffusion/evaluation/metrics.py", group="metrics", killed=3, total=4),
     ]
     lines = mutate.markdown_table(rows).splitlines()
-    assert lines[2] == "| evaluation/metrics.py | 3 | 1 | 0 | 3/4 = 75.0% |"
-    assert lines[3] == "| tuners/lora.py | 9 | 1 | 0 | 9/10 = 90.0% |"
+    assert lines[2] == "| evaluation/metrics.py | 3 (0) | 1 | 0 | 3/4 = 75.0% |"
+    assert lines[3] == "| tuners/lora.py | 9 (0) | 1 | 0 | 9/10 = 90.0% |"
     assert lines[-1] == "| **all of the above** | | | | **12/14 = 85.7%** |"
 
 
