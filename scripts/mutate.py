@@ -109,6 +109,7 @@ GROUP_TESTS = {
             "test_api.py",
             "test_shared_helpers.py",
             "test_save_temporaries.py",
+            "test_merge_on_cuda.py",
         )
     ),  # fmt: skip
     # what diffusion_loss calls for it, by hand (UNet and rectified flow), not the training runs
