@@ -439,6 +439,13 @@ def _environment_number(name: str, kind: type, low: float, high: float, what: st
     return value
 
 
+def job_layout(jobs: int, workers: int) -> tuple[int, int]:
+    """(jobs side by side, mutmut workers each). At least two side by side when there are two cores: each job has
+    serial phases (the stats run, the clean run) during which a lone job would leave the other cores idle."""
+    parallel = max(1, min(jobs, max(min(workers, 2), workers // MUTANTS_PER_MODULE)))
+    return parallel, max(1, workers // parallel)
+
+
 def _children_cpu_seconds() -> float:
     """User + system time of the finished child processes (mutmut and the test processes it waited for)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -488,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     # Several jobs at once: each mutmut run has serial phases (collecting which tests reach which function, the
     # clean run), so on many cores jobs run side by side, MUTANTS_PER_MODULE workers each.
     jobs = jobs_of(chosen)
-    parallel = max(1, min(len(jobs), workers // MUTANTS_PER_MODULE))
-    children = max(1, workers // parallel)
+    parallel, children = job_layout(len(jobs), workers)
     print(f"mutate: {len(chosen)} modules in {len(jobs)} jobs, {parallel} at a time with {children} workers each; "
           f"out: {out}", flush=True)  # fmt: skip
     started, cpu_before = time.monotonic(), _children_cpu_seconds()

@@ -166,3 +166,12 @@ def test_environment_numbers_in_range_are_read(mutate, monkeypatch):
     assert mutate._environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share") == 0.25
     monkeypatch.setenv("MUTATE_SAMPLE", "")
     assert mutate._environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share") is None
+
+
+def test_job_layout_keeps_two_cores_busy_and_splits_many(mutate) -> None:
+    assert mutate.job_layout(4, 1) == (1, 1)
+    assert mutate.job_layout(4, 2) == (2, 1)
+    assert mutate.job_layout(4, 16) == (4, 4)
+    assert mutate.job_layout(1, 16) == (1, 16)
+    # the largest group (the integration, sorted first) starts first
+    assert mutate.jobs_of(mutate.MODULES)[0][0].group == "integration"
