@@ -277,8 +277,8 @@ def _aged(path: Path, seconds: float) -> Path:
 
 
 def test_the_host_part_of_a_temporary_name_is_the_hostname_made_safe(tmp_path, monkeypatch):
-    monkeypatch.setattr(tuner_io.socket, "gethostname", lambda: "node_7.cluster.example")
-    assert tuner_io._temporary_prefix("t.safetensors") == f".t.safetensors.rt-node-7-cluster-example-{os.getpid()}-"
+    monkeypatch.setattr(tuner_io.socket, "gethostname", lambda: "Node_7.Cluster.example")
+    assert tuner_io._temporary_prefix("t.safetensors") == f".t.safetensors.rt-Node-7-Cluster-example-{os.getpid()}-"
     monkeypatch.setattr(tuner_io.socket, "gethostname", lambda: "h" * 100)
     assert tuner_io._temporary_prefix("t.safetensors") == f".t.safetensors.rt-{'h' * 64}-{os.getpid()}-"
 
@@ -305,3 +305,104 @@ def test_stale_temporaries_go_past_any_number_of_other_files(tmp_path, monkeypat
     assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
     assert (tmp_path / ".u.safetensors.rt-otherhost-1-folder__.tmp").is_dir()
     assert tuner_io.remove_stale_temporaries(tmp_path / "no-such-folder") == []
+
+
+def test_a_temporary_that_cannot_be_removed_stays_and_the_others_still_go(tmp_path, monkeypatch):
+    stale = [_aged(tmp_path / f".t.safetensors.rt-otherhost-1-abcdefg{i}.tmp", 7200) for i in range(6)]
+    real_unlink, refused = os.unlink, []
+
+    def unlink(path, *args, **kwargs):
+        if not refused:  # the first one scandir lists cannot be removed (another owner, a read-only mount)
+            refused.append(Path(path))
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    removed = tuner_io.remove_stale_temporaries(tmp_path)
+    assert len(refused) == 1 and refused[0].exists()
+    assert sorted(removed) == sorted(p for p in stale if p != refused[0])
+
+
+# --- names, folders, and files that change or lie -----------------------------------------------------------------
+@pytest.mark.parametrize("weight_name", [".", "..", "", "a/b.safetensors", 3])
+def test_a_weight_name_that_is_not_a_file_in_the_folder_is_refused(tmp_path, weight_name):
+    rd.save_res_tuner(_unet_with(), tmp_path / "sub")
+    with pytest.raises(tuner_io.ResTunerFileError, match="weight_name must be the name of a file inside the folder"):
+        tuner_io.read_tuner_header(tmp_path / "sub", weight_name=weight_name)
+
+
+def test_a_save_creates_every_missing_folder(tmp_path):
+    path = rd.save_res_tuner(_unet_with(), tmp_path / "a" / "b" / "c")
+    assert path == tmp_path / "a" / "b" / "c" / tuner_io.WEIGHT_NAME and path.is_file()
+    again = rd.save_res_tuner(_unet_with(seed=3), tmp_path / "a" / "b" / "c")  # into the existing folder
+    assert again == path
+
+
+def test_a_file_replaced_while_it_is_loaded_is_refused_and_nothing_is_loaded(tmp_path, monkeypatch):
+    path = rd.save_res_tuner(_unet_with(), tmp_path / "t.safetensors")
+    other = rd.save_res_tuner(
+        _unet_with(config=rd.ResTunerConfig(tuner="res_lora", rank=3, targets=["attn2"])), tmp_path / "o.safetensors"
+    )
+    checked = tuner_io._check_against_plan
+
+    def check_then_swap(*args):  # the header was read and checked; now another process replaces the file
+        checked(*args)
+        os.replace(other, path)
+
+    monkeypatch.setattr(tuner_io, "_check_against_plan", check_then_swap)
+    target = frozen_tiny_unet()
+    with pytest.raises(tuner_io.ResTunerFileError, match="changed while it was read; load it again"):
+        rd.load_res_tuner(target, path)
+    assert rd.get_res_tuner_configs(target) == {}
+
+
+def test_weights_and_config_that_disagree_are_refused_naming_the_tuner_and_its_hyperparameters(tmp_path):
+    path = rd.save_res_tuner(_unet_with(), tmp_path / "t.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    claims = rd.ResTunerConfig(tuner="res_lora", rank=4, targets=["attn2"])  # the tensors are rank 2
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**metadata, "config": claims.to_json(indent=None)})
+    target = frozen_tiny_unet()
+    with pytest.raises(tuner_io.ResTunerFileError) as err:
+        rd.load_res_tuner(target, bad)
+    message = str(err.value)
+    assert "but the res_lora its config describes (hyperparameters {" in message and "'rank': 4" in message
+    assert "the config and the weights disagree" in message and str(bad) in message
+    assert rd.get_res_tuner_configs(target) == {}
+
+
+@pytest.mark.parametrize(("value", "match"), [(float("nan"), "holds NaN or inf"), (1e6, "holds values up to 1e\\+06")])
+def test_bad_weight_values_are_refused_naming_the_file_and_the_tensor(tmp_path, value, match):
+    path = rd.save_res_tuner(_unet_with(), tmp_path / "t.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = value
+    save_file(tensors, str(path), metadata=metadata)
+    target = frozen_tiny_unet()
+    with pytest.raises(tuner_io.ResTunerFileError, match=match) as err:
+        rd.load_res_tuner(target, path)
+    assert str(err.value).startswith(f"{str(path)!r}: tensor {key!r}")
+    assert rd.get_res_tuner_configs(target) == {}
+
+
+def test_a_state_dict_under_a_loaded_name_is_refused_and_the_loaded_one_kept(tmp_path):
+    target = _unet_with("style", seed=1)
+    kept = _weights(target, "style")
+    incoming = _weights(_unet_with(seed=2))
+    with pytest.raises(rd.ResTunerError, match="a tuner named 'style' is already loaded"):
+        rd.load_res_tuner(target, incoming, adapter_name="style", config=LORA)
+    assert all(torch.equal(_weights(target, "style")[k], v) for k, v in kept.items())
+    assert rd.load_res_tuner(frozen_tiny_unet(), incoming, config=LORA) == "default"
+
+
+def test_a_layers_field_that_is_not_an_object_is_refused_saying_what_it_must_be(tmp_path):
+    path = rd.save_res_tuner(_unet_with(), tmp_path / "t.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**metadata, "layers": "[1, 2]"})
+    with pytest.raises(
+        tuner_io.ResTunerFileError, match="'layers' must be a JSON object: layer path -> its shape, got list"
+    ):
+        rd.load_res_tuner(frozen_tiny_unet(), path)

@@ -212,3 +212,58 @@ def test_the_command_reports_errors_on_stderr_with_exit_code_2(tmp_path, capsys,
     assert "| 1 |" in capsys.readouterr().out and (tmp_path / "rel.safetensors").exists()
     assert main([".", "rel.safetensors", "--weight_name", "p.safetensors", "--no_overwrite"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_rank_at_least_the_tuners_own_is_exact_and_a_zero_delta_has_no_error(tmp_path):
+    unet, file = _tuner_file(tmp_path, "res_lora", rank=3)
+    saved = load_file(file)
+    for rank in (3, 5):  # the factors as they are, no SVD rounding
+        report = export_lora(file, tmp_path / f"r{rank}.safetensors", rank=rank)
+        exported = load_file(report.out_file)
+        assert {layer.rank for layer in report.layers} == {3} and report.max_relative_error == 0.0
+        path = report.layers[0].path
+        assert torch.equal(_lora_of(exported, path)[0], saved[f"{path}.lora_A.weight"])
+    untrained = frozen_tiny_unet()
+    rd.add_res_tuner(untrained, rd.ResTunerConfig(tuner="surm_circulant", targets=("attn2",)))  # zero at init
+    zero = rd.save_res_tuner(untrained, tmp_path / "zero.safetensors")
+    report = export_lora(zero, tmp_path / "z.safetensors", rank=1)
+    assert [layer.relative_error for layer in report.layers] == [0.0] * len(report.layers)
+
+
+def test_a_glora_supernet_is_refused_until_a_configuration_is_picked(tmp_path):
+    _, file = _tuner_file(tmp_path, "glora", supernet=True)
+    with pytest.raises(rd.ResTunerError, match="is a GLoRA supernet .* resattn-glora-search first"):
+        export_lora(file, tmp_path / "lora.safetensors", base=frozen_tiny_unet())
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_a_file_without_base_or_layers_metadata(tmp_path):
+    unet, file = _tuner_file(tmp_path, "res_lora")
+    with safe_open(str(file), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    no_base = tmp_path / "no_base.safetensors"
+    save_file(tensors, str(no_base), metadata={k: v for k, v in metadata.items() if k != "base"})
+    report = export_lora(no_base, tmp_path / "a.safetensors")  # an older file: a UNet is assumed
+    assert all(k.startswith("unet.") for k in load_file(report.out_file))
+    no_layers = tmp_path / "no_layers.safetensors"
+    save_file(tensors, str(no_layers), metadata={k: v for k, v in metadata.items() if k != "layers"})
+    with pytest.raises(rd.ResTunerFileError, match="lists no layers in its metadata"):
+        export_lora(no_layers, tmp_path / "b.safetensors")
+
+
+def test_the_command_help_names_the_program_and_what_each_option_does(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: resattn-export ")
+    for words in (
+        "Export a Res-LoRA, GLoRA or SURM tuner as a diffusers or kohya LoRA file",
+        "tuner the tuner file, or the training output folder holding res_tuner.safetensors",
+        "out the LoRA .safetensors file to write",
+        "truncate each layer to this rank (default: exact)",
+        "the base model's local folder",
+        "the tuner file inside a folder, if not res_tuner.safetensors",
+        "--no_overwrite refuse to replace an existing OUT",
+    ):
+        assert words in text

@@ -124,6 +124,75 @@ def test_a_repo_id_that_the_offline_hub_cannot_provide_is_a_file_error(tmp_path,
     assert "not in the local Hub cache" in str(err.value)
 
 
+def _fake_hub(monkeypatch, result=None, error=None):
+    """The Hub as far as the loader sees it: the source check and the download, recording what was asked."""
+    import huggingface_hub
+
+    from resattn_diffusion.integration import loader_mixin
+
+    asked = {}
+
+    def check(name, flag, filename, cache_dir=None, revision=None, token=None):
+        asked["check"] = (name, flag, filename, cache_dir, revision, token)
+
+    def download(repo, filename, **kwargs):
+        asked["download"] = (repo, filename, kwargs)
+        if error is not None:
+            raise error
+        return result
+
+    monkeypatch.setattr(loader_mixin, "check_pretrained_source", check)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return asked
+
+
+def test_a_repo_id_is_downloaded_with_the_weight_name_subfolder_and_hub_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    asked = _fake_hub(monkeypatch, result="/cache/file.safetensors")
+    got = resolve_tuner_source("user/tuner", subfolder="sub", revision="v1", token="t", cache_dir="c")
+    assert got == ("/cache/file.safetensors", None)
+    assert asked["check"] == ("user/tuner", "load_res_tuner", "sub/res_tuner.safetensors", "c", "v1", "t")
+    assert asked["download"] == (
+        "user/tuner",
+        "res_tuner.safetensors",
+        {"subfolder": "sub", "revision": "v1", "token": "t", "cache_dir": "c"},
+    )
+    asked = _fake_hub(monkeypatch, result="/cache/w.safetensors")
+    assert resolve_tuner_source("user/tuner", "w.safetensors") == ("/cache/w.safetensors", None)
+    assert asked["check"] == ("user/tuner", "load_res_tuner", "w.safetensors", None, None, None)
+    assert asked["download"] == ("user/tuner", "w.safetensors", {})
+    asked = _fake_hub(monkeypatch, result="/cache/w.safetensors")
+    resolve_tuner_source("user/tuner", local_files_only=True)  # the cache only: no reachability check
+    assert "check" not in asked and asked["download"][2] == {"local_files_only": True}
+
+
+def test_a_failed_download_names_the_repo_the_file_and_the_first_line_of_the_reason(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    class EntryNotFoundError(Exception):
+        pass
+
+    _fake_hub(monkeypatch, error=EntryNotFoundError("404: no such file\nrequest id 123"))
+    with pytest.raises(rd.ResTunerFileError) as err:
+        resolve_tuner_source("user/tuner", "w.safetensors")
+    message = str(err.value)
+    assert "fetching 'w.safetensors' from the Hugging Face Hub repo 'user/tuner' failed: " in message
+    assert "EntryNotFoundError: 404: no such file. Pass a local path" in message and "request id" not in message
+    _fake_hub(monkeypatch, error=EntryNotFoundError(""))
+    with pytest.raises(rd.ResTunerFileError, match="failed: EntryNotFoundError: . Pass a local path"):
+        resolve_tuner_source("user/tuner")
+
+    class LocalEntryNotFoundError(Exception):
+        pass
+
+    _fake_hub(monkeypatch, error=LocalEntryNotFoundError("x"))
+    with pytest.raises(rd.ResTunerFileError, match="the Hub cannot be reached .* not in the local Hub cache"):
+        resolve_tuner_source("user/tuner")
+
+
 def test_a_pipeline_loads_a_folder_with_a_weight_name_and_a_state_dict(tmp_path):
     source = _pipe_with("style")
     file = source.save_res_tuner(tmp_path / "w.safetensors", adapter_name="style")

@@ -614,14 +614,12 @@ def _load_state_dict_or_hotswap(
             raise ConfigError(f"config must be a ResTunerConfig, got {type(config).__name__}")
         name = adapter_name or "default"
         entries = _state_dict_entries(file, tensors)
-    else:
+    else:  # a file, so hotswap=True (a plain file load is load_res_tuner's): no new name, no plan to check
         if config is not None:
             raise ConfigError("config= is for loading a state dict; a tuner file carries its own config: drop config=")
         metadata, tensors = read_tuner_file(source, weight_name)
         file = str(resolve_tuner_file(source, weight_name))
         config = _file_config(file, metadata)
-        name = adapter_name or metadata.get("adapter_name") or "default"
-        entries = _state_dict_entries(file, tensors)
     _check_weight_values(file, tensors)
     if hotswap:
         from .hotswap import hotswap_res_tuner
