@@ -17,7 +17,7 @@ from .base import (
     check_dropout,
     check_positive,
     init_down_projection,
-    multi_head_attention,
+    packed_multi_head_attention,
 )
 
 
@@ -72,11 +72,18 @@ class ResAttn(OperationTuner):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, frozen: FrozenAttention | None = None
     ) -> torch.Tensor:
+        # Hot path (once per attention call; on a GPU its host work, not its tiny GEMMs, is what it costs): the
+        # projections stay packed -- q | k | v (self-attention: one GEMM) or k | v -- and the heads are viewed out
+        # of them (packed_multi_head_attention); the weights are read directly instead of calling the Linear
+        # modules, and dropout is only called when it can do something.
         if context is None and self._self_attention_ok:
             # Self-attention: q, k and v from the same input in a single matmul.
             qkv = F.linear(x, torch.cat([self.q_proj.weight, self.kv_proj.weight]))
-            q, k, v = qkv.split(self.rank, dim=-1)
+            attended = packed_multi_head_attention(qkv, self.heads, None, self.head_padding)
         else:
-            q = self.q_proj(x)
-            k, v = self.kv_proj(x if context is None else context).split(self.rank, dim=-1)
-        return self.out_proj(self.dropout(multi_head_attention(q, k, v, self.heads, self.head_padding)))
+            q = F.linear(x, self.q_proj.weight)
+            kv = F.linear(x if context is None else context, self.kv_proj.weight)
+            attended = packed_multi_head_attention(q, self.heads, kv, self.head_padding)
+        if self.dropout.p > 0 and self.dropout.training:
+            attended = self.dropout(attended)
+        return F.linear(attended, self.out_proj.weight)
