@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_call_scale
-from ..tuners.base import ConfigError, FrozenAttention
+from ..tuners.base import ConfigError, ExtraHeads, FrozenAttention
 from ..tuners.fast_paths import fast_path_wanted, forced_path
 from .fusion import (
     FusedWeights,
@@ -410,9 +410,17 @@ class ResTunerAttnProcessor(nn.Module):
     processor (see ``kinds.layers._set_processor_keeping_tuners``).
     """
 
+    #: ``"auto"``: sampling computes a lone parallel branch that is an attention over the same keys (Res-Attn) as
+    #: extra heads of the frozen attention where the fast paths are wanted (CUDA); ``"off"`` / ``"on"`` force it
+    #: off or on (where it applies) for this processor, winning over ``forced_paths``. See :meth:`_extra_heads_call`.
+    extra_heads: str = "auto"
+
     def __init__(self, base_processor: Any, layer_path: str):
         super().__init__()
         self.bank = OperationBank(layer_path)
+        # (key, ExtraHeads) of the last lone branch turned into extra heads: rebuilt when its parameters, scale,
+        # dtype or device change (see _extra_heads_of); a plain attribute, not state.
+        self._extra_heads_cache: tuple[tuple, ExtraHeads | None] | None = None
         self.set_base_processor(base_processor)
 
     def set_base_processor(self, processor: Any) -> None:
@@ -440,6 +448,10 @@ class ResTunerAttnProcessor(nn.Module):
         # only when the attention itself is given a scale (the UNet's hook checks its own)
         if res_tuner_scale is not None:
             check_call_scale(res_tuner_scale)
+        if self.backend == "sdpa" and attention_mask is None and not torch.is_grad_enabled() and len(bank):
+            out = self._extra_heads_call(attn, hidden_states, encoder_hidden_states, res_tuner_scale)
+            if out is not None:
+                return out
         if self.backend == "wrapped":
             if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
                 kwargs["temb"] = temb
@@ -462,6 +474,76 @@ class ResTunerAttnProcessor(nn.Module):
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
         frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query)
         return bank.add_branches(frozen_out, hidden_states, context, frozen, res_tuner_scale)
+
+    def _extra_heads_call(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        call_scale: float | dict[str, float] | None,
+    ) -> torch.Tensor | None:
+        """``OP(x, c) + s T(x, c)`` as ONE attention with the branch's heads appended to the frozen ones, or None
+        where that does not apply (the caller then runs the frozen attention and adds the branch).
+
+        Why: on a GPU a sampling forward is bound by the host launching kernels, and a separate branch costs ~20
+        dispatched ops per attention; as extra heads it costs four ``torch.cat`` of weights (the frozen projections
+        with the branch's rows, cached per parameter version, scale, dtype and device; the frozen weights are not
+        copied into the cache). Applies under ``no_grad`` (sampling), without a mask, to a lone parallel branch that
+        offers :meth:`~..tuners.base.OperationTuner.extra_heads`, beside plain linear projections without bias on
+        q/k/v (no LoRA wrapper, hook or bank of ours on them) of an attention without group norm, qk-norm, residual
+        or output rescaling (SD's transformer blocks); automatically where the fast paths are wanted (CUDA), never
+        while compiling (the compiler removes the launches anyway). Equal to the branch path up to rounding (the
+        branch's query rows carry its softmax scale); ``extra_heads = "off"`` or ``forced_paths("reference")``
+        gives the reference path.
+        """
+        if self.extra_heads != "on":
+            if self.extra_heads == "off" or not fast_path_wanted(hidden_states.device.type):
+                return None
+            if torch.compiler.is_compiling():
+                return None
+        branches = self.bank.active(call_scale)
+        if len(branches) != 1 or branches[0][3] != "parallel" or not _plain_attention(attn):
+            return None
+        _, tuner, scale, _ = branches[0]
+        to_q, to_k, to_v, to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+        heads = attn.heads
+        head_dim = to_k.out_features // heads
+        extra = self._extra_heads_of(tuner, scale, head_dim, to_q.weight)
+        if extra is None:
+            return None
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        batch = hidden_states.shape[0]
+        total = heads + extra.heads
+        q = F.linear(hidden_states, torch.cat([to_q.weight, extra.q]))
+        k = F.linear(context, torch.cat([to_k.weight, extra.k]))
+        v = F.linear(context, torch.cat([to_v.weight, extra.v]))
+        q = q.view(batch, -1, total, head_dim).transpose(1, 2)
+        k = k.view(batch, -1, total, head_dim).transpose(1, 2)
+        v = v.view(batch, -1, total, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, total * head_dim).to(q.dtype)
+        out = F.linear(out, torch.cat([to_out.weight, extra.out], dim=1), to_out.bias)
+        return attn.to_out[1](out)
+
+    def _extra_heads_of(
+        self, tuner: nn.Module, scale: float, head_dim: int, like: torch.Tensor
+    ) -> ExtraHeads | None:
+        """``tuner.extra_heads(head_dim, scale)`` in ``like``'s dtype and device, built once per parameter version
+        (in-place updates and loads bump it; a new tensor has a new address), scale, dtype and device."""
+        parameters = tuple((p.data_ptr(), p._version) for p in tuner.parameters())
+        key = (id(tuner), parameters, scale, head_dim, like.dtype, like.device)
+        cached = self._extra_heads_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        # ordinary tensors even when first built under inference_mode: later no_grad calls reuse them
+        with torch.inference_mode(False), torch.no_grad():
+            extra = tuner.extra_heads(head_dim, scale)
+            if extra is not None:
+                extra = ExtraHeads(*(t.to(like) for t in (extra.q, extra.k, extra.v, extra.out)), heads=extra.heads)
+        self._extra_heads_cache = (key, extra)
+        return extra
 
     def _frozen_attention(
         self,
@@ -526,6 +608,35 @@ class ResTunerAttnProcessor(nn.Module):
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
             out = out / attn.rescale_output_factor
         return out, shared_query, branch_context
+
+
+def _plain_linear(module: nn.Module, bias: bool = True) -> bool:
+    """An ``nn.Linear`` computing exactly ``x W^T + b`` (no peft wrapper, instance forward, hook; no bias unless
+    ``bias``): its weight may stand in for the module."""
+    return (
+        type(module) is nn.Linear
+        and (bias or module.bias is None)
+        and "forward" not in module.__dict__
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def _plain_attention(attn: nn.Module) -> bool:
+    """SD's transformer-block attention as :meth:`ResTunerAttnProcessor._frozen_attention` computes it, with plain
+    projections (bias-free q/k/v of equal width): what :meth:`ResTunerAttnProcessor._extra_heads_call` needs."""
+    return (
+        attn.group_norm is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and not attn.residual_connection
+        and attn.rescale_output_factor == 1.0
+        and _plain_linear(attn.to_q, bias=False)
+        and _plain_linear(attn.to_k, bias=False)
+        and _plain_linear(attn.to_v, bias=False)
+        and _plain_linear(attn.to_out[0])
+        and attn.to_q.out_features == attn.to_k.out_features == attn.to_v.out_features
+    )
 
 
 # --- joint attention (SD3 / SD3.5 MMDiT, Flux) ------------------------------------------------------------------

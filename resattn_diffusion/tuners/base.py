@@ -286,6 +286,23 @@ class TunerParams:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
 
+@dataclass
+class ExtraHeads:
+    """A branch that is itself an attention over the frozen attention's keys, written as extra heads of it.
+
+    With the frozen attention's heads of ``head_dim`` channels (softmax scale ``1/sqrt(head_dim)``), appending these
+    rows to the frozen ``to_q``, ``to_k``, ``to_v`` weights and these columns to ``to_out``'s weight computes
+    ``OP(x, c) + s T(x, c)`` as one attention of ``heads`` more heads: ``q`` (heads*head_dim, d), ``k`` and ``v``
+    (heads*head_dim, d_c), ``out`` (d_out, heads*head_dim), the branch scale ``s`` already in ``out``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    heads: int
+
+
 class OperationTuner(nn.Module):
     """A branch ``T(x, c)`` beside a frozen attention or feed-forward.
 
@@ -300,6 +317,11 @@ class OperationTuner(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None, frozen: FrozenAttention | None
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def extra_heads(self, head_dim: int, scale: float) -> ExtraHeads | None:
+        """This branch at ``scale`` as :class:`ExtraHeads` of a frozen attention with heads of ``head_dim``
+        channels whose keys it shares, or None when it is not such an attention (the default)."""
+        return None
 
 
 class LinearTuner(nn.Module):

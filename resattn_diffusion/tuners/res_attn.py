@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from .base import (
     ConfigError,
+    ExtraHeads,
     FrozenAttention,
     OperationTuner,
     OpShape,
@@ -87,3 +89,32 @@ class ResAttn(OperationTuner):
         if self.dropout.p > 0 and self.dropout.training:
             attended = self.dropout(attended)
         return F.linear(attended, self.out_proj.weight)
+
+    def extra_heads(self, head_dim: int, scale: float) -> ExtraHeads | None:
+        """The branch as ``heads`` extra heads of a frozen attention with ``head_dim``-channel heads (same keys:
+        ``c``, or ``x`` in self-attention). Each branch head is zero-padded from ``r/h`` to ``head_dim`` channels
+        (zero channels add nothing to ``q . k``; the padded output channels meet zero columns of ``out``) and its
+        query rows are multiplied by ``sqrt(head_dim / (r/h))``, so the shared softmax scale ``1/sqrt(head_dim)``
+        gives the branch's own ``1/sqrt(r/h)``. None while dropout is active, or when a branch head is wider than
+        the frozen ones."""
+        branch_dim = self.rank // self.heads
+        if branch_dim > head_dim or (self.dropout.p > 0 and self.dropout.training):
+            return None
+        q_weight = self.q_proj.weight * math.sqrt(head_dim / branch_dim)
+        k_weight, v_weight = self.kv_proj.weight.chunk(2)
+        return ExtraHeads(
+            q=_pad_heads(q_weight, self.heads, head_dim, dim=0),
+            k=_pad_heads(k_weight, self.heads, head_dim, dim=0),
+            v=_pad_heads(v_weight, self.heads, head_dim, dim=0),
+            out=_pad_heads(self.out_proj.weight * scale, self.heads, head_dim, dim=1),
+            heads=self.heads,
+        )
+
+
+def _pad_heads(weight: torch.Tensor, heads: int, head_dim: int, dim: int) -> torch.Tensor:
+    """``weight`` with its ``dim`` (``heads`` heads of equal width) zero-padded per head to ``head_dim``."""
+    if dim == 0:
+        rows = weight.reshape(heads, -1, weight.shape[1])
+        return F.pad(rows, (0, 0, 0, head_dim - rows.shape[1])).reshape(heads * head_dim, weight.shape[1])
+    columns = weight.reshape(weight.shape[0], heads, -1)
+    return F.pad(columns, (0, head_dim - columns.shape[2])).reshape(weight.shape[0], heads * head_dim)

@@ -1,0 +1,284 @@
+"""Issue 14, host overhead: Res-Attn's lean paths compute what the reference paths compute, and dispatch fewer ops.
+
+* ``packed_multi_head_attention`` (heads viewed out of the packed q|k|v or k|v projection, one pad) equals
+  ``multi_head_attention`` on the split tensors, values and gradients, padded or not, few keys or SDPA;
+* the extra-heads path of ``ResTunerAttnProcessor`` (sampling: the lone Res-Attn branch as extra heads of the frozen
+  attention) equals the reference path on SD1/SD2/SDXL UNets, forced on CPU, at the stored scale and at per-call
+  scales; it is not taken where it would be wrong (gradients, masks, two branches, a LoRA wrapper on a projection,
+  forced off) and its cache follows the parameters;
+* the op counts the README quotes: the benchmark's counter, and the extra ops per attention of the sampling forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resattn_diffusion as rd
+from benchmarks.perf.common import dispatched_ops
+from resattn_diffusion.integration.processors import ResTunerAttnProcessor
+from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, unet_inputs
+from resattn_diffusion.tuners import base as tuner_base
+from resattn_diffusion.tuners.fast_paths import forced_paths
+
+
+def _unet(kind: str = "sd1", dtype=torch.float64, **hyper):
+    unet = frozen_tiny_unet(kind).to(dtype)
+    rd.add_res_tuner(unet, rd.ResTunerConfig("res_attn", **hyper))
+    randomize_tuner(unet, "default", std=0.05)
+    return unet
+
+
+def _inputs(unet, dtype=torch.float64):
+    def cast(value):
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    return cast(unet_inputs(unet, batch_size=2, seed=0))
+
+
+def _processors(unet) -> list[ResTunerAttnProcessor]:
+    return [p for p in unet.attn_processors.values() if isinstance(p, ResTunerAttnProcessor)]
+
+
+def _count_extra_heads_calls(monkeypatch) -> list[bool]:
+    """Record, per processor call, whether the extra-heads path returned the output."""
+    taken: list[bool] = []
+    original = ResTunerAttnProcessor._extra_heads_call
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ResTunerAttnProcessor, "_extra_heads_call", spy)
+    return taken
+
+
+# --- packed projections -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", ["off", "on"])
+@pytest.mark.parametrize(
+    "self_attention, keys_batch, n_keys, heads, head_dim",
+    [(True, 3, 40, 2, 4), (True, 3, 9, 2, 4), (False, 3, 33, 2, 4), (False, 1, 20, 4, 3), (False, 3, 12, 1, 8)],
+)
+def test_packed_attention_equals_split_attention(self_attention, keys_batch, n_keys, heads, head_dim, padding):
+    torch.manual_seed(0)
+    width = heads * head_dim
+    n_q = n_keys if self_attention else 17
+    if self_attention:
+        packed = torch.randn(3, n_q, 3 * width, dtype=torch.float64, requires_grad=True)
+        kv = None
+        q, k, v = packed.split(width, dim=-1)
+        leaves = (packed,)
+    else:
+        packed = torch.randn(3, n_q, width, dtype=torch.float64, requires_grad=True)
+        kv = torch.randn(keys_batch, n_keys, 2 * width, dtype=torch.float64, requires_grad=True)
+        q, (k, v) = packed, kv.split(width, dim=-1)
+        leaves = (packed, kv)
+    packed_out = tuner_base.packed_multi_head_attention(packed, heads, kv, padding)
+    split_out = tuner_base.multi_head_attention(q, k, v, heads, padding)
+    torch.testing.assert_close(packed_out, split_out, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(split_out)  # a loss that weighs every output channel differently
+    packed_grads = torch.autograd.grad((packed_out * weights).sum(), leaves)
+    split_grads = torch.autograd.grad((split_out * weights).sum(), leaves)
+    for a, b in zip(packed_grads, split_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(packed_out, tuner_base.multi_head_attention(q, v, k, heads, padding))
+
+
+def test_packed_padding_is_one_pad_and_no_split(monkeypatch):
+    calls = []
+    for name in ("pad", "scaled_dot_product_attention"):
+        real = getattr(torch.nn.functional, name)
+        monkeypatch.setattr(
+            torch.nn.functional, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        )
+    packed = torch.randn(2, 30, 3 * 8)
+    ops = dispatched_ops(lambda: tuner_base.packed_multi_head_attention(packed, 2, None, "on"))
+    assert calls == ["pad", "scaled_dot_product_attention"]
+    assert "split" not in ops and ops["constant_pad_nd"] == 1
+
+
+# --- extra heads ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_extra_heads_sampling_equals_the_reference_path(kind, monkeypatch):
+    unet = _unet(kind)
+    inputs = _inputs(unet)
+    rd.set_res_tuner_scale(unet, 0.7)
+    taken = _count_extra_heads_calls(monkeypatch)
+    with torch.no_grad():
+        for call_kwargs in ({}, {"cross_attention_kwargs": {rd.SCALE_KWARG: 1.5}}):
+            with forced_paths("reference"):
+                reference = unet(**inputs, **call_kwargs).sample
+            assert taken and not any(taken)
+            taken.clear()
+            with forced_paths("fast"):
+                fast = unet(**inputs, **call_kwargs).sample
+            assert taken and all(taken), "the extra-heads path was not taken"
+            taken.clear()
+            torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+        base = frozen_tiny_unet(kind).double()(**inputs).sample
+    assert not torch.allclose(fast, base, atol=1e-4)  # the branch changes the output: the check is not vacuous
+
+
+def test_extra_heads_with_one_head_and_a_wider_branch_head(monkeypatch):
+    """heads=1 (a branch head of 8 channels, as wide as the tiny UNet's narrowest frozen heads: no padding) and
+    rank 16 in one head: wider than the frozen heads of the first level (8), as wide as those of the second (16); the
+    extra-heads form applies only where the branch head fits, the branch path runs elsewhere."""
+    taken = _count_extra_heads_calls(monkeypatch)
+    for hyper in ({"heads": 1}, {"rank": 16, "heads": 1}):
+        unet = _unet("sd1", **hyper)
+        inputs = _inputs(unet)
+        with torch.no_grad():
+            with forced_paths("reference"):
+                reference = unet(**inputs).sample
+            taken.clear()
+            with forced_paths("fast"):
+                fast = unet(**inputs).sample
+        if hyper.get("rank") == 16:
+            assert True in taken and False in taken, taken
+        else:
+            assert taken and all(taken), taken
+        torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_extra_heads_not_taken_where_it_would_be_wrong(monkeypatch):
+    unet = _unet("sd1")
+    inputs = _inputs(unet)
+    taken = _count_extra_heads_calls(monkeypatch)
+    with forced_paths("fast"):
+        unet(**inputs)  # gradients wanted: the branch path (training)
+        assert not any(taken)
+        with torch.no_grad():
+            rd.set_res_tuner_enabled(unet, False)
+            unet(**inputs)  # no branch running: the processor returns the frozen output
+            assert not any(taken)
+            rd.set_res_tuner_enabled(unet, True)
+            for processor in _processors(unet):
+                processor.extra_heads = "off"  # per processor, wins over forced_paths
+            unet(**inputs)
+            assert not any(taken)
+            for processor in _processors(unet):
+                processor.extra_heads = "auto"
+            rd.add_res_tuner(unet, rd.ResTunerConfig("res_adapter"), "second")  # two branches
+            unet(**inputs)
+            assert taken and not any(taken)
+    taken.clear()
+    with torch.no_grad():  # on CPU, unforced: the reference path
+        rd.remove_res_tuner(unet, "second")
+        unet(**inputs)
+        assert taken and not any(taken)
+
+
+def test_extra_heads_not_taken_beside_a_peft_lora_or_a_linear_tuner(monkeypatch):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    taken = _count_extra_heads_calls(monkeypatch)
+    unet = _unet("sd1")
+    inputs = _inputs(unet)
+    with torch.no_grad(), forced_paths("reference"):
+        reference = unet(**inputs).sample
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"], init_lora_weights="gaussian"))
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    unet.to(torch.float64)
+    with torch.no_grad():
+        with forced_paths("reference"):
+            with_lora = unet(**inputs).sample
+        taken.clear()
+        with forced_paths("fast"):
+            fast = unet(**inputs).sample
+    assert taken and not any(taken)  # to_q is a peft wrapper now: its weight alone is not the projection
+    assert not torch.allclose(with_lora, reference, atol=1e-6)
+    torch.testing.assert_close(fast, with_lora, rtol=1e-10, atol=1e-10)
+
+    unet = _unet("sd1")
+    rd.add_res_tuner(unet, rd.ResTunerConfig("res_lora", targets=["attn1"]), "lora")  # a bank on to_q
+    randomize_tuner(unet, "lora", seed=3)
+    taken.clear()
+    with torch.no_grad():
+        with forced_paths("reference"):
+            reference = unet(**inputs).sample
+        with forced_paths("fast"):
+            fast = unet(**inputs).sample
+    # attn1's projections carry our linear bank (its forward), attn2's are plain: only attn2 takes extra heads
+    assert True in taken and False in taken
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_extra_heads_follow_parameter_updates_loads_and_dtype(tmp_path):
+    unet = _unet("sd1")
+    inputs = _inputs(unet)
+
+    def both():
+        with torch.no_grad():
+            with forced_paths("reference"):
+                reference = unet(**inputs).sample
+            with forced_paths("fast"):
+                fast = unet(**inputs).sample
+        torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+        return fast
+
+    first = both()
+    with torch.no_grad():
+        for parameter in rd.res_tuner_parameters(unet):
+            parameter.mul_(1.5)  # in place, as an optimizer step does
+    second = both()
+    assert not torch.allclose(first, second, atol=1e-6)
+    path = tmp_path / "tuner.safetensors"
+    rd.save_res_tuner(unet, path)
+    randomize_tuner(unet, "default", seed=7)
+    third = both()
+    assert not torch.allclose(third, second, atol=1e-6)
+    rd.remove_res_tuner(unet)
+    rd.load_res_tuner(unet, path)
+    torch.testing.assert_close(both(), second, rtol=1e-10, atol=1e-10)
+    unet.to(torch.float32)
+    with torch.no_grad(), forced_paths("fast"):
+        assert unet(**_inputs(unet, torch.float32)).sample.dtype == torch.float32
+
+
+def test_extra_heads_under_inference_mode_then_no_grad():
+    unet = _unet("sd1")
+    inputs = _inputs(unet)
+    with forced_paths("fast"):
+        with torch.inference_mode():
+            first = unet(**inputs).sample.clone()
+        with torch.no_grad():
+            second = unet(**inputs).sample
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_sampling_ops_per_attention():
+    """What the README quotes, on the tiny SD1 UNet (2 attentions): a sampling forward with Res-Attn dispatches a
+    few ops more than the base on the CUDA paths (extra heads: four weight concatenations per attention) and, on
+    the CPU reference path, the separate branch with its heads viewed out of packed projections."""
+    base = frozen_tiny_unet("sd1")
+    unet = _unet("sd1", dtype=torch.float32)
+    inputs = _inputs(unet, torch.float32)
+
+    def forward(model):
+        def call():
+            with torch.no_grad():
+                model(**inputs)
+
+        return call
+
+    forward(unet)()
+    base_counts = dispatched_ops(forward(base))
+    base_ops = sum(base_counts.values())
+    reference_ops = dispatched_ops(forward(unet))
+    with forced_paths("fast"):
+        forward(unet)()  # builds the cached extra heads once
+        fast_ops = dispatched_ops(forward(unet))
+    attentions = len(_processors(unet))
+    assert sum(fast_ops.values()) - base_ops <= 4 * attentions
+    assert fast_ops["cat"] - base_counts["cat"] == 4 * attentions and "constant_pad_nd" not in fast_ops
+    assert sum(reference_ops.values()) > sum(fast_ops.values())
