@@ -282,3 +282,18 @@ def test_sampling_ops_per_attention():
     assert sum(fast_ops.values()) - base_ops <= 4 * attentions
     assert fast_ops["cat"] - base_counts["cat"] == 4 * attentions and "constant_pad_nd" not in fast_ops
     assert sum(reference_ops.values()) > sum(fast_ops.values())
+
+
+def test_sampling_under_compile_has_no_graph_breaks_on_the_fast_paths():
+    """Under ``torch.compile`` the extra-heads path steps aside (the compiler removes the launches anyway): a
+    ``no_grad`` forward with the fast paths forced traces without graph breaks, also with the path forced on."""
+    from benchmarks.perf.compile_breaks import compile_unet, count_graph_breaks
+
+    unet = compile_unet(["res_attn"], tiny=True)
+    unet.eval()
+    inputs = unet_inputs(unet, batch_size=2, seed=0)
+    with torch.no_grad(), forced_paths("fast"):
+        assert count_graph_breaks(unet, inputs)["breaks"] == 0
+        for processor in _processors(unet):
+            processor.extra_heads = "on"
+        assert count_graph_breaks(unet, inputs)["breaks"] == 0

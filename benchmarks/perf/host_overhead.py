@@ -11,7 +11,8 @@ per row counts the aten ops of one call (a dispatch mode: deterministic, the cla
 (median of interleaved rounds, ratios paired per round against the base in the same run; noisy on shared cores).
 
 Rows: ``base`` (diffusers' own processors; in training: the frozen UNet with the backward pass to the latents that
-any tuner inside it needs), ``res_attn`` (unfused, default config), ``peft_lora`` (rank matched to Res-Attn's
+any tuner inside it needs), ``res_attn`` (unfused, default config), ``res_attn [reference]`` (the same model and
+call under ``forced_paths("reference")``: the separate branch), ``peft_lora`` (rank matched to Res-Attn's
 parameters, :mod:`.peers`), ``res_lora``. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training``
 (forward, MSE loss, backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On CPU each row is also counted
 with ``forced_paths("fast")`` -- the paths CUDA takes automatically (padded heads, merged linears) -- so the
@@ -58,8 +59,11 @@ from .common import (
 )
 
 BASE = "base"
+#: Res-Attn with ``forced_paths("reference")`` (the separate branch of the CPU default; on a GPU: the fast paths'
+#: gain, measured in the same run). On CPU it equals ``res_attn``.
+RES_ATTN_REFERENCE = "res_attn [reference]"
 #: Rows in table order: the base, Res-Attn, its matched peer, the linear tuner with a merged fast path.
-ROWS = (BASE, "res_attn", "peft_lora", "res_lora")
+ROWS = (BASE, "res_attn", RES_ATTN_REFERENCE, "peft_lora", "res_lora")
 OUR_TUNERS = ("res_attn", "res_lora")
 MODES = ("sampling", "training")
 #: Interleaved timed rounds per mode (a call takes milliseconds here).
@@ -118,13 +122,18 @@ def build_calls(size: BenchmarkSize, with_peers: bool = True) -> tuple[dict[str,
             step = train_step.make_train_step(case, inputs, autocast=size.autocast, foreach=True)
             calls["training"][name] = {"call": step, "parameters": case.parameter_count}
     for mode in MODES:
+        if "res_attn" in calls[mode]:
+            row = calls[mode]["res_attn"]
+            calls[mode][RES_ATTN_REFERENCE] = dict(row, call=_forcing(row["call"], "reference"))
         calls[mode] = {name: calls[mode][name] for name in ROWS if name in calls[mode]}
     return calls, attention_count(base)
 
 
-def _forcing_fast(call: Callable[[], None]) -> Callable[[], None]:
+def _forcing(call: Callable[[], None], path: str) -> Callable[[], None]:
+    """``call`` under ``forced_paths(path)`` (a path forced inside ``call`` wins: the innermost does)."""
+
     def forced() -> None:
-        with forced_paths("fast"):
+        with forced_paths(path):
             call()
 
     return forced
@@ -145,7 +154,7 @@ def measure_mode(
         row["call"]()  # warm: lazily built state (a bank's branch list, the optimizer's moments) is not counted
         counts[name] = dict(dispatched_ops(row["call"]))
         if on_cpu:
-            forced = _forcing_fast(row["call"])
+            forced = _forcing(row["call"], "fast")
             forced()
             counts_cuda_paths[name] = dict(dispatched_ops(forced))
     log(f"host_overhead: {mode}: timing {len(rows)} rows x {size.repeats} interleaved rounds")

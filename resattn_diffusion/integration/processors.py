@@ -496,11 +496,10 @@ class ResTunerAttnProcessor(nn.Module):
         branch's query rows carry its softmax scale); ``extra_heads = "off"`` or ``forced_paths("reference")``
         gives the reference path.
         """
-        if self.extra_heads != "on":
-            if self.extra_heads == "off" or not fast_path_wanted(hidden_states.device.type):
-                return None
-            if torch.compiler.is_compiling():
-                return None
+        if self.extra_heads == "off" or torch.compiler.is_compiling():
+            return None
+        if self.extra_heads != "on" and not fast_path_wanted(hidden_states.device.type):
+            return None
         branches = self.bank.active(call_scale)
         if len(branches) != 1 or branches[0][3] != "parallel" or not _plain_attention(attn):
             return None
