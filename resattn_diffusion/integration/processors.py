@@ -414,6 +414,11 @@ class ResTunerAttnProcessor(nn.Module):
     #: extra heads of the frozen attention where the fast paths are wanted (CUDA); ``"off"`` / ``"on"`` force it
     #: off or on (where it applies) for this processor, winning over ``forced_paths``. See :meth:`_extra_heads_call`.
     extra_heads: str = "auto"
+    #: Whether the extra-heads form also runs when gradients are wanted (training): fewer ops per step again (one
+    #: attention and its backward instead of two), at the price of weight gradients of the concatenated frozen
+    #: projections (GEMMs the floor does not run). Off until a GPU run measures it (``res_attn [extra heads]``,
+    #: ``gpu_run4.sh``); a class attribute, so ``ResTunerAttnProcessor.extra_heads_training = True`` turns it on.
+    extra_heads_training: bool = False
 
     def __init__(self, base_processor: Any, layer_path: str):
         super().__init__()
@@ -448,7 +453,12 @@ class ResTunerAttnProcessor(nn.Module):
         # only when the attention itself is given a scale (the UNet's hook checks its own)
         if res_tuner_scale is not None:
             check_call_scale(res_tuner_scale)
-        if self.backend == "sdpa" and attention_mask is None and not torch.is_grad_enabled() and len(bank):
+        if (
+            self.backend == "sdpa"
+            and attention_mask is None
+            and len(bank)
+            and (self.extra_heads_training or not torch.is_grad_enabled())
+        ):
             out = self._extra_heads_call(attn, hidden_states, encoder_hidden_states, res_tuner_scale)
             if out is not None:
                 return out
@@ -486,9 +496,11 @@ class ResTunerAttnProcessor(nn.Module):
         where that does not apply (the caller then runs the frozen attention and adds the branch).
 
         Why: on a GPU a sampling forward is bound by the host launching kernels, and a separate branch costs ~20
-        dispatched ops per attention; as extra heads it costs four ``torch.cat`` of weights (the frozen projections
-        with the branch's rows, cached per parameter version, scale, dtype and device; the frozen weights are not
-        copied into the cache). Applies under ``no_grad`` (sampling), without a mask, to a lone parallel branch that
+        dispatched ops per attention; as extra heads the frozen projections and the branch's rows (cached per
+        parameter version, scale, dtype and device; the frozen weights are not copied into the cache) are
+        concatenated per call into one weight per input -- q, k and v from x in one GEMM in self-attention, k and v
+        from c in one in cross-attention -- so the call dispatches fewer ops than the frozen attention alone. Applies under ``no_grad`` (sampling; with gradients too when
+        :attr:`extra_heads_training` is set), without a mask, to a lone parallel branch that
         offers :meth:`~..tuners.base.OperationTuner.extra_heads`, beside plain linear projections without bias on
         q/k/v (no LoRA wrapper, hook or bank of ours on them) of an attention without group norm, qk-norm, residual
         or output rescaling (SD's transformer blocks); automatically where the fast paths are wanted (CUDA), never
@@ -515,12 +527,16 @@ class ResTunerAttnProcessor(nn.Module):
             context = attn.norm_encoder_hidden_states(context)
         batch = hidden_states.shape[0]
         total = heads + extra.heads
-        q = F.linear(hidden_states, torch.cat([to_q.weight, extra.q]))
-        k = F.linear(context, torch.cat([to_k.weight, extra.k]))
-        v = F.linear(context, torch.cat([to_v.weight, extra.v]))
-        q = q.view(batch, -1, total, head_dim).transpose(1, 2)
-        k = k.view(batch, -1, total, head_dim).transpose(1, 2)
-        v = v.view(batch, -1, total, head_dim).transpose(1, 2)
+        # One GEMM per input (x: q, k and v in self-attention; c: k and v), the heads viewed out of it.
+        if encoder_hidden_states is None:
+            weight = torch.cat([to_q.weight, extra.q, to_k.weight, extra.k, to_v.weight, extra.v])
+            qkv = F.linear(hidden_states, weight).view(batch, -1, 3, total, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = F.linear(hidden_states, torch.cat([to_q.weight, extra.q])).view(batch, -1, total, head_dim)
+            q = q.transpose(1, 2)
+            kv = F.linear(context, torch.cat([to_k.weight, extra.k, to_v.weight, extra.v]))
+            k, v = kv.view(batch, -1, 2, total, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, total * head_dim).to(q.dtype)
         out = F.linear(out, torch.cat([to_out.weight, extra.out], dim=1), to_out.bias)
@@ -529,8 +545,11 @@ class ResTunerAttnProcessor(nn.Module):
     def _extra_heads_of(
         self, tuner: nn.Module, scale: float, head_dim: int, like: torch.Tensor
     ) -> ExtraHeads | None:
-        """``tuner.extra_heads(head_dim, scale)`` in ``like``'s dtype and device, built once per parameter version
-        (in-place updates and loads bump it; a new tensor has a new address), scale, dtype and device."""
+        """``tuner.extra_heads(head_dim, scale)`` in ``like``'s dtype: with gradients, formed in this call (so they
+        reach the parameters); without, built once per parameter version (in-place updates and loads bump it; a new
+        tensor has a new address), scale, dtype and device."""
+        if torch.is_grad_enabled():
+            return tuner.extra_heads(head_dim, scale, like.dtype)
         parameters = tuple((p.data_ptr(), p._version) for p in tuner.parameters())
         key = (id(tuner), parameters, scale, head_dim, like.dtype, like.device)
         cached = self._extra_heads_cache
@@ -538,9 +557,7 @@ class ResTunerAttnProcessor(nn.Module):
             return cached[1]
         # ordinary tensors even when first built under inference_mode: later no_grad calls reuse them
         with torch.inference_mode(False), torch.no_grad():
-            extra = tuner.extra_heads(head_dim, scale)
-            if extra is not None:
-                extra = ExtraHeads(*(t.to(like) for t in (extra.q, extra.k, extra.v, extra.out)), heads=extra.heads)
+            extra = tuner.extra_heads(head_dim, scale, like.dtype)
         self._extra_heads_cache = (key, extra)
         return extra
 

@@ -318,9 +318,10 @@ class OperationTuner(nn.Module):
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def extra_heads(self, head_dim: int, scale: float) -> ExtraHeads | None:
-        """This branch at ``scale`` as :class:`ExtraHeads` of a frozen attention with heads of ``head_dim``
-        channels whose keys it shares, or None when it is not such an attention (the default)."""
+    def extra_heads(self, head_dim: int, scale: float, dtype: torch.dtype | None = None) -> ExtraHeads | None:
+        """This branch at ``scale`` as :class:`ExtraHeads` (in ``dtype``, default the parameters') of a frozen
+        attention with heads of ``head_dim`` channels whose keys it shares, or None when it is not such an attention
+        (the default). Differentiable in the tuner's parameters."""
         return None
 
 

@@ -90,31 +90,38 @@ class ResAttn(OperationTuner):
             attended = self.dropout(attended)
         return F.linear(attended, self.out_proj.weight)
 
-    def extra_heads(self, head_dim: int, scale: float) -> ExtraHeads | None:
+    def extra_heads(self, head_dim: int, scale: float, dtype: torch.dtype | None = None) -> ExtraHeads | None:
         """The branch as ``heads`` extra heads of a frozen attention with ``head_dim``-channel heads (same keys:
         ``c``, or ``x`` in self-attention). Each branch head is zero-padded from ``r/h`` to ``head_dim`` channels
         (zero channels add nothing to ``q . k``; the padded output channels meet zero columns of ``out``) and its
         query rows are multiplied by ``sqrt(head_dim / (r/h))``, so the shared softmax scale ``1/sqrt(head_dim)``
-        gives the branch's own ``1/sqrt(r/h)``. None while dropout is active, or when a branch head is wider than
-        the frozen ones."""
+        gives the branch's own ``1/sqrt(r/h)``. Differentiable in the parameters (a few ops on the weights, none
+        on activations). None while dropout is active, or when a branch head is wider than the frozen ones."""
         branch_dim = self.rank // self.heads
         if branch_dim > head_dim or (self.dropout.p > 0 and self.dropout.training):
             return None
-        q_weight = self.q_proj.weight * math.sqrt(head_dim / branch_dim)
-        k_weight, v_weight = self.kv_proj.weight.chunk(2)
-        return ExtraHeads(
-            q=_pad_heads(q_weight, self.heads, head_dim, dim=0),
-            k=_pad_heads(k_weight, self.heads, head_dim, dim=0),
-            v=_pad_heads(v_weight, self.heads, head_dim, dim=0),
-            out=_pad_heads(self.out_proj.weight * scale, self.heads, head_dim, dim=1),
-            heads=self.heads,
-        )
+        query = self.q_proj.weight * math.sqrt(head_dim / branch_dim)
+        if self._self_attention_ok:  # q, k and v rows padded (and cast) in one go
+            q, k, v = _pad_heads(torch.cat([query, self.kv_proj.weight]), 3 * self.heads, head_dim, 0, dtype).chunk(3)
+        else:
+            q = _pad_heads(query, self.heads, head_dim, 0, dtype)
+            k, v = _pad_heads(self.kv_proj.weight, 2 * self.heads, head_dim, 0, dtype).chunk(2)
+        up = self.out_proj.weight if scale == 1.0 else self.out_proj.weight * scale
+        return ExtraHeads(q=q, k=k, v=v, out=_pad_heads(up, self.heads, head_dim, 1, dtype), heads=self.heads)
 
 
-def _pad_heads(weight: torch.Tensor, heads: int, head_dim: int, dim: int) -> torch.Tensor:
-    """``weight`` with its ``dim`` (``heads`` heads of equal width) zero-padded per head to ``head_dim``."""
+def _pad_heads(
+    weight: torch.Tensor, heads: int, head_dim: int, dim: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``weight`` with its ``dim`` (``heads`` heads of equal width) zero-padded per head to ``head_dim``, in
+    ``dtype`` (default: its own)."""
+    if dtype is not None:
+        weight = weight.to(dtype)
+    width = weight.shape[dim] // heads
+    if width == head_dim:
+        return weight
     if dim == 0:
-        rows = weight.reshape(heads, -1, weight.shape[1])
-        return F.pad(rows, (0, 0, 0, head_dim - rows.shape[1])).reshape(heads * head_dim, weight.shape[1])
-    columns = weight.reshape(weight.shape[0], heads, -1)
-    return F.pad(columns, (0, head_dim - columns.shape[2])).reshape(weight.shape[0], heads * head_dim)
+        rows = weight.reshape(heads, width, weight.shape[1])
+        return F.pad(rows, (0, 0, 0, head_dim - width)).reshape(heads * head_dim, weight.shape[1])
+    columns = weight.reshape(weight.shape[0], heads, width)
+    return F.pad(columns, (0, head_dim - width)).reshape(weight.shape[0], heads * head_dim)
