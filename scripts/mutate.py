@@ -19,7 +19,10 @@ import argparse
 import fnmatch
 import hashlib
 import json
+import math
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-#: The integration's ~5000 mutants each run tests that build tiny UNets (the tuners' run tiny tensors): a default
-#: run checks a fixed 30% of them, so that the whole default run fits ~8 minutes on 16 cores. MUTATE_SAMPLE=1: all.
-INTEGRATION_SAMPLE = 0.3
+#: The share of each group's mutants a default run checks, sized so that the whole default run takes about an hour
+#: on 2 idle cores (measured: README "The mutation score"): the integration's ~5000 mutants each run tests that build
+#: tiny UNets, the tuners' ~2800 tiny tensors. A fixed sample (by a hash of the mutant's name and MUTATE_SEED); the
+#: score then carries a 95% interval. MUTATE_SAMPLE=1: every mutant (for many cores).
+GROUP_SAMPLE = {"tuners": 0.25, "integration": 0.08, "loss": 1.0, "metrics": 0.5}
 #: mutmut workers per module when several modules run at once (MUTATE_WORKERS / this = modules side by side)
 MUTANTS_PER_MODULE = 4
 PACKAGE = "resattn_diffusion"
@@ -78,80 +83,72 @@ class Module:
 
 
 T = "tests/"
-#: fast math tests (seconds); test_bypass / test_fast_paths (20+ s) pin only their own modules
-TUNER_TESTS = (T + "test_glora_math.py", T + "test_surm_math.py")
+#: slow test ids of the pinning files that pin nothing of the mutated code (a benchmark run)
 BENCHMARK_TEST = T + "test_bypass.py::test_benchmark_runs_and_the_bypass_keeps_less_for_backward"
+#: The tests that pin each group, one set per group: mutmut runs per mutant only those of them that reach its
+#: function, so a wider set costs a survivor little and spares gaps ("no tests") where a function is reached from a
+#: file another module's list had; and one set per group means one collection of which test reaches which function
+#: and one clean run per group (each a full run of the set). The reference / pin files are added by name
+#: (``_EXTRA_PINS``). Not here: the tests that train or sample through pipelines (seconds each).
+GROUP_TESTS = {
+    # the math against materialised definitions, and the fast paths / bypass forced against their references
+    "tuners": (T + "test_glora_math.py", T + "test_surm_math.py", T + "test_fast_paths.py", T + "test_bypass.py"),
+    # tiny models: processors, files, fusion, hot-swap, export, joint (SD3 / Flux) processors, checked exactly
+    "integration": tuple(
+        T + name
+        for name in (
+            "test_fast_paths.py",
+            "test_bypass.py",
+            "test_io_config.py",
+            "test_reference_processor.py",
+            "test_fuse.py",
+            "test_fuse_compose.py",
+            "test_transformers.py",
+            "test_loader_api.py",
+            "test_export.py",
+            "test_api.py",
+            "test_shared_helpers.py",
+            "test_save_temporaries.py",
+        )
+    ),  # fmt: skip
+    # what diffusion_loss calls for it, by hand (UNet and rectified flow), not the training runs
+    "loss": (T + "test_pin_loss.py",),
+    # the math by hand, and the evaluation tests that use tiny CLIP / DINO folders (not those generating images)
+    "metrics": (T + "test_pin_metrics.py",)
+    + tuple(
+        T + "test_evaluation.py::" + name
+        for name in (
+            "test_clip_score_and_clip_t_equal_a_hand_computation",
+            "test_clip_i_and_dino_equal_mean_pairwise_cosine",
+            "test_offline_without_weights_the_error_names_the_flag",
+            "test_bad_inputs_give_clear_errors",
+        )
+    ),  # fmt: skip
+}
 
 
 def _modules() -> list[Module]:
-    """The default scope: the tuners, the integration layer, the training loss and the metrics."""
-    tuners = {
-        "base": TUNER_TESTS,
-        "adapter": TUNER_TESTS,
-        "bypass": (T + "test_bypass.py",),
-        "fast_paths": (T + "test_fast_paths.py",),
-        "glora": (T + "test_glora_math.py", T + "test_fast_paths.py"),
-        "lora": TUNER_TESTS,
-        "prefix": TUNER_TESTS,
-        "prompt": TUNER_TESTS,
-        "res_attn": TUNER_TESTS,
-        "structured": (T + "test_surm_math.py",),
-        "surm": (T + "test_surm_math.py",),
-    }
-    modules = [Module(f"{PACKAGE}/tuners/{name}.py", "tuners", tests, deselect=(BENCHMARK_TEST,) if
-                      "test_bypass.py" in str(tests) else ()) for name, tests in tuners.items()]  # fmt: skip
-    # the integration layer: the tests that build tiny models and check the processors / files / fusion exactly
-    fast, bypass, io_tests = T + "test_fast_paths.py", T + "test_bypass.py", T + "test_io_config.py"
-    integration = {
-        # the linear banks' fusing and the joint (SD3 / Flux) processor live here too
-        "processors": (
-            fast,
-            bypass,
-            T + "test_reference_processor.py",
-            T + "test_fuse.py",
-            T + "test_transformers.py",
-        ),
-        "fusion": (T + "test_fuse.py", T + "test_fuse_compose.py"),
-        "io": (io_tests, T + "test_shared_helpers.py", T + "test_save_temporaries.py"),
-        "plan": (io_tests, fast),
-        "state": (io_tests, bypass),
-        "unet_tuners": (fast, bypass, io_tests, T + "test_reference_processor.py"),
-        "api": (io_tests, fast, bypass),
-        "hotswap": (T + "test_loader_api.py",),
-        "export": (T + "test_export.py",),
-        "loader_mixin": (T + "test_loader_api.py",),
-        "kinds/base": (fast, bypass, T + "test_reference_processor.py"),
-        "kinds/layers": (fast, bypass, io_tests, T + "test_reference_processor.py"),
-        "kinds/model": (bypass,),
-        "families/base": (fast, io_tests, T + "test_transformers.py"),
-        "families/unet": (fast, io_tests),
-        "families/joint": (T + "test_transformers.py",),
-        "families/sd3": (T + "test_transformers.py",),
-        "families/flux": (T + "test_transformers.py",),
-    }
+    """The default scope: every file of the tuners and the integration layer, the training loss and the metrics."""
+
+    def module(path: str, group: str, functions: tuple[str, ...] = ()) -> Module:
+        tests = GROUP_TESTS[group]
+        deselect = (BENCHMARK_TEST,) if any(t.startswith(BENCHMARK_TEST.split("::")[0]) for t in tests) else ()
+        return Module(f"{PACKAGE}/{path}", group, tests, functions, deselect=deselect, sample=GROUP_SAMPLE[group])
+
+    files = sorted(
+        str(p.relative_to(REPO / PACKAGE))
+        for folder in ("tuners", "integration")
+        for p in (REPO / PACKAGE / folder).rglob("*.py")
+        if p.name != "__init__.py"
+    )
+    modules = [module(path, path.split("/")[0]) for path in files]
+    # the loss: objective.py whole; of loop / models / flow only the functions that compute the loss
     modules += [
-        Module(f"{PACKAGE}/integration/{name}.py", "integration", tests, deselect=(BENCHMARK_TEST,) if
-               bypass in tests else (), sample=INTEGRATION_SAMPLE) for name, tests in integration.items()]  # fmt: skip
-    # the loss: what diffusion_loss calls for it, by hand (test_reference_loss: UNet and rectified flow, and
-    # test_pin_loss), not the training runs (pipelines, seconds each)
-    loss_tests = (T + "test_pin_loss.py",)
-    # the metrics: the math by hand (test_reference_metrics, test_pin_metrics) and the evaluation tests that use
-    # tiny CLIP / DINO folders (not those that generate images first)
-    ev = T + "test_evaluation.py::"
-    metrics_tests = (T + "test_pin_metrics.py",) + tuple(ev + name for name in (
-        "test_clip_score_and_clip_t_equal_a_hand_computation", "test_clip_i_and_dino_equal_mean_pairwise_cosine",
-        "test_offline_without_weights_the_error_names_the_flag", "test_bad_inputs_give_clear_errors"))  # fmt: skip
-    modules += [
-        Module(f"{PACKAGE}/training/objective.py", "loss", loss_tests),
-        Module(f"{PACKAGE}/training/loop.py", "loss", loss_tests, ("diffusion_loss",)),
-        Module(f"{PACKAGE}/training/models.py", "loss", loss_tests, ("StableDiffusionBase.per_example_loss",)),
-        Module(
-            f"{PACKAGE}/training/flow.py",
-            "loss",
-            loss_tests,
-            ("FlowMatchingBase.per_example_loss", "FlowMatchingBase.sample_timesteps"),
-        ),
-        Module(f"{PACKAGE}/evaluation/metrics.py", "metrics", metrics_tests),
+        module("training/objective.py", "loss"),
+        module("training/loop.py", "loss", ("diffusion_loss",)),
+        module("training/models.py", "loss", ("StableDiffusionBase.per_example_loss",)),
+        module("training/flow.py", "loss", ("FlowMatchingBase.per_example_loss", "FlowMatchingBase.sample_timesteps")),
+        module("evaluation/metrics.py", "metrics"),
     ]
     return modules
 
@@ -159,10 +156,10 @@ def _modules() -> list[Module]:
 MODULES = _modules()
 # tests written to pin one module's math (by the reference / pin test files' names) are added when they exist
 _EXTRA_PINS = {
-    "tuners": ("test_reference_tuners.py", "test_pin_tuners.py"),
-    "loss": ("test_reference_loss.py", "test_pin_loss.py"),
-    "metrics": ("test_reference_metrics.py", "test_pin_metrics.py"),
-    "integration": ("test_pin_integration.py",),
+    "tuners": ("test_reference_tuners.py", "test_pin_tuners*.py"),
+    "loss": ("test_reference_loss.py", "test_pin_loss*.py"),
+    "metrics": ("test_reference_metrics.py", "test_pin_metrics*.py"),
+    "integration": ("test_reference_processor.py", "test_pin_integration*.py"),
 }
 
 
@@ -213,6 +210,22 @@ def _mutmut_config(job: list[Module], tests: list[str]) -> str:
     )
 
 
+#: appended to the work folder's conftest.py: a mutant's tests run fastest first (by the durations mutmut recorded in
+#: its stats run, in ``mutants/``, the tests' working folder), so that a killed mutant stops (-x) at its fastest
+#: failing test instead of after whichever slow test pytest collected first.
+FASTEST_FIRST = """
+
+def pytest_collection_modifyitems(session, config, items):  # added by scripts/mutate.py
+    import json as _json
+    from pathlib import Path as _Path
+
+    stats = _Path("mutmut-stats.json")
+    if stats.is_file():
+        durations = _json.loads(stats.read_text()).get("duration_by_test", {})
+        items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+"""
+
+
 def job_name(job: list[Module]) -> str:
     names = "+".join(m.dotted.removeprefix(PACKAGE + ".") for m in job)
     if len(names) > 80:
@@ -244,6 +257,8 @@ def prepare(job: list[Module], out: Path) -> tuple[Path, list[str]]:
     # the pinning test files, conftest and the tests' own helper modules (not the other test files)
     for path in dict.fromkeys(test_files + helpers):
         shutil.copy2(path, work / "tests" / path.name)
+    with (work / "tests" / "conftest.py").open("a") as conftest:
+        conftest.write(FASTEST_FIRST)
     for extra in job[0].extra_files:
         src, dst = REPO / extra, work / extra
         if src.is_dir():
@@ -295,19 +310,27 @@ _GENERATE = (
 )
 
 
-def sampled(names: list[str], fraction: float) -> list[str]:
-    """A fixed share of the mutants (by a hash of the name, so a rerun samples the same ones)."""
+def sampled(names: list[str], fraction: float, seed: str = "0") -> list[str]:
+    """A fixed share of the mutants, by a hash of the seed and the name: a rerun samples the same ones (and resumes),
+    a smaller share is a subset of a larger one, and another seed draws another sample (held out from the one the
+    tests were written against)."""
     if fraction >= 1.0:
         return names
-    return [n for n in names if int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) < fraction * 0x100000000]
+    return [n for n in names if int(hashlib.sha256(f"{seed}:{n}".encode()).hexdigest()[:8], 16) < fraction * 2**32]
 
 
 def run_job(
-    job: list[Module], out: Path, workers: int, python: str, fraction: float | None, report: bool = False
+    job: list[Module],
+    out: Path,
+    workers: int,
+    python: str,
+    fraction: float | None,
+    seed: str = "0",
+    report: bool = False,
 ) -> list[dict]:
     if report:  # the verdicts as they are, nothing prepared (which could reset some) and nothing run
         work = out / "work" / job_name(job)
-        return [summarize(module, work, python, 0.0) for module in job if _meta(work, module)]
+        return [summarize(module, work, python, 0.0, fraction, seed) for module in job if _meta(work, module)]
     work, tests = prepare(job, out)
     log_path = out / "logs" / f"{job_name(job)}.log"
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", RESATTN_TEST_THREADS="1")
@@ -317,7 +340,7 @@ def run_job(
     for module in job:
         codes = _meta(work, module).get("exit_code_by_key", {})
         share = module.sample if fraction is None else fraction
-        pending += [n for n in sampled(in_scope(module, codes), share) if codes[n] is None]
+        pending += [n for n in sampled(in_scope(module, codes), share, seed) if codes[n] is None]
     start = time.monotonic()
     if pending:
         # named mutants: mutmut reruns a named mutant even if it has a verdict, so only the unfinished are named
@@ -329,22 +352,29 @@ def run_job(
             tail = log_path.read_text()[-3000:]
             print(f"mutate: mutmut failed on {job_name(job)} (exit {proc.returncode}); log tail:\n{tail}", flush=True)
     seconds = time.monotonic() - start
-    return [summarize(module, work, python, seconds) for module in job]
+    return [summarize(module, work, python, seconds, fraction, seed) for module in job]
 
 
-def summarize(module: Module, work: Path, python: str, seconds: float) -> dict:
+def summarize(
+    module: Module, work: Path, python: str, seconds: float, fraction: float | None = None, seed: str = "0"
+) -> dict:
+    """The verdicts of this run's sample of the module (mutants outside it, run under another seed or share, are
+    not counted): killed / survived / ... among them, ``total`` the module's mutants in scope."""
     codes = _meta(work, module).get("exit_code_by_key", {})
     names = in_scope(module, codes)
+    share = module.sample if fraction is None else fraction
+    chosen = sampled(names, share, seed)
     counts = {"killed": 0, "survived": 0, "timeout": 0, "no_tests": 0, "not_checked": 0, "skipped": 0}
     survivors = []
-    for name in sorted(names, key=_natural):
+    for name in sorted(chosen, key=_natural):
         verdict = VERDICTS.get(codes[name], "suspicious")
         counts[verdict] = counts.get(verdict, 0) + 1
         if verdict in ("survived", "no_tests", "suspicious"):
             survivors.append({"name": name, "verdict": verdict, "diff": _diff(work, name, python)})
+    counts["not_checked"] += len(names) - len(chosen)
     counts["total"] = len(names)
-    return {"module": module.path, "group": module.group, **counts, "seconds": round(seconds, 1),
-            "survivors": survivors}  # fmt: skip
+    return {"module": module.path, "group": module.group, **counts, "sample": share, "seed": seed,
+            "seconds": round(seconds, 1), "survivors": survivors}  # fmt: skip
 
 
 def _natural(name: str) -> tuple[str, int]:
@@ -358,15 +388,28 @@ def _diff(work: Path, name: str, python: str) -> str:
     return "\n".join(line for line in lines[1:] if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
 
 
+def wilson_interval(killed: int, checked: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of the share killed among all the mutants, from a random sample of ``checked`` of them
+    (Wilson; without the finite-population correction, so slightly wide when the sample is a large share)."""
+    p = killed / checked
+    centre = (p + z * z / (2 * checked)) / (1 + z * z / checked)
+    half = z * math.sqrt(p * (1 - p) / checked + z * z / (4 * checked * checked)) / (1 + z * z / checked)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def score(rows: list[dict]) -> str:
-    """killed / checked, a timeout counting as killed; "(n of m run)" where only a sample ran."""
+    """killed / checked, a timeout counting as killed; where only a sample ran, "(n of m run)" and the 95% interval
+    of the whole's score."""
     killed = sum(r["killed"] + r["timeout"] for r in rows)
     checked = sum(r["total"] - r["skipped"] - r["not_checked"] for r in rows)
     total = sum(r["total"] - r["skipped"] for r in rows)
     if not checked:
         return "no mutants run"
-    ran = f" ({checked} of {total} run)" if checked < total else ""
-    return f"{killed}/{checked} = {100.0 * killed / checked:.1f}%{ran}"
+    if checked >= total:
+        return f"{killed}/{checked} = {100.0 * killed / checked:.1f}%"
+    low, high = wilson_interval(killed, checked)
+    interval = f"[{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{killed}/{checked} = {100.0 * killed / checked:.1f}% {interval} ({checked} of {total} run)"
 
 
 def markdown_table(rows: Iterable[dict]) -> str:
@@ -396,6 +439,12 @@ def _environment_number(name: str, kind: type, low: float, high: float, what: st
     return value
 
 
+def _children_cpu_seconds() -> float:
+    """User + system time of the finished child processes (mutmut and the test processes it waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dev.sh mutate", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="files or folders under resattn_diffusion/ (default: all in scope)")
@@ -408,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = workers or os.cpu_count() or 1
     # MUTATE_SAMPLE=0.2: run a fixed fifth of each module's mutants (a quick estimate; the score says "sampled")
     fraction = _environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share of the mutants in (0, 1], e.g. 0.2")
+    # MUTATE_SEED=dev: another fixed sample (write tests against one seed's survivors, score on another)
+    seed = os.environ.get("MUTATE_SEED", "").strip() or "0"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", seed):
+        raise SystemExit(f"mutate: MUTATE_SEED={seed!r} is not a short name; give letters, digits, - or _, e.g. dev")
     out = Path(os.environ.get("MUTATE_OUT") or REPO / "mutation-results").resolve()
     if args.table:
         summary = out / "summary.json"
@@ -439,15 +492,25 @@ def main(argv: list[str] | None = None) -> int:
     children = max(1, workers // parallel)
     print(f"mutate: {len(chosen)} modules in {len(jobs)} jobs, {parallel} at a time with {children} workers each; "
           f"out: {out}", flush=True)  # fmt: skip
+    started, cpu_before = time.monotonic(), _children_cpu_seconds()
     with ThreadPoolExecutor(parallel) as pool:
-        futures = [pool.submit(run_job, job, out, children, sys.executable, fraction, args.report) for job in jobs]
+        futures = [
+            pool.submit(run_job, job, out, children, sys.executable, fraction, seed, args.report) for job in jobs
+        ]
         for future in as_completed(futures):
             for row in future.result():
                 rows.append(row)
                 previous["modules"][row["module"]] = row
                 summary_path.write_text(json.dumps(previous, indent=1, ensure_ascii=False))
-                print(f"  {row['module']}: {row['killed'] + row['timeout']}/{row['total']} killed, {row['survived']} "
-                      f"survived, {row['no_tests']} without tests ({row['seconds']} s)", flush=True)  # fmt: skip
+                print(f"  {row['module']}: {score([row])}; {row['survived']} survived, {row['no_tests']} without "
+                      f"tests ({row['seconds']} s)", flush=True)  # fmt: skip
+    if not args.report:
+        # core-seconds as well as wall time: on a shared machine the wall time says little, the CPU time what an idle
+        # machine with this many cores needs
+        previous["last_run"] = {"modules": [m.path for m in chosen], "wall_s": round(time.monotonic() - started),
+                                "cpu_s": round(_children_cpu_seconds() - cpu_before), "workers": workers,
+                                "seed": seed, "sample": fraction if fraction is not None else "default"}  # fmt: skip
+        print(f"mutate: {previous['last_run']['wall_s']} s wall, {previous['last_run']['cpu_s']} CPU-seconds")
     all_rows = list(previous["modules"].values())
     groups = sorted({r["group"] for r in all_rows})
     previous["groups"] = {g: score([r for r in all_rows if r["group"] == g]) for g in groups}

@@ -60,6 +60,41 @@ def test_sampling_is_a_fixed_share(mutate) -> None:
     assert 900 < len(half) < 1100 and half == mutate.sampled(names, 0.5)
     assert set(mutate.sampled(names, 0.2)) <= set(half)  # a smaller share is a subset: reruns resume
     assert mutate.sampled(names, 1.0) == names
+    # another seed draws another sample of about the same size
+    other = mutate.sampled(names, 0.5, seed="dev")
+    assert 900 < len(other) < 1100 and len(set(other) & set(half)) < 0.7 * len(half)
+
+
+def test_wilson_interval_matches_the_normal_approximation_on_large_samples(mutate) -> None:
+    low, high = mutate.wilson_interval(900, 1000)
+    half = 1.96 * (0.9 * 0.1 / 1000) ** 0.5
+    assert abs(low - (0.9 - half)) < 2e-3 and abs(high - (0.9 + half)) < 2e-3
+    assert mutate.wilson_interval(10, 10)[1] == 1.0 and mutate.wilson_interval(10, 10)[0] < 1.0
+
+
+def test_summary_counts_only_this_runs_sample(mutate, monkeypatch, tmp_path) -> None:
+    module = next(m for m in mutate.MODULES if m.path.endswith("tuners/lora.py"))
+    names = [f"resattn_diffusion.tuners.lora.x_f__mutmut_{i}" for i in range(400)]
+    chosen = set(mutate.sampled(names, 0.25, "0"))
+    # verdicts from another seed's run: killed outside this sample, survived inside it
+    codes = {n: (0 if n in chosen else 1) for n in names}
+    monkeypatch.setattr(mutate, "_meta", lambda work, m: {"exit_code_by_key": codes})
+    monkeypatch.setattr(mutate, "_diff", lambda work, name, python: "")
+    row = mutate.summarize(module, tmp_path, "python", 0.0, 0.25, "0")
+    assert row["killed"] == 0 and row["survived"] == len(chosen) and row["total"] == 400
+    assert row["not_checked"] == 400 - len(chosen)
+
+
+def test_fastest_first_hook_orders_tests_by_recorded_duration(mutate, monkeypatch, tmp_path) -> None:
+    import json
+
+    namespace: dict = {}
+    exec(mutate.FASTEST_FIRST, namespace)
+    (tmp_path / "mutmut-stats.json").write_text(json.dumps({"duration_by_test": {"a": 3.0, "b": 0.1, "c": 1.0}}))
+    monkeypatch.chdir(tmp_path)
+    items = [type("Item", (), {"nodeid": n})() for n in ("a", "b", "c", "new")]
+    namespace["pytest_collection_modifyitems"](None, None, items)
+    assert [i.nodeid for i in items] == ["new", "b", "c", "a"]
 
 
 def test_jobs_group_modules_by_their_tests(mutate) -> None:
@@ -74,7 +109,9 @@ def test_score_counts_timeouts_as_killed_and_says_when_sampled(mutate) -> None:
     row = {"killed": 8, "timeout": 1, "survived": 1, "no_tests": 0, "skipped": 0, "not_checked": 0, "total": 10}
     assert mutate.score([row]) == "9/10 = 90.0%"
     sampled = dict(row, not_checked=5, total=15)
-    assert mutate.score([sampled]) == "9/10 = 90.0% (10 of 15 run)"
+    # a sample carries the 95% Wilson interval of the whole module's score (9 of 10: 0.596 to 0.982, the textbook
+    # value)
+    assert mutate.score([sampled]) == "9/10 = 90.0% [59.6, 98.2] (10 of 15 run)"
     assert mutate.score([dict(row, killed=0, timeout=0, survived=0, total=0)]) == "no mutants run"
 
 
@@ -113,6 +150,7 @@ def test_markdown_table_has_a_line_per_module_and_group(mutate) -> None:
         ("MUTATE_SAMPLE", "2", "out of range"),
         ("MUTATE_SAMPLE", "nan", "out of range"),
         ("MUTATE_SAMPLE", "0", "out of range"),
+        ("MUTATE_SEED", "../x", "not a short name"),
     ],
 )
 def test_bad_environment_numbers_are_refused_before_anything_runs(mutate, monkeypatch, tmp_path, name, value, words):
