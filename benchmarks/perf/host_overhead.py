@@ -12,8 +12,9 @@ per row counts the aten ops of one call (a dispatch mode: deterministic, the cla
 
 Rows: ``base`` (diffusers' own processors; in training: the frozen UNet with the backward pass to the latents that
 any tuner inside it needs), ``res_attn`` (unfused, default config), ``res_attn [reference]`` (the same model and
-call under ``forced_paths("reference")``: the separate branch), ``res_attn [extra heads]`` (training only: the same
-with ``ResTunerAttnProcessor.extra_heads_training`` on), ``peft_lora`` (rank matched to Res-Attn's
+call under ``forced_paths("reference")``: the separate branch), ``res_attn [fast]`` (sampling: under
+``forced_paths("fast")``, the extra heads), ``res_attn [extra heads]`` (training: forced fast paths with
+``ResTunerAttnProcessor.extra_heads_training`` on), ``peft_lora`` (rank matched to Res-Attn's
 parameters, :mod:`.peers`), ``res_lora``. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training``
 (forward, MSE loss, backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On CPU each row is also counted
 with ``forced_paths("fast")`` -- the paths CUDA takes automatically (padded heads, merged linears) -- so the
@@ -63,11 +64,15 @@ BASE = "base"
 #: Res-Attn with ``forced_paths("reference")`` (the separate branch of the CPU default; on a GPU: the fast paths'
 #: gain, measured in the same run). On CPU it equals ``res_attn``.
 RES_ATTN_REFERENCE = "res_attn [reference]"
-#: Res-Attn with its branch as extra heads of the frozen attention in training too (``extra_heads_training``; in
-#: sampling the same as ``res_attn`` on the CUDA paths).
+#: Res-Attn's sampling forward with ``forced_paths("fast")``: the CUDA paths (the branch as extra heads of the
+#: frozen attention), timed on any device -- on CPU, against ``res_attn [reference]`` in the same run.
+RES_ATTN_FAST = "res_attn [fast]"
+#: Res-Attn's training step on the fast paths with its branch as extra heads of the frozen attention in training
+#: too (``ResTunerAttnProcessor.extra_heads_training``, off by default: this row measures it).
 RES_ATTN_EXTRA_HEADS = gpu_suite.EXTRA_HEADS_ROW
-#: Rows in table order: the base, Res-Attn, its matched peer, the linear tuner with a merged fast path.
-ROWS = (BASE, "res_attn", RES_ATTN_REFERENCE, RES_ATTN_EXTRA_HEADS, "peft_lora", "res_lora")
+#: Rows in table order: the base, Res-Attn (default, forced paths), its matched peer, the linear tuner with a merged
+#: fast path.
+ROWS = (BASE, "res_attn", RES_ATTN_REFERENCE, RES_ATTN_FAST, RES_ATTN_EXTRA_HEADS, "peft_lora", "res_lora")
 OUR_TUNERS = ("res_attn", "res_lora")
 MODES = ("sampling", "training")
 #: Interleaved timed rounds per mode (a call takes milliseconds here).
@@ -129,8 +134,11 @@ def build_calls(size: BenchmarkSize, with_peers: bool = True) -> tuple[dict[str,
         if "res_attn" in calls[mode]:
             row = calls[mode]["res_attn"]
             calls[mode][RES_ATTN_REFERENCE] = dict(row, call=_forcing(row["call"], "reference"))
-            if mode == "training":
-                calls[mode][RES_ATTN_EXTRA_HEADS] = dict(row, call=_within(row["call"], gpu_suite.extra_heads_in_training))
+            if mode == "sampling":
+                calls[mode][RES_ATTN_FAST] = dict(row, call=_forcing(row["call"], "fast"))
+            else:
+                extra_heads = _within(row["call"], gpu_suite.extra_heads_in_training)
+                calls[mode][RES_ATTN_EXTRA_HEADS] = dict(row, call=_forcing(extra_heads, "fast"))
         calls[mode] = {name: calls[mode][name] for name in ROWS if name in calls[mode]}
     return calls, attention_count(base)
 
