@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ from .common import (
     DTYPES,
     RESULTS_DIR,
     BenchmarkSize,
+    Timing,
     benchmark_inputs,
     configure_threads,
     dispatched_ops,
@@ -183,7 +185,8 @@ def measure_mode(
         device=size.device,
         deadline=deadline,
     )
-    base_timing = timings[BASE].as_dict() if BASE in timings else None
+    base = timings.get(BASE)
+    base_timing = base.as_dict() if base is not None else None
     base_ops = sum(counts.get(BASE, {}).values()) or None
     base_ops_cuda = sum(counts_cuda_paths.get(BASE, {}).values()) or None
     results = []
@@ -207,12 +210,20 @@ def measure_mode(
                 "wall_ms": None if timing is None else 1000 * timing.median,
                 "wall_spread": None if timing is None else timing.spread,
                 "wall_vs_base": None if timing is None else paired_ratio(timing.as_dict(), base_timing),
+                # this process's CPU time: with one thread, what preemption by other processes inflates least
+                "cpu_ms": None if timing is None else 1000 * statistics.median(timing.cpu),
+                "cpu_vs_base": None if timing is None else paired_ratio(_on_cpu_clock(timing), _on_cpu_clock(base)),
                 "timing": None if timing is None else timing.as_dict(),
                 "op_counts": counts[name],
                 "op_counts_cuda_paths": counts_cuda_paths.get(name),
             }
         )
     return results
+
+
+def _on_cpu_clock(timing: Timing | None) -> dict[str, Any] | None:
+    """``timing.as_dict()`` read on the process-CPU-time clock (for :func:`~.common.paired_ratio`)."""
+    return None if timing is None else dict(timing.as_dict(), clock="cpu")
 
 
 def run(
@@ -257,8 +268,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"({device}, {machine['torch_threads']} thread(s), torch {machine['torch']}, load "
         f"{machine['load_average_1_5_15min']}); {result['attentions']} attentions. `ops`: aten ops dispatched by one "
         "call (forward, and in training backward and AdamW), deterministic; `extra / attention`: (ops - base ops) / "
-        "attentions. Wall: median of interleaved rounds, ratio paired per round against the base (noisy on shared "
-        "cores: quote the op counts).",
+        "attentions. Wall and this process's CPU time: medians of interleaved rounds, ratios paired per round "
+        "against the base (noisy on shared cores, the wall clock most: quote the op counts).",
     ]
     for mode in MODES:
         rows = [row for row in result["rows"] if row["mode"] == mode]
@@ -267,14 +278,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         cuda_column = any(row["ops_cuda_paths"] is not None for row in rows)
         headers = ["row", "params", "ops", "ops × base", "extra / attention"]
         headers += ["ops, CUDA paths", "extra / attention, CUDA paths"] if cuda_column else []
-        headers += ["wall ms", "wall × base"]
+        headers += ["wall ms", "wall × base", "CPU ms", "CPU × base"]
         table = []
         for row in rows:
             cells = [row["name"], row["trainable_parameters"], row["ops"], row["ops_vs_base"]]
             cells.append(_one_decimal(row["extra_ops_per_attention"]))
             if cuda_column:
                 cells += [row["ops_cuda_paths"], _one_decimal(row["extra_ops_per_attention_cuda_paths"])]
-            cells += [row["wall_ms"], row["wall_vs_base"]]
+            cells += [row["wall_ms"], row["wall_vs_base"], row["cpu_ms"], row["cpu_vs_base"]]
             table.append(cells)
         title = "one forward under no_grad" if mode == "sampling" else "one training step (base: backward to latents)"
         lines += ["", f"## {mode}: {title}", "", markdown_table(headers, table)]
