@@ -4,8 +4,9 @@
   ``multi_head_attention`` on the split tensors, values and gradients, padded or not, few keys or SDPA;
 * the extra-heads path of ``ResTunerAttnProcessor`` (sampling: the lone Res-Attn branch as extra heads of the frozen
   attention) equals the reference path on SD1/SD2/SDXL UNets, forced on CPU, at the stored scale and at per-call
-  scales; it is not taken where it would be wrong (gradients, masks, two branches, a LoRA wrapper on a projection,
-  forced off) and its cache follows the parameters;
+  scales, and with gradients (``extra_heads_training``); it is not taken where it would be wrong (gradients by
+  default, two branches, dropout, a LoRA wrapper or linear tuner on a projection, forced off) and it follows every
+  write to the parameters (nothing about them is cached);
 * the op counts the README quotes: the benchmark's counter, and the extra ops per attention of the sampling forward.
 """
 
@@ -164,6 +165,10 @@ def test_extra_heads_not_taken_where_it_would_be_wrong(monkeypatch):
             unet(**inputs)
             assert not any(taken)
             for processor in _processors(unet):
+                processor.extra_heads = "sideways"
+            with pytest.raises(rd.ConfigError, match="extra_heads='sideways' is not allowed"):
+                unet(**inputs)
+            for processor in _processors(unet):
                 processor.extra_heads = "auto"
             rd.add_res_tuner(unet, rd.ResTunerConfig("res_adapter"), "second")  # two branches
             unet(**inputs)
@@ -232,6 +237,13 @@ def test_extra_heads_follow_parameter_updates_loads_and_dtype(tmp_path):
             parameter.mul_(1.5)  # in place, as an optimizer step does
     second = both()
     assert not torch.allclose(first, second, atol=1e-6)
+    originals = [parameter.detach().clone() for parameter in rd.res_tuner_parameters(unet)]
+    for parameter in rd.res_tuner_parameters(unet):
+        parameter.data.copy_(parameter.data * 0.5)  # through .data, as diffusers' EMAModel.copy_to writes: no version bump
+    assert not torch.allclose(both(), second, atol=1e-6)
+    for parameter, original in zip(rd.res_tuner_parameters(unet), originals):
+        parameter.data.copy_(original)
+    torch.testing.assert_close(both(), second, rtol=1e-10, atol=1e-10)
     path = tmp_path / "tuner.safetensors"
     rd.save_res_tuner(unet, path)
     randomize_tuner(unet, "default", seed=7)
@@ -259,8 +271,8 @@ def test_extra_heads_under_inference_mode_then_no_grad():
 def test_sampling_ops_per_attention():
     """What the README quotes, on the tiny SD1 UNet (8 attentions): on the CUDA paths a sampling forward with Res-Attn
     dispatches fewer ops than the base (one concatenated weight and one GEMM per input of each attention: x in
-    self-attention, x and c in cross-attention; nothing padded per call); on the CPU reference path more (the branch
-    is separate) but, with its heads viewed out of packed projections, no pads or splits per q, k and v."""
+    self-attention, x and c in cross-attention; the branch's padded rows from three small matmuls, no pads); on the
+    CPU reference path more (the branch is separate)."""
     base = frozen_tiny_unet("sd1")
     unet = _unet("sd1", dtype=torch.float32)
     inputs = _inputs(unet, torch.float32)
@@ -283,7 +295,9 @@ def test_sampling_ops_per_attention():
     assert sum(fast_ops.values()) < sum(base_counts.values()) < sum(reference_ops.values())
     # one concatenated weight per GEMM: attn1 [q|k|v] and the output, attn2 q, [k|v] and the output
     assert fast_ops["cat"] - base_counts["cat"] == attentions // 2 * (2 + 3)
-    assert fast_ops["mm"] + fast_ops["addmm"] == base_counts["mm"] + base_counts["addmm"] - attentions // 2 * (2 + 1)
+    # GEMMs: attn1 saves 2 of the frozen ones, attn2 1; each attention forms its branch rows in 3 small matmuls
+    gemms = base_counts["mm"] + base_counts["addmm"] - attentions // 2 * (2 + 1) + 3 * attentions
+    assert fast_ops["mm"] + fast_ops["addmm"] == gemms
     assert "constant_pad_nd" not in fast_ops
 
 
@@ -353,3 +367,23 @@ def test_extra_heads_in_training_under_autocast_and_dropout(extra_heads_in_train
     with forced_paths("fast"):
         unet(**_inputs(unet, torch.float32))
     assert taken and not any(taken)
+
+
+def test_extra_heads_not_taken_with_an_attention_mask(monkeypatch):
+    """A mask applies to the frozen attention's keys only (the branch ignores it): with one, the branch path runs."""
+    unet = _unet("sd1")
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    x = torch.randn(2, 5, attn.to_q.in_features, dtype=torch.float64)
+    c = torch.randn(2, 7, attn.to_k.in_features, dtype=torch.float64)
+    mask = torch.zeros(2, 7, dtype=torch.float64)
+    mask[:, -2:] = -1e4
+    taken = _count_extra_heads_calls(monkeypatch)
+    with torch.no_grad():
+        with forced_paths("reference"):
+            reference = attn(x, c, attention_mask=mask)
+        with forced_paths("fast"):
+            fast = attn(x, c, attention_mask=mask)
+            unmasked = attn(x, c)
+    assert taken == [True]  # only the unmasked call
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(unmasked, reference, atol=1e-6)

@@ -193,6 +193,9 @@ def effective_delta(
     return delta_w, delta_b
 
 
+#: Values of :attr:`ResTunerAttnProcessor.extra_heads`.
+EXTRA_HEADS_MODES = ("auto", "off", "on")
+
 #: How a :class:`LinearBank` runs its branches (``LinearBank.path``): ``"branch"`` -- the frozen GEMM, then each
 #: tuner's ``T(x)`` added (the reference); ``"merged"`` -- one GEMM with ``W + sum_i s_i dW_i`` (and the biases),
 #: the deltas formed from the tuners' parameters once per call (see :func:`select_linear_path`); ``"auto"``.
@@ -423,9 +426,6 @@ class ResTunerAttnProcessor(nn.Module):
     def __init__(self, base_processor: Any, layer_path: str):
         super().__init__()
         self.bank = OperationBank(layer_path)
-        # (key, ExtraHeads) of the last lone branch turned into extra heads: rebuilt when its parameters, scale,
-        # dtype or device change (see _extra_heads_of); a plain attribute, not state.
-        self._extra_heads_cache: tuple[tuple, ExtraHeads | None] | None = None
         self.set_base_processor(base_processor)
 
     def set_base_processor(self, processor: Any) -> None:
@@ -496,10 +496,10 @@ class ResTunerAttnProcessor(nn.Module):
         where that does not apply (the caller then runs the frozen attention and adds the branch).
 
         Why: on a GPU a sampling forward is bound by the host launching kernels, and a separate branch costs ~20
-        dispatched ops per attention; as extra heads the frozen projections and the branch's rows (cached per
-        parameter version, scale, dtype and device; the frozen weights are not copied into the cache) are
+        dispatched ops per attention; as extra heads the frozen projections and the branch's rows (formed from its
+        parameters in four small matmuls per call: nothing cached that a write to them could leave stale) are
         concatenated per call into one weight per input -- q, k and v from x in one GEMM in self-attention, k and v
-        from c in one in cross-attention -- so the call dispatches fewer ops than the frozen attention alone. Applies under ``no_grad`` (sampling; with gradients too when
+        from c in one in cross-attention -- so the call dispatches about as many ops as the frozen attention alone. Applies under ``no_grad`` (sampling; with gradients too when
         :attr:`extra_heads_training` is set), without a mask, to a lone parallel branch that
         offers :meth:`~..tuners.base.OperationTuner.extra_heads`, beside plain linear projections without bias on
         q/k/v (no LoRA wrapper, hook or bank of ours on them) of an attention without group norm, qk-norm, residual
@@ -508,6 +508,11 @@ class ResTunerAttnProcessor(nn.Module):
         branch's query rows carry its softmax scale); ``extra_heads = "off"`` or ``forced_paths("reference")``
         gives the reference path.
         """
+        if self.extra_heads not in EXTRA_HEADS_MODES:
+            raise ConfigError(
+                f"{self.bank.layer_path}: extra_heads={self.extra_heads!r} is not allowed; choose one of "
+                f"{list(EXTRA_HEADS_MODES)}"
+            )
         if self.extra_heads == "off" or torch.compiler.is_compiling():
             return None
         if self.extra_heads != "on" and not fast_path_wanted(hidden_states.device.type):
@@ -519,7 +524,7 @@ class ResTunerAttnProcessor(nn.Module):
         to_q, to_k, to_v, to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
         heads = attn.heads
         head_dim = to_k.out_features // heads
-        extra = self._extra_heads_of(tuner, scale, head_dim, to_q.weight)
+        extra: ExtraHeads | None = tuner.extra_heads(head_dim, scale, to_q.weight.dtype)
         if extra is None:
             return None
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -541,25 +546,6 @@ class ResTunerAttnProcessor(nn.Module):
         out = out.transpose(1, 2).reshape(batch, -1, total * head_dim).to(q.dtype)
         out = F.linear(out, torch.cat([to_out.weight, extra.out], dim=1), to_out.bias)
         return attn.to_out[1](out)
-
-    def _extra_heads_of(
-        self, tuner: nn.Module, scale: float, head_dim: int, like: torch.Tensor
-    ) -> ExtraHeads | None:
-        """``tuner.extra_heads(head_dim, scale)`` in ``like``'s dtype: with gradients, formed in this call (so they
-        reach the parameters); without, built once per parameter version (in-place updates and loads bump it; a new
-        tensor has a new address), scale, dtype and device."""
-        if torch.is_grad_enabled():
-            return tuner.extra_heads(head_dim, scale, like.dtype)
-        parameters = tuple((p.data_ptr(), p._version) for p in tuner.parameters())
-        key = (id(tuner), parameters, scale, head_dim, like.dtype, like.device)
-        cached = self._extra_heads_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        # ordinary tensors even when first built under inference_mode: later no_grad calls reuse them
-        with torch.inference_mode(False), torch.no_grad():
-            extra = tuner.extra_heads(head_dim, scale, like.dtype)
-        self._extra_heads_cache = (key, extra)
-        return extra
 
     def _frozen_attention(
         self,

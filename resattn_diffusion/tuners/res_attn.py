@@ -95,33 +95,60 @@ class ResAttn(OperationTuner):
         ``c``, or ``x`` in self-attention). Each branch head is zero-padded from ``r/h`` to ``head_dim`` channels
         (zero channels add nothing to ``q . k``; the padded output channels meet zero columns of ``out``) and its
         query rows are multiplied by ``sqrt(head_dim / (r/h))``, so the shared softmax scale ``1/sqrt(head_dim)``
-        gives the branch's own ``1/sqrt(r/h)``. Differentiable in the parameters (a few ops on the weights, none
-        on activations). None while dropout is active, or when a branch head is wider than the frozen ones."""
-        branch_dim = self.rank // self.heads
-        if branch_dim > head_dim or (self.dropout.p > 0 and self.dropout.training):
+        gives the branch's own ``1/sqrt(r/h)``; ``scale`` goes into ``out``.
+
+        Formed from the parameters in every call (differentiable; nothing about the parameters is cached, so no
+        write to them can go unseen) by four small matmuls with constant placement matrices (:func:`_placement`:
+        one non-zero per row, the padding and the factor in one op, each entry a single product: exactly the
+        padded, scaled weights), in float32 whatever the autocast, then cast to ``dtype``. None while dropout is
+        active, or when a branch head is wider than the frozen ones."""
+        width = self.rank // self.heads
+        if width > head_dim or (self.dropout.p > 0 and self.dropout.training):
             return None
-        query = self.q_proj.weight * math.sqrt(head_dim / branch_dim)
-        if self._self_attention_ok:  # q, k and v rows padded (and cast) in one go
-            q, k, v = _pad_heads(torch.cat([query, self.kv_proj.weight]), 3 * self.heads, head_dim, 0, dtype).chunk(3)
-        else:
-            q = _pad_heads(query, self.heads, head_dim, 0, dtype)
-            k, v = _pad_heads(self.kv_proj.weight, 2 * self.heads, head_dim, 0, dtype).chunk(2)
-        up = self.out_proj.weight if scale == 1.0 else self.out_proj.weight * scale
-        return ExtraHeads(q=q, k=k, v=v, out=_pad_heads(up, self.heads, head_dim, 1, dtype), heads=self.heads)
+        device_type = self.q_proj.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self._extra_heads(width, head_dim, scale, dtype)
+        return self._extra_heads(width, head_dim, scale, dtype)
+
+    def _extra_heads(self, width: int, head_dim: int, scale: float, dtype: torch.dtype | None) -> ExtraHeads:
+        q_weight, kv_weight, up_weight = self.q_proj.weight, self.kv_proj.weight, self.out_proj.weight
+        dtype = dtype or q_weight.dtype
+        heads = self.heads
+        query_factor = math.sqrt(head_dim / width)
+        q = torch.mm(_placement(heads, width, head_dim, (query_factor,), q_weight), q_weight).to(dtype)
+        k, v = torch.mm(_placement(heads, width, head_dim, (1.0, 1.0), kv_weight), kv_weight).to(dtype).chunk(2)
+        out = torch.mm(up_weight, _placement(heads, width, head_dim, (scale,), up_weight, transposed=True))
+        return ExtraHeads(q=q, k=k, v=v, out=out.to(dtype), heads=heads)
 
 
-def _pad_heads(
-    weight: torch.Tensor, heads: int, head_dim: int, dim: int, dtype: torch.dtype | None = None
+#: (heads, width, head_dim, factors, transposed, dtype, device) -> placement matrix (see :func:`_placement`).
+_PLACEMENTS: dict[tuple, torch.Tensor] = {}
+#: Entries kept at most (a per-call scale is part of the key): the cache is emptied beyond it.
+_MAX_PLACEMENTS = 256
+
+
+def _placement(
+    heads: int, width: int, head_dim: int, factors: tuple[float, ...], like: torch.Tensor, transposed: bool = False
 ) -> torch.Tensor:
-    """``weight`` with its ``dim`` (``heads`` heads of equal width) zero-padded per head to ``head_dim``, in
-    ``dtype`` (default: its own)."""
-    if dtype is not None:
-        weight = weight.to(dtype)
-    width = weight.shape[dim] // heads
-    if width == head_dim:
-        return weight
-    if dim == 0:
-        rows = weight.reshape(heads, width, weight.shape[1])
-        return F.pad(rows, (0, 0, 0, head_dim - width)).reshape(heads * head_dim, weight.shape[1])
-    columns = weight.reshape(weight.shape[0], heads, width)
-    return F.pad(columns, (0, head_dim - width)).reshape(weight.shape[0], heads * head_dim)
+    """The constant ``(parts * heads * head_dim, parts * heads * width)`` matrix ``P`` (``parts = len(factors)``)
+    whose row ``(p, i, c)`` holds ``factors[p]`` at column ``(p, i, c)`` for ``c < width`` and is zero for the
+    padding channels ``c >= width``: ``P @ W`` is ``W`` with each head's rows zero-padded to ``head_dim`` and part
+    ``p`` multiplied by ``factors[p]``, every entry a single product (exact). ``transposed``: ``P^T``, contiguous,
+    for padding columns (``W @ P^T``). Built once per key, in ``like``'s dtype and device, outside inference mode."""
+    key = (heads, width, head_dim, factors, transposed, like.dtype, like.device)
+    placement = _PLACEMENTS.get(key)
+    if placement is None:
+        if len(_PLACEMENTS) >= _MAX_PLACEMENTS:
+            _PLACEMENTS.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            parts = len(factors)
+            placement = torch.zeros(parts, heads, head_dim, parts, heads, width, dtype=like.dtype, device=like.device)
+            for part, factor in enumerate(factors):
+                for head in range(heads):
+                    placement[part, head, :width, part, head].fill_diagonal_(factor)
+            placement = placement.reshape(parts * heads * head_dim, parts * heads * width)
+            if transposed:
+                placement = placement.t().contiguous()
+        _PLACEMENTS[key] = placement
+    return placement
