@@ -238,8 +238,8 @@ def test_extra_heads_follow_parameter_updates_loads_and_dtype(tmp_path):
     second = both()
     assert not torch.allclose(first, second, atol=1e-6)
     originals = [parameter.detach().clone() for parameter in rd.res_tuner_parameters(unet)]
-    for parameter in rd.res_tuner_parameters(unet):
-        parameter.data.copy_(parameter.data * 0.5)  # through .data, as diffusers' EMAModel.copy_to writes: no version bump
+    for parameter in rd.res_tuner_parameters(unet):  # through .data, as diffusers' EMAModel.copy_to: no version bump
+        parameter.data.copy_(parameter.data * 0.5)
     assert not torch.allclose(both(), second, atol=1e-6)
     for parameter, original in zip(rd.res_tuner_parameters(unet), originals):
         parameter.data.copy_(original)
@@ -338,7 +338,9 @@ def test_extra_heads_in_training_equal_the_reference_outputs_and_gradients(kind,
         sample = inputs["sample"].clone().requires_grad_(True)
         with forced_paths(path):
             out = unet(**dict(inputs, sample=sample)).sample
-        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [sample, *parameters])
+        grads = torch.autograd.grad(
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [sample, *parameters]
+        )
         results[path] = (out, grads)
         assert taken and all(taken) == (path == "fast") and any(taken) == (path == "fast")
     torch.testing.assert_close(results["fast"][0], results["reference"][0], rtol=1e-10, atol=1e-10)

@@ -14,11 +14,11 @@ Rows: ``base`` (diffusers' own processors; in training: the frozen UNet with the
 any tuner inside it needs), ``res_attn`` (unfused, default config), ``res_attn [reference]`` (the same model and
 call under ``forced_paths("reference")``: the separate branch), ``res_attn [fast]`` (sampling: under
 ``forced_paths("fast")``, the extra heads), ``res_attn [extra heads]`` (training: forced fast paths with
-``ResTunerAttnProcessor.extra_heads_training`` on), ``peft_lora`` (rank matched to Res-Attn's
-parameters, :mod:`.peers`), ``res_lora``. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training``
-(forward, MSE loss, backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On CPU each row is also counted
-with ``forced_paths("fast")`` -- the paths CUDA takes automatically (padded heads, merged linears) -- so the
-column ``ops, CUDA paths`` is what a GPU would dispatch.
+``ResTunerAttnProcessor.extra_heads_training`` on), ``peft_lora`` (rank matched to Res-Attn's parameters,
+:mod:`.peers`), ``res_lora``. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training`` (forward,
+MSE loss, backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On
+CPU each row is also counted with ``forced_paths("fast")`` -- the paths CUDA takes automatically (extra heads,
+padded heads, merged linears) -- so the column ``ops, CUDA paths`` is what a GPU would dispatch.
 
     python -m benchmarks.perf.host_overhead                      # CPU, 1 thread, writes results/host_overhead.*
     python -m benchmarks.perf.host_overhead --device cuda --out OUT/host_overhead.json   # same code on a GPU
@@ -299,7 +299,9 @@ def _one_decimal(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="frozen weights (default fp32; CUDA fp16)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="frozen weights (default fp32; CUDA fp16)"
+    )
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="interleaved timed rounds per mode")
     parser.add_argument("--threads", default="1", help="torch threads (default 1: host work, not parallel compute)")
     parser.add_argument("--tiny", action="store_true", help="the test suite's tiny UNet, one round (smoke test)")

@@ -497,11 +497,12 @@ class ResTunerAttnProcessor(nn.Module):
 
         Why: on a GPU a sampling forward is bound by the host launching kernels, and a separate branch costs ~20
         dispatched ops per attention; as extra heads the frozen projections and the branch's rows (formed from its
-        parameters in four small matmuls per call: nothing cached that a write to them could leave stale) are
+        parameters in three small matmuls per call: nothing cached that a write to them could leave stale) are
         concatenated per call into one weight per input -- q, k and v from x in one GEMM in self-attention, k and v
-        from c in one in cross-attention -- so the call dispatches about as many ops as the frozen attention alone. Applies under ``no_grad`` (sampling; with gradients too when
-        :attr:`extra_heads_training` is set), without a mask, to a lone parallel branch that
-        offers :meth:`~..tuners.base.OperationTuner.extra_heads`, beside plain linear projections without bias on
+        from c in one in cross-attention -- so the call dispatches about as many ops as the frozen attention alone.
+        Applies under ``no_grad`` (sampling; with gradients too when :attr:`extra_heads_training` is set), without a
+        mask, to a lone parallel branch that offers :meth:`~..tuners.base.OperationTuner.extra_heads`, beside plain
+        linear projections without bias on
         q/k/v (no LoRA wrapper, hook or bank of ours on them) of an attention without group norm, qk-norm, residual
         or output rescaling (SD's transformer blocks); automatically where the fast paths are wanted (CUDA), never
         while compiling (the compiler removes the launches anyway). Equal to the branch path up to rounding (the

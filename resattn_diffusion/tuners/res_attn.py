@@ -98,7 +98,7 @@ class ResAttn(OperationTuner):
         gives the branch's own ``1/sqrt(r/h)``; ``scale`` goes into ``out``.
 
         Formed from the parameters in every call (differentiable; nothing about the parameters is cached, so no
-        write to them can go unseen) by four small matmuls with constant placement matrices (:func:`_placement`:
+        write to them can go unseen) by three small matmuls with constant placement matrices (:func:`_placement`:
         one non-zero per row, the padding and the factor in one op, each entry a single product: exactly the
         padded, scaled weights), in float32 whatever the autocast, then cast to ``dtype``. None while dropout is
         active, or when a branch head is wider than the frozen ones."""
