@@ -127,13 +127,35 @@ GROUP_TESTS = {
 }
 
 
+#: top-level folders of the repository a test may import (copied into the work folder beside the package)
+TOP_LEVEL_IMPORTS = ("pipelines", "benchmarks")
+
+
+def _imported_folders(test: str) -> list[str]:
+    """The repository's top-level folders that a pinning test file imports at its top (``from pipelines import ...``;
+    an import inside a deselected test, e.g. test_bypass's benchmark, does not copy 30 MB of benchmarks)."""
+    path = REPO / test.split("::")[0]
+    text = path.read_text() if path.is_file() else ""
+    return [f for f in TOP_LEVEL_IMPORTS if re.search(rf"^(from|import) {f}\b", text, re.MULTILINE)]
+
+
+def pinning_tests_of(group: str, tests: tuple[str, ...]) -> list[str]:
+    """A group's test files: its set and the reference / pin files found by name."""
+    found = list(tests)
+    for pattern in _EXTRA_PINS.get(group, ()):
+        found += sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob(pattern))
+    return [t for t in dict.fromkeys(found) if (REPO / t.split("::")[0]).exists()]
+
+
 def _modules() -> list[Module]:
     """The default scope: every file of the tuners and the integration layer, the training loss and the metrics."""
 
     def module(path: str, group: str, functions: tuple[str, ...] = ()) -> Module:
         tests = GROUP_TESTS[group]
         deselect = (BENCHMARK_TEST,) if any(t.startswith(BENCHMARK_TEST.split("::")[0]) for t in tests) else ()
-        return Module(f"{PACKAGE}/{path}", group, tests, functions, deselect=deselect, sample=GROUP_SAMPLE[group])
+        # the top-level packages the tests import beside the library (test_fuse_compose / test_loader_api: pipelines)
+        extra = tuple(sorted({folder for t in pinning_tests_of(group, tests) for folder in _imported_folders(t)}))
+        return Module(f"{PACKAGE}/{path}", group, tests, functions, extra, deselect, GROUP_SAMPLE[group])
 
     files = sorted(
         str(p.relative_to(REPO / PACKAGE))
@@ -153,7 +175,6 @@ def _modules() -> list[Module]:
     return modules
 
 
-MODULES = _modules()
 # tests written to pin one module's math (by the reference / pin test files' names) are added when they exist
 _EXTRA_PINS = {
     "tuners": ("test_reference_tuners.py", "test_pin_tuners*.py"),
@@ -163,11 +184,11 @@ _EXTRA_PINS = {
 }
 
 
+MODULES = _modules()
+
+
 def pinning_tests(module: Module) -> list[str]:
-    tests = list(module.tests)
-    for pattern in _EXTRA_PINS.get(module.group, ()):
-        tests += sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob(pattern))
-    return [t for t in dict.fromkeys(tests) if (REPO / t.split("::")[0]).exists()]
+    return pinning_tests_of(module.group, module.tests)
 
 
 # --- one job: the modules that share their pinning tests, in one mutmut run -------------------------------------
@@ -206,7 +227,10 @@ def _mutmut_config(job: list[Module], tests: list[str]) -> str:
         'process_isolation = "forkserver"\n'
         "use_git_change_detection = false\n"
         "timeout_multiplier = 5.0\n"
-        "timeout_constant = 5.0\n"
+        # a mutant's CPU limit is (its tests' recorded time + this) x 10: a module-scoped fixture's set-up is recorded
+        # on the first test that used it, so a mutant reaching only later tests would be stopped (and counted killed)
+        # for building the fixture; 30 s covers the tiny CLIP / DINO / UNet builds
+        "timeout_constant = 30.0\n"
     )
 
 
@@ -415,10 +439,14 @@ def score(rows: list[dict]) -> str:
 def markdown_table(rows: Iterable[dict]) -> str:
     """The README's score table: one line per module, then one per group and the overall score."""
     rows = sorted(rows, key=lambda r: (r["group"], r["module"]))
-    lines = ["| module | killed | survived | no tests | score (killed / run) |", "|---|---:|---:|---:|---|"]
+    lines = [
+        "| module | killed (of which timeouts) | survived | no tests | score (killed / run) |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         module = r["module"].removeprefix(PACKAGE + "/")
-        lines.append(f"| {module} | {r['killed'] + r['timeout']} | {r['survived']} | {r['no_tests']} | {score([r])} |")
+        killed = f"{r['killed'] + r['timeout']} ({r['timeout']})"
+        lines.append(f"| {module} | {killed} | {r['survived']} | {r['no_tests']} | {score([r])} |")
     for group in sorted({r["group"] for r in rows}):
         lines.append(f"| **{group}** | | | | **{score([r for r in rows if r['group'] == group])}** |")
     lines.append(f"| **all of the above** | | | | **{score(rows)}** |")
@@ -437,6 +465,13 @@ def _environment_number(name: str, kind: type, low: float, high: float, what: st
     if not low <= value <= high:  # NaN fails this too
         raise SystemExit(f"mutate: {name}={text!r} is out of range; give {what}")
     return value
+
+
+def job_layout(jobs: int, workers: int) -> tuple[int, int]:
+    """(jobs side by side, mutmut workers each). At least two side by side when there are two cores: each job has
+    serial phases (the stats run, the clean run) during which a lone job would leave the other cores idle."""
+    parallel = max(1, min(jobs, max(min(workers, 2), workers // MUTANTS_PER_MODULE)))
+    return parallel, max(1, workers // parallel)
 
 
 def _children_cpu_seconds() -> float:
@@ -488,8 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     # Several jobs at once: each mutmut run has serial phases (collecting which tests reach which function, the
     # clean run), so on many cores jobs run side by side, MUTANTS_PER_MODULE workers each.
     jobs = jobs_of(chosen)
-    parallel = max(1, min(len(jobs), workers // MUTANTS_PER_MODULE))
-    children = max(1, workers // parallel)
+    parallel, children = job_layout(len(jobs), workers)
     print(f"mutate: {len(chosen)} modules in {len(jobs)} jobs, {parallel} at a time with {children} workers each; "
           f"out: {out}", flush=True)  # fmt: skip
     started, cpu_before = time.monotonic(), _children_cpu_seconds()

@@ -136,8 +136,8 @@ def test_markdown_table_has_a_line_per_module_and_group(mutate) -> None:
         dict(base, module="resattn_diffusion/evaluation/metrics.py", group="metrics", killed=3, total=4),
     ]
     lines = mutate.markdown_table(rows).splitlines()
-    assert lines[2] == "| evaluation/metrics.py | 3 | 1 | 0 | 3/4 = 75.0% |"
-    assert lines[3] == "| tuners/lora.py | 9 | 1 | 0 | 9/10 = 90.0% |"
+    assert lines[2] == "| evaluation/metrics.py | 3 (0) | 1 | 0 | 3/4 = 75.0% |"
+    assert lines[3] == "| tuners/lora.py | 9 (0) | 1 | 0 | 9/10 = 90.0% |"
     assert lines[-1] == "| **all of the above** | | | | **12/14 = 85.7%** |"
 
 
@@ -166,3 +166,24 @@ def test_environment_numbers_in_range_are_read(mutate, monkeypatch):
     assert mutate._environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share") == 0.25
     monkeypatch.setenv("MUTATE_SAMPLE", "")
     assert mutate._environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share") is None
+
+
+def test_job_layout_keeps_two_cores_busy_and_splits_many(mutate) -> None:
+    assert mutate.job_layout(4, 1) == (1, 1)
+    assert mutate.job_layout(4, 2) == (2, 1)
+    assert mutate.job_layout(4, 16) == (4, 4)
+    assert mutate.job_layout(1, 16) == (1, 16)
+    # the largest group (the integration, sorted first) starts first
+    assert mutate.jobs_of(mutate.MODULES)[0][0].group == "integration"
+
+
+def test_top_level_folders_the_tests_import_are_copied_into_the_work_folder(mutate) -> None:
+    # test_fuse_compose / test_loader_api import pipelines: without it the integration's stats run fails at once
+    integration = next(m for m in mutate.MODULES if m.group == "integration")
+    assert "pipelines" in integration.extra_files
+    for module in mutate.MODULES:
+        for test in mutate.pinning_tests(module):
+            text = (REPO / test.split("::")[0]).read_text()
+            for folder in mutate.TOP_LEVEL_IMPORTS:
+                if re.search(rf"^(from|import) {folder}\b", text, re.MULTILINE):
+                    assert folder in module.extra_files, (module.path, test, folder)

@@ -423,3 +423,40 @@ def test_format_summary_is_one_row_per_tuner():
         "\n"
         "Model parameters (frozen): 1,234,567"
     )
+
+
+def test_a_call_that_fails_after_the_per_call_scale_is_set_leaves_no_scale_behind(unet, inputs):
+    rd.add_res_tuner(unet, _lora())
+    randomize_tuner(unet, seed=1)
+    tuned = _out(unet, inputs)
+    bad = {**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][..., :-1]}  # the wrong width
+    with pytest.raises(RuntimeError):
+        _out(unet, bad, cross_attention_kwargs={rd.SCALE_KWARG: 0.0})
+    assert torch.equal(_out(unet, inputs), tuned)  # not stuck at 0 for the calls after it
+
+
+def test_a_pipeline_is_refused_by_the_core_calls_with_what_to_pass_instead():
+    from resattn_diffusion.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1")
+    rd.add_res_tuner(pipe.unet, _lora())
+    for call in (lambda: rd.fuse_res_tuner(pipe), lambda: rd.res_tuner_parameters(pipe)):
+        with pytest.raises(rd.ConfigError, match="pass the pipeline's denoiser: pipe.unet"):
+            call()
+    with pytest.raises(rd.ConfigError, match="pass the pipeline's denoiser: pipe.unet"):
+        rd.add_res_tuner(pipe, _lora(), "other")
+    assert list(rd.get_res_tuner_configs(pipe.unet)) == ["default"]
+
+
+def test_removing_one_fused_tuner_leaves_the_other_fused(unet, inputs):
+    rd.add_res_tuner(unet, _lora(targets=["attn1"]), "a")
+    rd.add_res_tuner(unet, _lora(targets=["attn2"]), "b")
+    randomize_tuner(unet, "a", seed=1)
+    randomize_tuner(unet, "b", seed=2)
+    rd.set_res_tuner_enabled(unet, False, "a")
+    only_b = _out(unet, inputs)
+    rd.set_res_tuner_enabled(unet, True, "a")
+    rd.fuse_res_tuner(unet)
+    rd.remove_res_tuner(unet, "a")
+    assert api.res_tuner_settings(unet) == {"b": {"scale": 1.0, "enabled": True, "fused": True}}
+    assert torch.allclose(_out(unet, inputs), only_b, atol=1e-5)

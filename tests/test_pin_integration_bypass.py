@@ -161,3 +161,33 @@ def test_removing_one_bypass_keeps_the_hooks_and_removing_the_last_leaves_none()
     assert requires_unet_backward(unet) is True
     with torch.no_grad():
         assert torch.equal(unet(**inputs).sample, reference)
+
+
+def test_an_output_head_of_another_width_than_the_last_up_block_is_refused():
+    unet = frozen_tiny_unet("sd1")
+    last = unet.config.block_out_channels[0]
+    unet.conv_norm_out = torch.nn.GroupNorm(4, last // 2)
+    with pytest.raises(
+        rd.ResTunerError, match=f"conv_norm_out takes {last // 2} channels but the last up block gives"
+    ):
+        rd.add_res_tuner(unet, BYPASS)
+    unet.conv_norm_out = None
+    unet.conv_out = torch.nn.Conv2d(last * 2, 4, 3, padding=1)
+    with pytest.raises(
+        rd.ResTunerError, match=f"conv_out takes {last * 2} channels but the last up block gives {last}"
+    ):
+        rd.add_res_tuner(unet, BYPASS)
+    assert api.get_state(unet) is None and not hasattr(unet, BANK_ATTR)
+
+
+def test_a_trainable_output_head_needs_no_body_backward_and_a_removed_bypass_leaves_no_bank():
+    unet = frozen_tiny_unet("sd1")
+    rd.add_res_tuner(unet, BYPASS)
+    unet.conv_norm_out.requires_grad_(True)  # after the injection point: trained with the bypass, outside the body
+    unet.conv_out.requires_grad_(True)
+    assert requires_unet_backward(unet) is False
+    paths = rd.add_res_tuner(unet, rd.ResTunerConfig("res_attn", rank=4, targets=["attn1"]), "attn")
+    assert requires_unet_backward(unet) is True
+    rd.remove_res_tuner(unet, "default")
+    banks = [bank for bank, _ in api.get_state(unet).banks]
+    assert [bank.layer_path for bank in banks] == paths  # the bypass's bank is gone from the state with it

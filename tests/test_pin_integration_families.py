@@ -125,6 +125,8 @@ def test_block_patterns_match_whole_path_parts(unet):
     assert _paths(unet, tuner="res_attn", rank=4, targets=["attn1"], blocks=["mid_block", "up_blocks.1"]) == [
         p for p in every if p in mid + up1
     ]
+    with pytest.raises(rd.ConfigError, match="block pattern 'up_blocks.1X' matches no"):  # a typo matches nothing
+        _paths(unet, tuner="res_attn", rank=4, targets=["attn1"], blocks=["up_blocks.1X"])
     one_block = up1[0].rsplit(".", 1)[0]
     assert _paths(unet, tuner="res_attn", rank=4, targets=["attn1"], blocks=[one_block]) == [up1[0]]
     with pytest.raises(rd.ConfigError) as info:
@@ -275,6 +277,26 @@ def test_describe_records_the_models_class_and_shape(unet, sd3, flux):
     described = family_of(unet).describe(model)
     assert described["name_or_path"] == "org/model" and described["block_out_channels"] == [4, 8]
     assert described["cross_attention_dim"] is None and described["class"] == "Module"
+    model.config = {"_name_or_path": "org/dict", "block_out_channels": [4]}  # a plain dict: read by key
+    described = family_of(unet).describe(model)
+    assert described["name_or_path"] == "org/dict" and described["block_out_channels"] == [4]
+
+
+def test_a_unet_without_attention_is_still_a_unet_the_bypass_fits_and_attention_tuners_are_refused():
+    from diffusers import UNet2DConditionModel
+
+    config = {
+        **{k: v for k, v in tiny_unet("sd1").config.items() if not k.startswith("_")},
+        "down_block_types": ("DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        "mid_block_type": "UNetMidBlock2D",
+    }
+    unet = UNet2DConditionModel(**config).requires_grad_(False)
+    assert family_of(unet).name == "unet"
+    assert rd.add_res_tuner(unet, rd.ResTunerConfig("res_bypass")) == ["mid_block", "up_blocks.0", "up_blocks.1"]
+    with pytest.raises(rd.ResTunerError, match="this UNet2DConditionModel has no UNet blocks a tuner can sit in"):
+        rd.add_res_tuner(unet, rd.ResTunerConfig("res_attn", rank=4), "attn")
+    assert list(rd.get_res_tuner_configs(unet)) == ["default"]
 
 
 # --- the UNet's guard on set_default_attn_processor ---------------------------------------------------------------

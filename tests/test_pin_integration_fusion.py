@@ -1,4 +1,4 @@
-"""Fusing linear tuners into a projection, one layer by hand (issue 18, mutation pins of ``fusion.py`` and ``LinearBank``).
+"""Fusing linear tuners into a projection, one layer by hand (issue 18: pins of ``fusion.py`` and ``LinearBank``).
 
 On the tiny SD1 UNet in float64, with two Res-LoRA tuners (and a GLoRA that creates a bias) on ``attn1``'s
 projections: the weight written is ``W0 + sum_i s_i dW_i`` with each ``dW_i`` folded from W0, a partial unfuse
@@ -95,8 +95,11 @@ def test_a_weight_edited_while_fused_is_refused_naming_the_call_and_nothing_chan
         owner.weight.add_(0.01)  # a direct edit, not a peft merge
     edited = {b.layer_path: o.weight.detach().clone() for b, o in banks(unet)}
     action = "unfuse_res_tuner" if call == "unfuse" else "fuse_res_tuner"
-    with pytest.raises(rd.ResTunerError, match=rf"{bank.layer_path} was changed.*so {action} cannot know.*"
-                       r"accept_changed_weights=True"):
+    with pytest.raises(
+        rd.ResTunerError,
+        match=rf"{bank.layer_path} was changed.*so {action} cannot know.*"
+        r"accept_changed_weights=True",
+    ):
         if call == "unfuse":
             rd.unfuse_res_tuner(unet)
         else:
@@ -148,8 +151,9 @@ def test_accept_changed_weights_drops_the_bias_that_fusing_created():
 @pytest.mark.parametrize("tuner,hyper", [("res_lora", {}), ("surm_circulant", {})])
 def test_a_sequential_tuner_folds_as_dw_w0_and_dw_b0_plus_db_and_fused_equals_unfused(tuner, hyper):
     unet = frozen_tiny_unet("sd1").to(torch.float64)
-    config = rd.ResTunerConfig(tuner, targets=["attn1"], blocks=["down_blocks.0"], placement="sequential", scale=0.7,
-                               **hyper)
+    config = rd.ResTunerConfig(
+        tuner, targets=["attn1"], blocks=["down_blocks.0"], placement="sequential", scale=0.7, **hyper
+    )
     rd.add_res_tuner(unet, config)
     randomize_tuner(unet, seed=4, std=0.2)
     before = originals(unet)

@@ -53,8 +53,10 @@ def test_a_sequential_tuner_is_built_for_the_operation_output_and_keeps_the_text
 def test_linear_tuners_sit_on_the_projections_and_feed_forward_linears_asked_for():
     model = frozen_tiny_model("sd1")
     paths = rd.add_res_tuner(
-        model, rd.ResTunerConfig("res_lora", targets=["attn2", "ff"], projections=["to_k", "to_out"],
-                                 blocks=["down_blocks.0"])
+        model,
+        rd.ResTunerConfig(
+            "res_lora", targets=["attn2", "ff"], projections=["to_k", "to_out"], blocks=["down_blocks.0"]
+        ),
     )
     assert paths == [f"{BLOCK}.attn2.to_k", f"{BLOCK}.attn2.to_out.0", f"{BLOCK}.ff.net.0.proj", f"{BLOCK}.ff.net.2"]
     for path in paths:
@@ -64,10 +66,14 @@ def test_linear_tuners_sit_on_the_projections_and_feed_forward_linears_asked_for
 
 def test_projections_present_on_none_of_the_selected_attentions_are_refused_naming_what_exists():
     model = frozen_tiny_model("sd3")  # its last block is context_pre_only: no text query projection
-    with pytest.raises(rd.ResTunerError, match=r"\['add_q_proj'\] exist on none of the selected attentions of this "
-                       r"SD3 transformer; they have \['add_k_proj', 'add_v_proj', 'to_k', 'to_out', 'to_q', 'to_v'\]"):
-        rd.add_res_tuner(model, rd.ResTunerConfig("res_lora", projections=["add_q_proj"],
-                                                  blocks=["transformer_blocks.1"]))
+    with pytest.raises(
+        rd.ResTunerError,
+        match=r"\['add_q_proj'\] exist on none of the selected attentions of this "
+        r"SD3 transformer; they have \['add_k_proj', 'add_v_proj', 'to_k', 'to_out', 'to_q', 'to_v'\]",
+    ):
+        rd.add_res_tuner(
+            model, rd.ResTunerConfig("res_lora", projections=["add_q_proj"], blocks=["transformer_blocks.1"])
+        )
     assert rd.get_res_tuner_configs(model) == {} and not hasattr(model, "_res_tuner_state")
     # one selected attention has it: the tuner sits there only
     paths = rd.add_res_tuner(model, rd.ResTunerConfig("res_lora", projections=["add_q_proj"]))

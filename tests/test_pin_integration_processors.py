@@ -60,6 +60,7 @@ CASES = {
     "qk_rms_norm_cross": ({"qk_norm": "rms_norm", "cross_attention_dim": CONTEXT_DIM}, True, False),
     "cross_masked": ({"cross_attention_dim": CONTEXT_DIM}, True, True),
     "self_masked": ({}, False, True),
+    "self_masked_per_query": ({}, False, "per_query"),
     "group_norm_residual_rescaled": (
         {"norm_num_groups": 4, "residual_connection": True, "rescale_output_factor": 2.0},
         False,
@@ -68,14 +69,16 @@ CASES = {
 }
 
 
-def inputs(cross: bool, masked: bool) -> dict[str, torch.Tensor | None]:
-    hidden = seeded(2, TOKENS, DIM, seed=3)
+def inputs(cross: bool, masked: bool | str) -> dict[str, torch.Tensor | None]:
     context = seeded(2, CONTEXT_TOKENS, CONTEXT_DIM, seed=4) if cross else None
     mask = None
     if masked:  # diffusers' additive mask over the keys; the second example sees only its first two keys
         keys = CONTEXT_TOKENS if cross else TOKENS
-        mask = torch.zeros(2, 1, keys, dtype=torch.float64)
+        # one row for every query (diffusers' processors accept (B, N, keys) too), else one for all of them
+        mask = torch.zeros(2, TOKENS if masked == "per_query" else 1, keys, dtype=torch.float64)
         mask[1, :, 2:] = -10000.0
+        if masked == "per_query":
+            mask[0, 1:, :1] = -10000.0  # the first example's later queries do not see its first key
     return {"encoder_hidden_states": context, "attention_mask": mask}
 
 
@@ -106,7 +109,7 @@ def test_frozen_attention_is_diffusers_own_and_the_branch_reads_what_it_should(c
     expected = reference + 0.5 * (hidden @ branch.weight + (0.0 if context is None else context.mean()))
     torch.testing.assert_close(tuned, expected, rtol=1e-12, atol=1e-12)
 
-    (x, seen_context, frozen), = branch.calls
+    ((x, seen_context, frozen),) = branch.calls
     assert torch.equal(x, hidden)
     if context is None:
         assert seen_context is None
@@ -201,7 +204,11 @@ def _rotary(model, kind: str, text_tokens: int, image_tokens: int) -> dict:
 
 @pytest.mark.parametrize(
     "kind,path",
-    [("sd3", "transformer_blocks.0.attn"), ("sd35", "transformer_blocks.0.attn"), ("flux", "transformer_blocks.0.attn")],
+    [
+        ("sd3", "transformer_blocks.0.attn"),
+        ("sd35", "transformer_blocks.0.attn"),
+        ("flux", "transformer_blocks.0.attn"),
+    ],
 )
 def test_joint_attention_hands_the_branch_the_normed_frozen_projections_of_both_streams(kind, path):
     model, attn, stock, _, branch = _joint_case(kind, path)
@@ -319,10 +326,12 @@ def test_a_sequential_branch_reads_the_attention_output_without_the_frozen_query
         frozen = AttnProcessor2_0()(attn, hidden, **kwargs)
         out = attn(hidden, **kwargs)
     context = kwargs["encoder_hidden_states"]
-    expected = frozen + (hidden @ parallel.weight + context.mean()) + 0.5 * (frozen @ sequential.weight + context.mean())
+    expected = (
+        frozen + (hidden @ parallel.weight + context.mean()) + 0.5 * (frozen @ sequential.weight + context.mean())
+    )
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    (_, _, par_frozen), = parallel.calls
-    (x, seen_context, seq_frozen), = sequential.calls
+    ((_, _, par_frozen),) = parallel.calls
+    ((x, seen_context, seq_frozen),) = sequential.calls
     torch.testing.assert_close(x, frozen, rtol=1e-12, atol=1e-12)
     assert torch.equal(seen_context, context)
     assert par_frozen.query is not None and seq_frozen.query is None

@@ -335,19 +335,11 @@ class LinearBank(TunerBank):
         """The weight as everybody else left it (see :func:`.fusion.resolve_others`); refuses, changing nothing."""
         return resolve_others(self, linear, accept_changed_weights, action)
 
-    def plan_fuse(
-        self, linear: nn.Linear, names: list[str]
-    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None, FusedWrite]:
-        """``(fused names, new weight, new bias, the write)`` that fusing ``names`` (beside the tuners already fused)
-        would do, computed from W0; nothing changes (``safe_fusing`` checks it first). Refuses what cannot be exact."""
-        keep = self.fused_names() + [n for n in self.settings if n in names and n not in self.fused_names()]
-        write = plan_write(self, linear, self.resolve(linear, action="fuse_res_tuner"), keep)
-        return write.names, write.weight, write.bias, write
-
-    def fuse(self, linear: nn.Linear, names: list[str], plan: tuple | None = None) -> None:
-        """Fold the named tuners into ``linear`` beside the ones already fused, always from W0 (``plan``: what
-        :meth:`plan_fuse` returned for the same names, to write without computing it again)."""
-        self.write_planned(linear, (plan or self.plan_fuse(linear, names))[3])
+    def names_after_fuse(self, names: list[str]) -> list[str]:
+        """The tuners fused once ``names`` are fused beside those already fused: the fused ones first, then the newly
+        named ones of this bank in the order they were added."""
+        fused = self.fused_names()
+        return fused + [n for n in self.settings if n in names and n not in fused]
 
     def plan_unfuse(
         self, linear: nn.Linear, names: list[str] | None = None, accept_changed_weights: bool = False
@@ -360,12 +352,6 @@ class LinearBank(TunerBank):
             return None
         others = self.resolve(linear, accept_changed_weights, action="unfuse_res_tuner")
         return plan_write(self, linear, others, [n for n in fused if n not in leaving])
-
-    def unfuse(self, linear: nn.Linear, names: list[str] | None = None, accept_changed_weights: bool = False) -> None:
-        """Unfold the named tuners (all when None); the others stay fused, refolded from W0."""
-        write = self.plan_unfuse(linear, names, accept_changed_weights)
-        if write is not None:
-            self.write_planned(linear, write)
 
     def write_planned(self, linear: nn.Linear, write: FusedWrite) -> None:
         """Write a planned fuse/unfuse into ``linear``; ``write.names`` are fused afterwards, the others not."""

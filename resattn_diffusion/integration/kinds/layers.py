@@ -247,7 +247,7 @@ class LinearKind(LayerKind):
         for bank, owner in state.banks:
             present = [n for n in names if n in bank.tuners and bank.settings[n].enabled]
             if present and isinstance(bank, LinearBank):
-                keep = bank.fused_names() + [n for n in bank.settings if n in present and n not in bank.fused_names()]
+                keep = bank.names_after_fuse(present)
                 others = bank.resolve(owner, action="fuse_res_tuner")
                 write = plan_write(bank, owner, others, keep) if safe_fusing else None
                 if write is not None and not (
