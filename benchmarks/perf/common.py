@@ -16,6 +16,7 @@ trainable parameters in fp32 under autocast (the training scripts' recipe); ever
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -504,6 +505,33 @@ def peak_memory_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu")
     with mode:
         fn()
     return mode.peak
+
+
+# --- dispatched ops ------------------------------------------------------------------------------------------
+
+
+class _OpCountMode(TorchDispatchMode):
+    """Counts every aten op that reaches the dispatcher (forward and autograd's backward), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn: Callable[[], Any]) -> collections.Counter[str]:
+    """aten op name -> how many times one call of ``fn`` dispatched it, views and the backward included.
+
+    Deterministic for a given model, input and code path, so it is the host-overhead claim a shared machine can
+    make: on a GPU each op costs host time (the dispatcher, and for most a kernel launch) whatever its size.
+    """
+    mode = _OpCountMode()
+    with mode:
+        fn()
+    return mode.counts
 
 
 # --- results -------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from resattn_diffusion import ResTunerConfig, get_tuner_spec, tuner_names
+from resattn_diffusion import ResTunerAttnProcessor, ResTunerConfig, get_tuner_spec, tuner_names
 from resattn_diffusion.tuners.fast_paths import forced_paths
 from resattn_diffusion.tuners.structured import StructuredMatrix
 
@@ -64,6 +64,9 @@ RES_ATTN_ONE_HEAD = "res_attn (heads=1)"
 #: to the identity, its spectra kept for backward (``use_strided_dense`` and ``recompute_dense`` off): run 3's
 #: strided forms against it, measured in the same run.
 RUN2_DENSE_SUFFIX = " [run-2 dense]"
+#: Res-Attn's training step once more with ``ResTunerAttnProcessor.extra_heads_training`` on: the branch as extra
+#: heads of the frozen attention in training too (issue 14, host overhead), measured against the default row.
+EXTRA_HEADS_ROW = "res_attn [extra heads]"
 
 
 def part_size(part: str, device: str, tiny: bool) -> BenchmarkSize:
@@ -90,6 +93,7 @@ def run_part(
     peer_rows: list[str] | None = None,
     extra_rows: bool = True,
     run2_dense_rows: list[str] | None = None,
+    extra_heads_row: bool = False,
 ) -> dict[str, Any]:
     """Run one part with its time guard, writing ``out/<part>.json`` (and the summary) at every checkpoint.
 
@@ -100,7 +104,8 @@ def run_part(
     rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows); ``peer_rows``
     restricts ``train_sd15``'s peers to these of ``train_step.PEER_ROWS`` (default: all) and ``extra_rows=False``
     leaves out its Res-Attn-with-one-head, ``[reference]`` and ``[fast]`` rows; ``run2_dense_rows`` (SURM FFT
-    families) adds ``<name> [run-2 dense]`` rows (see :data:`RUN2_DENSE_SUFFIX`)."""
+    families) adds ``<name> [run-2 dense]`` rows (see :data:`RUN2_DENSE_SUFFIX`); ``extra_heads_row`` adds
+    :data:`EXTRA_HEADS_ROW` to ``train_sd15``."""
     start = time.perf_counter()
     already = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     deadline = start + budget - already - GUARD_MARGIN_S
@@ -146,6 +151,9 @@ def run_part(
                     raise SystemExit(f"--run2-dense-rows {name!r}: only SURM tuners form a structured dense delta")
                 extra[name + RUN2_DENSE_SUFFIX] = ResTunerConfig(name)
                 contexts[name + RUN2_DENSE_SUFFIX] = run2_dense
+            if extra_heads_row:
+                extra[EXTRA_HEADS_ROW] = ResTunerConfig("res_attn")
+                contexts[EXTRA_HEADS_ROW] = extra_heads_in_training
             result = train_step.run(
                 size,
                 selected,
@@ -188,6 +196,18 @@ def run2_dense() -> Iterator[None]:
         yield
     finally:
         StructuredMatrix.use_strided_dense, StructuredMatrix.recompute_dense = previous
+
+
+@contextlib.contextmanager
+def extra_heads_in_training() -> Iterator[None]:
+    """Res-Attn's training steps with its branch as extra heads of the frozen attention (the
+    :data:`EXTRA_HEADS_ROW`); the default restored afterwards."""
+    previous = ResTunerAttnProcessor.extra_heads_training
+    ResTunerAttnProcessor.extra_heads_training = True
+    try:
+        yield
+    finally:
+        ResTunerAttnProcessor.extra_heads_training = previous
 
 
 def fast_paths():
@@ -433,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-extra-rows", action="store_true", help="train_sd15: no heads=1, [reference] or [fast] rows"
     )
+    parser.add_argument(
+        "--extra-heads-row", action="store_true", help=f"train_sd15: add {EXTRA_HEADS_ROW!r} (extra heads in training)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -460,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
             args.peer_rows,
             not args.no_extra_rows,
             args.run2_dense_rows,
+            args.extra_heads_row,
         )
     except Exception as error:  # the part as a whole failed: record it, the shell script goes on with the next
         write_json(out / f"{args.part}.json", {"part": args.part, "error": describe_error(error), "rows": []})

@@ -224,15 +224,17 @@ def make_train_step(
     seed: int = 0,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     context: Callable[[], Any] = contextlib.nullcontext,
+    foreach: bool | None = None,
 ) -> Callable[[], None]:
     """One training step of ``case``: forward (under ``autocast()``), MSE loss in fp32, backward, AdamW step
-    (the floor: backward to the latents); the whole step inside ``context()`` (e.g. forcing a tuner's path)."""
+    (the floor: backward to the latents); the whole step inside ``context()`` (e.g. forcing a tuner's path).
+    ``foreach``: AdamW's (None: torch's choice, the multi-tensor kernels on CUDA and a loop per parameter on CPU)."""
     unet = case.unet
     unet.train()
     generator = torch.Generator().manual_seed(seed + 1)
     sample = inputs["sample"].detach().clone()
     target = torch.randn(sample.shape, generator=generator).to(sample.device)
-    optimizer = torch.optim.AdamW(case.parameters, lr=1e-4) if case.parameters else None
+    optimizer = torch.optim.AdamW(case.parameters, lr=1e-4, foreach=foreach) if case.parameters else None
     if case.group == "floor":
         sample.requires_grad_(True)
     timestep, text = inputs["timestep"], inputs["encoder_hidden_states"]

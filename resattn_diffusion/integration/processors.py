@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_call_scale
-from ..tuners.base import ConfigError, FrozenAttention
+from ..tuners.base import ConfigError, ExtraHeads, FrozenAttention
 from ..tuners.fast_paths import fast_path_wanted, forced_path
 from .fusion import (
     FusedWeights,
@@ -192,6 +192,9 @@ def effective_delta(
         delta_w = delta_w @ weight.float()
     return delta_w, delta_b
 
+
+#: Values of :attr:`ResTunerAttnProcessor.extra_heads`.
+EXTRA_HEADS_MODES = ("auto", "off", "on")
 
 #: How a :class:`LinearBank` runs its branches (``LinearBank.path``): ``"branch"`` -- the frozen GEMM, then each
 #: tuner's ``T(x)`` added (the reference); ``"merged"`` -- one GEMM with ``W + sum_i s_i dW_i`` (and the biases),
@@ -396,6 +399,16 @@ class ResTunerAttnProcessor(nn.Module):
     processor (see ``kinds.layers._set_processor_keeping_tuners``).
     """
 
+    #: ``"auto"``: sampling computes a lone parallel branch that is an attention over the same keys (Res-Attn) as
+    #: extra heads of the frozen attention where the fast paths are wanted (CUDA); ``"off"`` / ``"on"`` force it
+    #: off or on (where it applies) for this processor, winning over ``forced_paths``. See :meth:`_extra_heads_call`.
+    extra_heads: str = "auto"
+    #: Whether the extra-heads form also runs when gradients are wanted (training): fewer ops per step again (one
+    #: attention and its backward instead of two), at the price of weight gradients of the concatenated frozen
+    #: projections (GEMMs the floor does not run). Off until a GPU run measures it (``res_attn [extra heads]``,
+    #: ``gpu_run4.sh``); a class attribute, so ``ResTunerAttnProcessor.extra_heads_training = True`` turns it on.
+    extra_heads_training: bool = False
+
     def __init__(self, base_processor: Any, layer_path: str):
         super().__init__()
         self.bank = OperationBank(layer_path)
@@ -426,6 +439,15 @@ class ResTunerAttnProcessor(nn.Module):
         # only when the attention itself is given a scale (the UNet's hook checks its own)
         if res_tuner_scale is not None:
             check_call_scale(res_tuner_scale)
+        if (
+            self.backend == "sdpa"
+            and attention_mask is None
+            and len(bank)
+            and (self.extra_heads_training or not torch.is_grad_enabled())
+        ):
+            out = self._extra_heads_call(attn, hidden_states, encoder_hidden_states, res_tuner_scale)
+            if out is not None:
+                return out
         if self.backend == "wrapped":
             if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
                 kwargs["temb"] = temb
@@ -448,6 +470,69 @@ class ResTunerAttnProcessor(nn.Module):
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
         frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query)
         return bank.add_branches(frozen_out, hidden_states, context, frozen, res_tuner_scale)
+
+    def _extra_heads_call(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        call_scale: float | dict[str, float] | None,
+    ) -> torch.Tensor | None:
+        """``OP(x, c) + s T(x, c)`` as ONE attention with the branch's heads appended to the frozen ones, or None
+        where that does not apply (the caller then runs the frozen attention and adds the branch).
+
+        Why: on a GPU a sampling forward is bound by the host launching kernels, and a separate branch costs ~20
+        dispatched ops per attention; as extra heads the frozen projections and the branch's rows (formed from its
+        parameters in three small matmuls per call: nothing cached that a write to them could leave stale) are
+        concatenated per call into one weight per input -- q, k and v from x in one GEMM in self-attention, k and v
+        from c in one in cross-attention -- so the call dispatches about as many ops as the frozen attention alone.
+        Applies under ``no_grad`` (sampling; with gradients too when :attr:`extra_heads_training` is set), without a
+        mask, to a lone parallel branch that offers :meth:`~..tuners.base.OperationTuner.extra_heads`, beside plain
+        linear projections without bias on
+        q/k/v (no LoRA wrapper, hook or bank of ours on them) of an attention without group norm, qk-norm, residual
+        or output rescaling (SD's transformer blocks); automatically where the fast paths are wanted (CUDA), never
+        while compiling (the compiler removes the launches anyway). Equal to the branch path up to rounding (the
+        branch's query rows carry its softmax scale); ``extra_heads = "off"`` or ``forced_paths("reference")``
+        gives the reference path.
+        """
+        if self.extra_heads not in EXTRA_HEADS_MODES:
+            raise ConfigError(
+                f"{self.bank.layer_path}: extra_heads={self.extra_heads!r} is not allowed; choose one of "
+                f"{list(EXTRA_HEADS_MODES)}"
+            )
+        if self.extra_heads == "off" or torch.compiler.is_compiling():
+            return None
+        if self.extra_heads != "on" and not fast_path_wanted(hidden_states.device.type):
+            return None
+        branches = self.bank.active(call_scale)
+        if len(branches) != 1 or branches[0][3] != "parallel" or not _plain_attention(attn):
+            return None
+        _, tuner, scale, _ = branches[0]
+        to_q, to_k, to_v, to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+        heads = attn.heads
+        head_dim = to_k.out_features // heads
+        extra: ExtraHeads | None = tuner.extra_heads(head_dim, scale, to_q.weight.dtype)
+        if extra is None:
+            return None
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        batch = hidden_states.shape[0]
+        total = heads + extra.heads
+        # One GEMM per input (x: q, k and v in self-attention; c: k and v), the heads viewed out of it.
+        if encoder_hidden_states is None:
+            weight = torch.cat([to_q.weight, extra.q, to_k.weight, extra.k, to_v.weight, extra.v])
+            qkv = F.linear(hidden_states, weight).view(batch, -1, 3, total, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = F.linear(hidden_states, torch.cat([to_q.weight, extra.q])).view(batch, -1, total, head_dim)
+            q = q.transpose(1, 2)
+            kv = F.linear(context, torch.cat([to_k.weight, extra.k, to_v.weight, extra.v]))
+            k, v = kv.view(batch, -1, 2, total, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, total * head_dim).to(q.dtype)
+        out = F.linear(out, torch.cat([to_out.weight, extra.out], dim=1), to_out.bias)
+        return attn.to_out[1](out)
 
     def _frozen_attention(
         self,
@@ -512,6 +597,35 @@ class ResTunerAttnProcessor(nn.Module):
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
             out = out / attn.rescale_output_factor
         return out, shared_query, branch_context
+
+
+def _plain_linear(module: nn.Module, bias: bool = True) -> bool:
+    """An ``nn.Linear`` computing exactly ``x W^T + b`` (no peft wrapper, instance forward, hook; no bias unless
+    ``bias``): its weight may stand in for the module."""
+    return (
+        type(module) is nn.Linear
+        and (bias or module.bias is None)
+        and "forward" not in module.__dict__
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def _plain_attention(attn: nn.Module) -> bool:
+    """SD's transformer-block attention as :meth:`ResTunerAttnProcessor._frozen_attention` computes it, with plain
+    projections (bias-free q/k/v of equal width): what :meth:`ResTunerAttnProcessor._extra_heads_call` needs."""
+    return (
+        attn.group_norm is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and not attn.residual_connection
+        and attn.rescale_output_factor == 1.0
+        and _plain_linear(attn.to_q, bias=False)
+        and _plain_linear(attn.to_k, bias=False)
+        and _plain_linear(attn.to_v, bias=False)
+        and _plain_linear(attn.to_out[0])
+        and attn.to_q.out_features == attn.to_k.out_features == attn.to_v.out_features
+    )
 
 
 # --- joint attention (SD3 / SD3.5 MMDiT, Flux) ------------------------------------------------------------------

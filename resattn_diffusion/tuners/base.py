@@ -146,6 +146,59 @@ def multi_head_attention(
     return out.transpose(1, 2).reshape(batch, n_q, -1)
 
 
+def packed_multi_head_attention(
+    packed: torch.Tensor, heads: int, kv: torch.Tensor | None = None, head_padding: str = "auto"
+) -> torch.Tensor:
+    """:func:`multi_head_attention` of projections packed along channels, as one GEMM leaves them: ``packed``
+    (B, N, 3 h dh) holds ``q | k | v`` when ``kv`` is None (self-attention), else ``packed`` is q (B, N, h dh)
+    and ``kv`` (B or 1, M, 2 h dh) holds ``k | v``. Same heads, same scale, same result (heads of equal width).
+
+    Fewer ops per call than splitting first (a branch runs once per attention, and on a GPU every op is host
+    time): the heads are viewed out of the packed tensor (``view``, ``permute``, ``unbind``: no copies, the same
+    strides as split views) and, with head padding, the whole packed tensor is padded by one ``F.pad`` instead of
+    one per q, k and v.
+    """
+    batch, n_q, width = packed.shape
+    if kv is None:
+        width //= 3
+    if (packed if kv is None else kv).shape[1] <= FEW_KEYS:  # few keys (tiny feature maps): the bmm path
+        q, k, v = packed.split(width, dim=-1) if kv is None else (packed, *kv.split(width, dim=-1))
+        return _few_keys_attention(q, k, v, heads)
+    head_dim = width // heads
+    padded = head_dim
+    if pads_head_dim(head_dim, packed.device.type, head_padding):
+        padded = -(-head_dim // FUSED_ATTENTION_HEAD_DIM_MULTIPLE) * FUSED_ATTENTION_HEAD_DIM_MULTIPLE
+    if kv is None:
+        q, k, v = _packed_heads(packed, 3, heads, head_dim, padded)
+    else:
+        (q,) = _packed_heads(packed, 1, heads, head_dim, padded)
+        k, v = _packed_heads(kv, 2, heads, head_dim, padded)
+        if k.shape[0] != batch:
+            k = k.expand(batch, -1, -1, -1)
+            v = v.expand(batch, -1, -1, -1)
+    out = F.scaled_dot_product_attention(q, k, v, scale=None if padded == head_dim else head_dim**-0.5)
+    if padded != head_dim:
+        out = out[..., :head_dim]
+    return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim)
+
+
+def _packed_heads(
+    packed: torch.Tensor, parts: int, heads: int, head_dim: int, padded: int
+) -> tuple[torch.Tensor, ...]:
+    """``parts`` tensors (B, h, N, padded) viewed out of ``packed`` (B, N, parts h head_dim), zero-padded per head
+    to ``padded`` channels by one pad of the whole tensor when ``padded > head_dim``."""
+    batch, tokens, _ = packed.shape
+    # (B, N, parts, h, padded), or (B, N, h, padded) for a query alone (then one transpose, no permute and unbind)
+    shape = (batch, tokens, parts, heads, padded) if parts > 1 else (batch, tokens, heads, padded)
+    if padded == head_dim:
+        heads_last = packed.view(shape)
+    else:
+        heads_last = F.pad(packed.view(batch, tokens, parts * heads, head_dim), (0, padded - head_dim)).view(shape)
+    if parts == 1:
+        return (heads_last.transpose(1, 2),)
+    return heads_last.permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def _few_keys_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """:func:`multi_head_attention` for a few keys (learned prefixes, prompt tokens), equal up to rounding.
 
@@ -233,6 +286,23 @@ class TunerParams:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
 
+@dataclass
+class ExtraHeads:
+    """A branch that is itself an attention over the frozen attention's keys, written as extra heads of it.
+
+    With the frozen attention's heads of ``head_dim`` channels (softmax scale ``1/sqrt(head_dim)``), appending these
+    rows to the frozen ``to_q``, ``to_k``, ``to_v`` weights and these columns to ``to_out``'s weight computes
+    ``OP(x, c) + s T(x, c)`` as one attention of ``heads`` more heads: ``q`` (heads*head_dim, d), ``k`` and ``v``
+    (heads*head_dim, d_c), ``out`` (d_out, heads*head_dim), the branch scale ``s`` already in ``out``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    heads: int
+
+
 class OperationTuner(nn.Module):
     """A branch ``T(x, c)`` beside a frozen attention or feed-forward.
 
@@ -247,6 +317,12 @@ class OperationTuner(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None, frozen: FrozenAttention | None
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def extra_heads(self, head_dim: int, scale: float, dtype: torch.dtype | None = None) -> ExtraHeads | None:
+        """This branch at ``scale`` as :class:`ExtraHeads` (in ``dtype``, default the parameters') of a frozen
+        attention with heads of ``head_dim`` channels whose keys it shares, or None when it is not such an attention
+        (the default). Differentiable in the tuner's parameters."""
+        return None
 
 
 class LinearTuner(nn.Module):

@@ -21,6 +21,13 @@ rounding; ``tests/test_fast_paths.py`` checks each one on CPU by forcing it). Th
   path zero-pads q, k and v per head to the next multiple of 8 -- zero channels add nothing to ``q . k`` and give
   output channels that are dropped -- and passes the original ``1/sqrt(head_dim)`` scale. On CUDA only.
 
+* **extra heads** (Res-Attn's sampling forward, and with ``ResTunerAttnProcessor.extra_heads_training`` its training
+  step): a lone parallel branch that is an attention over the frozen attention's keys runs as extra heads of it --
+  its rows and columns concatenated with the frozen projections' weights, one GEMM per input, one SDPA, one output
+  GEMM -- instead of ~20 more dispatched ops per attention (on a GPU the forward is bound by the host launching
+  kernels). See :meth:`resattn_diffusion.integration.processors.ResTunerAttnProcessor._extra_heads_call`; per
+  processor ``extra_heads = "off"`` forces the reference path.
+
 On CPU every default is the reference path (the CPU benchmarks and the digits quality benchmark are unchanged).
 
 Forcing, for tests and benchmarks: ``with forced_paths("reference"): ...`` (or ``"fast"``) overrides the automatic

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The FOURTH GPU run (issue 14: Res-Attn's host overhead), from the repository root (prepend the wheel install /
+# PYTHONPATH as before):
+#
+#   bash benchmarks/perf/gpu_run4.sh gpu_results4
+#
+# Hard wall-clock limit: GPU_RUN4_TOTAL_S (default 240 s) for everything, each part killed by `timeout` at its
+# guard + 8 s and never past the total (a part gets at most what is left; unused time passes on):
+#   (a) host_overhead  benchmarks/perf/host_overhead.py --device cuda: SD 1.5's block structure at tiny widths
+#                      (compute negligible), fp16, batch 2: aten ops dispatched and wall time of one no-grad forward
+#                      and one training step (autocast, fp32 tuner parameters, AdamW) of the base, res_attn, peft
+#                      LoRA matched, res_lora, res_attn [reference] / [extra heads]; ratios paired against
+#                      the base                                                                           guard  60 s
+#   (b) sampling       eager SD 1.5 forward, fp16, batch 2: base, res_attn unfused (now extra heads of the frozen
+#                      attention), peft LoRA (unfused, fused): the sampling target (<= 1.10x the base)     guard  80 s
+#   (c) train_sd15     SD 1.5 512 px, batch 4, fp16: floor, res_attn, "res_attn [extra heads]" (the branch as
+#                      extra heads in training too: ResTunerAttnProcessor.extra_heads_training, off by default until
+#                      this row measures it), peft LoRA: the step targets (<= 0.75x peft LoRA, <= 1.30x the floor)
+#                                                                                                         what is left
+# Output in OUT (6 files): host_overhead.json, host_overhead.md, sampling.json, train_sd15.json, summary.md, run.log.
+# CPU smoke test (tests/test_gpu_run4.py): HOST_ARGS="--tiny --device cpu" GPU_SUITE_ARGS="--tiny --device cpu".
+set -u
+OUT="${1:?usage: bash benchmarks/perf/gpu_run4.sh OUTPUT_FOLDER}"
+PYTHON="${PYTHON:-python}"
+HOST_ARGS="${HOST_ARGS:---device cuda}"
+EXTRA_ARGS="${GPU_SUITE_ARGS:-}"
+TOTAL="${GPU_RUN4_TOTAL_S:-240}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+LOG="$OUT/run.log"
+START=$SECONDS
+
+# clip GUARD -> the seconds a part may have: GUARD, clipped so that guard + kill margin stays inside TOTAL.
+clip() {
+    local want="$1" left=$((TOTAL - (SECONDS - START) - 10))
+    if [ "$want" -gt "$left" ]; then want=$left; fi
+    echo "$want"
+}
+
+# run_guarded NAME GUARD MODULE [ARGS...]: python -m MODULE ARGS --budget GUARD under timeout, logged.
+run_guarded() {
+    local name="$1" guard
+    guard="$(clip "$2")"
+    local module="$3"
+    shift 3
+    if [ "$guard" -lt 15 ]; then echo "[gpu_run4] $name: skipped, time is up" | tee -a "$LOG"; return; fi
+    local t0=$SECONDS
+    echo "[gpu_run4] $name: guard ${guard}s (elapsed $((SECONDS - START))s)" | tee -a "$LOG"
+    timeout -k 2 $((guard + 8)) "$PYTHON" -m "$module" "$@" --budget "$guard" --started-at "$(date +%s.%N)" \
+        2>&1 | tee -a "$LOG"
+    echo "[gpu_run4] $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+# shellcheck disable=SC2086
+run_guarded host_overhead 60 benchmarks.perf.host_overhead --out "$OUT/host_overhead.json" $HOST_ARGS
+# shellcheck disable=SC2086
+run_guarded sampling 80 benchmarks.perf.gpu_suite sampling --out "$OUT" --tuners res_attn $EXTRA_ARGS
+# shellcheck disable=SC2086
+run_guarded train_sd15 400 benchmarks.perf.gpu_suite train_sd15 --out "$OUT" --tuners res_attn \
+    --peer-rows peft_lora --no-extra-rows --extra-heads-row $EXTRA_ARGS
+LEFT=$((TOTAL - (SECONDS - START)))
+if [ "$LEFT" -ge 8 ]; then
+    timeout -k 1 $((LEFT - 1)) "$PYTHON" -m benchmarks.perf.gpu_suite summary --out "$OUT" > /dev/null 2>>"$LOG"
+fi
+echo "[gpu_run4] done in $((SECONDS - START))s: $OUT/host_overhead.md, $OUT/summary.md" | tee -a "$LOG"
