@@ -238,3 +238,33 @@ def test_surm_adapter_parts_and_dropout(structure: str) -> None:
         assert adapter.down.g.shape[0] == adapter.up.g.shape[0] == 2
     assert adapter.dropout.p == 0.5
     assert SURMAdapter.num_parameters_for(shape, params) == sum(p.numel() for p in adapter.parameters())
+
+
+@pytest.mark.parametrize("name, widest", [("circulant", 16), ("skew", 32), ("toeplitz", 27), ("ldr", 64)])
+def test_cpu_row_blocks_hold_about_the_set_number_of_elements(name: str, widest: int, monkeypatch) -> None:
+    """On CPU each block has ``CPU_ROW_BLOCK_ELEMENTS // widest`` rows, ``widest`` the widest intermediate per row
+    (circulant n, skew-circulant 2n complex, Toeplitz the FFT length L, LDR 2 k n): the cache-sized working set
+    the blocking is for. n = 16, k = 2, L = next fast length >= 11 + 16 - 1 = 27."""
+    apply, matrix = _applications(11, 16)[name]
+    monkeypatch.setattr(structured, "CPU_ROW_BLOCK_ELEMENTS", 5 * widest)  # blocks of 5 rows
+    blocks: list[int] = []
+    original = structured._over_row_blocks
+
+    def counting(fn, x, width):
+        def fn_counted(rows):
+            blocks.append(rows.reshape(-1, rows.shape[-1]).shape[0])
+            return fn(rows)
+
+        return original(fn_counted, x, width)
+
+    monkeypatch.setattr(structured, "_over_row_blocks", counting)
+    x = _seeded(2, 6, 16, seed=10)  # 12 rows: blocks of 5, 5, 2
+    torch.testing.assert_close(apply(x), x @ matrix.T, rtol=1e-12, atol=1e-12)
+    assert blocks == [5, 5, 2]
+
+
+def test_skew_modulation_under_torch_compile_equals_eager() -> None:
+    """While dynamo traces, the modulation is built in the graph (not read from the cache): same values."""
+    h, x = _seeded(12, seed=11), _seeded(3, 12, seed=12)
+    compiled = torch.compile(lambda h, x: skew_circulant_apply(h, x, 12), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(h, x), x @ skew_circulant_matrix(h).T, rtol=1e-12, atol=1e-12)
