@@ -145,10 +145,10 @@ def test_dropout_reaches_the_lateral_and_vertical_tuners() -> None:
 
 
 def test_attention_parts_get_the_rank_heads_and_dropout() -> None:
-    params = ResBypassParams(rank=4, dropout=0.25, lateral="attention", vertical="attention", heads=2)
+    params = ResBypassParams(rank=4, dropout=0.25, lateral="attention", vertical="attention", heads=4)
     bypass = ResBypass([8, 4], params)
     for tuner in (bypass.stages[0].lateral, bypass.stages[1].lateral, bypass.stages[1].vertical):
-        assert tuner.heads == 2 and tuner.rank == 4 and tuner.dropout.p == 0.25
+        assert tuner.heads == 4 and tuner.rank == 4 and tuner.dropout.p == 0.25
 
 
 @pytest.mark.parametrize("widths", [[8, 0], [0], [4, -2], []])

@@ -27,7 +27,16 @@ from resattn_diffusion.tuners.structured import (
     toeplitz_apply,
     toeplitz_matrix,
 )
-from resattn_diffusion.tuners.surm import SURMAdapter, SURMAdapterParams, SURMKronecker, SURMKroneckerParams
+from resattn_diffusion.tuners.surm import (
+    SURMAdapter,
+    SURMAdapterParams,
+    SURMCirculant,
+    SURMCirculantParams,
+    SURMKronecker,
+    SURMKroneckerParams,
+    SURMLDRParams,
+    SURMToeplitzParams,
+)
 
 FAMILY_KWARGS = {"circulant": {}, "toeplitz": {}, "kronecker": {}, "ldr": {"displacement_rank": 2}}
 
@@ -268,3 +277,46 @@ def test_skew_modulation_under_torch_compile_equals_eager() -> None:
     h, x = _seeded(12, seed=11), _seeded(3, 12, seed=12)
     compiled = torch.compile(lambda h, x: skew_circulant_apply(h, x, 12), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(h, x), x @ skew_circulant_matrix(h).T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (SURMLDRParams(displacement_rank=2.5), "displacement_rank must be a positive integer, got 2.5"),
+        (SURMLDRParams(displacement_rank=True), "displacement_rank must be a positive integer, got True"),
+        (SURMLDRParams(displacement_rank=-1), "displacement_rank must be a positive integer"),
+        (SURMAdapterParams(structure="ldr", displacement_rank=0), "displacement_rank must be a positive integer"),
+        (SURMKroneckerParams(out_factor=1.5), "out_factor must be a non-negative integer"),
+        (SURMKroneckerParams(in_factor=False), "in_factor must be a non-negative integer"),
+        (SURMKroneckerParams(in_factor=-2), r"in_factor must be a non-negative integer \(0 = automatic\), got -2"),
+        (SURMAdapterParams(hidden_dim=True), "hidden_dim must be a non-negative integer"),
+        (SURMAdapterParams(hidden_dim=2.0), "hidden_dim must be a non-negative integer"),
+        (SURMAdapterParams(activation="swish2"), "swish2"),
+        (SURMAdapterParams(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_surm_params_refuse_bad_values_by_name(params, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        params.validate()
+
+
+@pytest.mark.parametrize("params", [SURMCirculantParams(), SURMToeplitzParams(), SURMKroneckerParams(),
+                                    SURMLDRParams(), SURMAdapterParams()])
+def test_surm_refuses_empty_layers(params) -> None:
+    params.validate_for(OpShape(in_dim=1, out_dim=1, context_dim=1))  # the smallest layer is fine
+    for in_dim, out_dim in ((0, 4), (4, 0)):
+        with pytest.raises(ConfigError, match=f"positive in_dim and out_dim, got {in_dim} -> {out_dim}"):
+            params.validate_for(OpShape(in_dim=in_dim, out_dim=out_dim, context_dim=4))
+
+
+def test_surm_linear_folds_into_the_weights_dtype_and_ignores_the_frozen_weight() -> None:
+    shape = OpShape(in_dim=6, out_dim=4, context_dim=6)
+    tuner = SURMCirculant(shape, SURMCirculantParams())
+    with torch.no_grad():
+        tuner.delta.v.copy_(_seeded(6, seed=13, dtype=torch.float32))
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    delta, bias = tuner.fold(weight, torch.zeros(4, dtype=torch.float64))
+    assert bias is None and delta.dtype == torch.float64
+    torch.testing.assert_close(delta, tuner.materialize().detach().double())
+    x = _seeded(3, 6, seed=14, dtype=torch.float32)
+    torch.testing.assert_close(tuner(x, weight, None), tuner(x), rtol=0, atol=0)  # T(x) = dW x: W0 is not read
