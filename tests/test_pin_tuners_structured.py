@@ -255,7 +255,7 @@ def test_cpu_row_blocks_hold_about_the_set_number_of_elements(name: str, widest:
     (circulant n, skew-circulant 2n complex, Toeplitz the FFT length L, LDR 2 k n): the cache-sized working set
     the blocking is for. n = 16, k = 2, L = next fast length >= 11 + 16 - 1 = 27."""
     apply, matrix = _applications(11, 16)[name]
-    monkeypatch.setattr(structured, "CPU_ROW_BLOCK_ELEMENTS", 5 * widest)  # blocks of 5 rows
+    monkeypatch.setattr(structured, "CPU_ROW_BLOCK_ELEMENTS", 20 * widest)  # blocks of 20 rows
     blocks: list[int] = []
     original = structured._over_row_blocks
 
@@ -267,9 +267,12 @@ def test_cpu_row_blocks_hold_about_the_set_number_of_elements(name: str, widest:
         return original(fn_counted, x, width)
 
     monkeypatch.setattr(structured, "_over_row_blocks", counting)
-    x = _seeded(2, 6, 16, seed=10)  # 12 rows: blocks of 5, 5, 2
+    x = _seeded(3, 15, 16, seed=10)  # 45 rows: blocks of 20, 20, 5
     torch.testing.assert_close(apply(x), x @ matrix.T, rtol=1e-12, atol=1e-12)
-    assert blocks == [5, 5, 2]
+    assert blocks == [20, 20, 5]
+    blocks.clear()
+    torch.testing.assert_close(apply(x[0, :4]), x[0, :4] @ matrix.T, rtol=1e-12, atol=1e-12)
+    assert blocks == [4]  # fewer rows than a block: one pass
 
 
 def test_skew_modulation_under_torch_compile_equals_eager() -> None:
