@@ -323,3 +323,25 @@ def test_surm_linear_folds_into_the_weights_dtype_and_ignores_the_frozen_weight(
     torch.testing.assert_close(delta, tuner.materialize().detach().double())
     x = _seeded(3, 6, seed=14, dtype=torch.float32)
     torch.testing.assert_close(tuner(x, weight, None), tuner(x), rtol=0, atol=0)  # T(x) = dW x: W0 is not read
+
+
+@pytest.mark.parametrize("family", ["circulant", "toeplitz", "ldr"])
+def test_dense_matrix_is_the_exact_materialisation_off_the_fast_path(family: str, monkeypatch) -> None:
+    """Off the fast path (CPU, or no gradient wanted) the dense matrix is :meth:`materialize` itself -- an exact
+    gather of the parameters -- never the FFT of the identity, which carries rounding. On the forced fast path with a
+    gradient it is the FFT form (here: strided forms switched off), equal up to rounding."""
+    monkeypatch.setattr(structured.StructuredMatrix, "use_strided_dense", False)
+    matrix = STRUCTURES[family](12, 9, init="random", **FAMILY_KWARGS[family])
+    exact = matrix.materialize().detach()
+    assert torch.equal(matrix.dense_matrix(), exact)  # gradient enabled, CPU, nothing forced
+    with forced_paths("reference"):
+        assert torch.equal(matrix.dense_matrix(), exact)
+    with forced_paths("fast"), torch.no_grad():
+        assert torch.equal(matrix.dense_matrix(), exact)
+    with forced_paths("fast"):
+        through_fft = matrix.dense_matrix()
+        assert through_fft.requires_grad
+        torch.testing.assert_close(through_fft, exact, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(through_fft, exact)  # the FFT form, not the gather
+        matrix.requires_grad_(False)
+        assert torch.equal(matrix.dense_matrix(), exact)  # nothing to train: the gather
