@@ -195,6 +195,12 @@ def test_path_choice_follows_the_setting_the_forced_paths_and_the_cost_model() -
     with forced_paths("reference"):
         assert matrix.uses_dense_path(x) == (matrix.dense_cost(rows) < matrix.structured_cost(rows))
     assert matrix.uses_dense_path(torch.zeros(3, 16, device="meta")) is False  # not CPU, not CUDA: structured
+    # the rows of a 1-wide input are its elements: LDR 32 x 1 on 8 rows, dense 32 * 8 + 32^3 = 33024 < FFT
+    # 8 * 50 * 32 log2 32 = 64000 (on 4 rows the FFT would be the cheaper: 32896 > 32000)
+    narrow = LDRMatrix(32, 1)
+    assert narrow.dense_cost(8) == 33024 and narrow.structured_cost(8) == 64000
+    assert narrow.uses_dense_path(torch.zeros(8, 1)) and not narrow.uses_dense_path(torch.zeros(4, 1))
+    assert narrow.uses_dense_path(torch.zeros(2, 4, 1))
 
 
 def test_cost_model_picks_the_fft_for_wide_layers_and_the_matmul_for_narrow_ones() -> None:
