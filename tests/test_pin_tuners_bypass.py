@@ -145,10 +145,10 @@ def test_dropout_reaches_the_lateral_and_vertical_tuners() -> None:
 
 
 def test_attention_parts_get_the_rank_heads_and_dropout() -> None:
-    params = ResBypassParams(rank=4, dropout=0.25, lateral="attention", vertical="attention", heads=2)
+    params = ResBypassParams(rank=4, dropout=0.25, lateral="attention", vertical="attention", heads=4)
     bypass = ResBypass([8, 4], params)
     for tuner in (bypass.stages[0].lateral, bypass.stages[1].lateral, bypass.stages[1].vertical):
-        assert tuner.heads == 2 and tuner.rank == 4 and tuner.dropout.p == 0.25
+        assert tuner.heads == 4 and tuner.rank == 4 and tuner.dropout.p == 0.25
 
 
 @pytest.mark.parametrize("widths", [[8, 0], [0], [4, -2], []])
@@ -167,3 +167,28 @@ def test_wrong_features_are_refused_with_the_expected_shape() -> None:
         bypass([torch.randn(1, 8, 2), torch.randn(1, 4, 4, 4)])
     with pytest.raises(ValueError, match="previous stage"):
         bypass.stages[1](torch.randn(1, 4, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 6, "heads": 4, "lateral": "attention"}, r"rank=6 is not divisible by heads=4.*use heads in \[1, 2, 3, 6\]"),
+        ({"rank": 7, "heads": 2, "vertical": "attention"}, r"use heads in \[1, 7\]"),
+        ({"rank": 4.0}, "rank and heads must be integers, got rank=4.0, heads=2"),
+        ({"heads": 2.0}, "rank and heads must be integers"),
+        ({"heads": 0}, "heads must be a positive number, got 0"),
+        ({"rank": -1}, "rank must be a positive number, got -1"),
+        ({"up_rank": True}, "up_rank must be None .* or a positive int, got True"),
+        ({"up_rank": 0}, "up_rank must be None"),
+        ({"normalize": 1}, "normalize must be true or false, got 1"),
+        ({"activation": "swish2"}, "swish2"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"lateral": "none"}, "lateral='none' is not allowed"),
+        ({"vertical": "conv"}, "vertical='conv' is not allowed"),
+    ],
+)
+def test_bad_parameters_are_refused_by_name(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ResBypassParams(**kwargs).validate()
+    # adapters alone do not need rank % heads == 0
+    ResBypassParams(rank=6, heads=4).validate()

@@ -47,6 +47,7 @@ def test_parse_form_reads_case_spaces_and_default_rank() -> None:
     assert parse_form("B", "lora1") == "lora1"
     assert parse_form("E", " Scalar") == "scalar"
     assert parse_form("D", "NONE") == "none"
+    assert str(GLoRALayerConfig.parse(" A=vector ,, , b=scalar,")) == "A=vector,B=scalar,C=none,D=none,E=none"
     assert GLoRALayerConfig.parse("A=lora,C=lora2", default_rank=3) == GLoRALayerConfig(A="lora3", C="lora2")
     with pytest.raises(ConfigError, match=r"unknown GLoRA support tensor 'F'.*\['A', 'B', 'C', 'D', 'E'\]"):
         parse_form("F", "vector")
@@ -191,8 +192,12 @@ def test_lora_ranks_are_checked_against_the_layer() -> None:
     with pytest.raises(ConfigError, match=r"B=lora9 exceeds min\(d_in, d_out\) = 8 of a 16 -> 8 layer"):
         GLoRAParams(config="B=lora9").validate_for(_shape(16, 8))
     GLoRAParams(config="C=lora20").validate_for(_shape(4, 4))  # C is a column: not limited
-    with pytest.raises(ConfigError, match="positive in_dim and out_dim"):
+    with pytest.raises(ConfigError, match="positive in_dim and out_dim, got 0 -> 4"):
         GLoRAParams().validate_for(_shape(0, 4))
+    with pytest.raises(ConfigError, match="positive in_dim and out_dim, got 4 -> 0"):
+        GLoRAParams(config="A=vector").validate_for(_shape(4, 0))
+    one = GLoRA(_shape(1, 1), GLoRAParams(config="A=lora1,B=vector,C=lora1,D=scalar,E=vector"))  # the smallest layer
+    assert one(torch.ones(2, 1), torch.ones(1, 1), torch.ones(1)).shape == (2, 1)
     GLoRAParams(supernet=True, rank=4).validate_for(_shape(4, 4))
     with pytest.raises(ConfigError, match="the choice space: A=lora5"):
         GLoRAParams(supernet=True, rank=5).validate_for(_shape(4, 4))

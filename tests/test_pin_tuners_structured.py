@@ -27,7 +27,16 @@ from resattn_diffusion.tuners.structured import (
     toeplitz_apply,
     toeplitz_matrix,
 )
-from resattn_diffusion.tuners.surm import SURMAdapter, SURMAdapterParams, SURMKronecker, SURMKroneckerParams
+from resattn_diffusion.tuners.surm import (
+    SURMAdapter,
+    SURMAdapterParams,
+    SURMCirculant,
+    SURMCirculantParams,
+    SURMKronecker,
+    SURMKroneckerParams,
+    SURMLDRParams,
+    SURMToeplitzParams,
+)
 
 FAMILY_KWARGS = {"circulant": {}, "toeplitz": {}, "kronecker": {}, "ldr": {"displacement_rank": 2}}
 
@@ -186,6 +195,12 @@ def test_path_choice_follows_the_setting_the_forced_paths_and_the_cost_model() -
     with forced_paths("reference"):
         assert matrix.uses_dense_path(x) == (matrix.dense_cost(rows) < matrix.structured_cost(rows))
     assert matrix.uses_dense_path(torch.zeros(3, 16, device="meta")) is False  # not CPU, not CUDA: structured
+    # the rows of a 1-wide input are its elements: LDR 32 x 1 on 8 rows, dense 32 * 8 + 32^3 = 33024 < FFT
+    # 8 * 50 * 32 log2 32 = 64000 (on 4 rows the FFT would be the cheaper: 32896 > 32000)
+    narrow = LDRMatrix(32, 1)
+    assert narrow.dense_cost(8) == 33024 and narrow.structured_cost(8) == 64000
+    assert narrow.uses_dense_path(torch.zeros(8, 1)) and not narrow.uses_dense_path(torch.zeros(4, 1))
+    assert narrow.uses_dense_path(torch.zeros(2, 4, 1))
 
 
 def test_cost_model_picks_the_fft_for_wide_layers_and_the_matmul_for_narrow_ones() -> None:
@@ -238,3 +253,101 @@ def test_surm_adapter_parts_and_dropout(structure: str) -> None:
         assert adapter.down.g.shape[0] == adapter.up.g.shape[0] == 2
     assert adapter.dropout.p == 0.5
     assert SURMAdapter.num_parameters_for(shape, params) == sum(p.numel() for p in adapter.parameters())
+
+
+@pytest.mark.parametrize("name, widest", [("circulant", 16), ("skew", 32), ("toeplitz", 27), ("ldr", 64)])
+def test_cpu_row_blocks_hold_about_the_set_number_of_elements(name: str, widest: int, monkeypatch) -> None:
+    """On CPU each block has ``CPU_ROW_BLOCK_ELEMENTS // widest`` rows, ``widest`` the widest intermediate per row
+    (circulant n, skew-circulant 2n complex, Toeplitz the FFT length L, LDR 2 k n): the cache-sized working set
+    the blocking is for. n = 16, k = 2, L = next fast length >= 11 + 16 - 1 = 27."""
+    apply, matrix = _applications(11, 16)[name]
+    monkeypatch.setattr(structured, "CPU_ROW_BLOCK_ELEMENTS", 20 * widest)  # blocks of 20 rows
+    blocks: list[int] = []
+    original = structured._over_row_blocks
+
+    def counting(fn, x, width):
+        def fn_counted(rows):
+            blocks.append(rows.reshape(-1, rows.shape[-1]).shape[0])
+            return fn(rows)
+
+        return original(fn_counted, x, width)
+
+    monkeypatch.setattr(structured, "_over_row_blocks", counting)
+    x = _seeded(3, 15, 16, seed=10)  # 45 rows: blocks of 20, 20, 5
+    torch.testing.assert_close(apply(x), x @ matrix.T, rtol=1e-12, atol=1e-12)
+    assert blocks == [20, 20, 5]
+    blocks.clear()
+    torch.testing.assert_close(apply(x[0, :4]), x[0, :4] @ matrix.T, rtol=1e-12, atol=1e-12)
+    assert blocks == [4]  # fewer rows than a block: one pass
+
+
+def test_skew_modulation_under_torch_compile_equals_eager() -> None:
+    """While dynamo traces, the modulation is built in the graph (not read from the cache): same values."""
+    h, x = _seeded(12, seed=11), _seeded(3, 12, seed=12)
+    compiled = torch.compile(lambda h, x: skew_circulant_apply(h, x, 12), backend="eager")
+    torch.testing.assert_close(compiled(h, x), x @ skew_circulant_matrix(h).T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (SURMLDRParams(displacement_rank=2.5), "displacement_rank must be a positive integer, got 2.5"),
+        (SURMLDRParams(displacement_rank=True), "displacement_rank must be a positive integer, got True"),
+        (SURMLDRParams(displacement_rank=-1), "displacement_rank must be a positive integer"),
+        (SURMAdapterParams(structure="ldr", displacement_rank=0), "displacement_rank must be a positive integer"),
+        (SURMKroneckerParams(out_factor=1.5), "out_factor must be a non-negative integer"),
+        (SURMKroneckerParams(in_factor=False), "in_factor must be a non-negative integer"),
+        (SURMKroneckerParams(in_factor=-2), r"in_factor must be a non-negative integer \(0 = automatic\), got -2"),
+        (SURMAdapterParams(hidden_dim=True), "hidden_dim must be a non-negative integer"),
+        (SURMAdapterParams(hidden_dim=2.0), "hidden_dim must be a non-negative integer"),
+        (SURMAdapterParams(activation="swish2"), "swish2"),
+        (SURMAdapterParams(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_surm_params_refuse_bad_values_by_name(params, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        params.validate()
+
+
+@pytest.mark.parametrize("params", [SURMCirculantParams(), SURMToeplitzParams(), SURMKroneckerParams(),
+                                    SURMLDRParams(), SURMAdapterParams()])
+def test_surm_refuses_empty_layers(params) -> None:
+    params.validate_for(OpShape(in_dim=1, out_dim=1, context_dim=1))  # the smallest layer is fine
+    for in_dim, out_dim in ((0, 4), (4, 0)):
+        with pytest.raises(ConfigError, match=f"positive in_dim and out_dim, got {in_dim} -> {out_dim}"):
+            params.validate_for(OpShape(in_dim=in_dim, out_dim=out_dim, context_dim=4))
+
+
+def test_surm_linear_folds_into_the_weights_dtype_and_ignores_the_frozen_weight() -> None:
+    shape = OpShape(in_dim=6, out_dim=4, context_dim=6)
+    tuner = SURMCirculant(shape, SURMCirculantParams())
+    with torch.no_grad():
+        tuner.delta.v.copy_(_seeded(6, seed=13, dtype=torch.float32))
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    delta, bias = tuner.fold(weight, torch.zeros(4, dtype=torch.float64))
+    assert bias is None and delta.dtype == torch.float64
+    torch.testing.assert_close(delta, tuner.materialize().detach().double())
+    x = _seeded(3, 6, seed=14, dtype=torch.float32)
+    torch.testing.assert_close(tuner(x, weight, None), tuner(x), rtol=0, atol=0)  # T(x) = dW x: W0 is not read
+
+
+@pytest.mark.parametrize("family", ["circulant", "toeplitz", "ldr"])
+def test_dense_matrix_is_the_exact_materialisation_off_the_fast_path(family: str, monkeypatch) -> None:
+    """Off the fast path (CPU, or no gradient wanted) the dense matrix is :meth:`materialize` itself -- an exact
+    gather of the parameters -- never the FFT of the identity, which carries rounding. On the forced fast path with a
+    gradient it is the FFT form (here: strided forms switched off), equal up to rounding."""
+    monkeypatch.setattr(structured.StructuredMatrix, "use_strided_dense", False)
+    matrix = STRUCTURES[family](12, 9, init="random", **FAMILY_KWARGS[family])
+    exact = matrix.materialize().detach()
+    assert torch.equal(matrix.dense_matrix(), exact)  # gradient enabled, CPU, nothing forced
+    with forced_paths("reference"):
+        assert torch.equal(matrix.dense_matrix(), exact)
+    with forced_paths("fast"), torch.no_grad():
+        assert torch.equal(matrix.dense_matrix(), exact)
+    with forced_paths("fast"):
+        through_fft = matrix.dense_matrix()
+        assert through_fft.requires_grad
+        torch.testing.assert_close(through_fft, exact, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(through_fft, exact)  # the FFT form, not the gather
+        matrix.requires_grad_(False)
+        assert torch.equal(matrix.dense_matrix(), exact)  # nothing to train: the gather

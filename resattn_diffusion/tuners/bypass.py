@@ -162,8 +162,6 @@ class BypassUpsample(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, rank: int | None = None, zero_init: bool = False):
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
         self.conv: nn.Conv2d | None = None
         self.proj: nn.Conv2d | None = None
         if in_channels == out_channels and not zero_init:
@@ -199,7 +197,6 @@ class BypassStage(nn.Module):
         is_last: bool,
     ):
         super().__init__()
-        self.width = width
         self.normalize = params.normalize
         self.lateral = _token_tuner(params.lateral, width, params, zero_output=is_last)
         self.up: BypassUpsample | None = None

@@ -99,7 +99,7 @@ def parse_form(support: str, text: str, default_rank: int | None = None) -> str:
         if rank < 1:
             raise ConfigError(f"GLoRA {support}={text!r}: the lora rank must be >= 1")
         return f"lora{rank}"
-    if form in ALLOWED_KINDS[support] and form != "lora":
+    if form in ALLOWED_KINDS[support]:  # "lora" never gets here: the branch above returned or raised
         return form
     raise ConfigError(f"GLoRA {support}={text!r} is not allowed; {support} may be one of: {_allowed_text(support)}")
 
