@@ -97,7 +97,12 @@ def test_the_parts_built_for_each_transition() -> None:
     first, same, narrower, last = bypass.stages
     assert first.up is None and first.vertical is None
     assert same.up.conv is None and same.up.proj is None and same.vertical is not None
-    assert tuple(narrower.up.conv.weight.shape) == (3, 8, 3, 3) and tuple(narrower.up.proj.weight.shape) == (4, 3, 1, 1)
+    assert tuple(narrower.up.conv.weight.shape) == (3, 8, 3, 3) and tuple(narrower.up.proj.weight.shape) == (
+        4,
+        3,
+        1,
+        1,
+    )
     assert tuple(last.up.conv.weight.shape) == (3, 4, 3, 3) and torch.count_nonzero(last.up.proj.weight) == 0
     assert torch.count_nonzero(last.up.conv.weight) > 0  # only the last factor starts at zero
     full = ResBypass([8, 4], ResBypassParams(rank=2, vertical="none"))
@@ -172,7 +177,10 @@ def test_wrong_features_are_refused_with_the_expected_shape() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"rank": 6, "heads": 4, "lateral": "attention"}, r"rank=6 is not divisible by heads=4.*use heads in \[1, 2, 3, 6\]"),
+        (
+            {"rank": 6, "heads": 4, "lateral": "attention"},
+            r"rank=6 is not divisible by heads=4.*use heads in \[1, 2, 3, 6\]",
+        ),
         ({"rank": 7, "heads": 2, "vertical": "attention"}, r"use heads in \[1, 7\]"),
         ({"rank": 4.0}, "rank and heads must be integers, got rank=4.0, heads=2"),
         ({"heads": 2.0}, "rank and heads must be integers"),

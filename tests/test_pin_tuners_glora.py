@@ -138,7 +138,9 @@ def test_the_most_specific_override_decides_a_layer() -> None:
     assert tied.matching_override(path) == "*.attn2.to_k"
     assert GLoRAParams(overrides={"down_blocks.*": "A=vector"}).matching_override(path) is None
     # a pattern that does not match is skipped, whatever comes after it
-    assert GLoRAParams(overrides={"down_blocks.*": "A=vector", "*.to_k": "A=scalar"}).matching_override(path) == "*.to_k"
+    assert (
+        GLoRAParams(overrides={"down_blocks.*": "A=vector", "*.to_k": "A=scalar"}).matching_override(path) == "*.to_k"
+    )
     # a [set] is one literal character: "up_blocks.[0123456789]" (11) loses to "up_blocks.1.attentions" (22)
     sets = GLoRAParams(overrides={"up_blocks.1.attentions": "A=vector", "up_blocks.[0123456789]": "A=scalar"})
     assert sets.matching_override(path) == "up_blocks.1.attentions"
@@ -230,7 +232,9 @@ def test_a_fixed_module_holds_exactly_its_configuration() -> None:
     assert tuple(c_lora.C_lora_up.shape) == (6, 3) and tuple(c_lora.C_lora_down.shape) == (3, 1)
     assert torch.count_nonzero(c_lora.C_lora_down) == 3
     # a layer given by the integration overrides params.config; no bias drops D
-    override = GLoRA(_shape(6, 5), GLoRAParams(rank=3, config="A=vector"), layer_config="B=lora,D=scalar", has_bias=False)
+    override = GLoRA(
+        _shape(6, 5), GLoRAParams(rank=3, config="A=vector"), layer_config="B=lora,D=scalar", has_bias=False
+    )
     assert str(override.active_config) == "A=none,B=lora3,C=none,D=none,E=none"
     assert sorted(n for n, _ in override.named_parameters()) == ["B_lora_down", "B_lora_up"]
     assert GLoRA(_shape(6, 5), GLoRAParams(config="D=scalar")).has_bias is True  # the shape's default
@@ -298,7 +302,9 @@ def test_forward_and_fold_keep_the_input_and_weight_dtypes() -> None:
     assert torch.equal(zero_weight, torch.zeros_like(weight)) and no_bias is None
 
 
-@pytest.mark.parametrize("config", ["A=vector,B=scalar,E=vector", "A=scalar,B=lora2,C=vector", "A=lora2,B=vector,D=scalar"])
+@pytest.mark.parametrize(
+    "config", ["A=vector,B=scalar,E=vector", "A=scalar,B=lora2,C=vector", "A=lora2,B=vector,D=scalar"]
+)
 def test_half_precision_activations_give_half_outputs_close_to_float64(config: str) -> None:
     """float32 parameters beside a float16 layer: the branch runs and returns float16 (the dtype the frozen layer's
     output has, so the two add without promoting the UNet's activations)."""

@@ -117,8 +117,11 @@ def test_kronecker_factors_default_near_square_and_explicit_ones_must_divide() -
     assert structured.resolve_kronecker_factors(12, 7) == (3, 1, 4, 7)  # a prime: 1 x 7
     assert structured.resolve_kronecker_factors(12, 8, out_factor=6, in_factor=8) == (6, 8, 2, 1)
     assert structured.resolve_kronecker_factors(16, 16) == (4, 4, 4, 4)  # sqrt exactly
-    with pytest.raises(ConfigError, match=r"out_factor \(a1, rows of A\)=5 does not divide 12; valid values: "
-                       r"\[1, 2, 3, 4, 6, 12\].*out_factor=3, in_factor=2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"out_factor \(a1, rows of A\)=5 does not divide 12; valid values: "
+        r"\[1, 2, 3, 4, 6, 12\].*out_factor=3, in_factor=2",
+    ):
         structured.resolve_kronecker_factors(12, 8, out_factor=5)
     with pytest.raises(ConfigError, match=r"in_factor \(a2, columns of A\)=-1 does not divide 8"):
         structured.resolve_kronecker_factors(12, 8, in_factor=-1)
@@ -183,7 +186,9 @@ def test_path_choice_follows_the_setting_the_forced_paths_and_the_cost_model() -
     with forced_paths("fast"):
         assert not matrix.uses_dense_path(x)  # a forced module path wins over the forced fast path
     matrix.path = "fft"
-    with pytest.raises(ConfigError, match=r"path='fft' is not allowed; choose one of \['auto', 'structured', 'dense'\]"):
+    with pytest.raises(
+        ConfigError, match=r"path='fft' is not allowed; choose one of \['auto', 'structured', 'dense'\]"
+    ):
         matrix.uses_dense_path(x)
     matrix.path = "auto"
     with forced_paths("fast"):
@@ -214,7 +219,9 @@ def test_cost_model_picks_the_fft_for_wide_layers_and_the_matmul_for_narrow_ones
     assert ldr.dense_cost(5) == 8 * 4 * 5 + 3 * 8**3
     assert ldr.structured_cost(5) == 5 * 3 * structured.FFT_COST_PER_ELEMENT["ldr"] * 8 * 3
     toeplitz = ToeplitzMatrix(6, 5)  # FFT length: next fast length >= 10 is 10
-    assert toeplitz.structured_cost(2) == pytest.approx(2 * structured.FFT_COST_PER_ELEMENT["toeplitz"] * 10 * 3.321928)
+    assert toeplitz.structured_cost(2) == pytest.approx(
+        2 * structured.FFT_COST_PER_ELEMENT["toeplitz"] * 10 * 3.321928
+    )
     assert KroneckerMatrix(6, 4).structured_cost(7) == 0.0  # always the factor matmuls under "auto" on CPU
     assert not KroneckerMatrix(6, 4).uses_dense_path(torch.zeros(7, 4))
 
@@ -309,8 +316,10 @@ def test_surm_params_refuse_bad_values_by_name(params, message: str) -> None:
         params.validate()
 
 
-@pytest.mark.parametrize("params", [SURMCirculantParams(), SURMToeplitzParams(), SURMKroneckerParams(),
-                                    SURMLDRParams(), SURMAdapterParams()])
+@pytest.mark.parametrize(
+    "params",
+    [SURMCirculantParams(), SURMToeplitzParams(), SURMKroneckerParams(), SURMLDRParams(), SURMAdapterParams()],
+)
 def test_surm_refuses_empty_layers(params) -> None:
     params.validate_for(OpShape(in_dim=1, out_dim=1, context_dim=1))  # the smallest layer is fine
     for in_dim, out_dim in ((0, 4), (4, 0)):
