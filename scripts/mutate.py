@@ -454,6 +454,26 @@ def markdown_table(rows: Iterable[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_survivors(rows: Iterable[dict]) -> str:
+    """Every survivor of the summary, by module: its name (without the module), its verdict when not "survived",
+    and its diff on one line (``-`` old / ``+`` new), for a reader to judge equivalent or open."""
+    lines = []
+    for r in sorted(rows, key=lambda r: (r["group"], r["module"])):
+        if not r["survivors"]:
+            continue
+        lines.append(f"\n**{r['module'].removeprefix(PACKAGE + '/')}** ({len(r['survivors'])})\n")
+        for s in r["survivors"]:
+            name = s["name"].removeprefix(_dotted(r["module"]) + ".")
+            verdict = "" if s["verdict"] == "survived" else f" [{s['verdict']}]"
+            diff = " / ".join(" ".join(line.split()) for line in s["diff"].splitlines())
+            lines.append(f"- `{name}`{verdict}: `{diff}`" if diff else f"- `{name}`{verdict}")
+    return "\n".join(lines).lstrip("\n")
+
+
+def _dotted(path: str) -> str:
+    return path[: -len(".py")].replace("/", ".")
+
+
 def _environment_number(name: str, kind: type, low: float, high: float, what: str) -> int | float | None:
     """The number in environment variable ``name`` (None when unset or empty), refused unless in [low, high]."""
     text = os.environ.get(name, "").strip()
@@ -486,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="*", help="files or folders under resattn_diffusion/ (default: all in scope)")
     parser.add_argument("--table", action="store_true", help="print the last summary as a markdown table, run nothing")
     parser.add_argument(
+        "--survivors", action="store_true", help="print the last summary's survivors as markdown, run nothing"
+    )
+    parser.add_argument(
         "--report", action="store_true", help="summarize what the work folders hold (an interrupted run), run nothing"
     )
     args = parser.parse_args(argv)
@@ -498,12 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", seed):
         raise SystemExit(f"mutate: MUTATE_SEED={seed!r} is not a short name; give letters, digits, - or _, e.g. dev")
     out = Path(os.environ.get("MUTATE_OUT") or REPO / "mutation-results").resolve()
-    if args.table:
+    if args.table or args.survivors:
         summary = out / "summary.json"
         if not summary.exists():
             print(f"mutate: no {summary} yet: run the mutation job first")
             return 2
-        print(markdown_table(json.loads(summary.read_text())["modules"].values()))
+        rows = json.loads(summary.read_text())["modules"].values()
+        print(markdown_table(rows) if args.table else markdown_survivors(rows))
         return 0
     (out / "logs").mkdir(parents=True, exist_ok=True)
     chosen = MODULES

@@ -187,3 +187,20 @@ def test_top_level_folders_the_tests_import_are_copied_into_the_work_folder(muta
             for folder in mutate.TOP_LEVEL_IMPORTS:
                 if re.search(rf"^(from|import) {folder}\b", text, re.MULTILINE):
                     assert folder in module.extra_files, (module.path, test, folder)
+
+
+def test_survivors_markdown_lists_each_with_its_diff_on_one_line(mutate) -> None:
+    base = {"killed": 1, "survived": 1, "timeout": 0, "no_tests": 1, "skipped": 0, "not_checked": 0, "total": 3}
+    survivors = [
+        {"name": "resattn_diffusion.tuners.lora.xǁResLoRAǁ__init____mutmut_12", "verdict": "survived",
+         "diff": "-        x = nn.Linear(a, b, bias=False)\n+        x = nn.Linear(a, b, bias=None)"},
+        {"name": "resattn_diffusion.tuners.lora.x_f__mutmut_1", "verdict": "no_tests", "diff": ""},
+    ]  # fmt: skip
+    rows = [dict(base, module="resattn_diffusion/tuners/lora.py", group="tuners", survivors=survivors),
+            dict(base, module="resattn_diffusion/tuners/prefix.py", group="tuners", survivors=[])]  # fmt: skip
+    assert mutate.markdown_survivors(rows).splitlines() == [
+        "**tuners/lora.py** (2)",
+        "",
+        "- `xǁResLoRAǁ__init____mutmut_12`: `- x = nn.Linear(a, b, bias=False) / + x = nn.Linear(a, b, bias=None)`",
+        "- `x_f__mutmut_1` [no_tests]",
+    ]
