@@ -86,7 +86,10 @@ def test_profile_tiny_rows_on_cpu(tmp_path: Path):
     assert ldr["saved_for_backward"]["by_category_mb"]["frozen"] > 0
     assert 0 < len(ldr["top_kernels"]) <= gpu_profile.TOP_KERNELS
     assert ldr["trainable_parameters"] > 0 and ldr["peak_memory_mb"] > 0
-    assert sampling["split_ms_per_call"]["branch"] > 0 and "saved_for_backward" not in sampling
+    # Forced fast: Res-Attn's sampling forward runs its branch as extra heads of the frozen attention (one SDPA), so
+    # no branch module is called and its work is counted in the frozen attention's time.
+    assert sampling["split_ms_per_call"]["branch"] == 0 and sampling["split_ms_per_call"]["frozen"] > 0
+    assert "saved_for_backward" not in sampling
     assert sampling["measured_ms_per_call"] > 0 and sampling["wall_ms_per_call"] > 0
     assert sampling["wall_ms_per_call_profiled"] > 0
     markdown = (tmp_path / "profile.md").read_text()
