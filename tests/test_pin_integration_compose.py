@@ -94,8 +94,9 @@ def add_lora(unet, seed: int = 3) -> None:
                     factor.copy_(0.2 * torch.randn(factor.shape, generator=generator, dtype=torch.float64))
 
 
-def add_res(unet, tuner: str, name: str = "res", seed: int = 1) -> None:
-    rd.add_res_tuner(unet, rd.ResTunerConfig(targets=TARGETS, **TUNERS[tuner]), adapter_name=name)
+def add_res(unet, tuner: str, name: str = "res", seed: int = 1, scale: float = 0.7) -> None:
+    # a scale other than 1: a fused delta that ignores the scale must show
+    rd.add_res_tuner(unet, rd.ResTunerConfig(targets=TARGETS, scale=scale, **TUNERS[tuner]), adapter_name=name)
     randomize_tuner(unet, name, seed=seed, std=0.2)
 
 
@@ -243,13 +244,18 @@ TWO_ORDERS = [
 ]
 
 
-@pytest.mark.parametrize("order", TWO_ORDERS)
-def test_two_res_tuners_on_the_same_layers_fuse_exactly_in_any_order(order):
+# a reads W0 (GLoRA) or the frozen output (sequential), so it must see W0 while b is fused into the weight
+PAIRS = [("glora", "res_lora"), ("res_lora_sequential", "surm_circulant")]
+TWO_CASES = [(pair, order) for pair in PAIRS for order in TWO_ORDERS if pair == PAIRS[0] or "L" not in order]
+
+
+@pytest.mark.parametrize("pair,order", TWO_CASES, ids=[f"{a}+{b}-{o}" for (a, b), o in TWO_CASES])
+def test_two_res_tuners_on_the_same_layers_fuse_exactly_in_any_order(pair, order):
     unet = smallest_unet()
     original = base_weights(unet)
     add_lora(unet)
-    add_res(unet, "glora", "a", seed=1)
-    add_res(unet, "res_lora", "b", seed=2)
+    add_res(unet, pair[0], "a", seed=1, scale=1.3)
+    add_res(unet, pair[1], "b", seed=2)
     unfused = output(unet)
     for step in order.split():
         names = [name for name in step[1:] if name in "ab"]
