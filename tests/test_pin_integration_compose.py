@@ -76,7 +76,7 @@ def output(unet) -> torch.Tensor:
     return torch.cat([block(hidden, encoder_hidden_states=context) for block in blocks])
 
 
-def add_lora(unet, seed: int = 3) -> None:
+def add_lora(unet, seed: int = 3, name: str = "peft") -> None:
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
@@ -84,13 +84,13 @@ def add_lora(unet, seed: int = 3) -> None:
         LoraConfig(
             r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
         ),
-        adapter_name="peft",
+        adapter_name=name,
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # peft's own factors only (a res tuner may name its factors lora_A / lora_B too)
         for module in unet.modules():
             if isinstance(module, LoraLayer):
-                for factor in (module.lora_A["peft"].weight, module.lora_B["peft"].weight):
+                for factor in (module.lora_A[name].weight, module.lora_B[name].weight):
                     factor.copy_(0.2 * torch.randn(factor.shape, generator=generator, dtype=torch.float64))
 
 
@@ -319,3 +319,37 @@ def test_a_weight_changed_behind_the_fused_tuner_is_refused_unless_accepted(remo
     expected[0, 0] += 0.5
     torch.testing.assert_close(final[key], expected, rtol=0, atol=1e-7)
     assert sum(not torch.equal(final[k], original[k]) for k in final) == 1
+
+
+@pytest.mark.parametrize("tuner", ["res_lora", "glora"])
+@pytest.mark.parametrize("order", ["L R l r", "L R r l", "R L l r", "L R -res l"])
+def test_two_peft_adapters_merged_around_a_fused_tuner_are_replayed_in_peft_order(tuner, order):
+    """Two LoRA adapters fused together: peft unmerges the last merged first, and the replay of those merges behind
+    a fused tuner must do the same, so that the weights come back bit for bit as peft alone leaves them."""
+
+    def loras(unet):
+        add_lora(unet, seed=3)
+        add_lora(unet, seed=4, name="peft2")
+        unet.set_adapter(["peft", "peft2"])
+
+    unet = smallest_unet()
+    original = base_weights(unet)
+    loras(unet)
+    without_res = output(unet)
+    add_res(unet, tuner)
+    unfused = output(unet)
+    assert not torch.allclose(unfused, without_res, atol=1e-3)
+    oracle_unet = smallest_unet()
+    loras(oracle_unet)
+    removed = False
+    for step in order.split():
+        call(unet, step, tuner)
+        if step in ("L", "l"):
+            call(oracle_unet, step, tuner)
+        removed = removed or step == "-res"
+        torch.testing.assert_close(
+            output(unet), without_res if removed else unfused, rtol=1e-5, atol=1e-6, msg=lambda m, s=step: f"{s}: {m}"
+        )
+    oracle = base_weights(oracle_unet)
+    for key, value in base_weights(unet).items():
+        assert bool(((value == original[key]) | (value == oracle[key])).all()), f"{order}: {key}"
