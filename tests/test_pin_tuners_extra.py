@@ -14,19 +14,28 @@ import pytest
 import torch
 from reference_math import (
     assert_same_function,
+    circulant,
     linear,
     mha,
     randomize,
     res_attn_reference,
     seeded,
+    skew_circulant,
     structured_dense,
+    toeplitz,
 )
 
 from resattn_diffusion.tuners import res_attn
-from resattn_diffusion.tuners.base import OpShape
+from resattn_diffusion.tuners.base import FEW_KEYS, ConfigError, OpShape
 from resattn_diffusion.tuners.fast_paths import forced_paths
 from resattn_diffusion.tuners.res_attn import ResAttn, ResAttnParams
-from resattn_diffusion.tuners.structured import STRUCTURES
+from resattn_diffusion.tuners.structured import (
+    STRUCTURES,
+    circulant_apply,
+    ldr_apply,
+    skew_circulant_apply,
+    toeplitz_apply,
+)
 
 # (rank, heads, head_dim): branch heads as wide as the frozen ones (no padding), narrower by a power of two, by a
 # factor 5/2 (a query factor sqrt(2.5) that is no power of two), and one head.
@@ -221,3 +230,44 @@ def test_structured_dense_fast_path_multiplies_in_the_input_dtype(family):
         widened = matrix(x.bfloat16())
     assert widened.dtype == torch.bfloat16
     assert torch.equal(widened, torch.nn.functional.linear(x.bfloat16().float(), m.float()).bfloat16())
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_res_attn_checks_its_head_padding_on_both_paths(cross):
+    """The module's ``head_padding`` reaches the attention on the self-attention and the cross-attention path: a
+    bad value is refused with the setting's name, whichever path the call takes; the valid ones are exact."""
+    tuner = _tuner(8, 2, context_dim=3 if cross else 6)
+    randomize(tuner, 2)
+    keys = FEW_KEYS + 3  # the SDPA path, where the padding applies (a few keys take a plain bmm)
+    x = seeded(2, keys, 6, seed=1)
+    c = seeded(2, keys, 3, seed=2) if cross else None
+    expected = res_attn_reference(tuner, x, x if c is None else c, 2)
+    for padding in ("auto", "on", "off"):
+        tuner.head_padding = padding
+        torch.testing.assert_close(tuner(x, c), expected)
+    tuner.head_padding = "sideways"
+    with pytest.raises(ConfigError, match=r"head_padding='sideways' is not allowed"):
+        tuner(x, c)
+
+
+def test_fft_paths_widen_float32_parameters_for_float64_activations():
+    """Float32 parameters with float64 activations (a float64 evaluation of a float32 checkpoint): every FFT path
+    runs in float64 with the parameters widened exactly, so the product is exact to float64 rounding (a spectrum
+    of the parameters taken in float32 would be off by ~1e-7)."""
+    n, d_in, d_out = 12, 9, 7
+    x = seeded(4, d_in, seed=5)
+    v, h = (seeded(n, seed=s).float() for s in (6, 7))
+    g2, h2 = seeded(2, n, seed=8).float(), seeded(2, n, seed=9).float()
+    t = seeded(d_out + d_in - 1, seed=10).float()
+    cases = {
+        "circulant": (circulant_apply(v, x, d_out), circulant(v.double())[:d_out, :d_in]),
+        "skew": (skew_circulant_apply(h, x, d_out), skew_circulant(h.double())[:d_out, :d_in]),
+        "toeplitz": (toeplitz_apply(t, x, d_out), toeplitz(t.double(), d_out, d_in)),
+        "ldr": (
+            ldr_apply(g2, h2, x, d_out),
+            sum(circulant(a.double()) @ skew_circulant(b.double()) for a, b in zip(g2, h2))[:d_out, :d_in],
+        ),
+    }
+    for name, (got, matrix) in cases.items():
+        assert got.dtype == torch.float64, name
+        torch.testing.assert_close(got, linear(x, matrix), rtol=1e-12, atol=1e-12, msg=name)
