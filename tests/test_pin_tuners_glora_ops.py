@@ -150,8 +150,12 @@ def test_the_fold_dispatches_the_fused_ops_and_no_dtype_promotion_when_dtypes_ag
 
 @pytest.mark.parametrize(
     "config, has_bias",
-    [("A=none,B=none,C=none,D=none,E=scalar", False), ("A=none,B=none,C=none,D=scalar,E=none", True),
-     ("A=none,B=none,C=lora2,D=none,E=none", False), ("A=lora2,B=none,C=none,D=scalar,E=scalar", True)],
+    [
+        ("A=none,B=none,C=none,D=none,E=scalar", False),
+        ("A=none,B=none,C=none,D=scalar,E=none", True),
+        ("A=none,B=none,C=lora2,D=none,E=none", False),
+        ("A=lora2,B=none,C=none,D=scalar,E=scalar", True),
+    ],
 )
 def test_lone_bias_terms_have_one_value_per_output(config: str, has_bias: bool) -> None:
     """E scalar alone is broadcast to (d_out,); D alone is ``b0 ⊙ D``; C alone ``W0 C``: the fold's bias has d_out

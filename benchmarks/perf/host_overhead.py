@@ -16,9 +16,10 @@ call under ``forced_paths("reference")``: the separate branch), ``res_attn [fast
 ``forced_paths("fast")``, the extra heads), ``res_attn [extra heads]`` (training: forced fast paths with
 ``ResTunerAttnProcessor.extra_heads_training`` on), ``peft_lora`` (rank matched to Res-Attn's parameters,
 :mod:`.peers`), ``res_lora``, ``glora`` (default forms), ``glora (peft's config)`` and ``peft_glora`` (the forms
-both express, peft's GLoRA: :func:`.train_step.build_cases`). GLoRA's merged path is forced by ``forced_paths("fast")``
-but not taken on CUDA unforced (``GLoRA.merge_on_cuda``): for GLoRA the column ``ops`` is the CUDA default. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training`` (forward,
-MSE loss, backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On
+both express, peft's GLoRA: :func:`.train_step.build_cases`). GLoRA's merged path is forced by
+``forced_paths("fast")`` but not taken on CUDA unforced (``GLoRA.merge_on_cuda``): for GLoRA the column ``ops`` is
+the CUDA default. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training`` (forward, MSE loss,
+backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On
 CPU each row is also counted with ``forced_paths("fast")`` -- the paths CUDA takes automatically (extra heads,
 padded heads, merged linears) -- so the column ``ops, CUDA paths`` is what a GPU would dispatch.
 

@@ -623,7 +623,9 @@ class GLoRA(LinearTuner):
         Computed in the wider of the weight's and the parameters' dtypes, returned in the weight's dtype."""
         parameter_dtype = self._parameter_dtype()
         # the merged GPU path runs this every step: no promote_types op when the dtypes already agree
-        compute_dtype = weight.dtype if weight.dtype == parameter_dtype else torch.promote_types(weight.dtype, parameter_dtype)
+        compute_dtype = (
+            weight.dtype if weight.dtype == parameter_dtype else torch.promote_types(weight.dtype, parameter_dtype)
+        )
         weight_c = weight.to(compute_dtype)
         bias_c = None if bias is None else bias.to(compute_dtype)
         delta_weight = self._weight_delta(weight_c)
