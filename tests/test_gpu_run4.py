@@ -44,7 +44,7 @@ def test_host_overhead_rows_and_counts(tmp_path: Path) -> None:
     for mode in host_overhead.MODES:
         expected = ["base", "res_attn", "res_attn [reference]"]
         expected += ["res_attn [extra heads]"] if mode == "training" else ["res_attn [fast]"]
-        expected += ["res_lora"]
+        expected += ["res_lora", "glora"]  # the peft GLoRA pair only with peers
         assert [name for m, name in rows if m == mode] == expected
         base = rows[(mode, "base")]
         assert base["ops"] > 0 and base["ops_vs_base"] == 1.0 and base["extra_ops_per_attention"] == 0.0
@@ -63,4 +63,7 @@ def test_host_overhead_rows_and_counts(tmp_path: Path) -> None:
     extra_heads = rows[("training", "res_attn [extra heads]")]
     assert extra_heads["ops"] == extra_heads["ops_cuda_paths"] < training["ops_cuda_paths"]
     assert not host_overhead.gpu_suite.ResTunerAttnProcessor.extra_heads_training  # the row's context restored it
+    # GLoRA: the forced merged path (one GEMM per linear) dispatches fewer ops than its branch
+    for mode in host_overhead.MODES:
+        assert rows[(mode, "glora")]["ops_cuda_paths"] < rows[(mode, "glora")]["ops"]
     assert result["attentions"] == 8  # the tiny SD1 UNet: attn1 and attn2 of its 4 transformer blocks

@@ -15,8 +15,11 @@ any tuner inside it needs), ``res_attn`` (unfused, default config), ``res_attn [
 call under ``forced_paths("reference")``: the separate branch), ``res_attn [fast]`` (sampling: under
 ``forced_paths("fast")``, the extra heads), ``res_attn [extra heads]`` (training: forced fast paths with
 ``ResTunerAttnProcessor.extra_heads_training`` on), ``peft_lora`` (rank matched to Res-Attn's parameters,
-:mod:`.peers`), ``res_lora``. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training`` (forward,
-MSE loss, backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On
+:mod:`.peers`), ``res_lora``, ``glora`` (default forms), ``glora (peft's config)`` and ``peft_glora`` (the forms
+both express, peft's GLoRA: :func:`.train_step.build_cases`). GLoRA's merged path is forced by
+``forced_paths("fast")`` but not taken on CUDA unforced (``GLoRA.merge_on_cuda``): for GLoRA the column ``ops`` is
+the CUDA default. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training`` (forward, MSE loss,
+backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On
 CPU each row is also counted with ``forced_paths("fast")`` -- the paths CUDA takes automatically (extra heads,
 padded heads, merged linears) -- so the column ``ops, CUDA paths`` is what a GPU would dispatch.
 
@@ -73,9 +76,21 @@ RES_ATTN_FAST = "res_attn [fast]"
 #: too (``ResTunerAttnProcessor.extra_heads_training``, off by default: this row measures it).
 RES_ATTN_EXTRA_HEADS = gpu_suite.EXTRA_HEADS_ROW
 #: Rows in table order: the base, Res-Attn (default, forced paths), its matched peer, the linear tuner with a merged
-#: fast path.
-ROWS = (BASE, "res_attn", RES_ATTN_REFERENCE, RES_ATTN_FAST, RES_ATTN_EXTRA_HEADS, "peft_lora", "res_lora")
-OUR_TUNERS = ("res_attn", "res_lora")
+#: fast path, GLoRA at its default forms, GLoRA at the forms peft can express (``glora (peft's config)``) and peft's
+#: GLoRA with those forms (:func:`.train_step.build_cases`).
+ROWS = (
+    BASE,
+    "res_attn",
+    RES_ATTN_REFERENCE,
+    RES_ATTN_FAST,
+    RES_ATTN_EXTRA_HEADS,
+    "peft_lora",
+    "res_lora",
+    "glora",
+    train_step.GLORA_PEFT_CONFIG,
+    train_step.PEFT_GLORA,
+)
+OUR_TUNERS = ("res_attn", "res_lora", "glora")
 MODES = ("sampling", "training")
 #: Interleaved timed rounds per mode (a call takes milliseconds here).
 DEFAULT_REPEATS = 15
@@ -124,7 +139,15 @@ def build_calls(size: BenchmarkSize, with_peers: bool = True) -> tuple[dict[str,
                 "call": sampling._forward(case["unet"], inputs),
                 "parameters": case.get("trainable_parameters", 0),
             }
-    peer_rows = (train_step.PEFT_LORA,) if with_peers else ()
+    peer_rows = (train_step.PEFT_LORA, train_step.PEFT_GLORA) if with_peers else ()
+    if with_peers:
+        # sampling.build_cases has no GLoRA peer: the forward of the training cases' GLoRA pair, on their own copies
+        for case in train_step.build_cases(base, [], with_peers, peer_rows=(train_step.PEFT_GLORA,)):
+            if case.group != "floor" and case.error is None:
+                calls["sampling"][case.name] = {
+                    "call": sampling._forward(case.unet, inputs),
+                    "parameters": case.parameter_count,
+                }
     for case in train_step.build_cases(base, list(OUR_TUNERS), with_peers, peer_rows=peer_rows):
         name = BASE if case.group == "floor" else case.name
         if case.error is None:

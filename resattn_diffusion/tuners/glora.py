@@ -527,7 +527,12 @@ class GLoRA(LinearTuner):
 
     def _lora_factors(self, support: str) -> tuple[torch.Tensor, torch.Tensor]:
         _, rank = self._active_forms[support]
-        return getattr(self, f"{support}_lora_up")[:, :rank], getattr(self, f"{support}_lora_down")[:rank]
+        up, down = getattr(self, f"{support}_lora_up"), getattr(self, f"{support}_lora_down")
+        if rank == down.shape[0]:
+            # The whole factors (every fixed module, a supernet at r_max): no slice to dispatch here and no
+            # slice_backward in the backward pass.
+            return up, down
+        return up[:, :rank], down[:rank]
 
     def _weight_support(self, support: str) -> torch.Tensor | None:
         """A or B, broadcastable to d_out x d_in: lora (d_out, d_in), vector (d_out, 1), scalar (1,), none None."""
@@ -541,26 +546,43 @@ class GLoRA(LinearTuner):
             return getattr(self, f"{support}_scalar")
         return None
 
+    def _weight_delta(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """``W0 ⊙ A + B`` in the dtype the ops promote to (None when A and B are none). A lora B rides on the
+        product as one ``addmm`` (``W0 ⊙ A + B_up B_down``) instead of a matmul and an add."""
+        a = self._weight_support("A")
+        delta = None if a is None else weight * a
+        kind_b, _ = self._active_forms["B"]
+        if kind_b == "lora" and delta is not None:
+            up, down = self._lora_factors("B")
+            return torch.addmm(delta, up.to(delta.dtype), down.to(delta.dtype))
+        if kind_b != "none":
+            b = self._weight_support("B")
+            return b.expand_as(weight) if delta is None else delta + b
+        return delta
+
     def _bias_delta(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """``b0 ⊙ D + E + W0 C`` as a (d_out,) tensor, or None when every term is absent."""
-        terms = []
+        """``b0 ⊙ D + E + W0 C`` as a (d_out,) tensor in the weight's dtype, or None when every term is absent.
+
+        At most one op per term: ``addmv`` puts ``W0 C`` onto E and ``addcmul`` puts ``b0 ⊙ D`` onto that (the
+        parameters cast to the weight's dtype: these fused ops take one dtype; casting the small parameters, never
+        the d_out x d_in weight)."""
+        dtype = weight.dtype
+        kind_e, _ = self._active_forms["E"]
+        total = None if kind_e == "none" else getattr(self, f"E_{kind_e}").to(dtype)
+        kind_c, _ = self._active_forms["C"]
+        if kind_c != "none":
+            if kind_c == "lora":
+                up, down = self._lora_factors("C")
+                column = (up @ down).squeeze(-1).to(dtype)
+            else:
+                column = self.C_vector.to(dtype)
+            total = weight @ column if total is None else torch.addmv(total, weight, column)
         kind_d, _ = self._active_forms["D"]
         if bias is not None and kind_d != "none":
-            terms.append(bias * getattr(self, f"D_{kind_d}"))
-        kind_e, _ = self._active_forms["E"]
-        if kind_e != "none":
-            terms.append(getattr(self, f"E_{kind_e}").expand(self.d_out))
-        kind_c, _ = self._active_forms["C"]
-        if kind_c == "lora":
-            up, down = self._lora_factors("C")
-            terms.append(weight @ (up @ down).squeeze(-1).to(weight.dtype))
-        elif kind_c == "vector":
-            terms.append(weight @ self.C_vector.to(weight.dtype))
-        if not terms:
-            return None
-        total = terms[0]
-        for term in terms[1:]:
-            total = total + term
+            d = getattr(self, f"D_{kind_d}").to(dtype)
+            total = bias * d if total is None else torch.addcmul(total, bias, d)
+        if total is not None and total.shape[0] != self.d_out:
+            total = total.expand(self.d_out)  # E scalar alone: its one value for every output
         return total
 
     # -- LinearTuner ------------------------------------------------------------------------------------------------
@@ -576,10 +598,7 @@ class GLoRA(LinearTuner):
         if bias_delta is not None:
             bias_delta = bias_delta.to(dtype)
         if kind_a == "lora":
-            matrix = weight * self._weight_support("A")
-            if kind_b != "none":
-                matrix = matrix + self._weight_support("B")
-            return F.linear(x, matrix.to(dtype), bias_delta)
+            return F.linear(x, self._weight_delta(weight).to(dtype), bias_delta)
         out: torch.Tensor | None = None
         a = self._weight_support("A")
         if a is not None:
@@ -602,20 +621,14 @@ class GLoRA(LinearTuner):
         ``db = b0 ⊙ D + E + W0 C`` or None when the configuration has no bias term. A layer without bias gets a
         bias from a C or E term: the integration must then add one when fusing (and drop it when unfusing).
         Computed in the wider of the weight's and the parameters' dtypes, returned in the weight's dtype."""
-        compute_dtype = torch.promote_types(weight.dtype, self._parameter_dtype())
+        parameter_dtype = self._parameter_dtype()
+        # the merged GPU path runs this every step: no promote_types op when the dtypes already agree
+        compute_dtype = (
+            weight.dtype if weight.dtype == parameter_dtype else torch.promote_types(weight.dtype, parameter_dtype)
+        )
         weight_c = weight.to(compute_dtype)
         bias_c = None if bias is None else bias.to(compute_dtype)
-        # Fewest full-size passes (the merged GPU path runs this every step): no zero tensor to add onto, and a
-        # lora B added inside its matmul (addmm) instead of materialised and then added.
-        a = self._weight_support("A")
-        delta_weight = None if a is None else weight_c * a.to(compute_dtype)
-        kind_b, _ = self._active_forms["B"]
-        if kind_b == "lora" and delta_weight is not None:
-            up, down = self._lora_factors("B")
-            delta_weight = torch.addmm(delta_weight, up.to(compute_dtype), down.to(compute_dtype))
-        elif kind_b != "none":
-            b = self._weight_support("B").to(compute_dtype)
-            delta_weight = b.expand_as(weight_c) if delta_weight is None else delta_weight + b
+        delta_weight = self._weight_delta(weight_c)
         if delta_weight is None:
             delta_weight = torch.zeros_like(weight_c)
         bias_delta = self._bias_delta(weight_c, bias_c)
