@@ -252,6 +252,48 @@ def pytest_collection_modifyitems(session, config, items):  # added by scripts/m
 """
 
 
+#: appended too: the fork server that forks each mutant's test process imports only what collecting the tests imports,
+#: so a module the package imports lazily on its first call (``diffusers.training_utils`` in the loss: ~3 s, the
+#: CLIP / DINO model classes in the metrics) was imported again by every mutant. A clean run (or the stats run)
+#: writes what it imported to ``warm-imports.txt`` beside the stats; the fork server's collection imports it all once.
+WARM_IMPORTS = """
+
+_WARM_IMPORTS = "warm-imports.txt"  # added by scripts/mutate.py (in mutants/, the tests' working folder)
+
+
+def _import_what_a_clean_run_imported():
+    import importlib as _importlib
+    from pathlib import Path as _Path
+
+    listed = _Path(_WARM_IMPORTS)
+    for name in listed.read_text().split() if listed.is_file() else ():
+        try:
+            _importlib.import_module(name)
+        except Exception:  # best effort: a module that cannot be imported out of order is imported when used
+            pass
+
+
+_import_what_a_clean_run_imported()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os as _os
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    if _os.environ.get("MUTANT_UNDER_TEST", "") not in ("", "stats"):  # a mutant's run: its imports may differ
+        return
+    names = sorted(
+        name for name, module in list(_sys.modules.items())
+        if module is not None and getattr(module, "__file__", None)
+        and not name.startswith(("tests", "conftest", "test_", "mutmut", "_pytest", "pytest", "__main__"))
+    )
+    partial = _Path(_WARM_IMPORTS + ".partial")
+    partial.write_text("\\n".join(names) + "\\n")
+    partial.replace(_WARM_IMPORTS)
+"""
+
+
 def job_name(job: list[Module]) -> str:
     names = "+".join(m.dotted.removeprefix(PACKAGE + ".") for m in job)
     if len(names) > 80:
@@ -284,7 +326,7 @@ def prepare(job: list[Module], out: Path) -> tuple[Path, list[str]]:
     for path in dict.fromkeys(test_files + helpers):
         shutil.copy2(path, work / "tests" / path.name)
     with (work / "tests" / "conftest.py").open("a") as conftest:
-        conftest.write(FASTEST_FIRST)
+        conftest.write(FASTEST_FIRST + WARM_IMPORTS)
     for extra in job[0].extra_files:
         src, dst = REPO / extra, work / extra
         if src.is_dir():

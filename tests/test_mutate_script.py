@@ -97,6 +97,34 @@ def test_fastest_first_hook_orders_tests_by_recorded_duration(mutate, monkeypatc
     assert [i.nodeid for i in items] == ["new", "b", "c", "a"]
 
 
+def test_a_clean_run_lists_its_imports_and_the_fork_server_imports_them(mutate, monkeypatch, tmp_path) -> None:
+    """The lazily imported modules (the loss's ``diffusers.training_utils``) are imported once in the fork server,
+    not by every mutant: a clean or stats run writes what it imported; a mutant's run leaves the list alone."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(mutate.WARM_IMPORTS, namespace)  # nothing listed yet: imports nothing, fails nothing
+    listed = tmp_path / "warm-imports.txt"
+    assert not listed.exists()
+
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "stats")
+    namespace["pytest_sessionfinish"](None, 0)
+    names = listed.read_text().split()
+    assert "json" in names and "torch" in names
+    assert not any(n.startswith(("_pytest", "mutmut", "test_")) for n in names)
+
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "pkg.x_f__mutmut_1")
+    listed.write_text("json\n")
+    namespace["pytest_sessionfinish"](None, 0)
+    assert listed.read_text() == "json\n"  # a mutant's run does not rewrite the list
+
+    listed.write_text("json\nno_such_module_here\nmutate_warm_probe\n")
+    (tmp_path / "mutate_warm_probe.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    exec(mutate.WARM_IMPORTS, {})  # a missing module is skipped, the rest imported
+    assert "mutate_warm_probe" in sys.modules
+    del sys.modules["mutate_warm_probe"]
+
+
 def test_jobs_group_modules_by_their_tests(mutate) -> None:
     jobs = mutate.jobs_of(mutate.MODULES)
     assert sorted(m.path for job in jobs for m in job) == sorted(m.path for m in mutate.MODULES)

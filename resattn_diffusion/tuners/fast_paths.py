@@ -13,8 +13,10 @@ rounding; ``tests/test_fast_paths.py`` checks each one on CPU by forcing it). Th
   when every active tuner of the layer is parallel and mergeable (see
   :func:`resattn_diffusion.integration.processors.select_linear_path`).
 * **dense structured matrix** (SURM-Adapter's projections): the structured matrix materialised once per forward
-  and applied as one matmul in the activations' dtype, instead of float32 FFTs over every token (on CUDA; on CPU
-  the cost model of :meth:`~resattn_diffusion.tuners.structured.StructuredMatrix.uses_dense_path` decides).
+  and applied as one matmul in the activations' dtype, instead of float32 FFTs over every token (on CUDA, or under
+  ``forced_paths("fast")``; otherwise on CPU the cost model of
+  :meth:`~resattn_diffusion.tuners.structured.StructuredMatrix.uses_dense_path` decides, and a dense matmul it picks
+  runs in float32 like the FFTs).
 * **padded heads** (Res-Attn and every branch that uses :func:`~resattn_diffusion.tuners.base.multi_head_attention`):
   a head dimension that is not a multiple of 8 (Res-Attn's default rank 8 over 2 heads: 4) falls off the fused
   flash / memory-efficient attention kernels onto the unfused one, which materialises the N x N scores; the fast

@@ -404,7 +404,9 @@ class StructuredMatrix(nn.Module, abc.ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_dense_path(x):
-            if x.device.type == "cuda":
+            # The GPU fast path multiplies in the activations' dtype; by fast_path_wanted (not the device) so that
+            # forced_paths("fast") runs that very code on CPU too. Otherwise float32 or wider, like the FFT paths.
+            if fast_path_wanted(x.device.type):
                 return F.linear(x, self.dense_matrix().to(x.dtype))
             return dense_apply(self.dense_matrix(), x)
         return self.structured_forward(x)
