@@ -278,10 +278,11 @@ TWO_ORDERS = [
     "L Ra Rb l rb ra",
     "Ra L Rb rab l",
 ]
+# Every order on SD1, the first on SDXL: as above, the other SDXL orders run no library code the kept ones do not.
+TWO_ORDER_CASES = [(kind, order) for kind in KINDS for order in TWO_ORDERS if kind == "sd1" or order == TWO_ORDERS[0]]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("order", TWO_ORDERS)
+@pytest.mark.parametrize("kind,order", TWO_ORDER_CASES, ids=[f"{order}-{kind}" for kind, order in TWO_ORDER_CASES])
 def test_two_res_tuners_on_the_same_layers_fuse_exactly_in_any_order(kind, order):
     pipe = fresh_pipe(kind)
     original = base_weights(pipe.unet)
