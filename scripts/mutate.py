@@ -103,7 +103,8 @@ GROUP_TESTS = {
             "test_io_config.py",
             "test_reference_processor.py",
             "test_fuse.py",
-            "test_fuse_compose.py",
+            # not test_fuse_compose.py (~116 CPU-s on full tiny UNets, reaching nearly every integration function, so
+            # minutes per survivor): test_pin_integration_compose.py runs its compositions on one transformer block
             "test_transformers.py",
             "test_loader_api.py",
             "test_export.py",
@@ -155,7 +156,7 @@ def _modules() -> list[Module]:
     def module(path: str, group: str, functions: tuple[str, ...] = ()) -> Module:
         tests = GROUP_TESTS[group]
         deselect = (BENCHMARK_TEST,) if any(t.startswith(BENCHMARK_TEST.split("::")[0]) for t in tests) else ()
-        # the top-level packages the tests import beside the library (test_fuse_compose / test_loader_api: pipelines)
+        # the top-level packages the tests import beside the library (test_loader_api: pipelines)
         extra = tuple(sorted({folder for t in pinning_tests_of(group, tests) for folder in _imported_folders(t)}))
         return Module(f"{PACKAGE}/{path}", group, tests, functions, extra, deselect, GROUP_SAMPLE[group])
 

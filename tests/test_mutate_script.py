@@ -206,7 +206,7 @@ def test_job_layout_keeps_two_cores_busy_and_splits_many(mutate) -> None:
 
 
 def test_top_level_folders_the_tests_import_are_copied_into_the_work_folder(mutate) -> None:
-    # test_fuse_compose / test_loader_api import pipelines: without it the integration's stats run fails at once
+    # test_loader_api imports pipelines: without it the integration's stats run fails at once
     integration = next(m for m in mutate.MODULES if m.group == "integration")
     assert "pipelines" in integration.extra_files
     for module in mutate.MODULES:
