@@ -223,12 +223,17 @@ def run_script(kind: str, tuner: str, script: str) -> None:
         )
 
 
-# The six orders for every tuner on both families; loading and unloading in between for the tuners that read W0
-# (GLoRA), read the output (sequential) or pad a rectangular weight (Toeplitz) -- the other SURM families fold
-# through the very same code as these.
+# The six orders for every tuner on SD1, and the first order for every tuner on SDXL (SDXL's shapes: two layers per
+# block, the wide text context); loading and unloading in between for the tuners that read W0 (GLoRA), read the
+# output (sequential) or pad a rectangular weight (Toeplitz) -- the other SURM families fold through the very same
+# code as these. The other five orders on SDXL run no line or branch of the library that the kept cases do not
+# (coverage run --branch with per-test contexts over resattn_diffusion/, pipelines/, benchmarks/ and the training
+# scripts): the order logic does not depend on the family.
 CORE = ["R L r l", "R L l r", "L R r l", "L R l r", "R r L l", "L l R r"]
 EXTENDED_TUNERS = {"sd1": ["glora", "res_lora_sequential", "surm_toeplitz"], "sdxl": ["glora"]}
-CASES = [(kind, tuner, name) for kind in KINDS for tuner in TUNERS for name in CORE] + [
+CASES = [
+    (kind, tuner, name) for kind in KINDS for tuner in TUNERS for name in CORE if kind == "sd1" or name == CORE[0]
+] + [
     (kind, tuner, name)
     for kind, tuners in EXTENDED_TUNERS.items()
     for tuner in tuners
@@ -273,10 +278,11 @@ TWO_ORDERS = [
     "L Ra Rb l rb ra",
     "Ra L Rb rab l",
 ]
+# Every order on SD1, the first on SDXL: as above, the other SDXL orders run no library code the kept ones do not.
+TWO_ORDER_CASES = [(kind, order) for kind in KINDS for order in TWO_ORDERS if kind == "sd1" or order == TWO_ORDERS[0]]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("order", TWO_ORDERS)
+@pytest.mark.parametrize("kind,order", TWO_ORDER_CASES, ids=[f"{order}-{kind}" for kind, order in TWO_ORDER_CASES])
 def test_two_res_tuners_on_the_same_layers_fuse_exactly_in_any_order(kind, order):
     pipe = fresh_pipe(kind)
     original = base_weights(pipe.unet)
