@@ -18,6 +18,7 @@ import copy
 
 import pytest
 import torch
+from fusion_scripts import ORDER_SCRIPTS
 
 import resattn_diffusion as rd
 from pipelines import ResTunerStableDiffusionPipeline, ResTunerStableDiffusionXLPipeline
@@ -39,22 +40,7 @@ PIPELINE_CLASSES = {"sd1": ResTunerStableDiffusionPipeline, "sdxl": ResTunerStab
 
 # Scripts of calls. "!" marks a call that must be refused; "r*" is unfuse_res_tuner(accept_changed_weights=True).
 SCRIPTS = {
-    # the six orders of the four calls
-    "R L r l": "+res +lora R L r l -lora -res",
-    "R L l r": "+res +lora R L l r -lora -res",
-    "L R r l": "+res +lora L R r l -lora -res",
-    "L R l r": "+res +lora L R l r -lora -res",
-    "R r L l": "+res +lora R r L l -lora -res",
-    "L l R r": "+res +lora L l R r -lora -res",
-    # loading an adapter while the other is fused
-    "R +lora L r l": "+res R +lora L r l -lora -res",
-    "R +lora L l r": "+res R +lora L l -lora r -res",
-    "L +res R r l": "+lora L +res R r l -res -lora",
-    "L +res R l r": "+lora L +res R l r -res -lora",
-    # unloading an adapter while fused
-    "L R -res": "+res +lora L R -res l -lora",
-    "R L l -res": "+res +lora R L l -res -lora",
-    "R L -res -lora": "+res +lora R L -res -lora",
+    **ORDER_SCRIPTS,
     # unload_lora_weights() of a fused LoRA bakes it in; known wrapper: exact; unknown: refused unless accepted
     "R L bake": "+res +lora R L -lora r -res",
     "R +lora L bake": "+res R +lora L -lora r! -res! r* -res",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from processor_spies import record_extra_heads_calls
 
 import resattn_diffusion as rd
 from benchmarks.perf.common import dispatched_ops
@@ -41,20 +42,6 @@ def _inputs(unet, dtype=torch.float64):
 
 def _processors(unet) -> list[ResTunerAttnProcessor]:
     return [p for p in unet.attn_processors.values() if isinstance(p, ResTunerAttnProcessor)]
-
-
-def _count_extra_heads_calls(monkeypatch) -> list[bool]:
-    """Record, per processor call, whether the extra-heads path returned the output."""
-    taken: list[bool] = []
-    original = ResTunerAttnProcessor._extra_heads_call
-
-    def spy(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(ResTunerAttnProcessor, "_extra_heads_call", spy)
-    return taken
 
 
 # --- packed projections -----------------------------------------------------------------------------------------
@@ -111,7 +98,7 @@ def test_extra_heads_sampling_equals_the_reference_path(kind, monkeypatch):
     unet = _unet(kind)
     inputs = _inputs(unet)
     rd.set_res_tuner_scale(unet, 0.7)
-    taken = _count_extra_heads_calls(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     with torch.no_grad():
         for call_kwargs in ({}, {"cross_attention_kwargs": {rd.SCALE_KWARG: 1.5}}):
             with forced_paths("reference"):
@@ -131,7 +118,7 @@ def test_extra_heads_with_one_head_and_a_wider_branch_head(monkeypatch):
     """heads=1 (a branch head of 8 channels, as wide as the tiny UNet's narrowest frozen heads: no padding) and
     rank 16 in one head: wider than the frozen heads of the first level (8), as wide as those of the second (16); the
     extra-heads form applies only where the branch head fits, the branch path runs elsewhere."""
-    taken = _count_extra_heads_calls(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     for hyper in ({"heads": 1}, {"rank": 16, "heads": 1}):
         unet = _unet("sd1", **hyper)
         inputs = _inputs(unet)
@@ -151,7 +138,7 @@ def test_extra_heads_with_one_head_and_a_wider_branch_head(monkeypatch):
 def test_extra_heads_not_taken_where_it_would_be_wrong(monkeypatch):
     unet = _unet("sd1")
     inputs = _inputs(unet)
-    taken = _count_extra_heads_calls(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     with forced_paths("fast"):
         unet(**inputs)  # gradients wanted: the branch path (training)
         assert not any(taken)
@@ -184,7 +171,7 @@ def test_extra_heads_not_taken_beside_a_peft_lora_or_a_linear_tuner(monkeypatch)
     pytest.importorskip("peft")
     from peft import LoraConfig
 
-    taken = _count_extra_heads_calls(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     unet = _unet("sd1")
     inputs = _inputs(unet)
     with torch.no_grad(), forced_paths("reference"):
@@ -331,7 +318,7 @@ def test_extra_heads_in_training_equal_the_reference_outputs_and_gradients(kind,
     rd.set_res_tuner_scale(unet, 0.6)
     inputs = _inputs(unet)
     parameters = rd.res_tuner_parameters(unet)
-    taken = _count_extra_heads_calls(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     results = {}
     for path in ("reference", "fast"):
         taken.clear()
@@ -365,7 +352,7 @@ def test_extra_heads_in_training_under_autocast_and_dropout(extra_heads_in_train
         torch.testing.assert_close(fast, reference, rtol=0.1, atol=0.1 * reference.abs().max().item())
     unet = _unet("sd1", dtype=torch.float32, dropout=0.1)
     unet.train()
-    taken = _count_extra_heads_calls(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     with forced_paths("fast"):
         unet(**_inputs(unet, torch.float32))
     assert taken and not any(taken)
@@ -379,7 +366,7 @@ def test_extra_heads_not_taken_with_an_attention_mask(monkeypatch):
     c = torch.randn(2, 7, attn.to_k.in_features, dtype=torch.float64)
     mask = torch.zeros(2, 7, dtype=torch.float64)
     mask[:, -2:] = -1e4
-    taken = _count_extra_heads_calls(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     with torch.no_grad():
         with forced_paths("reference"):
             reference = attn(x, c, attention_mask=mask)

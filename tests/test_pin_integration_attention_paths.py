@@ -21,6 +21,7 @@ import pytest
 import torch
 from diffusers.models import attention_processor as diffusers_attention
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
+from processor_spies import record_extra_heads_calls
 from reference_math import seeded
 from torch import nn
 
@@ -58,19 +59,6 @@ def _tuned(attn: Attention, context_dim: int) -> tuple[ResTunerAttnProcessor, Re
     return processor, branch
 
 
-def _spy_extra_heads(monkeypatch) -> list[bool]:
-    taken: list[bool] = []
-    original = ResTunerAttnProcessor._extra_heads_call
-
-    def spy(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(ResTunerAttnProcessor, "_extra_heads_call", spy)
-    return taken
-
-
 def _run_both_paths(attn: Attention, processor: ResTunerAttnProcessor, cross: bool):
     hidden = seeded(2, TOKENS, DIM, seed=3)
     context = seeded(2, CONTEXT_TOKENS, CONTEXT_DIM, seed=4) if cross else None
@@ -86,7 +74,7 @@ def _run_both_paths(attn: Attention, processor: ResTunerAttnProcessor, cross: bo
 def test_extra_heads_on_a_plain_attention_equal_the_frozen_attention_plus_the_branch(cross, monkeypatch):
     attn = _attention(cross_attention_dim=CONTEXT_DIM) if cross else _attention()
     processor, branch = _tuned(attn, CONTEXT_DIM if cross else DIM)
-    taken = _spy_extra_heads(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     hidden, context, reference, forced = _run_both_paths(attn, processor, cross)
     assert taken == [False, True]  # "off" is the reference path; "on" takes extra heads on a plain attention
     with torch.no_grad():
@@ -166,7 +154,7 @@ def test_extra_heads_step_aside_where_a_projection_is_not_its_weight(case, monke
     if change is not None:
         change(attn)
     processor, _ = _tuned(attn, DIM)
-    taken = _spy_extra_heads(monkeypatch)
+    taken = record_extra_heads_calls(monkeypatch)
     hidden, _, reference, forced = _run_both_paths(attn, processor, cross=False)
     assert taken == [False, False]
     torch.testing.assert_close(forced, reference, rtol=0, atol=0)

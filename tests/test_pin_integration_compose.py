@@ -19,6 +19,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
+from fusion_scripts import ORDER_SCRIPTS
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration.api import get_state, res_tuner_settings
@@ -159,22 +160,7 @@ def lora_only_weights(steps: list[str]) -> dict[str, torch.Tensor]:
 
 
 SCRIPTS = {
-    # the six orders of the four calls
-    "R L r l": "+res +lora R L r l -lora -res",
-    "R L l r": "+res +lora R L l r -lora -res",
-    "L R r l": "+res +lora L R r l -lora -res",
-    "L R l r": "+res +lora L R l r -lora -res",
-    "R r L l": "+res +lora R r L l -lora -res",
-    "L l R r": "+res +lora L l R r -lora -res",
-    # loading an adapter while the other is fused
-    "R +lora L r l": "+res R +lora L r l -lora -res",
-    "R +lora L l r": "+res R +lora L l -lora r -res",
-    "L +res R r l": "+lora L +res R r l -res -lora",
-    "L +res R l r": "+lora L +res R l r -res -lora",
-    # unloading an adapter while fused
-    "L R -res": "+res +lora L R -res l -lora",
-    "R L l -res": "+res +lora R L l -res -lora",
-    "R L -res -lora": "+res +lora R L -res -lora",
+    **ORDER_SCRIPTS,
     # a LoRA unloaded (its wrapper gone) and another loaded and fused while the tuner stays fused
     "R -lora +lora L r": "+res +lora R -lora +lora L r l -lora -res",
     # unloading a fused LoRA bakes it in; known wrapper: exact; unknown: refused unless accepted

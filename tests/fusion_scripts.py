@@ -1,0 +1,21 @@
+"""The fuse / unfuse call orders both fusion-composition test files run (not a test file): "+res" / "+lora" load our
+tuner / a LoRA, "R" / "L" fuse them, "r" / "l" unfuse them, "-res" / "-lora" unload them."""
+
+ORDER_SCRIPTS = {
+    # the six orders of the four calls
+    "R L r l": "+res +lora R L r l -lora -res",
+    "R L l r": "+res +lora R L l r -lora -res",
+    "L R r l": "+res +lora L R r l -lora -res",
+    "L R l r": "+res +lora L R l r -lora -res",
+    "R r L l": "+res +lora R r L l -lora -res",
+    "L l R r": "+res +lora L l R r -lora -res",
+    # loading an adapter while the other is fused
+    "R +lora L r l": "+res R +lora L r l -lora -res",
+    "R +lora L l r": "+res R +lora L l -lora r -res",
+    "L +res R r l": "+lora L +res R r l -res -lora",
+    "L +res R l r": "+lora L +res R l r -res -lora",
+    # unloading an adapter while fused
+    "L R -res": "+res +lora L R -res l -lora",
+    "R L l -res": "+res +lora R L l -res -lora",
+    "R L -res -lora": "+res +lora R L -res -lora",
+}
