@@ -19,3 +19,16 @@ ORDER_SCRIPTS = {
     "R L l -res": "+res +lora R L l -res -lora",
     "R L -res -lora": "+res +lora R L -res -lora",
 }
+
+#: two of our tuners (a, b) on the same layers, with a LoRA (L) in some: "Rab" fuses both at once, "rab" unfuses both
+TWO_TUNER_ORDERS = [
+    "Ra Rb ra rb",
+    "Ra Rb rb ra",
+    "Rb Ra ra rb",
+    "Ra ra Rb rb",
+    "Rab ra rb",
+    "Ra Rb rab",
+    "Ra L Rb ra l rb",
+    "L Ra Rb l rb ra",
+    "Ra L Rb rab l",
+]

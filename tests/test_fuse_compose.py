@@ -18,7 +18,7 @@ import copy
 
 import pytest
 import torch
-from fusion_scripts import ORDER_SCRIPTS
+from fusion_scripts import ORDER_SCRIPTS, TWO_TUNER_ORDERS
 
 import resattn_diffusion as rd
 from pipelines import ResTunerStableDiffusionPipeline, ResTunerStableDiffusionXLPipeline
@@ -253,17 +253,7 @@ def test_fused_images_equal_unfused_images(kind):
         torch.testing.assert_close(images(pipe), unfused, rtol=1e-4, atol=1e-5)
 
 
-TWO_ORDERS = [
-    "Ra Rb ra rb",
-    "Ra Rb rb ra",
-    "Rb Ra ra rb",
-    "Ra ra Rb rb",
-    "Rab ra rb",
-    "Ra Rb rab",
-    "Ra L Rb ra l rb",
-    "L Ra Rb l rb ra",
-    "Ra L Rb rab l",
-]
+TWO_ORDERS = TWO_TUNER_ORDERS
 # Every order on SD1, the first on SDXL: as above, the other SDXL orders run no library code the kept ones do not.
 TWO_ORDER_CASES = [(kind, order) for kind in KINDS for order in TWO_ORDERS if kind == "sd1" or order == TWO_ORDERS[0]]
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
-from fusion_scripts import ORDER_SCRIPTS
+from fusion_scripts import ORDER_SCRIPTS, TWO_TUNER_ORDERS
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration.api import get_state, res_tuner_settings
@@ -217,17 +217,7 @@ def test_fusing_beside_a_peft_lora_is_exact_in_every_order(tuner, name):
         assert bool(exact.all()), f"{script!r}: {key} differs bitwise from both the original and the LoRA-only weights"
 
 
-TWO_ORDERS = [
-    "Ra Rb ra rb",
-    "Ra Rb rb ra",
-    "Rb Ra ra rb",
-    "Ra ra Rb rb",
-    "Rab ra rb",
-    "Ra Rb rab",
-    "Ra L Rb ra l rb",
-    "L Ra Rb l rb ra",
-    "Ra L Rb rab l",
-]
+TWO_ORDERS = TWO_TUNER_ORDERS
 
 
 # a reads W0 (GLoRA) or the frozen output (sequential), so it must see W0 while b is fused into the weight
