@@ -32,3 +32,16 @@ TWO_TUNER_ORDERS = [
     "L Ra Rb l rb ra",
     "Ra L Rb rab l",
 ]
+
+FUSION_TARGETS = ["attn1", "attn2", "ff"]
+#: every tuner that fuses, at small sizes
+FUSIBLE_TUNERS = {
+    "res_lora": dict(tuner="res_lora", rank=2),
+    "res_lora_sequential": dict(tuner="res_lora", rank=2, placement="sequential"),
+    # every support term, W0 ⊙ A and W0 C included, and a bias created on the bias-free to_q/to_k/to_v
+    "glora": dict(tuner="glora", config="A=lora2,B=lora2,C=lora2,D=vector,E=vector"),
+    "surm_circulant": dict(tuner="surm_circulant"),
+    "surm_toeplitz": dict(tuner="surm_toeplitz"),
+    "surm_kronecker": dict(tuner="surm_kronecker"),
+    "surm_ldr": dict(tuner="surm_ldr", displacement_rank=2),
+}

@@ -18,24 +18,15 @@ import copy
 
 import pytest
 import torch
-from fusion_scripts import ORDER_SCRIPTS, TWO_TUNER_ORDERS
+from fusion_scripts import FUSIBLE_TUNERS, FUSION_TARGETS, ORDER_SCRIPTS, TWO_TUNER_ORDERS
 
 import resattn_diffusion as rd
 from pipelines import ResTunerStableDiffusionPipeline, ResTunerStableDiffusionXLPipeline
 from resattn_diffusion.testing import randomize_tuner, tiny_pipeline, tiny_unet, unet_inputs
 
 KINDS = ["sd1", "sdxl"]
-TARGETS = ["attn1", "attn2", "ff"]
-TUNERS = {
-    "res_lora": dict(tuner="res_lora", rank=2),
-    "res_lora_sequential": dict(tuner="res_lora", rank=2, placement="sequential"),
-    # every support term, W0 ⊙ A and W0 C included, and a bias created on the bias-free to_q/to_k/to_v
-    "glora": dict(tuner="glora", config="A=lora2,B=lora2,C=lora2,D=vector,E=vector"),
-    "surm_circulant": dict(tuner="surm_circulant"),
-    "surm_toeplitz": dict(tuner="surm_toeplitz"),
-    "surm_kronecker": dict(tuner="surm_kronecker"),
-    "surm_ldr": dict(tuner="surm_ldr", displacement_rank=2),
-}
+TARGETS = FUSION_TARGETS
+TUNERS = FUSIBLE_TUNERS
 PIPELINE_CLASSES = {"sd1": ResTunerStableDiffusionPipeline, "sdxl": ResTunerStableDiffusionXLPipeline}
 
 # Scripts of calls. "!" marks a call that must be refused; "r*" is unfuse_res_tuner(accept_changed_weights=True).

@@ -19,23 +19,15 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
-from fusion_scripts import ORDER_SCRIPTS, TWO_TUNER_ORDERS
+from fusion_scripts import FUSIBLE_TUNERS, FUSION_TARGETS, ORDER_SCRIPTS, TWO_TUNER_ORDERS
 
 import resattn_diffusion as rd
 from resattn_diffusion.integration.api import get_state, res_tuner_settings
 from resattn_diffusion.integration.processors import LinearBank
 from resattn_diffusion.testing import randomize_tuner
 
-TARGETS = ["attn1", "attn2", "ff"]
-TUNERS = {
-    "res_lora": dict(tuner="res_lora", rank=2),
-    "res_lora_sequential": dict(tuner="res_lora", rank=2, placement="sequential"),
-    "glora": dict(tuner="glora", config="A=lora2,B=lora2,C=lora2,D=vector,E=vector"),
-    "surm_circulant": dict(tuner="surm_circulant"),
-    "surm_toeplitz": dict(tuner="surm_toeplitz"),
-    "surm_kronecker": dict(tuner="surm_kronecker"),
-    "surm_ldr": dict(tuner="surm_ldr", displacement_rank=2),
-}
+TARGETS = FUSION_TARGETS
+TUNERS = FUSIBLE_TUNERS
 _UNET: list[UNet2DConditionModel] = []
 
 
