@@ -169,6 +169,25 @@ def test_unfusing_one_named_tuner_keeps_the_other_fused(tmp_path):
     torch.testing.assert_close(only_a, _unet_out(fresh.unet), rtol=0, atol=0)
 
 
+def test_unloading_several_names_is_all_or_nothing(tmp_path):
+    # "a" unfused, "b" fused over a weight someone edited afterwards: unfusing "b" is refused, so "a" must stay too
+    pipe = _pipe()
+    pipe.load_res_tuner(_tuner_file(tmp_path, "a", seed=1), adapter_name="a")
+    pipe.load_res_tuner(_tuner_file(tmp_path, "b", seed=2), adapter_name="b")
+    pipe.fuse_res_tuner("b")
+    linear = pipe.unet.get_submodule(next(p for p, _ in pipe.unet.named_modules() if p.endswith("attn1.to_q")))
+    with torch.no_grad():
+        linear.weight[0, 0] += 0.5
+    before = _unet_out(pipe.unet)
+    for names in (["a", "b"], ["b", "a"], ["a", "missing"]):
+        with pytest.raises(ResTunerError, match="accept_changed_weights|no tuner named 'missing'"):
+            pipe.unload_res_tuner(names)
+        assert sorted(pipe.get_res_tuners()) == ["a", "b"] and pipe.get_res_tuners()["b"]["fused"]
+        torch.testing.assert_close(_unet_out(pipe.unet), before, rtol=0, atol=0)
+    pipe.unload_res_tuner(["a", "a"])  # a repeated name is removed once
+    assert list(pipe.get_res_tuners()) == ["b"]
+
+
 # --- per-block weights ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_per_block_weights_match_the_same_scales_set_by_hand(kind, tmp_path):
@@ -192,6 +211,22 @@ def test_per_block_weights_match_the_same_scales_set_by_hand(kind, tmp_path):
         pipe.set_res_tuners("style", {"mid": [1.0, 2.0]})
     with pytest.raises(ValueError, match="finite"):
         pipe.set_res_tuners("style", {"down": float("nan")})
+
+
+def test_per_block_weights_naming_a_block_diffusers_would_not_read_are_refused_changing_nothing(tmp_path):
+    # diffusers' expansion drops such keys unread: the scale the user asked for would silently not apply
+    pipe = _pipe()
+    pipe.load_res_tuner(_tuner_file(tmp_path, "a"), adapter_name="style")
+    pipe.set_res_tuners("style", {"up": 0.5})
+    before = _unet_out(pipe.unet)
+    without_attention = [f"block_{i}" for i, b in enumerate(pipe.unet.down_blocks) if not hasattr(b, "attentions")]
+    bad = [{"up": {"block_9": 0.0}}, {"up": {"blok_1": 0.0}}, {"down": {"block_1": 0.0, "block_-1": 0.0}}]
+    bad += [{"down": {block: 0.0}} for block in without_attention]
+    assert without_attention  # the tiny UNet has a down block without attentions, like SD's last one
+    for weights in bad:
+        with pytest.raises(ValueError, match=r"name no (up|down) block with attention layers.*block_"):
+            pipe.set_res_tuners("style", weights)
+        torch.testing.assert_close(_unet_out(pipe.unet), before, rtol=0, atol=0)
 
 
 # --- pipelines --------------------------------------------------------------------------------------------------

@@ -64,6 +64,18 @@ def test_linear_tuners_sit_on_the_projections_and_feed_forward_linears_asked_for
         assert isinstance(bank, LinearBank) and bank.parent_module is model.get_submodule(path.rpartition(".")[0])
 
 
+@pytest.mark.parametrize(
+    "kind,targets", [("sd1", ["ff"]), ("sd3", ["ff", "ff_context"]), ("flux", ["proj_mlp", "proj_out"])]
+)
+def test_projections_with_no_attention_target_are_refused_not_ignored(kind, targets):
+    model = frozen_tiny_model(kind)
+    projection = "to_q"
+    with pytest.raises(rd.ResTunerError, match=r"projections \['to_q'\] name attention projections.*select no atten"):
+        rd.add_res_tuner(model, rd.ResTunerConfig("res_lora", targets=targets, projections=[projection]))
+    assert rd.get_res_tuner_configs(model) == {} and not hasattr(model, "_res_tuner_state")
+    assert rd.add_res_tuner(model, rd.ResTunerConfig("res_lora", targets=targets))  # without projections: every linear
+
+
 def test_projections_present_on_none_of_the_selected_attentions_are_refused_naming_what_exists():
     model = frozen_tiny_model("sd3")  # its last block is context_pre_only: no text query projection
     with pytest.raises(

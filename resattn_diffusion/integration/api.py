@@ -152,11 +152,12 @@ def _drop_state(model: nn.Module, state: ResTunerState) -> None:
     state.family.remove_model_guards(model)
 
 
-def remove_res_tuner(unet: nn.Module, adapter_name: str | None = None) -> None:
-    """Remove one named tuner (or all, with ``adapter_name=None``), unfusing first; the frozen modules, their
-    processors and the model's outputs are restored exactly."""
+def remove_res_tuner(unet: nn.Module, adapter_name: str | list[str] | None = None) -> None:
+    """Remove the named tuner(s) (all, with ``adapter_name=None``), unfusing first; the frozen modules, their
+    processors and the model's outputs are restored exactly. Every name is checked, and every fused one unfused,
+    before the first is removed: a refusal leaves all of them loaded."""
     state = _require_state(unet)
-    names = list(state.configs) if adapter_name is None else [_require_name(state, adapter_name)]
+    names = list(dict.fromkeys(_selected_tuner_names(state, adapter_name)))
     fused = [name for name in names if res_tuner_settings(unet)[name]["fused"]]
     if fused:  # every layer at once: refused (weights changed behind a fused tuner) before anything is removed
         unfuse_res_tuner(unet, fused)

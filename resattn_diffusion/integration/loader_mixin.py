@@ -231,8 +231,7 @@ class ResTunerLoaderMixin:
             if loaded:
                 remove_res_tuner(denoiser)
             return
-        for name in self._check_names(adapter_name):
-            remove_res_tuner(denoiser, name)
+        remove_res_tuner(denoiser, self._check_names(adapter_name))  # all or none: one refusal removes nothing
 
     # -- scale, mixing, on/off ----------------------------------------------------------------------------------
     def set_res_tuner_scale(self, scale: float, adapter_name: str | list[str] | None = None) -> None:
@@ -419,6 +418,17 @@ def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str
             '(diffusers\' set_adapters form: {"down": s, "mid": s, "up": {"block_<i>": s or [s per transformer '
             "layer]}})"
         )
+    for side, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):
+        # diffusers reads only the blocks with attention layers and drops any other key unread: a typo or a block
+        # without attentions would leave the user's scale unapplied without a word.
+        if isinstance(weights.get(side), dict):
+            with_attention = [f"block_{i}" for i, block in enumerate(blocks) if hasattr(block, "attentions")]
+            unread = sorted(map(str, set(weights[side]) - set(with_attention)))
+            if unread:
+                raise ConfigError(
+                    f"per-block scales for {name!r}: {side} {unread} name no {side} block with attention layers of "
+                    f"this UNet; its {side} blocks with attentions are {with_attention}"
+                )
     try:
         expanded = _maybe_expand_lora_scales(unet, [weights], default_scale=1.0)[0]
     except (ValueError, KeyError, TypeError) as err:

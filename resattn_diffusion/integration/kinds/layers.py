@@ -215,6 +215,14 @@ class LinearKind(LayerKind):
                     raise ResTunerError(f"{path} is a {type(linear).__name__}, not a linear layer")
                 layers.append(Layer(path, linear, "linear", linear_shape(linear)))
         attentions = [op for op in operations if op.role == "attention"]
+        if config.projections and not attentions:
+            # projections choose among an attention's linears: on feed-forwards / single linears they would go unread
+            raise ResTunerError(
+                f"projections {list(config.projections)} name attention projections, but the targets "
+                f"{sorted({op.path.rsplit('.', 1)[-1] for op in operations})} of this config select no attention of "
+                f"this {family.model_word}; drop projections (a linear tuner sits beside every linear of a "
+                "feed-forward) or add an attention target"
+            )
         missing = [name for name in projections if name not in found]
         if attentions and missing and config.projections is not None:
             raise ResTunerError(
