@@ -325,6 +325,31 @@ def test_remove_all_with_several_fused_tuners(unet, inputs):
     assert torch.equal(_out(unet, inputs), reference)
 
 
+def test_unfuse_reaches_the_fusing_kind_whatever_kind_was_added_last(unet, inputs):
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    rd.add_res_tuner(unet, _lora(targets=["attn1"]), "lora")
+    randomize_tuner(unet, "lora", seed=1)
+    rd.fuse_res_tuner(unet)
+    rd.add_res_tuner(unet, rd.ResTunerConfig("res_attn", rank=4, targets=["attn2"]), "attn")  # a kind that never fuses
+    rd.unfuse_res_tuner(unet)
+    assert not api.res_tuner_settings(unet)["lora"]["fused"]
+    assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items() if k in base)
+
+
+def test_remove_takes_a_list_of_names_and_removes_each_once(unet, inputs):
+    reference = _out(unet, inputs)
+    for name in ("a", "b", "c"):
+        rd.add_res_tuner(unet, _lora(targets=["attn1"]), name)
+    rd.fuse_res_tuner(unet, "b")
+    rd.remove_res_tuner(unet, ["b", "a", "b"])
+    assert list(rd.get_res_tuner_configs(unet)) == ["c"]
+    with pytest.raises(rd.ResTunerError, match="no tuner named 'a'"):
+        rd.remove_res_tuner(unet, ["c", "a"])
+    assert list(rd.get_res_tuner_configs(unet)) == ["c"]
+    rd.remove_res_tuner(unet, ["c"])
+    assert not hasattr(unet, STATE_ATTR) and torch.equal(_out(unet, inputs), reference)
+
+
 # --- per-layer scales -----------------------------------------------------------------------------------------
 def test_layer_scales_longest_prefix_wins_and_only_whole_path_parts_match(unet):
     paths = rd.add_res_tuner(unet, _lora(targets=["attn1", "attn2"]), "a")

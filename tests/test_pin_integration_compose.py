@@ -157,6 +157,9 @@ SCRIPTS = {
     "R -lora +lora L r": "+res +lora R -lora +lora L r l -lora -res",
     # unloading a fused LoRA bakes it in; known wrapper: exact; unknown: refused unless accepted
     "R L bake": "+res +lora R L -lora r -res",
+    # fused over a merged LoRA that is then unloaded: the weights are untouched since the fuse, so exact as they are
+    # (the recorded merge cannot be replayed: its wrapper is gone)
+    "L R bake": "+res +lora L R -lora r -res",
     "R +lora L bake": "+res R +lora L -lora r! -res! r* -res",
 }
 CORE = ["R L r l", "R L l r", "L R r l", "L R l r", "R r L l", "L l R r"]
@@ -321,3 +324,41 @@ def test_two_peft_adapters_merged_around_a_fused_tuner_are_replayed_in_peft_orde
     oracle = base_weights(oracle_unet)
     for key, value in base_weights(unet).items():
         assert bool(((value == original[key]) | (value == oracle[key])).all()), f"{order}: {key}"
+
+
+def add_lora_with_bias(unet) -> None:
+    """peft's lora_bias: the LoRA's merge adds to the bias too (on to_out.0, the attention projection with a bias)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_out.0"], lora_bias=True),
+        adapter_name="peft",
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, LoraLayer):
+                for factor in (module.lora_A["peft"].weight, module.lora_B["peft"].weight, module.lora_B["peft"].bias):
+                    factor.copy_(0.2 * torch.randn(factor.shape, generator=generator, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("order", ["R L r l", "L R r l", "R L l r"])
+def test_a_fused_peft_lora_with_a_bias_is_seen_through_when_the_tuner_unfuses(order):
+    unet, lora_only = smallest_unet(), smallest_unet()
+    original = base_weights(unet)
+    add_lora_with_bias(unet)
+    add_lora_with_bias(lora_only)
+    add_res(unet, "glora")  # reads W0 and b0: both must be recovered from under the LoRA's merge
+    unfused = output(unet)
+    for step in order.split():
+        call(unet, step, "glora")
+        torch.testing.assert_close(output(unet), unfused, rtol=1e-5, atol=1e-6, msg=lambda m, s=step: f"{s}: {m}")
+        if step in ("L", "l"):
+            call(lora_only, step, "glora")  # the same LoRA calls without a res tuner: what peft alone leaves
+    rd.remove_res_tuner(unet)
+    unet.unload_lora()
+    lora_only.unload_lora()
+    oracle = base_weights(lora_only)
+    for key, value in base_weights(unet).items():  # bit for bit what peft alone leaves ((b + d) - d may round)
+        assert torch.equal(value, oracle[key]) or torch.equal(value, original[key]), key

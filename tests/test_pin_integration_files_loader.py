@@ -188,9 +188,13 @@ def test_a_failed_download_names_the_repo_the_file_and_the_first_line_of_the_rea
     class LocalEntryNotFoundError(Exception):
         pass
 
-    _fake_hub(monkeypatch, error=LocalEntryNotFoundError("x"))
-    with pytest.raises(rd.ResTunerFileError, match="the Hub cannot be reached .* not in the local Hub cache"):
-        resolve_tuner_source("user/tuner")
+    class OfflineModeIsEnabled(Exception):  # huggingface_hub's, raised when its offline mode is on
+        pass
+
+    for error in (LocalEntryNotFoundError("x"), OfflineModeIsEnabled("y")):
+        _fake_hub(monkeypatch, error=error)
+        with pytest.raises(rd.ResTunerFileError, match="the Hub cannot be reached .* not in the local Hub cache"):
+            resolve_tuner_source("user/tuner")
 
 
 def test_a_pipeline_loads_a_folder_with_a_weight_name_and_a_state_dict(tmp_path):

@@ -175,3 +175,31 @@ def test_a_sequential_tuner_folds_as_dw_w0_and_dw_b0_plus_db_and_fused_equals_un
     rd.unfuse_res_tuner(unet)
     for bank, owner in banks(unet):
         assert torch.equal(owner.weight, before[bank.layer_path][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weights_are_the_same_within_8_ulps_of_each_entry_plus_2_ulps_of_the_largest(dtype):
+    """``fusion._close``, the "was this weight changed by someone else?" test: rounding of a few additions (up to 8
+    ulps of the entry's size, float32 ulps at least) plus 2 ulps of the largest entry, for the residue of merges
+    that came and went; anything larger is a change. Checked at entries of 0, where float32 resolves the bound."""
+    from resattn_diffusion.integration.fusion import _close
+
+    eps = torch.finfo(torch.float32).eps  # float32's, also for float64 weights: the deltas run in float32
+
+    def shifted(expected: torch.Tensor, by: float) -> torch.Tensor:
+        actual = expected.clone()
+        actual[1] += by
+        return actual
+
+    # an entry of 0 beside one of 1000: the 2-ulp floor of the largest entry (not of 1/1000)
+    large = torch.tensor([1000.0, 0.0], dtype=dtype)
+    assert _close(shifted(large, 1.9 * eps * 1000), large, None)
+    assert not _close(shifted(large, 2.1 * eps * 1000), large, None)
+    # the size of the terms summed there (a fused delta of 100 that cancelled to 0): 8 ulps of it on the floor
+    small, magnitude = torch.tensor([4.0, 0.0], dtype=dtype), torch.tensor([0.0, 100.0])
+    floor = 2 * eps * 4
+    assert _close(shifted(small, 7.9 * eps * 100 + floor), small, magnitude)
+    assert not _close(shifted(small, 8.5 * eps * 100 + floor), small, magnitude)
+    assert not _close(shifted(small, 7.9 * eps * 100 + floor), small, None)
+    assert _close(None, None, None) and not _close(small, None, None) and not _close(None, small, None)
+    assert not _close(small[:1], small, None)

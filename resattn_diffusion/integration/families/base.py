@@ -111,7 +111,8 @@ class ModelFamily(ABC):
         """The operation ``target`` names in ``block`` (None where this block has none, e.g. SD3's ``attn2``)."""
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
-        """What a tuner file records of the base model (shown when a file does not fit)."""
+        """What a tuner file records of the base model (shown when a file does not fit); a key the config lacks
+        reads as None."""
         config = getattr(model, "config", {})
         get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
         return {"class": type(model).__name__, "name_or_path": get("_name_or_path", "") or "", **self._describe(get)}

@@ -24,9 +24,9 @@ class SD3Family(JointTransformerFamily):
 
     def _describe(self, get) -> dict[str, Any]:
         return {
-            "num_layers": get("num_layers", None),
-            "num_attention_heads": get("num_attention_heads", None),
-            "attention_head_dim": get("attention_head_dim", None),
-            "joint_attention_dim": get("joint_attention_dim", None),
+            "num_layers": get("num_layers"),
+            "num_attention_heads": get("num_attention_heads"),
+            "attention_head_dim": get("attention_head_dim"),
+            "joint_attention_dim": get("joint_attention_dim"),
             "dual_attention_layers": list(get("dual_attention_layers", ()) or ()),
         }

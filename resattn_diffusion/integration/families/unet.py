@@ -102,8 +102,8 @@ class UNetFamily(ModelFamily):
     def _describe(self, get) -> dict[str, Any]:
         return {
             "block_out_channels": list(get("block_out_channels", []) or []),
-            "cross_attention_dim": get("cross_attention_dim", None),
-            "addition_embed_type": get("addition_embed_type", None),
+            "cross_attention_dim": get("cross_attention_dim"),
+            "addition_embed_type": get("addition_embed_type"),
         }
 
     def install_model_guards(self, model: nn.Module) -> None:
