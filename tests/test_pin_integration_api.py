@@ -325,6 +325,16 @@ def test_remove_all_with_several_fused_tuners(unet, inputs):
     assert torch.equal(_out(unet, inputs), reference)
 
 
+def test_fusing_checks_for_non_finite_weights_only_when_asked_like_diffusers(unet):
+    rd.add_res_tuner(unet, _lora(targets=["attn1"]), "a")
+    with torch.no_grad():
+        rd.res_tuner_parameters(unet, "a")[-1][0] = float("inf")
+    with pytest.raises(rd.ResTunerError, match="NaN or inf"):
+        rd.fuse_res_tuner(unet, safe_fusing=True)
+    rd.fuse_res_tuner(unet)  # diffusers' default (fuse_lora's safe_fusing=False): no pass over every fused weight
+    assert api.res_tuner_settings(unet)["a"]["fused"]
+
+
 def test_unfuse_reaches_the_fusing_kind_whatever_kind_was_added_last(unet, inputs):
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     rd.add_res_tuner(unet, _lora(targets=["attn1"]), "lora")

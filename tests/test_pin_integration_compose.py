@@ -362,3 +362,21 @@ def test_a_fused_peft_lora_with_a_bias_is_seen_through_when_the_tuner_unfuses(or
     oracle = base_weights(lora_only)
     for key, value in base_weights(unet).items():  # bit for bit what peft alone leaves ((b + d) - d may round)
         assert torch.equal(value, oracle[key]) or torch.equal(value, original[key]), key
+
+
+def test_a_merged_dora_is_refused_naming_its_variant_and_changes_nothing():
+    from peft import LoraConfig
+
+    unet = smallest_unet()
+    add_res(unet, "res_lora")
+    unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, use_dora=True, init_lora_weights="gaussian", target_modules=["to_q"]),
+        adapter_name="dora",
+    )
+    unet.fuse_lora()
+    weights, out = base_weights(unet), output(unet)
+    with pytest.raises(
+        rd.ResTunerError, match=r"'dora' on .*attn1.to_q is merged .* \(DoraLinearVariant, e.g. DoRA\)"
+    ):
+        rd.fuse_res_tuner(unet)
+    assert all(torch.equal(base_weights(unet)[k], v) for k, v in weights.items()) and torch.equal(output(unet), out)
