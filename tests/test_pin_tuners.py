@@ -25,6 +25,7 @@ from resattn_diffusion.tuners.base import (
     check_positive,
     make_activation,
     multi_head_attention,
+    packed_multi_head_attention,
     pads_head_dim,
 )
 from resattn_diffusion.tuners.fast_paths import fast_path_wanted, forced_path, forced_paths
@@ -73,6 +74,24 @@ def test_multi_head_attention_equals_the_loops(heads: int, n_keys: int, shared_k
         torch.testing.assert_close(multi_head_attention(q, k, v, heads, padding), expected, **TOL)
     with forced_paths("fast"):
         torch.testing.assert_close(multi_head_attention(q, k, v, heads), expected, **TOL)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("n_keys", [5, FEW_KEYS + 7])
+@pytest.mark.parametrize("kv_batch", [None, 1, 3])  # None: self-attention, q | k | v packed in one tensor
+def test_packed_multi_head_attention_equals_the_loops(heads: int, n_keys: int, kv_batch: int | None) -> None:
+    dh, n_q = 4, n_keys if kv_batch is None else 6
+    q = torch.randn(3, n_q, heads * dh)
+    k = torch.randn(kv_batch or 3, n_keys, heads * dh) * 2
+    v = torch.randn(kv_batch or 3, n_keys, heads * dh)
+    expected = reference_mha(q, k, v, heads)
+    # keys shared by the batch (kv_batch 1: a learned prefix) meet all 3 samples' queries
+    packed, kv = (torch.cat([q, k, v], dim=-1), None) if kv_batch is None else (q, torch.cat([k, v], dim=-1))
+    torch.testing.assert_close(packed_multi_head_attention(packed, heads, kv), expected, **TOL)  # "auto"
+    for padding in ("off", "on"):
+        torch.testing.assert_close(packed_multi_head_attention(packed, heads, kv, padding), expected, **TOL)
+    with forced_paths("fast"):
+        torch.testing.assert_close(packed_multi_head_attention(packed, heads, kv), expected, **TOL)
 
 
 def test_multi_head_attention_padding_keeps_the_scale_of_the_true_head_dim() -> None:

@@ -317,3 +317,18 @@ def test_half_precision_activations_give_half_outputs_close_to_float64(config: s
     assert out.dtype == torch.float16
     expected = module.double()(x.double(), weight.double(), bias.double())
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+def test_fold_of_half_weights_runs_in_the_parameters_float32_then_rounds_once(weight_dtype) -> None:
+    # the documented order: W0 ⊙ A + B (and b0 ⊙ D + E + W0 C) in the wider dtype, one rounding to the weight's at
+    # the end; summing in half precision would round every term
+    shape = OpShape(in_dim=24, out_dim=16, context_dim=24, has_bias=True)
+    glora = _randomize(GLoRA(shape, GLoRAParams(config="A=lora4,B=lora4,C=lora4,D=vector,E=vector")), seed=3)
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(16, 24, generator=generator).to(weight_dtype)
+    bias = torch.randn(16, generator=generator).to(weight_dtype)
+    delta_w, delta_b = glora.fold(weight, bias)
+    wide_w, wide_b = glora.fold(weight.float(), bias.float())
+    assert delta_w.dtype == delta_b.dtype == weight_dtype
+    assert torch.equal(delta_w, wide_w.to(weight_dtype)) and torch.equal(delta_b, wide_b.to(weight_dtype))
