@@ -332,3 +332,10 @@ def test_fold_of_half_weights_runs_in_the_parameters_float32_then_rounds_once(we
     wide_w, wide_b = glora.fold(weight.float(), bias.float())
     assert delta_w.dtype == delta_b.dtype == weight_dtype
     assert torch.equal(delta_w, wide_w.to(weight_dtype)) and torch.equal(delta_b, wide_b.to(weight_dtype))
+
+
+def test_an_assignment_with_two_equals_signs_names_the_form_and_a_rank_too_high_names_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"GLoRA A='lora4=vector' is not allowed; A may be one of"):
+        GLoRALayerConfig.parse("A=lora4=vector")
+    with pytest.raises(ConfigError, match=r"GLoRA config: A=lora9 exceeds min\(d_in, d_out\) = 8 of a 8 -> 16 layer"):
+        GLoRAParams(config="A=lora9").validate_for(_shape(8, 16))
