@@ -406,3 +406,17 @@ def test_a_layers_field_that_is_not_an_object_is_refused_saying_what_it_must_be(
         tuner_io.ResTunerFileError, match="'layers' must be a JSON object: layer path -> its shape, got list"
     ):
         rd.load_res_tuner(frozen_tiny_unet(), path)
+
+
+def test_a_base_field_that_is_not_an_object_is_refused_when_the_file_does_not_fit(tmp_path):
+    # read only to describe a mismatch: a file that does not fit and cannot say what it was made for
+    path = rd.save_res_tuner(_unet_with(), tmp_path / "t.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**metadata, "base": '"sd1.5"'})
+    target = frozen_tiny_unet("sd2")
+    with pytest.raises(
+        tuner_io.ResTunerFileError, match="'base' must be a JSON object describing the base model, got str"
+    ):
+        rd.load_res_tuner(target, path)
+    assert rd.get_res_tuner_configs(target) == {}

@@ -203,3 +203,31 @@ def test_weights_are_the_same_within_8_ulps_of_each_entry_plus_2_ulps_of_the_lar
     assert not _close(shifted(small, 7.9 * eps * 100 + floor), small, None)
     assert _close(None, None, None) and not _close(small, None, None) and not _close(None, small, None)
     assert not _close(small[:1], small, None)
+
+
+def test_the_peft_wrapper_is_only_a_module_in_the_projections_place_whose_base_layer_is_the_bank_s_linear():
+    from resattn_diffusion.integration.fusion import peft_wrapper
+
+    class Wrapper(torch.nn.Module):  # peft's layers answer get_base_layer()
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_layer(self):
+            return self.base
+
+    linear, other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    parent = torch.nn.Module()
+    bank = LinearBank("block.attn1.to_q")
+    assert peft_wrapper(bank, linear) is None  # no parent bound
+    bank.bind_parent(parent)
+    for in_place, expected in [
+        (None, None),  # nothing there
+        (linear, None),  # the linear itself: not wrapped
+        (torch.nn.Sequential(linear), None),  # something else holding it, with no get_base_layer
+        (Wrapper(other), None),  # a wrapper of another linear
+    ]:
+        parent.to_q = in_place
+        assert peft_wrapper(bank, linear) is expected
+    parent.to_q = wrapper = Wrapper(linear)
+    assert peft_wrapper(bank, linear) is wrapper

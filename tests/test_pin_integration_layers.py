@@ -155,3 +155,14 @@ def test_removing_a_fused_tuner_unfuses_it_and_keeps_the_others_fused():
     with pytest.raises(rd.ResTunerError, match="accept_changed_weights"):
         rd.remove_res_tuner(model, "b")
     assert "b" in rd.get_res_tuner_configs(model) and banks[0][0].fused_names() == ["b"]
+
+
+def test_removing_a_tuner_drops_the_banks_it_leaves_empty_and_keeps_the_shared_ones():
+    model = frozen_tiny_model("sd1")
+    rd.add_res_tuner(model, rd.ResTunerConfig("res_lora", rank=2, targets=["attn1"]), "a")
+    rd.add_res_tuner(model, rd.ResTunerConfig("res_lora", rank=2, targets=["attn1", "attn2"]), "b")
+    state = get_state(model)
+    shared = [bank.layer_path for bank, _ in state.banks if "a" in bank.tuners]
+    rd.remove_res_tuner(model, "b")
+    assert [bank.layer_path for bank, _ in state.banks] == shared  # attn2's banks, empty now, are gone
+    assert all(list(bank.tuners) == ["a"] for bank, _ in state.banks)
