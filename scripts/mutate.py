@@ -34,11 +34,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 #: The share of each group's mutants a default run checks, meant to make the default run about an hour on 2 cores.
-#: Measured on 2 cores (README "The mutation score"): the tuners', loss' and metrics' shares fit (~21, ~24 and ~25
-#: minutes on one core each); the integration's 8% does not -- its fastest 240 took 36 minutes on one core, and its
-#: slowest mutants (reached by the fusion-composition tests) take a minute each. A fixed sample (by a hash of the
-#: mutant's name and MUTATE_SEED); the score then carries a 95% interval. MUTATE_SAMPLE=1: every mutant.
-GROUP_SAMPLE = {"tuners": 0.25, "integration": 0.08, "loss": 1.0, "metrics": 0.5}
+#: Measured on 2 cores (README "The mutation score"): the tuners' share takes ~27 minutes on one core, the loss' and
+#: metrics' ~6 and ~5 after it; the integration job runs beside them, and its 8% took ~37 minutes for its fastest 357
+#: of 441 (its slowest mutants reach functions every integration test calls): 6% keeps it within the hour. A fixed
+#: sample (by a hash of the mutant's name and MUTATE_SEED); the score then carries a 95% interval. MUTATE_SAMPLE=1:
+#: every mutant.
+GROUP_SAMPLE = {"tuners": 0.25, "integration": 0.06, "loss": 1.0, "metrics": 0.5}
+#: The sample a default run draws. Sessions 5 and 6 wrote pins against seed "0"'s survivors, so that seed no longer
+#: tells how the tests do on mutants nobody looked at: the published run uses a seed no pin was written against.
+DEFAULT_SEED = "1"
 #: mutmut workers per module when several modules run at once (MUTATE_WORKERS / this = modules side by side)
 MUTANTS_PER_MODULE = 4
 PACKAGE = "resattn_diffusion"
@@ -379,7 +383,7 @@ _GENERATE = (
 )
 
 
-def sampled(names: list[str], fraction: float, seed: str = "0") -> list[str]:
+def sampled(names: list[str], fraction: float, seed: str = DEFAULT_SEED) -> list[str]:
     """A fixed share of the mutants, by a hash of the seed and the name: a rerun samples the same ones (and resumes),
     a smaller share is a subset of a larger one, and another seed draws another sample (held out from the one the
     tests were written against)."""
@@ -394,7 +398,7 @@ def run_job(
     workers: int,
     python: str,
     fraction: float | None,
-    seed: str = "0",
+    seed: str = DEFAULT_SEED,
     report: bool = False,
 ) -> list[dict]:
     if report:  # the verdicts as they are, nothing prepared (which could reset some) and nothing run
@@ -425,7 +429,7 @@ def run_job(
 
 
 def summarize(
-    module: Module, work: Path, python: str, seconds: float, fraction: float | None = None, seed: str = "0"
+    module: Module, work: Path, python: str, seconds: float, fraction: float | None = None, seed: str = DEFAULT_SEED
 ) -> dict:
     """The verdicts of this run's sample of the module (mutants outside it, run under another seed or share, are
     not counted): killed / survived / ... among them, ``total`` the module's mutants in scope."""
@@ -561,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     # MUTATE_SAMPLE=0.2: run a fixed fifth of each module's mutants (a quick estimate; the score says "sampled")
     fraction = _environment_number("MUTATE_SAMPLE", float, 1e-6, 1.0, "a share of the mutants in (0, 1], e.g. 0.2")
     # MUTATE_SEED=dev: another fixed sample (write tests against one seed's survivors, score on another)
-    seed = os.environ.get("MUTATE_SEED", "").strip() or "0"
+    seed = os.environ.get("MUTATE_SEED", "").strip() or DEFAULT_SEED
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", seed):
         raise SystemExit(f"mutate: MUTATE_SEED={seed!r} is not a short name; give letters, digits, - or _, e.g. dev")
     out = Path(os.environ.get("MUTATE_OUT") or REPO / "mutation-results").resolve()

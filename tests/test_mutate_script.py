@@ -75,7 +75,7 @@ def test_wilson_interval_matches_the_normal_approximation_on_large_samples(mutat
 def test_summary_counts_only_this_runs_sample(mutate, monkeypatch, tmp_path) -> None:
     module = next(m for m in mutate.MODULES if m.path.endswith("tuners/lora.py"))
     names = [f"resattn_diffusion.tuners.lora.x_f__mutmut_{i}" for i in range(400)]
-    chosen = set(mutate.sampled(names, 0.25, "0"))
+    chosen = set(mutate.sampled(names, 0.25, "0"))  # a seed given explicitly
     # verdicts from another seed's run: killed outside this sample, survived inside it
     codes = {n: (0 if n in chosen else 1) for n in names}
     monkeypatch.setattr(mutate, "_meta", lambda work, m: {"exit_code_by_key": codes})
@@ -232,3 +232,10 @@ def test_survivors_markdown_lists_each_with_its_diff_on_one_line(mutate) -> None
         "- `xǁResLoRAǁ__init____mutmut_12`: `- x = nn.Linear(a, b, bias=False) / + x = nn.Linear(a, b, bias=None)`",
         "- `x_f__mutmut_1` [no_tests]",
     ]
+
+
+def test_the_default_seed_is_one_no_pin_was_written_against(mutate, monkeypatch) -> None:
+    names = [f"m.x_f__mutmut_{i}" for i in range(400)]
+    assert mutate.DEFAULT_SEED not in ("0", "dev")  # the seeds whose survivors the pins were written against
+    assert mutate.sampled(names, 0.5) == mutate.sampled(names, 0.5, mutate.DEFAULT_SEED)
+    assert mutate.sampled(names, 0.5) != mutate.sampled(names, 0.5, "0")
