@@ -186,6 +186,21 @@ def test_per_call_scale_applies_to_that_call_only_and_leaves_the_callers_dict(un
     assert torch.equal(_out(unet, inputs), half)  # a refused call leaves no per-call scale behind
 
 
+def test_the_per_call_scale_leaves_the_other_call_kwargs_to_diffusers(unet, inputs):
+    # diffusers reads a LoRA's per-call "scale" from the same dict: taking our key out must keep it
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q"]), "lora")
+    rd.add_res_tuner(unet, _lora(targets=["attn2"]))
+    randomize_tuner(unet, seed=1)
+    unet.disable_adapters()
+    tuner_only = _out(unet, inputs)
+    unet.enable_adapters()
+    assert not torch.allclose(_out(unet, inputs), tuner_only)  # the LoRA matters
+    both = {"scale": 0.0, rd.SCALE_KWARG: 1.0}
+    torch.testing.assert_close(_out(unet, inputs, cross_attention_kwargs=both), tuner_only, rtol=0, atol=1e-6)
+
+
 # --- settings, enable ------------------------------------------------------------------------------------------
 def test_settings_report_each_tuners_scale_enabled_and_fused(unet):
     rd.add_res_tuner(unet, _lora(targets=["attn1"], scale=0.5), "a")

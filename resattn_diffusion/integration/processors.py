@@ -212,13 +212,14 @@ def select_linear_path(bank: LinearBank, x: torch.Tensor, branches: list[tuple[s
     On CPU the branches stay separate: the low-rank branch is cheaper than a second full-size weight gradient.
     """
     mergeable = all(
-        placement == "parallel" and getattr(tuner, "mergeable", False) for _, tuner, _, placement in branches
+        placement == "parallel" and tuner.mergeable
+        for _, tuner, _, placement in branches  # LinearTuner's flags
     )
     if bank.path == "auto":
         if not (mergeable and fast_path_wanted(x.device.type)):
             return "branch"
         # Unforced on CUDA: only tuners whose merged path measured faster there (``merge_on_cuda``).
-        measured = forced_path() is not None or all(getattr(t, "merge_on_cuda", True) for _, t, _, _ in branches)
+        measured = forced_path() is not None or all(t.merge_on_cuda for _, t, _, _ in branches)
         return "merged" if measured else "branch"
     if bank.path not in LINEAR_PATHS:
         raise ConfigError(f"LinearBank.path={bank.path!r} is not allowed; choose one of {list(LINEAR_PATHS)}")
