@@ -166,3 +166,19 @@ def test_removing_a_tuner_drops_the_banks_it_leaves_empty_and_keeps_the_shared_o
     rd.remove_res_tuner(model, "b")
     assert [bank.layer_path for bank, _ in state.banks] == shared  # attn2's banks, empty now, are gone
     assert all(list(bank.tuners) == ["a"] for bank, _ in state.banks)
+
+
+def test_a_projection_whose_forward_another_library_wrapped_runs_plain_once_the_tuner_is_gone():
+    # accelerate's hooks (sequential offload) wrap module.forward after ours; removing the tuner must not break it
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = frozen_tiny_model("sd1")
+    rd.add_res_tuner(model, rd.ResTunerConfig("res_lora", rank=2, targets=["attn1"], blocks=["down_blocks.0"]))
+    randomize_tuner(model, seed=1)
+    linear = model.get_submodule(f"{BLOCK}.attn1.to_q")
+    add_hook_to_module(linear, ModelHook())
+    x = torch.randn(2, 5, linear.in_features)
+    with torch.no_grad():
+        assert not torch.allclose(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+        rd.remove_res_tuner(model)
+        torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
