@@ -191,3 +191,21 @@ def test_a_trainable_output_head_needs_no_body_backward_and_a_removed_bypass_lea
     rd.remove_res_tuner(unet, "default")
     banks = [bank for bank, _ in api.get_state(unet).banks]
     assert [bank.layer_path for bank in banks] == paths  # the bypass's bank is gone from the state with it
+
+
+def test_removing_the_bypass_from_inside_a_unet_call_gives_the_caller_autograd_back():
+    # the body runs without autograd (nothing there trains); the hook that switches it back on goes with the tuner
+    unet = frozen_tiny_unet()
+    rd.add_res_tuner(unet, BYPASS)
+    seen = []
+
+    def remove_midway(module, args, output):
+        seen.append(torch.is_grad_enabled())
+        rd.remove_res_tuner(unet)
+
+    handle = unet.down_blocks[0].register_forward_hook(remove_midway)
+    with torch.enable_grad():
+        unet(**unet_inputs(unet))
+        assert seen == [False] and torch.is_grad_enabled()
+    handle.remove()
+    assert not hasattr(unet, BANK_ATTR)

@@ -420,3 +420,24 @@ def test_a_base_field_that_is_not_an_object_is_refused_when_the_file_does_not_fi
     ):
         rd.load_res_tuner(target, path)
     assert rd.get_res_tuner_configs(target) == {}
+
+
+def test_a_writer_process_is_alive_while_it_runs_only_probed_never_signalled(monkeypatch):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert tuner_io._process_alive(child.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # probed with signal 0, not signalled: still running
+            child.wait(timeout=0.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert not tuner_io._process_alive(child.pid)  # gone (and reaped)
+
+    def refused(pid, signal):
+        raise PermissionError("another user's process")
+
+    monkeypatch.setattr(tuner_io.os, "kill", refused)
+    assert tuner_io._process_alive(child.pid)  # exists but cannot be probed: assume its save is in flight

@@ -133,3 +133,17 @@ def test_a_bypass_before_a_parameter_free_output_norm_is_float32_on_the_cpu():
     rd.remove_res_tuner(unet)
     with torch.no_grad():
         assert torch.equal(unet(**inputs).sample, reference)
+
+
+def test_the_pipeline_unfuse_refuses_a_changed_weight_unless_accept_changed_weights_is_passed_on():
+    pipe = _pipe_with("a")
+    pipe.fuse_res_tuner("a")
+    linear = pipe.unet.get_submodule(next(p for p, _ in pipe.unet.named_modules() if p.endswith("attn2.to_k")))
+    with torch.no_grad():
+        linear.weight[0, 0] += 0.5  # someone else's edit while fused
+    edited = linear.weight.detach().clone()
+    with pytest.raises(rd.ResTunerError, match="accept_changed_weights=True"):
+        pipe.unfuse_res_tuner()  # the default refuses
+    assert torch.equal(linear.weight, edited) and _settings(pipe)["a"]["fused"]
+    pipe.unfuse_res_tuner("a", accept_changed_weights=True)  # passed on: the tuner's delta subtracted, edit kept
+    assert not _settings(pipe)["a"]["fused"]

@@ -245,7 +245,9 @@ def test_one_sequence_attention_gives_a_self_attention_branch(kind, path):
     with torch.no_grad():
         frozen_out = stock(attn, tokens, None, None, **extra)
         tuned = attn(tokens, **extra)
+        scaled = attn(tokens, res_tuner_scale=2.0, **extra)  # a per-call scale reaches this path too
     torch.testing.assert_close(tuned, frozen_out + 0.25 * (tokens @ branch.weight), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scaled, frozen_out + 2.0 * (tokens @ branch.weight), rtol=1e-12, atol=1e-12)
     x, context, frozen = branch.calls[0]
     assert torch.equal(x, tokens) and context is None
     heads = attn.heads

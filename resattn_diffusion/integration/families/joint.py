@@ -38,8 +38,9 @@ def joint_attention_layer(path: str, attn: nn.Module) -> Layer:
     shape = OpShape(in_dim=in_dim, out_dim=out_dim, context_dim=context_dim, inner_dim=inner_dim, heads=attn.heads)
     projections = JOINT_PROJECTIONS
     if getattr(attn, "context_pre_only", False):
-        # SD3's last block drops the text stream's output: a tuner on its text queries could never change the image.
-        projections = tuple(p for p in projections if p not in ("add_q_proj", "to_add_out"))
+        # SD3's last block drops the text stream's output (diffusers builds no to_add_out there), but keeps its text
+        # query projection: a tuner on it could never change the image.
+        projections = tuple(p for p in projections if p != "add_q_proj")
     return Layer(path, attn, "attention", shape, ResTunerJointAttnProcessor, attention_linears(attn, projections))
 
 
