@@ -292,6 +292,15 @@ def test_few_keys_path_up_to_the_threshold_then_sdpa(monkeypatch: pytest.MonkeyP
     assert calls == [(8, 8, 8)]
 
 
+def test_packed_attention_picks_its_path_by_the_number_of_keys_not_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy_sdpa(monkeypatch)
+    few_queries = torch.randn(1, 3, 8)
+    packed_multi_head_attention(few_queries, 2, torch.randn(1, FEW_KEYS + 1, 16))  # 3 queries, 17 keys: SDPA
+    assert len(calls) == 1
+    packed_multi_head_attention(torch.randn(1, FEW_KEYS + 5, 8), 2, torch.randn(1, FEW_KEYS, 16))  # 16 keys: bmm
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize(
     ("dh", "dv", "padding", "expected"),
     [

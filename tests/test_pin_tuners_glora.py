@@ -339,3 +339,11 @@ def test_an_assignment_with_two_equals_signs_names_the_form_and_a_rank_too_high_
         GLoRALayerConfig.parse("A=lora4=vector")
     with pytest.raises(ConfigError, match=r"GLoRA config: A=lora9 exceeds min\(d_in, d_out\) = 8 of a 8 -> 16 layer"):
         GLoRAParams(config="A=lora9").validate_for(_shape(8, 16))
+
+
+def test_a_character_set_counts_as_one_literal_character_of_an_override() -> None:
+    # "*.attn1.to_[qk]": 10 literal characters (".attn1.to_" and the set); "*.attn1.to_q": 11, so it wins
+    params = GLoRAParams(overrides={"*.attn1.to_[qk]": "A=vector", "*.attn1.to_q": "A=scalar"})
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert params.matching_override(path) == "*.attn1.to_q"
+    assert params.matching_override(path.replace("to_q", "to_k")) == "*.attn1.to_[qk]"

@@ -360,3 +360,10 @@ def test_dense_matrix_is_the_exact_materialisation_off_the_fast_path(family: str
         assert not torch.equal(through_fft, exact)  # the FFT form, not the gather
         matrix.requires_grad_(False)
         assert torch.equal(matrix.dense_matrix(), exact)  # nothing to train: the gather
+
+
+def test_the_kronecker_parameter_count_uses_both_given_factors() -> None:
+    for out_factor, in_factor in [(6, 2), (2, 4), (0, 8), (3, 0)]:
+        kron = KroneckerMatrix(12, 8, out_factor=out_factor, in_factor=in_factor)
+        counted = KroneckerMatrix.count_parameters(12, 8, out_factor=out_factor, in_factor=in_factor)
+        assert counted == sum(p.numel() for p in kron.parameters()), (out_factor, in_factor)
