@@ -347,3 +347,8 @@ def test_a_character_set_counts_as_one_literal_character_of_an_override() -> Non
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     assert params.matching_override(path) == "*.attn1.to_q"
     assert params.matching_override(path.replace("to_q", "to_k")) == "*.attn1.to_[qk]"
+
+
+def test_a_configuration_item_without_equals_names_the_configuration() -> None:
+    with pytest.raises(ConfigError, match=r"GLoRA configuration item 'A' has no '='"):
+        GLoRALayerConfig.parse("A")

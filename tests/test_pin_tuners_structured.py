@@ -367,3 +367,19 @@ def test_the_kronecker_parameter_count_uses_both_given_factors() -> None:
         kron = KroneckerMatrix(12, 8, out_factor=out_factor, in_factor=in_factor)
         counted = KroneckerMatrix.count_parameters(12, 8, out_factor=out_factor, in_factor=in_factor)
         assert counted == sum(p.numel() for p in kron.parameters()), (out_factor, in_factor)
+
+
+def test_the_skew_modulation_is_complex64_for_float32_and_complex128_for_float64() -> None:
+    # the FFT of LDR / skew-circulant runs in the input's precision: complex128 for float32 would double its memory
+    for dtype, complex_dtype in [(torch.float32, torch.complex64), (torch.float64, torch.complex128)]:
+        modulation = structured._build_skew_modulation(6, torch.device("cpu"), dtype)
+        assert modulation.dtype == complex_dtype
+        angle = torch.arange(6, dtype=torch.float64) * (torch.pi / 6)
+        torch.testing.assert_close(modulation, torch.complex(angle.cos(), angle.sin()).to(complex_dtype))
+
+
+def test_a_structured_matrix_may_have_one_output_or_one_input() -> None:
+    for cls in (CirculantMatrix, ToeplitzMatrix, LDRMatrix, KroneckerMatrix):
+        assert cls(1, 4).dense_matrix().shape == (1, 4) and cls(4, 1).dense_matrix().shape == (4, 1)
+    with pytest.raises(ConfigError):
+        CirculantMatrix(0, 4)
