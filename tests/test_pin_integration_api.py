@@ -184,6 +184,8 @@ def test_per_call_scale_applies_to_that_call_only_and_leaves_the_callers_dict(un
     with pytest.raises(rd.ConfigError):
         _out(unet, inputs, cross_attention_kwargs={rd.SCALE_KWARG: float("nan")})
     assert torch.equal(_out(unet, inputs), half)  # a refused call leaves no per-call scale behind
+    with pytest.raises(rd.ConfigError, match="typo"):  # a name no tuner has: refused, not silently ignored
+        _out(unet, inputs, cross_attention_kwargs={rd.SCALE_KWARG: {"typo": 0.0}})
 
 
 def test_the_per_call_scale_leaves_the_other_call_kwargs_to_diffusers(unet, inputs):

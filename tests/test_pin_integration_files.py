@@ -441,3 +441,20 @@ def test_a_writer_process_is_alive_while_it_runs_only_probed_never_signalled(mon
 
     monkeypatch.setattr(tuner_io.os, "kill", refused)
     assert tuner_io._process_alive(child.pid)  # exists but cannot be probed: assume its save is in flight
+
+
+def test_a_file_whose_config_plans_more_parameters_than_the_model_is_refused_before_building(tmp_path):
+    path = rd.save_res_tuner(_unet_with(), tmp_path / "t.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    from resattn_diffusion.integration.plan import planned_tensor_shapes
+
+    config = json.loads(metadata["config"])
+    config["hyperparameters"]["rank"] = 1000  # 1.2M parameters on the 0.8M-parameter tiny UNet's attn2 projections
+    target = frozen_tiny_unet()
+    shapes = planned_tensor_shapes(target, rd.ResTunerConfig.from_dict(config))
+    tensors = {key: torch.zeros(shape, dtype=torch.float16) for key, shape in shapes.items()}  # shapes that fit
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(config)})
+    with pytest.raises(tuner_io.ResTunerFileError, match="this res_lora config .* parameters, more than the"):
+        rd.load_res_tuner(target, path)
+    assert rd.get_res_tuner_configs(target) == {}

@@ -231,3 +231,11 @@ def test_the_peft_wrapper_is_only_a_module_in_the_projections_place_whose_base_l
         assert peft_wrapper(bank, linear) is expected
     parent.to_q = wrapper = Wrapper(linear)
     assert peft_wrapper(bank, linear) is wrapper
+
+
+def test_the_fused_record_stays_out_of_the_state_dict():
+    unet = lora_unet()
+    keys = list(unet.state_dict())
+    rd.fuse_res_tuner(unet)
+    assert all(bank.fused_base_weight is not None or bank.fused_others_weight is not None for bank, _ in banks(unet))
+    assert list(unet.state_dict()) == keys  # W0 / P copies are buffers that follow .to(), never saved
