@@ -326,13 +326,13 @@ def test_two_peft_adapters_merged_around_a_fused_tuner_are_replayed_in_peft_orde
         assert bool(((value == original[key]) | (value == oracle[key])).all()), f"{order}: {key}"
 
 
-def add_lora_with_bias(unet) -> None:
+def add_lora_with_bias(unet, targets: tuple[str, ...] = ("to_out.0",)) -> None:
     """peft's lora_bias: the LoRA's merge adds to the bias too (on to_out.0, the attention projection with a bias)."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
     unet.add_adapter(
-        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_out.0"], lora_bias=True),
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=list(targets), lora_bias=True),
         adapter_name="peft",
     )
     generator = torch.Generator().manual_seed(3)
@@ -380,3 +380,28 @@ def test_a_merged_dora_is_refused_naming_its_variant_and_changes_nothing():
     ):
         rd.fuse_res_tuner(unet)
     assert all(torch.equal(base_weights(unet)[k], v) for k, v in weights.items()) and torch.equal(output(unet), out)
+
+
+@pytest.mark.parametrize("call", ["unfuse", "remove"])
+def test_a_lora_bias_fused_into_the_bias_fusing_created_is_refused_naming_both_and_the_order_that_works(call):
+    # GLoRA's E / W0 C terms give the bias-free to_q a bias while fused; a lora_bias LoRA fused then adds to it
+    unet = smallest_unet()
+    add_res(unet, "glora")
+    rd.fuse_res_tuner(unet)
+    add_lora_with_bias(unet, targets=["to_q"])
+    lora_unfused = output(unet)
+    unet.fuse_lora()
+    weights, out = base_weights(unet), output(unet)
+    refused = {"unfuse": lambda: rd.unfuse_res_tuner(unet), "remove": lambda: rd.remove_res_tuner(unet)}[call]
+    with pytest.raises(
+        rd.ResTunerError, match=r"attn1.to_q has no bias of its own: .*\['peft'\] \(lora_bias\).*unfuse_lora"
+    ):
+        refused()
+    assert all(torch.equal(base_weights(unet)[k], v) for k, v in weights.items()) and torch.equal(output(unet), out)
+    unet.unfuse_lora()  # the order that works
+    refused()
+    if call == "unfuse":
+        torch.testing.assert_close(output(unet), lora_unfused, rtol=1e-5, atol=1e-6)
+    else:  # the bias fusing added has gone with the tuner
+        assert rd.get_res_tuner_configs(unet) == {}
+        assert all(m.get_base_layer().bias is None for n, m in unet.named_modules() if n.endswith("attn1.to_q"))

@@ -261,6 +261,12 @@ def _close(actual: torch.Tensor | None, expected: torch.Tensor | None, magnitude
     return bool(((actual.detach().float() - expected.detach().float()).abs() <= bound).all())
 
 
+def _bias_merges(merges: PeftMerges) -> list[str]:
+    """The merged peft adapters that add to the bias too (peft's ``lora_bias``)."""
+    with_bias = (getattr(merges.wrapper, "lora_bias", {}) or {}) if merges.wrapper is not None else {}
+    return [adapter for adapter in merges.merged if with_bias.get(adapter, False)]
+
+
 def _changed_message(bank: LinearBank, action: str) -> str:
     return (
         f"the weight of {bank.layer_path} was changed while res tuner(s) {bank.fused_names()} were fused, by "
@@ -310,6 +316,14 @@ def resolve_others(
     if explained:
         return Resolved(replayed_w, replayed_b, now)
     if not accept_changed:
+        biased = _bias_merges(now)
+        if bank.added_bias and biased:
+            # peft merged a LoRA's bias into the bias fusing created: without our tuners the layer has none to hold it
+            raise _error(
+                f"{bank.layer_path} has no bias of its own: fusing res tuner(s) {bank.fused_names()} added one, and "
+                f"the peft LoRA {biased} (lora_bias) was then fused into it, so {action} has nowhere to keep that "
+                "LoRA's bias. Nothing was changed. Call pipe.unfuse_lora() first, then this, then pipe.fuse_lora()"
+            )
         raise _error(_changed_message(bank, action))
     # Accepted: subtract exactly the delta this bank added, keep the rest of whatever changed the weight.
     new_w = (weight.float() - delta_w).to(weight.dtype)
