@@ -81,4 +81,3 @@ def test_the_vae_gets_the_pixels_in_its_own_dtype() -> None:
     for base, base_args in bases:
         loss = _loss(base, base_args, fixed_batch(3, 0))  # float32 pixels in the batch
         assert loss.dim() == 0 and torch.isfinite(loss)
-
