@@ -81,3 +81,11 @@ def test_the_vae_gets_the_pixels_in_its_own_dtype() -> None:
     for base, base_args in bases:
         loss = _loss(base, base_args, fixed_batch(3, 0))  # float32 pixels in the batch
         assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_flux_is_trained_at_the_runs_guidance_scale() -> None:
+    base = flow_base("flux")  # its stand-in transformer has FLUX.1-dev's guidance embedding and records the guidance
+    args = _flow_args()
+    args.guidance_scale = 7.0  # not the family's default
+    _loss(base, args, fixed_batch(2, 0))
+    assert torch.equal(base.denoiser.seen[-1]["guidance"], torch.full((2,), 7.0))
