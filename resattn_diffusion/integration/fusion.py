@@ -85,12 +85,17 @@ def check_additive(merges: PeftMerges, layer_path: str) -> None:
         )
 
 
+def _adds_to_bias(wrapper: nn.Module, adapter: str) -> bool:
+    """Whether peft's merge of ``adapter`` adds to the bias too (peft's ``lora_bias``)."""
+    return bool((getattr(wrapper, "lora_bias", {}) or {}).get(adapter, False))
+
+
 def _adapter_delta(wrapper: nn.Module, adapter: str, layer_path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What peft's ``merge`` adds for one adapter: ``(dW, db)``."""
     check_additive(PeftMerges(wrapper, (adapter,)), layer_path)
     delta_w = wrapper.get_delta_weight(adapter)
     delta_b = None
-    if (getattr(wrapper, "lora_bias", {}) or {}).get(adapter, False):
+    if _adds_to_bias(wrapper, adapter):
         delta_b = wrapper.lora_B[adapter].bias * wrapper.scaling[adapter]
     return delta_w, delta_b
 
@@ -261,12 +266,6 @@ def _close(actual: torch.Tensor | None, expected: torch.Tensor | None, magnitude
     return bool(((actual.detach().float() - expected.detach().float()).abs() <= bound).all())
 
 
-def _bias_merges(merges: PeftMerges) -> list[str]:
-    """The merged peft adapters that add to the bias too (peft's ``lora_bias``)."""
-    with_bias = (getattr(merges.wrapper, "lora_bias", {}) or {}) if merges.wrapper is not None else {}
-    return [adapter for adapter in merges.merged if with_bias.get(adapter, False)]
-
-
 def _changed_message(bank: LinearBank, action: str) -> str:
     return (
         f"the weight of {bank.layer_path} was changed while res tuner(s) {bank.fused_names()} were fused, by "
@@ -316,7 +315,7 @@ def resolve_others(
     if explained:
         return Resolved(replayed_w, replayed_b, now)
     if not accept_changed:
-        biased = _bias_merges(now)
+        biased = [adapter for adapter in now.merged if _adds_to_bias(now.wrapper, adapter)]
         if bank.added_bias and biased:
             # peft merged a LoRA's bias into the bias fusing created: without our tuners the layer has none to hold it
             raise _error(

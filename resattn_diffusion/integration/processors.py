@@ -211,10 +211,8 @@ def select_linear_path(bank: LinearBank, x: torch.Tensor, branches: list[tuple[s
     with a d_out x d_in delta beats two passes over the activations and (SURM) float32 FFT spectra of every token.
     On CPU the branches stay separate: the low-rank branch is cheaper than a second full-size weight gradient.
     """
-    mergeable = all(
-        placement == "parallel" and tuner.mergeable
-        for _, tuner, _, placement in branches  # LinearTuner's flags
-    )
+    # ``mergeable`` and ``merge_on_cuda``: flags every LinearTuner declares
+    mergeable = all(placement == "parallel" and tuner.mergeable for _, tuner, _, placement in branches)
     if bank.path == "auto":
         if not (mergeable and fast_path_wanted(x.device.type)):
             return "branch"
