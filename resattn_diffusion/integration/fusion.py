@@ -314,22 +314,24 @@ def resolve_others(
         explained = False
     if explained:
         return Resolved(replayed_w, replayed_b, now)
+    biased = [adapter for adapter in now.merged if _adds_to_bias(now.wrapper, adapter)]
+    if bank.added_bias and biased:
+        # peft merged a LoRA's bias into the bias fusing created: without our tuners the layer has none to hold it,
+        # so even accept_changed_weights (which keeps the other change) has no exact answer: refused either way.
+        raise _error(
+            f"{bank.layer_path} has no bias of its own: fusing res tuner(s) {bank.fused_names()} added one, and "
+            f"the peft LoRA {biased} (lora_bias) was then fused into it, so {action} has nowhere to keep that "
+            f"LoRA's bias ({ACCEPT_FLAG}=True cannot either). Nothing was changed. Call pipe.unfuse_lora() first, "
+            "then this, then pipe.fuse_lora()"
+        )
     if not accept_changed:
-        biased = [adapter for adapter in now.merged if _adds_to_bias(now.wrapper, adapter)]
-        if bank.added_bias and biased:
-            # peft merged a LoRA's bias into the bias fusing created: without our tuners the layer has none to hold it
-            raise _error(
-                f"{bank.layer_path} has no bias of its own: fusing res tuner(s) {bank.fused_names()} added one, and "
-                f"the peft LoRA {biased} (lora_bias) was then fused into it, so {action} has nowhere to keep that "
-                "LoRA's bias. Nothing was changed. Call pipe.unfuse_lora() first, then this, then pipe.fuse_lora()"
-            )
         raise _error(_changed_message(bank, action))
     # Accepted: subtract exactly the delta this bank added, keep the rest of whatever changed the weight.
     new_w = (weight.float() - delta_w).to(weight.dtype)
     if bias is None:
         new_b = None
     elif bank.added_bias and delta_b is not None:
-        new_b = None  # the bias was ours: it goes, with whatever was added to it
+        new_b = None  # the bias was ours (a LoRA's bias merged into it was refused above): it goes
     else:
         new_b = bias if delta_b is None else (bias.float() - delta_b).to(bias.dtype)
     return Resolved(new_w, new_b, now)
