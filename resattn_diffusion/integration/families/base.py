@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -119,6 +120,19 @@ class ModelFamily(ABC):
 
     def _describe(self, get) -> dict[str, Any]:
         return {}
+
+    def kohya_module_paths(
+        self, paths: Sequence[str], described: Mapping[str, Any], model_config: Mapping[str, Any] | None
+    ) -> dict[str, str]:
+        """Layer path -> the dotted path kohya's sd-scripts give that layer in the model they train, which a kohya
+        LoRA key spells ``lora_unet_<path with _>``.
+
+        ``described`` is a tuner file's record of its base model (:meth:`describe`); ``model_config`` the base
+        model's config where the caller has one (else None). Families the kohya format does not cover refuse."""
+        raise ResTunerError(
+            f"the kohya format names UNet layers (lora_unet_*); this tuner sits on a {described.get('class')}: "
+            "export with format='diffusers'"
+        )
 
     def install_model_guards(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called when the first tuner arrives on ``model`` (e.g. keep diffusers' helpers from dropping it)."""
