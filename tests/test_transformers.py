@@ -161,3 +161,69 @@ def test_bf16_transformer_training_step_on_cpu():
     model(**inputs).sample.float().pow(2).mean().backward()
     grads = [p.grad for p in rd.res_tuner_parameters(model)]
     assert any(g is not None and torch.isfinite(g.float()).all() and g.abs().sum() > 0 for g in grads)
+
+
+# --- diffusers' fuse_qkv_projections() beside tuners ------------------------------------------------------------
+def _has_fused_linears(model) -> bool:
+    return any(hasattr(m, "to_qkv") or hasattr(m, "to_added_qkv") for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_fuse_qkv_projections_beside_linear_tuners_is_refused_and_changes_nothing(kind, fused):
+    # diffusers copies to_q/to_k/to_v (and add_*_proj) into one linear the attention runs instead: the tuners beside
+    # the separate projections stopped running silently, and a fused one was copied in for good
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=5)
+    reference = _run(model, inputs)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora"))
+    randomize_tuner(model)
+    if fused:
+        rd.fuse_res_tuner(model)
+    tuned, processors = _run(model, inputs), _processor_types(model)
+    with pytest.raises(rd.ResTunerError, match=r"fuse_qkv_projections\(\) would copy .*stop running; nothing was"):
+        model.fuse_qkv_projections()
+    assert not _has_fused_linears(model) and _processor_types(model) == processors
+    assert torch.equal(_run(model, inputs), tuned)
+    rd.remove_res_tuner(model)
+    assert torch.equal(_run(model, inputs), reference)
+    model.fuse_qkv_projections()  # the guard leaves with the last tuner: diffusers' own call again
+    assert _has_fused_linears(model) and "fuse_qkv_projections" not in model.__dict__
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_linear_tuner_on_projections_fuse_qkv_projections_replaced_is_refused(kind):
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=6)
+    model.fuse_qkv_projections()
+    with pytest.raises(rd.ResTunerError, match=r"are not run: diffusers' fuse_qkv_projections\(\).*unfuse_qkv"):
+        rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora"))
+    assert rd.get_res_tuner_configs(model) == {} and not hasattr(model, "_res_tuner_state")
+    # the output projections are not fused: a tuner there runs
+    fused_reference = _run(model, inputs)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora", projections=["to_out", "to_add_out"]))
+    randomize_tuner(model)
+    assert not torch.equal(_run(model, inputs), fused_reference)
+    rd.remove_res_tuner(model)
+    model.unfuse_qkv_projections()
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora", projections=["to_q"]))  # unfused: accepted again
+    randomize_tuner(model)
+    assert not torch.equal(_run(model, inputs), fused_reference)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_unfuse_qkv_projections_under_attention_tuners_restores_the_unfused_processors(kind):
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=7)
+    stock = _processor_types(model)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"))
+    randomize_tuner(model)
+    tuned = _run(model, inputs)
+    model.fuse_qkv_projections()  # attention-side tuners read to_q/to_k/to_v themselves: allowed
+    torch.testing.assert_close(_run(model, inputs), tuned, rtol=0, atol=1e-6)
+    model.unfuse_qkv_projections()
+    # SD3 used to keep its fused processor inside ours after unfuse_qkv_projections(), and got it back on removal
+    bases = {name: type(p.base_processor) for name, p in model.attn_processors.items()}
+    assert bases == stock
+    rd.remove_res_tuner(model)
+    assert _processor_types(model) == stock

@@ -71,6 +71,38 @@ def linear_layer(path: str, module: nn.Module) -> Layer:
     return Layer(path, linear, "linear", linear_shape(linear))
 
 
+#: What diffusers' ``fuse_qkv_projections()`` copies into one fused linear, by the fused linear's name.
+FUSED_PROJECTIONS = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "to_kv": ("to_k", "to_v"),
+    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
+
+
+def runs_fused_projections(attn: nn.Module) -> bool:
+    """Whether ``attn`` computes its q/k/v through the linears ``fuse_qkv_projections()`` made (``to_qkv``, ...)
+    instead of ``to_q`` / ``to_k`` / ``to_v``: an attention of diffusers' new kind (Flux's ``FluxAttention``) reads
+    its ``fused_projections`` flag in the processor; the older ``Attention`` (SD3, the UNet) only under a
+    ``Fused*`` processor (SD3's ``unfuse_qkv_projections()`` puts the old processor back but leaves the flag)."""
+    if not getattr(attn, "fused_projections", False):
+        return False
+    from diffusers.models.attention import AttentionModuleMixin
+
+    if isinstance(attn, AttentionModuleMixin):
+        return True
+    processor = getattr(attn, "processor", None)
+    processor = getattr(processor, "base_processor", processor)  # ours wraps the one diffusers installed
+    return type(processor).__name__.startswith("Fused")
+
+
+def bypassed_projections(attn: nn.Module) -> tuple[str, ...]:
+    """The projections of ``attn`` (the config's names) that it does not run while it runs fused projections: a
+    tuner beside one of them would silently never run."""
+    if not runs_fused_projections(attn):
+        return ()
+    return tuple(name for fused, names in FUSED_PROJECTIONS.items() if hasattr(attn, fused) for name in names)
+
+
 def block_selected(path: str, patterns: tuple[str, ...] | None) -> bool:
     if patterns is None:
         return True
