@@ -227,3 +227,29 @@ def test_unfuse_qkv_projections_under_attention_tuners_restores_the_unfused_proc
     assert bases == stock
     rd.remove_res_tuner(model)
     assert _processor_types(model) == stock
+
+
+@pytest.mark.parametrize(
+    "source,target,config,message",
+    [
+        # the layers agree (same paths and shapes): only the file's record of its base tells the models apart
+        ("flux", "sd3", {"blocks": ["transformer_blocks.0"]}, r"made for a FluxTransformer2DModel \(Flux"),
+        ("sd1", "sd3", {}, r"made for a UNet2DConditionModel \(UNet\)"),
+        # SD3.5's attn2 layers: it used to say "lacks tensor ...attn2...; the file is incomplete: re-save it"
+        ("sd3", "sd35", {}, r"does not fit this SD3 transformer.\n  made for: .*dual_attention_layers=\[\]"),
+        ("sd35", "sd3", {}, r"does not fit this SD3 transformer.\n  made for: .*dual_attention_layers=\[0\]"),
+    ],
+)
+def test_hotswap_of_a_file_for_another_model_is_refused_like_a_load(source, target, config, message, tmp_path):
+    trained = frozen_tiny_model(source)
+    rd.add_res_tuner(trained, rd.ResTunerConfig(tuner="res_attn", **config))
+    randomize_tuner(trained)
+    path = rd.save_res_tuner(trained, tmp_path / "tuner.safetensors")
+    model = frozen_tiny_model(target)
+    inputs = model_inputs(model, seed=8)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn", **config))
+    randomize_tuner(model, seed=1)
+    before = _run(model, inputs)
+    with pytest.raises(rd.ResTunerFileError, match=message):
+        rd.load_res_tuner(model, path, adapter_name="default", hotswap=True)
+    assert torch.equal(_run(model, inputs), before)
