@@ -253,3 +253,29 @@ def test_hotswap_of_a_file_for_another_model_is_refused_like_a_load(source, targ
     with pytest.raises(rd.ResTunerFileError, match=message):
         rd.load_res_tuner(model, path, adapter_name="default", hotswap=True)
     assert torch.equal(_run(model, inputs), before)
+
+
+def test_set_attention_backend_reaches_the_processor_our_tuners_wrap():
+    # diffusers sets processor._attention_backend where the processor has one; on our wrapper it was skipped, so the
+    # wrapped Flux processor kept the backend it had when the tuner came, even after the tuner was removed
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    def backends():
+        return {p.base_processor._attention_backend for p in model.attn_processors.values()}
+
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend also sets it for the whole process
+    try:
+        model = frozen_tiny_model("flux")
+        model.set_attention_backend("_native_math")
+        rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"))
+        model.set_attention_backend("native")
+        assert backends() == {AttentionBackendName.NATIVE}
+        model.transformer_blocks[0].attn.set_attention_backend("_native_math")
+        assert model.transformer_blocks[0].attn.processor.base_processor._attention_backend == "_native_math"
+        model.reset_attention_backend()
+        assert backends() == {None}
+        model.set_attention_backend("native")
+        rd.remove_res_tuner(model)
+        assert {p._attention_backend for p in model.attn_processors.values()} == {AttentionBackendName.NATIVE}
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
