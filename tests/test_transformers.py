@@ -279,3 +279,24 @@ def test_set_attention_backend_reaches_the_processor_our_tuners_wrap():
         assert {p._attention_backend for p in model.attn_processors.values()} == {AttentionBackendName.NATIVE}
     finally:
         _AttentionBackendRegistry.set_active_backend(active)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_per_call_scale_for_a_fused_tuner_is_refused_not_ignored(kind):
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=9)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora"), adapter_name="lora")
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"), adapter_name="attn")
+    randomize_tuner(model, "lora")
+    randomize_tuner(model, "attn", seed=1)
+    rd.fuse_res_tuner(model, "lora")
+    fused = _run(model, inputs)
+    # it used to run the fused weights unchanged: scale 0 gave the tuned output, silently
+    for scale in (0.0, {"lora": 0.5}):
+        with pytest.raises(rd.ResTunerError, match=r"'lora' is fused into the weights at scale 1.0, so the per-call"):
+            _run(model, inputs, joint_attention_kwargs={"res_tuner_scale": scale})
+    assert torch.equal(_run(model, inputs), fused)  # nothing of the refused call stays
+    assert torch.equal(_run(model, inputs, joint_attention_kwargs={"res_tuner_scale": 1.0}), fused)
+    attn_off = _run(model, inputs, joint_attention_kwargs={"res_tuner_scale": {"attn": 0.0}})
+    rd.set_res_tuner_enabled(model, False, "attn")
+    assert torch.equal(attn_off, _run(model, inputs))

@@ -80,11 +80,28 @@ def _scale_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
     scale = call_kwargs.pop(SCALE_KWARG)
     if scale is not None:  # None: no per-call override
         check_call_scale(scale, state.configs)  # once per model call, before any work, so nothing is half-applied
+        _refuse_call_scale_of_fused(state, scale)
         for bank, _ in state.banks:
             bank.call_scale = scale
     kwargs = dict(kwargs)
     kwargs[key] = call_kwargs or None
     return args, kwargs
+
+
+def _refuse_call_scale_of_fused(state: ResTunerState, scale: float | dict[str, float]) -> None:
+    """A fused tuner is in the weights at the scale it was fused with and runs no branch a per-call scale could
+    scale: another per-call scale for it would be ignored silently (as ``set_res_tuner_scale`` refuses it)."""
+    for bank, _ in state.banks:
+        if getattr(bank, "fused", None) is None:  # only a LinearBank holding a fused tuner records one
+            continue
+        for name in bank.fused_names():
+            wanted = scale.get(name) if isinstance(scale, dict) else scale
+            if wanted is not None and wanted != bank.settings[name].scale:
+                raise ResTunerError(
+                    f"tuner {name!r} is fused into the weights at scale {bank.settings[name].scale}, so the per-call "
+                    f"{SCALE_KWARG}={wanted} cannot change it; unfuse it first (unfuse_res_tuner) or leave it out of "
+                    f"the per-call scale (a dict {{name: scale}} of the other tuners)"
+                )
 
 
 def _scale_post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
