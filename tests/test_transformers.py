@@ -300,3 +300,23 @@ def test_a_per_call_scale_for_a_fused_tuner_is_refused_not_ignored(kind):
     attn_off = _run(model, inputs, joint_attention_kwargs={"res_tuner_scale": {"attn": 0.0}})
     rd.set_res_tuner_enabled(model, False, "attn")
     assert torch.equal(attn_off, _run(model, inputs))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_per_call_scale_under_gradient_checkpointing_with_gradients_is_refused(kind):
+    # the backward pass recomputes the blocks after the call's scale is gone: the gradients were those of scale 1
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=10)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"))
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora"), adapter_name="lora")
+    randomize_tuner(model)
+    randomize_tuner(model, "lora", seed=1)
+    model.enable_gradient_checkpointing()
+    model.train()
+    with pytest.raises(rd.ResTunerError, match="does not reach the blocks gradient checkpointing recomputes"):
+        model(**inputs, joint_attention_kwargs={"res_tuner_scale": 0.5})
+    sampled = _run(model, inputs, joint_attention_kwargs={"res_tuner_scale": 0.5})  # no gradients: no recompute
+    rd.set_res_tuner_scale(model, 0.5)
+    assert torch.equal(_run(model, inputs), sampled)
+    model(**inputs).sample.pow(2).mean().backward()  # the scale set on the tuners trains, checkpointed
+    assert all(p.grad is not None for p in rd.res_tuner_parameters(model))
