@@ -320,3 +320,26 @@ def test_a_per_call_scale_under_gradient_checkpointing_with_gradients_is_refused
     assert torch.equal(_run(model, inputs), sampled)
     model(**inputs).sample.pow(2).mean().backward()  # the scale set on the tuners trains, checkpointed
     assert all(p.grad is not None for p in rd.res_tuner_parameters(model))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_layerwise_casting_and_tuners_are_refused_in_either_order(kind):
+    # diffusers' layerwise casting stores every module under a linear / attention in float8, tuners included: they
+    # were built in float8 (raw NotImplementedError later) or rounded to float8 for good (raw dtype errors in forward)
+    from resattn_diffusion.integration.families.base import layerwise_casting_active
+
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=11)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora"))
+    randomize_tuner(model)
+    tuned = _run(model, inputs)
+    with pytest.raises(rd.ResTunerError, match=r"layerwise casting \(enable_layerwise_casting\) cannot share a model"):
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert not layerwise_casting_active(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(_run(model, inputs), tuned)
+    rd.remove_res_tuner(model)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)  # diffusers' own
+    with pytest.raises(rd.ResTunerError, match="cannot share a model"):
+        rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"))
+    assert not hasattr(model, "_res_tuner_state")

@@ -16,7 +16,7 @@ from ..checks import check_adapter_name, check_call_scale, check_enabled, check_
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError
 from .families import family_of
-from .families.base import Layer
+from .families.base import LAYERWISE_CASTING_REFUSAL, Layer, layerwise_casting_active
 from .families.unet import attention_shape, transformer_blocks
 from .kinds import kind_of
 from .kinds.layers import LayerKind, layer_fingerprint, tuner_input_shape
@@ -160,6 +160,8 @@ def add_res_tuner(unet: nn.Module, config: ResTunerConfig, adapter_name: str = "
             "adapter name"
         )
     family.check_kind(config)
+    if layerwise_casting_active(unet):  # the tuners would be built, and stored, in float8
+        raise ResTunerError(LAYERWISE_CASTING_REFUSAL)
     kind = kind_of(config)
     kind.fingerprint(unet, family, config)  # raises on a config the model cannot take, before anything changes
     from .plan import check_tuner_size

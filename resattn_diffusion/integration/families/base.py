@@ -103,6 +103,24 @@ def bypassed_projections(attn: nn.Module) -> tuple[str, ...]:
     return tuple(name for fused, names in FUSED_PROJECTIONS.items() if hasattr(attn, fused) for name in names)
 
 
+#: Why tuners and diffusers' layerwise casting (``enable_layerwise_casting``: float8 storage) do not go together.
+LAYERWISE_CASTING_REFUSAL = (
+    "res tuners and diffusers' layerwise casting (enable_layerwise_casting) cannot share a model: it stores every "
+    "module under a linear or an attention in its storage dtype (float8 by default), the tuners that sit there "
+    "included, so their weights would be rounded to it for good and could not train. Use the model in bfloat16 / "
+    "float16 (and fuse_res_tuner for zero-cost inference), or enable layerwise casting on a model without res tuners"
+)
+
+
+def layerwise_casting_active(model: nn.Module) -> bool:
+    """Whether diffusers' layerwise casting hooks sit on any module of ``model``."""
+    return any(
+        getattr(module, "_diffusers_hook", None) is not None
+        and module._diffusers_hook.get_hook("layerwise_casting") is not None
+        for module in model.modules()
+    )
+
+
 def block_selected(path: str, patterns: tuple[str, ...] | None) -> bool:
     if patterns is None:
         return True

@@ -4,13 +4,21 @@ how a block's targets become layers (:class:`JointTransformerFamily`)."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from torch import nn
 
 from ...tuners.base import OpShape
 from ..processors import LinearBank, ResTunerJointAttnProcessor
 from ..state import ResTunerError, get_state
-from .base import FUSED_PROJECTIONS, Layer, ModelFamily, feed_forward_layer, linear_layer
+from .base import (
+    FUSED_PROJECTIONS,
+    LAYERWISE_CASTING_REFUSAL,
+    Layer,
+    ModelFamily,
+    feed_forward_layer,
+    linear_layer,
+)
 from .unet import attention_linears
 
 #: Projections of a joint attention: the image stream's, then the text stream's (``to_out`` is ``to_out.0``).
@@ -76,6 +84,14 @@ def _fuse_qkv_projections_keeping_tuners(model: nn.Module) -> None:
         model.original_attn_processors = before
 
 
+def _enable_layerwise_casting_refused(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    """Installed as ``model.enable_layerwise_casting`` while tuners sit on it: diffusers would cast every module
+    under each linear and attention to the storage dtype -- the tuners that are children of them too -- and back to
+    the compute dtype around each call, so the tuners' weights would be rounded to float8 for good (and some would
+    fail in the forward with a raw dtype error)."""
+    raise ResTunerError(LAYERWISE_CASTING_REFUSAL)
+
+
 class JointTransformerFamily(ModelFamily):
     """A diffusion transformer of joint-attention blocks (SD3, Flux): joint attentions, feed-forwards and, where a
     family names them in :attr:`single_linears`, single linear projections as targets."""
@@ -88,9 +104,11 @@ class JointTransformerFamily(ModelFamily):
 
     def install_model_guards(self, model: nn.Module) -> None:
         model.fuse_qkv_projections = functools.partial(_fuse_qkv_projections_keeping_tuners, model)
+        model.enable_layerwise_casting = functools.partial(_enable_layerwise_casting_refused, model)
 
     def remove_model_guards(self, model: nn.Module) -> None:
         model.__dict__.pop("fuse_qkv_projections", None)
+        model.__dict__.pop("enable_layerwise_casting", None)
 
     def operation(self, block_path: str, block: nn.Module, target: str) -> Layer | None:
         op = getattr(block, target, None)
