@@ -343,3 +343,29 @@ def test_layerwise_casting_and_tuners_are_refused_in_either_order(kind):
     with pytest.raises(rd.ResTunerError, match="cannot share a model"):
         rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"))
     assert not hasattr(model, "_res_tuner_state")
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")  # the second adapter, on purpose
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_peft_lora_added_after_our_tuners_leaves_them_trainable(kind):
+    # peft marks every parameter it did not add frozen: a tuner trained beside a LoRA added after it stopped learning
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=12)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="glora"), adapter_name="glora")
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"), adapter_name="attn")
+    randomize_tuner(model, "glora")
+    rd.res_tuner_parameters(model, "attn")[0].requires_grad_(False)  # what the user froze stays frozen
+    before = [p.requires_grad for p in rd.res_tuner_parameters(model)]
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q"]), "peft")
+    assert [p.requires_grad for p in rd.res_tuner_parameters(model)] == before
+    model(**inputs).sample.pow(2).mean().backward()
+    assert all(p.grad is not None for p in rd.res_tuner_parameters(model, "glora"))
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A.peft" in n)
+    lora = get_peft_model_state_dict(model, adapter_name="peft")
+    model.load_lora_adapter(lora, adapter_name="again", prefix=None)  # what pipe.load_lora_weights calls
+    assert [p.requires_grad for p in rd.res_tuner_parameters(model)] == before
+    rd.remove_res_tuner(model)
+    assert "add_adapter" not in model.__dict__ and "load_lora_adapter" not in model.__dict__

@@ -10,6 +10,7 @@ new subclass registered in ``families/__init__.py``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -119,6 +120,37 @@ def layerwise_casting_active(model: nn.Module) -> bool:
         and module._diffusers_hook.get_hook("layerwise_casting") is not None
         for module in model.modules()
     )
+
+
+#: diffusers' calls that put a peft adapter into the model; peft then marks every parameter it did not add frozen.
+PEFT_INJECTING_METHODS = ("add_adapter", "load_lora_adapter")
+
+
+def _peft_call_keeping_tuners_trainable(model: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Installed as ``model.add_adapter`` / ``model.load_lora_adapter`` while tuners sit on it: diffusers' own call,
+    after which the tuners' parameters are as trainable as they were (peft froze them: training the tuner beside a
+    LoRA added after it silently stopped updating it)."""
+    from ..state import get_state
+
+    state = get_state(model)
+    banks = [] if state is None else state.banks
+    trainable = [(param, param.requires_grad) for bank, _ in banks for param in bank.tuners.parameters()]
+    result = getattr(type(model), method)(model, *args, **kwargs)
+    for param, requires_grad in trainable:
+        param.requires_grad_(requires_grad)
+    return result
+
+
+def install_peft_guards(model: nn.Module) -> None:
+    """Keep the tuners trainable through diffusers' peft calls (see :func:`_peft_call_keeping_tuners_trainable`)."""
+    for method in PEFT_INJECTING_METHODS:
+        if hasattr(type(model), method):
+            setattr(model, method, functools.partial(_peft_call_keeping_tuners_trainable, model, method))
+
+
+def remove_peft_guards(model: nn.Module) -> None:
+    for method in PEFT_INJECTING_METHODS:
+        model.__dict__.pop(method, None)
 
 
 def block_selected(path: str, patterns: tuple[str, ...] | None) -> bool:

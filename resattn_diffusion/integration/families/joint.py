@@ -17,7 +17,9 @@ from .base import (
     Layer,
     ModelFamily,
     feed_forward_layer,
+    install_peft_guards,
     linear_layer,
+    remove_peft_guards,
 )
 from .unet import attention_linears
 
@@ -105,10 +107,12 @@ class JointTransformerFamily(ModelFamily):
     def install_model_guards(self, model: nn.Module) -> None:
         model.fuse_qkv_projections = functools.partial(_fuse_qkv_projections_keeping_tuners, model)
         model.enable_layerwise_casting = functools.partial(_enable_layerwise_casting_refused, model)
+        install_peft_guards(model)
 
     def remove_model_guards(self, model: nn.Module) -> None:
         model.__dict__.pop("fuse_qkv_projections", None)
         model.__dict__.pop("enable_layerwise_casting", None)
+        remove_peft_guards(model)
 
     def operation(self, block_path: str, block: nn.Module, target: str) -> Layer | None:
         op = getattr(block, target, None)
