@@ -87,7 +87,10 @@ def runs_fused_projections(attn: nn.Module) -> bool:
     ``Fused*`` processor (SD3's ``unfuse_qkv_projections()`` puts the old processor back but leaves the flag)."""
     if not getattr(attn, "fused_projections", False):
         return False
-    from diffusers.models.attention import AttentionModuleMixin
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # diffusers before 0.35: every attention is of the older kind
+        AttentionModuleMixin = ()  # noqa: N806 - isinstance(x, ()) is False
 
     if isinstance(attn, AttentionModuleMixin):
         return True

@@ -106,7 +106,8 @@ class JointTransformerFamily(ModelFamily):
 
     def install_model_guards(self, model: nn.Module) -> None:
         model.fuse_qkv_projections = functools.partial(_fuse_qkv_projections_keeping_tuners, model)
-        model.enable_layerwise_casting = functools.partial(_enable_layerwise_casting_refused, model)
+        if hasattr(type(model), "enable_layerwise_casting"):  # diffusers 0.33 and later
+            model.enable_layerwise_casting = functools.partial(_enable_layerwise_casting_refused, model)
         install_peft_guards(model)
 
     def remove_model_guards(self, model: nn.Module) -> None:
