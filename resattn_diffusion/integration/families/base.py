@@ -19,7 +19,7 @@ from torch import nn
 
 from ...config import ResTunerConfig
 from ...tuners.base import ConfigError, OpShape
-from ..state import ResTunerError
+from ..state import ResTunerError, get_state
 
 
 @dataclass
@@ -133,8 +133,6 @@ def _peft_call_keeping_tuners_trainable(model: nn.Module, method: str, *args: An
     """Installed as ``model.add_adapter`` / ``model.load_lora_adapter`` while tuners sit on it: diffusers' own call,
     after which the tuners' parameters are as trainable as they were (peft froze them: training the tuner beside a
     LoRA added after it silently stopped updating it)."""
-    from ..state import get_state
-
     state = get_state(model)
     banks = [] if state is None else state.banks
     trainable = [(param, param.requires_grad) for bank, _ in banks for param in bank.tuners.parameters()]
