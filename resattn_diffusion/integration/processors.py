@@ -423,6 +423,17 @@ class ResTunerAttnProcessor(nn.Module):
         self.__dict__["base_processor"] = processor
         self.backend = _processor_backend(processor)
 
+    # diffusers' set_attention_backend() / reset_attention_backend() (and FluxAttention.set_attention_backend) set
+    # ``processor._attention_backend`` where the processor has one: passed to the wrapped processor, which runs the
+    # attention, instead of landing on this wrapper unread (the wrapped one kept the backend it had when tuners came).
+    @property
+    def _attention_backend(self) -> Any:
+        return self.base_processor._attention_backend  # AttributeError where it has none: diffusers then skips us
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self.base_processor._attention_backend = backend
+
     # Attention.forward passes a cross_attention_kwargs key only if __call__ names it, hence the explicit signature.
     def __call__(
         self,
