@@ -168,7 +168,7 @@ def _has_fused_linears(model) -> bool:
     return any(hasattr(m, "to_qkv") or hasattr(m, "to_added_qkv") for m in model.modules())
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "sd1"])  # sd1: the UNet has the same guards
 @pytest.mark.parametrize("fused", [False, True])
 def test_fuse_qkv_projections_beside_linear_tuners_is_refused_and_changes_nothing(kind, fused):
     # diffusers copies to_q/to_k/to_v (and add_*_proj) into one linear the attention runs instead: the tuners beside
@@ -211,7 +211,7 @@ def test_a_linear_tuner_on_projections_fuse_qkv_projections_replaced_is_refused(
     assert not torch.equal(_run(model, inputs), fused_reference)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "sd1"])  # sd1: the UNet has the same guards
 def test_unfuse_qkv_projections_under_attention_tuners_restores_the_unfused_processors(kind):
     model = frozen_tiny_model(kind)
     inputs = model_inputs(model, seed=7)
@@ -322,7 +322,7 @@ def test_a_per_call_scale_under_gradient_checkpointing_with_gradients_is_refused
     assert all(p.grad is not None for p in rd.res_tuner_parameters(model))
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "sd1"])  # sd1: the UNet has the same guards
 def test_layerwise_casting_and_tuners_are_refused_in_either_order(kind):
     # diffusers' layerwise casting stores every module under a linear / attention in float8, tuners included: they
     # were built in float8 (raw NotImplementedError later) or rounded to float8 for good (raw dtype errors in forward)
@@ -346,7 +346,7 @@ def test_layerwise_casting_and_tuners_are_refused_in_either_order(kind):
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")  # the second adapter, on purpose
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "sd1"])  # sd1: the UNet has the same guards
 def test_a_peft_lora_added_after_our_tuners_leaves_them_trainable(kind):
     # peft marks every parameter it did not add frozen: a tuner trained beside a LoRA added after it stopped learning
     from peft import LoraConfig

@@ -20,6 +20,7 @@ from torch import nn
 
 from ...config import ResTunerConfig
 from ...tuners.base import ConfigError, OpShape
+from ..processors import LinearBank
 from ..state import ResTunerError, get_state
 
 
@@ -153,6 +154,62 @@ def install_peft_guards(model: nn.Module) -> None:
 def remove_peft_guards(model: nn.Module) -> None:
     for method in PEFT_INJECTING_METHODS:
         model.__dict__.pop(method, None)
+
+
+def _fuse_qkv_projections_keeping_tuners(model: nn.Module) -> None:
+    """Installed as ``model.fuse_qkv_projections`` while tuners sit on it.
+
+    diffusers copies ``to_q`` / ``to_k`` / ``to_v`` (and the text stream's ``add_*_proj``) into one new linear that
+    the attention then runs instead: a linear tuner beside the separate projections would silently stop running (a
+    fused one would be copied in for good, and unfusing it later would no longer reach the copy). That is refused
+    before anything changes. Attention-side tuners stay: SD3 installs a fused processor, which ours wraps; diffusers
+    remembers the processors to restore in ``unfuse_qkv_projections()`` -- ours, now wrapping the fused one -- so
+    those are replaced by the processors ours wrapped before, and unfusing brings the unfused computation back.
+    """
+    state = get_state(model)
+    fused_names = {name for names in FUSED_PROJECTIONS.values() for name in names}
+    beside = [
+        bank.layer_path
+        for bank, _ in ([] if state is None else state.banks)
+        if isinstance(bank, LinearBank) and bank.layer_path.rsplit(".", 1)[-1] in fused_names
+    ]
+    if beside:
+        raise ResTunerError(
+            f"fuse_qkv_projections() would copy the q/k/v projections into one linear the attention runs instead, "
+            f"and the res tuner(s) beside {len(beside)} of them (e.g. {beside[0]}) would silently stop running; "
+            "nothing was fused. Remove those tuners first (remove_res_tuner), or keep the projections unfused: "
+            "fuse_res_tuner folds linear tuners into the weights for inference"
+        )
+    before = {name: getattr(p, "base_processor", p) for name, p in model.attn_processors.items()}
+    type(model).fuse_qkv_projections(model)
+    if getattr(model, "original_attn_processors", None) is not None:
+        model.original_attn_processors = before
+
+
+def _enable_layerwise_casting_refused(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    """Installed as ``model.enable_layerwise_casting`` while tuners sit on it: diffusers would cast every module
+    under each linear and attention to the storage dtype -- the tuners that are children of them too -- and back to
+    the compute dtype around each call, so the tuners' weights would be rounded to float8 for good (and some would
+    fail in the forward with a raw dtype error)."""
+    raise ResTunerError(LAYERWISE_CASTING_REFUSAL)
+
+
+def install_diffusers_guards(model: nn.Module) -> None:
+    """What every family guards while tuners sit on ``model`` (diffusers' calls the UNet and the transformers
+    share): ``fuse_qkv_projections`` keeps or refuses the tuners, ``enable_layerwise_casting`` is refused, and
+    peft's ``add_adapter`` / ``load_lora_adapter`` leave the tuners trainable."""
+    if hasattr(type(model), "fuse_qkv_projections"):
+        model.fuse_qkv_projections = functools.partial(_fuse_qkv_projections_keeping_tuners, model)
+    if hasattr(type(model), "enable_layerwise_casting"):  # diffusers 0.33 and later
+        model.enable_layerwise_casting = functools.partial(_enable_layerwise_casting_refused, model)
+    install_peft_guards(model)
+
+
+def remove_diffusers_guards(model: nn.Module) -> None:
+    """Undo :func:`install_diffusers_guards` exactly."""
+    model.__dict__.pop("fuse_qkv_projections", None)
+    model.__dict__.pop("enable_layerwise_casting", None)
+    remove_peft_guards(model)
 
 
 def block_selected(path: str, patterns: tuple[str, ...] | None) -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 from ...tuners.base import OpShape
 from ..processors import ResTunerAttnProcessor
 from ..state import ResTunerError
-from .base import Layer, ModelFamily, feed_forward_layer
+from .base import Layer, ModelFamily, feed_forward_layer, install_diffusers_guards, remove_diffusers_guards
 
 #: The attention projections of a UNet transformer block; ``to_out`` is ``to_out.0``.
 UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
@@ -225,6 +225,8 @@ class UNetFamily(ModelFamily):
 
     def install_model_guards(self, model: nn.Module) -> None:
         model.set_default_attn_processor = functools.partial(_set_default_attn_processor_keeping_tuners, model)
+        install_diffusers_guards(model)
 
     def remove_model_guards(self, model: nn.Module) -> None:
         model.__dict__.pop("set_default_attn_processor", None)
+        remove_diffusers_guards(model)
