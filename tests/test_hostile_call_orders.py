@@ -1,0 +1,71 @@
+"""Hostile call orders and argument forms (an attacker's pass): each test is a sequence of valid-looking calls that
+used to leave a saved file unloadable, a model half-changed, or end in a raw Python error instead of our own.
+
+The README's "What is refused and why" table has one row per case.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import resattn_diffusion as rd
+from pipelines import ResTunerStableDiffusionPipeline
+from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, tiny_pipeline, unet_inputs
+
+#: GLoRA whose only term is ``W0 C``: fusing it adds a bias to the bias-free ``to_q`` / ``to_k`` / ``to_v``.
+GLORA_BIAS_ONLY = rd.ResTunerConfig(tuner="glora", config="A=none,B=none,C=vector,D=none,E=none")
+
+
+def _out(unet: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(**unet_inputs(unet)).sample
+
+
+def _tuner_file(tmp_path: Path, name: str, config: rd.ResTunerConfig, seed: int = 0) -> Path:
+    unet = frozen_tiny_unet("sd1")
+    rd.add_res_tuner(unet, config)
+    randomize_tuner(unet, seed=seed, std=0.2)
+    return rd.save_res_tuner(unet, tmp_path / f"{name}.safetensors")
+
+
+@pytest.fixture
+def pipe() -> ResTunerStableDiffusionPipeline:
+    pipe = ResTunerStableDiffusionPipeline(**tiny_pipeline("sd1").components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --- a tuner saved while a GLoRA that added a bias is fused --------------------------------------------------------
+def test_a_glora_saved_while_fused_loads_into_the_base_model(tmp_path: Path):
+    """Fusing GLoRA's ``W0 C`` gives the bias-free ``to_q`` a bias; the file saved then recorded ``has_bias: True``
+    for those layers and was refused by the very base model it was trained on."""
+    unet = frozen_tiny_unet("sd1")
+    rd.add_res_tuner(unet, GLORA_BIAS_ONLY, "g")
+    randomize_tuner(unet, "g", seed=1, std=0.2)
+    unfused_file = rd.save_res_tuner(unet, tmp_path / "unfused.safetensors", "g")
+    rd.fuse_res_tuner(unet, "g")
+    fused_file = rd.save_res_tuner(unet, tmp_path / "fused.safetensors", "g")
+    fresh = frozen_tiny_unet("sd1")
+    rd.load_res_tuner(fresh, fused_file)
+    torch.testing.assert_close(_out(fresh), _out(unet))
+    with safe_open(str(unfused_file), framework="pt") as unfused, safe_open(str(fused_file), framework="pt") as fused:
+        assert fused.metadata()["layers"] == unfused.metadata()["layers"]
+
+
+def test_a_tuner_loads_beside_a_fused_glora_that_added_a_bias(tmp_path: Path):
+    """The same fingerprint decides whether a file fits: a valid res_lora file was refused ("does not fit this
+    UNet", has_bias) while a GLoRA that added a bias was fused, and a tuner added then was built for a bias the
+    base model does not have."""
+    lora_file = _tuner_file(tmp_path, "lora", rd.ResTunerConfig(tuner="res_lora"), seed=2)
+    unet = frozen_tiny_unet("sd1")
+    rd.add_res_tuner(unet, GLORA_BIAS_ONLY, "g")
+    randomize_tuner(unet, "g", seed=1, std=0.2)
+    rd.fuse_res_tuner(unet, "g")
+    rd.load_res_tuner(unet, lora_file, adapter_name="lora")
+    rd.add_res_tuner(unet, GLORA_BIAS_ONLY, "g2")
+    saved = rd.save_res_tuner(unet, tmp_path / "g2.safetensors", "g2")
+    rd.load_res_tuner(frozen_tiny_unet("sd1"), saved)  # fits the base model: no bias term on bias-free layers
