@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 import resattn_diffusion as rd
 from pipelines import ResTunerStableDiffusionPipeline
+from resattn_diffusion.integration.api import res_tuner_settings
 from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, tiny_pipeline, unet_inputs
 
 #: GLoRA whose only term is ``W0 C``: fusing it adds a bias to the bias-free ``to_q`` / ``to_k`` / ``to_v``.
@@ -69,3 +71,45 @@ def test_a_tuner_loads_beside_a_fused_glora_that_added_a_bias(tmp_path: Path):
     rd.add_res_tuner(unet, GLORA_BIAS_ONLY, "g2")
     saved = rd.save_res_tuner(unet, tmp_path / "g2.safetensors", "g2")
     rd.load_res_tuner(frozen_tiny_unet("sd1"), saved)  # fits the base model: no bias term on bias-free layers
+
+
+# --- set_res_tuners: one weight for every name, and per-block weights checked before anything changes ------------
+@pytest.mark.parametrize("weight", [np.float32(0.5), np.int64(1), np.float64(0.25)], ids=str)
+def test_set_res_tuners_takes_a_numpy_number_as_one_weight_for_every_name(
+    pipe: ResTunerStableDiffusionPipeline, tmp_path: Path, weight
+):
+    """A numpy float32/int64 scalar (what ``np.linspace`` gives) used to end in ``TypeError: object of type
+    'numpy.float32' has no len()``; it is a real number like any other."""
+    lora_file = _tuner_file(tmp_path, "lora", rd.ResTunerConfig(tuner="res_lora"))
+    pipe.load_res_tuner(lora_file, adapter_name="a")
+    pipe.load_res_tuner(lora_file, adapter_name="b")
+    pipe.set_res_tuners(["a", "b"], weight)
+    assert {name: s["scale"] for name, s in res_tuner_settings(pipe.unet).items()} == {"a": weight, "b": weight}
+
+
+@pytest.mark.parametrize("weight", [torch.tensor(0.5), "0.5", b"05"], ids=repr)
+def test_set_res_tuners_refuses_a_single_weight_that_is_not_a_number(
+    pipe: ResTunerStableDiffusionPipeline, tmp_path: Path, weight
+):
+    """A 0-d tensor was a raw ``TypeError: len() of a 0-d tensor``; a string was taken apart into one weight per
+    character (a "2 scale weight(s) 05" count error, or, as long as the names list, each character as a scale)."""
+    pipe.load_res_tuner(_tuner_file(tmp_path, "lora", rd.ResTunerConfig(tuner="res_lora")), adapter_name="a")
+    before = res_tuner_settings(pipe.unet)
+    with pytest.raises(rd.ConfigError, match="scale must be a number"):
+        pipe.set_res_tuners(["a"], weight)
+    assert res_tuner_settings(pipe.unet) == before
+
+
+def test_set_res_tuners_refuses_per_block_weights_for_a_bypass_before_changing_any_tuner(
+    pipe: ResTunerStableDiffusionPipeline, tmp_path: Path
+):
+    """Per-block weights for the bypass (one side network, one scale) were refused only when its turn came, after
+    the tuners named before it had their new scales: the pipeline was left half-mixed."""
+    pipe.load_res_tuner(_tuner_file(tmp_path, "lora", rd.ResTunerConfig(tuner="res_lora")), adapter_name="a")
+    pipe.load_res_tuner(_tuner_file(tmp_path, "bypass", rd.ResTunerConfig(tuner="res_bypass")), adapter_name="b")
+    pipe.set_res_tuner_scale(0.8, "a")
+    pipe.disable_res_tuner("b")
+    before = res_tuner_settings(pipe.unet)
+    with pytest.raises(rd.ResTunerError, match="'b' is a side network"):
+        pipe.set_res_tuners(["a", "b"], [0.3, {"down": 0.5}])
+    assert res_tuner_settings(pipe.unet) == before
