@@ -113,3 +113,54 @@ def test_set_res_tuners_refuses_per_block_weights_for_a_bypass_before_changing_a
     with pytest.raises(rd.ResTunerError, match="'b' is a side network"):
         pipe.set_res_tuners(["a", "b"], [0.3, {"down": 0.5}])
     assert res_tuner_settings(pipe.unet) == before
+
+
+# --- saving to paths that are not a plain new file -----------------------------------------------------------------
+@pytest.fixture
+def tuned_unet() -> torch.nn.Module:
+    unet = frozen_tiny_unet("sd1")
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_lora"), "a")
+    randomize_tuner(unet, "a", seed=3, std=0.2)
+    return unet
+
+
+def test_saving_to_a_folder_named_like_a_tuner_file_writes_the_file_in_it(tuned_unet, tmp_path: Path):
+    """``out.safetensors`` that is an existing folder: the save ended in a raw ``IsADirectoryError`` from the final
+    rename; now it is a folder like any other, as ``load_res_tuner(folder)`` reads it."""
+    folder = tmp_path / "out.safetensors"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("kept")
+    written = rd.save_res_tuner(tuned_unet, folder, "a")
+    assert written == folder / "res_tuner.safetensors"
+    assert (folder / "notes.txt").read_text() == "kept"
+    fresh = frozen_tiny_unet("sd1")
+    rd.load_res_tuner(fresh, folder)
+    torch.testing.assert_close(_out(fresh), _out(tuned_unet))
+
+
+def test_saving_under_a_file_or_to_an_empty_path_is_refused(tuned_unet, tmp_path: Path, monkeypatch):
+    """A parent that is a file was a raw ``FileExistsError`` from ``mkdir``; ``""`` wrote ``res_tuner.safetensors``
+    into the working directory."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("untouched")
+    for target in (blocker / "x.safetensors", blocker):
+        with pytest.raises(rd.ResTunerFileError, match="cannot create its folder"):
+            rd.save_res_tuner(tuned_unet, target, "a")
+    assert blocker.read_text() == "untouched"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(rd.ResTunerFileError, match="path is empty"):
+        rd.save_res_tuner(tuned_unet, "", "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_long_valid_file_name_saves(tuned_unet, tmp_path: Path):
+    """A 240-character name is a valid file name, but the temporary beside it (name + host, pid, random part) was
+    over the 255-byte limit: a raw ``OSError: File name too long``. One over the limit itself is our error."""
+    names = ["t" * 228 + ".safetensors", "\u6a21" * 76 + ".safetensors"]  # 240 bytes each (3 per CJK character)
+    for name in names:
+        written = rd.save_res_tuner(tuned_unet, tmp_path / name, "a")
+        assert written.name == name
+        rd.load_res_tuner(frozen_tiny_unet("sd1"), written)
+    with pytest.raises(rd.ResTunerFileError, match="too long"):
+        rd.save_res_tuner(tuned_unet, tmp_path / ("t" * 300 + ".safetensors"), "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)

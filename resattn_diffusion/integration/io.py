@@ -43,7 +43,8 @@ _FLOAT_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float
 
 
 class ResTunerFileError(ValueError):
-    """A tuner file that cannot be loaded here: missing, corrupt, of another format, or made for another base."""
+    """A tuner file that cannot be loaded here (missing, corrupt, of another format, or made for another base), or
+    a path a tuner cannot be saved to."""
 
 
 def base_description(unet: nn.Module) -> dict:
@@ -172,12 +173,15 @@ def write_tuner_file(
             f"path must be a .safetensors file or a folder (a str or os.PathLike), got {type(path).__name__} {path!r}"
         )
     check_adapter_name(adapter_name)
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / WEIGHT_NAME
+    path = _save_target(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (or --overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a parent is a file: the error names it
+        raise ResTunerFileError(
+            f"cannot save the tuner to {str(path)!r}: cannot create its folder ({err.strerror}: {err.filename!r})"
+        ) from None
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -201,6 +205,24 @@ def write_tuner_file(
     return path
 
 
+def _save_target(path: str | os.PathLike) -> Path:
+    """The file a save writes: ``path`` itself if it names a ``.safetensors`` file, else ``res_tuner.safetensors``
+    in the folder ``path`` (also an existing folder named ``*.safetensors``: where ``load_res_tuner`` looks)."""
+    if not os.fspath(path):
+        raise ResTunerFileError("path is empty; pass a .safetensors file or a folder to save the tuner in")
+    path = Path(path)
+    try:
+        if path.suffix != ".safetensors" or path.is_dir():
+            path = path / WEIGHT_NAME
+        if path.is_dir():
+            raise ResTunerFileError(
+                f"cannot save the tuner to {str(path)!r}: it is a folder; pass another file name or folder"
+            )
+    except OSError as err:  # a name too long, a loop of links: what stat says
+        raise ResTunerFileError(f"cannot save the tuner to {str(path)!r}: {err.strerror or err}") from None
+    return path
+
+
 # --- temporaries of interrupted saves ---------------------------------------------------------------------------
 #: A save writes ``.<file>.rt-<host>-<pid>-<random>.tmp`` beside its target; the writer's host and pid say whether
 #: it can still be in flight. Older versions wrote ``.<file>.<random>.tmp`` (no owner: judged by age alone).
@@ -219,8 +241,15 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
 
 
+#: The temporary holds at most this many bytes of the target's name (its end, so ``.safetensors`` stays): with
+#: the host, pid and random part added it stays within the 255 bytes a file name may have, as the target does.
+_TEMPORARY_TARGET_BYTES = 120
+
+
 def _temporary_prefix(file_name: str) -> str:
-    return f".{file_name}.rt-{_host()}-{os.getpid()}-"
+    # bytes, not characters: a name of 80 CJK characters is 240 bytes (a cut character is dropped, not garbled)
+    target = os.fsencode(file_name)[-_TEMPORARY_TARGET_BYTES:].decode("utf-8", errors="ignore")
+    return f".{target}.rt-{_host()}-{os.getpid()}-"
 
 
 def _process_alive(pid: int) -> bool:
