@@ -164,3 +164,32 @@ def test_a_long_valid_file_name_saves(tuned_unet, tmp_path: Path):
     with pytest.raises(rd.ResTunerFileError, match="too long"):
         rd.save_res_tuner(tuned_unet, tmp_path / ("t" * 300 + ".safetensors"), "a")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+# --- a per-call scale that would change a fused tuner ----------------------------------------------------------------
+def test_a_per_call_scale_for_a_fused_tuner_is_refused_not_ignored(tmp_path: Path):
+    """``cross_attention_kwargs={"res_tuner_scale": 0.0}`` on a UNet whose tuner is fused gave the fused output: the
+    per-call scale cannot reach the weights, and was dropped without a word. Scales that agree with the fused one,
+    and scales for the unfused tuners only, still run."""
+    unet = frozen_tiny_unet("sd1")
+    reference = _out(unet)
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_lora", scale=0.5), "fused")
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_attn"), "branch")
+    randomize_tuner(unet, "fused", seed=4, std=0.2)
+    randomize_tuner(unet, "branch", seed=5, std=0.2)
+    rd.fuse_res_tuner(unet, "fused")
+    fused = _out(unet)
+    inputs = unet_inputs(unet)
+    for scale in (0.0, 1.0, {"fused": 0.0}, {"branch": 1.0, "fused": 2.0}):
+        with pytest.raises(rd.ConfigError, match="'fused', which is fused"), torch.no_grad():
+            unet(**inputs, cross_attention_kwargs={rd.SCALE_KWARG: scale})
+    assert torch.equal(_out(unet), fused)  # a refused call leaves no per-call scale behind
+    with torch.no_grad():
+        same = unet(**inputs, cross_attention_kwargs={rd.SCALE_KWARG: 0.5}).sample
+        no_branch = unet(**inputs, cross_attention_kwargs={rd.SCALE_KWARG: {"branch": 0.0}}).sample
+    rd.set_res_tuner_scale(unet, 0.5, "branch")  # 0.5 for every tuner: the fused one's own scale, branch's new one
+    torch.testing.assert_close(same, _out(unet))
+    rd.remove_res_tuner(unet, "branch")
+    torch.testing.assert_close(no_branch, _out(unet))
+    rd.remove_res_tuner(unet, "fused")
+    assert torch.equal(_out(unet), reference)

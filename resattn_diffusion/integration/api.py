@@ -7,7 +7,7 @@ Shared state (the model's configs and banks) lives in ``state.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from torch import nn
 
@@ -19,7 +19,7 @@ from .families.base import Layer
 from .families.unet import attention_shape, transformer_blocks
 from .kinds import kind_of
 from .kinds.layers import LayerKind, layer_fingerprint, tuner_input_shape
-from .processors import SCALE_KWARG, TunerSetting
+from .processors import SCALE_KWARG, LinearBank, TunerSetting
 from .state import STATE_ATTR, ResTunerError, ResTunerState, get_state, remove_forward_hooks
 from .state import require_name as _require_name
 
@@ -81,11 +81,29 @@ def _scale_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
     scale = call_kwargs.pop(SCALE_KWARG)
     if scale is not None:  # None: no per-call override
         check_call_scale(scale, state.configs)  # once per model call, before any work, so nothing is half-applied
+        _refuse_call_scale_on_fused(state, scale)
         for bank, _ in state.banks:
             bank.call_scale = scale
     kwargs = dict(kwargs)
     kwargs[key] = call_kwargs or None
     return args, kwargs
+
+
+def _refuse_call_scale_on_fused(state: ResTunerState, scale: float | dict[str, float]) -> None:
+    """A fused tuner is in the weights, where a per-call scale cannot reach it: one that would change a fused
+    tuner's scale is refused instead of silently not applied (run only for calls that pass a per-call scale)."""
+    for bank, _ in state.banks:
+        if not isinstance(bank, LinearBank) or bank.fused is None:
+            continue
+        for name in bank.fused_names():
+            wanted = scale.get(name) if isinstance(scale, Mapping) else scale
+            if wanted is not None and float(wanted) != bank.settings[name].scale:
+                raise ConfigError(
+                    f"{SCALE_KWARG}={scale!r} would change the scale of tuner {name!r}, which is fused into the "
+                    f"weights at scale {bank.settings[name].scale:g}; a per-call scale does not reach a fused tuner. "
+                    f"Unfuse it (unfuse_res_tuner) to scale it per call, or pass {{name: scale}} for the unfused "
+                    "tuners only"
+                )
 
 
 def _scale_post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
