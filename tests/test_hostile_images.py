@@ -1,0 +1,78 @@
+"""Crafted image files (an attacker's pass): what evaluation, training and search read must be the picture the
+file shows, or an error naming the file -- never a number computed from something else, never a raw Pillow error.
+
+The README's "What is refused and why" table has one row per case.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resattn_diffusion.evaluation import EvaluationError, ImageEncoder, extract_features, load_image
+from resattn_diffusion.training.data import list_images as training_images
+from resattn_diffusion.training.errors import TrainingDataError
+
+#: Every gray level once: a 16 x 16 picture of the 8-bit ramp.
+RAMP = np.arange(256, dtype=np.uint8).reshape(16, 16)
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG header (and an empty image) claiming ``width`` x ``height`` RGB pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_a_16_bit_grayscale_image_is_read_as_the_picture_it_shows(tmp_path: Path):
+    """``convert("RGB")`` clips 16-bit values at 255: the ramp saved as a 16-bit PNG or TIFF (what scientific and
+    some export tools write) was read as an almost white image, and every metric measured that."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(RAMP).save(folder / "a_8bit.png")
+    sixteen = RAMP.astype(np.uint16) * 257  # the same picture: 255 -> 65535
+    Image.fromarray(sixteen).save(folder / "b_16bit.png")
+    Image.fromarray(sixteen).save(folder / "c_16bit.tif")
+    assert Image.open(folder / "b_16bit.png").mode.startswith("I")
+    for name in ("b_16bit.png", "c_16bit.tif"):
+        np.testing.assert_array_equal(
+            np.asarray(load_image(folder / name)), np.asarray(load_image(folder / "a_8bit.png"))
+        )
+    encoder = ImageEncoder(torch.nn.Flatten(), size=None)  # features = the pixels themselves
+    features = extract_features(folder, encoder, batch_size=3, progress=False)
+    np.testing.assert_array_equal(features[1], features[0])
+    np.testing.assert_array_equal(features[2], features[0])
+
+
+def test_an_image_without_a_known_white_level_is_refused_naming_it(tmp_path: Path):
+    """A float TIFF with values in [0, 1] was read as almost black (and one in [0, 255] as the picture): which one a
+    file means cannot be known, so it is refused -- up front, when training lists its data folder."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(RAMP).save(folder / "ok.png")
+    Image.fromarray(RAMP.astype(np.float32) / 255.0, "F").save(folder / "float.tif")
+    with pytest.raises(EvaluationError, match=r"float\.tif.*floating-point.*white level"):
+        load_image(folder / "float.tif")
+    with pytest.raises(TrainingDataError, match=r"float\.tif.*floating-point"):
+        training_images(folder, "--instance_data_dir")
+
+
+def test_a_decompression_bomb_is_our_error_naming_the_file(tmp_path: Path):
+    """A 100-byte PNG whose header claims 30000 x 30000 pixels: Pillow's ``DecompressionBombError`` (not an
+    ``OSError``) escaped raw from evaluation and from training's data check."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(_png(30000, 30000))
+    with pytest.raises(EvaluationError, match=r"bomb\.png.*decompression bomb"):
+        load_image(folder / "bomb.png")
+    with pytest.raises(TrainingDataError, match=r"bomb\.png"):
+        training_images(folder, "--instance_data_dir")
