@@ -536,6 +536,23 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
     return "\n".join(lines)
 
 
+def check_tuner_file_fits(
+    file: str, metadata: dict[str, str], unet: nn.Module, config: ResTunerConfig, saved: dict | None = None
+) -> None:
+    """The layers a tuner file was saved for (its ``layers`` metadata, or ``saved`` already read from it) are those
+    ``config`` puts on ``unet``, with the same shapes; else a ``ResTunerFileError`` naming the base model the file
+    was made for, this one's, and the first layers that differ."""
+    if saved is None:
+        saved = _file_layers(file, metadata)
+    try:
+        expected = expected_fingerprint(unet, config)
+    except (ConfigError, ResTunerError) as err:
+        raise ResTunerFileError(f"tuner file {file!r} does not fit this {family_of(unet).model_word}: {err}") from None
+    problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
+    if problem:
+        raise ResTunerFileError(problem)
+
+
 def load_res_tuner(
     unet: nn.Module,
     path: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -585,13 +602,7 @@ def load_res_tuner(
             f"({other.model_word if other else made_for}), not for this {type(unet).__name__} ({family.model_word}); "
             "load it into the kind of model it was trained on"
         )
-    try:
-        expected = expected_fingerprint(unet, config)
-    except (ConfigError, ResTunerError) as err:
-        raise ResTunerFileError(f"tuner file {file!r} does not fit this {family.model_word}: {err}") from None
-    problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
-    if problem:
-        raise ResTunerFileError(problem)
+    check_tuner_file_fits(file, metadata, unet, config, saved)
     _check_against_plan(file, unet, config, entries)
     tensors = _read_tensors(file_path, entries)
     _check_weight_values(file, tensors)

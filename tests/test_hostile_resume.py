@@ -1,0 +1,96 @@
+"""``--resume_from_checkpoint`` with crafted or foreign checkpoint folders (an attacker's pass): each is refused with
+a ``TrainingError`` naming the checkpoint, and the output folder of the run it belongs to is left as it was.
+
+The README's "What is refused and why" table has one row per case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train_dreambooth
+from resattn_diffusion.training import TrainingError
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    _reset_accelerate()
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _args(model: Path, output_dir: Path, data: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model), "--output_dir", str(output_dir), "--resolution", "32",
+        "--train_batch_size", "1", "--max_train_steps", str(steps), "--report_to", "none", "--seed", "0",
+        "--learning_rate", "1e-3", "--checkpointing_steps", "1", "--instance_data_dir", str(data),
+        "--instance_prompt", "a photo of sks dog", *extra,
+    ]  # fmt: skip
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every file of an output folder (its logs aside) with a hash of its bytes."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and "logs" not in path.relative_to(folder).parts
+    }
+
+
+@pytest.fixture(scope="module")
+def sd2_run(tmp_path_factory: pytest.TempPathFactory, tiny_dirs) -> Path:
+    """A finished 1-step DreamBooth run on the tiny SD 2 model, with its checkpoint."""
+    root = tmp_path_factory.mktemp("sd2_run")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / f"{index}.png")
+    train_dreambooth.main(_args(tiny_dirs["sd2"], root / "run", data, 1))
+    _reset_accelerate()
+    assert (root / "run" / "checkpoint-1" / "training_state.json").is_file()
+    return root
+
+
+def test_a_checkpoint_of_another_base_model_is_refused_and_the_run_folder_kept(sd2_run: Path, tiny_dirs, tmp_path):
+    """The SD 2 run's checkpoint resumed with the SD 1 model (same tuner flags): the refusal was the first tensor of
+    another shape, and came after ``args.json`` and ``tuner_config.json`` of the SD 2 run had been overwritten with
+    the SD 1 run's."""
+    run = tmp_path / "run"
+    shutil.copytree(sd2_run / "run", run)
+    before = _files(run)
+    argv = _args(tiny_dirs["sd1"], run, sd2_run / "data", 2, "--resume_from_checkpoint", "checkpoint-1")
+    with pytest.raises(TrainingError, match=r"(?s)checkpoint-1.*another base model.*made for"):
+        train_dreambooth.main(argv)
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize(
+    "state",
+    ["{not json", "[1]", '{"seed": 0}', '{"global_step": "3", "seed": 0}', '{"global_step": -1}', "\xff\xfe"],
+    ids=["not JSON", "a list", "no global_step", "a string step", "a negative step", "not UTF-8"],
+)
+def test_a_damaged_training_state_is_refused_naming_it(sd2_run: Path, tiny_dirs, tmp_path, state: str):
+    """``training_state.json`` that is not JSON, not an object, or without a whole-number ``global_step`` was a raw
+    ``JSONDecodeError``, ``AttributeError`` or ``KeyError`` (the last after the model had loaded and args.json had
+    been rewritten)."""
+    run = tmp_path / "run"
+    shutil.copytree(sd2_run / "run", run)
+    (run / "checkpoint-1" / "training_state.json").write_bytes(state.encode("latin-1"))
+    before = _files(run)
+    argv = _args(tiny_dirs["sd2"], run, sd2_run / "data", 2, "--resume_from_checkpoint", "checkpoint-1")
+    with pytest.raises(TrainingError, match=r"checkpoint-1.*training_state\.json"):
+        train_dreambooth.main(argv)
+    assert _files(run) == before
