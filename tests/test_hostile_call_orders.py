@@ -193,3 +193,23 @@ def test_a_per_call_scale_for_a_fused_tuner_is_refused_not_ignored(tmp_path: Pat
     torch.testing.assert_close(no_branch, _out(unet))
     rd.remove_res_tuner(unet, "fused")
     assert torch.equal(_out(unet), reference)
+
+
+# --- a diverged tuner, fused ---------------------------------------------------------------------------------------
+def test_a_fused_tuner_with_nan_weights_unfuses_to_the_exact_original_weights():
+    """A tuner whose training diverged (NaN weights) and was fused without ``safe_fusing`` wrote NaN into the
+    weights; unfusing then found the weight "changed by something else" (NaN != NaN) and refused, and the only way
+    out, ``accept_changed_weights=True``, left the NaN in the model for good, though the bank held W0 exactly."""
+    unet = frozen_tiny_unet("sd1")
+    original = {key: value.clone() for key, value in unet.state_dict().items()}
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_lora"), "diverged")
+    randomize_tuner(unet, "diverged", seed=6, std=0.2)
+    with torch.no_grad():
+        rd.res_tuner_parameters(unet, "diverged")[0].view(-1)[0] = float("nan")
+    rd.fuse_res_tuner(unet, "diverged")
+    assert any(value.isnan().any() for value in unet.state_dict().values() if value.is_floating_point())
+    rd.unfuse_res_tuner(unet, "diverged")
+    rd.remove_res_tuner(unet, "diverged")
+    state = unet.state_dict()
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[key], original[key]) for key in original)
