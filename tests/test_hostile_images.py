@@ -76,3 +76,30 @@ def test_a_decompression_bomb_is_our_error_naming_the_file(tmp_path: Path):
         load_image(folder / "bomb.png")
     with pytest.raises(TrainingDataError, match=r"bomb\.png"):
         training_images(folder, "--instance_data_dir")
+
+
+@pytest.mark.parametrize(
+    "line,field",
+    [
+        ('{"file": ["a.png"], "prompt": "a dog"}', "'file'"),
+        ('{"file": 5, "prompt": "a dog"}', "'file'"),
+        ('{"file": "../a.png", "prompt": "a dog"}', "'file'"),
+        ('{"file": "a.png", "prompt": ["a dog"]}', "'prompt'"),
+        ('{"file": "a.png", "prompt": null}', "'prompt'"),
+        ('{"file": "a.png", "prompt": "a dog", "seed": [1]}', "'seed'"),
+    ],
+)
+def test_a_crafted_manifest_line_is_refused_naming_it(tmp_path: Path, line: str, field: str):
+    """``manifest.jsonl`` fields of the wrong type were a raw ``TypeError: unhashable type`` (a list as file name or
+    seed), or reached the CLIP tokenizer as a list / None prompt; a file name with '..' pointed out of the folder."""
+    from resattn_diffusion.evaluation.images import prompts_for_images
+    from resattn_diffusion.evaluation.metrics import evaluate_folder
+
+    for name, pixels in (("a.png", RAMP), ("b.png", RAMP.T), ("c.png", 255 - RAMP)):
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp_path / name)
+    (tmp_path / "manifest.jsonl").write_text('{"file": "a.png", "prompt": "a dog", "seed": 0}\n' + line + "\n")
+    with pytest.raises(EvaluationError, match=f"manifest.jsonl.* line 2: {field}"):
+        prompts_for_images([tmp_path / "a.png"])
+    encoder = ImageEncoder(torch.nn.Flatten(), size=None)
+    with pytest.raises(EvaluationError, match="line 2"):
+        evaluate_folder(tmp_path, ["kid"], feature_extractor=encoder, reference=tmp_path, progress=False)

@@ -377,6 +377,7 @@ class Evaluator:
     def evaluate(self, generated: str | os.PathLike, prompts: str | os.PathLike | Sequence[str] | None = None) -> dict:
         """Evaluate one folder of generated images; returns a report dict (see :func:`evaluate_folder`)."""
         files = list_images(generated, what="generated image folder")
+        generation = _generation_settings(generated)  # a damaged manifest is refused before any model runs
         results: dict[str, float] = {}
         details: dict[str, object] = {}
         notes: list[str] = []
@@ -433,7 +434,7 @@ class Evaluator:
             "num_images": len(files),
             "metrics": {name: results[name] for name in (*METRICS, "kid_std") if name in results},
             "details": details,
-            "generation": _generation_settings(generated),
+            "generation": generation,
             "notes": notes,
         }
         for note in notes:
