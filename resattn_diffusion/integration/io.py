@@ -445,6 +445,15 @@ def _file_config(file: str, metadata: dict[str, str]) -> ResTunerConfig:
         raise ResTunerFileError(f"{file!r}: metadata field 'config' is not a valid tuner config: {err}") from None
 
 
+def tuner_file_fields(file: str, metadata: dict[str, str]) -> tuple[ResTunerConfig, dict[str, dict], dict]:
+    """``(config, layers, base)`` of a tuner file's metadata, each checked (valid JSON of the right type, a valid
+    config): a ``ResTunerFileError`` naming the file and the field otherwise."""
+    config = _file_config(file, metadata)
+    layers = _file_layers(file, metadata)
+    base = _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
+    return config, layers, base
+
+
 def _file_layers(file: str, metadata: dict[str, str]) -> dict[str, dict]:
     layers = _json_field(file, metadata, "layers", dict, "a JSON object: layer path -> its shape")
     for path, shape in layers.items():
@@ -585,9 +594,7 @@ def load_res_tuner(
             check_adapter_name(saved_name, where=f"the adapter name in the metadata of {file!r}")
         except ConfigError as err:
             raise ResTunerFileError(str(err)) from None
-    config = _file_config(file, metadata)
-    saved = _file_layers(file, metadata)
-    base = _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
+    config, saved, base = tuner_file_fields(file, metadata)
     name = adapter_name or saved_name or "default"
     state = get_state(unet)
     if state is not None and name in state.configs:
