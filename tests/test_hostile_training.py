@@ -1,5 +1,6 @@
-"""``--resume_from_checkpoint`` with crafted or foreign checkpoint folders (an attacker's pass): each is refused with
-a ``TrainingError`` naming the checkpoint, and the output folder of the run it belongs to is left as it was.
+"""The training scripts given crafted files (an attacker's pass): ``--resume_from_checkpoint`` with crafted or
+foreign checkpoint folders is refused with a ``TrainingError`` naming the checkpoint, leaving the output folder of the
+run it belongs to as it was; a ``--tuner_config`` that is not text is a usage error naming it.
 
 The README's "What is refused and why" table has one row per case.
 """
@@ -94,3 +95,18 @@ def test_a_damaged_training_state_is_refused_naming_it(sd2_run: Path, tiny_dirs,
     with pytest.raises(TrainingError, match=r"checkpoint-1.*training_state\.json"):
         train_dreambooth.main(argv)
     assert _files(run) == before
+
+
+def test_a_binary_tuner_config_is_a_usage_error_naming_it(tmp_path, capsys):
+    """``--tuner_config`` pointing at a binary file (a .safetensors passed by mistake) was a raw
+    ``UnicodeDecodeError`` from argument parsing."""
+    from resattn_diffusion.training.args import parse_args
+
+    config = tmp_path / "res_tuner.safetensors"
+    config.write_bytes(b"\xff\xfe\x00binary")
+    (tmp_path / "data").mkdir()
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "model"), "--instance_data_dir", str(tmp_path / "data")]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args("dreambooth", [*argv, "--instance_prompt", "a sks dog", "--tuner_config", str(config)])
+    assert exit_info.value.code == 2
+    assert "res_tuner.safetensors' is not UTF-8 text" in capsys.readouterr().err
