@@ -103,3 +103,46 @@ def test_a_crafted_manifest_line_is_refused_naming_it(tmp_path: Path, line: str,
     encoder = ImageEncoder(torch.nn.Flatten(), size=None)
     with pytest.raises(EvaluationError, match="line 2"):
         evaluate_folder(tmp_path, ["kid"], feature_extractor=encoder, reference=tmp_path, progress=False)
+
+
+def test_images_of_mixed_sizes_are_our_error_whatever_the_batch_size(tmp_path: Path):
+    """With an extractor whose feature width follows the image size, mixed sizes were our error only when they met
+    in one batch; across batches (``--batch-size 1``) they were numpy's raw ``ValueError`` from concatenating."""
+    for index, size in enumerate((8, 8, 16)):
+        Image.fromarray(np.full((size, size, 3), 100 + index, np.uint8)).save(tmp_path / f"{index}.png")
+    encoder = ImageEncoder(torch.nn.Flatten())
+    for batch_size in (1, 2, 3):
+        with pytest.raises(EvaluationError, match="different sizes"):
+            extract_features(tmp_path, encoder, batch_size=batch_size, progress=False)
+
+
+def test_crafted_reference_statistics_are_refused_naming_the_array(tmp_path: Path):
+    """A reference ``.npz`` whose arrays are text, NaN or inf, or whose ``num_images`` is not a number, was a raw
+    ``ValueError`` or scipy's ``LinAlgError: Internal error in sqrtm``; so were NaN features from an extractor."""
+    from resattn_diffusion.evaluation.metrics import evaluate_folder
+
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(generated / f"{index}.png")
+    encoder = ImageEncoder(torch.nn.Flatten(), name="flat")
+    features = rng.normal(size=(5, 48))
+    crafted = {
+        "features": {"features": np.array([["a"] * 48] * 5)},
+        "num_images": {"features": features, "num_images": np.array("abc")},
+        "mu": {"mu": np.full(48, np.inf), "sigma": np.eye(48)},
+        "sigma": {"mu": features.mean(0), "sigma": np.full((48, 48), np.nan)},
+    }
+    for key, arrays in crafted.items():
+        reference = tmp_path / f"{key}.npz"
+        np.savez(reference, extractor="flat", **arrays)
+        with pytest.raises(EvaluationError, match=rf"{key}\.npz.*'{key}' must"):
+            evaluate_folder(generated, ["fid"], feature_extractor=encoder, reference=reference, progress=False)
+
+    class NaNFeatures(torch.nn.Module):
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            return torch.full((batch.shape[0], 4), float("nan"))
+
+    with pytest.raises(EvaluationError, match="NaN or inf"):
+        evaluate_folder(generated, ["fid"], feature_extractor=ImageEncoder(NaNFeatures()), reference=generated)

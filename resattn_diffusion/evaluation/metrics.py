@@ -69,6 +69,12 @@ def frechet_distance(
             f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape} "
             "(were they computed with different feature extractors?)."
         )
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, sigma1, sigma2)):
+        # scipy's sqrtm fails with an internal LinAlgError on NaN: say where the NaN comes from instead
+        raise EvaluationError(
+            "the feature statistics hold NaN or inf (a feature extractor that returned non-finite features?); FID "
+            "is undefined for them."
+        )
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -219,9 +225,9 @@ class ReferenceStatistics:
         except Exception as err:  # not an npz at all
             raise EvaluationError(f"cannot read reference statistics {str(self.source)!r}: {err}") from err
         if "features" in arrays:
-            self.features = arrays["features"].astype(np.float64)
+            self.features = self._finite(arrays, "features")
         if "mu" in arrays and "sigma" in arrays:
-            self.mu, self.sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+            self.mu, self.sigma = self._finite(arrays, "mu"), self._finite(arrays, "sigma")
         elif self.features is not None:
             self.mu, self.sigma = feature_statistics(self.features)
         else:
@@ -231,9 +237,26 @@ class ReferenceStatistics:
             )
         self.extractor = str(arrays["extractor"]) if "extractor" in arrays else None
         if "num_images" in arrays:
-            self.num_images = int(arrays["num_images"])
+            count = arrays["num_images"]
+            if count.ndim != 0 or count.dtype.kind not in "iu" or int(count) < 0:
+                raise EvaluationError(
+                    f"reference statistics {str(self.source)!r}: 'num_images' must be a whole number, got {count!r}; "
+                    "make the file with save_reference_statistics (resattn-eval stats)."
+                )
+            self.num_images = int(count)
         elif self.features is not None:
             self.num_images = len(self.features)
+
+    def _finite(self, arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
+        """``arrays[key]`` as float64: numbers, all finite (a crafted or damaged file says which array is wrong)."""
+        value = arrays[key]
+        if value.dtype.kind not in "biuf" or not np.isfinite(value).all():
+            raise EvaluationError(
+                f"reference statistics {str(self.source)!r}: '{key}' must hold finite numbers, got dtype "
+                f"{value.dtype}{' with NaN or inf' if value.dtype.kind in 'f' else ''}; recompute them "
+                "(resattn-eval stats)."
+            )
+        return value.astype(np.float64)
 
     def load(self, encoder: ImageEncoder, batch_size: int, progress: bool) -> None:
         """Compute features from the folder (once), or check that the file was made with the same extractor."""
