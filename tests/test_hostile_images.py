@@ -146,3 +146,34 @@ def test_crafted_reference_statistics_are_refused_naming_the_array(tmp_path: Pat
 
     with pytest.raises(EvaluationError, match="NaN or inf"):
         evaluate_folder(generated, ["fid"], feature_extractor=ImageEncoder(NaNFeatures()), reference=generated)
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--seeds", "0-99999999999"], "100,000,000,000 seeds"),
+        (["--num-seeds", "99999999999"], "99,999,999,999 seeds"),
+        (["--seeds", "18446744073709551616"], "2**64 - 1"),
+    ],
+)
+def test_absurd_seeds_fail_at_once_before_the_pipeline_loads(tmp_path: Path, capsys, flags: list[str], needle: str):
+    """``--seeds 0-99999999999`` built a list of 10^11 seeds (all memory) after the pipeline had loaded; a seed above
+    2**64 - 1 was torch's raw ``ValueError: Overflow`` in the middle of generating."""
+    import time
+
+    from resattn_diffusion.evaluation.cli import main
+
+    start = time.perf_counter()
+    argv = ["generate", "--pipeline", str(tmp_path / "no_such_pipeline"), "--prompt", "a dog"]
+    assert main([*argv, "--out", str(tmp_path / "out"), *flags]) == 2
+    assert time.perf_counter() - start < 2.0
+    assert needle in capsys.readouterr().err  # not the missing pipeline: the seeds are checked first
+
+
+def test_a_binary_prompt_file_is_our_error(tmp_path: Path):
+    """``--prompts image.png`` was a raw ``UnicodeDecodeError``."""
+    from resattn_diffusion.evaluation import read_prompts
+
+    Image.fromarray(RAMP).save(tmp_path / "prompts.png")
+    with pytest.raises(EvaluationError, match=r"prompts\.png.*not UTF-8"):
+        read_prompts(tmp_path / "prompts.png")

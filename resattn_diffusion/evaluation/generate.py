@@ -103,15 +103,31 @@ def tuner_file_sha256(tuner_path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check_seeds(seeds: Sequence[int]) -> list[int]:
+#: The largest seed a ``torch.Generator`` takes (``manual_seed`` overflows above it, mid-generation).
+MAX_SEED = 2**64 - 1
+#: Seeds per prompt: far more images than any FID needs (10k-50k in all); a typo like ``0-99999999999`` would
+#: otherwise build a list of 10^11 seeds (all memory) before anything is generated.
+MAX_SEEDS = 1_000_000
+
+
+def check_seed_count(count: int, what: str = "seeds") -> None:
+    if count > MAX_SEEDS:
+        raise EvaluationError(f"{what} asks for {count:,} seeds per prompt; at most {MAX_SEEDS:,} are allowed.")
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The distinct seeds, in order: ints a ``torch.Generator`` takes, at most ``MAX_SEEDS`` of them."""
     if isinstance(seeds, int):
         raise EvaluationError(f"seeds must be a list of ints, e.g. range({seeds}) or [{seeds}], got the int {seeds}.")
+    if hasattr(seeds, "__len__"):
+        check_seed_count(len(seeds))  # before a range(10**12) is listed
     result = list(seeds)
     if not result:
         raise EvaluationError("seeds is empty; give at least one seed.")
+    check_seed_count(len(result))
     for seed in result:
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise EvaluationError(f"seeds must be non-negative ints, got {seed!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise EvaluationError(f"seeds must be ints from 0 to 2**64 - 1 (torch's generator), got {seed!r}.")
     return list(dict.fromkeys(result))
 
 
@@ -172,7 +188,7 @@ def generate_images(
     folder that has images raises an error (use a new folder per setting).
     """
     prompt_list = list(dict.fromkeys(read_prompts(prompts)))
-    seed_list = _check_seeds(seeds)
+    seed_list = check_seeds(seeds)
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}.")
     if num_inference_steps < 1:

@@ -50,8 +50,11 @@ def read_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
                 f"prompt file {str(path)!r} does not exist; pass a text file with one prompt per line "
                 "(or a list of prompts in Python)."
             )
-        with open(path, encoding="utf-8") as file:
-            result = [line.strip() for line in file if line.strip()]
+        try:
+            with open(path, encoding="utf-8") as file:
+                result = [line.strip() for line in file if line.strip()]
+        except UnicodeDecodeError as err:  # e.g. an image passed as --prompts
+            raise EvaluationError(f"prompt file {str(path)!r} is not UTF-8 text ({err}).") from None
         if not result:
             raise EvaluationError(f"prompt file {str(path)!r} holds no prompt (one per line expected).")
         return result
