@@ -8,6 +8,7 @@ The README's "What is refused and why" table has one row per case.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -110,3 +111,40 @@ def test_a_binary_tuner_config_is_a_usage_error_naming_it(tmp_path, capsys):
         parse_args("dreambooth", [*argv, "--instance_prompt", "a sks dog", "--tuner_config", str(config)])
     assert exit_info.value.code == 2
     assert "res_tuner.safetensors' is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ('{"file_name": 5, "text": "a dog"}', '"file_name" must be the path'),
+        ('{"file_name": ["0.png"], "text": "a dog"}', '"file_name" must be the path'),
+        ('{"file_name": "/etc/hostname", "text": "a dog"}', '"file_name" must be the path'),
+        ('{"file_name": "../0.png", "text": "a dog"}', '"file_name" must be the path'),
+        ('{"file_name": "0.png", "text": ["a dog"]}', 'caption "text" must be a string'),
+        ('{"file_name": "0.png", "text": null}', 'caption "text" must be a string'),
+    ],
+)
+def test_a_crafted_metadata_line_is_refused_before_training(tmp_path: Path, line: str, needle: str):
+    """``metadata.jsonl`` of ``--train_data_dir``: a file name that is not a string was a raw ``TypeError``, one out
+    of the folder was read from there, and a caption that is not a string reached the tokenizer mid-training."""
+    from resattn_diffusion.training.data import read_image_folder
+    from resattn_diffusion.training.errors import TrainingDataError
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "0.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a cat"}\n' + line + "\n")
+    with pytest.raises(TrainingDataError, match=rf"metadata\.jsonl.* line 2: .*{re.escape(needle)}"):
+        read_image_folder(tmp_path, "text")
+
+
+def test_captions_that_are_not_text_are_refused_naming_the_file(tmp_path: Path):
+    """A ``.txt`` caption or a ``metadata.jsonl`` in another encoding was a raw ``UnicodeDecodeError``."""
+    from resattn_diffusion.training.data import read_image_folder
+    from resattn_diffusion.training.errors import TrainingDataError
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "0.png")
+    (tmp_path / "0.txt").write_bytes("un chien très mignon".encode("latin-1"))
+    with pytest.raises(TrainingDataError, match=r"0\.txt' is not UTF-8"):
+        read_image_folder(tmp_path, "text")
+    (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "0.png", "text": "très"}'.encode("latin-1"))
+    with pytest.raises(TrainingDataError, match=r"metadata\.jsonl' is not UTF-8"):
+        read_image_folder(tmp_path, "text")
