@@ -148,3 +148,25 @@ def test_captions_that_are_not_text_are_refused_naming_the_file(tmp_path: Path):
     (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "0.png", "text": "très"}'.encode("latin-1"))
     with pytest.raises(TrainingDataError, match=r"metadata\.jsonl' is not UTF-8"):
         read_image_folder(tmp_path, "text")
+
+
+def test_a_checkpoint_tuner_file_without_a_config_is_refused_naming_it(sd2_run: Path, tiny_dirs, tmp_path):
+    """The checkpoint's ``res_tuner.safetensors`` with its ``config`` metadata removed was a raw ``KeyError:
+    'config'``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import resattn_diffusion as rd
+
+    run = tmp_path / "run"
+    shutil.copytree(sd2_run / "run", run)
+    file = run / "checkpoint-1" / "res_tuner.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "config"}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    save_file(tensors, str(file), metadata=metadata)
+    before = _files(run)
+    argv = _args(tiny_dirs["sd2"], run, sd2_run / "data", 2, "--resume_from_checkpoint", "checkpoint-1")
+    with pytest.raises(rd.ResTunerFileError, match=r"checkpoint-1/res_tuner\.safetensors.*'config'"):
+        train_dreambooth.main(argv)
+    assert _files(run) == before

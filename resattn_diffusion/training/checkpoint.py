@@ -28,6 +28,7 @@ from ..integration.io import (
     load_tuner_tensors,
     read_tuner_file,
     save_res_tuner,
+    tuner_file_fields,
 )
 from .errors import TrainingError
 
@@ -149,8 +150,9 @@ def read_training_state(folder: Path) -> dict[str, Any]:
 
 def check_checkpoint_matches(folder: Path, config: ResTunerConfig) -> None:
     """Resuming continues the same tuner: the checkpoint's tuner config must equal this run's."""
-    metadata, _ = read_tuner_file(folder / WEIGHT_NAME)
-    saved = ResTunerConfig.from_json(metadata["config"])
+    file = folder / WEIGHT_NAME
+    metadata, _ = read_tuner_file(file)
+    saved, _, _ = tuner_file_fields(str(file), metadata)  # a damaged config is a ResTunerFileError naming the file
     if saved != config:
         raise TrainingError(
             f"checkpoint {str(folder)!r} trained {saved}, but this run asks for {config}; resume with the same tuner "
@@ -216,7 +218,7 @@ def load_tuner_weights_in_place(unet: nn.Module, file: Path) -> None:
     file gets the same checks as any tuner file (shapes, finiteness, nothing missing or left over)."""
     metadata, tensors = read_tuner_file(file)
     config = get_res_tuner_configs(unet)[ADAPTER_NAME]
-    if ResTunerConfig.from_json(metadata["config"]) != config:
+    if tuner_file_fields(str(file), metadata)[0] != config:
         raise TrainingError(
             f"{str(file)!r} holds another tuner config than the one being trained; resume with the same tuner flags"
         )
