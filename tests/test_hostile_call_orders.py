@@ -139,14 +139,16 @@ def test_saving_to_a_folder_named_like_a_tuner_file_writes_the_file_in_it(tuned_
 
 
 def test_saving_under_a_file_or_to_an_empty_path_is_refused(tuned_unet, tmp_path: Path, monkeypatch):
-    """A parent that is a file was a raw ``FileExistsError`` from ``mkdir``; ``""`` wrote ``res_tuner.safetensors``
-    into the working directory."""
+    """A parent that is a file was a raw ``FileExistsError`` from ``mkdir``, a NUL byte a raw ``ValueError``; ``""``
+    wrote ``res_tuner.safetensors`` into the working directory."""
     blocker = tmp_path / "a_file"
     blocker.write_text("untouched")
     for target in (blocker / "x.safetensors", blocker):
         with pytest.raises(rd.ResTunerFileError, match="cannot create its folder"):
             rd.save_res_tuner(tuned_unet, target, "a")
     assert blocker.read_text() == "untouched"
+    with pytest.raises(rd.ResTunerFileError, match="NUL byte"):  # was a raw "ValueError: embedded null byte"
+        rd.save_res_tuner(tuned_unet, str(tmp_path / "a\x00b.safetensors"), "a")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(rd.ResTunerFileError, match="path is empty"):
         rd.save_res_tuner(tuned_unet, "", "a")

@@ -67,7 +67,7 @@ def test_exporting_onto_the_tuner_file_itself_is_refused(tuner_file: Path, tmp_p
 
 def test_an_output_path_that_cannot_be_a_file_is_our_error(tuner_file: Path, tmp_path: Path):
     """A folder named ``*.safetensors`` was a raw ``IsADirectoryError`` (after the whole export was computed), a
-    parent that is a file a raw ``FileExistsError``."""
+    parent that is a file a raw ``FileExistsError``, a NUL byte in the path a raw ``ValueError``."""
     folder = tmp_path / "out.safetensors"
     folder.mkdir()
     with pytest.raises(rd.ResTunerFileError, match="is a folder"):
@@ -77,3 +77,5 @@ def test_an_output_path_that_cannot_be_a_file_is_our_error(tuner_file: Path, tmp
     with pytest.raises(rd.ResTunerFileError, match="cannot create its folder"):
         export_lora(tuner_file, blocker / "lora.safetensors")
     assert blocker.read_text() == "untouched"
+    with pytest.raises(rd.ResTunerFileError, match="NUL byte"):  # was a raw "ValueError: embedded null byte"
+        export_lora(tuner_file, str(tmp_path / "a\x00b.safetensors"))

@@ -38,7 +38,14 @@ from torch import nn
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError, OpShape
 from .api import ResTunerError, tuner_input_shape
-from .io import ResTunerFileError, checked_tuner_tensors, read_tuner_file, resolve_tuner_file, tuner_file_fields
+from .io import (
+    ResTunerFileError,
+    check_path_characters,
+    checked_tuner_tensors,
+    read_tuner_file,
+    resolve_tuner_file,
+    tuner_file_fields,
+)
 from .processors import effective_delta
 
 FORMATS = ("diffusers", "kohya")
@@ -226,6 +233,7 @@ def _layer_key(prefix: str, path: str, format: str) -> str:
 def _check_out_file(out_file: Path, source: Path) -> None:
     """``out_file`` can take the export: not a folder, and not the tuner file itself (the export would replace the
     tuner with a LoRA file, atomically and for good)."""
+    check_path_characters(out_file, "write")
     if out_file.is_dir():
         raise ResTunerFileError(f"out_file {str(out_file)!r} is a folder; pass the path of the .safetensors to write")
     if out_file.exists() and os.path.samefile(out_file, source):

@@ -205,12 +205,19 @@ def write_tuner_file(
     return path
 
 
+def check_path_characters(path: Path, action: str) -> None:
+    """A path the OS accepts: a NUL byte in it makes every ``os`` call raise a raw ``ValueError``."""
+    if "\x00" in str(path):
+        raise ResTunerFileError(f"cannot {action} {str(path)!r}: a path cannot contain a NUL byte ('\\x00')")
+
+
 def _save_target(path: str | os.PathLike) -> Path:
     """The file a save writes: ``path`` itself if it names a ``.safetensors`` file, else ``res_tuner.safetensors``
     in the folder ``path`` (also an existing folder named ``*.safetensors``: where ``load_res_tuner`` looks)."""
     if not os.fspath(path):
         raise ResTunerFileError("path is empty; pass a .safetensors file or a folder to save the tuner in")
     path = Path(path)
+    check_path_characters(path, "save the tuner to")
     try:
         if path.suffix != ".safetensors" or path.is_dir():
             path = path / WEIGHT_NAME
