@@ -177,3 +177,34 @@ def test_a_binary_prompt_file_is_our_error(tmp_path: Path):
     Image.fromarray(RAMP).save(tmp_path / "prompts.png")
     with pytest.raises(EvaluationError, match=r"prompts\.png.*not UTF-8"):
         read_prompts(tmp_path / "prompts.png")
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--guidance", "nan"], "--guidance) must be a finite number"),
+        (["--tuner-scale", "nan"], "--tuner-scale must be a finite number"),
+        (["--tuner-scale", "1e9"], "--tuner-scale must be a finite number"),
+        (["--height", "7", "--width", "32"], "multiple of 8"),
+    ],
+)
+def test_generation_settings_that_cannot_run_are_refused_before_any_image(
+    tmp_path: Path, tiny_dirs, capsys, flags: list[str], needle: str
+):
+    """``--guidance nan`` generated NaN (black) images with exit status 0, and the next run with the same flags was
+    refused (NaN != NaN: "other settings"); ``--tuner-scale nan`` or ``1e9`` ended in a raw ``ConfigError``
+    traceback, ``--height 7`` in diffusers' raw ``ValueError``, both after the pipeline had loaded."""
+    from resattn_diffusion.evaluation.cli import main
+
+    if "--tuner-scale" in flags:  # the scale applies to a tuner: give it one
+        import resattn_diffusion as rd
+        from resattn_diffusion.testing import frozen_tiny_unet
+
+        unet = frozen_tiny_unet("sd1")
+        rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_lora"))
+        flags = [*flags, "--tuner", str(rd.save_res_tuner(unet, tmp_path / "tuner.safetensors"))]
+    out = tmp_path / "images"
+    argv = ["generate", "--pipeline", str(tiny_dirs["sd1"]), "--prompt", "a dog", "--steps", "1", "--no-progress"]
+    assert main([*argv, "--out", str(out), *flags]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists() or not any(out.glob("*.png"))

@@ -27,6 +27,7 @@ from torch import nn
 from ..integration.api import ResTunerError
 from ..integration.io import ResTunerFileError
 from ..quiet import quiet_libraries
+from ..tuners.base import ConfigError
 from .errors import EvaluationError, EvaluationWarning
 from .features import ImageEncoder
 from .generate import check_seed_count, check_seeds, generate_images, load_pipeline
@@ -433,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluator = _build_evaluator(args, metrics, device)
             _run_generate(args, device)
             _run_metrics(args, evaluator, [args.out], None)
-    except (EvaluationError, ResTunerError, ResTunerFileError) as err:
+    except (EvaluationError, ResTunerError, ResTunerFileError, ConfigError) as err:
         print(f"resattn-eval {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

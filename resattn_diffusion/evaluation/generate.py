@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -21,8 +23,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_scale
 from ..hub import ModelSourceError, check_pretrained_source
 from ..quiet import from_pretrained_dtype
+from ..tuners.base import ConfigError
 from .errors import EvaluationError
 from .images import MANIFEST_NAME, read_manifest, read_prompts
 
@@ -131,6 +135,36 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(result))
 
 
+def _check_call_settings(
+    pipeline: Any, guidance_scale: Any, tuner_scale: Any, height: int | None, width: int | None
+) -> None:
+    """What the pipeline call would otherwise refuse (or run with) only once generation started: a non-finite
+    guidance (NaN images, and a folder that refuses its own settings on the next run, as NaN != NaN), a tuner scale
+    the per-call check refuses, a size that is not a positive multiple of the latent grid."""
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, numbers.Real)
+        or not math.isfinite(guidance_scale)
+    ):
+        raise EvaluationError(f"guidance_scale (--guidance) must be a finite number, got {guidance_scale!r}.")
+    if tuner_scale is not None:
+        try:
+            check_scale(tuner_scale, "--tuner-scale")
+        except ConfigError as err:
+            raise EvaluationError(str(err)) from None
+    # SD / SDXL pipelines refuse sizes that are not multiples of 8 (whatever their VAE), SD3 those of its patched
+    # latent grid; Flux resizes to its grid with a warning
+    grid = int(getattr(pipeline, "vae_scale_factor", 8)) * int(getattr(pipeline, "patch_size", 1) or 1)
+    multiple = math.lcm(8, grid)
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
+            raise EvaluationError(
+                f"{name} (--{name}) must be a positive multiple of {multiple} for this pipeline, got {value!r}."
+            )
+
+
 def _write_manifest(out_dir: Path, records: list[dict]) -> None:
     path = out_dir / MANIFEST_NAME
     temporary = path.with_name(path.name + ".tmp")
@@ -193,6 +227,7 @@ def generate_images(
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}.")
     if num_inference_steps < 1:
         raise EvaluationError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+    _check_call_settings(pipeline, guidance_scale, tuner_scale if tuner_path is not None else None, height, width)
     pipeline_kwargs = dict(pipeline_kwargs or {})
     clashing = sorted(_RESERVED_CALL_ARGS & set(pipeline_kwargs))
     if clashing:
