@@ -208,3 +208,48 @@ def test_generation_settings_that_cannot_run_are_refused_before_any_image(
     assert main([*argv, "--out", str(out), *flags]) == 2
     assert needle in capsys.readouterr().err
     assert not out.exists() or not any(out.glob("*.png"))
+
+
+def test_output_files_that_cannot_be_written_are_refused_before_the_work(tmp_path: Path, monkeypatch, capsys):
+    """``resattn-eval stats --out`` / ``metrics --json`` under a file or at a folder failed with a raw ``OSError``
+    only after every feature or metric had been computed; the statistics are now written atomically, so a failed
+    save keeps an older file."""
+    from resattn_diffusion.evaluation import metrics as metrics_module
+    from resattn_diffusion.evaluation.cli import main
+    from resattn_diffusion.evaluation.metrics import save_reference_statistics
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.fromarray(np.roll(RAMP, index)).save(images / f"{index}.png")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("untouched")
+    computed = []
+    original = metrics_module.extract_features
+    monkeypatch.setattr(metrics_module, "extract_features", lambda *a, **k: computed.append(1) or original(*a, **k))
+    encoder = ImageEncoder(torch.nn.Flatten(), name="flat")
+    (tmp_path / "folder.npz").mkdir()
+    for out in (blocker / "ref.npz", tmp_path / "folder.npz"):
+        with pytest.raises(EvaluationError, match="cannot be written|is a folder"):
+            save_reference_statistics(images, out, encoder=encoder, progress=False)
+    assert not computed  # refused before any feature was computed
+    reference = save_reference_statistics(images, tmp_path / "ref.npz", encoder=encoder, progress=False)
+    old = reference.read_bytes()
+
+    def interrupted(file, **arrays):
+        Path(file).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(OSError, match="disk full"):
+        save_reference_statistics(images, reference, encoder=encoder, progress=False)
+    assert reference.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "folder.npz", "images", "ref.npz"]
+    assert blocker.read_text() == "untouched"
+    monkeypatch.undo()
+    factory = tmp_path / "flat.py"
+    factory.write_text("import torch\n\ndef make():\n    return torch.nn.Flatten()\n")
+    argv = ["metrics", "--generated", str(images), "--reference", str(images), "--metrics", "kid"]
+    argv += ["--feature-extractor", f"{factory}:make", "--no-progress"]
+    assert main([*argv, "--json", str(blocker / "m.json")]) == 2
+    assert "'a_file' is a file" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")

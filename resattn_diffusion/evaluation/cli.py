@@ -28,7 +28,7 @@ from ..integration.api import ResTunerError
 from ..integration.io import ResTunerFileError
 from ..quiet import quiet_libraries
 from ..tuners.base import ConfigError
-from .errors import EvaluationError, EvaluationWarning
+from .errors import EvaluationError, EvaluationWarning, check_output_file
 from .features import ImageEncoder
 from .generate import check_seed_count, check_seeds, generate_images, load_pipeline
 from .images import MANIFEST_NAME
@@ -387,13 +387,15 @@ def _build_evaluator(args: argparse.Namespace, metrics: list[str], device: str) 
 
 
 def _run_metrics(args: argparse.Namespace, evaluator: Evaluator, generated: Sequence[str], prompts) -> None:
+    default_folder = Path(generated[0]) if len(generated) == 1 else Path(".")
+    json_path = Path(args.json_path) if args.json_path else default_folder / "metrics.json"
+    markdown_path = Path(args.markdown_path) if args.markdown_path else default_folder / "metrics.md"
+    for path, flag in ((json_path, "--json"), (markdown_path, "--markdown")):
+        check_output_file(path, flag)  # before the metrics are computed, not after
     with warnings.catch_warnings():
         # The notes are printed below the table instead, once per folder.
         warnings.simplefilter("ignore", EvaluationWarning)
         reports = [evaluator.evaluate(folder, prompts) for folder in generated]
-    default_folder = Path(generated[0]) if len(generated) == 1 else Path(".")
-    json_path = Path(args.json_path) if args.json_path else default_folder / "metrics.json"
-    markdown_path = Path(args.markdown_path) if args.markdown_path else default_folder / "metrics.md"
     table = write_reports(reports, json_path, markdown_path)
     print(table, end="")
     for report in reports:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EvaluationError, EvaluationWarning
+from .errors import EvaluationError, EvaluationWarning, check_output_file
 from .features import CLIPEncoder, DINOEncoder, ImageEncoder, InceptionEncoder, extract_features
 from .images import iter_image_batches, list_images, prompts_for_images, read_manifest
 
@@ -182,17 +182,24 @@ def save_reference_statistics(
     Pass the file later as the reference (``--reference ref.npz``). Files of pytorch-fid (``mu``/``sigma`` only)
     are read as well, for FID.
     """
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    check_output_file(path, "reference statistics file")  # before the features are computed
     encoder = encoder or InceptionEncoder(inception_weights, device=device)
     features = extract_features(images, encoder, batch_size=batch_size, progress=progress, description="reference")
     mu, sigma = feature_statistics(features)
     arrays = {"mu": mu, "sigma": sigma, "extractor": np.array(encoder.name), "num_images": np.array(len(features))}
     if keep_features:
         arrays["features"] = features.astype(np.float32)
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    # written beside and renamed into place: an interrupted save never leaves a truncated reference behind
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(temporary, **arrays)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 
