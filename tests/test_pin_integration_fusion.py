@@ -1,10 +1,10 @@
 """Fusing linear tuners into a projection, one layer by hand (issue 18: pins of ``fusion.py`` and ``LinearBank``).
 
-On the tiny SD1 UNet in float64, with two Res-LoRA tuners (and a GLoRA that creates a bias) on ``attn1``'s
-projections: the weight written is ``W0 + sum_i s_i dW_i`` with each ``dW_i`` folded from W0, a partial unfuse
-keeps the others folded, the record follows ``.to(dtype)`` without entering the state dict, and a weight edited
-while fused is refused (naming the call and the flag, changing nothing) unless ``accept_changed_weights``, which
-subtracts exactly the tuners' delta and keeps the edit.
+On the tiny SD1 UNet in float64 (fused in float64, so float64 tolerances), with two Res-LoRA tuners (and a GLoRA that
+creates a bias) on ``attn1``'s projections: the weight written is ``W0 + sum_i s_i dW_i`` with each ``dW_i`` folded
+from W0, a partial unfuse keeps the others folded, the record follows ``.to(dtype)`` without entering the state dict,
+and a weight edited while fused is refused (naming the call and the flag, changing nothing) unless
+``accept_changed_weights``, which subtracts exactly the tuners' delta and keeps the edit.
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ def test_fused_weight_is_w0_plus_each_scaled_delta_and_a_partial_unfuse_keeps_th
     for bank, owner in banks(unet):
         w0, b0 = before[bank.layer_path]
         expected = w0 + folded(bank, "a", w0, b0)[0] + folded(bank, "b", w0, b0)[0]
-        torch.testing.assert_close(owner.weight, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(owner.weight, expected, rtol=1e-12, atol=1e-13)
         assert bank.fused_names() == ["a", "b"] and bank.all_fused
     rd.unfuse_res_tuner(unet, "a")
     for bank, owner in banks(unet):
         w0, b0 = before[bank.layer_path]
-        torch.testing.assert_close(owner.weight, w0 + folded(bank, "b", w0, b0)[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(owner.weight, w0 + folded(bank, "b", w0, b0)[0], rtol=1e-12, atol=1e-13)
         assert bank.fused_names() == ["b"] and not bank.all_fused and bank.settings["a"].fused is False
     rd.unfuse_res_tuner(unet, "a")  # nothing of "a" is fused any more: a no-op
     rd.unfuse_res_tuner(unet)
@@ -119,10 +119,10 @@ def test_accept_changed_weights_subtracts_exactly_the_tuners_delta_and_keeps_the
     rd.unfuse_res_tuner(unet, "a", accept_changed_weights=True)  # "b" stays fused, refolded from the new P
     w0, b0 = before[bank.layer_path]
     expected = w0 + edit + folded(bank, "b", w0 + edit, b0)[0]
-    torch.testing.assert_close(owner.weight, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(owner.weight, expected, rtol=1e-12, atol=1e-13)
     assert bank.fused_names() == ["b"]
     rd.unfuse_res_tuner(unet)  # untouched since: exact, no flag needed
-    torch.testing.assert_close(owner.weight, w0 + edit, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(owner.weight, w0 + edit, rtol=1e-12, atol=1e-13)
     for other, linear in banks(unet)[1:]:
         assert torch.equal(linear.weight, before[other.layer_path][0])
 
@@ -145,7 +145,7 @@ def test_accept_changed_weights_drops_the_bias_that_fusing_created():
         assert owner.bias is None and not bank.added_bias
     w0 = before[created[0][0].layer_path][0]
     delta = folded(created[0][0], "g", w0, None)[0]
-    torch.testing.assert_close(created[0][1].weight, (w0 + delta) * 1.5 - delta, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(created[0][1].weight, (w0 + delta) * 1.5 - delta, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("tuner,hyper", [("res_lora", {}), ("surm_circulant", {})])
@@ -165,13 +165,15 @@ def test_a_sequential_tuner_folds_as_dw_w0_and_dw_b0_plus_db_and_fused_equals_un
         w0, b0 = before[bank.layer_path]
         delta_w, delta_b = bank.tuners["default"].fold(w0, b0)
         expected_b = (0 if delta_b is None else delta_b) + (0 if b0 is None else delta_w @ b0)
-        torch.testing.assert_close(owner.weight, w0 + 0.7 * delta_w @ w0, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(owner.weight, w0 + 0.7 * delta_w @ w0, rtol=1e-12, atol=1e-13)
         if b0 is None and delta_b is None:
             assert owner.bias is None
         else:
-            torch.testing.assert_close(owner.bias, (0 if b0 is None else b0) + 0.7 * expected_b, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(
+                owner.bias, (0 if b0 is None else b0) + 0.7 * expected_b, rtol=1e-12, atol=1e-13
+            )
         with torch.no_grad():
-            torch.testing.assert_close(owner(x), unfused[bank.layer_path], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(owner(x), unfused[bank.layer_path], rtol=1e-12, atol=1e-12)
     rd.unfuse_res_tuner(unet)
     for bank, owner in banks(unet):
         assert torch.equal(owner.weight, before[bank.layer_path][0])

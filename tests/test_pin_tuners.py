@@ -153,6 +153,12 @@ def test_res_attn_equals_its_formula_on_cross_and_self_attention(heads: int, n_c
         torch.testing.assert_close(square(xs, None, None), expected_self, **TOL)
 
 
+def test_res_attn_on_a_cross_attention_without_its_context_is_refused_by_name() -> None:
+    tuner = ResAttn(OpShape(12, 9, 10, 12, 3), ResAttnParams(rank=8, heads=2))  # d = 12, d_c = 10
+    with pytest.raises(ConfigError, match=r"cross-attention \(context width 10, input width 12\): pass the context"):
+        tuner(torch.randn(2, 7, 12), None, None)  # was torch's "mat1 and mat2 shapes cannot be multiplied"
+
+
 def test_res_attn_params_checks() -> None:
     ResAttnParams(rank=6, heads=3).validate()
     ResAttnParams(rank=4, heads=4).validate()

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/perf/gpu_run4.sh gpu_results4
 #
-# Hard wall-clock limit: GPU_RUN4_TOTAL_S (default 240 s) for everything, each part killed by `timeout` at its
+# Hard wall-clock limit: GPU_RUN4_TOTAL_S (default 270 s) for everything, each part killed by `timeout` at its
 # guard + 8 s and never past the total (a part gets at most what is left; unused time passes on):
 #   (a) host_overhead  benchmarks/perf/host_overhead.py --device cuda: SD 1.5's block structure at tiny widths
 #                      (compute negligible), fp16, batch 2: aten ops dispatched and wall time of one no-grad forward
@@ -15,8 +15,9 @@
 #                      attention), peft LoRA (unfused, fused): the sampling target (<= 1.10x the base)     guard  80 s
 #   (c) train_sd15     SD 1.5 512 px, batch 4, fp16: floor, res_attn, "res_attn [extra heads]" (the branch as
 #                      extra heads in training too: ResTunerAttnProcessor.extra_heads_training, off by default until
-#                      this row measures it), peft LoRA: the step targets (<= 0.75x peft LoRA, <= 1.30x the floor)
-#                                                                                                         what is left
+#                      this row measures it), peft LoRA: the step targets (<= 0.75x peft LoRA, <= 1.30x the floor);
+#                      glora (fewer ops per call since run 2) and "glora (peft's config)" beside peft GLoRA (<= 1.0x
+#                      peft LoRA, <= 0.85x peft GLoRA), surm_ldr (<= 1.0x peft LoRA)                     what is left
 # Output in OUT (6 files): host_overhead.json, host_overhead.md, sampling.json, train_sd15.json, summary.md, run.log.
 # CPU smoke test (tests/test_gpu_run4.py): HOST_ARGS="--tiny --device cpu" GPU_SUITE_ARGS="--tiny --device cpu".
 set -u
@@ -24,7 +25,7 @@ OUT="${1:?usage: bash benchmarks/perf/gpu_run4.sh OUTPUT_FOLDER}"
 PYTHON="${PYTHON:-python}"
 HOST_ARGS="${HOST_ARGS:---device cuda}"
 EXTRA_ARGS="${GPU_SUITE_ARGS:-}"
-TOTAL="${GPU_RUN4_TOTAL_S:-240}"
+TOTAL="${GPU_RUN4_TOTAL_S:-270}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
@@ -58,8 +59,8 @@ run_guarded host_overhead 60 benchmarks.perf.host_overhead --out "$OUT/host_over
 # shellcheck disable=SC2086
 run_guarded sampling 80 benchmarks.perf.gpu_suite sampling --out "$OUT" --tuners res_attn $EXTRA_ARGS
 # shellcheck disable=SC2086
-run_guarded train_sd15 400 benchmarks.perf.gpu_suite train_sd15 --out "$OUT" --tuners res_attn \
-    --peer-rows peft_lora --no-extra-rows --extra-heads-row $EXTRA_ARGS
+run_guarded train_sd15 400 benchmarks.perf.gpu_suite train_sd15 --out "$OUT" --tuners res_attn glora surm_ldr \
+    --peer-rows peft_lora peft_glora --no-extra-rows --extra-heads-row $EXTRA_ARGS
 LEFT=$((TOTAL - (SECONDS - START)))
 if [ "$LEFT" -ge 8 ]; then
     timeout -k 1 $((LEFT - 1)) "$PYTHON" -m benchmarks.perf.gpu_suite summary --out "$OUT" > /dev/null 2>>"$LOG"

@@ -12,9 +12,12 @@ Formats (both without alpha: every loader then scales by 1, and ``s`` is baked i
 
 * ``"diffusers"``: peft keys ``unet.<layer path>.lora_A.weight`` / ``lora_B.weight`` (and ``lora_B.bias`` for
   bias deltas, peft's ``lora_bias``), loaded by ``pipe.load_lora_weights(file)``.
-* ``"kohya"``: ``lora_unet_<layer path with _>.lora_down.weight`` / ``.lora_up.weight``, the names
-  kohya's sd-scripts use on the diffusers UNet (diffusers, ComfyUI and A1111 load them). It has no bias: a tuner
-  with a non-zero bias delta (GLoRA's ``D``, ``E``, ``C``; a sequential tuner over a biased linear) is refused.
+* ``"kohya"``: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight``, the names kohya's
+  sd-scripts give the layer in the UNet they train (the family's
+  :meth:`~.families.base.ModelFamily.kohya_module_paths`): the diffusers path for SD 1.x/2.x, the SGM path
+  (``input_blocks.4.1...``, ``middle_block.1...``, ``output_blocks.0.1...``) for SDXL, numbered from the base UNet's
+  config (so SDXL needs ``base``). It has no bias: a tuner with a non-zero bias delta (GLoRA's ``D``, ``E``, ``C``; a
+  sequential tuner over a biased linear) is refused.
 
 GLoRA's ``dW = W0 ⊙ A + B`` and a sequential tuner's ``dW W0`` depend on the base weights: pass ``base`` (the base
 model's folder, its ``unet`` folder, a UNet weights file, or the UNet itself). Attention-side and UNet-level tuners
@@ -38,6 +41,7 @@ from torch import nn
 from ..config import ResTunerConfig
 from ..tuners.base import ConfigError, OpShape
 from .api import ResTunerError, tuner_input_shape
+from .families import family_named
 from .io import (
     ResTunerFileError,
     check_path_characters,
@@ -178,10 +182,7 @@ def _safetensors_base_weights(location: Path) -> BaseWeights:
     return read
 
 
-def load_base_weights(base: str | os.PathLike | nn.Module) -> BaseWeights:
-    """A reader of ``(W0, b0)`` by layer path from a UNet module or a local model folder/file."""
-    if isinstance(base, nn.Module):
-        return _module_base_weights(base)
+def _existing_base_path(base: str | os.PathLike) -> Path:
     if not isinstance(base, (str, os.PathLike)):
         raise TypeError(f"base must be a path or a UNet module, got {type(base).__name__}")
     path = Path(base)
@@ -191,7 +192,30 @@ def load_base_weights(base: str | os.PathLike | nn.Module) -> BaseWeights:
             "Hub model is not fetched here: download it first, e.g. with huggingface-cli download, and pass its "
             "folder)"
         )
-    location = _unet_weights_location(path)
+    return path
+
+
+def load_base_config(base: str | os.PathLike | nn.Module) -> dict | None:
+    """The base UNet's config: a module's ``config``, or the ``config.json`` of a model folder's ``unet`` folder, of
+    a UNet folder, or beside a UNet weights file; None where there is none."""
+    if isinstance(base, nn.Module):
+        config = getattr(base, "config", None)
+        return None if config is None else dict(config)
+    location = _unet_weights_location(_existing_base_path(base))
+    file = (location.parent if location.is_file() else location) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ResTunerFileError(f"the base's config {str(file)!r} is not readable JSON: {err}") from None
+
+
+def load_base_weights(base: str | os.PathLike | nn.Module) -> BaseWeights:
+    """A reader of ``(W0, b0)`` by layer path from a UNet module or a local model folder/file."""
+    if isinstance(base, nn.Module):
+        return _module_base_weights(base)
+    location = _unet_weights_location(_existing_base_path(base))
     if location.is_file() or any(location.glob("*.safetensors")):
         return _safetensors_base_weights(location)
     from diffusers import UNet2DConditionModel  # .bin-only folders: let diffusers read them
@@ -224,10 +248,20 @@ def _factor(
     return down, up, error
 
 
-def _layer_key(prefix: str, path: str, format: str) -> str:
+def _layer_keys(
+    paths: list[str], format: str, prefix: str, base_info: dict, base: str | os.PathLike | nn.Module | None
+) -> dict[str, str]:
+    """Layer path -> the key its LoRA tensors are written under (without ``.lora_A.weight`` & co.)."""
     if format == "diffusers":
-        return f"{prefix}.{path}"
-    return f"lora_{prefix}_{path.replace('.', '_')}"
+        return {path: f"{prefix}.{path}" for path in paths}
+    family = family_named(base_info.get("family", "unet"))  # a file without a base record: a UNet, as for prefix
+    if family is None:
+        raise ResTunerFileError(
+            f"the tuner file was made for a model family {base_info.get('family')!r} this version does not know"
+        )
+    model_config = load_base_config(base) if base is not None else None
+    kohya_paths = family.kohya_module_paths(paths, base_info, model_config)
+    return {path: "lora_unet_" + kohya_paths[path].replace(".", "_") for path in paths}
 
 
 def _check_out_file(out_file: Path, source: Path) -> None:
@@ -283,7 +317,9 @@ def export_lora(
         rank: None for an exact export (full rank where the delta needs it); an int for a truncated SVD of each
             layer's delta, whose relative errors the report lists.
         base: the base model (local folder, its ``unet`` folder, a UNet weights file, or the UNet module); needed
-            when the delta depends on the base weights (GLoRA, sequential placement), ignored otherwise.
+            when the delta depends on the base weights (GLoRA, sequential placement), and for ``"kohya"`` on SDXL
+            (its SGM block numbers come from the UNet's config: a module's, or the folder's ``config.json``);
+            otherwise unused.
         weight_name: the tuner file inside a ``tuner_file`` folder, when it is not ``res_tuner.safetensors``.
         overwrite: replace an existing ``out_file``.
 
@@ -318,13 +354,9 @@ def export_lora(
             "resattn-glora-search first and export the res_tuner.safetensors that search writes"
         )
     prefix = "unet" if "UNet" in base_info.get("class", "UNet") else "transformer"
-    if format == "kohya" and prefix != "unet":
-        raise ResTunerError(
-            f"the kohya format names UNet layers (lora_unet_*); this tuner sits on a {base_info.get('class')}: "
-            "export with format='diffusers'"
-        )
     if not layers:
         raise ResTunerFileError(f"{source!r} lists no layers in its metadata; re-save the tuner with save_res_tuner")
+    keys = _layer_keys(list(layers), format, prefix, base_info, base)  # a layout that cannot name them fails here
 
     modules = _rebuild_tuners(config, layers, tensors, source)
     needs_base = config.placement == "sequential" or any(type(m).fold_reads_base for m in modules.values())
@@ -369,7 +401,7 @@ def export_lora(
                 factors = (down_f, factors[1].float() * scale)
             down, up, error = _factor(scale * delta_w, factors, rank)
             has_bias = delta_b is not None and bool(delta_b.abs().max() > 0)
-            key = _layer_key(prefix, path, format)
+            key = keys[path]
             if format == "diffusers":
                 out[f"{key}.lora_A.weight"] = down
                 out[f"{key}.lora_B.weight"] = up
@@ -387,7 +419,7 @@ def export_lora(
                 "without bias terms (GLoRA: D, E, C = none)"
             )
         for path in modules:  # peft's lora_bias gives every layer a bias: write zeros where the tuner has none
-            key = _layer_key(prefix, path, format)
+            key = keys[path]
             out[f"{key}.lora_B.bias"] = biases.get(key, torch.zeros(out[f"{key}.lora_B.weight"].shape[0]))
     out = {key: value.to(dtype).contiguous() for key, value in out.items()}
     _write_atomic(
@@ -442,7 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="diffusers")
     parser.add_argument("--rank", type=int, default=None, help="truncate each layer to this rank (default: exact)")
     parser.add_argument(
-        "--base", default=None, help="the base model's local folder (GLoRA and sequential tuners need its weights)"
+        "--base",
+        default=None,
+        help="the base model's local folder (GLoRA and sequential tuners need its weights, SDXL kohya files its "
+        "config)",
     )
     parser.add_argument(
         "--weight_name", default=None, help="the tuner file inside a folder, if not res_tuner.safetensors"
@@ -469,4 +504,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
-__all__ = ["ExportReport", "FORMATS", "LayerExport", "export_lora", "load_base_weights", "main"]
+__all__ = ["ExportReport", "FORMATS", "LayerExport", "export_lora", "load_base_config", "load_base_weights", "main"]

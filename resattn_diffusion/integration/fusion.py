@@ -206,27 +206,33 @@ def frozen_output(bank: LinearBank, linear: nn.Linear, x: torch.Tensor, output: 
 
 
 # --- resolving and writing ----------------------------------------------------------------------------------------
+def wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in the dtype deltas are summed in: float32, or float64 for a float64 model (never narrower)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _compose(others: torch.Tensor | None, delta: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """The value a bank writes: ``P + D`` computed in float32, in the weight's dtype (the one formula used both to
-    write and to recognise what was written)."""
+    """The value a bank writes: ``P + D`` computed in float32 (float64 for a float64 model), in the weight's dtype
+    (the one formula used both to write and to recognise what was written)."""
     if delta is None:
         return others
     if others is None:
         return delta.to(like.dtype)
-    return (others.float() + delta).to(others.dtype)
+    return (wide(others) + delta).to(others.dtype)
 
 
 def tuners_delta(
     bank: LinearBank, names: list[str], base_w: torch.Tensor, base_b: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``D = sum_i s_i dW_i`` (and the bias delta) of the named tuners in float32, computed from W0 and b0 (a
-    sequential tuner folds as ``dW W0`` and ``dW b0 + db``: :func:`.processors.effective_delta`)."""
+    """``D = sum_i s_i dW_i`` (and the bias delta) of the named tuners in float32 (float64 for a float64 model),
+    computed from W0 and b0 (a sequential tuner folds as ``dW W0`` and ``dW b0 + db``:
+    :func:`.processors.effective_delta`)."""
     from .processors import effective_delta  # here: processors imports this module
 
     if not names:
         return None, None
-    weight = base_w.float()
-    bias = None if base_b is None else base_b.float()
+    weight = wide(base_w)
+    bias = None if base_b is None else wide(base_b)
     total_w = torch.zeros_like(weight)
     total_b = None
     for name in names:
@@ -256,14 +262,14 @@ def _close(actual: torch.Tensor | None, expected: torch.Tensor | None, magnitude
         return actual is None and expected is None
     if actual.shape != expected.shape:
         return False
-    # The deltas are computed in float32 at least (a float64 weight was fused through float32 too).
+    # The deltas are computed in float32 at least; peft's merges (replayed here) may be float32 on a float64 model.
     eps = max(torch.finfo(actual.dtype).eps, torch.finfo(torch.float32).eps)
-    size = expected.detach().abs().float()
+    size = wide(expected.detach().abs())
     floor = 2 * eps * float(size.max()) if size.numel() else 0.0
     if magnitude is not None:
         size = size + magnitude.to(size.device)
     bound = 8 * eps * size + (floor + torch.finfo(torch.float32).tiny)
-    return bool(((actual.detach().float() - expected.detach().float()).abs() <= bound).all())
+    return bool(((wide(actual.detach()) - wide(expected.detach())).abs() <= bound).all())
 
 
 def _same_values(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -324,24 +330,26 @@ def resolve_others(
         explained = False
     if explained:
         return Resolved(replayed_w, replayed_b, now)
+    biased = [adapter for adapter in now.merged if _adds_to_bias(now.wrapper, adapter)]
+    if bank.added_bias and biased:
+        # peft merged a LoRA's bias into the bias fusing created: without our tuners the layer has none to hold it,
+        # so even accept_changed_weights (which keeps the other change) has no exact answer: refused either way.
+        raise _error(
+            f"{bank.layer_path} has no bias of its own: fusing res tuner(s) {bank.fused_names()} added one, and "
+            f"the peft LoRA {biased} (lora_bias) was then fused into it, so {action} has nowhere to keep that "
+            f"LoRA's bias ({ACCEPT_FLAG}=True cannot either). Nothing was changed. Call pipe.unfuse_lora() first, "
+            "then this, then pipe.fuse_lora()"
+        )
     if not accept_changed:
-        biased = [adapter for adapter in now.merged if _adds_to_bias(now.wrapper, adapter)]
-        if bank.added_bias and biased:
-            # peft merged a LoRA's bias into the bias fusing created: without our tuners the layer has none to hold it
-            raise _error(
-                f"{bank.layer_path} has no bias of its own: fusing res tuner(s) {bank.fused_names()} added one, and "
-                f"the peft LoRA {biased} (lora_bias) was then fused into it, so {action} has nowhere to keep that "
-                "LoRA's bias. Nothing was changed. Call pipe.unfuse_lora() first, then this, then pipe.fuse_lora()"
-            )
         raise _error(_changed_message(bank, action))
     # Accepted: subtract exactly the delta this bank added, keep the rest of whatever changed the weight.
-    new_w = (weight.float() - delta_w).to(weight.dtype)
+    new_w = (wide(weight) - delta_w).to(weight.dtype)
     if bias is None:
         new_b = None
     elif bank.added_bias and delta_b is not None:
-        new_b = None  # the bias was ours: it goes, with whatever was added to it
+        new_b = None  # the bias was ours (a LoRA's bias merged into it was refused above): it goes
     else:
-        new_b = bias if delta_b is None else (bias.float() - delta_b).to(bias.dtype)
+        new_b = bias if delta_b is None else (wide(bias) - delta_b).to(bias.dtype)
     return Resolved(new_w, new_b, now)
 
 

@@ -553,17 +553,23 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
 
 
 def check_tuner_file_fits(
-    file: str, metadata: dict[str, str], unet: nn.Module, config: ResTunerConfig, saved: dict | None = None
+    file: str, metadata: dict[str, str], saved: dict, base: dict, config: ResTunerConfig, unet: nn.Module
 ) -> None:
-    """The layers a tuner file was saved for (its ``layers`` metadata, or ``saved`` already read from it) are those
-    ``config`` puts on ``unet``, with the same shapes; else a ``ResTunerFileError`` naming the base model the file
-    was made for, this one's, and the first layers that differ."""
-    if saved is None:
-        saved = _file_layers(file, metadata)
+    """The file was made for this kind of model (``base``) and its layers (``saved``) are those its config selects
+    on ``unet``, of the same shapes; a :class:`ResTunerFileError` saying which model it was made for otherwise."""
+    family = family_of(unet)
+    made_for = base.get("family")
+    if made_for is not None and made_for != family.name:
+        other = family_named(str(made_for))
+        raise ResTunerFileError(
+            f"tuner file {file!r} was made for a {base.get('class', '?')} "
+            f"({other.model_word if other else made_for}), not for this {type(unet).__name__} ({family.model_word}); "
+            "load it into the kind of model it was trained on"
+        )
     try:
         expected = expected_fingerprint(unet, config)
     except (ConfigError, ResTunerError) as err:
-        raise ResTunerFileError(f"tuner file {file!r} does not fit this {family_of(unet).model_word}: {err}") from None
+        raise ResTunerFileError(f"tuner file {file!r} does not fit this {family.model_word}: {err}") from None
     problem = _fingerprint_mismatch(file, metadata, saved, expected, unet)
     if problem:
         raise ResTunerFileError(problem)
@@ -607,16 +613,7 @@ def load_res_tuner(
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
 
-    family = family_of(unet)
-    made_for = base.get("family")
-    if made_for is not None and made_for != family.name:
-        other = family_named(str(made_for))
-        raise ResTunerFileError(
-            f"tuner file {file!r} was made for a {base.get('class', '?')} "
-            f"({other.model_word if other else made_for}), not for this {type(unet).__name__} ({family.model_word}); "
-            "load it into the kind of model it was trained on"
-        )
-    check_tuner_file_fits(file, metadata, unet, config, saved)
+    check_tuner_file_fits(file, metadata, saved, base, config, unet)
     _check_against_plan(file, unet, config, entries)
     tensors = _read_tensors(file_path, entries)
     _check_weight_values(file, tensors)
@@ -673,7 +670,10 @@ def _load_state_dict_or_hotswap(
             raise ConfigError("config= is for loading a state dict; a tuner file carries its own config: drop config=")
         metadata, tensors = read_tuner_file(source, weight_name)
         file = str(resolve_tuner_file(source, weight_name))
-        config = _file_config(file, metadata)
+        config, saved, base = tuner_file_fields(file, metadata)
+        # the file's own record of its base, as a plain load checks it: the tensor names and shapes alone let a
+        # file made for another model through (a Flux tuner into SD3 where the layers agree) or blamed it as corrupt
+        check_tuner_file_fits(file, metadata, saved, base, config, unet)
     _check_weight_values(file, tensors)
     if hotswap:
         from .hotswap import hotswap_res_tuner

@@ -179,17 +179,19 @@ class OperationBank(TunerBank):
 def effective_delta(
     tuner: nn.Module, placement: str, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(dW, db)`` in float32 with ``branch(x) = dW x + db`` for a linear tuner at ``placement`` beside
-    ``y = W0 x + b0`` (unscaled): the tuner's own fold when parallel; ``dW W0`` and ``dW b0 + db`` when sequential,
-    since there it reads ``y``. Shared by fusing and by the LoRA export, so both fold the same delta."""
+    """``(dW, db)`` in float32 (float64 where the weight or the tuner is float64) with ``branch(x) = dW x + db`` for
+    a linear tuner at ``placement`` beside ``y = W0 x + b0`` (unscaled): the tuner's own fold when parallel;
+    ``dW W0`` and ``dW b0 + db`` when sequential, since there it reads ``y``. Shared by fusing and by the LoRA
+    export, so both fold the same delta."""
     delta_w, delta_b = tuner.fold(weight, bias)
-    delta_w = delta_w.float()
-    delta_b = None if delta_b is None else delta_b.float()
+    dtype = torch.promote_types(torch.promote_types(delta_w.dtype, weight.dtype), torch.float32)
+    delta_w = delta_w.to(dtype)
+    delta_b = None if delta_b is None else delta_b.to(dtype)
     if placement == "sequential":
         # T(y) = dW (W0 x + b0) + db
-        seq_b = delta_w @ bias.float() if bias is not None else None
+        seq_b = delta_w @ bias.to(dtype) if bias is not None else None
         delta_b = seq_b if delta_b is None else (delta_b if seq_b is None else delta_b + seq_b)
-        delta_w = delta_w @ weight.float()
+        delta_w = delta_w @ weight.to(dtype)
     return delta_w, delta_b
 
 
@@ -420,6 +422,17 @@ class ResTunerAttnProcessor(nn.Module):
         # owned by whoever installed it.
         self.__dict__["base_processor"] = processor
         self.backend = _processor_backend(processor)
+
+    # diffusers' set_attention_backend() / reset_attention_backend() (and FluxAttention.set_attention_backend) set
+    # ``processor._attention_backend`` where the processor has one: passed to the wrapped processor, which runs the
+    # attention, instead of landing on this wrapper unread (the wrapped one kept the backend it had when tuners came).
+    @property
+    def _attention_backend(self) -> Any:
+        return self.base_processor._attention_backend  # AttributeError where it has none: diffusers then skips us
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self.base_processor._attention_backend = backend
 
     # Attention.forward passes a cross_attention_kwargs key only if __call__ names it, hence the explicit signature.
     def __call__(

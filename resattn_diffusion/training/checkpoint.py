@@ -218,12 +218,13 @@ def load_tuner_weights_in_place(unet: nn.Module, file: Path) -> None:
     file gets the same checks as any tuner file (shapes, finiteness, nothing missing or left over)."""
     metadata, tensors = read_tuner_file(file)
     config = get_res_tuner_configs(unet)[ADAPTER_NAME]
-    if tuner_file_fields(str(file), metadata)[0] != config:
+    saved_config, saved_layers, base = tuner_file_fields(str(file), metadata)
+    if saved_config != config:
         raise TrainingError(
             f"{str(file)!r} holds another tuner config than the one being trained; resume with the same tuner flags"
         )
     try:  # a checkpoint of a run on another base model: say so, not which tensor first has another shape
-        check_tuner_file_fits(str(file), metadata, unet, config)
+        check_tuner_file_fits(str(file), metadata, saved_layers, base, config, unet)
     except ResTunerFileError as err:
         raise TrainingError(
             f"cannot resume from {str(file.parent)!r}: it was trained on another base model than "

@@ -83,8 +83,13 @@ class ResAttn(OperationTuner):
             qkv = F.linear(x, torch.cat([self.q_proj.weight, self.kv_proj.weight]))
             attended = packed_multi_head_attention(qkv, self.heads, None, self.head_padding)
         else:
+            if context is None:  # keys and values are read from a d_c-wide context, which x (d wide) is not
+                raise ConfigError(
+                    f"res_attn: this branch sits on a cross-attention (context width {self.kv_proj.in_features}, "
+                    f"input width {self.q_proj.in_features}): pass the context (encoder_hidden_states) as `context`"
+                )
             q = F.linear(x, self.q_proj.weight)
-            kv = F.linear(x if context is None else context, self.kv_proj.weight)
+            kv = F.linear(context, self.kv_proj.weight)
             attended = packed_multi_head_attention(q, self.heads, kv, self.head_padding)
         if self.dropout.p > 0 and self.dropout.training:
             attended = self.dropout(attended)

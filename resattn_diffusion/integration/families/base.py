@@ -10,7 +10,9 @@ new subclass registered in ``families/__init__.py``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from ...config import ResTunerConfig
 from ...tuners.base import ConfigError, OpShape
-from ..state import ResTunerError
+from ..state import ResTunerError, get_state
 
 
 @dataclass
@@ -75,6 +77,88 @@ def linear_layer(path: str, module: nn.Module) -> Layer:
     return Layer(path, linear, "linear", linear_shape(linear))
 
 
+#: What diffusers' ``fuse_qkv_projections()`` copies into one fused linear, by the fused linear's name.
+FUSED_PROJECTIONS = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "to_kv": ("to_k", "to_v"),
+    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
+
+
+def runs_fused_projections(attn: nn.Module) -> bool:
+    """Whether ``attn`` computes its q/k/v through the linears ``fuse_qkv_projections()`` made (``to_qkv``, ...)
+    instead of ``to_q`` / ``to_k`` / ``to_v``: an attention of diffusers' new kind (Flux's ``FluxAttention``) reads
+    its ``fused_projections`` flag in the processor; the older ``Attention`` (SD3, the UNet) only under a
+    ``Fused*`` processor (SD3's ``unfuse_qkv_projections()`` puts the old processor back but leaves the flag)."""
+    if not getattr(attn, "fused_projections", False):
+        return False
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # diffusers before 0.35: every attention is of the older kind
+        AttentionModuleMixin = ()  # noqa: N806 - isinstance(x, ()) is False
+
+    if isinstance(attn, AttentionModuleMixin):
+        return True
+    processor = getattr(attn, "processor", None)
+    processor = getattr(processor, "base_processor", processor)  # ours wraps the one diffusers installed
+    return type(processor).__name__.startswith("Fused")
+
+
+def bypassed_projections(attn: nn.Module) -> tuple[str, ...]:
+    """The projections of ``attn`` (the config's names) that it does not run while it runs fused projections: a
+    tuner beside one of them would silently never run."""
+    if not runs_fused_projections(attn):
+        return ()
+    return tuple(name for fused, names in FUSED_PROJECTIONS.items() if hasattr(attn, fused) for name in names)
+
+
+#: Why tuners and diffusers' layerwise casting (``enable_layerwise_casting``: float8 storage) do not go together.
+LAYERWISE_CASTING_REFUSAL = (
+    "res tuners and diffusers' layerwise casting (enable_layerwise_casting) cannot share a model: it stores every "
+    "module under a linear or an attention in its storage dtype (float8 by default), the tuners that sit there "
+    "included, so their weights would be rounded to it for good and could not train. Use the model in bfloat16 / "
+    "float16 (and fuse_res_tuner for zero-cost inference), or enable layerwise casting on a model without res tuners"
+)
+
+
+def layerwise_casting_active(model: nn.Module) -> bool:
+    """Whether diffusers' layerwise casting hooks sit on any module of ``model``."""
+    return any(
+        getattr(module, "_diffusers_hook", None) is not None
+        and module._diffusers_hook.get_hook("layerwise_casting") is not None
+        for module in model.modules()
+    )
+
+
+#: diffusers' calls that put a peft adapter into the model; peft then marks every parameter it did not add frozen.
+PEFT_INJECTING_METHODS = ("add_adapter", "load_lora_adapter")
+
+
+def _peft_call_keeping_tuners_trainable(model: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Installed as ``model.add_adapter`` / ``model.load_lora_adapter`` while tuners sit on it: diffusers' own call,
+    after which the tuners' parameters are as trainable as they were (peft froze them: training the tuner beside a
+    LoRA added after it silently stopped updating it)."""
+    state = get_state(model)
+    banks = [] if state is None else state.banks
+    trainable = [(param, param.requires_grad) for bank, _ in banks for param in bank.tuners.parameters()]
+    result = getattr(type(model), method)(model, *args, **kwargs)
+    for param, requires_grad in trainable:
+        param.requires_grad_(requires_grad)
+    return result
+
+
+def install_peft_guards(model: nn.Module) -> None:
+    """Keep the tuners trainable through diffusers' peft calls (see :func:`_peft_call_keeping_tuners_trainable`)."""
+    for method in PEFT_INJECTING_METHODS:
+        if hasattr(type(model), method):
+            setattr(model, method, functools.partial(_peft_call_keeping_tuners_trainable, model, method))
+
+
+def remove_peft_guards(model: nn.Module) -> None:
+    for method in PEFT_INJECTING_METHODS:
+        model.__dict__.pop(method, None)
+
+
 def block_selected(path: str, patterns: tuple[str, ...] | None) -> bool:
     if patterns is None:
         return True
@@ -123,6 +207,19 @@ class ModelFamily(ABC):
 
     def _describe(self, get) -> dict[str, Any]:
         return {}
+
+    def kohya_module_paths(
+        self, paths: Sequence[str], described: Mapping[str, Any], model_config: Mapping[str, Any] | None
+    ) -> dict[str, str]:
+        """Layer path -> the dotted path kohya's sd-scripts give that layer in the model they train, which a kohya
+        LoRA key spells ``lora_unet_<path with _>``.
+
+        ``described`` is a tuner file's record of its base model (:meth:`describe`); ``model_config`` the base
+        model's config where the caller has one (else None). Families the kohya format does not cover refuse."""
+        raise ResTunerError(
+            f"the kohya format names UNet layers (lora_unet_*); this tuner sits on a {described.get('class')}: "
+            "export with format='diffusers'"
+        )
 
     def install_model_guards(self, model: nn.Module) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called when the first tuner arrives on ``model`` (e.g. keep diffusers' helpers from dropping it)."""

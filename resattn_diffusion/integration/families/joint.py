@@ -3,12 +3,24 @@ how a block's targets become layers (:class:`JointTransformerFamily`)."""
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from torch import nn
 
 from ...tuners.base import OpShape
-from ..processors import ResTunerJointAttnProcessor
-from ..state import ResTunerError
-from .base import Layer, ModelFamily, feed_forward_layer, linear_layer
+from ..processors import LinearBank, ResTunerJointAttnProcessor
+from ..state import ResTunerError, get_state
+from .base import (
+    FUSED_PROJECTIONS,
+    LAYERWISE_CASTING_REFUSAL,
+    Layer,
+    ModelFamily,
+    feed_forward_layer,
+    install_peft_guards,
+    linear_layer,
+    remove_peft_guards,
+)
 from .unet import attention_linears
 
 #: Projections of a joint attention: the image stream's, then the text stream's (``to_out`` is ``to_out.0``).
@@ -44,6 +56,44 @@ def joint_attention_layer(path: str, attn: nn.Module) -> Layer:
     return Layer(path, attn, "attention", shape, ResTunerJointAttnProcessor, attention_linears(attn, projections))
 
 
+def _fuse_qkv_projections_keeping_tuners(model: nn.Module) -> None:
+    """Installed as ``model.fuse_qkv_projections`` while tuners sit on it.
+
+    diffusers copies ``to_q`` / ``to_k`` / ``to_v`` (and the text stream's ``add_*_proj``) into one new linear that
+    the attention then runs instead: a linear tuner beside the separate projections would silently stop running (a
+    fused one would be copied in for good, and unfusing it later would no longer reach the copy). That is refused
+    before anything changes. Attention-side tuners stay: SD3 installs a fused processor, which ours wraps; diffusers
+    remembers the processors to restore in ``unfuse_qkv_projections()`` -- ours, now wrapping the fused one -- so
+    those are replaced by the processors ours wrapped before, and unfusing brings the unfused computation back.
+    """
+    state = get_state(model)
+    fused_names = {name for names in FUSED_PROJECTIONS.values() for name in names}
+    beside = [
+        bank.layer_path
+        for bank, _ in ([] if state is None else state.banks)
+        if isinstance(bank, LinearBank) and bank.layer_path.rsplit(".", 1)[-1] in fused_names
+    ]
+    if beside:
+        raise ResTunerError(
+            f"fuse_qkv_projections() would copy the q/k/v projections into one linear the attention runs instead, "
+            f"and the res tuner(s) beside {len(beside)} of them (e.g. {beside[0]}) would silently stop running; "
+            "nothing was fused. Remove those tuners first (remove_res_tuner), or keep the projections unfused: "
+            "fuse_res_tuner folds linear tuners into the weights for inference"
+        )
+    before = {name: getattr(p, "base_processor", p) for name, p in model.attn_processors.items()}
+    type(model).fuse_qkv_projections(model)
+    if getattr(model, "original_attn_processors", None) is not None:
+        model.original_attn_processors = before
+
+
+def _enable_layerwise_casting_refused(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    """Installed as ``model.enable_layerwise_casting`` while tuners sit on it: diffusers would cast every module
+    under each linear and attention to the storage dtype -- the tuners that are children of them too -- and back to
+    the compute dtype around each call, so the tuners' weights would be rounded to float8 for good (and some would
+    fail in the forward with a raw dtype error)."""
+    raise ResTunerError(LAYERWISE_CASTING_REFUSAL)
+
+
 class JointTransformerFamily(ModelFamily):
     """A diffusion transformer of joint-attention blocks (SD3, Flux): joint attentions, feed-forwards and, where a
     family names them in :attr:`single_linears`, single linear projections as targets."""
@@ -53,6 +103,17 @@ class JointTransformerFamily(ModelFamily):
     call_kwargs = "joint_attention_kwargs"
     #: targets that are one linear each (Flux's single blocks' ``proj_mlp``, ``proj_out``): linear tuners only
     single_linears: tuple[str, ...] = ()
+
+    def install_model_guards(self, model: nn.Module) -> None:
+        model.fuse_qkv_projections = functools.partial(_fuse_qkv_projections_keeping_tuners, model)
+        if hasattr(type(model), "enable_layerwise_casting"):  # diffusers 0.33 and later
+            model.enable_layerwise_casting = functools.partial(_enable_layerwise_casting_refused, model)
+        install_peft_guards(model)
+
+    def remove_model_guards(self, model: nn.Module) -> None:
+        model.__dict__.pop("fuse_qkv_projections", None)
+        model.__dict__.pop("enable_layerwise_casting", None)
+        remove_peft_guards(model)
 
     def operation(self, block_path: str, block: nn.Module, target: str) -> Layer | None:
         op = getattr(block, target, None)

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ...tuners.base import OpShape
 from ..processors import ResTunerAttnProcessor
+from ..state import ResTunerError
 from .base import Layer, ModelFamily, feed_forward_layer
 
 #: The attention projections of a UNet transformer block; ``to_out`` is ``to_out.0``.
@@ -69,6 +73,88 @@ def _set_default_attn_processor_keeping_tuners(unet: nn.Module) -> None:
     unet.set_attn_processor(processor)
 
 
+#: A transformer of a down or up block (side, block, index, rest of the path), and of the mid block, in diffusers.
+_BLOCK_ATTENTION = re.compile(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.(.+)")
+_MID_ATTENTION = re.compile(r"mid_block\.attentions\.(\d+)\.(.+)")
+#: diffusers' blocks that are SGM's (resnet, spatial transformer) blocks; other attention blocks have no SGM form.
+_SGM_TRANSFORMER_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
+_SGM_MID_BLOCK = "UNetMidBlock2DCrossAttn"
+
+
+@dataclass(frozen=True)
+class SgmLayout:
+    """Where the transformers of a diffusers ``UNet2DConditionModel`` sit in the original SGM/LDM UNet, the layout of
+    SDXL checkpoints and of the UNet kohya's sd-scripts train SDXL on (so their LoRA names), read off the config.
+
+    SGM numbers ``input_blocks`` from 0 = ``conv_in``, then per resolution ``layers_per_block`` blocks of (resnet,
+    transformer) and, after every resolution but the last, a downsampler block; ``middle_block`` is (resnet,
+    transformer, resnet); ``output_blocks`` hold ``layers_per_block + 1`` blocks of (resnet, transformer[,
+    upsampler]) per resolution. A transformer is child 1 of its block. diffusers' SDXL loader maps these numbers
+    back with the same config (``_maybe_map_sgm_blocks_to_diffusers``).
+    """
+
+    layers_per_block: int
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    mid_block_type: str | None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SgmLayout:
+        layers = config.get("layers_per_block", 2)  # diffusers' default
+        if isinstance(layers, bool) or not isinstance(layers, int):
+            # diffusers' conversion back adds 1 to one integer count: a per-block list would not load
+            raise ResTunerError(
+                f"this UNet's layers_per_block {list(layers)} gives each block its own count; the SGM block numbers "
+                "of kohya's SDXL names (and diffusers' conversion back) follow one integer count: export with "
+                "format='diffusers'"
+            )
+        return cls(
+            layers_per_block=layers,
+            down_block_types=tuple(config.get("down_block_types", ())),
+            up_block_types=tuple(config.get("up_block_types", ())),
+            mid_block_type=config.get("mid_block_type", _SGM_MID_BLOCK),
+        )
+
+    def module_path(self, path: str) -> str:
+        """The SGM path of the diffusers layer ``path`` (a linear inside a transformer of a down, mid or up block)."""
+        mid = _MID_ATTENTION.fullmatch(path)
+        if mid is not None:
+            if self.mid_block_type != _SGM_MID_BLOCK or int(mid.group(1)) != 0:
+                raise _no_sgm_counterpart(
+                    path, f"SGM's middle block holds one transformer (attentions.0 of a {_SGM_MID_BLOCK})"
+                )
+            return f"middle_block.1.{mid.group(2)}"
+        match = _BLOCK_ATTENTION.fullmatch(path)
+        if match is None:
+            raise _no_sgm_counterpart(path, "it is outside the down, mid and up blocks")
+        side, block, index, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+        types = self.down_block_types if side == "down" else self.up_block_types
+        if block >= len(types):
+            raise _no_sgm_counterpart(path, f"this UNet has {len(types)} {side} blocks")
+        if types[block] not in _SGM_TRANSFORMER_BLOCKS:
+            raise _no_sgm_counterpart(path, f"{side}_blocks.{block} is a {types[block]}, not an SGM transformer block")
+        # An up block has one layer more than a down block: it also takes the skip of the downsampler.
+        if side == "up":
+            per_block, count = self.layers_per_block + 1, "layers_per_block + 1"
+        else:
+            per_block, count = self.layers_per_block, "layers_per_block"
+        if index >= per_block:
+            raise _no_sgm_counterpart(path, f"each {side} block holds {count} = {per_block} transformers")
+        # A resolution's SGM blocks: layers_per_block layers and a downsampler block going down; layers_per_block + 1
+        # layers going up (the upsampler is a child of the last one).
+        stride = self.layers_per_block + 1
+        if side == "down":
+            return f"input_blocks.{1 + block * stride + index}.1.{rest}"  # input block 0 is conv_in
+        return f"output_blocks.{block * stride + index}.1.{rest}"
+
+
+def _no_sgm_counterpart(path: str, why: str) -> ResTunerError:
+    return ResTunerError(
+        f"layer {path} has no counterpart in the SGM UNet layout kohya's sd-scripts name SDXL LoRA modules by: "
+        f"{why}; export this tuner with format='diffusers'"
+    )
+
+
 class UNetFamily(ModelFamily):
     name = "unet"
     model_word = "UNet"
@@ -105,6 +191,37 @@ class UNetFamily(ModelFamily):
             "cross_attention_dim": get("cross_attention_dim"),
             "addition_embed_type": get("addition_embed_type"),
         }
+
+    def kohya_module_paths(
+        self, paths: Sequence[str], described: Mapping[str, Any], model_config: Mapping[str, Any] | None
+    ) -> dict[str, str]:
+        if "UNet" not in str(described.get("class", "UNet")):  # e.g. a bare Transformer2DModel: no lora_unet_ names
+            return super().kohya_module_paths(paths, described, model_config)
+        # A file that records its base says whether it is SDXL; for an older one the base's config does.
+        if "addition_embed_type" in described:
+            addition = described["addition_embed_type"]
+        else:
+            addition = (model_config or {}).get("addition_embed_type")
+        if addition != "text_time":
+            # SD 1.x/2.x: sd-scripts train a UNet with diffusers' module names, and diffusers' SD loader maps kohya
+            # keys without any block renumbering.
+            return {path: path for path in paths}
+        # SDXL ("text_time" added conditions): sd-scripts train the SGM UNet, whose block numbers depend on the
+        # config; diffusers' SDXL loader renumbers them with the pipeline's UNet config.
+        if model_config is None:
+            raise ResTunerError(
+                "an SDXL UNet's kohya names follow the SGM layout, whose block numbers come from the UNet's "
+                "layers_per_block and block types: pass base= (the base model's local folder or its unet folder, "
+                "with its config.json, or the UNet itself) so that its config is read"
+            )
+        recorded, given = described.get("block_out_channels"), model_config.get("block_out_channels")
+        if recorded and given is not None and list(recorded) != list(given):
+            raise ResTunerError(
+                f"the base's config has block_out_channels {list(given)}, the tuner was trained on a UNet with "
+                f"{list(recorded)}: pass the base model it was trained on"
+            )
+        layout = SgmLayout.from_config(model_config)
+        return {path: layout.module_path(path) for path in paths}
 
     def install_model_guards(self, model: nn.Module) -> None:
         model.set_default_attn_processor = functools.partial(_set_default_attn_processor_keeping_tuners, model)

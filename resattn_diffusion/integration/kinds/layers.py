@@ -18,7 +18,14 @@ from torch import nn
 
 from ...config import ResTunerConfig
 from ...tuners.base import OpShape
-from ..families.base import Layer, ModelFamily, base_linear, linear_shape
+from ..families.base import (
+    FUSED_PROJECTIONS,
+    Layer,
+    ModelFamily,
+    base_linear,
+    bypassed_projections,
+    linear_shape,
+)
 from ..fusion import plan_write
 from ..processors import (
     LinearBank,
@@ -196,7 +203,7 @@ class LinearKind(LayerKind):
     def layers(self, model: nn.Module, family: ModelFamily, config: ResTunerConfig) -> list[Layer]:
         projections = family.resolve_projections(config)
         operations = family.operation_layers(model, config)
-        layers, found = [], set()
+        layers, found, fused_away = [], set(), []
         for op in operations:
             if op.role == "linear":
                 named = [(op.path, op.module)]
@@ -204,9 +211,12 @@ class LinearKind(LayerKind):
                 named = [(f"{op.path}.{suffix}", module) for suffix, module in op.linears.values()]
             else:
                 named = []
+                bypassed = bypassed_projections(op.module)
                 for name in projections:
                     if name in op.linears:
                         found.add(name)
+                        if name in bypassed:
+                            fused_away.append(f"{op.path}.{op.linears[name][0]}")
                         suffix, module = op.linears[name]
                         named.append((f"{op.path}.{suffix}", module))
             for path, module in named:
@@ -214,6 +224,16 @@ class LinearKind(LayerKind):
                 if not isinstance(linear, nn.Linear):
                     raise ResTunerError(f"{path} is a {type(linear).__name__}, not a linear layer")
                 layers.append(Layer(path, linear, "linear", linear_shape(linear)))
+        if fused_away:
+            # the attention runs the fused copy (to_qkv, ...) that fuse_qkv_projections() made: a branch beside the
+            # separate projection would never run
+            kept = [p for p in family.projections if not any(p in names for names in FUSED_PROJECTIONS.values())]
+            raise ResTunerError(
+                f"{len(fused_away)} projection(s) this config selects, e.g. {fused_away[0]}, are not run: diffusers' "
+                f"fuse_qkv_projections() fused them into one linear the attention runs instead, so a tuner beside "
+                f"them would never run. Call unfuse_qkv_projections() on the {family.model_word} first, or choose "
+                f"projections among {kept}"
+            )
         attentions = [op for op in operations if op.role == "attention"]
         if config.projections and not attentions:
             # projections choose among an attention's linears: on feed-forwards / single linears they would go unread
