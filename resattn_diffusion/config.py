@@ -160,7 +160,11 @@ class ResTunerConfig:
     @classmethod
     def load(cls, path: str) -> ResTunerConfig:
         with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
+            try:
+                text = f.read()
+            except UnicodeDecodeError as err:  # a binary file passed as --tuner_config: say what it is not
+                raise ConfigError(f"tuner config {str(path)!r} is not UTF-8 text (a JSON file): {err}") from None
+        return cls.from_json(text)
 
     def replace(self, **changes: Any) -> ResTunerConfig:
         data = self.to_dict()

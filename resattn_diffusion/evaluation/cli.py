@@ -27,9 +27,10 @@ from torch import nn
 from ..integration.api import ResTunerError
 from ..integration.io import ResTunerFileError
 from ..quiet import quiet_libraries
-from .errors import EvaluationError, EvaluationWarning
+from ..tuners.base import ConfigError
+from .errors import EvaluationError, EvaluationWarning, check_output_file
 from .features import ImageEncoder
-from .generate import generate_images, load_pipeline
+from .generate import check_seed_count, check_seeds, generate_images, load_pipeline
 from .images import MANIFEST_NAME
 from .inception import FID_WEIGHTS_NAME, RESIZE_MODES
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRICS, Evaluator, save_reference_statistics
@@ -45,17 +46,15 @@ def parse_seeds(tokens: Sequence[str]) -> list[int]:
             if not part:
                 continue
             try:
-                if "-" in part:
-                    low, high = (int(x) for x in part.split("-", 1))
-                    if high < low:
-                        raise ValueError
-                    seeds.extend(range(low, high + 1))
-                else:
-                    seeds.append(int(part))
+                low, high = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part),) * 2
+                if high < low:
+                    raise ValueError
             except ValueError:
                 raise EvaluationError(
                     f"--seeds: cannot read {part!r}; use ints and inclusive ranges like 0-99."
                 ) from None
+            check_seed_count(len(seeds) + high - low + 1, "--seeds")  # before the range is listed
+            seeds.extend(range(low, high + 1))
     return seeds
 
 
@@ -301,11 +300,13 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     if args.num_seeds is not None:
         if args.num_seeds < 1:
             raise EvaluationError(f"--num-seeds must be >= 1, got {args.num_seeds}.")
+        check_seed_count(args.num_seeds, "--num-seeds")
         return list(range(args.num_seeds))
-    return parse_seeds(args.seeds) if args.seeds is not None else [0]
+    return check_seeds(parse_seeds(args.seeds)) if args.seeds is not None else [0]
 
 
 def _run_generate(args: argparse.Namespace, device: str) -> None:
+    seeds = _seeds(args)  # a bad --seeds fails before the pipeline loads
     pipeline = load_pipeline(
         args.pipeline, sdxl=args.sdxl, device=device, dtype=args.dtype, keep_safety_checker=args.keep_safety_checker
     )
@@ -313,7 +314,7 @@ def _run_generate(args: argparse.Namespace, device: str) -> None:
         pipeline,
         args.prompt_file if args.prompt_file is not None else args.prompt_list,
         args.out,
-        seeds=_seeds(args),
+        seeds=seeds,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         tuner_path=args.tuner,
@@ -386,13 +387,15 @@ def _build_evaluator(args: argparse.Namespace, metrics: list[str], device: str) 
 
 
 def _run_metrics(args: argparse.Namespace, evaluator: Evaluator, generated: Sequence[str], prompts) -> None:
+    default_folder = Path(generated[0]) if len(generated) == 1 else Path(".")
+    json_path = Path(args.json_path) if args.json_path else default_folder / "metrics.json"
+    markdown_path = Path(args.markdown_path) if args.markdown_path else default_folder / "metrics.md"
+    for path, flag in ((json_path, "--json"), (markdown_path, "--markdown")):
+        check_output_file(path, flag)  # before the metrics are computed, not after
     with warnings.catch_warnings():
         # The notes are printed below the table instead, once per folder.
         warnings.simplefilter("ignore", EvaluationWarning)
         reports = [evaluator.evaluate(folder, prompts) for folder in generated]
-    default_folder = Path(generated[0]) if len(generated) == 1 else Path(".")
-    json_path = Path(args.json_path) if args.json_path else default_folder / "metrics.json"
-    markdown_path = Path(args.markdown_path) if args.markdown_path else default_folder / "metrics.md"
     table = write_reports(reports, json_path, markdown_path)
     print(table, end="")
     for report in reports:
@@ -433,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluator = _build_evaluator(args, metrics, device)
             _run_generate(args, device)
             _run_metrics(args, evaluator, [args.out], None)
-    except (EvaluationError, ResTunerError, ResTunerFileError) as err:
+    except (EvaluationError, ResTunerError, ResTunerFileError, ConfigError) as err:
         print(f"resattn-eval {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

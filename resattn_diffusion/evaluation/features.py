@@ -285,7 +285,15 @@ def extract_features(
         raise EvaluationError("no image files given to extract features from.")
     chunks = []
     with tqdm(total=len(files), desc=description or encoder.name, unit="img", disable=not progress) as bar:
-        for batch in iter_image_batches(files, batch_size):
-            chunks.append(encoder.encode_images(batch).numpy())
+        for start, batch in zip(range(0, len(files), batch_size), iter_image_batches(files, batch_size)):
+            chunk = encoder.encode_images(batch).numpy()
+            if chunks and chunk.shape[1] != chunks[0].shape[1]:
+                # an extractor whose feature width follows the image size, on images of mixed sizes
+                raise EvaluationError(
+                    f"feature extractor {encoder.name!r} gave {chunk.shape[1]} features for {str(files[start])!r} but "
+                    f"{chunks[0].shape[1]} for {str(files[0])!r} (images of different sizes?); give it a resize "
+                    "(e.g. ImageEncoder(model, size=64)) or resize the images."
+                )
+            chunks.append(chunk)
             bar.update(len(batch))
     return np.concatenate(chunks, axis=0)

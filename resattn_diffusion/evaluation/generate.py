@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -21,8 +23,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_scale
 from ..hub import ModelSourceError, check_pretrained_source
 from ..quiet import from_pretrained_dtype
+from ..tuners.base import ConfigError
 from .errors import EvaluationError
 from .images import MANIFEST_NAME, read_manifest, read_prompts
 
@@ -103,16 +107,62 @@ def tuner_file_sha256(tuner_path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check_seeds(seeds: Sequence[int]) -> list[int]:
+#: The largest seed a ``torch.Generator`` takes (``manual_seed`` overflows above it, mid-generation).
+MAX_SEED = 2**64 - 1
+#: Seeds per prompt: far more images than any FID needs (10k-50k in all); a typo like ``0-99999999999`` would
+#: otherwise build a list of 10^11 seeds (all memory) before anything is generated.
+MAX_SEEDS = 1_000_000
+
+
+def check_seed_count(count: int, what: str = "seeds") -> None:
+    if count > MAX_SEEDS:
+        raise EvaluationError(f"{what} asks for {count:,} seeds per prompt; at most {MAX_SEEDS:,} are allowed.")
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The distinct seeds, in order: ints a ``torch.Generator`` takes, at most ``MAX_SEEDS`` of them."""
     if isinstance(seeds, int):
         raise EvaluationError(f"seeds must be a list of ints, e.g. range({seeds}) or [{seeds}], got the int {seeds}.")
+    if hasattr(seeds, "__len__"):
+        check_seed_count(len(seeds))  # before a range(10**12) is listed
     result = list(seeds)
     if not result:
         raise EvaluationError("seeds is empty; give at least one seed.")
+    check_seed_count(len(result))
     for seed in result:
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise EvaluationError(f"seeds must be non-negative ints, got {seed!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise EvaluationError(f"seeds must be ints from 0 to 2**64 - 1 (torch's generator), got {seed!r}.")
     return list(dict.fromkeys(result))
+
+
+def _check_call_settings(
+    pipeline: Any, guidance_scale: Any, tuner_scale: Any, height: int | None, width: int | None
+) -> None:
+    """What the pipeline call would otherwise refuse (or run with) only once generation started: a non-finite
+    guidance (NaN images, and a folder that refuses its own settings on the next run, as NaN != NaN), a tuner scale
+    the per-call check refuses, a size that is not a positive multiple of the latent grid."""
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, numbers.Real)
+        or not math.isfinite(guidance_scale)
+    ):
+        raise EvaluationError(f"guidance_scale (--guidance) must be a finite number, got {guidance_scale!r}.")
+    if tuner_scale is not None:
+        try:
+            check_scale(tuner_scale, "--tuner-scale")
+        except ConfigError as err:
+            raise EvaluationError(str(err)) from None
+    # SD / SDXL pipelines refuse sizes that are not multiples of 8 (whatever their VAE), SD3 those of its patched
+    # latent grid; Flux resizes to its grid with a warning
+    grid = int(getattr(pipeline, "vae_scale_factor", 8)) * int(getattr(pipeline, "patch_size", 1) or 1)
+    multiple = math.lcm(8, grid)
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
+            raise EvaluationError(
+                f"{name} (--{name}) must be a positive multiple of {multiple} for this pipeline, got {value!r}."
+            )
 
 
 def _write_manifest(out_dir: Path, records: list[dict]) -> None:
@@ -172,11 +222,12 @@ def generate_images(
     folder that has images raises an error (use a new folder per setting).
     """
     prompt_list = list(dict.fromkeys(read_prompts(prompts)))
-    seed_list = _check_seeds(seeds)
+    seed_list = check_seeds(seeds)
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}.")
     if num_inference_steps < 1:
         raise EvaluationError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+    _check_call_settings(pipeline, guidance_scale, tuner_scale if tuner_path is not None else None, height, width)
     pipeline_kwargs = dict(pipeline_kwargs or {})
     clashing = sorted(_RESERVED_CALL_ARGS & set(pipeline_kwargs))
     if clashing:

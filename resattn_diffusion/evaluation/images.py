@@ -50,8 +50,11 @@ def read_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
                 f"prompt file {str(path)!r} does not exist; pass a text file with one prompt per line "
                 "(or a list of prompts in Python)."
             )
-        with open(path, encoding="utf-8") as file:
-            result = [line.strip() for line in file if line.strip()]
+        try:
+            with open(path, encoding="utf-8") as file:
+                result = [line.strip() for line in file if line.strip()]
+        except UnicodeDecodeError as err:  # e.g. an image passed as --prompts
+            raise EvaluationError(f"prompt file {str(path)!r} is not UTF-8 text ({err}).") from None
         if not result:
             raise EvaluationError(f"prompt file {str(path)!r} holds no prompt (one per line expected).")
         return result
@@ -85,8 +88,27 @@ def read_manifest(folder: str | os.PathLike) -> list[dict]:
                 ) from err
             if not isinstance(record, dict) or "file" not in record:
                 raise EvaluationError(f"{str(path)!r} line {number} has no 'file' field; fix or delete that line.")
+            _check_manifest_record(path, number, record)
             by_file[record["file"]] = record
     return list(by_file.values())
+
+
+def _check_manifest_record(path: Path, number: int, record: dict) -> None:
+    """The fields every reader of a manifest uses: ``file`` a file name in the folder, ``prompt`` a string, ``seed``
+    an integer (a list there was a raw ``TypeError: unhashable type`` in the reports, a list prompt reached CLIP)."""
+    name = record["file"]
+    if not isinstance(name, str) or not name or name in (".", "..") or os.path.basename(name) != name:
+        raise EvaluationError(
+            f"{str(path)!r} line {number}: 'file' must be the name of an image in the folder, got {name!r}; fix or "
+            "delete that line."
+        )
+    for key, kind, word in (("prompt", str, "a string"), ("seed", int, "an integer")):
+        value = record.get(key)
+        if key in record and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise EvaluationError(
+                f"{str(path)!r} line {number}: {key!r} must be {word}, got {json.dumps(value)[:80]}; fix or delete "
+                "that line."
+            )
 
 
 def prompts_for_images(files: Sequence[Path], prompts: str | os.PathLike | Sequence[str] | None = None) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EvaluationError, EvaluationWarning
+from .errors import EvaluationError, EvaluationWarning, check_output_file
 from .features import CLIPEncoder, DINOEncoder, ImageEncoder, InceptionEncoder, extract_features
 from .images import iter_image_batches, list_images, prompts_for_images, read_manifest
 
@@ -68,6 +68,12 @@ def frechet_distance(
         raise EvaluationError(
             f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape} "
             "(were they computed with different feature extractors?)."
+        )
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, sigma1, sigma2)):
+        # scipy's sqrtm fails with an internal LinAlgError on NaN: say where the NaN comes from instead
+        raise EvaluationError(
+            "the feature statistics hold NaN or inf (a feature extractor that returned non-finite features?); FID "
+            "is undefined for them."
         )
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
@@ -176,17 +182,24 @@ def save_reference_statistics(
     Pass the file later as the reference (``--reference ref.npz``). Files of pytorch-fid (``mu``/``sigma`` only)
     are read as well, for FID.
     """
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    check_output_file(path, "reference statistics file")  # before the features are computed
     encoder = encoder or InceptionEncoder(inception_weights, device=device)
     features = extract_features(images, encoder, batch_size=batch_size, progress=progress, description="reference")
     mu, sigma = feature_statistics(features)
     arrays = {"mu": mu, "sigma": sigma, "extractor": np.array(encoder.name), "num_images": np.array(len(features))}
     if keep_features:
         arrays["features"] = features.astype(np.float32)
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    # written beside and renamed into place: an interrupted save never leaves a truncated reference behind
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(temporary, **arrays)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 
@@ -219,9 +232,9 @@ class ReferenceStatistics:
         except Exception as err:  # not an npz at all
             raise EvaluationError(f"cannot read reference statistics {str(self.source)!r}: {err}") from err
         if "features" in arrays:
-            self.features = arrays["features"].astype(np.float64)
+            self.features = self._finite(arrays, "features")
         if "mu" in arrays and "sigma" in arrays:
-            self.mu, self.sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+            self.mu, self.sigma = self._finite(arrays, "mu"), self._finite(arrays, "sigma")
         elif self.features is not None:
             self.mu, self.sigma = feature_statistics(self.features)
         else:
@@ -231,9 +244,26 @@ class ReferenceStatistics:
             )
         self.extractor = str(arrays["extractor"]) if "extractor" in arrays else None
         if "num_images" in arrays:
-            self.num_images = int(arrays["num_images"])
+            count = arrays["num_images"]
+            if count.ndim != 0 or count.dtype.kind not in "iu" or int(count) < 0:
+                raise EvaluationError(
+                    f"reference statistics {str(self.source)!r}: 'num_images' must be a whole number, got {count!r}; "
+                    "make the file with save_reference_statistics (resattn-eval stats)."
+                )
+            self.num_images = int(count)
         elif self.features is not None:
             self.num_images = len(self.features)
+
+    def _finite(self, arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
+        """``arrays[key]`` as float64: numbers, all finite (a crafted or damaged file says which array is wrong)."""
+        value = arrays[key]
+        if value.dtype.kind not in "biuf" or not np.isfinite(value).all():
+            raise EvaluationError(
+                f"reference statistics {str(self.source)!r}: '{key}' must hold finite numbers, got dtype "
+                f"{value.dtype}{' with NaN or inf' if value.dtype.kind in 'f' else ''}; recompute them "
+                "(resattn-eval stats)."
+            )
+        return value.astype(np.float64)
 
     def load(self, encoder: ImageEncoder, batch_size: int, progress: bool) -> None:
         """Compute features from the folder (once), or check that the file was made with the same extractor."""
@@ -377,6 +407,7 @@ class Evaluator:
     def evaluate(self, generated: str | os.PathLike, prompts: str | os.PathLike | Sequence[str] | None = None) -> dict:
         """Evaluate one folder of generated images; returns a report dict (see :func:`evaluate_folder`)."""
         files = list_images(generated, what="generated image folder")
+        generation = _generation_settings(generated)  # a damaged manifest is refused before any model runs
         results: dict[str, float] = {}
         details: dict[str, object] = {}
         notes: list[str] = []
@@ -433,7 +464,7 @@ class Evaluator:
             "num_images": len(files),
             "metrics": {name: results[name] for name in (*METRICS, "kid_std") if name in results},
             "details": details,
-            "generation": _generation_settings(generated),
+            "generation": generation,
             "notes": notes,
         }
         for note in notes:

@@ -31,6 +31,7 @@ __all__ = [
     "STATE_ATTR",
     "add_res_tuner",
     "attention_shape",
+    "check_layer_scales_apply",
     "find_layers",
     "format_summary",
     "fuse_res_tuner",
@@ -338,16 +339,23 @@ def unfuse_res_tuner(
         kind.unfuse(unet, state, names, accept_changed_weights)
 
 
-def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[str, float]) -> None:
-    """Per-layer scales of one tuner: ``scales`` maps a module path prefix (``"down_blocks.1.attentions.0"``,
-    ``"mid_block"``) to the scale of every branch of the tuner under it; branches under no prefix keep their scale.
-    The longest matching prefix wins. Refused, changing nothing, if a fused branch would change."""
+def check_layer_scales_apply(unet: nn.Module, adapter_name: str) -> ResTunerState:
+    """The model's state, if ``adapter_name`` is a loaded tuner that sits per layer and so can take per-layer (or
+    per-block) scales; a side network over the whole model (the bypass) has one scale."""
     state = _require_state(unet)
     _require_name(state, adapter_name)
     if not isinstance(kind_of(state.configs[adapter_name]), LayerKind):
         raise ResTunerError(
             f"tuner {adapter_name!r} is a side network over the whole model; it has one scale, not per-block ones"
         )
+    return state
+
+
+def set_res_tuner_layer_scales(unet: nn.Module, adapter_name: str, scales: dict[str, float]) -> None:
+    """Per-layer scales of one tuner: ``scales`` maps a module path prefix (``"down_blocks.1.attentions.0"``,
+    ``"mid_block"``) to the scale of every branch of the tuner under it; branches under no prefix keep their scale.
+    The longest matching prefix wins. Refused, changing nothing, if a fused branch would change."""
+    state = check_layer_scales_apply(unet, adapter_name)
     if not isinstance(scales, dict):
         raise ConfigError(f"scales must map module path prefixes to numbers, got {type(scales).__name__}")
     scales = {prefix: check_scale(value, f"scale of {prefix!r}") for prefix, value in scales.items()}

@@ -42,7 +42,14 @@ from ..config import ResTunerConfig
 from ..tuners.base import ConfigError, OpShape
 from .api import ResTunerError, tuner_input_shape
 from .families import family_named
-from .io import ResTunerFileError, checked_tuner_tensors, read_tuner_file, resolve_tuner_file
+from .io import (
+    ResTunerFileError,
+    check_path_characters,
+    checked_tuner_tensors,
+    read_tuner_file,
+    resolve_tuner_file,
+    tuner_file_fields,
+)
 from .processors import effective_delta
 
 FORMATS = ("diffusers", "kohya")
@@ -257,12 +264,30 @@ def _layer_keys(
     return {path: "lora_unet_" + kohya_paths[path].replace(".", "_") for path in paths}
 
 
+def _check_out_file(out_file: Path, source: Path) -> None:
+    """``out_file`` can take the export: not a folder, and not the tuner file itself (the export would replace the
+    tuner with a LoRA file, atomically and for good)."""
+    check_path_characters(out_file, "write")
+    if out_file.is_dir():
+        raise ResTunerFileError(f"out_file {str(out_file)!r} is a folder; pass the path of the .safetensors to write")
+    if out_file.exists() and os.path.samefile(out_file, source):
+        raise ResTunerFileError(
+            f"out_file {str(out_file)!r} is the tuner file being exported: writing the LoRA there would replace the "
+            "tuner; pass another path"
+        )
+
+
 def _write_atomic(tensors: dict[str, torch.Tensor], out_file: Path, metadata: dict[str, str], overwrite: bool) -> None:
     from safetensors.torch import save_file
 
     if out_file.exists() and not overwrite:
         raise FileExistsError(f"{str(out_file)!r} exists; pass overwrite=True (or --overwrite) to replace it")
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a parent is a file: the error names it
+        raise ResTunerFileError(
+            f"cannot write {str(out_file)!r}: cannot create its folder ({err.strerror}: {err.filename!r})"
+        ) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
     os.close(fd)
     try:
@@ -312,10 +337,9 @@ def export_lora(
         raise ConfigError(f"out_file {str(out_file)!r} must end in .safetensors (LoRA loaders read safetensors)")
     metadata, tensors = read_tuner_file(tuner_file, weight_name)
     source = str(resolve_tuner_file(tuner_file, weight_name))
-    try:
-        config = ResTunerConfig.from_json(metadata["config"])
-    except (KeyError, ConfigError) as err:
-        raise ResTunerFileError(f"{source!r} has no valid tuner config in its metadata: {err}") from None
+    _check_out_file(out_file, Path(source))
+    # an older file may lack "base" (a UNet is assumed) or "layers" (refused below); present ones are checked
+    config, layers, base_info = tuner_file_fields(source, {"base": "{}", "layers": "{}", **metadata})
     spec = config.spec
     if spec.kind != "linear":
         raise ResTunerError(
@@ -329,9 +353,7 @@ def export_lora(
             f"{source!r} is a GLoRA supernet (every form of every support); pick its configuration with "
             "resattn-glora-search first and export the res_tuner.safetensors that search writes"
         )
-    base_info = json.loads(metadata.get("base", "{}"))
     prefix = "unet" if "UNet" in base_info.get("class", "UNet") else "transformer"
-    layers = json.loads(metadata.get("layers", "{}"))
     if not layers:
         raise ResTunerFileError(f"{source!r} lists no layers in its metadata; re-save the tuner with save_res_tuner")
     keys = _layer_keys(list(layers), format, prefix, base_info, base)  # a layout that cannot name them fails here
@@ -413,7 +435,15 @@ def _rebuild_tuners(
     modules: dict[str, nn.Module] = {}
     for path, shape_dict in layers.items():
         try:
-            shape = tuner_input_shape(OpShape(**shape_dict), "linear", config.placement)
+            shape = OpShape(**shape_dict)
+            dims = {"in_dim": shape.in_dim, "out_dim": shape.out_dim}
+            bad = {k: v for k, v in dims.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+            if bad or not isinstance(shape.has_bias, bool):
+                raise ConfigError(
+                    f"its in_dim and out_dim must be positive whole numbers and has_bias true or false, got {dims} "
+                    f"and has_bias {shape.has_bias!r}"
+                )
+            shape = tuner_input_shape(shape, "linear", config.placement)
             if shape.out_dim * shape.in_dim > MAX_DENSE_ELEMENTS:  # the dense delta is built: bound it first
                 raise ConfigError(
                     f"its delta would be {shape.out_dim} x {shape.in_dim}, above the {MAX_DENSE_ELEMENTS:,} elements "
@@ -423,7 +453,9 @@ def _rebuild_tuners(
             params.validate_for(shape)
             modules[path] = config.spec.module_cls(shape, params)
         except (TypeError, ConfigError) as err:
-            raise ResTunerFileError(f"{source!r}: layer {path} cannot be rebuilt from its metadata: {err}") from None
+            raise ResTunerFileError(
+                f"{source!r}: layer {path} of metadata field 'layers' cannot be rebuilt: {err}"
+            ) from None
     for tuner, values in checked_tuner_tensors(modules.items(), tensors, source):
         tuner.load_state_dict({key: value.float() for key, value in values.items()})
     return {path: tuner.float().eval() for path, tuner in modules.items()}

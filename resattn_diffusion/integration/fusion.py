@@ -272,6 +272,16 @@ def _close(actual: torch.Tensor | None, expected: torch.Tensor | None, magnitude
     return bool(((wide(actual.detach()) - wide(expected.detach())).abs() <= bound).all())
 
 
+def _same_values(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """``torch.equal``, with NaN equal to NaN: a tuner that diverged (NaN weights) and was fused wrote NaN, and
+    must still be recognised as untouched, so that unfusing restores the exact weights the bank kept."""
+    if torch.equal(actual, expected):
+        return True
+    if actual.shape != expected.shape or not actual.is_floating_point():
+        return False
+    return bool(((actual == expected) | (actual.isnan() & expected.isnan())).all())
+
+
 def _changed_message(bank: LinearBank, action: str) -> str:
     return (
         f"the weight of {bank.layer_path} was changed while res tuner(s) {bank.fused_names()} were fused, by "
@@ -300,9 +310,9 @@ def resolve_others(
     expected_w = _compose(others_w, delta_w, weight)
     expected_b = _compose(others_b, delta_b, weight)
     same_bias = (bias is None and expected_b is None) or (
-        bias is not None and expected_b is not None and torch.equal(bias, expected_b)
+        bias is not None and expected_b is not None and _same_values(bias, expected_b)
     )
-    if torch.equal(weight, expected_w) and same_bias:  # untouched since we wrote it: P exactly
+    if _same_values(weight, expected_w) and same_bias:  # untouched since we wrote it: P exactly
         return Resolved(others_w, others_b, bank.fused.merges)
 
     try:

@@ -43,7 +43,8 @@ _FLOAT_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float
 
 
 class ResTunerFileError(ValueError):
-    """A tuner file that cannot be loaded here: missing, corrupt, of another format, or made for another base."""
+    """A tuner file that cannot be loaded here (missing, corrupt, of another format, or made for another base), or
+    a path a tuner cannot be saved to."""
 
 
 def base_description(unet: nn.Module) -> dict:
@@ -172,12 +173,15 @@ def write_tuner_file(
             f"path must be a .safetensors file or a folder (a str or os.PathLike), got {type(path).__name__} {path!r}"
         )
     check_adapter_name(adapter_name)
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / WEIGHT_NAME
+    path = _save_target(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (or --overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a parent is a file: the error names it
+        raise ResTunerFileError(
+            f"cannot save the tuner to {str(path)!r}: cannot create its folder ({err.strerror}: {err.filename!r})"
+        ) from None
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -201,6 +205,31 @@ def write_tuner_file(
     return path
 
 
+def check_path_characters(path: Path, action: str) -> None:
+    """A path the OS accepts: a NUL byte in it makes every ``os`` call raise a raw ``ValueError``."""
+    if "\x00" in str(path):
+        raise ResTunerFileError(f"cannot {action} {str(path)!r}: a path cannot contain a NUL byte ('\\x00')")
+
+
+def _save_target(path: str | os.PathLike) -> Path:
+    """The file a save writes: ``path`` itself if it names a ``.safetensors`` file, else ``res_tuner.safetensors``
+    in the folder ``path`` (also an existing folder named ``*.safetensors``: where ``load_res_tuner`` looks)."""
+    if not os.fspath(path):
+        raise ResTunerFileError("path is empty; pass a .safetensors file or a folder to save the tuner in")
+    path = Path(path)
+    check_path_characters(path, "save the tuner to")
+    try:
+        if path.suffix != ".safetensors" or path.is_dir():
+            path = path / WEIGHT_NAME
+        if path.is_dir():
+            raise ResTunerFileError(
+                f"cannot save the tuner to {str(path)!r}: it is a folder; pass another file name or folder"
+            )
+    except OSError as err:  # a name too long, a loop of links: what stat says
+        raise ResTunerFileError(f"cannot save the tuner to {str(path)!r}: {err.strerror or err}") from None
+    return path
+
+
 # --- temporaries of interrupted saves ---------------------------------------------------------------------------
 #: A save writes ``.<file>.rt-<host>-<pid>-<random>.tmp`` beside its target; the writer's host and pid say whether
 #: it can still be in flight. Older versions wrote ``.<file>.<random>.tmp`` (no owner: judged by age alone).
@@ -219,8 +248,15 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
 
 
+#: The temporary holds at most this many bytes of the target's name (its end, so ``.safetensors`` stays): with
+#: the host, pid and random part added it stays within the 255 bytes a file name may have, as the target does.
+_TEMPORARY_TARGET_BYTES = 120
+
+
 def _temporary_prefix(file_name: str) -> str:
-    return f".{file_name}.rt-{_host()}-{os.getpid()}-"
+    # bytes, not characters: a name of 80 CJK characters is 240 bytes (a cut character is dropped, not garbled)
+    target = os.fsencode(file_name)[-_TEMPORARY_TARGET_BYTES:].decode("utf-8", errors="ignore")
+    return f".{target}.rt-{_host()}-{os.getpid()}-"
 
 
 def _process_alive(pid: int) -> bool:
@@ -416,6 +452,15 @@ def _file_config(file: str, metadata: dict[str, str]) -> ResTunerConfig:
         raise ResTunerFileError(f"{file!r}: metadata field 'config' is not a valid tuner config: {err}") from None
 
 
+def tuner_file_fields(file: str, metadata: dict[str, str]) -> tuple[ResTunerConfig, dict[str, dict], dict]:
+    """``(config, layers, base)`` of a tuner file's metadata, each checked (valid JSON of the right type, a valid
+    config): a ``ResTunerFileError`` naming the file and the field otherwise."""
+    config = _file_config(file, metadata)
+    layers = _file_layers(file, metadata)
+    base = _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
+    return config, layers, base
+
+
 def _file_layers(file: str, metadata: dict[str, str]) -> dict[str, dict]:
     layers = _json_field(file, metadata, "layers", dict, "a JSON object: layer path -> its shape")
     for path, shape in layers.items():
@@ -507,7 +552,7 @@ def _fingerprint_mismatch(file: str, meta: dict, saved: dict, expected: dict, un
     return "\n".join(lines)
 
 
-def _check_file_fits(
+def check_tuner_file_fits(
     file: str, metadata: dict[str, str], saved: dict, base: dict, config: ResTunerConfig, unet: nn.Module
 ) -> None:
     """The file was made for this kind of model (``base``) and its layers (``saved``) are those its config selects
@@ -562,15 +607,13 @@ def load_res_tuner(
             check_adapter_name(saved_name, where=f"the adapter name in the metadata of {file!r}")
         except ConfigError as err:
             raise ResTunerFileError(str(err)) from None
-    config = _file_config(file, metadata)
-    saved = _file_layers(file, metadata)
-    base = _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
+    config, saved, base = tuner_file_fields(file, metadata)
     name = adapter_name or saved_name or "default"
     state = get_state(unet)
     if state is not None and name in state.configs:
         raise ResTunerError(f"a tuner named {name!r} is already loaded; unload it or pass another adapter_name")
 
-    _check_file_fits(file, metadata, saved, base, config, unet)
+    check_tuner_file_fits(file, metadata, saved, base, config, unet)
     _check_against_plan(file, unet, config, entries)
     tensors = _read_tensors(file_path, entries)
     _check_weight_values(file, tensors)
@@ -627,11 +670,10 @@ def _load_state_dict_or_hotswap(
             raise ConfigError("config= is for loading a state dict; a tuner file carries its own config: drop config=")
         metadata, tensors = read_tuner_file(source, weight_name)
         file = str(resolve_tuner_file(source, weight_name))
-        config = _file_config(file, metadata)
+        config, saved, base = tuner_file_fields(file, metadata)
         # the file's own record of its base, as a plain load checks it: the tensor names and shapes alone let a
         # file made for another model through (a Flux tuner into SD3 where the layers agree) or blamed it as corrupt
-        base = _json_field(file, metadata, "base", dict, "a JSON object describing the base model")
-        _check_file_fits(file, metadata, _file_layers(file, metadata), base, config, unet)
+        check_tuner_file_fits(file, metadata, saved, base, config, unet)
     _check_weight_values(file, tensors)
     if hotswap:
         from .hotswap import hotswap_res_tuner

@@ -25,6 +25,7 @@ from ..hub import ModelSourceError, check_pretrained_source, looks_like_repo_id
 from ..tuners.base import ConfigError
 from .api import (
     ResTunerError,
+    check_layer_scales_apply,
     fuse_res_tuner,
     get_res_tuner_configs,
     remove_res_tuner,
@@ -260,7 +261,9 @@ class ResTunerLoaderMixin:
             raise ConfigError(f"set_res_tuners: adapter_names has duplicates: {names}")
         if weights is None:
             weights = [1.0] * len(names)
-        elif isinstance(weights, (int, float, dict)):
+        elif not isinstance(weights, (list, tuple)):
+            # one scale for every name: a number of any numeric type (numpy's too) or a per-block dict; anything
+            # else (a string, a tensor) is refused by the checks below, not taken apart as a sequence
             weights = [weights] * len(names)
         if len(weights) != len(names):
             raise ConfigError(
@@ -409,6 +412,7 @@ def _expand_block_weights(unet: nn.Module, weights: dict, name: str) -> dict[str
     ``_maybe_expand_lora_scales`` so that the two read the same dict the same way."""
     from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 
+    check_layer_scales_apply(unet, name)  # before any tuner of the request changes, not midway through it
     if not hasattr(getattr(unet, "config", None), "layers_per_block") or not hasattr(unet, "down_blocks"):
         raise ConfigError(f"per-block scales for {name!r} need a UNet with down/mid/up blocks; pass one number")
     unknown = sorted(map(str, set(weights) - {"down", "mid", "up"}))

@@ -21,7 +21,15 @@ from torch import nn
 
 from ..config import ResTunerConfig
 from ..integration.api import get_res_tuner_configs
-from ..integration.io import WEIGHT_NAME, load_tuner_tensors, read_tuner_file, save_res_tuner
+from ..integration.io import (
+    WEIGHT_NAME,
+    ResTunerFileError,
+    check_tuner_file_fits,
+    load_tuner_tensors,
+    read_tuner_file,
+    save_res_tuner,
+    tuner_file_fields,
+)
 from .errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -116,14 +124,35 @@ def check_random_states(folder: Path, process_index: int, allow_inexact: bool) -
 
 
 def read_training_state(folder: Path) -> dict[str, Any]:
-    with open(folder / STATE_FILE, encoding="utf-8") as f:
-        return json.load(f)
+    """The checkpoint's ``training_state.json``: a JSON object whose ``global_step`` is a whole number >= 0 (and
+    ``seed``, when present, an integer). Checked before the model loads: a damaged file is a ``TrainingError``
+    naming it, not a raw ``JSONDecodeError`` / ``KeyError`` after minutes of loading."""
+    file = Path(folder) / STATE_FILE
+    try:
+        with open(file, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TrainingError(f"cannot resume from {str(folder)!r}: {str(file)!r} cannot be read ({err})") from None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    seed = state.get("seed") if isinstance(state, dict) else None
+    if (
+        not isinstance(step, int)
+        or isinstance(step, bool)
+        or step < 0
+        or (seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)))
+    ):
+        raise TrainingError(
+            f"cannot resume from {str(folder)!r}: {str(file)!r} must be a JSON object with a whole-number "
+            f"'global_step' (and an integer 'seed'), got {json.dumps(state)[:200]}; resume from another checkpoint"
+        )
+    return state
 
 
 def check_checkpoint_matches(folder: Path, config: ResTunerConfig) -> None:
     """Resuming continues the same tuner: the checkpoint's tuner config must equal this run's."""
-    metadata, _ = read_tuner_file(folder / WEIGHT_NAME)
-    saved = ResTunerConfig.from_json(metadata["config"])
+    file = folder / WEIGHT_NAME
+    metadata, _ = read_tuner_file(file)
+    saved, _, _ = tuner_file_fields(str(file), metadata)  # a damaged config is a ResTunerFileError naming the file
     if saved != config:
         raise TrainingError(
             f"checkpoint {str(folder)!r} trained {saved}, but this run asks for {config}; resume with the same tuner "
@@ -189,8 +218,16 @@ def load_tuner_weights_in_place(unet: nn.Module, file: Path) -> None:
     file gets the same checks as any tuner file (shapes, finiteness, nothing missing or left over)."""
     metadata, tensors = read_tuner_file(file)
     config = get_res_tuner_configs(unet)[ADAPTER_NAME]
-    if ResTunerConfig.from_json(metadata["config"]) != config:
+    saved_config, saved_layers, base = tuner_file_fields(str(file), metadata)
+    if saved_config != config:
         raise TrainingError(
             f"{str(file)!r} holds another tuner config than the one being trained; resume with the same tuner flags"
         )
+    try:  # a checkpoint of a run on another base model: say so, not which tensor first has another shape
+        check_tuner_file_fits(str(file), metadata, saved_layers, base, config, unet)
+    except ResTunerFileError as err:
+        raise TrainingError(
+            f"cannot resume from {str(file.parent)!r}: it was trained on another base model than "
+            f"--pretrained_model_name_or_path. {err}"
+        ) from None
     load_tuner_tensors(unet, ADAPTER_NAME, tensors, str(file))

@@ -241,40 +241,56 @@ def read_image_folder(
                 f"Add a same-named .txt caption per image, or a {METADATA_FILE} with one JSON object per line, "
                 f'e.g. {{"{image_column}": "{images[0].name}", "{caption_column}": "a caption"}}'
             )
-        records = [(path, caption.read_text(encoding="utf-8").strip()) for path, caption in zip(images, captions)]
+        records = [(path, _read_text(caption).strip()) for path, caption in zip(images, captions)]
     return FolderSource(records)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # a caption or metadata file that is not text: name it, before training
+        raise TrainingDataError(f"{str(path)!r} is not UTF-8 text ({err}); save it as UTF-8") from None
 
 
 def _read_metadata(folder: Path, metadata: Path, caption_column: str, image_column: str) -> list[tuple[Path, str]]:
     records = []
     columns: set[str] = set()
-    with open(metadata, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TrainingDataError(f"{str(metadata)!r} line {line_number} is not JSON: {err}") from None
-            if not isinstance(row, dict) or image_column not in row:
-                raise TrainingDataError(
-                    f'{str(metadata)!r} line {line_number} has no "{image_column}"; each line is an object like '
-                    f'{{"{image_column}": "0001.png", "{caption_column}": "a caption"}}'
-                )
-            columns.update(row)
-            if caption_column not in row:
-                raise TrainingDataError(
-                    f"{str(metadata)!r} has no caption column {caption_column!r} (line {line_number}); "
-                    f"its columns are {sorted(columns)}: pass one of them as --caption_column"
-                )
-            path = folder / row[image_column]
-            if not path.is_file():
-                raise TrainingDataError(
-                    f"{str(metadata)!r} line {line_number} names {row[image_column]!r}, which is not in "
-                    f"{str(folder)!r}"
-                )
-            check_image_file(path)
-            records.append((path, row[caption_column]))
+    for line_number, line in enumerate(_read_text(metadata).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TrainingDataError(f"{str(metadata)!r} line {line_number} is not JSON: {err}") from None
+        if not isinstance(row, dict) or image_column not in row:
+            raise TrainingDataError(
+                f'{str(metadata)!r} line {line_number} has no "{image_column}"; each line is an object like '
+                f'{{"{image_column}": "0001.png", "{caption_column}": "a caption"}}'
+            )
+        columns.update(row)
+        if caption_column not in row:
+            raise TrainingDataError(
+                f"{str(metadata)!r} has no caption column {caption_column!r} (line {line_number}); "
+                f"its columns are {sorted(columns)}: pass one of them as --caption_column"
+            )
+        name, caption = row[image_column], row[caption_column]
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise TrainingDataError(
+                f'{str(metadata)!r} line {line_number}: "{image_column}" must be the path of an image inside '
+                f"{str(folder)!r}, got {json.dumps(name)[:80]}"
+            )
+        if not isinstance(caption, str):  # a list or null would reach the tokenizer mid-training
+            raise TrainingDataError(
+                f'{str(metadata)!r} line {line_number}: the caption "{caption_column}" must be a string, got '
+                f"{json.dumps(caption)[:80]}"
+            )
+        path = folder / name
+        if not path.is_file():
+            raise TrainingDataError(
+                f"{str(metadata)!r} line {line_number} names {row[image_column]!r}, which is not in {str(folder)!r}"
+            )
+        check_image_file(path)
+        records.append((path, caption))
     if not records:
         raise TrainingDataError(f"{str(metadata)!r} is empty; add one line per image")
     return records

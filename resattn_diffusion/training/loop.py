@@ -158,6 +158,14 @@ def train(
     lr_scheduler = accelerator.prepare(lr_scheduler)
     trainable.register_checkpoint_hooks(accelerator, base.denoiser)
 
+    global_step = 0
+    if resume_folder is not None:
+        accelerator.load_state(str(resume_folder))
+        continue_lr_schedule(lr_scheduler.scheduler)
+        global_step = int(resume_state["global_step"])
+        logger.info("resumed from %s at step %d", resume_folder, global_step)
+    # Only now is the output folder written to: a refused resume (a checkpoint of another base model, damaged
+    # optimizer state) leaves the args.json and tuner_config.json of the run it belongs to as they were.
     if accelerator.is_main_process:
         write_run_files(output_dir, args, seed, base, resolution)
         trainable.write_config(output_dir)
@@ -176,13 +184,6 @@ def train(
             num_epochs,
             trainable.describe(base.denoiser, parameters),
         )
-
-    global_step = 0
-    if resume_folder is not None:
-        accelerator.load_state(str(resume_folder))
-        continue_lr_schedule(lr_scheduler.scheduler)
-        global_step = int(resume_state["global_step"])
-        logger.info("resumed from %s at step %d", resume_folder, global_step)
     first_epoch = global_step // steps_per_epoch
     batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     last_checkpoint = resume_folder

@@ -49,11 +49,15 @@ def base_linear(module: nn.Module) -> nn.Module:
 
 
 def linear_shape(linear: nn.Linear) -> OpShape:
+    """The shape of the frozen linear as the base model has it: a bias that fusing a tuner added to a bias-free
+    projection (GLoRA's ``E`` / ``W0 C`` terms) is not the layer's own, so a tuner built or saved while it is fused
+    fits the base model."""
+    bank = getattr(linear, "res_tuner_bank", None)
     return OpShape(
         in_dim=linear.in_features,
         out_dim=linear.out_features,
         context_dim=linear.in_features,
-        has_bias=linear.bias is not None,
+        has_bias=linear.bias is not None and not getattr(bank, "added_bias", False),
     )
 
 
