@@ -183,6 +183,15 @@ DEFAULT_WORDS: tuple[str, ...] = (
 )
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (``AcceleratorState``, ``GradientState``), so that a test or run after
+    another in the same process starts from a fresh ``Accelerator``."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-level alphabet: each of the 256 bytes maps to one printable unicode character.
 

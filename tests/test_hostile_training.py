@@ -17,20 +17,14 @@ import pytest
 from PIL import Image
 
 import train_dreambooth
+from resattn_diffusion.testing import reset_accelerate_state
 from resattn_diffusion.training import TrainingError
 
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
-    _reset_accelerate()
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def _args(model: Path, output_dir: Path, data: Path, steps: int, *extra: str) -> list[str]:
@@ -61,7 +55,7 @@ def sd2_run(tmp_path_factory: pytest.TempPathFactory, tiny_dirs) -> Path:
     for index in range(2):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / f"{index}.png")
     train_dreambooth.main(_args(tiny_dirs["sd2"], root / "run", data, 1))
-    _reset_accelerate()
+    reset_accelerate_state()
     assert (root / "run" / "checkpoint-1" / "training_state.json").is_file()
     return root
 

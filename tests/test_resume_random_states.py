@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_text2img
+from resattn_diffusion.testing import reset_accelerate_state
 from resattn_diffusion.training import TrainingError
 
 
@@ -28,14 +29,7 @@ class SimulatedCrash(Exception):
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
-    _reset_accelerate()
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +72,7 @@ def interrupted_run(model: Path, output_dir: Path, data: Path, steps: int, extra
         crash_after(patch, 2)
         with pytest.raises(SimulatedCrash):
             train_text2img.main(args)
-    _reset_accelerate()
+    reset_accelerate_state()
     assert (output_dir / "checkpoint-2" / "random_states_0.pkl").is_file()
     return args
 
@@ -87,7 +81,7 @@ def interrupted_run(model: Path, output_dir: Path, data: Path, steps: int, extra
 def test_resume_with_tuner_dropout_is_exact(tuner, tiny_dirs, text2img_data, tmp_path, monkeypatch):
     extra = ["--tuner", tuner, "--tuner_arg", "dropout=0.1"]
     straight = train_text2img.main(run_args(tiny_dirs["sd1"], tmp_path / "straight", text2img_data, 5, extra))
-    _reset_accelerate()
+    reset_accelerate_state()
     args = interrupted_run(tiny_dirs["sd1"], tmp_path / "resumed", text2img_data, 5, extra, monkeypatch)
     resumed = train_text2img.main(args + ["--resume_from_checkpoint", "latest"])
     a, b = load_file(straight), load_file(resumed)
@@ -112,7 +106,7 @@ def test_damaged_random_states_are_refused_unless_an_inexact_resume_is_accepted(
         torch.save({"something": 1}, states)
     with pytest.raises(TrainingError, match=r"random_states_0\.pkl.*--allow_inexact_resume"):
         train_text2img.main(args + ["--resume_from_checkpoint", "latest"])
-    _reset_accelerate()
+    reset_accelerate_state()
     assert not (tmp_path / "run" / "res_tuner.safetensors").exists()
 
     with caplog.at_level(logging.WARNING):

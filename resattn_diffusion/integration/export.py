@@ -46,6 +46,7 @@ from .io import (
     ResTunerFileError,
     check_path_characters,
     checked_tuner_tensors,
+    prepare_output_file,
     read_tuner_file,
     resolve_tuner_file,
     tuner_file_fields,
@@ -280,14 +281,7 @@ def _check_out_file(out_file: Path, source: Path) -> None:
 def _write_atomic(tensors: dict[str, torch.Tensor], out_file: Path, metadata: dict[str, str], overwrite: bool) -> None:
     from safetensors.torch import save_file
 
-    if out_file.exists() and not overwrite:
-        raise FileExistsError(f"{str(out_file)!r} exists; pass overwrite=True (or --overwrite) to replace it")
-    try:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # e.g. a parent is a file: the error names it
-        raise ResTunerFileError(
-            f"cannot write {str(out_file)!r}: cannot create its folder ({err.strerror}: {err.filename!r})"
-        ) from None
+    prepare_output_file(out_file, overwrite, "cannot write")
     fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
     os.close(fd)
     try:

@@ -174,14 +174,7 @@ def write_tuner_file(
         )
     check_adapter_name(adapter_name)
     path = _save_target(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (or --overwrite) to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # e.g. a parent is a file: the error names it
-        raise ResTunerFileError(
-            f"cannot save the tuner to {str(path)!r}: cannot create its folder ({err.strerror}: {err.filename!r})"
-        ) from None
+    prepare_output_file(path, overwrite, "cannot save the tuner to")
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -209,6 +202,19 @@ def check_path_characters(path: Path, action: str) -> None:
     """A path the OS accepts: a NUL byte in it makes every ``os`` call raise a raw ``ValueError``."""
     if "\x00" in str(path):
         raise ResTunerFileError(f"cannot {action} {str(path)!r}: a path cannot contain a NUL byte ('\\x00')")
+
+
+def prepare_output_file(path: Path, overwrite: bool, what: str) -> None:
+    """Refuse an existing ``path`` unless ``overwrite``, and create its folder; ``what`` begins the error (e.g.
+    ``"cannot save the tuner to"``) when the folder cannot be made (a parent is a file, ...)."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (or --overwrite) to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a parent is a file: the error names it
+        raise ResTunerFileError(
+            f"{what} {str(path)!r}: cannot create its folder ({err.strerror}: {err.filename!r})"
+        ) from None
 
 
 def _save_target(path: str | os.PathLike) -> Path:
