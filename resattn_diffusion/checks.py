@@ -58,9 +58,15 @@ def check_scale(value: Any, what: str = "scale") -> float:
 
 
 def check_call_scale(value: Any, names: Iterable[str] | None = None, what: str = "res_tuner_scale") -> None:
-    """A per-call scale: one number for every tuner, or a mapping ``{adapter name: number}`` whose names are all
-    in ``names`` (when given). Raises before the call does any work."""
-    if isinstance(value, Mapping):
+    """A per-call scale: one number for every tuner, or a dict ``{adapter name: number}`` whose names are all in
+    ``names`` (when given). Raises before the call does any work. A dict, not any mapping: the banks read it per
+    call as one (``TunerBank.active``), and the hot path does not convert it."""
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        raise ConfigError(
+            f"{what} must be one number or a dict {{adapter name: number}}, got a {type(value).__name__}: pass "
+            "dict(...) of it"
+        )
+    if isinstance(value, dict):
         known = None if names is None else list(names)
         for name, scale in value.items():
             if not isinstance(name, str) or (known is not None and name not in known):

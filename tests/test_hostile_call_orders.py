@@ -197,6 +197,20 @@ def test_a_per_call_scale_for_a_fused_tuner_is_refused_not_ignored(tmp_path: Pat
     assert torch.equal(_out(unet), reference)
 
 
+def test_a_per_call_scale_that_is_not_a_dict_is_refused_before_the_call():
+    """The banks read a per-call ``{name: scale}`` as a dict; a read-only mapping passed the check and then failed
+    mid-forward with a raw ``TypeError`` (a mapping times a tensor)."""
+    import types
+
+    unet = frozen_tiny_unet("sd1")
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="res_attn"), "a")
+    randomize_tuner(unet, "a", seed=2, std=0.2)
+    tuned = _out(unet)
+    with pytest.raises(rd.ConfigError, match=r"res_tuner_scale must be one number or a dict"), torch.no_grad():
+        unet(**unet_inputs(unet), cross_attention_kwargs={rd.SCALE_KWARG: types.MappingProxyType({"a": 0.5})})
+    assert torch.equal(_out(unet), tuned)
+
+
 # --- a diverged tuner, fused ---------------------------------------------------------------------------------------
 def test_a_fused_tuner_with_nan_weights_unfuses_to_the_exact_original_weights():
     """A tuner whose training diverged (NaN weights) and was fused without ``safe_fusing`` wrote NaN into the

@@ -9,6 +9,8 @@ recording branch sees exactly the input, context, frozen projections and query i
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from diffusers.models.attention_processor import (
@@ -140,6 +142,9 @@ def test_a_per_call_scale_on_the_attention_is_applied_and_checked(stock):
         torch.testing.assert_close(attn(hidden, **kwargs, res_tuner_scale={"rec": 3.0}) - frozen, 3 * (one - frozen))
         with pytest.raises(rd.ConfigError, match="res_tuner_scale"):
             attn(hidden, **kwargs, res_tuner_scale=float("nan"))
+        # the bank reads a dict; another mapping was a raw TypeError inside the branch
+        with pytest.raises(rd.ConfigError, match=r"one number or a dict .* got a mappingproxy: pass dict"):
+            attn(hidden, **kwargs, res_tuner_scale=types.MappingProxyType({"rec": 3.0}))
     assert processor.bank.call_scale is None  # a per-call scale is an argument, never left behind as state
 
 
