@@ -120,7 +120,8 @@ def test_benchmark_runs_in_worker_processes_and_reports_remaining(tmp_path, caps
 
 def test_demo_tiny_budget_writes_grid_and_metrics(tmp_path, capsys):
     out = tmp_path / "demo"
-    demo.main(["--out", str(out), "--steps", "2", "--samples", "4", "--class_images", "2", "--threads", "1"])
+    argv = ["--out", str(out), "--steps", "2", "--samples", "4", "--class_images", "2", "--sampling_steps", "4"]
+    demo.main(argv + ["--threads", "1"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["trainable_parameters"] == 24_064 and metrics["steps"] == 2
     for model in ("base", "tuned"):

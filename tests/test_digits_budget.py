@@ -3,7 +3,6 @@ the DreamBooth class-image cache (the same pixels however it is filled)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -79,7 +78,7 @@ CASE = Case(samples=4)
 def record(task: str, method: str, seed: int, wall: float, lr: float = 1e-3, role: str = "sweep") -> dict:
     return {
         "version": RESULT_VERSION,
-        "case": asdict(CASE),
+        "case": CASE.record(),
         "task": task,
         "method": method,
         "learning_rate": lr,

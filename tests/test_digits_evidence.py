@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -148,7 +147,7 @@ def fake_record(spec: RunSpec, score: float, case: Case = CASE) -> dict:
     metrics = {"subject_fidelity": score, "prior_retention": 1.0, "subject_fd": 1.0}
     return {
         "version": RESULT_VERSION,
-        "case": asdict(case),
+        "case": case.record(),
         "task": spec.task,
         "method": spec.method,
         "learning_rate": spec.lr,
@@ -215,6 +214,10 @@ def test_result_files_from_two_machines_merge_by_copying(tmp_path):
         (folder / f"{spec.key}.json").write_text(json.dumps(fake_record(spec, 0.9)))
     other = RunSpec("dreambooth", "res_attn", 3e-3, 3, "eval")
     (there / f"{other.key}.json").write_text(json.dumps(fake_record(other, 0.9, Case(samples=8))))
+    fewer_steps = RunSpec("dreambooth", "res_attn", 3e-3, 6, "eval")  # sampled with 4 steps: another case
+    (there / f"{fewer_steps.key}.json").write_text(
+        json.dumps(fake_record(fewer_steps, 0.9, Case(samples=4, sampling_steps=4)))
+    )
     stale = RunSpec("dreambooth", "res_attn", 3e-3, 4, "eval")  # an older metrics version: not a result of this one
     (there / f"{stale.key}.json").write_text(json.dumps({**fake_record(stale, 0.9), "version": RESULT_VERSION - 1}))
     (there / "dreambooth__res_attn__lr0.003__seed5.json").write_text("{not json")  # half copied
@@ -224,6 +227,9 @@ def test_result_files_from_two_machines_merge_by_copying(tmp_path):
         "dreambooth__res_attn__lr0.003__seed1",
         "dreambooth__res_attn__lr0.003__seed2",
     ]
+    # files hold the case without its default sampling steps (those written before the field existed did too)
+    assert "sampling_steps" not in CASE.record() and Case(sampling_steps=4).record()["sampling_steps"] == 4
+    assert CASE.name.endswith("_class50") and Case(sampling_steps=4).name.endswith("_class50_sampling4")
 
 
 def test_sweep_score_rewards_the_styled_digit_over_ignoring_the_style():

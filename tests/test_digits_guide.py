@@ -5,7 +5,6 @@ difference"), too few seeds (nothing claimed); cost rows from perf result files,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,7 @@ PARAMETERS = {
 def _record(spec: RunSpec, metrics: dict, parameters: int) -> dict:
     return {
         "version": RESULT_VERSION,
-        "case": asdict(CASE),
+        "case": CASE.record(),
         "task": spec.task,
         "method": spec.method,
         "learning_rate": spec.lr,

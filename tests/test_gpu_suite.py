@@ -146,3 +146,44 @@ def test_shell_script_runs_every_part_with_a_time_guard(tmp_path):
     assert "train_sdxl: exit 3" in log and "done in" in log
     assert "#   bash benchmarks/perf/gpu_run.sh gpu_results" in SCRIPT.read_text().splitlines()[:5]
     assert sampling.COMPILED_ROWS[0] == "base"
+
+
+def test_train_part_with_chosen_peers_and_no_extra_rows(tmp_path: Path) -> None:
+    """What the targeted runs' train_sd15 part asks for (gpu_run4.sh; run 3 added the run-2 dense rows): our rows,
+    the floor and the named peers only."""
+    result = gpu_suite.run_part(
+        "train_sd15",
+        tmp_path,
+        "cpu",
+        tiny=True,
+        budget=600,
+        tuners=["res_attn", "surm_ldr"],
+        peer_rows=["peft_lora"],
+        extra_rows=False,
+        run2_dense_rows=["surm_ldr"],
+    )
+    names = [row["name"] for row in result["rows"]]
+    expected = ["floor", "res_attn", "surm_ldr", "surm_ldr [run-2 dense]"]
+    assert names == expected + (["peft_lora"] if gpu_suite.train_step.peers.peft_available() else [])
+    assert all(row["step_s"] for row in result["rows"]), result["rows"]
+    assert gpu_suite.StructuredMatrix.recompute_dense  # the row's context restored the default
+    with pytest.raises(SystemExit, match="peer-rows"):
+        gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], peer_rows=["peft_ia3"])
+    with pytest.raises(SystemExit, match="run2-dense-rows"):
+        gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], run2_dense_rows=["res_attn"])
+
+
+def test_run2_dense_context_forms_the_delta_as_before_and_restores_the_defaults() -> None:
+    from resattn_diffusion.tuners.fast_paths import forced_paths
+    from resattn_diffusion.tuners.structured import LDRMatrix
+
+    matrix = LDRMatrix(12, 20)
+    saved = []
+    with forced_paths("fast"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        strided = matrix.dense_matrix()
+        assert not saved  # the strided product is recomputed in backward: nothing kept
+        with gpu_suite.run2_dense():
+            fft = matrix.dense_matrix()
+    assert saved and any(t.is_complex() for t in saved)  # run 2's FFT form kept its spectra
+    assert LDRMatrix.use_strided_dense and LDRMatrix.recompute_dense
+    torch.testing.assert_close(strided, fft)

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.digits.evaluate_base import DEFAULT_INFERENCE_STEPS
 from benchmarks.digits.methods import HEADLINE_METHODS, INITIAL_SWEEP, RATE_LADDER, Method
 
 BASE = "base"
@@ -46,13 +47,24 @@ class Case:
     style_steps: int = 400
     samples: int = 32
     class_images: int = 50
+    #: denoising steps of every judged sample; only the smoke tests (``--quick``) use fewer
+    sampling_steps: int = DEFAULT_INFERENCE_STEPS
 
     @property
     def name(self) -> str:
+        sampling = "" if self.sampling_steps == DEFAULT_INFERENCE_STEPS else f"_sampling{self.sampling_steps}"
         return (
             f"heldout{self.heldout}_{self.style}_db{self.dreambooth_steps}_st{self.style_steps}"
-            f"_samples{self.samples}_class{self.class_images}"
+            f"_samples{self.samples}_class{self.class_images}{sampling}"
         )
+
+    def record(self) -> dict:
+        """The case as result files hold it: the default sampling steps are left out, so the files written before
+        the field existed stay this case's results."""
+        fields = asdict(self)
+        if self.sampling_steps == DEFAULT_INFERENCE_STEPS:
+            del fields["sampling_steps"]
+        return fields
 
     def steps(self, task: str) -> int:
         return self.dreambooth_steps if task == "dreambooth" else self.style_steps
@@ -251,7 +263,11 @@ def read_finished(folder: Path, case: Case, cache: dict[Path, dict] | None = Non
             except (OSError, json.JSONDecodeError):
                 continue  # a file being copied in: read it next time
         record = cache[path]
-        if isinstance(record, dict) and record.get("case") == asdict(case) and record.get("version") == RESULT_VERSION:
+        if (
+            isinstance(record, dict)
+            and record.get("case") in (case.record(), asdict(case))
+            and record.get("version") == RESULT_VERSION
+        ):
             finished[path.stem] = record
     return finished
 

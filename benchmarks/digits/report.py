@@ -368,7 +368,8 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
         f"Steps per run: DreamBooth {case.dreambooth_steps}, style {case.style_steps}. Learning rate: chosen per "
         f"method and task on seed {args.seeds[0]} (the sweeps below); reported seeds: {list(args.seeds[1:])}, plus "
         f"{list(args.extra_seeds)} for res_attn, peft_lora and full_finetune. {case.samples} identifier-prompt "
-        f"samples, {max(case.samples // 4, 2)} per seen digit and prompt, samples seeded by the run's seed; one CPU "
+        f"samples, {max(case.samples // 4, 2)} per seen digit and prompt, {case.sampling_steps} denoising steps each, "
+        "samples seeded by the run's seed; one CPU "
         "thread per run. Written by `python -m benchmarks.digits.run_benchmark`; metrics are defined in "
         "`benchmarks/digits/tasks.py`.",
         "",

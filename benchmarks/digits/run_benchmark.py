@@ -48,6 +48,7 @@ QUICK = {
     "dreambooth_steps": 2,
     "style_steps": 2,
     "samples": 4,
+    "sampling_steps": 4,
     "class_images": 2,
     "seeds": [0, 1],
     "extra_seeds": [],
@@ -116,7 +117,13 @@ class Benchmark:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.case = Case(
-            args.heldout, args.style, args.dreambooth_steps, args.style_steps, args.samples, args.class_images
+            args.heldout,
+            args.style,
+            args.dreambooth_steps,
+            args.style_steps,
+            args.samples,
+            args.class_images,
+            args.sampling_steps,
         )
         self.results_dir = Path(args.results)
         self.runs_dir = self.results_dir / "runs" / self.case.name
@@ -301,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_widen", type=int, default=2, help="how often a sweep may widen on each side")
     parser.add_argument("--samples", type=int, default=32, help="samples per evaluated prompt set")
     parser.add_argument(
+        "--sampling_steps", type=int, default=Case.sampling_steps, help="denoising steps of every judged sample"
+    )
+    parser.add_argument(
         "--class_images", type=int, default=DEFAULT_CLASS_IMAGES, help="DreamBooth prior-preservation images"
     )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS_DIR, help="where runs, tables and the plot go")
@@ -341,7 +351,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             if key not in explicit:
                 setattr(args, key, value)
     check_digit(args.heldout)
-    for name in ("dreambooth_steps", "style_steps", "samples", "threads", "class_images"):
+    for name in ("dreambooth_steps", "style_steps", "samples", "sampling_steps", "threads", "class_images"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1")
     if args.workers < 0 or args.max_widen < 0:

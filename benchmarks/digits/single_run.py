@@ -28,7 +28,6 @@ import platform
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -170,10 +169,10 @@ def execute(
     wall_start, cpu_start = time.perf_counter(), time.process_time()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    task = make_task(spec.task, case.heldout, case.style, case.class_images)
+    task = make_task(spec.task, case.heldout, case.style, case.class_images, case.sampling_steps)
     record = {
         "version": RESULT_VERSION,
-        "case": asdict(case),
+        "case": case.record(),
         "task": spec.task,
         "method": spec.method,
         "learning_rate": spec.lr,
@@ -241,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dreambooth_steps", type=int, default=Case.dreambooth_steps)
     parser.add_argument("--style_steps", type=int, default=Case.style_steps)
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument(
+        "--sampling_steps", type=int, default=Case.sampling_steps, help="denoising steps of every judged sample"
+    )
     parser.add_argument("--heldout", type=int, default=9)
     parser.add_argument("--style", default=DEFAULT_STYLE)
     parser.add_argument(
@@ -252,7 +254,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    case = Case(args.heldout, args.style, args.dreambooth_steps, args.style_steps, args.samples, args.class_images)
+    if args.sampling_steps < 1:
+        raise SystemExit("--sampling_steps must be at least 1")
+    case = Case(
+        args.heldout,
+        args.style,
+        args.dreambooth_steps,
+        args.style_steps,
+        args.samples,
+        args.class_images,
+        args.sampling_steps,
+    )
     spec = RunSpec(args.task, args.method, args.lr, args.seed, "single")
     record = execute(spec, case, args.out, args.data_dir, args.base_model)
     print(

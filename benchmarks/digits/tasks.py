@@ -182,6 +182,7 @@ class DreamBoothTask:
     num_class_images: int = DEFAULT_CLASS_IMAGES
     prior_loss_weight: float = 1.0
     train_batch_size: int = 4  # instance images per step; prior preservation adds as many class images
+    sampling_steps: int = DEFAULT_INFERENCE_STEPS  # of every judged sample (the smoke tests use fewer)
 
     name = "dreambooth"
 
@@ -234,17 +235,20 @@ class DreamBoothTask:
         from resattn_diffusion.evaluation import per_group_accuracy
 
         classifier = classifier or self.judge()
-        subject = sample_prompt(pipeline, self.instance_prompt, samples, seed)
+        steps = self.sampling_steps
+        subject = sample_prompt(pipeline, self.instance_prompt, samples, seed, num_inference_steps=steps)
         predicted = classifier.predict(subject).numpy()
         digits = seen_digits(self.heldout_digit)
         per_digit = max(samples // 4, 2)
-        seen = sample_digits(pipeline, digits, per_digit, seed=seed)
+        seen = sample_digits(pipeline, digits, per_digit, num_inference_steps=steps, seed=seed)
         seen_predicted = np.concatenate([classifier.predict(seen[d]).numpy() for d in digits])
         seen_expected = np.repeat(digits, per_digit)
         per_prompt = per_group_accuracy(seen_predicted, seen_expected)
         # the class prompt's samples start from other noise than the identifier's (seed offset), so a tuner that
         # only copies its training images into every sample shows up here
-        class_samples = sample_prompt(pipeline, self.class_prompt, max(samples // 2, 2), seed + 7919)
+        class_samples = sample_prompt(
+            pipeline, self.class_prompt, max(samples // 2, 2), seed + 7919, num_inference_steps=steps
+        )
         real = load_digits_split("all").only(self.heldout_digit).images
         metrics = {
             "subject_fidelity": float(np.mean(predicted == self.heldout_digit)),
@@ -277,6 +281,7 @@ class StyleTask:
     heldout_digit: int | None = DEFAULT_HELDOUT_DIGIT
     examples: int = DEFAULT_STYLE_EXAMPLES
     train_batch_size: int = 8
+    sampling_steps: int = DEFAULT_INFERENCE_STEPS  # of every judged sample (the smoke tests use fewer)
 
     name = "style"
 
@@ -334,7 +339,9 @@ class StyleTask:
         as the prior-retention samples of DreamBooth); ``grid``: also write them as a PNG (one row per digit)."""
         digits = seen_digits(self.heldout_digit)
         per_digit = max(samples // 4, 2)
-        generated = sample_digits(pipeline, digits, per_digit, template=self.template, seed=seed)
+        generated = sample_digits(
+            pipeline, digits, per_digit, template=self.template, num_inference_steps=self.sampling_steps, seed=seed
+        )
         metrics = self.score(generated, classifier)
         metrics["style_samples"] = int(per_digit * len(digits))
         if grid is not None:
@@ -372,10 +379,14 @@ def make_task(
     heldout_digit: int = DEFAULT_HELDOUT_DIGIT,
     style: str = DEFAULT_STYLE,
     num_class_images: int = DEFAULT_CLASS_IMAGES,
+    sampling_steps: int = DEFAULT_INFERENCE_STEPS,
 ):
-    """The task called ``name`` (one of :data:`TASKS`); ``num_class_images`` is DreamBooth's prior-preservation set."""
+    """The task called ``name`` (one of :data:`TASKS`); ``num_class_images`` is DreamBooth's prior-preservation set,
+    ``sampling_steps`` the denoising steps of every sample the task judges."""
     if name == "dreambooth":
-        return DreamBoothTask(heldout_digit=check_digit(heldout_digit), num_class_images=num_class_images)
+        return DreamBoothTask(
+            heldout_digit=check_digit(heldout_digit), num_class_images=num_class_images, sampling_steps=sampling_steps
+        )
     if name == "style":
-        return StyleTask(style=style, heldout_digit=check_digit(heldout_digit))
+        return StyleTask(style=style, heldout_digit=check_digit(heldout_digit), sampling_steps=sampling_steps)
     raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
