@@ -253,3 +253,33 @@ def test_output_files_that_cannot_be_written_are_refused_before_the_work(tmp_pat
     argv += ["--feature-extractor", f"{factory}:make", "--no-progress"]
     assert main([*argv, "--json", str(blocker / "m.json")]) == 2
     assert "'a_file' is a file" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--kid-subsets", "0"], "KID subsets must be a whole number >= 1"),
+        (["--kid-subsets", "100000000000"], "at most 10,000"),
+        (["--kid-subset-size", "1"], "KID subset size must be a whole number >= 2"),
+    ],
+)
+def test_kid_settings_that_cannot_give_a_number_are_refused_before_anything_is_read(
+    tmp_path: Path, capsys, flags: list[str], needle: str
+):
+    """``--kid-subsets 0`` or ``--kid-subset-size 1`` failed only once every feature had been extracted (or, for the
+    subset size, blamed the image count); ``--kid-subsets 10^11`` ran for days. The reference folder does not exist
+    here: the settings are checked before it is read."""
+    import time
+
+    from resattn_diffusion.evaluation.cli import main
+    from resattn_diffusion.evaluation.metrics import Evaluator, kernel_inception_distance
+
+    start = time.perf_counter()
+    argv = ["metrics", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "no_such_reference")]
+    assert main([*argv, "--metrics", "kid", *flags]) == 2
+    assert time.perf_counter() - start < 2.0
+    assert needle in capsys.readouterr().err
+    with pytest.raises(EvaluationError, match="KID subsets must be a whole number"):
+        Evaluator(["kid"], reference=tmp_path / "no_such_reference", kid_subsets=2.5)
+    with pytest.raises(EvaluationError, match="KID subset size must be a whole number >= 2"):
+        kernel_inception_distance(np.zeros((4, 3)), np.ones((4, 3)), subset_size=1)

@@ -118,9 +118,9 @@ def test_kid_is_mean_and_std_over_seeded_subsets_without_replacement() -> None:
         kernel_inception_distance(f1, f2[0])
     with pytest.raises(EvaluationError, match="at least 2 images"):
         kernel_inception_distance(f1[:1], f2)
-    with pytest.raises(EvaluationError, match="at least 2 images"):
+    with pytest.raises(EvaluationError, match="subset size must be a whole number >= 2"):
         kernel_inception_distance(f1, f2, subset_size=1)
-    with pytest.raises(EvaluationError, match="num_subsets"):
+    with pytest.raises(EvaluationError, match="subsets must be a whole number >= 1"):
         kernel_inception_distance(f1, f2, num_subsets=0)
 
 

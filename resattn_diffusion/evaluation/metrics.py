@@ -104,6 +104,23 @@ def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     return float(mean_xx + mean_yy - 2.0 * k_xy.mean())
 
 
+#: KID's subsets above this would run for hours on any machine (each one is a subset_size^2 kernel over the features);
+#: clean-fid and torchmetrics use 100
+MAX_KID_SUBSETS = 10_000
+
+
+def check_kid_settings(num_subsets: int, subset_size: int) -> None:
+    """Refuse KID settings that cannot give a number, before any image is read or generated."""
+    for name, value, least in (("subsets", num_subsets, 1), ("subset size", subset_size, 2)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise EvaluationError(f"KID {name} must be a whole number >= {least}, got {value!r}.")
+    if num_subsets > MAX_KID_SUBSETS:
+        raise EvaluationError(
+            f"KID subsets must be at most {MAX_KID_SUBSETS:,} (each is a subset-size^2 kernel; 100 is the usual "
+            f"count), got {num_subsets:,}."
+        )
+
+
 def kernel_inception_distance(
     features1: np.ndarray,
     features2: np.ndarray,
@@ -113,6 +130,7 @@ def kernel_inception_distance(
 ) -> tuple[float, float]:
     """KID: mean and std of :func:`polynomial_mmd2` over ``num_subsets`` random subsets (drawn without
     replacement, seeded) of ``min(subset_size, N1, N2)`` vectors from each set."""
+    check_kid_settings(num_subsets, subset_size)
     features1 = np.asarray(features1, dtype=np.float64)
     features2 = np.asarray(features2, dtype=np.float64)
     if features1.ndim != 2 or features2.ndim != 2 or features1.shape[1] != features2.shape[1]:
@@ -124,8 +142,6 @@ def kernel_inception_distance(
         raise EvaluationError(
             f"KID needs at least 2 images in each set, got {features1.shape[0]} and {features2.shape[0]}."
         )
-    if num_subsets < 1:
-        raise EvaluationError(f"KID num_subsets must be >= 1, got {num_subsets}.")
     rng = np.random.default_rng(seed)
     values = [
         polynomial_mmd2(
@@ -340,6 +356,8 @@ class Evaluator:
             raise EvaluationError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
         self.progress = progress
+        if "kid" in self.metrics:
+            check_kid_settings(kid_subsets, kid_subset_size)  # before the encoders load and any image is read
         self.kid_subsets = kid_subsets
         self.kid_subset_size = kid_subset_size
         self.seed = seed
