@@ -164,3 +164,42 @@ def test_a_checkpoint_tuner_file_without_a_config_is_refused_naming_it(sd2_run: 
     with pytest.raises(rd.ResTunerFileError, match=r"checkpoint-1/res_tuner\.safetensors.*'config'"):
         train_dreambooth.main(argv)
     assert _files(run) == before
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),  # clip_grad_norm_ flipped every gradient
+        (["--snr_gamma", "-5"], "--snr_gamma must be > 0"),  # negative Min-SNR weights: the loss was climbed
+        (["--snr_gamma", "0"], "--snr_gamma must be > 0"),  # every step weighted by 0: nothing trained
+        (["--prior_loss_weight", "-1", "--with_prior_preservation"], "--prior_loss_weight must be >= 0"),
+        (["--tuner_scale", "0"], "the tuner's scale is 0"),  # no gradient reached the tuner: nothing trained
+        (["--tuner_config", "SCALE0_CONFIG"], "the tuner's scale is 0"),
+        (["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),  # torch's raw ValueError, after loading
+        (["--adam_beta2", "-0.5"], "--adam_beta2 must be in [0, 1)"),
+        (["--adam_epsilon=-1e-8"], "--adam_epsilon must be >= 0"),
+        (["--adam_weight_decay", "-0.01"], "--adam_weight_decay must be >= 0"),
+        (["--lr_power", "-1"], "--lr_power must be >= 0"),  # ZeroDivisionError at the last step
+        (["--lr_warmup_steps", "-3"], "--lr_warmup_steps must be >= 0"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
+        (["--sample_batch_size", "0"], "--sample_batch_size must be >= 1"),
+        (["--validation_inference_steps", "0"], "--validation_inference_steps must be >= 1"),
+        (["--seed", "-1"], "--seed must be >= 0"),  # numpy's raw ValueError in set_seed, after the run folder
+        (["--seed", str(2**32)], "--seed must be at most 2**32 - 1"),
+    ],
+)
+def test_numbers_that_parse_but_cannot_train_are_usage_errors(tmp_path, capsys, flags: list[str], needle: str):
+    """Each of these trained wrongly without a word (gradient ascent, or no gradient at all) or failed with torch's or
+    numpy's raw error once the models had loaded; they are now usage errors before anything is loaded or written."""
+    from resattn_diffusion.training.args import parse_args
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "scale0.json").write_text('{"tuner": "res_lora", "scale": 0}')
+    flags = [str(tmp_path / "scale0.json") if flag == "SCALE0_CONFIG" else flag for flag in flags]
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "model"), "--instance_data_dir", str(tmp_path / "data")]
+    argv += ["--instance_prompt", "a sks dog", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a dog"]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args("dreambooth", [*argv, "--output_dir", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -414,6 +414,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         check_tuner_fits_model(args, config)
     except (ConfigError, ResTunerError, OSError) as err:
         parser.error(f"bad tuner settings: {err}")
+    if getattr(config, "scale", None) == 0:
+        parser.error(
+            "the tuner's scale is 0 (--tuner_scale or the config's scale): its branch would add nothing, so no "
+            "gradient would reach it and the run would train nothing; use a scale that is not 0 (1.0 is the default)"
+        )
+    check_optimization_flags(parser, args)
 
     positive = [
         "train_batch_size",
@@ -454,6 +460,42 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             f"--report_to {args.report_to!r}: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, all or "
             "none"
         )
+
+
+#: flag -> (lowest allowed value, whether the lowest is allowed, why) for the numbers whose wrong sign would not
+#: fail but train wrongly (gradient ascent) or fail only after the models have loaded (torch's and numpy's raw errors)
+_FLAG_BOUNDS: dict[str, tuple[float, bool, str]] = {
+    "max_grad_norm": (0, True, "0 turns clipping off; a negative norm flips every gradient's sign in clip_grad_norm_"),
+    "snr_gamma": (0, False, "min(SNR, gamma) / SNR weights the loss: 0 weights every step by 0, below 0 climbs it"),
+    "prior_loss_weight": (0, True, "a negative weight would push the model away from the class examples"),
+    "adam_weight_decay": (0, True, "torch's AdamW refuses it"),
+    "adam_epsilon": (0, True, "torch's AdamW refuses it"),
+    "lr_warmup_steps": (0, True, "a step count"),
+    "lr_power": (0, True, "the polynomial schedule divides by zero at the last step"),
+    "dataloader_num_workers": (0, True, "a process count (0: load in the main process)"),
+    "sample_batch_size": (1, True, "class images are generated in batches of this size"),
+    "validation_inference_steps": (1, True, "validation would fail only after the first training steps"),
+    "seed": (0, True, "numpy's generator refuses it"),
+}
+#: the largest seed every generator the run seeds (python, numpy, torch) takes
+MAX_SEED = 2**32 - 1
+
+
+def check_optimization_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Numbers that parse but cannot train: refused before any model loads or anything is written."""
+    for name, (least, inclusive, why) in _FLAG_BOUNDS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if value < least or (value == least and not inclusive):
+            relation = ">=" if inclusive else ">"
+            parser.error(f"--{name} must be {relation} {least:g}, got {value:g} ({why})")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value < 1.0:
+            parser.error(f"--{name} must be in [0, 1), got {value:g} (a moving average's decay; torch refuses it)")
+    if getattr(args, "seed", None) is not None and args.seed > MAX_SEED:
+        parser.error(f"--seed must be at most 2**32 - 1 = {MAX_SEED}, got {args.seed} (numpy's generator refuses it)")
 
 
 def check_finite_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
