@@ -191,15 +191,26 @@ def test_a_checkpoint_tuner_file_without_a_config_is_refused_naming_it(sd2_run: 
 def test_numbers_that_parse_but_cannot_train_are_usage_errors(tmp_path, capsys, flags: list[str], needle: str):
     """Each of these trained wrongly without a word (gradient ascent, or no gradient at all) or failed with torch's or
     numpy's raw error once the models had loaded; they are now usage errors before anything is loaded or written."""
+    _check_usage_error("dreambooth", tmp_path, capsys, flags, needle)
+
+
+def test_a_negative_sample_count_is_a_usage_error(tmp_path, capsys):
+    """``train_text2img.py --max_train_samples -1`` trained on all examples but one (a slice's -1), silently."""
+    _check_usage_error("text2img", tmp_path, capsys, ["--max_train_samples", "-1"], "--max_train_samples must be >= 1")
+
+
+def _check_usage_error(task: str, tmp_path: Path, capsys, flags: list[str], needle: str) -> None:
     from resattn_diffusion.training.args import parse_args
 
     (tmp_path / "data").mkdir()
     (tmp_path / "scale0.json").write_text('{"tuner": "res_lora", "scale": 0}')
     flags = [str(tmp_path / "scale0.json") if flag == "SCALE0_CONFIG" else flag for flag in flags]
-    argv = ["--pretrained_model_name_or_path", str(tmp_path / "model"), "--instance_data_dir", str(tmp_path / "data")]
-    argv += ["--instance_prompt", "a sks dog", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a dog"]
+    data_flag = "--instance_data_dir" if task == "dreambooth" else "--train_data_dir"
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "model"), data_flag, str(tmp_path / "data")]
+    if task == "dreambooth":
+        argv += ["--instance_prompt", "a sks dog", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a"]
     with pytest.raises(SystemExit) as exit_info:
-        parse_args("dreambooth", [*argv, "--output_dir", str(tmp_path / "out"), *flags])
+        parse_args(task, [*argv, "--output_dir", str(tmp_path / "out"), *flags])
     assert exit_info.value.code == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -475,6 +475,7 @@ _FLAG_BOUNDS: dict[str, tuple[float, bool, str]] = {
     "dataloader_num_workers": (0, True, "a process count (0: load in the main process)"),
     "sample_batch_size": (1, True, "class images are generated in batches of this size"),
     "validation_inference_steps": (1, True, "validation would fail only after the first training steps"),
+    "max_train_samples": (1, True, "a count of examples: -1 kept all but one of them, as a slice does"),
     "seed": (0, True, "numpy's generator refuses it"),
 }
 #: the largest seed every generator the run seeds (python, numpy, torch) takes
