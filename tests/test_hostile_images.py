@@ -283,3 +283,33 @@ def test_kid_settings_that_cannot_give_a_number_are_refused_before_anything_is_r
         Evaluator(["kid"], reference=tmp_path / "no_such_reference", kid_subsets=2.5)
     with pytest.raises(EvaluationError, match="KID subset size must be a whole number >= 2"):
         kernel_inception_distance(np.zeros((4, 3)), np.ones((4, 3)), subset_size=1)
+
+
+@pytest.mark.parametrize("command", ["generate", "all"])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--steps", "0"], "num_inference_steps (--steps) must be a whole number >= 1"),
+        (["--batch-size", "-2"], "batch_size (--batch-size) must be a whole number >= 1"),
+        (["--guidance", "inf"], "--guidance) must be a finite number"),
+        (["--height", "12"], "height (--height) must be a positive multiple of 8"),
+        (["--tuner", "no_such_tuner.safetensors"], "does not exist (--tuner)"),
+    ],
+)
+def test_generation_settings_are_checked_before_the_pipeline_or_the_metric_models_load(
+    tmp_path: Path, capsys, command: str, flags: list[str], needle: str
+):
+    """These were checked only once the pipeline had loaded (and, for ``all``, after the CLIP / Inception models):
+    minutes on a real model before ``--steps 0`` was refused. The pipeline here does not exist: the settings are
+    checked first."""
+    import time
+
+    from resattn_diffusion.evaluation.cli import main
+
+    start = time.perf_counter()
+    argv = [command, "--pipeline", str(tmp_path / "no_such_pipeline"), "--prompt", "a dog"]
+    flags = [str(tmp_path / flag) if flag.endswith(".safetensors") else flag for flag in flags]
+    assert main([*argv, "--out", str(tmp_path / "out"), *flags]) == 2
+    assert time.perf_counter() - start < 2.0
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

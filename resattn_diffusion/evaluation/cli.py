@@ -30,7 +30,7 @@ from ..quiet import quiet_libraries
 from ..tuners.base import ConfigError
 from .errors import EvaluationError, EvaluationWarning, check_output_file
 from .features import ImageEncoder
-from .generate import check_seed_count, check_seeds, generate_images, load_pipeline
+from .generate import check_generation_settings, check_seed_count, check_seeds, generate_images, load_pipeline
 from .images import MANIFEST_NAME
 from .inception import FID_WEIGHTS_NAME, RESIZE_MODES
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRICS, Evaluator, save_reference_statistics
@@ -305,8 +305,24 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return check_seeds(parse_seeds(args.seeds)) if args.seeds is not None else [0]
 
 
+def _check_generate_args(args: argparse.Namespace) -> list[int]:
+    """The seeds, and every generation setting that can be checked without the pipeline: before it (and, for
+    ``all``, the metric models) loads, not after."""
+    seeds = _seeds(args)
+    check_generation_settings(
+        args.steps,
+        args.guidance,
+        args.generate_batch_size,
+        args.tuner_scale if args.tuner is not None else None,
+        args.height,
+        args.width,
+        args.tuner,
+    )
+    return seeds
+
+
 def _run_generate(args: argparse.Namespace, device: str) -> None:
-    seeds = _seeds(args)  # a bad --seeds fails before the pipeline loads
+    seeds = _check_generate_args(args)
     pipeline = load_pipeline(
         args.pipeline, sdxl=args.sdxl, device=device, dtype=args.dtype, keep_safety_checker=args.keep_safety_checker
     )
@@ -432,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluator = _build_evaluator(args, _chosen_metrics(args, args.generated), device)
             _run_metrics(args, evaluator, args.generated, args.metric_prompts)
         else:  # all: load the metric models first, so a missing weight fails before the long generation
+            _check_generate_args(args)
             metrics = args.metrics or _chosen_metrics_for_all(args)
             evaluator = _build_evaluator(args, metrics, device)
             _run_generate(args, device)

@@ -135,12 +135,27 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(result))
 
 
-def _check_call_settings(
-    pipeline: Any, guidance_scale: Any, tuner_scale: Any, height: int | None, width: int | None
+def check_generation_settings(
+    num_inference_steps: Any,
+    guidance_scale: Any,
+    batch_size: Any,
+    tuner_scale: Any = None,
+    height: Any = None,
+    width: Any = None,
+    tuner_path: str | os.PathLike | None = None,
 ) -> None:
-    """What the pipeline call would otherwise refuse (or run with) only once generation started: a non-finite
-    guidance (NaN images, and a folder that refuses its own settings on the next run, as NaN != NaN), a tuner scale
-    the per-call check refuses, a size that is not a positive multiple of the latent grid."""
+    """What the pipeline call would otherwise refuse (or run with) only once generation started, checked without
+    the pipeline so that the command line can check it before loading one (seconds to minutes): whole step and
+    batch counts >= 1, a finite guidance (NaN gave NaN images, and a folder that refuses its own settings on the
+    next run, as NaN != NaN), a tuner scale the per-call check takes (``tuner_scale`` None: no tuner), positive
+    sizes that are multiples of 8, an existing tuner path. :func:`generate_images` also checks the size against
+    the pipeline's own latent grid."""
+    for name, flag, value in (
+        ("num_inference_steps", "--steps", num_inference_steps),
+        ("batch_size", "--batch-size", batch_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise EvaluationError(f"{name} ({flag}) must be a whole number >= 1, got {value!r}.")
     if (
         isinstance(guidance_scale, bool)
         or not isinstance(guidance_scale, numbers.Real)
@@ -152,10 +167,12 @@ def _check_call_settings(
             check_scale(tuner_scale, "--tuner-scale")
         except ConfigError as err:
             raise EvaluationError(str(err)) from None
-    # SD / SDXL pipelines refuse sizes that are not multiples of 8 (whatever their VAE), SD3 those of its patched
-    # latent grid; Flux resizes to its grid with a warning
-    grid = int(getattr(pipeline, "vae_scale_factor", 8)) * int(getattr(pipeline, "patch_size", 1) or 1)
-    multiple = math.lcm(8, grid)
+    _check_size(height, width, 8)
+    if tuner_path is not None and not Path(tuner_path).exists():
+        raise EvaluationError(f"tuner {str(tuner_path)!r} does not exist (--tuner): pass a tuner file or folder.")
+
+
+def _check_size(height: Any, width: Any, multiple: int) -> None:
     for name, value in (("height", height), ("width", width)):
         if value is None:
             continue
@@ -163,6 +180,13 @@ def _check_call_settings(
             raise EvaluationError(
                 f"{name} (--{name}) must be a positive multiple of {multiple} for this pipeline, got {value!r}."
             )
+
+
+def _check_size_for_pipeline(pipeline: Any, height: int | None, width: int | None) -> None:
+    # SD / SDXL pipelines refuse sizes that are not multiples of 8 (whatever their VAE), SD3 those of its patched
+    # latent grid; Flux resizes to its grid with a warning
+    grid = int(getattr(pipeline, "vae_scale_factor", 8)) * int(getattr(pipeline, "patch_size", 1) or 1)
+    _check_size(height, width, math.lcm(8, grid))
 
 
 def _write_manifest(out_dir: Path, records: list[dict]) -> None:
@@ -223,18 +247,20 @@ def generate_images(
     """
     prompt_list = list(dict.fromkeys(read_prompts(prompts)))
     seed_list = check_seeds(seeds)
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size must be >= 1, got {batch_size}.")
-    if num_inference_steps < 1:
-        raise EvaluationError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-    _check_call_settings(pipeline, guidance_scale, tuner_scale if tuner_path is not None else None, height, width)
+    check_generation_settings(
+        num_inference_steps,
+        guidance_scale,
+        batch_size,
+        tuner_scale if tuner_path is not None else None,
+        height,
+        width,
+        tuner_path,
+    )
+    _check_size_for_pipeline(pipeline, height, width)
     pipeline_kwargs = dict(pipeline_kwargs or {})
     clashing = sorted(_RESERVED_CALL_ARGS & set(pipeline_kwargs))
     if clashing:
         raise EvaluationError(f"pipeline_kwargs may not set {clashing}; use generate_images' own arguments.")
-    if tuner_path is not None and not Path(tuner_path).exists():
-        raise EvaluationError(f"tuner {str(tuner_path)!r} does not exist (--tuner): pass a tuner file or folder.")
-
     settings = {
         "pipeline": _identity(getattr(pipeline, "name_or_path", None)),
         "steps": int(num_inference_steps),
