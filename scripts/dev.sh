@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"; shift || true
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+# OpenMP threads wait passively: busy-waiting ones were 6-10x slower beside another busy process (pytest -n 2's other
+# worker, any job on a shared machine) wherever code runs 2 threads (README "Suite size and speed")
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 if [ "$what" = "mutate" ]; then
   # no install step: the lead's machines run this offline, from wheels installed beforehand
