@@ -58,6 +58,19 @@ class Case:
             f"_samples{self.samples}_class{self.class_images}{sampling}"
         )
 
+    @classmethod
+    def from_args(cls, args) -> Case:
+        """The case a command line's flags describe (``run_benchmark`` and ``single_run`` share the names)."""
+        return cls(
+            args.heldout,
+            args.style,
+            args.dreambooth_steps,
+            args.style_steps,
+            args.samples,
+            args.class_images,
+            args.sampling_steps,
+        )
+
     def record(self) -> dict:
         """The case as result files hold it: the default sampling steps are left out, so the files written before
         the field existed stay this case's results."""

@@ -116,15 +116,7 @@ class Benchmark:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.case = Case(
-            args.heldout,
-            args.style,
-            args.dreambooth_steps,
-            args.style_steps,
-            args.samples,
-            args.class_images,
-            args.sampling_steps,
-        )
+        self.case = Case.from_args(args)
         self.results_dir = Path(args.results)
         self.runs_dir = self.results_dir / "runs" / self.case.name
         self.data_dir = self.results_dir / "data"

@@ -256,15 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.sampling_steps < 1:
         raise SystemExit("--sampling_steps must be at least 1")
-    case = Case(
-        args.heldout,
-        args.style,
-        args.dreambooth_steps,
-        args.style_steps,
-        args.samples,
-        args.class_images,
-        args.sampling_steps,
-    )
+    case = Case.from_args(args)
     spec = RunSpec(args.task, args.method, args.lr, args.seed, "single")
     record = execute(spec, case, args.out, args.data_dir, args.base_model)
     print(
