@@ -6,6 +6,7 @@ The README's "What is refused and why" table has one row per case.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +300,29 @@ def test_a_stock_pipeline_does_not_save_a_unet_with_tuners(tmp_path: Path, no_hu
     ours.unload_res_tuner()
     ours.save_pretrained(tmp_path / "ours")
     assert (tmp_path / "ours" / "unet").is_dir()
+
+
+# --- a per-call scale passed positionally --------------------------------------------------------------------------
+@pytest.mark.parametrize("tuner", ["res_lora", "res_attn"])
+@pytest.mark.parametrize("kind", ["sd1", "sd3", "flux"])
+def test_a_per_call_scale_passed_positionally_is_the_keyword_one(kind, tuner):
+    """``unet(sample, t, ehs, None, None, None, {"res_tuner_scale": 0.5})``: the model's hook read the scale from the
+    keyword only, so linear tuners ran at their own scale, silently, and the scale went unchecked."""
+    model = frozen_tiny_model(kind)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner=tuner))
+    randomize_tuner(model, std=0.2)
+    inputs = model_inputs(model, seed=5)
+    key = "cross_attention_kwargs" if kind == "sd1" else "joint_attention_kwargs"
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    before = [inputs.pop(name, None) for name in names[: names.index(key)]]  # every argument up to it, positionally
+
+    def run(*args, **kwargs) -> torch.Tensor:
+        with torch.no_grad():
+            return model(*before, *args, **inputs, **kwargs)[0]
+
+    keyword = run(**{key: {"res_tuner_scale": 0.5}})
+    assert not torch.equal(keyword, run())  # the scale matters here
+    assert torch.equal(run({"res_tuner_scale": 0.5}), keyword)
+    assert torch.equal(run({"res_tuner_scale": {"default": 0.5}}), keyword)
+    with pytest.raises(ValueError, match="finite"):  # checked like the keyword one, before the call
+        run({"res_tuner_scale": float("nan")})
