@@ -14,6 +14,7 @@ import resattn_diffusion as rd
 from resattn_diffusion.integration.api import iter_tuners
 from resattn_diffusion.search import (
     LayerSpace,
+    SearchResult,
     evolutionary_search,
     fixed_glora_config,
     get_subnet,
@@ -270,6 +271,54 @@ def test_search_glora_is_reproducible_respects_the_budget_and_exports_a_loadable
     torch.testing.assert_close(run(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
     rd.fuse_res_tuner(fresh)
     torch.testing.assert_close(run(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_edited_subnet_outside_the_choice_space_is_refused_before_anything_is_written(tmp_path):
+    """A search result edited to a form the supernet never trained (``lora3`` of a ``lora4|lora2`` space) was cut out
+    and saved silently by ``save_subnet`` (``set_subnet`` refused it); a list of paths was a raw TypeError."""
+    unet = supernet_unet()
+    configs = get_subnet(unet)
+    edited = {**configs, Q1: "A=lora3,B=none,C=none,D=none,E=none"}
+    for call in (
+        lambda: save_subnet(unet, edited, tmp_path / "edited.safetensors"),
+        lambda: subnet_parameter_count(unet, edited),
+        lambda: set_subnet(unet, edited),
+    ):
+        with pytest.raises(rd.ConfigError, match=f"layer {Q1}: configuration A=lora3.* is outside its choice space"):
+            call()
+    assert not (tmp_path / "edited.safetensors").exists() and get_subnet(unet) == configs
+    for call in (save_subnet, set_subnet, subnet_parameter_count):
+        with pytest.raises(rd.ConfigError, match="a subnet is a dict"):
+            call(unet, list(configs), *([tmp_path / "list.safetensors"] if call is save_subnet else []))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("{", "cannot read"),
+        ("[1, 2]", "JSON list, not an object"),
+        ('{"configs": {"a": "A=none"}, "parameters": 1, "fitness": 0.5, "note": 1}', r"unknown field\(s\) \['note'\]"),
+        ('{"configs": {"a": "A=none"}, "parameters": 1}', r"missing field\(s\) \['fitness'\]"),
+        ('{"configs": ["a"], "parameters": 1, "fitness": 0.5}', "'configs' must be"),
+        ('{"configs": {"a": 5}, "parameters": 1, "fitness": 0.5}', "'configs' must be"),
+        ('{"configs": {"a": "A=none"}, "parameters": "1", "fitness": 0.5}', "'parameters' must be"),
+        ('{"configs": {"a": "A=none"}, "parameters": 1, "fitness": NaN}', "'fitness' must be a finite number"),
+        ('{"configs": {"a": "A=none"}, "parameters": 1, "fitness": 0.5, "history": {}}', "'history' must be"),
+    ],
+)
+def test_a_search_result_file_that_is_not_one_is_a_config_error(text, field, tmp_path):
+    """``SearchResult.load`` was ``cls(**json.loads(...))``: raw JSONDecodeError / TypeError, or a result of the
+    wrong types accepted silently."""
+    path = tmp_path / "glora_search.json"
+    path.write_text(text)
+    with pytest.raises(rd.ConfigError, match=field):
+        SearchResult.load(path)
+
+
+def test_a_saved_search_result_loads_back(tmp_path):
+    result = SearchResult({"a": "A=none"}, 3, 0.25, history=[{"iteration": 0}], settings={"seed": 1})
+    assert SearchResult.load(result.save(tmp_path / "r.json")) == result
 
 
 def test_search_on_sdxl_with_added_conditions():

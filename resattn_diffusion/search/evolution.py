@@ -27,7 +27,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -208,7 +208,42 @@ class SearchResult:
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read a result written by :meth:`save`; a file that is not one (not JSON, another shape, a field of the
+        wrong type, an unknown field) is a :class:`ConfigError` naming the file and the field. The configurations
+        themselves are checked against the supernet where they are used (``set_subnet`` / ``save_subnet``)."""
+        file = str(path)
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ConfigError(f"cannot read the search result {file!r}: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"search result {file!r}: the file holds a JSON {type(data).__name__}, not an object")
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(data) - known), sorted({"configs", "parameters", "fitness"} - set(data))
+        if unknown or missing:
+            raise ConfigError(
+                f"search result {file!r}: "
+                + (f"unknown field(s) {unknown} " if unknown else "")
+                + (f"missing field(s) {missing} " if missing else "")
+                + f"(a result has {sorted(known)}); was it written by the search?"
+            )
+        configs, parameters, fitness = data["configs"], data["parameters"], data["fitness"]
+        if (
+            not isinstance(configs, dict)
+            or not configs
+            or not all(isinstance(key, str) and isinstance(value, str) for key, value in configs.items())
+        ):
+            raise ConfigError(
+                f"search result {file!r}: 'configs' must be a non-empty object of layer path -> configuration string"
+            )
+        if isinstance(parameters, bool) or not isinstance(parameters, int) or parameters < 0:
+            raise ConfigError(f"search result {file!r}: 'parameters' must be a whole number >= 0, got {parameters!r}")
+        if isinstance(fitness, bool) or not isinstance(fitness, (int, float)) or not math.isfinite(fitness):
+            raise ConfigError(f"search result {file!r}: 'fitness' must be a finite number, got {fitness!r}")
+        for name, kind in (("history", list), ("evaluated", list), ("settings", dict)):
+            if not isinstance(data.get(name, kind()), kind):
+                raise ConfigError(f"search result {file!r}: {name!r} must be a JSON {kind.__name__}")
+        return cls(**data)
 
 
 class _Evolution:
