@@ -37,6 +37,8 @@ MAX_ABS_WEIGHT = 65504.0
 MAX_SIZE = 65536
 MAX_ITEMS = 4096
 MAX_NAME_LENGTH = 128
+#: The largest seed a ``torch.Generator`` takes (``manual_seed`` overflows above it with a raw error).
+MAX_SEED = 2**64 - 1
 #: What an adapter name may be: it becomes a key of ``nn.ModuleDict``s (a module name), a JSON string in the
 #: file and a word in messages, so letters, digits, ``_`` and ``-`` only.
 _NAME = re.compile(r"[\w-]+")

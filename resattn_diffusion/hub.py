@@ -26,8 +26,19 @@ class ModelSourceError(ConfigError):
 
 
 def looks_like_repo_id(name: str) -> bool:
-    """Whether ``name`` has the shape of a Hub repo id (``"user/model"``), not of a file path."""
-    return bool(_REPO_ID.match(name)) and not name.endswith(".safetensors") and ".." not in name
+    """Whether ``name`` has the shape of a Hub repo id (``"user/model"``), not of a file path, and is one the Hub
+    accepts: huggingface_hub's own rule (at most 96 characters, no leading or trailing ``-`` / ``.``, no ``--``)
+    decides, since every Hub call raised its raw ``HFValidationError`` on a path typo like ``./my-model-``."""
+    if not (_REPO_ID.match(name) and not name.endswith(".safetensors") and ".." not in name):
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def hub_unreachable_reason() -> str | None:

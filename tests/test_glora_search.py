@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import resattn_diffusion as rd
 from resattn_diffusion.integration.api import iter_tuners
 from resattn_diffusion.search import (
     LayerSpace,
+    SearchResult,
     evolutionary_search,
     fixed_glora_config,
     get_subnet,
@@ -272,6 +274,54 @@ def test_search_glora_is_reproducible_respects_the_budget_and_exports_a_loadable
     torch.testing.assert_close(run(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_edited_subnet_outside_the_choice_space_is_refused_before_anything_is_written(tmp_path):
+    """A search result edited to a form the supernet never trained (``lora3`` of a ``lora4|lora2`` space) was cut out
+    and saved silently by ``save_subnet`` (``set_subnet`` refused it); a list of paths was a raw TypeError."""
+    unet = supernet_unet()
+    configs = get_subnet(unet)
+    edited = {**configs, Q1: "A=lora3,B=none,C=none,D=none,E=none"}
+    for call in (
+        lambda: save_subnet(unet, edited, tmp_path / "edited.safetensors"),
+        lambda: subnet_parameter_count(unet, edited),
+        lambda: set_subnet(unet, edited),
+    ):
+        with pytest.raises(rd.ConfigError, match=f"layer {Q1}: configuration A=lora3.* is outside its choice space"):
+            call()
+    assert not (tmp_path / "edited.safetensors").exists() and get_subnet(unet) == configs
+    for call in (save_subnet, set_subnet, subnet_parameter_count):
+        with pytest.raises(rd.ConfigError, match="a subnet is a dict"):
+            call(unet, list(configs), *([tmp_path / "list.safetensors"] if call is save_subnet else []))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("{", "cannot read"),
+        ("[1, 2]", "JSON list, not an object"),
+        ('{"configs": {"a": "A=none"}, "parameters": 1, "fitness": 0.5, "note": 1}', r"unknown field\(s\) \['note'\]"),
+        ('{"configs": {"a": "A=none"}, "parameters": 1}', r"missing field\(s\) \['fitness'\]"),
+        ('{"configs": ["a"], "parameters": 1, "fitness": 0.5}', "'configs' must be"),
+        ('{"configs": {"a": 5}, "parameters": 1, "fitness": 0.5}', "'configs' must be"),
+        ('{"configs": {"a": "A=none"}, "parameters": "1", "fitness": 0.5}', "'parameters' must be"),
+        ('{"configs": {"a": "A=none"}, "parameters": 1, "fitness": NaN}', "'fitness' must be a finite number"),
+        ('{"configs": {"a": "A=none"}, "parameters": 1, "fitness": 0.5, "history": {}}', "'history' must be"),
+    ],
+)
+def test_a_search_result_file_that_is_not_one_is_a_config_error(text, field, tmp_path):
+    """``SearchResult.load`` was ``cls(**json.loads(...))``: raw JSONDecodeError / TypeError, or a result of the
+    wrong types accepted silently."""
+    path = tmp_path / "glora_search.json"
+    path.write_text(text)
+    with pytest.raises(rd.ConfigError, match=field):
+        SearchResult.load(path)
+
+
+def test_a_saved_search_result_loads_back(tmp_path):
+    result = SearchResult({"a": "A=none"}, 3, 0.25, history=[{"iteration": 0}], settings={"seed": 1})
+    assert SearchResult.load(result.save(tmp_path / "r.json")) == result
+
+
 def test_search_on_sdxl_with_added_conditions():
     unet = supernet_unet("sdxl")
     held_out = unet_inputs(unet, batch_size=2, seed=13)
@@ -354,3 +404,114 @@ def test_cli_end_to_end(kind, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert search_main(arguments(tmp_path / "missing", tmp_path / "other")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- the command line refuses bad numbers and paths before it loads anything ---------------------------------------
+@pytest.fixture(scope="module")
+def search_inputs(tmp_path_factory):
+    """A tiny SD pipeline folder, its GLoRA supernet file and a held-out folder, shared by the refusal tests."""
+    from diffusers import DiffusionPipeline
+
+    root = tmp_path_factory.mktemp("search_inputs")
+    model = save_tiny_pipeline("sd1", root / "model")
+    unet = DiffusionPipeline.from_pretrained(model).unet
+    unet.requires_grad_(False)
+    rd.add_res_tuner(unet, rd.ResTunerConfig(tuner="glora", supernet=True, rank=2))
+    randomize(unet)
+    rd.save_res_tuner(unet, root / "supernet")
+    write_held_out(root / "held_out")
+    return root
+
+
+def search_argv(root, output_dir, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(root / "model"), "--supernet", str(root / "supernet"),
+        "--data_dir", str(root / "held_out"), "--output_dir", str(output_dir),
+        "--population_size", "3", "--iterations", "1", "--timesteps", "2", "--no_progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch_size", "0"], "batch_size must be an integer >= 1"),  # was range() arg 3 must not be zero
+        (["--timesteps", "0"], "timesteps must be a count >= 1"),  # was a raw ValueError after loading
+        (["--timesteps", "1000000000"], "asks for 1,000,000,000 timesteps; the noise schedule has 1000"),  # all RAM
+        (["--timesteps", "5000,"], r"at most 1000 timesteps in \[0, 999\]"),
+        (["--seed", str(2**70)], "seed must be an integer from 0 to 2\\*\\*64 - 1"),  # was torch's overflow
+        (["--mutation_rate", "nan"], "mutation_rate must be a number in"),
+        (["--resolution", "0"], "--resolution must be a positive number"),  # 0 silently meant the default
+        (["--resolution", "-64"], "--resolution must be a positive number"),  # was PIL's raw ValueError
+        (["--resolution", "7"], "--resolution must be a multiple of 2"),  # ran on images the VAE cropped
+        (["--device", "nonsense"], "--device 'nonsense' is not a device"),  # was torch's raw RuntimeError
+    ],
+)
+def test_cli_refuses_bad_numbers_before_the_search(flags, message, search_inputs, tmp_path, capsys, monkeypatch):
+    import resattn_diffusion.search.cli as cli
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the held-out data were encoded")
+
+    monkeypatch.setattr(cli, "encode_held_out", no_encoding)
+    assert search_main(search_argv(search_inputs, tmp_path / "out", *flags)) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert (
+        not (tmp_path / "out" / "glora_search.json").exists()
+        and not (tmp_path / "out" / "res_tuner.safetensors").exists()
+    )
+
+
+def test_cli_refuses_an_output_it_cannot_write_before_loading(search_inputs, tmp_path, capsys, monkeypatch):
+    """A folder named glora_search.json with --overwrite: the search ran to the end, wrote the tuner file, then
+    failed with a raw IsADirectoryError (a tuner without its result). An --output_dir that is a file, under a file
+    or holds a NUL byte was a raw OSError / ValueError."""
+    import resattn_diffusion.search.cli as cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    (tmp_path / "out" / "glora_search.json").mkdir(parents=True)
+    assert search_main(search_argv(search_inputs, tmp_path / "out", "--overwrite")) == 2
+    assert "glora_search.json' is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["glora_search.json"]
+    (tmp_path / "file").write_text("x")
+    for output_dir in (tmp_path / "file", tmp_path / "file" / "below", f"{tmp_path}/a\0b"):
+        assert search_main(search_argv(search_inputs, output_dir)) == 2
+        assert "cannot write the search results to" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_interrupted_result_save_keeps_the_older_file(tmp_path, monkeypatch):
+    import os
+
+    path = SearchResult({"a": "A=none"}, 1, 0.5).save(tmp_path / "glora_search.json")
+    before = path.read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SearchResult({"b": "A=none"}, 2, 0.25).save(path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["glora_search.json"]
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"seed": 2**70}, "seed must be"),
+        ({"seed": -1}, "seed must be"),
+        ({"mutation_rate": "0.1"}, "mutation_rate must be a number"),
+        ({"timesteps": []}, "timesteps must be"),
+        ({"timesteps": 1001}, "the noise schedule has 1000"),
+    ],
+)
+def test_search_glora_checks_its_numbers_before_touching_the_supernet(setting, message):
+    unet = supernet_unet()
+    subnet = get_subnet(unet)
+    held_out = unet_inputs(unet, batch_size=2, seed=11)
+    with pytest.raises(rd.ConfigError, match=message):
+        search_glora(unet, held_out["sample"], held_out["encoder_hidden_states"], noise_scheduler(), **setting)
+    assert get_subnet(unet) == subnet

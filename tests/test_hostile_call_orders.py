@@ -6,6 +6,7 @@ The README's "What is refused and why" table has one row per case.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,14 @@ from safetensors import safe_open
 import resattn_diffusion as rd
 from pipelines import ResTunerStableDiffusionPipeline
 from resattn_diffusion.integration.api import res_tuner_settings
-from resattn_diffusion.testing import frozen_tiny_unet, randomize_tuner, tiny_pipeline, unet_inputs
+from resattn_diffusion.testing import (
+    frozen_tiny_model,
+    frozen_tiny_unet,
+    model_inputs,
+    randomize_tuner,
+    tiny_pipeline,
+    unet_inputs,
+)
 
 #: GLoRA whose only term is ``W0 C``: fusing it adds a bias to the bias-free ``to_q`` / ``to_k`` / ``to_v``.
 GLORA_BIAS_ONLY = rd.ResTunerConfig(tuner="glora", config="A=none,B=none,C=vector,D=none,E=none")
@@ -25,6 +33,11 @@ GLORA_BIAS_ONLY = rd.ResTunerConfig(tuner="glora", config="A=none,B=none,C=vecto
 def _out(unet: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return unet(**unet_inputs(unet)).sample
+
+
+def _run_model(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)[0]
 
 
 def _tuner_file(tmp_path: Path, name: str, config: rd.ResTunerConfig, seed: int = 0) -> Path:
@@ -229,3 +242,87 @@ def test_a_fused_tuner_with_nan_weights_unfuses_to_the_exact_original_weights():
     state = unet.state_dict()
     assert state.keys() == original.keys()
     assert all(torch.equal(state[key], original[key]) for key in original)
+
+
+# --- diffusers' save_pretrained of a model that carries tuners ----------------------------------------------------
+@pytest.fixture
+def no_hub(monkeypatch) -> None:
+    """``push_to_hub`` creates the Hub repo before it saves: a refusal must come before that."""
+    import diffusers.utils.hub_utils
+
+    def create_repo(*args, **kwargs):
+        raise AssertionError("push_to_hub reached the Hub")
+
+    monkeypatch.setattr(diffusers.utils.hub_utils, "create_repo", create_repo)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("kind", ["sd1", "sd3", "flux"])
+def test_save_pretrained_of_a_model_with_tuners_is_refused_until_they_are_removed(kind, fused, tmp_path: Path, no_hub):
+    """``unet.save_pretrained`` / ``transformer.save_pretrained`` wrote the tuners into the model's file, where
+    ``from_pretrained`` drops them; a fused GLoRA that gave ``to_q`` a bias was saved as a base weight and its bias
+    lost on reload, silently. Only our pipelines' ``save_pretrained`` refused."""
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=3)
+    base = _run_model(model, inputs)
+    rd.add_res_tuner(model, GLORA_BIAS_ONLY, "g")
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"), "a")
+    randomize_tuner(model, "g", seed=1, std=0.2)
+    if fused:
+        rd.fuse_res_tuner(model, "g")
+    folder = tmp_path / "saved"
+    with pytest.raises(rd.ResTunerError, match=r"res tuner\(s\) \['g', 'a'\] are loaded; save_pretrained .*save_res"):
+        model.save_pretrained(folder, safe_serialization=True)
+    with pytest.raises(rd.ResTunerError, match=r"are loaded; push_to_hub would write them"):
+        model.push_to_hub("user/model")
+    assert not folder.exists()
+    rd.remove_res_tuner(model)
+    assert "save_pretrained" not in vars(model) and "push_to_hub" not in vars(model)  # gone with the last tuner
+    model.save_pretrained(folder)
+    assert torch.equal(_run_model(type(model).from_pretrained(folder), inputs), base)
+
+
+def test_a_stock_pipeline_does_not_save_a_unet_with_tuners(tmp_path: Path, no_hub):
+    """A stock diffusers pipeline calls each component's ``save_pretrained``: the UNet's guard refuses it (the
+    components diffusers saves before the UNet are written by then; ours checks first and writes nothing)."""
+    stock = tiny_pipeline("sd1")
+    rd.add_res_tuner(stock.unet, rd.ResTunerConfig(tuner="res_lora"))
+    with pytest.raises(rd.ResTunerError, match=r"\['default'\] are loaded; save_pretrained"):
+        stock.save_pretrained(tmp_path / "stock")
+    assert not (tmp_path / "stock" / "unet").exists()
+    ours = ResTunerStableDiffusionPipeline(**stock.components)
+    rd.fuse_res_tuner(stock.unet)
+    with pytest.raises(rd.ResTunerError, match=r"\['default'\] are loaded; save_pretrained"):
+        ours.save_pretrained(tmp_path / "ours")
+    with pytest.raises(rd.ResTunerError, match=r"\['default'\] are loaded; push_to_hub"):
+        ours.push_to_hub("user/pipe")
+    assert not (tmp_path / "ours").exists()
+    ours.unload_res_tuner()
+    ours.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "unet").is_dir()
+
+
+# --- a per-call scale passed positionally --------------------------------------------------------------------------
+@pytest.mark.parametrize("tuner", ["res_lora", "res_attn"])
+@pytest.mark.parametrize("kind", ["sd1", "sd3", "flux"])
+def test_a_per_call_scale_passed_positionally_is_the_keyword_one(kind, tuner):
+    """``unet(sample, t, ehs, None, None, None, {"res_tuner_scale": 0.5})``: the model's hook read the scale from the
+    keyword only, so linear tuners ran at their own scale, silently, and the scale went unchecked."""
+    model = frozen_tiny_model(kind)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner=tuner))
+    randomize_tuner(model, std=0.2)
+    inputs = model_inputs(model, seed=5)
+    key = "cross_attention_kwargs" if kind == "sd1" else "joint_attention_kwargs"
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    before = [inputs.pop(name, None) for name in names[: names.index(key)]]  # every argument up to it, positionally
+
+    def run(*args, **kwargs) -> torch.Tensor:
+        with torch.no_grad():
+            return model(*before, *args, **inputs, **kwargs)[0]
+
+    keyword = run(**{key: {"res_tuner_scale": 0.5}})
+    assert not torch.equal(keyword, run())  # the scale matters here
+    assert torch.equal(run({"res_tuner_scale": 0.5}), keyword)
+    assert torch.equal(run({"res_tuner_scale": {"default": 0.5}}), keyword)
+    with pytest.raises(ValueError, match="finite"):  # checked like the keyword one, before the call
+        run({"res_tuner_scale": float("nan")})

@@ -217,6 +217,22 @@ def test_a_missing_repo_id_fails_in_seconds_offline_with_what_to_pass(tiny_dirs,
     check_pretrained_source(tiny_dirs["sd1"], "--pretrained_model_name_or_path")  # a local folder passes
 
 
+@pytest.mark.parametrize("name", ["./sd-1.5-", "user/model.", "user/a--b", "a" * 97, "user/.model", "u/" + "b" * 97])
+def test_a_missing_path_the_hub_would_refuse_as_a_repo_id_is_a_missing_path(name, tmp_path, monkeypatch):
+    """A path typo shaped almost like a repo id (a trailing ``-`` or ``.``, ``--``, over 96 characters) was passed to
+    huggingface_hub, whose raw ``HFValidationError`` came out of training, evaluation, search and load_res_tuner."""
+    from pipelines import ResTunerStableDiffusionPipeline
+    from resattn_diffusion.integration.io import ResTunerFileError
+    from resattn_diffusion.testing import tiny_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSourceError, match="no such file or folder"):
+        check_pretrained_source(name, "--pretrained_model_name_or_path")
+    pipe = ResTunerStableDiffusionPipeline(**tiny_pipeline("sd1").components)
+    with pytest.raises(ResTunerFileError, match="the path does not exist"):
+        pipe.load_res_tuner(name)
+
+
 @pytest.mark.parametrize(
     "raised, reason",
     [(ConnectionError("no route"), "cannot be reached"), ("missing", "no such repo"), ("gated", "gated")],

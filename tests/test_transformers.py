@@ -23,6 +23,15 @@ def _run(model, inputs, **kwargs):
         return model(**inputs, **kwargs).sample
 
 
+def _tuned(kind: str, tuner: str, seed: int):
+    """A fresh tiny ``kind`` model with one randomized ``tuner``, seeded inputs and its tuned output."""
+    model = frozen_tiny_model(kind)
+    inputs = model_inputs(model, seed=seed)
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner=tuner))
+    randomize_tuner(model)
+    return model, inputs, _run(model, inputs)
+
+
 def _processor_types(model):
     return {name: type(p) for name, p in model.attn_processors.items()}
 
@@ -139,11 +148,7 @@ def test_joint_processor_keeps_the_text_stream_and_adds_the_branch_to_the_image_
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_tuners_survive_diffusers_setting_processors_on_a_transformer(kind):
-    model = frozen_tiny_model(kind)
-    inputs = model_inputs(model, seed=3)
-    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_attn"))
-    randomize_tuner(model)
-    tuned = _run(model, inputs)
+    model, inputs, tuned = _tuned(kind, "res_attn", seed=3)
     stock = type(model.transformer_blocks[0].attn.processor.base_processor)
     model.set_attn_processor(stock())
     assert all(isinstance(p, ResTunerJointAttnProcessor) for p in model.attn_processors.values())
@@ -328,11 +333,7 @@ def test_layerwise_casting_and_tuners_are_refused_in_either_order(kind):
     # were built in float8 (raw NotImplementedError later) or rounded to float8 for good (raw dtype errors in forward)
     from resattn_diffusion.integration.families.base import layerwise_casting_active
 
-    model = frozen_tiny_model(kind)
-    inputs = model_inputs(model, seed=11)
-    rd.add_res_tuner(model, rd.ResTunerConfig(tuner="res_lora"))
-    randomize_tuner(model)
-    tuned = _run(model, inputs)
+    model, inputs, tuned = _tuned(kind, "res_lora", seed=11)
     with pytest.raises(rd.ResTunerError, match=r"layerwise casting \(enable_layerwise_casting\) cannot share a model"):
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert not layerwise_casting_active(model)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import check_scale
+from ..checks import MAX_SEED, check_scale
 from ..hub import ModelSourceError, check_pretrained_source
 from ..quiet import from_pretrained_dtype
 from ..tuners.base import ConfigError
@@ -107,8 +107,6 @@ def tuner_file_sha256(tuner_path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-#: The largest seed a ``torch.Generator`` takes (``manual_seed`` overflows above it, mid-generation).
-MAX_SEED = 2**64 - 1
 #: Seeds per prompt: far more images than any FID needs (10k-50k in all); a typo like ``0-99999999999`` would
 #: otherwise build a list of 10^11 seeds (all memory) before anything is generated.
 MAX_SEEDS = 1_000_000

@@ -7,6 +7,8 @@ Shared state (the model's configs and banks) lives in ``state.py``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -72,10 +74,35 @@ def expected_fingerprint(model: nn.Module, config: ResTunerConfig) -> dict[str, 
 
 
 # --- per-call scale from the model's attention kwargs ----------------------------------------------------------
+@functools.cache
+def _positional_index(model_cls: type, name: str) -> int | None:
+    """Where the forward argument ``name`` of ``model_cls`` sits among the positional arguments after ``self``, or
+    None where it cannot be passed positionally (keyword-only, after ``*args``, absent). Once per class."""
+    try:
+        params = list(inspect.signature(model_cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature to read: only the keyword is seen
+        return None
+    for index, param in enumerate(params):
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            return None
+        if param.name == name:
+            return index
+    return None
+
+
 def _scale_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
     state = get_state(model)
     key = state.family.call_kwargs
-    call_kwargs = kwargs.get(key)
+    position = None
+    if key in kwargs:
+        call_kwargs = kwargs[key]
+    else:
+        # passed positionally (``unet(sample, t, ehs, None, None, None, {"res_tuner_scale": 0.5})``): the linear
+        # tuners would run at their own scale, silently. The position is read once per class (a cached look-up)
+        position = _positional_index(type(model), key)
+        if position is None or len(args) <= position:
+            return None
+        call_kwargs = args[position]
     if not call_kwargs or SCALE_KWARG not in call_kwargs:
         return None
     call_kwargs = dict(call_kwargs)
@@ -86,6 +113,8 @@ def _scale_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
         _refuse_call_scale_under_checkpointing(model)
         for bank, _ in state.banks:
             bank.call_scale = scale
+    if position is not None:
+        return (*args[:position], call_kwargs or None, *args[position + 1 :]), kwargs
     kwargs = dict(kwargs)
     kwargs[key] = call_kwargs or None
     return args, kwargs

@@ -35,6 +35,7 @@ from .api import (
     set_res_tuner_scale,
     unfuse_res_tuner,
 )
+from .families.base import save_pretrained_refusal
 from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner, res_tuner_state_dict, save_res_tuner
 
 #: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
@@ -353,14 +354,21 @@ class ResTunerLoaderMixin:
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, refused while res tuners are loaded: their weights would be written into
         the UNet's file, where ``from_pretrained`` drops them (and fused ones would become the base weights)."""
-        loaded = _loaded_names(self)
-        if loaded:
-            raise ResTunerError(
-                f"res tuner(s) {loaded} are loaded; save_pretrained would write them into the UNet weights where "
-                "from_pretrained does not load them back. Save each with resattn_diffusion.save_res_tuner(pipe.unet, "
-                "path, adapter_name=name), call pipe.unload_res_tuner(), then pipe.save_pretrained(...)"
-            )
+        self._refuse_saving("save_pretrained")
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``push_to_hub``, refused like :meth:`save_pretrained` (before the Hub repo is created)."""
+        self._refuse_saving("push_to_hub")
+        return super().push_to_hub(*args, **kwargs)
+
+    def _refuse_saving(self, method: str) -> None:
+        # the denoiser's own guard refuses too, but only when diffusers reaches it, after the components it saves
+        # first: checked here before anything is written
+        if _loaded_names(self):
+            error = save_pretrained_refusal(self._res_tuner_denoiser, method)
+            if error is not None:
+                raise error
 
     def fuse_qkv_projections(self, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``fuse_qkv_projections``, refused while res tuners are loaded: the fused ``to_qkv`` bypasses the

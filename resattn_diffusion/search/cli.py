@@ -25,13 +25,19 @@ import torch
 
 from ..hub import check_pretrained_source
 from ..integration.api import ResTunerError
-from ..integration.io import WEIGHT_NAME, ResTunerFileError, load_res_tuner
+from ..integration.io import (
+    WEIGHT_NAME,
+    ResTunerFileError,
+    check_path_characters,
+    load_res_tuner,
+    prepare_output_file,
+)
 from ..quiet import from_pretrained_dtype, quiet_libraries
 from ..training.data import ImageTransform, load_image, read_image_folder
 from ..training.errors import TrainingDataError
 from ..training.models import sdxl_time_ids
 from ..tuners.base import ConfigError
-from .evolution import search_glora
+from .evolution import DenoisingFitness, check_search_settings, search_glora
 from .supernet import save_subnet
 
 RESULT_NAME = "glora_search.json"
@@ -169,10 +175,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device(name: str | None) -> torch.device:
+    """``--device``, or cuda when available else cpu; a name torch does not know, or a CUDA device this machine does
+    not have, is refused before anything loads (they were torch's raw RuntimeError / AssertionError)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise SearchInputError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise SearchInputError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
+            "CUDA device(s); use --device cpu or an existing cuda:N"
+        )
+    return device
+
+
+def _check_outputs(output_dir: Path, overwrite: bool) -> None:
+    """The files the search writes, checked (and their folder made) before anything loads: a folder in their place,
+    ``--output_dir`` under a file or holding a NUL byte used to fail only at the end with a raw OSError (after the
+    tuner file had been written), or at once with a raw one."""
+    check_path_characters(output_dir, "write the search results to")
+    outputs = [output_dir / RESULT_NAME, output_dir / WEIGHT_NAME]
+    for path in outputs:
+        if path.is_dir():
+            raise SearchInputError(f"{str(path)!r} is a folder; remove it or choose another --output_dir")
+    existing = [str(path) for path in outputs if path.exists()]
+    if existing and not overwrite:
+        raise SearchInputError(
+            f"{existing[0]!r} exists; pass --overwrite to replace it or choose another --output_dir"
+        )
+    prepare_output_file(outputs[0], True, "cannot write the search results to")  # makes the folder or says why not
+
+
 def _load_pipeline(name_or_path: str, device: torch.device, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
-    check_pretrained_source(name_or_path, "--pretrained_model_name_or_path")
     try:
         pipeline = DiffusionPipeline.from_pretrained(name_or_path, **from_pretrained_dtype(dtype))
     except (OSError, ValueError) as err:
@@ -187,32 +226,55 @@ def _load_pipeline(name_or_path: str, device: torch.device, dtype: torch.dtype):
     return pipeline
 
 
-def run(args: argparse.Namespace) -> Path:
-    """The search as the CLI runs it; returns the result JSON's path."""
+def _load_noise_scheduler(name_or_path: str):
+    """The training noise schedule (as diffusers' training scripts build it), not the pipeline's sampler."""
     from diffusers import DDPMScheduler
 
+    try:
+        return DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler")
+    except (OSError, ValueError) as err:
+        raise SearchInputError(f"could not read the noise schedule of {name_or_path!r} (scheduler/): {err}") from None
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The search as the CLI runs it; returns the result JSON's path. Every flag and output path is checked before
+    the first model loads."""
     output_dir = Path(args.output_dir)
-    outputs = [output_dir / RESULT_NAME, output_dir / WEIGHT_NAME]
-    existing = [str(path) for path in outputs if path.exists()]
-    if existing and not args.overwrite:
-        raise SearchInputError(
-            f"{existing[0]!r} exists; pass --overwrite to replace it or choose another --output_dir"
-        )
     budget = parse_budget(args.budget)
     timesteps = parse_timesteps(args.timesteps)
+    check_search_settings(
+        population_size=args.population_size,
+        iterations=args.iterations,
+        mutation_rate=args.mutation_rate,
+        crossover_rate=args.crossover_rate,
+        budget=budget,
+        seed=args.seed,
+        timesteps=timesteps,
+        batch_size=args.batch_size,
+    )
     if args.max_samples is not None and args.max_samples < 1:
         raise SearchInputError(f"--max_samples must be >= 1, got {args.max_samples}")
+    if args.resolution is not None and args.resolution < 1:  # 0 used to mean the default, silently
+        raise SearchInputError(f"--resolution must be a positive number of pixels, got {args.resolution}")
+    device = _device(args.device)
+    _check_outputs(output_dir, args.overwrite)
+    quiet_libraries(output_dir / "search.log")
     pairs = read_captioned_images(args.data_dir, args.caption_column, args.image_column)[: args.max_samples]
+    check_pretrained_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    noise_scheduler = _load_noise_scheduler(args.pretrained_model_name_or_path)
+    DenoisingFitness.fixed_timesteps(timesteps, noise_scheduler.config.num_train_timesteps)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     pipeline = _load_pipeline(args.pretrained_model_name_or_path, device, dtype)
     unet = pipeline.unet
     unet.requires_grad_(False)
     load_res_tuner(unet, args.supernet, adapter_name=SUPERNET_NAME)
-    resolution = args.resolution or unet.config.sample_size * pipeline.vae_scale_factor
-    # the training noise schedule (as diffusers' training scripts build it), not the pipeline's sampler
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    factor = pipeline.vae_scale_factor
+    resolution = unet.config.sample_size * factor if args.resolution is None else args.resolution
+    if resolution % factor:  # the VAE would drop pixels: latents of another size than the images
+        raise SearchInputError(
+            f"--resolution must be a multiple of {factor} (the VAE's downscaling), got {resolution}"
+        )
     latents, embeddings, added = encode_held_out(pipeline, pairs, resolution, args.batch_size)
 
     result = search_glora(
@@ -240,6 +302,8 @@ def run(args: argparse.Namespace) -> Path:
             "resolution": resolution,
         }
     )
+    # never a new tuner beside an old result: the old one goes first, so an interrupted write leaves the tuner alone
+    (output_dir / RESULT_NAME).unlink(missing_ok=True)
     tuner_path = save_subnet(unet, result.configs, output_dir, adapter_name=SUPERNET_NAME, saved_name="default")
     result.settings["tuner_file"] = str(tuner_path)
     result_path = result.save(output_dir / RESULT_NAME)
@@ -253,7 +317,6 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_libraries(Path(args.output_dir) / "search.log")
     try:
         run(args)
     except (

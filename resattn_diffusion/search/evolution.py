@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..checks import MAX_SEED
 from ..training.objective import prediction_target
 from ..tuners.base import ConfigError
 from ..tuners.glora import SUPPORTS, GLoRALayerConfig, num_parameters
@@ -41,6 +45,7 @@ from .supernet import _require_unfused, get_subnet, set_subnet, supernet_layers
 
 __all__ = [
     "DenoisingFitness",
+    "check_search_settings",
     "LayerSpace",
     "SearchResult",
     "evolutionary_search",
@@ -121,14 +126,22 @@ class DenoisingFitness:
 
     @staticmethod
     def fixed_timesteps(timesteps: int | Sequence[int], num_train_timesteps: int) -> list[int]:
-        if isinstance(timesteps, int):
-            if timesteps < 1:
-                raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+        """The timesteps every sample is scored at; at most as many as the schedule has (more would only repeat
+        them, and every one is a copy of the held-out latents: ``--timesteps 1000000000`` took all memory)."""
+        check_search_settings(timesteps=timesteps)
+        if _is_whole(timesteps):
+            if timesteps > num_train_timesteps:
+                raise ConfigError(
+                    f"timesteps asks for {timesteps:,} timesteps; the noise schedule has {num_train_timesteps}"
+                )
             width = num_train_timesteps / timesteps
             return [min(num_train_timesteps - 1, int(width * (index + 0.5))) for index in range(timesteps)]
-        steps = [int(t) for t in timesteps]
-        if not steps or any(t < 0 or t >= num_train_timesteps for t in steps):
-            raise ValueError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {steps}")
+        steps = list(timesteps)
+        if len(steps) > num_train_timesteps or any(t >= num_train_timesteps for t in steps):
+            raise ConfigError(
+                f"timesteps must be at most {num_train_timesteps} timesteps in [0, {num_train_timesteps - 1}], "
+                f"got {steps[:8]}{' ...' if len(steps) > 8 else ''}"
+            )
         return steps
 
     def __len__(self) -> int:
@@ -200,15 +213,56 @@ class SearchResult:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        """Write the result as JSON (parent folders are created)."""
+        """Write the result as JSON (parent folders are created), beside and renamed into place: an interrupted
+        save keeps the older file instead of leaving a truncated one."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read a result written by :meth:`save`; a file that is not one (not JSON, another shape, a field of the
+        wrong type, an unknown field) is a :class:`ConfigError` naming the file and the field. The configurations
+        themselves are checked against the supernet where they are used (``set_subnet`` / ``save_subnet``)."""
+        file = str(path)
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ConfigError(f"cannot read the search result {file!r}: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"search result {file!r}: the file holds a JSON {type(data).__name__}, not an object")
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(data) - known), sorted({"configs", "parameters", "fitness"} - set(data))
+        if unknown or missing:
+            raise ConfigError(
+                f"search result {file!r}: "
+                + (f"unknown field(s) {unknown} " if unknown else "")
+                + (f"missing field(s) {missing} " if missing else "")
+                + f"(a result has {sorted(known)}); was it written by the search?"
+            )
+        configs, parameters, fitness = data["configs"], data["parameters"], data["fitness"]
+        if (
+            not isinstance(configs, dict)
+            or not configs
+            or not all(isinstance(key, str) and isinstance(value, str) for key, value in configs.items())
+        ):
+            raise ConfigError(
+                f"search result {file!r}: 'configs' must be a non-empty object of layer path -> configuration string"
+            )
+        if isinstance(parameters, bool) or not isinstance(parameters, int) or parameters < 0:
+            raise ConfigError(f"search result {file!r}: 'parameters' must be a whole number >= 0, got {parameters!r}")
+        if isinstance(fitness, bool) or not isinstance(fitness, (int, float)) or not math.isfinite(fitness):
+            raise ConfigError(f"search result {file!r}: 'fitness' must be a finite number, got {fitness!r}")
+        for name, kind in (("history", list), ("evaluated", list), ("settings", dict)):
+            if not isinstance(data.get(name, kind()), kind):
+                raise ConfigError(f"search result {file!r}: {name!r} must be a JSON {kind.__name__}")
+        return cls(**data)
 
 
 class _Evolution:
@@ -282,6 +336,51 @@ class _Evolution:
         return self.fitness[genome], self.count(genome), genome
 
 
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_search_settings(
+    *,
+    population_size: int = 16,
+    iterations: int = 10,
+    mutation_rate: float = 0.1,
+    crossover_rate: float = 0.5,
+    budget: int | None = None,
+    seed: int = 0,
+    timesteps: int | Sequence[int] = 4,
+    batch_size: int = 8,
+) -> None:
+    """The search's numbers, checked at once (the CLI calls this before it loads anything; the search again before
+    it scores anything): a bad one is a :class:`ConfigError` naming it, not a raw error after the held-out data
+    were encoded (``batch_size=0`` was ``range() arg 3 must not be zero``, a seed above 2**64 - 1 torch's
+    overflow, a rate ``"0.1"`` a raw ``TypeError``). Timesteps are checked against the schedule by
+    :meth:`DenoisingFitness.fixed_timesteps`."""
+    if not _is_whole(population_size) or population_size < 2:
+        raise ConfigError(f"population_size must be an integer >= 2, got {population_size!r}")
+    if not _is_whole(iterations) or iterations < 0:
+        raise ConfigError(f"iterations must be an integer >= 0, got {iterations!r}")
+    for name, rate in (("mutation_rate", mutation_rate), ("crossover_rate", crossover_rate)):
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:  # NaN fails too
+            raise ConfigError(f"{name} must be a number in [0, 1], got {rate!r}")
+    if budget is not None and (not _is_whole(budget) or budget < 0):
+        raise ConfigError(f"budget must be a non-negative number of parameters, got {budget!r}")
+    if not _is_whole(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer from 0 to 2**64 - 1 (torch's generator), got {seed!r}")
+    if not _is_whole(batch_size) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if _is_whole(timesteps):
+        if timesteps < 1:
+            raise ConfigError(f"timesteps must be a count >= 1 or a list of timesteps, got {timesteps!r}")
+    elif (
+        isinstance(timesteps, (str, bytes))
+        or not isinstance(timesteps, Sequence)
+        or not timesteps
+        or not all(_is_whole(t) and t >= 0 for t in timesteps)
+    ):
+        raise ConfigError(f"timesteps must be a count >= 1 or a non-empty list of integers >= 0, got {timesteps!r}")
+
+
 def evolutionary_search(
     layers: Sequence[LayerSpace],
     evaluate: Callable[[Genome], float],
@@ -300,19 +399,18 @@ def evolutionary_search(
 
     if not layers:
         raise ConfigError("nothing to search: the supernet has no layers")
-    if not isinstance(population_size, int) or population_size < 2:
-        raise ConfigError(f"population_size must be an integer >= 2, got {population_size!r}")
-    if not isinstance(iterations, int) or iterations < 0:
-        raise ConfigError(f"iterations must be an integer >= 0, got {iterations!r}")
-    for name, rate in (("mutation_rate", mutation_rate), ("crossover_rate", crossover_rate)):
-        if not 0.0 <= float(rate) <= 1.0:
-            raise ConfigError(f"{name} must be in [0, 1], got {rate!r}")
+    check_search_settings(
+        population_size=population_size,
+        iterations=iterations,
+        mutation_rate=mutation_rate,
+        crossover_rate=crossover_rate,
+        budget=budget,
+        seed=seed,
+    )
     evolution = _Evolution(layers, evaluate, budget, random.Random(seed))
     smallest = tuple(layer.smallest() for layer in layers)
     largest = tuple(str(layer.space.largest()) for layer in layers)
     if budget is not None:
-        if not isinstance(budget, int) or budget < 0:
-            raise ConfigError(f"budget must be a non-negative number of parameters, got {budget!r}")
         minimum = evolution.count(smallest)
         if minimum > budget:
             raise ConfigError(
@@ -430,6 +528,16 @@ def search_glora(
     seed gives the same result. Afterwards the supernet evaluates the chosen subnet; save it with
     :func:`resattn_diffusion.search.supernet.save_subnet` (``result.configs``).
     """
+    check_search_settings(
+        population_size=population_size,
+        iterations=iterations,
+        mutation_rate=mutation_rate,
+        crossover_rate=crossover_rate,
+        budget=budget,
+        seed=seed,
+        timesteps=timesteps,
+        batch_size=batch_size,
+    )
     modules = list(supernet_layers(unet, adapter_name))
     _require_unfused(unet, adapter_name)
     layers = [

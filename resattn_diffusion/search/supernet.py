@@ -32,7 +32,7 @@ from ..integration.io import file_tensors, write_tuner_file
 from ..training.data import derive_seed
 from ..training.trainable import TrainingCallback
 from ..tuners.base import ConfigError
-from ..tuners.glora import GLoRA, num_parameters, parse_layer_config
+from ..tuners.glora import GLoRA, GLoRALayerConfig, num_parameters, parse_layer_config
 from .glora_space import GLoRAChoiceSpace, sample_layer_config
 
 __all__ = [
@@ -139,6 +139,11 @@ def training_callbacks(unet: nn.Module, seed: int, adapter_name: str = "default"
 
 
 def _check_layers(layers: list[tuple[str, GLoRA]], configs: Mapping[str, str]) -> None:
+    if not isinstance(configs, Mapping):  # a list of paths was a raw TypeError / AttributeError
+        raise ConfigError(
+            f"a subnet is a dict {{layer path: configuration string}} (as get_subnet(unet) returns), got "
+            f"{type(configs).__name__}"
+        )
     paths = {path for path, _ in layers}
     missing = [path for path, _ in layers if path not in configs]
     unknown = [path for path in configs if path not in paths]
@@ -154,11 +159,10 @@ def _check_layers(layers: list[tuple[str, GLoRA]], configs: Mapping[str, str]) -
         )
 
 
-def set_subnet(unet: nn.Module, configs: Mapping[str, str], adapter_name: str = "default") -> None:
-    """Make every layer evaluate ``configs[layer path]``; every layer needs one and each must lie in the supernet.
-    Checked before anything changes."""
-    _require_unfused(unet, adapter_name)
-    layers = list(supernet_layers(unet, adapter_name))
+def _checked_subnet(layers: list[tuple[str, GLoRA]], configs: Mapping[str, str]) -> dict[str, GLoRALayerConfig]:
+    """``configs`` parsed, one per layer, each inside its layer's choice space: the forms the supernet trained. A
+    form it did not train (``lora3`` of a ``lora4|lora2`` space: a slice of a larger form that was never sampled)
+    would cut weights that were never trained as that form."""
     _check_layers(layers, configs)
     parsed = {}
     for path, module in layers:
@@ -167,15 +171,25 @@ def set_subnet(unet: nn.Module, configs: Mapping[str, str], adapter_name: str = 
         if not space.contains(layer_config if module.has_bias else layer_config.without_bias()):
             raise ConfigError(f"layer {path}: configuration {layer_config} is outside its choice space {space}")
         parsed[path] = layer_config
+    return parsed
+
+
+def set_subnet(unet: nn.Module, configs: Mapping[str, str], adapter_name: str = "default") -> None:
+    """Make every layer evaluate ``configs[layer path]``; every layer needs one and each must lie in the supernet.
+    Checked before anything changes."""
+    _require_unfused(unet, adapter_name)
+    layers = list(supernet_layers(unet, adapter_name))
+    parsed = _checked_subnet(layers, configs)
     for path, module in layers:
         module.set_active(parsed[path])
 
 
 def subnet_parameter_count(unet: nn.Module, configs: Mapping[str, str], adapter_name: str = "default") -> int:
-    """Trainable parameters of the fixed GLoRA that ``configs`` describes (what the search's budget limits)."""
+    """Trainable parameters of the fixed GLoRA that ``configs`` describes (what the search's budget limits); each
+    configuration must lie in the supernet's choice space."""
     layers = list(supernet_layers(unet, adapter_name))
-    _check_layers(layers, configs)
-    return sum(num_parameters(configs[path], module.d_out, module.d_in, module.has_bias) for path, module in layers)
+    parsed = _checked_subnet(layers, configs)
+    return sum(num_parameters(parsed[path], module.d_out, module.d_in, module.has_bias) for path, module in layers)
 
 
 def fixed_glora_config(supernet_config: ResTunerConfig, configs: Mapping[str, str]) -> ResTunerConfig:
@@ -201,7 +215,7 @@ def save_subnet(
     (``path``: a ``.safetensors`` file, or a folder that gets ``res_tuner.safetensors``). ``saved_name`` is the name
     it loads under by default. Same format as :func:`resattn_diffusion.save_res_tuner` (atomic write)."""
     layers = list(supernet_layers(unet, adapter_name))
-    _check_layers(layers, configs)
+    _checked_subnet(layers, configs)  # an edited search result: only forms the supernet trained are cut out
     config = fixed_glora_config(get_state(unet).configs[adapter_name], configs)
     tensors = file_tensors((layer_path, module.fixed_state_dict(configs[layer_path])) for layer_path, module in layers)
     return write_tuner_file(unet, path, config, tensors, saved_name, overwrite)

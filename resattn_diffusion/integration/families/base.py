@@ -198,10 +198,50 @@ def _enable_layerwise_casting_refused(model: nn.Module, *args: Any, **kwargs: An
     raise ResTunerError(LAYERWISE_CASTING_REFUSAL)
 
 
+def save_pretrained_refusal(model: nn.Module, method: str = "save_pretrained") -> ResTunerError | None:
+    """The error for diffusers' ``save_pretrained`` (or ``push_to_hub``) of ``model``, or of a pipeline holding it,
+    while res tuners sit on it; None when none do. The one copy of the message: the model's guard and our
+    pipelines' method raise it.
+
+    ``from_pretrained`` loads the model's own weights only: unfused tuners would be written into the file and dropped
+    on reload, and fused ones would be saved as base weights -- with a bias that a fused GLoRA added to a bias-free
+    projection lost on reload, silently."""
+    state = get_state(model)
+    if state is None or not state.configs:
+        return None
+    word = state.family.model_word
+    return ResTunerError(
+        f"res tuner(s) {list(state.configs)} are loaded; {method} would write them into the {word} weights "
+        "where from_pretrained does not load them back (fused ones would become base weights, and a bias a fused "
+        "GLoRA added would be dropped); nothing was written. Save each with resattn_diffusion.save_res_tuner(model, "
+        "path, adapter_name=name), remove them (remove_res_tuner(model) / pipe.unload_res_tuner()), then "
+        f"{method}(...)"
+    )
+
+
+#: diffusers' calls that write the model's weights out (``push_to_hub`` creates the Hub repo before it saves).
+SAVING_METHODS = ("save_pretrained", "push_to_hub")
+
+
+def _saving_refused(model: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Installed as ``model.save_pretrained`` / ``model.push_to_hub`` while tuners sit on it (see
+    :func:`save_pretrained_refusal`): a direct ``unet.save_pretrained(...)`` and a stock diffusers pipeline's, which
+    calls each component's, are refused before anything is written."""
+    error = save_pretrained_refusal(model, method)
+    if error is not None:
+        raise error
+    # a reference to the guard kept past the last tuner's removal saves as diffusers does
+    return getattr(type(model), method)(model, *args, **kwargs)
+
+
 def install_diffusers_guards(model: nn.Module) -> None:
     """What every family guards while tuners sit on ``model`` (diffusers' calls the UNet and the transformers
-    share): ``fuse_qkv_projections`` keeps or refuses the tuners, ``enable_layerwise_casting`` is refused, and
-    peft's ``add_adapter`` / ``load_lora_adapter`` leave the tuners trainable."""
+    share): ``fuse_qkv_projections`` keeps or refuses the tuners; ``enable_layerwise_casting``,
+    ``save_pretrained`` and ``push_to_hub`` are refused; peft's ``add_adapter`` / ``load_lora_adapter`` leave the
+    tuners trainable."""
+    for method in SAVING_METHODS:
+        if hasattr(type(model), method):
+            setattr(model, method, functools.partial(_saving_refused, model, method))
     if hasattr(type(model), "fuse_qkv_projections"):
         model.fuse_qkv_projections = functools.partial(_fuse_qkv_projections_keeping_tuners, model)
     if hasattr(type(model), "enable_layerwise_casting"):  # diffusers 0.33 and later
@@ -211,6 +251,8 @@ def install_diffusers_guards(model: nn.Module) -> None:
 
 def remove_diffusers_guards(model: nn.Module) -> None:
     """Undo :func:`install_diffusers_guards` exactly."""
+    for method in SAVING_METHODS:
+        model.__dict__.pop(method, None)
     model.__dict__.pop("fuse_qkv_projections", None)
     model.__dict__.pop("enable_layerwise_casting", None)
     remove_peft_guards(model)
