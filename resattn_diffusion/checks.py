@@ -39,6 +39,8 @@ MAX_ITEMS = 4096
 MAX_NAME_LENGTH = 128
 #: The largest seed a ``torch.Generator`` takes (``manual_seed`` overflows above it with a raw error).
 MAX_SEED = 2**64 - 1
+#: The largest seed numpy's legacy generator takes: the training scripts' seed also seeds numpy (``set_seed``).
+MAX_NUMPY_SEED = 2**32 - 1
 #: What an adapter name may be: it becomes a key of ``nn.ModuleDict``s (a module name), a JSON string in the
 #: file and a word in messages, so letters, digits, ``_`` and ``-`` only.
 _NAME = re.compile(r"[\w-]+")

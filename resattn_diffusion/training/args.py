@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from diffusers.optimization import SchedulerType
 
+from ..checks import MAX_NUMPY_SEED
 from ..config import PLACEMENTS, ResTunerConfig
 from ..integration.api import ResTunerError
 from ..registry import get_tuner_spec, known_projections, known_targets, tuner_names
@@ -478,8 +479,6 @@ _FLAG_BOUNDS: dict[str, tuple[float, bool, str]] = {
     "max_train_samples": (1, True, "a count of examples: -1 kept all but one of them, as a slice does"),
     "seed": (0, True, "numpy's generator refuses it"),
 }
-#: the largest seed every generator the run seeds (python, numpy, torch) takes
-MAX_SEED = 2**32 - 1
 
 
 def check_optimization_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -495,8 +494,10 @@ def check_optimization_flags(parser: argparse.ArgumentParser, args: argparse.Nam
         value = getattr(args, name, None)
         if value is not None and not 0.0 <= value < 1.0:
             parser.error(f"--{name} must be in [0, 1), got {value:g} (a moving average's decay; torch refuses it)")
-    if getattr(args, "seed", None) is not None and args.seed > MAX_SEED:
-        parser.error(f"--seed must be at most 2**32 - 1 = {MAX_SEED}, got {args.seed} (numpy's generator refuses it)")
+    if getattr(args, "seed", None) is not None and args.seed > MAX_NUMPY_SEED:
+        parser.error(
+            f"--seed must be at most 2**32 - 1 = {MAX_NUMPY_SEED}, got {args.seed} (numpy's generator refuses it)"
+        )
 
 
 def check_finite_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
