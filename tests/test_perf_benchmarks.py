@@ -245,3 +245,38 @@ def test_bank_follows_setting_changes_without_recomputing_every_call():
         assert [name for name, *_ in processor.bank.active()] == ["a"]
         assert [scale for *_, scale, _ in processor.bank.active(call_scale=0.5)] == [0.5]
     assert not torch.equal(frozen, tuned)
+
+
+def test_paired_ratio_interval_is_the_sign_test_interval_of_the_per_round_ratios():
+    """The error bar of a reported time ratio: order statistics of the per-round ratios (rounds pair up by index),
+    ranks 2 and 8 of 9 (coverage 1 - 2 * 10/512 = 96.1%), 6 and 15 of 20; none from 5 rounds (1/32 > 2.5%)."""
+
+    def timing(samples):
+        return {"clock": "cpu", "cpu_samples_s": samples}
+
+    ratios = [1.30, 0.90, 1.00, 1.20, 1.10, 0.95, 1.05, 1.15, 1.25]  # shuffled: the interval sorts them
+    base = [2.0, 1.0, 4.0, 0.5, 3.0, 2.0, 1.0, 2.0, 1.0]
+    numerator = timing([r * b for r, b in zip(ratios, base)])
+    assert common.paired_ratio(numerator, timing(base)) == pytest.approx(1.10)
+    low, high = common.paired_ratio_interval(numerator, timing(base))
+    assert (low, high) == (pytest.approx(0.95), pytest.approx(1.25))
+    twenty = timing([1.0 + 0.01 * i for i in range(20)])
+    assert common.paired_ratio_interval(twenty, timing([1.0] * 20)) == (pytest.approx(1.05), pytest.approx(1.14))
+    assert common.paired_ratio_interval(timing([1.0] * 5), timing([1.0] * 5)) is None
+    assert common.paired_ratio_interval(None, timing(base)) is None
+
+
+def test_a_target_whose_interval_crosses_its_limit_says_so(tiny_results, tmp_path):
+    check = run_all._check("t", 1.01, 1.02, interval=(0.99, 1.03))
+    assert check["met"] and check["settled"] is False
+    assert "yes (within noise)" in run_all.targets_markdown([check])
+    assert run_all._check("t", 1.01, 1.02, interval=(0.99, 1.015))["settled"] is True
+    assert run_all._check("t", 1.01, 1.02)["settled"] is None
+    # --summary-only rewrites targets and summary from the results already there, measuring nothing
+    for path in tiny_results.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    run_all.main(["--summary-only", "--out", str(tmp_path)])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| target | measured [95% interval] | limit | met |" in summary and "-- from an earlier run" in summary
+    with pytest.raises(SystemExit, match="no results"):
+        run_all.main(["--summary-only", "--out", str(tmp_path / "empty")])

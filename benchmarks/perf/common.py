@@ -24,6 +24,7 @@ import datetime
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -435,6 +436,30 @@ def paired_ratio(numerator: dict[str, Any] | None, denominator: dict[str, Any] |
     key = f"{numerator['clock']}_samples_s"
     pairs = [a / b for a, b in zip(numerator[key], denominator[key]) if b > 0]
     return statistics.median(pairs) if pairs else None
+
+
+def paired_ratio_interval(
+    numerator: dict[str, Any] | None, denominator: dict[str, Any] | None, confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """A distribution-free interval for :func:`paired_ratio`: order statistics of the per-round ratios that bracket
+    their median with at least ``confidence`` (the sign test's interval: ``[r_(k), r_(n+1-k)]`` with the largest
+    ``k`` for which ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``). None with too few rounds for it (fewer
+    than 6 at 95%): the error bar of a ratio the README reports, without assuming how the rounds' noise is shaped."""
+    if not numerator or not denominator:
+        return None
+    key = f"{numerator['clock']}_samples_s"
+    pairs = sorted(a / b for a, b in zip(numerator[key], denominator[key]) if b > 0)
+    n = len(pairs)
+    tail = (1.0 - confidence) / 2.0
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) < k + 1)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    return pairs[k - 1], pairs[n - k]
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
