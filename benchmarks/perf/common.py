@@ -118,7 +118,7 @@ class BenchmarkSize:
         device: str = "cuda",
         dtype: str = "fp16",
         batch_size: int | None = None,
-        repeats: int = 5,
+        repeats: int = 9,
         warmup: int = 2,
     ) -> BenchmarkSize:
         """A real architecture (:data:`REAL_MODELS`: ``sd15``, ``sd21``, ``sdxl``) at its native resolution,
@@ -615,7 +615,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--tiny", action="store_true", help="the test suite's tiny sizes, one round (numbers meaningless)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="interleaved timed rounds per case (default 7; tiny 1; GPU 5)"
+        "--repeats", type=int, default=None, help="interleaved timed rounds per case (default 7; tiny 1; GPU 9)"
     )
     parser.add_argument(
         "--threads", default="auto", help="torch threads, or 'auto': all cores on an idle machine, else 1 (default)"
