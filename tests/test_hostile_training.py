@@ -186,6 +186,7 @@ def test_a_checkpoint_tuner_file_without_a_config_is_refused_naming_it(sd2_run: 
         (["--validation_inference_steps", "0"], "--validation_inference_steps must be >= 1"),
         (["--seed", "-1"], "--seed must be >= 0"),  # numpy's raw ValueError in set_seed, after the run folder
         (["--seed", str(2**32)], "--seed must be at most 2**32 - 1"),
+        (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),  # the counts share the one bounds table
     ],
 )
 def test_numbers_that_parse_but_cannot_train_are_usage_errors(tmp_path, capsys, flags: list[str], needle: str):

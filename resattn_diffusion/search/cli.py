@@ -242,16 +242,18 @@ def run(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
     budget = parse_budget(args.budget)
     timesteps = parse_timesteps(args.timesteps)
-    check_search_settings(
-        population_size=args.population_size,
-        iterations=args.iterations,
-        mutation_rate=args.mutation_rate,
-        crossover_rate=args.crossover_rate,
-        budget=budget,
-        seed=args.seed,
-        timesteps=timesteps,
-        batch_size=args.batch_size,
-    )
+    # one set of the search's numbers: checked here, before anything loads, and handed to the search as they are
+    settings = {
+        "population_size": args.population_size,
+        "iterations": args.iterations,
+        "mutation_rate": args.mutation_rate,
+        "crossover_rate": args.crossover_rate,
+        "budget": budget,
+        "seed": args.seed,
+        "timesteps": timesteps,
+        "batch_size": args.batch_size,
+    }
+    check_search_settings(**settings)
     if args.max_samples is not None and args.max_samples < 1:
         raise SearchInputError(f"--max_samples must be >= 1, got {args.max_samples}")
     if args.resolution is not None and args.resolution < 1:  # 0 used to mean the default, silently
@@ -284,15 +286,8 @@ def run(args: argparse.Namespace) -> Path:
         noise_scheduler,
         added_cond_kwargs=added,
         adapter_name=SUPERNET_NAME,
-        population_size=args.population_size,
-        iterations=args.iterations,
-        mutation_rate=args.mutation_rate,
-        crossover_rate=args.crossover_rate,
-        budget=budget,
-        seed=args.seed,
-        timesteps=timesteps,
-        batch_size=args.batch_size,
         progress=not args.no_progress,
+        **settings,
     )
     result.settings.update(
         {

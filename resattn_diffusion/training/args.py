@@ -420,20 +420,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             "the tuner's scale is 0 (--tuner_scale or the config's scale): its branch would add nothing, so no "
             "gradient would reach it and the run would train nothing; use a scale that is not 0 (1.0 is the default)"
         )
-    check_optimization_flags(parser, args)
-
-    positive = [
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "num_train_epochs",
-        "checkpointing_steps",
-        "num_validation_images",
-    ]
-    positive += ["max_train_steps", "resolution", "checkpoints_total_limit", "validation_steps", "validation_epochs"]
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1, got {value}")
+    check_flag_bounds(parser, args)
     if args.logit_std is not None and args.logit_std <= 0:
         parser.error(f"--logit_std must be positive, got {args.logit_std}")
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
@@ -463,9 +450,24 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
 
 
-#: flag -> (lowest allowed value, whether the lowest is allowed, why) for the numbers whose wrong sign would not
-#: fail but train wrongly (gradient ascent) or fail only after the models have loaded (torch's and numpy's raw errors)
+#: counts and sizes that must be at least 1
+_COUNT_FLAGS = (
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "checkpointing_steps",
+    "num_validation_images",
+    "max_train_steps",
+    "resolution",
+    "checkpoints_total_limit",
+    "validation_steps",
+    "validation_epochs",
+)
+#: flag -> (lowest allowed value, whether the lowest is allowed, why): the counts above, and the numbers whose wrong
+#: sign would not fail but train wrongly (gradient ascent) or fail only after the models have loaded (torch's and
+#: numpy's raw errors)
 _FLAG_BOUNDS: dict[str, tuple[float, bool, str]] = {
+    **{name: (1, True, "a count") for name in _COUNT_FLAGS},
     "max_grad_norm": (0, True, "0 turns clipping off; a negative norm flips every gradient's sign in clip_grad_norm_"),
     "snr_gamma": (0, False, "min(SNR, gamma) / SNR weights the loss: 0 weights every step by 0, below 0 climbs it"),
     "prior_loss_weight": (0, True, "a negative weight would push the model away from the class examples"),
@@ -481,8 +483,8 @@ _FLAG_BOUNDS: dict[str, tuple[float, bool, str]] = {
 }
 
 
-def check_optimization_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Numbers that parse but cannot train: refused before any model loads or anything is written."""
+def check_flag_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts below 1 and numbers that parse but cannot train: refused before any model loads or is written."""
     for name, (least, inclusive, why) in _FLAG_BOUNDS.items():
         value = getattr(args, name, None)
         if value is None:
