@@ -313,3 +313,16 @@ def test_generation_settings_are_checked_before_the_pipeline_or_the_metric_model
     assert time.perf_counter() - start < 2.0
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_size_off_the_pipelines_latent_grid_is_refused_once_the_pipeline_is_known(tmp_path: Path):
+    """The command line checks multiples of 8 before loading; SD3's patched latent grid (VAE factor 8 x patch 2 = 16)
+    is checked by ``generate_images`` against the pipeline it was given, before the first image or folder."""
+    from types import SimpleNamespace
+
+    from resattn_diffusion.evaluation import generate_images
+
+    pipeline = SimpleNamespace(vae_scale_factor=8, patch_size=2, name_or_path="sd3-like")
+    with pytest.raises(EvaluationError, match=r"height \(--height\) must be a positive multiple of 16"):
+        generate_images(pipeline, ["a dog"], tmp_path / "out", height=24, width=32, progress=False)
+    assert not (tmp_path / "out").exists()
