@@ -44,7 +44,8 @@ def test_host_overhead_rows_and_counts(tmp_path: Path) -> None:
     for mode in host_overhead.MODES:
         expected = ["base", "res_attn", "res_attn [reference]"]
         expected += ["res_attn [extra heads]"] if mode == "training" else ["res_attn [fast]"]
-        expected += ["res_lora", "glora"]  # the peft GLoRA pair only with peers
+        expected += ["res_lora", "glora", "surm_ldr"]  # the peft GLoRA pair only with peers
+        expected += ["surm_ldr [run-3 dense]"] if mode == "training" else []
         assert [name for m, name in rows if m == mode] == expected
         base = rows[(mode, "base")]
         assert base["ops"] > 0 and base["ops_vs_base"] == 1.0 and base["extra_ops_per_attention"] == 0.0
@@ -66,4 +67,9 @@ def test_host_overhead_rows_and_counts(tmp_path: Path) -> None:
     # GLoRA: the forced merged path (one GEMM per linear) dispatches fewer ops than its branch
     for mode in host_overhead.MODES:
         assert rows[(mode, "glora")]["ops_cuda_paths"] < rows[(mode, "glora")]["ops"]
+    # SURM LDR on the CUDA paths: its FFT-convolution delta dispatches fewer ops per step than run 3's matmul form
+    ldr, run3 = rows[("training", "surm_ldr")], rows[("training", "surm_ldr [run-3 dense]")]
+    assert ldr["ops"] == run3["ops"]  # the CPU default materialises M by a gather either way
+    assert ldr["ops_cuda_paths"] < run3["ops_cuda_paths"]
+    assert not host_overhead.gpu_suite.LDRMatrix.use_strided_matmul
     assert result["attentions"] == 8  # the tiny SD1 UNet: attn1 and attn2 of its 4 transformer blocks

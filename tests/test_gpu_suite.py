@@ -149,8 +149,8 @@ def test_shell_script_runs_every_part_with_a_time_guard(tmp_path):
 
 
 def test_train_part_with_chosen_peers_and_no_extra_rows(tmp_path: Path) -> None:
-    """What the targeted runs' train_sd15 part asks for (gpu_run4.sh; run 3 added the run-2 dense rows): our rows,
-    the floor and the named peers only."""
+    """What the targeted runs' train_sd15 part asks for (gpu_run4.sh; run 3 added the run-2 dense rows, run 4 the
+    run-3 dense ones): our rows, the floor and the named peers only."""
     result = gpu_suite.run_part(
         "train_sd15",
         tmp_path,
@@ -161,16 +161,22 @@ def test_train_part_with_chosen_peers_and_no_extra_rows(tmp_path: Path) -> None:
         peer_rows=["peft_lora"],
         extra_rows=False,
         run2_dense_rows=["surm_ldr"],
+        run3_dense_rows=["surm_ldr"],
     )
     names = [row["name"] for row in result["rows"]]
-    expected = ["floor", "res_attn", "surm_ldr", "surm_ldr [run-2 dense]"]
+    expected = ["floor", "res_attn", "surm_ldr", "surm_ldr [run-2 dense]", "surm_ldr [run-3 dense]"]
     assert names == expected + (["peft_lora"] if gpu_suite.train_step.peers.peft_available() else [])
     assert all(row["step_s"] for row in result["rows"]), result["rows"]
-    assert gpu_suite.StructuredMatrix.recompute_dense  # the row's context restored the default
+    assert gpu_suite.StructuredMatrix.recompute_dense  # the rows' contexts restored the defaults
+    assert not gpu_suite.LDRMatrix.use_strided_matmul
     with pytest.raises(SystemExit, match="peer-rows"):
         gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], peer_rows=["peft_ia3"])
     with pytest.raises(SystemExit, match="run2-dense-rows"):
         gpu_suite.run_part("train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], run2_dense_rows=["res_attn"])
+    with pytest.raises(SystemExit, match="run3-dense-rows"):
+        gpu_suite.run_part(
+            "train_sd15", tmp_path, "cpu", True, 600, tuners=["res_attn"], run3_dense_rows=["surm_circulant"]
+        )
 
 
 def test_run2_dense_context_forms_the_delta_as_before_and_restores_the_defaults() -> None:
@@ -181,12 +187,33 @@ def test_run2_dense_context_forms_the_delta_as_before_and_restores_the_defaults(
     saved = []
     with forced_paths("fast"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         strided = matrix.dense_matrix()
-        assert not saved  # the strided product is recomputed in backward: nothing kept
+        assert max(t.numel() for t in saved) <= 20  # g's spectrum and h: nothing n x n kept
+        saved.clear()
         with gpu_suite.run2_dense():
             fft = matrix.dense_matrix()
-    assert saved and any(t.is_complex() for t in saved)  # run 2's FFT form kept its spectra
+    assert any(t.is_complex() and t.numel() >= 12 * 11 for t in saved)  # run 2's FFT form kept its spectra
     assert LDRMatrix.use_strided_dense and LDRMatrix.recompute_dense
     torch.testing.assert_close(strided, fft)
+
+
+def test_run3_dense_context_forms_ldr_by_its_strided_matmul_and_restores_the_default() -> None:
+    from resattn_diffusion.tuners.fast_paths import forced_paths
+    from resattn_diffusion.tuners.structured import LDRMatrix
+
+    matrix = LDRMatrix(12, 20, init="random", displacement_rank=2)
+    forms = {}
+
+    def form(name):
+        forms[name] = matrix.dense_matrix()
+
+    with forced_paths("fast"):
+        convolution = common.dispatched_ops(lambda: form("fft"))
+        with gpu_suite.run3_dense():
+            assert LDRMatrix.use_strided_matmul
+            matmul = common.dispatched_ops(lambda: form("matmul"))
+    assert not LDRMatrix.use_strided_matmul
+    assert matmul["mm"] == 2 and "mm" not in convolution and convolution["_fft_r2c"] == 2
+    torch.testing.assert_close(forms["fft"], forms["matmul"])
 
 
 def test_gpu_time_targets_carry_the_95_percent_interval_of_their_rounds():

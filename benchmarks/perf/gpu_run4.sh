@@ -9,15 +9,17 @@
 #   (a) host_overhead  benchmarks/perf/host_overhead.py --device cuda: SD 1.5's block structure at tiny widths
 #                      (compute negligible), fp16, batch 2: aten ops dispatched and wall time of one no-grad forward
 #                      and one training step (autocast, fp32 tuner parameters, AdamW) of the base, res_attn, peft
-#                      LoRA matched, res_lora, res_attn [reference] / [extra heads]; ratios paired against
-#                      the base                                                                           guard  60 s
+#                      LoRA matched, res_lora, res_attn [reference] / [extra heads], glora, surm_ldr and
+#                      (training) "surm_ldr [run-3 dense]"; ratios paired against the base               guard  60 s
 #   (b) sampling       eager SD 1.5 forward, fp16, batch 2: base, res_attn unfused (now extra heads of the frozen
 #                      attention), peft LoRA (unfused, fused): the sampling target (<= 1.10x the base)     guard  80 s
 #   (c) train_sd15     SD 1.5 512 px, batch 4, fp16: floor, res_attn, "res_attn [extra heads]" (the branch as
 #                      extra heads in training too: ResTunerAttnProcessor.extra_heads_training, off by default until
 #                      this row measures it), peft LoRA: the step targets (<= 0.75x peft LoRA, <= 1.30x the floor);
 #                      glora (fewer ops per call since run 2) and "glora (peft's config)" beside peft GLoRA (<= 1.0x
-#                      peft LoRA, <= 0.85x peft GLoRA), surm_ldr (<= 1.0x peft LoRA)                     what is left
+#                      peft LoRA, <= 0.85x peft GLoRA), surm_ldr (<= 1.0x peft LoRA; its delta by FFT
+#                      convolution since run 3) and "surm_ldr [run-3 dense]" (run 3's float32 matmul form, same
+#                      rounds)                                                                             what is left
 # Output in OUT (6 files): host_overhead.json, host_overhead.md, sampling.json, train_sd15.json, summary.md, run.log.
 # CPU smoke test (tests/test_gpu_run4.py): HOST_ARGS="--tiny --device cpu" GPU_SUITE_ARGS="--tiny --device cpu".
 set -u
@@ -60,7 +62,7 @@ run_guarded host_overhead 60 benchmarks.perf.host_overhead --out "$OUT/host_over
 run_guarded sampling 80 benchmarks.perf.gpu_suite sampling --out "$OUT" --tuners res_attn $EXTRA_ARGS
 # shellcheck disable=SC2086
 run_guarded train_sd15 400 benchmarks.perf.gpu_suite train_sd15 --out "$OUT" --tuners res_attn glora surm_ldr \
-    --peer-rows peft_lora peft_glora --no-extra-rows --extra-heads-row $EXTRA_ARGS
+    --peer-rows peft_lora peft_glora --no-extra-rows --extra-heads-row --run3-dense-rows surm_ldr $EXTRA_ARGS
 LEFT=$((TOTAL - (SECONDS - START)))
 if [ "$LEFT" -ge 8 ]; then
     timeout -k 1 $((LEFT - 1)) "$PYTHON" -m benchmarks.perf.gpu_suite summary --out "$OUT" > /dev/null 2>>"$LOG"

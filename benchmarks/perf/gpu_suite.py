@@ -36,7 +36,7 @@ import torch
 
 from resattn_diffusion import ResTunerAttnProcessor, ResTunerConfig, get_tuner_spec, tuner_names
 from resattn_diffusion.tuners.fast_paths import forced_paths
-from resattn_diffusion.tuners.structured import StructuredMatrix
+from resattn_diffusion.tuners.structured import LDRMatrix, StructuredMatrix
 
 from . import compile_breaks, sampling, train_step
 from .common import BenchmarkSize, describe_error, log, machine_info, markdown_table, write_json
@@ -67,6 +67,11 @@ RES_ATTN_ONE_HEAD = "res_attn (heads=1)"
 #: to the identity, its spectra kept for backward (``use_strided_dense`` and ``recompute_dense`` off): run 3's
 #: strided forms against it, measured in the same run.
 RUN2_DENSE_SUFFIX = " [run-2 dense]"
+#: Rows of SURM LDR timed once more with its dense delta formed as in GPU run 3 -- the float32 matmul of its two
+#: strided n x n factors under activation checkpointing (``LDRMatrix.use_strided_matmul``) -- against its FFT
+#: convolution form (with its own backward) in the same run.
+RUN3_DENSE_SUFFIX = " [run-3 dense]"
+RUN3_DENSE_ROW = "surm_ldr" + RUN3_DENSE_SUFFIX
 #: Res-Attn's training step once more with ``ResTunerAttnProcessor.extra_heads_training`` on: the branch as extra
 #: heads of the frozen attention in training too (issue 14, host overhead), measured against the default row.
 EXTRA_HEADS_ROW = "res_attn [extra heads]"
@@ -97,6 +102,7 @@ def run_part(
     extra_rows: bool = True,
     run2_dense_rows: list[str] | None = None,
     extra_heads_row: bool = False,
+    run3_dense_rows: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run one part with its time guard, writing ``out/<part>.json`` (and the summary) at every checkpoint.
 
@@ -107,8 +113,9 @@ def run_part(
     rows of ``sampling.COMPILED_ROWS`` (default: the base, peft LoRA and the selected tuners' rows); ``peer_rows``
     restricts ``train_sd15``'s peers to these of ``train_step.PEER_ROWS`` (default: all) and ``extra_rows=False``
     leaves out its Res-Attn-with-one-head, ``[reference]`` and ``[fast]`` rows; ``run2_dense_rows`` (SURM FFT
-    families) adds ``<name> [run-2 dense]`` rows (see :data:`RUN2_DENSE_SUFFIX`); ``extra_heads_row`` adds
-    :data:`EXTRA_HEADS_ROW` to ``train_sd15``."""
+    families) adds ``<name> [run-2 dense]`` rows (see :data:`RUN2_DENSE_SUFFIX`), ``run3_dense_rows`` (SURM LDR)
+    ``<name> [run-3 dense]`` rows (:data:`RUN3_DENSE_SUFFIX`); ``extra_heads_row`` adds :data:`EXTRA_HEADS_ROW` to
+    ``train_sd15``."""
     start = time.perf_counter()
     already = 0.0 if started_at is None else max(0.0, time.time() - started_at)
     deadline = start + budget - already - GUARD_MARGIN_S
@@ -154,6 +161,11 @@ def run_part(
                     raise SystemExit(f"--run2-dense-rows {name!r}: only SURM tuners form a structured dense delta")
                 extra[name + RUN2_DENSE_SUFFIX] = ResTunerConfig(name)
                 contexts[name + RUN2_DENSE_SUFFIX] = run2_dense
+            for name in run3_dense_rows or []:
+                if name != "surm_ldr":
+                    raise SystemExit(f"--run3-dense-rows {name!r}: only surm_ldr changed its dense form after run 3")
+                extra[name + RUN3_DENSE_SUFFIX] = ResTunerConfig(name)
+                contexts[name + RUN3_DENSE_SUFFIX] = run3_dense
             if extra_heads_row:
                 extra[EXTRA_HEADS_ROW] = ResTunerConfig("res_attn")
                 contexts[EXTRA_HEADS_ROW] = extra_heads_in_training
@@ -199,6 +211,17 @@ def run2_dense() -> Iterator[None]:
         yield
     finally:
         StructuredMatrix.use_strided_dense, StructuredMatrix.recompute_dense = previous
+
+
+@contextlib.contextmanager
+def run3_dense() -> Iterator[None]:
+    """SURM LDR forms its dense delta as in GPU run 3: the float32 matmul of its strided factors, checkpointed."""
+    previous = LDRMatrix.use_strided_matmul
+    LDRMatrix.use_strided_matmul = True
+    try:
+        yield
+    finally:
+        LDRMatrix.use_strided_matmul = previous
 
 
 @contextlib.contextmanager
@@ -467,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
         "--run2-dense-rows", nargs="*", default=None, help="train_sd15: SURM tuners again with run 2's dense form"
     )
     parser.add_argument(
+        "--run3-dense-rows", nargs="*", default=None, help="train_sd15: surm_ldr again with run 3's dense form"
+    )
+    parser.add_argument(
         "--no-extra-rows", action="store_true", help="train_sd15: no heads=1, [reference] or [fast] rows"
     )
     parser.add_argument(
@@ -500,6 +526,7 @@ def main(argv: list[str] | None = None) -> None:
             not args.no_extra_rows,
             args.run2_dense_rows,
             args.extra_heads_row,
+            args.run3_dense_rows,
         )
     except Exception as error:  # the part as a whole failed: record it, the shell script goes on with the next
         write_json(out / f"{args.part}.json", {"part": args.part, "error": describe_error(error), "rows": []})

@@ -16,7 +16,8 @@ call under ``forced_paths("reference")``: the separate branch), ``res_attn [fast
 ``forced_paths("fast")``, the extra heads), ``res_attn [extra heads]`` (training: forced fast paths with
 ``ResTunerAttnProcessor.extra_heads_training`` on), ``peft_lora`` (rank matched to Res-Attn's parameters,
 :mod:`.peers`), ``res_lora``, ``glora`` (default forms), ``glora (peft's config)`` and ``peft_glora`` (the forms
-both express, peft's GLoRA: :func:`.train_step.build_cases`). GLoRA's merged path is forced by
+both express, peft's GLoRA: :func:`.train_step.build_cases`), ``surm_ldr`` and, in training, ``surm_ldr [run-3
+dense]`` (its CUDA delta formed as in GPU run 3, ``LDRMatrix.use_strided_matmul``). GLoRA's merged path is forced by
 ``forced_paths("fast")`` but not taken on CUDA unforced (``GLoRA.merge_on_cuda``): for GLoRA the column ``ops`` is
 the CUDA default. Modes: ``sampling`` (one forward under ``no_grad``, eval) and ``training`` (forward, MSE loss,
 backward, AdamW step with its multi-tensor kernels as on CUDA: :func:`.train_step.make_train_step`). On
@@ -77,7 +78,7 @@ RES_ATTN_FAST = "res_attn [fast]"
 RES_ATTN_EXTRA_HEADS = gpu_suite.EXTRA_HEADS_ROW
 #: Rows in table order: the base, Res-Attn (default, forced paths), its matched peer, the linear tuner with a merged
 #: fast path, GLoRA at its default forms, GLoRA at the forms peft can express (``glora (peft's config)``) and peft's
-#: GLoRA with those forms (:func:`.train_step.build_cases`).
+#: GLoRA with those forms (:func:`.train_step.build_cases`), SURM LDR and, in training, LDR with run 3's dense delta.
 ROWS = (
     BASE,
     "res_attn",
@@ -89,8 +90,10 @@ ROWS = (
     "glora",
     train_step.GLORA_PEFT_CONFIG,
     train_step.PEFT_GLORA,
+    "surm_ldr",
+    gpu_suite.RUN3_DENSE_ROW,
 )
-OUR_TUNERS = ("res_attn", "res_lora", "glora")
+OUR_TUNERS = ("res_attn", "res_lora", "glora", "surm_ldr")
 MODES = ("sampling", "training")
 #: Interleaved timed rounds per mode (a call takes milliseconds here).
 DEFAULT_REPEATS = 15
@@ -164,6 +167,9 @@ def build_calls(size: BenchmarkSize, with_peers: bool = True) -> tuple[dict[str,
             else:
                 extra_heads = _within(row["call"], gpu_suite.extra_heads_in_training)
                 calls[mode][RES_ATTN_EXTRA_HEADS] = dict(row, call=_forcing(extra_heads, "fast"))
+        if mode == "training" and "surm_ldr" in calls[mode]:
+            row = calls[mode]["surm_ldr"]
+            calls[mode][gpu_suite.RUN3_DENSE_ROW] = dict(row, call=_within(row["call"], gpu_suite.run3_dense))
         calls[mode] = {name: calls[mode][name] for name in ROWS if name in calls[mode]}
     return calls, attention_count(base)
 

@@ -284,6 +284,74 @@ def ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, d_out: int) -> 
     return y.to(x.dtype)
 
 
+def _skew_rows(h: torch.Tensor, d_in: int) -> torch.Tensor:
+    """``skew(h_i)[:, :d_in]^T`` for each row h_i of h (k, n): (k, d_in, n) with ``[i, l, a] = h_i[a - l]`` if
+    a >= l else ``-h_i[n + a - l]`` -- the flipped Hankel view of ``[-h_i[n - d_in + 1:], h_i]``, copied."""
+    n = h.shape[-1]
+    u = torch.cat([-h[:, n - d_in + 1 :], h], dim=1)  # (k, n + d_in - 1)
+    return u.as_strided((h.shape[0], d_in, n), (u.shape[1], 1, 1)).flip(1)
+
+
+class _LDRDenseByFFT(torch.autograd.Function):
+    """``M = (sum_i circ(g_i) skew(h_i))[:d_out, :d_in]`` by FFT convolution (see :func:`ldr_dense_by_fft`), with a
+    hand-written backward that keeps only g's spectrum and h and forms the skew factor's spectrum again: no
+    checkpoint, nothing n x n kept, and few kernels each way. With ``T_i = skew(h_i)[:, :d_in]^T`` (d_in x n), the
+    forward is ``M^T = sum_i T_i (*) g_i`` (circular convolution along rows, first d_out columns). For ``D`` =
+    dL/dM^T zero-padded to n columns, the correlation theorem gives ``dT_i = irfft(rfft(D) conj(rfft(g_i)))`` and
+    ``dg_i = irfft(sum_rows conj(rfft(T_i)) rfft(D))``; ``dh_i`` sums ``dT_i`` along its diagonals (a strided view
+    of it padded on both sides), the wrapped ones negated."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, h: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+        n = h.shape[-1]
+        g_spectrum = torch.fft.rfft(g)  # (k, n // 2 + 1)
+        products = torch.fft.rfft(_skew_rows(h, d_in)) * g_spectrum.unsqueeze(1)  # (k, d_in, n // 2 + 1)
+        spectrum = products[0] if products.shape[0] == 1 else products.sum(0)
+        ctx.save_for_backward(g_spectrum, h)
+        ctx.d_out, ctx.d_in = d_out, d_in
+        return torch.fft.irfft(spectrum, n=n)[:, :d_out].transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        with float32_fft_region(grad.device):  # a backward run inside autocast: the FFTs stay float32 all the same
+            return _LDRDenseByFFT._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        g_spectrum, h = ctx.saved_tensors
+        d_out, d_in = ctx.d_out, ctx.d_in
+        rank, n = h.shape
+        grad_spectrum = torch.fft.rfft(F.pad(grad.transpose(0, 1), (0, n - d_out)))  # (d_in, n // 2 + 1)
+        skew_spectrum = torch.fft.rfft(_skew_rows(h, d_in))
+        grad_g = torch.fft.irfft((skew_spectrum.conj() * grad_spectrum).sum(1), n=n)  # (k, n)
+        grad_rows = torch.fft.irfft(grad_spectrum * g_spectrum.conj().unsqueeze(1), n=n)  # dT: (k, d_in, n)
+        # du[q] = sum_l dT[l, l + q - (d_in - 1)]: with d_in - 1 zeros on each side (width w), row l read from
+        # column l + q, i.e. strides (w + 1, 1) over the padded rows.
+        padded = F.pad(grad_rows, (d_in - 1, d_in - 1))
+        width = padded.shape[-1]
+        length = n + d_in - 1
+        grad_u = padded.as_strided((rank, d_in, length), (d_in * width, width + 1, 1)).sum(1)  # (k, n + d_in - 1)
+        # u = [-h[n - d_in + 1:], h]: h's own entries, less the negated wrap-around ones
+        grad_h = grad_u[:, d_in - 1 :] - F.pad(grad_u[:, : d_in - 1], (n - d_in + 1, 0))
+        return grad_g, grad_h, None, None
+
+
+def ldr_dense_by_fft(g: torch.Tensor, h: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """``(sum_i circ(g_i) skew(h_i))[:d_out, :d_in]`` formed in O(k n^2 log n) (float32 or wider, autocast off).
+
+    Column l of ``circ(g) skew(h)`` is circ(g) applied to column l of skew(h), a circular convolution with g, so
+    ``M^T = irfft(sum_i rfft(skew(h_i)[:, :d_in]^T) * rfft(g_i))[:, :d_out]``: each skew factor's first d_in columns
+    as rows (a strided view of ``[-h_i[n - d_in + 1:], h_i]``), one real FFT of them, the k terms summed as spectra,
+    one inverse FFT. The product of the two strided n x n factors it replaces costs O(k n^3) multiply-adds in
+    float32 (4.2 GFLOP per 1280-wide layer and pass, off the GPU's half-precision tensor cores: run 3's LDR
+    ``fold``, 29 ms of kernels per SD 1.5 step). ``g``, ``h``: (k, n). Returns a (d_out, d_in) view of a
+    (d_in, d_out) tensor; its backward is :class:`_LDRDenseByFFT`'s.
+    """
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    with float32_fft_region(h.device):
+        return _LDRDenseByFFT.apply(g.to(dtype), h.to(dtype), d_out, d_in)
+
+
 def dense_apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``matrix x`` for a materialised structured matrix, in float32 or wider like the FFT paths (autocast off)."""
     dtype = fft_dtype(x)
@@ -386,13 +454,16 @@ class StructuredMatrix(nn.Module, abc.ABC):
     #: The family's structured path is FFTs: :meth:`dense_matrix` can materialise M through it (see there).
     materializes_through_fft: ClassVar[bool] = False
     #: Whether the fast path forms M by the family's strided dense form (:meth:`strided_dense`: Toeplitz views of
-    #: the parameters, a few kernels) where it has one, rather than by its FFT path applied to the identity (some
-    #: twenty kernels for LDR, each way). Class-wide; the GPU benchmark times both (``[run-2 dense]`` rows).
+    #: the parameters, a few kernels; LDR: its skew factor's view convolved with g by FFT) where it has one, rather
+    #: than by its FFT path applied to the identity (some twenty kernels for LDR, each way). Class-wide; the GPU
+    #: benchmark times both (``[run-2 dense]`` rows).
     use_strided_dense: bool = True
     #: Whether a dense form that would keep n x n intermediates for backward -- the FFT form's float32 complex
-    #: spectra of the identity (up to 12 n^2 bytes per layer, LDR), LDR's two strided factors (8 n^2) -- keeps
-    #: nothing but the parameters and forms them again in backward (activation checkpointing; the same ops, so the
-    #: same numbers). Kept, they add ~0.4-1.9 GB over SD 1.5's attention projections (README, GPU section).
+    #: spectra of the identity (up to 12 n^2 bytes per layer, LDR), the two strided factors of LDR's matmul form
+    #: (8 n^2; :attr:`LDRMatrix.use_strided_matmul`) -- keeps nothing but the parameters and forms them again in
+    #: backward (activation checkpointing; the same ops, so the same numbers). LDR's default strided form needs
+    #: none: its own backward keeps only g's spectrum and h. Kept, those intermediates add ~0.4-1.9 GB over SD
+    #: 1.5's attention projections (README, GPU section).
     recompute_dense: bool = True
 
     def __init__(self, d_out: int, d_in: int):
@@ -434,7 +505,7 @@ class StructuredMatrix(nn.Module, abc.ABC):
             return form()
         return self.materialize()
 
-    #: Its strided form keeps n x n factors for backward (LDR's product), so :attr:`recompute_dense` applies to it.
+    #: Its strided form keeps n x n factors for backward (LDR's matmul form), so :attr:`recompute_dense` applies.
     strided_dense_saves_factors: ClassVar[bool] = False
 
     def strided_dense(self) -> torch.Tensor:
@@ -627,17 +698,28 @@ class LDRMatrix(StructuredMatrix):
     def structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ldr_apply(self.g, self.h, x, self.d_out)
 
-    strided_dense_saves_factors = True
+    @property
+    def strided_dense_saves_factors(self) -> bool:  # type: ignore[override]
+        # the FFT form's backward keeps g's spectrum and h; the matmul form would keep both n x n factors
+        return self.use_strided_matmul
+
+    #: Form M by the float32 matmul of its two strided n x n factors (run 3's form, O(k n^3)) instead of by FFT
+    #: convolution (class-wide; the GPU benchmark times both, ``[run-3 dense]`` rows).
+    use_strided_matmul: bool = False
 
     def strided_dense(self) -> torch.Tensor:
-        """``sum_i circ(g_i)[:d_out, :] skew(h_i)[:, :d_in]``: two strided factors and one float32 matmul per term
-        (autocast off: a half-precision product of n terms would lose what the FFT form keeps)."""
-        with float32_fft_region(self.g.device):
-            terms = [
-                circulant_block(g, self.d_out, self.size) @ skew_circulant_block(h, self.size, self.d_in)
-                for g, h in zip(self.g, self.h)
-            ]
-        return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
+        """``sum_i circ(g_i)[:d_out, :] skew(h_i)[:, :d_in]``: each skew factor strided from h, multiplied by its
+        circulant as a circular convolution (:func:`ldr_dense_by_fft`, float32, autocast off: a half-precision
+        product of n terms would lose what the FFT form keeps). Until run 4 this was the float32 matmul of two
+        strided n x n factors, O(k n^3); :attr:`use_strided_matmul` brings that back for comparison."""
+        if self.use_strided_matmul:
+            with float32_fft_region(self.g.device):
+                terms = [
+                    circulant_block(g, self.d_out, self.size) @ skew_circulant_block(h, self.size, self.d_in)
+                    for g, h in zip(self.g, self.h)
+                ]
+            return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
+        return ldr_dense_by_fft(self.g, self.h, self.d_out, self.d_in)
 
     def structured_cost(self, rows: int) -> float:
         return rows * self.g.shape[0] * FFT_COST_PER_ELEMENT["ldr"] * _n_log_n(self.size)
