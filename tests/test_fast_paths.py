@@ -269,7 +269,7 @@ def test_fast_dense_forms_equal_materialize_and_keep_nothing_n_by_n(family, stri
         grads = torch.autograd.grad((dense * weights).sum(), list(matrix.parameters()))
         results[recompute] = dense, grads, saved
     n = max(d_out, d_in)
-    # LDR's convolution form keeps g's spectrum and h (about 3 n float64 values), never anything n x n
+    # LDR's convolution form keeps g's spectrum and its skew factor's n + d_in - 1 diagonals, never anything n x n
     small = 3 * (n + 2) * 8 if strided and family == "ldr" else 0
     assert results[True][2] <= small
     keeps_factors = not strided  # the FFT form's spectra of the identity

@@ -81,9 +81,9 @@ def test_profile_tiny_rows_on_cpu(tmp_path: Path):
     ldr, sampling = saved["rows"]
     assert "error" not in ldr and "error" not in sampling, (ldr.get("error"), sampling.get("error"))
     # Forced fast: SURM-LDR runs on the merged GEMM, its deltas formed in fold, which keeps nothing n x n for backward:
-    # g's spectrum and h, about as many bytes as the float32 parameters.
+    # g's spectrum and the skew factor's n + d_in - 1 diagonals, about as many bytes as the float32 parameters.
     assert ldr["split_ms_per_call"]["fold"] > 0 and ldr["split_ms_per_call"]["branch"] == 0
-    assert 0 < ldr["saved_for_backward"]["by_category_mb"]["fold"] <= 1.5 * 4 * ldr["trainable_parameters"] / 2**20
+    assert 0 < ldr["saved_for_backward"]["by_category_mb"]["fold"] <= 2 * 4 * ldr["trainable_parameters"] / 2**20
     assert ldr["saved_for_backward"]["by_category_mb"]["frozen"] > 0
     assert 0 < len(ldr["top_kernels"]) <= gpu_profile.TOP_KERNELS
     assert ldr["trainable_parameters"] > 0 and ldr["peak_memory_mb"] > 0

@@ -284,18 +284,17 @@ def ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, d_out: int) -> 
     return y.to(x.dtype)
 
 
-def _skew_rows(h: torch.Tensor, d_in: int) -> torch.Tensor:
-    """``skew(h_i)[:, :d_in]^T`` for each row h_i of h (k, n): (k, d_in, n) with ``[i, l, a] = h_i[a - l]`` if
-    a >= l else ``-h_i[n + a - l]`` -- the flipped Hankel view of ``[-h_i[n - d_in + 1:], h_i]``, copied."""
-    n = h.shape[-1]
-    u = torch.cat([-h[:, n - d_in + 1 :], h], dim=1)  # (k, n + d_in - 1)
-    return u.as_strided((h.shape[0], d_in, n), (u.shape[1], 1, 1)).flip(1)
+def _skew_rows(u: torch.Tensor, d_in: int, n: int) -> torch.Tensor:
+    """``skew(h_i)[:, :d_in]^T`` for each row of ``u = [-h[:, n - d_in + 1:], h]`` (k, n + d_in - 1): (k, d_in, n)
+    with ``[i, l, a] = h_i[a - l]`` if a >= l else ``-h_i[n + a - l]`` -- the flipped Hankel view of u, copied."""
+    return u.as_strided((u.shape[0], d_in, n), (u.shape[1], 1, 1)).flip(1)
 
 
 class _LDRDenseByFFT(torch.autograd.Function):
     """``M = (sum_i circ(g_i) skew(h_i))[:d_out, :d_in]`` by FFT convolution (see :func:`ldr_dense_by_fft`), with a
-    hand-written backward that keeps only g's spectrum and h and forms the skew factor's spectrum again: no
-    checkpoint, nothing n x n kept, and few kernels each way. With ``T_i = skew(h_i)[:, :d_in]^T`` (d_in x n), the
+    hand-written backward that keeps only g's spectrum and the skew factor's diagonals (``u``, n + d_in - 1 values
+    per term) and forms the skew factor's spectrum again: no checkpoint, nothing n x n kept, and few kernels each
+    way. With ``T_i = skew(h_i)[:, :d_in]^T`` (d_in x n), the
     forward is ``M^T = sum_i T_i (*) g_i`` (circular convolution along rows, first d_out columns). For ``D`` =
     dL/dM^T zero-padded to n columns, the correlation theorem gives ``dT_i = irfft(rfft(D) conj(rfft(g_i)))`` and
     ``dg_i = irfft(sum_rows conj(rfft(T_i)) rfft(D))``; ``dh_i`` sums ``dT_i`` along its diagonals (a strided view
@@ -305,10 +304,11 @@ class _LDRDenseByFFT(torch.autograd.Function):
     def forward(ctx, g: torch.Tensor, h: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
         n = h.shape[-1]
         g_spectrum = torch.fft.rfft(g)  # (k, n // 2 + 1)
-        products = torch.fft.rfft(_skew_rows(h, d_in)) * g_spectrum.unsqueeze(1)  # (k, d_in, n // 2 + 1)
+        diagonals = torch.cat([-h[:, n - d_in + 1 :], h], dim=1)  # u: (k, n + d_in - 1)
+        products = torch.fft.rfft(_skew_rows(diagonals, d_in, n)) * g_spectrum.unsqueeze(1)  # (k, d_in, n // 2 + 1)
         spectrum = products[0] if products.shape[0] == 1 else products.sum(0)
-        ctx.save_for_backward(g_spectrum, h)
-        ctx.d_out, ctx.d_in = d_out, d_in
+        ctx.save_for_backward(g_spectrum, diagonals)
+        ctx.d_out, ctx.d_in, ctx.n = d_out, d_in, n
         return torch.fft.irfft(spectrum, n=n)[:, :d_out].transpose(0, 1)
 
     @staticmethod
@@ -318,11 +318,11 @@ class _LDRDenseByFFT(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        g_spectrum, h = ctx.saved_tensors
-        d_out, d_in = ctx.d_out, ctx.d_in
-        rank, n = h.shape
+        g_spectrum, diagonals = ctx.saved_tensors
+        d_out, d_in, n = ctx.d_out, ctx.d_in, ctx.n
+        rank = diagonals.shape[0]
         grad_spectrum = torch.fft.rfft(F.pad(grad.transpose(0, 1), (0, n - d_out)))  # (d_in, n // 2 + 1)
-        skew_spectrum = torch.fft.rfft(_skew_rows(h, d_in))
+        skew_spectrum = torch.fft.rfft(_skew_rows(diagonals, d_in, n))
         grad_g = torch.fft.irfft((skew_spectrum.conj() * grad_spectrum).sum(1), n=n)  # (k, n)
         grad_rows = torch.fft.irfft(grad_spectrum * g_spectrum.conj().unsqueeze(1), n=n)  # dT: (k, d_in, n)
         # du[q] = sum_l dT[l, l + q - (d_in - 1)]: with d_in - 1 zeros on each side (width w), row l read from
@@ -462,8 +462,8 @@ class StructuredMatrix(nn.Module, abc.ABC):
     #: spectra of the identity (up to 12 n^2 bytes per layer, LDR), the two strided factors of LDR's matmul form
     #: (8 n^2; :attr:`LDRMatrix.use_strided_matmul`) -- keeps nothing but the parameters and forms them again in
     #: backward (activation checkpointing; the same ops, so the same numbers). LDR's default strided form needs
-    #: none: its own backward keeps only g's spectrum and h. Kept, those intermediates add ~0.4-1.9 GB over SD
-    #: 1.5's attention projections (README, GPU section).
+    #: none: its own backward keeps only g's spectrum and the n + d_in - 1 diagonals. Kept, those intermediates
+    #: add ~0.4-1.9 GB over SD 1.5's attention projections (README, GPU section).
     recompute_dense: bool = True
 
     def __init__(self, d_out: int, d_in: int):
@@ -700,7 +700,7 @@ class LDRMatrix(StructuredMatrix):
 
     @property
     def strided_dense_saves_factors(self) -> bool:  # type: ignore[override]
-        # the FFT form's backward keeps g's spectrum and h; the matmul form would keep both n x n factors
+        # the FFT form's backward keeps g's spectrum and u; the matmul form would keep both n x n factors
         return self.use_strided_matmul
 
     #: Form M by the float32 matmul of its two strided n x n factors (run 3's form, O(k n^3)) instead of by FFT
@@ -710,8 +710,8 @@ class LDRMatrix(StructuredMatrix):
     def strided_dense(self) -> torch.Tensor:
         """``sum_i circ(g_i)[:d_out, :] skew(h_i)[:, :d_in]``: each skew factor strided from h, multiplied by its
         circulant as a circular convolution (:func:`ldr_dense_by_fft`, float32, autocast off: a half-precision
-        product of n terms would lose what the FFT form keeps). Until run 4 this was the float32 matmul of two
-        strided n x n factors, O(k n^3); :attr:`use_strided_matmul` brings that back for comparison."""
+        product of n terms would lose what the FFT form keeps). GPU run 3 measured the float32 matmul of the two
+        strided n x n factors instead, O(k n^3); :attr:`use_strided_matmul` brings that back for comparison."""
         if self.use_strided_matmul:
             with float32_fft_region(self.g.device):
                 terms = [
