@@ -187,7 +187,7 @@ def test_run2_dense_context_forms_the_delta_as_before_and_restores_the_defaults(
     saved = []
     with forced_paths("fast"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         strided = matrix.dense_matrix()
-        assert max(t.numel() for t in saved) <= 20  # g's spectrum and h: nothing n x n kept
+        assert max(t.numel() for t in saved) < 2 * 20  # g's spectrum, the skew diagonals: nothing n x n kept
         saved.clear()
         with gpu_suite.run2_dense():
             fft = matrix.dense_matrix()
@@ -234,3 +234,25 @@ def test_gpu_time_targets_carry_the_95_percent_interval_of_their_rounds():
     assert check["interval"] == [pytest.approx(0.71), pytest.approx(0.76)]
     assert check["met"] and check["settled"] is False  # 0.76 > 0.75: the median meets the target, the noise not
     assert gpu_suite.GPU_SIZES["train_sd15"][3] == 9 and common.BenchmarkSize.real("sd15").repeats == 9
+
+
+def test_compiled_row_with_extra_heads_is_asked_for_by_name_and_sets_only_its_copy() -> None:
+    """``res_attn (unfused) [extra heads]`` (gpu_run5.sh): a copy of Res-Attn's unfused UNet whose processors keep
+    the extra heads while compiling; accepted by ``--compiled-rows``, never a default row."""
+    from resattn_diffusion import ResTunerAttnProcessor
+    from resattn_diffusion.testing import frozen_tiny_unet
+
+    assert sampling.RES_ATTN_EXTRA_HEADS_COMPILED not in sampling.COMPILED_ROWS
+    case = sampling.build_cases(frozen_tiny_unet("sd1"), ["res_attn"], with_peers=False)[1]  # [0]: the base
+    row = sampling._with_extra_heads_compiled(case)
+    assert sampling._row_key(row) == row["name"] == sampling.RES_ATTN_EXTRA_HEADS_COMPILED
+    assert sampling._row_key(case) == "res_attn (unfused)"
+
+    def flags(unet):
+        return {p.extra_heads_compiled for p in unet.attn_processors.values() if isinstance(p, ResTunerAttnProcessor)}
+
+    assert flags(row["unet"]) == {True} and flags(case["unet"]) == {False}
+    with pytest.raises(SystemExit, match=r"compiled-rows \['res_attn \[extra heads\]'\]"):
+        gpu_suite.run_part(
+            "sampling_compiled", Path("unused"), "cpu", True, 600, compiled_rows=["res_attn [extra heads]"]
+        )

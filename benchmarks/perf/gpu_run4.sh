@@ -28,33 +28,9 @@ PYTHON="${PYTHON:-python}"
 HOST_ARGS="${HOST_ARGS:---device cuda}"
 EXTRA_ARGS="${GPU_SUITE_ARGS:-}"
 TOTAL="${GPU_RUN4_TOTAL_S:-270}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM=false
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-LOG="$OUT/run.log"
-START=$SECONDS
-
-# clip GUARD -> the seconds a part may have: GUARD, clipped so that guard + kill margin stays inside TOTAL.
-clip() {
-    local want="$1" left=$((TOTAL - (SECONDS - START) - 10))
-    if [ "$want" -gt "$left" ]; then want=$left; fi
-    echo "$want"
-}
-
-# run_guarded NAME GUARD MODULE [ARGS...]: python -m MODULE ARGS --budget GUARD under timeout, logged.
-run_guarded() {
-    local name="$1" guard
-    guard="$(clip "$2")"
-    local module="$3"
-    shift 3
-    if [ "$guard" -lt 15 ]; then echo "[gpu_run4] $name: skipped, time is up" | tee -a "$LOG"; return; fi
-    local t0=$SECONDS
-    echo "[gpu_run4] $name: guard ${guard}s (elapsed $((SECONDS - START))s)" | tee -a "$LOG"
-    timeout -k 2 $((guard + 8)) "$PYTHON" -m "$module" "$@" --budget "$guard" --started-at "$(date +%s.%N)" \
-        2>&1 | tee -a "$LOG"
-    echo "[gpu_run4] $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$LOG"
-}
+RUN_NAME=gpu_run4
+# shellcheck source=benchmarks/perf/gpu_run_common.sh
+source "$(dirname "$0")/gpu_run_common.sh"
 
 # shellcheck disable=SC2086
 run_guarded host_overhead 60 benchmarks.perf.host_overhead --out "$OUT/host_overhead.json" $HOST_ARGS
@@ -63,8 +39,5 @@ run_guarded sampling 80 benchmarks.perf.gpu_suite sampling --out "$OUT" --tuners
 # shellcheck disable=SC2086
 run_guarded train_sd15 400 benchmarks.perf.gpu_suite train_sd15 --out "$OUT" --tuners res_attn glora surm_ldr \
     --peer-rows peft_lora peft_glora --no-extra-rows --extra-heads-row --run3-dense-rows surm_ldr $EXTRA_ARGS
-LEFT=$((TOTAL - (SECONDS - START)))
-if [ "$LEFT" -ge 8 ]; then
-    timeout -k 1 $((LEFT - 1)) "$PYTHON" -m benchmarks.perf.gpu_suite summary --out "$OUT" > /dev/null 2>>"$LOG"
-fi
+write_summary
 echo "[gpu_run4] done in $((SECONDS - START))s: $OUT/host_overhead.md, $OUT/summary.md" | tee -a "$LOG"

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from resattn_diffusion import (
+    ResTunerAttnProcessor,
     ResTunerConfig,
     add_res_tuner,
     fuse_res_tuner,
@@ -173,6 +174,9 @@ def run(
 #: Rows timed under ``torch.compile`` on a GPU (each costs a cold inductor compile of the whole UNet, so a few):
 #: the base, Res-Attn and peft LoRA as branches, and one tuner that folds (fused: the hooks are all that is left).
 COMPILED_ROWS = (BASE, "res_attn (unfused)", "peft_lora (unfused)", "res_lora (fused)")
+#: Res-Attn unfused with its branch kept as extra heads of the frozen attention while compiling
+#: (``ResTunerAttnProcessor.extra_heads_compiled`` on its processors): asked for by name, never a default row.
+RES_ATTN_EXTRA_HEADS_COMPILED = "res_attn (unfused) [extra heads]"
 
 
 def run_compiled(
@@ -200,6 +204,8 @@ def run_compiled(
     inputs = benchmark_inputs(base, size)
     tuners = sorted({row.split(" (")[0] for row in rows} - {BASE, "peft_lora"})
     built = build_cases(base, tuners, with_peers=any(row.startswith("peft_lora") for row in rows))
+    if RES_ATTN_EXTRA_HEADS_COMPILED in rows:
+        built += [_with_extra_heads_compiled(case) for case in built if _row_key(case) == "res_attn (unfused)"]
     cases = [case for case in built if _row_key(case) in rows]
     del base, built
     free_device_memory(size.device)
@@ -264,7 +270,21 @@ def run_compiled(
 
 def _row_key(case: dict[str, Any]) -> str:
     """A case's name in :data:`COMPILED_ROWS` (peft LoRA's row name carries its rank; the key does not)."""
-    return BASE if case["name"] == BASE else f"{case['tuner']} ({case['mode']})"
+    if case["name"] in (BASE, RES_ATTN_EXTRA_HEADS_COMPILED):
+        return case["name"]
+    return f"{case['tuner']} ({case['mode']})"
+
+
+def _with_extra_heads_compiled(case: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`RES_ATTN_EXTRA_HEADS_COMPILED` row: a copy of Res-Attn's unfused UNet whose processors keep the
+    extra heads while compiling."""
+    row = dict(case, name=RES_ATTN_EXTRA_HEADS_COMPILED)
+    if "unet" in case:
+        row["unet"] = clone_unet(case["unet"])
+        for processor in row["unet"].attn_processors.values():
+            if isinstance(processor, ResTunerAttnProcessor):
+                processor.extra_heads_compiled = True
+    return row
 
 
 def _compiled_rows(

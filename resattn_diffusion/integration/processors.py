@@ -409,6 +409,12 @@ class ResTunerAttnProcessor(nn.Module):
     #: projections (GEMMs the floor does not run). Off until a GPU run measures it (``res_attn [extra heads]``,
     #: ``gpu_run4.sh``); a class attribute, so ``ResTunerAttnProcessor.extra_heads_training = True`` turns it on.
     extra_heads_training: bool = False
+    #: Whether the extra-heads form also runs while ``torch.compile`` traces. Off: compiled code launches no kernels
+    #: from Python, which is what the form saves in eager mode, and it adds two heads at the frozen head width to
+    #: the frozen attention where the separate branch runs two narrow ones. Which is faster compiled is a GPU
+    #: question: the GPU suite's compiled sampling row ``res_attn (unfused) [extra heads]`` turns it on per
+    #: processor to measure it (``gpu_run5.sh``).
+    extra_heads_compiled: bool = False
 
     def __init__(self, base_processor: Any, layer_path: str):
         super().__init__()
@@ -500,19 +506,18 @@ class ResTunerAttnProcessor(nn.Module):
         from c in one in cross-attention -- so the call dispatches about as many ops as the frozen attention alone.
         Applies under ``no_grad`` (sampling; with gradients too when :attr:`extra_heads_training` is set), without a
         mask, to a lone parallel branch that offers :meth:`~..tuners.base.OperationTuner.extra_heads`, beside plain
-        linear projections without bias on
-        q/k/v (no LoRA wrapper, hook or bank of ours on them) of an attention without group norm, qk-norm, residual
-        or output rescaling (SD's transformer blocks); automatically where the fast paths are wanted (CUDA), never
-        while compiling (the compiler removes the launches anyway). Equal to the branch path up to rounding (the
-        branch's query rows carry its softmax scale); ``extra_heads = "off"`` or ``forced_paths("reference")``
-        gives the reference path.
+        linear projections without bias on q/k/v (no LoRA wrapper, hook or bank of ours on them) of an attention
+        without group norm, qk-norm, residual or output rescaling (SD's transformer blocks); automatically where the
+        fast paths are wanted (CUDA), not while compiling unless :attr:`extra_heads_compiled` (the compiler removes
+        the launches anyway). Equal to the branch path up to rounding (the branch's query rows carry its softmax
+        scale); ``extra_heads = "off"`` or ``forced_paths("reference")`` gives the reference path.
         """
         if self.extra_heads not in EXTRA_HEADS_MODES:
             raise ConfigError(
                 f"{self.bank.layer_path}: extra_heads={self.extra_heads!r} is not allowed; choose one of "
                 f"{list(EXTRA_HEADS_MODES)}"
             )
-        if self.extra_heads == "off" or torch.compiler.is_compiling():
+        if self.extra_heads == "off" or (torch.compiler.is_compiling() and not self.extra_heads_compiled):
             return None
         if self.extra_heads != "on" and not fast_path_wanted(hidden_states.device.type):
             return None
