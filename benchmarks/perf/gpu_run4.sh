@@ -12,7 +12,8 @@
 #                      LoRA matched, res_lora, res_attn [reference] / [extra heads], glora, surm_ldr and
 #                      (training) "surm_ldr [run-3 dense]"; ratios paired against the base               guard  60 s
 #   (b) sampling       eager SD 1.5 forward, fp16, batch 2: base, res_attn unfused (now extra heads of the frozen
-#                      attention), peft LoRA (unfused, fused): the sampling target (<= 1.10x the base)     guard  80 s
+#                      attention), res_lora unfused and fused (run 1: fused 1.035x, target 1.02x), peft LoRA
+#                      (unfused, fused): the sampling targets (<= 1.10x the base; fused <= 1.02x)      guard  80 s
 #   (c) train_sd15     SD 1.5 512 px, batch 4, fp16: floor, res_attn, "res_attn [extra heads]" (the branch as
 #                      extra heads in training too: ResTunerAttnProcessor.extra_heads_training, off by default until
 #                      this row measures it), peft LoRA: the step targets (<= 0.75x peft LoRA, <= 1.30x the floor);
@@ -35,7 +36,7 @@ source "$(dirname "$0")/gpu_run_common.sh"
 # shellcheck disable=SC2086
 run_guarded host_overhead 60 benchmarks.perf.host_overhead --out "$OUT/host_overhead.json" $HOST_ARGS
 # shellcheck disable=SC2086
-run_guarded sampling 80 benchmarks.perf.gpu_suite sampling --out "$OUT" --tuners res_attn $EXTRA_ARGS
+run_guarded sampling 80 benchmarks.perf.gpu_suite sampling --out "$OUT" --tuners res_attn res_lora $EXTRA_ARGS
 # shellcheck disable=SC2086
 run_guarded train_sd15 400 benchmarks.perf.gpu_suite train_sd15 --out "$OUT" --tuners res_attn glora surm_ldr \
     --peer-rows peft_lora peft_glora --no-extra-rows --extra-heads-row --run3-dense-rows surm_ldr $EXTRA_ARGS
