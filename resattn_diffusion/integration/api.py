@@ -98,8 +98,10 @@ def _scale_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
         call_kwargs = kwargs[key]
     else:
         # passed positionally (``unet(sample, t, ehs, None, None, None, {"res_tuner_scale": 0.5})``): the linear
-        # tuners would run at their own scale, silently. The position is read once per class (a cached look-up)
-        position = _positional_index(type(model), key)
+        # tuners would run at their own scale, silently. The position is read once per class (a cached look-up);
+        # while compiling, dynamo traces the function itself (it warns that it skips a cache it is given).
+        lookup = _positional_index.__wrapped__ if torch.compiler.is_compiling() else _positional_index
+        position = lookup(type(model), key)
         if position is None or len(args) <= position:
             return None
         call_kwargs = args[position]
