@@ -27,3 +27,10 @@ def test_ldr_delta_smoke(tmp_path: Path) -> None:
 def test_ldr_delta_refuses_zero_repeats(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="repeats"):
         ldr_delta.main(["--repeats", "0", "--out", str(tmp_path / "x.json")])
+
+
+def test_ldr_delta_time_guard_writes_what_it_measured(tmp_path: Path) -> None:
+    """``--budget`` (gpu_run4.sh passes it with ``--started-at``): no shape starts after it; the file is written."""
+    out = tmp_path / "ldr_delta.json"
+    result = ldr_delta.main(["--tiny", "--budget", "0", "--started-at", "0", "--out", str(out)])
+    assert result["rows"] == [] and json.loads(out.read_text())["rows"] == []

@@ -10,12 +10,16 @@ multiply-adds of run 3's matmuls. Both forms give the same M and gradients up to
 timing).
 
     python -m benchmarks.perf.ldr_delta                     # CPU, 1 thread; writes results/ldr_delta.json and .md
-    python -m benchmarks.perf.ldr_delta --device cuda --out OUT/ldr_delta.json
+    python -m benchmarks.perf.ldr_delta --device cuda --out OUT/ldr_delta.json    # gpu_run4.sh part (c)
+
+With ``--budget`` (seconds, counted from ``--started-at`` when given) no new shape starts after it: the shapes
+measured so far are written.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,10 +77,16 @@ def _calls(d_out: int, d_in: int, device: str) -> dict[str, Callable[[], list[to
     return runs
 
 
-def run(shapes=SHAPES, repeats: int = 9, device: str = "cpu", clock: str | None = None) -> dict[str, Any]:
+def run(
+    shapes=SHAPES, repeats: int = 9, device: str = "cpu", clock: str | None = None, deadline: float | None = None
+) -> dict[str, Any]:
+    """The rows of :data:`SHAPES` (or ``shapes``); none starts after ``deadline`` (a ``time.perf_counter()``)."""
     clock = clock or default_clock()
     rows = []
     for d_out, d_in in shapes:
+        if deadline is not None and time.perf_counter() > deadline:
+            log(f"ldr_delta: time guard reached, {d_out} x {d_in} and later shapes skipped")
+            break
         log(f"ldr_delta: {d_out} x {d_in} on {device}")
         runs = _calls(d_out, d_in, device)
         ops = {name: sum(dispatched_ops(fn).values()) for name, fn in runs.items()}
@@ -139,13 +149,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", default="1", help="CPU threads (default 1, as the other CPU benchmarks)")
     parser.add_argument("--tiny", action="store_true", help="two small shapes, 2 rounds: the smoke test")
     parser.add_argument("--out", default=str(RESULTS_DIR / "ldr_delta.json"))
+    parser.add_argument("--budget", type=float, default=None, help="seconds: no new shape starts after them")
+    parser.add_argument("--started-at", type=float, default=None, help="epoch seconds the process was launched")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    deadline = None
+    if args.budget is not None:
+        already = 0.0 if args.started_at is None else max(0.0, time.time() - args.started_at)
+        deadline = time.perf_counter() + args.budget - already - 2.0  # 2 s to write the results
     if args.device == "cpu":
         configure_threads(args.threads)
     shapes = TINY_SHAPES if args.tiny else SHAPES
-    result = run(shapes, 2 if args.tiny else args.repeats, args.device)
+    result = run(shapes, 2 if args.tiny else args.repeats, args.device, deadline=deadline)
     out = Path(args.out)
     write_json(out, result)
     markdown = to_markdown(result)
