@@ -244,7 +244,7 @@ def test_compiled_row_with_extra_heads_is_asked_for_by_name_and_sets_only_its_co
 
     assert sampling.RES_ATTN_EXTRA_HEADS_COMPILED not in sampling.COMPILED_ROWS
     case = sampling.build_cases(frozen_tiny_unet("sd1"), ["res_attn"], with_peers=False)[1]  # [0]: the base
-    row = sampling._with_extra_heads_compiled(case)
+    row = sampling._res_attn_variant(case, sampling.RES_ATTN_EXTRA_HEADS_COMPILED, extra_heads_compiled=True)
     assert sampling._row_key(row) == row["name"] == sampling.RES_ATTN_EXTRA_HEADS_COMPILED
     assert sampling._row_key(case) == "res_attn (unfused)"
 
@@ -252,6 +252,9 @@ def test_compiled_row_with_extra_heads_is_asked_for_by_name_and_sets_only_its_co
         return {p.extra_heads_compiled for p in unet.attn_processors.values() if isinstance(p, ResTunerAttnProcessor)}
 
     assert flags(row["unet"]) == {True} and flags(case["unet"]) == {False}
+    separate = sampling._res_attn_variant(case, sampling.RES_ATTN_SEPARATE_BRANCH, extra_heads="off")
+    modes = {p.extra_heads for p in separate["unet"].attn_processors.values() if isinstance(p, ResTunerAttnProcessor)}
+    assert modes == {"off"} and separate["name"] == sampling.RES_ATTN_SEPARATE_BRANCH
     with pytest.raises(SystemExit, match=r"compiled-rows \['res_attn \[extra heads\]'\]"):
         gpu_suite.run_part(
             "sampling_compiled", Path("unused"), "cpu", True, 600, compiled_rows=["res_attn [extra heads]"]

@@ -2,11 +2,12 @@
 # One call on a lent GPU machine (the tool library's device `run`, from the repository root, carry [".whl"]):
 #
 #   bash benchmarks/perf/gpu_device_run.sh "$OUT" 4     # gpu_run4.sh into $OUT/run4: <= 270 s (timeout_s 330)
-#   bash benchmarks/perf/gpu_device_run.sh "$OUT" 5     # gpu_run5.sh into $OUT/run5: <= 300 s (timeout_s 360)
+#   bash benchmarks/perf/gpu_device_run.sh "$OUT" 5     # gpu_run5.sh into $OUT/run5: <= 330 s (timeout_s 390)
 #
 # That machine has torch, peft, accelerate and transformers but not diffusers: the wheels in .whl/ (diffusers and
 # the one dependency it lacks there; ignored by git, carried) go into a private folder first, unless diffusers
-# already imports. Run 4 first: run 5 is what is left (SDXL, compiled sampling) when the device time allows.
+# already imports. Run 4 first: run 5 is what is left (SDXL training and sampling, compiled sampling) when the
+# device time allows.
 set -u
 OUT="${1:?usage: bash benchmarks/perf/gpu_device_run.sh OUTPUT_FOLDER 4|5}"
 RUN="${2:?usage: bash benchmarks/perf/gpu_device_run.sh OUTPUT_FOLDER 4|5}"

@@ -13,7 +13,9 @@ Parts (:data:`PARTS`), each writing ``DIR/<part>.json`` as it goes (partial resu
 * ``train_sdxl`` -- SDXL at 1024 px, batch 1, bf16: floor, res_attn, res_bypass, peft LoRA;
 * ``sampling`` -- SD 1.5, batch 2, fp16: one no-grad UNet forward of every row of ``sampling.py`` (eager);
 * ``graph_breaks`` -- ``torch._dynamo.explain`` of every tuner on the small UNet (0 breaks is the target);
-* ``sampling_compiled`` -- the rows of ``sampling.COMPILED_ROWS``, eager and under ``torch.compile``.
+* ``sampling_compiled`` -- the rows of ``sampling.COMPILED_ROWS``, eager and under ``torch.compile``;
+* ``sampling_sdxl`` (not in ``gpu_run.sh``; ``gpu_run5.sh``) -- SDXL at 1024 px, batch 2, fp16: the base and
+  Res-Attn unfused as the CUDA default runs it (extra heads of the frozen attention) and as a separate branch.
 
 ``--budget`` is the part's time guard: no timed round starts, and no further compile or memory measurement,
 after it; a case that fails (out of memory, a peer missing from the installed peft) becomes an error in its row.
@@ -42,6 +44,8 @@ from . import compile_breaks, sampling, train_step
 from .common import BenchmarkSize, describe_error, log, machine_info, markdown_table, write_json
 
 PARTS = ("train_sd15", "sampling", "train_sdxl", "graph_breaks", "sampling_compiled")  # gpu_run.sh's order
+#: Every part, with those the targeted runs add (gpu_run5.sh: SDXL sampling, extra heads against a separate branch).
+ALL_PARTS = (*PARTS, "sampling_sdxl")
 #: Part -> (model, dtype, batch, timed rounds, warm-up rounds) on a GPU.
 #: part -> (model, dtype, batch, rounds, warm-up rounds). 9 rounds (7 for SDXL's slow steps) give each time ratio a
 #: 95% interval (the sign test's: ranks 2 and 8 of 9, 1 and 7 of 7); runs 1-3 had 4-5 rounds, too few for one. A
@@ -51,6 +55,7 @@ GPU_SIZES = {
     "train_sdxl": ("sdxl", "bf16", 1, 7, 2),
     "sampling": ("sd15", "fp16", 2, 9, 2),
     "sampling_compiled": ("sd15", "fp16", 2, 9, 2),
+    "sampling_sdxl": ("sdxl", "fp16", 2, 7, 2),
 }
 SDXL_TUNERS = ["res_attn", "res_bypass"]
 #: Tuners timed a second time with their reference paths forced (``<name> [reference]``): the fast paths' gain,
@@ -181,6 +186,9 @@ def run_part(
             )
     elif part == "sampling":
         result = sampling.run(size, selected, deadline=deadline)
+    elif part == "sampling_sdxl":
+        res_attn = [name for name in selected if name == "res_attn"]
+        result = sampling.run(size, res_attn, with_peers=False, deadline=deadline, separate_branch_row=True)
     elif part == "sampling_compiled":
         if compiled_rows is not None:
             # the default rows, and the one asked for by name only (Res-Attn's extra heads kept while compiling)
@@ -195,7 +203,7 @@ def run_part(
             )
         result = sampling.run_compiled(size, rows, deadline=deadline, checkpoint=checkpoint, backend=compile_backend)
     else:
-        raise SystemExit(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
+        raise SystemExit(f"unknown part {part!r}; parts: {', '.join(ALL_PARTS)}")
     checkpoint(result)
     return result
 
@@ -249,7 +257,7 @@ def fast_paths():
 
 def load_parts(out: Path) -> dict[str, dict[str, Any]]:
     results = {}
-    for part in PARTS:
+    for part in ALL_PARTS:
         path = out / f"{part}.json"
         if path.is_file():
             try:
@@ -336,6 +344,14 @@ def evaluate_gpu_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, A
         for name in ("res_lora", "glora", "surm_circulant", "surm_toeplitz", "surm_kronecker", "surm_ldr"):
             target = f"sampling eager: {name} fused / base"
             checks.append(_time_check(target, sample, f"{name} (fused)", "vs_base", sampling.BASE, 1.02))
+    sample_sdxl = results.get("sampling_sdxl")
+    if sample_sdxl:  # no target of its own: which form is faster where heads are wide and the GPU is busy
+        for name, form in (
+            ("res_attn (unfused)", "extra heads"),
+            (sampling.RES_ATTN_SEPARATE_BRANCH, "separate branch"),
+        ):
+            target = f"SDXL sampling eager: res_attn unfused ({form}) / base"
+            checks.append(_time_check(target, sample_sdxl, name, "vs_base", sampling.BASE, 1.10))
     compiled = results.get("sampling_compiled")
     if compiled:
         value = _row(compiled, "res_attn (unfused)").get("compiled_vs_base_compiled")
@@ -394,6 +410,7 @@ def summary_markdown(results: dict[str, dict[str, Any]]) -> str:
         "sampling": "Sampling (eager), SD 1.5 512 px, batch 2, fp16: one UNet forward",
         "graph_breaks": "torch.compile graph breaks (small UNet)",
         "sampling_compiled": "Sampling under torch.compile (inductor), SD 1.5, batch 2, fp16",
+        "sampling_sdxl": "Sampling (eager), SDXL 1024 px, batch 2, fp16: Res-Attn's extra heads vs a separate branch",
     }
     for part, result in results.items():
         title = titles[part]
@@ -402,7 +419,7 @@ def summary_markdown(results: dict[str, dict[str, Any]]) -> str:
         try:
             if part.startswith("train_"):
                 table = train_step.to_markdown(result)
-            elif part == "sampling":
+            elif part in ("sampling", "sampling_sdxl"):
                 table = sampling.to_markdown(result)
             elif part == "sampling_compiled":
                 table = sampling.compiled_to_markdown(result)
@@ -479,7 +496,7 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=[*PARTS, "summary", "readme-table"])
+    parser.add_argument("part", choices=[*ALL_PARTS, "summary", "readme-table"])
     parser.add_argument("--out", required=True, help="folder for <part>.json and summary.md")
     parser.add_argument("--budget", type=float, default=120.0, help="this part's time guard in seconds")
     parser.add_argument("--device", default="cuda", help="'cuda' (default) or 'cpu' (with --tiny: the smoke test)")

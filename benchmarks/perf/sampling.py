@@ -121,11 +121,17 @@ def run(
     with_peers: bool = True,
     clock: str | None = None,
     deadline: float | None = None,
+    separate_branch_row: bool = False,
 ) -> dict[str, Any]:
+    """One no-grad forward of every case of :func:`build_cases` (and, with ``separate_branch_row``, of
+    :data:`RES_ATTN_SEPARATE_BRANCH`), interleaved; ratios paired per round against the base."""
     log(f"sampling: building cases on the {size.name} UNet ({size.device}, {size.dtype})")
     base = frozen_unet(size)
     inputs = benchmark_inputs(base, size)
     cases = build_cases(base, tuners, with_peers)
+    if separate_branch_row:
+        res_attn = [case for case in cases if case["name"] == "res_attn (unfused)"]
+        cases += [_res_attn_variant(case, RES_ATTN_SEPARATE_BRANCH, extra_heads="off") for case in res_attn]
     del base
     calls = {case["name"]: _forward(case["unet"], inputs) for case in cases if "unet" in case}
     # A forward is a third of a training step: twice the rounds for the same time, and the fused rows' target
@@ -177,6 +183,10 @@ COMPILED_ROWS = (BASE, "res_attn (unfused)", "peft_lora (unfused)", "res_lora (f
 #: Res-Attn unfused with its branch kept as extra heads of the frozen attention while compiling
 #: (``ResTunerAttnProcessor.extra_heads_compiled`` on its processors): asked for by name, never a default row.
 RES_ATTN_EXTRA_HEADS_COMPILED = "res_attn (unfused) [extra heads]"
+#: Res-Attn unfused with its branch beside the frozen attention (``extra_heads = "off"`` on its processors) where
+#: the default on CUDA runs it as extra heads: at SDXL's 64-channel heads the extra heads are padded from 4 to 64
+#: channels, so which is faster there is measured (``gpu_suite sampling_sdxl``).
+RES_ATTN_SEPARATE_BRANCH = "res_attn (unfused) [separate branch]"
 
 
 def run_compiled(
@@ -205,7 +215,10 @@ def run_compiled(
     tuners = sorted({row.split(" (")[0] for row in rows} - {BASE, "peft_lora"})
     built = build_cases(base, tuners, with_peers=any(row.startswith("peft_lora") for row in rows))
     if RES_ATTN_EXTRA_HEADS_COMPILED in rows:
-        built += [_with_extra_heads_compiled(case) for case in built if _row_key(case) == "res_attn (unfused)"]
+        res_attn = [case for case in built if _row_key(case) == "res_attn (unfused)"]
+        built += [
+            _res_attn_variant(case, RES_ATTN_EXTRA_HEADS_COMPILED, extra_heads_compiled=True) for case in res_attn
+        ]
     cases = [case for case in built if _row_key(case) in rows]
     del base, built
     free_device_memory(size.device)
@@ -275,15 +288,16 @@ def _row_key(case: dict[str, Any]) -> str:
     return f"{case['tuner']} ({case['mode']})"
 
 
-def _with_extra_heads_compiled(case: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`RES_ATTN_EXTRA_HEADS_COMPILED` row: a copy of Res-Attn's unfused UNet whose processors keep the
-    extra heads while compiling."""
-    row = dict(case, name=RES_ATTN_EXTRA_HEADS_COMPILED)
+def _res_attn_variant(case: dict[str, Any], name: str, **processor_settings: Any) -> dict[str, Any]:
+    """Row ``name``: a copy of the case's UNet with ``processor_settings`` set on each of its Res-Attn processors
+    (:data:`RES_ATTN_EXTRA_HEADS_COMPILED`, :data:`RES_ATTN_SEPARATE_BRANCH`)."""
+    row = dict(case, name=name)
     if "unet" in case:
         row["unet"] = clone_unet(case["unet"])
         for processor in row["unet"].attn_processors.values():
             if isinstance(processor, ResTunerAttnProcessor):
-                processor.extra_heads_compiled = True
+                for attribute, value in processor_settings.items():
+                    setattr(processor, attribute, value)
     return row
 
 
