@@ -444,6 +444,8 @@ def search_argv(root, output_dir, *extra: str) -> list[str]:
         (["--resolution", "-64"], "--resolution must be a positive number"),  # was PIL's raw ValueError
         (["--resolution", "7"], "--resolution must be a multiple of 2"),  # ran on images the VAE cropped
         (["--device", "nonsense"], "--device 'nonsense' is not a device"),  # was torch's raw RuntimeError
+        (["--population_size", "100000"], "--population_size must be an integer from 2 to 10,000"),  # ran for days
+        (["--crossover_rate", "2"], "--crossover_rate must be a number in"),  # the flag, not the setting's name
     ],
 )
 def test_cli_refuses_bad_numbers_before_the_search(flags, message, search_inputs, tmp_path, capsys, monkeypatch):
@@ -459,6 +461,24 @@ def test_cli_refuses_bad_numbers_before_the_search(flags, message, search_inputs
         not (tmp_path / "out" / "glora_search.json").exists()
         and not (tmp_path / "out" / "res_tuner.safetensors").exists()
     )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--timesteps", "5000,"], r"at most 1000 timesteps"),
+        (["--data_dir", "/nonexistent/held_out"], "held-out data folder"),
+        (["--population_size", "1"], "--population_size must be"),
+    ],
+)
+def test_cli_refusals_that_need_no_model_write_nothing(flags, message, search_inputs, tmp_path, capsys):
+    """Refused before any model loads, the search leaves no --output_dir behind (it used to hold a search.log)."""
+    argv = search_argv(search_inputs, tmp_path / "out")
+    for flag, value in zip(flags[::2], flags[1::2]):  # a later repeat of a flag wins in argparse
+        argv += [flag, value]
+    assert search_main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_an_output_it_cannot_write_before_loading(search_inputs, tmp_path, capsys, monkeypatch):

@@ -253,18 +253,24 @@ def run(args: argparse.Namespace) -> Path:
         "timesteps": timesteps,
         "batch_size": args.batch_size,
     }
-    check_search_settings(**settings)
+    try:
+        check_search_settings(**settings)
+    except ConfigError as err:  # "batch_size must be ...": say it as the flag the user typed
+        raise SearchInputError(f"--{err}" if str(err).split(" ", 1)[0] in settings else str(err)) from None
     if args.max_samples is not None and args.max_samples < 1:
         raise SearchInputError(f"--max_samples must be >= 1, got {args.max_samples}")
     if args.resolution is not None and args.resolution < 1:  # 0 used to mean the default, silently
         raise SearchInputError(f"--resolution must be a positive number of pixels, got {args.resolution}")
     device = _device(args.device)
-    _check_outputs(output_dir, args.overwrite)
-    quiet_libraries(output_dir / "search.log")
+    # what can be refused without loading a model, before anything is written (search.log included); the libraries
+    # are quiet from here, into the log once it exists
+    quiet_libraries()
     pairs = read_captioned_images(args.data_dir, args.caption_column, args.image_column)[: args.max_samples]
     check_pretrained_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     noise_scheduler = _load_noise_scheduler(args.pretrained_model_name_or_path)
     DenoisingFitness.fixed_timesteps(timesteps, noise_scheduler.config.num_train_timesteps)
+    _check_outputs(output_dir, args.overwrite)
+    quiet_libraries(output_dir / "search.log")
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     pipeline = _load_pipeline(args.pretrained_model_name_or_path, device, dtype)

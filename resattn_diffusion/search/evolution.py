@@ -340,6 +340,11 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: The largest population :func:`check_search_settings` accepts: every member is a full evaluation on the held-out
+#: data per generation, so 100,000 (a typo for 100) ran for days; the GLoRA paper's search uses 50.
+MAX_POPULATION_SIZE = 10_000
+
+
 def check_search_settings(
     *,
     population_size: int = 16,
@@ -356,8 +361,11 @@ def check_search_settings(
     were encoded (``batch_size=0`` was ``range() arg 3 must not be zero``, a seed above 2**64 - 1 torch's
     overflow, a rate ``"0.1"`` a raw ``TypeError``). Timesteps are checked against the schedule by
     :meth:`DenoisingFitness.fixed_timesteps`."""
-    if not _is_whole(population_size) or population_size < 2:
-        raise ConfigError(f"population_size must be an integer >= 2, got {population_size!r}")
+    if not _is_whole(population_size) or not 2 <= population_size <= MAX_POPULATION_SIZE:
+        raise ConfigError(
+            f"population_size must be an integer from 2 to {MAX_POPULATION_SIZE:,} (each member is scored on the "
+            f"held-out data in every generation), got {population_size!r}"
+        )
     if not _is_whole(iterations) or iterations < 0:
         raise ConfigError(f"iterations must be an integer >= 0, got {iterations!r}")
     for name, rate in (("mutation_rate", mutation_rate), ("crossover_rate", crossover_rate)):
