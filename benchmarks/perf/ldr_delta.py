@@ -19,6 +19,7 @@ measured so far are written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ from .common import (
     paired_ratio_interval,
     write_json,
 )
+from .gpu_suite import run3_dense
 
 #: SD 1.5's attention projections (d_out, d_in): q/k/v/out at each width, and the cross-attention k/v from the
 #: 768-wide text states.
@@ -58,14 +60,9 @@ def _calls(d_out: int, d_in: int, device: str) -> dict[str, Callable[[], list[to
 
     def call(matmul: bool) -> Callable[[], list[torch.Tensor]]:
         def run() -> list[torch.Tensor]:
-            previous = LDRMatrix.use_strided_matmul
-            LDRMatrix.use_strided_matmul = matmul
-            try:
-                with forced_paths("fast"):
-                    dense = matrix.dense_matrix()
-                    grads = torch.autograd.grad((dense * weights).sum(), list(matrix.parameters()))
-            finally:
-                LDRMatrix.use_strided_matmul = previous
+            with run3_dense() if matmul else contextlib.nullcontext(), forced_paths("fast"):
+                dense = matrix.dense_matrix()
+                grads = torch.autograd.grad((dense * weights).sum(), list(matrix.parameters()))
             return [dense.detach(), *grads]
 
         return run
