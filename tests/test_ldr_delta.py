@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.perf import ldr_delta
 from resattn_diffusion.tuners.structured import LDRMatrix
@@ -24,9 +25,13 @@ def test_ldr_delta_smoke(tmp_path: Path) -> None:
     assert not LDRMatrix.use_strided_matmul  # each call restores the class default
 
 
-def test_ldr_delta_refuses_zero_repeats(tmp_path: Path) -> None:
+def test_ldr_delta_refuses_zero_repeats_and_a_missing_gpu(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="repeats"):
         ldr_delta.main(["--repeats", "0", "--out", str(tmp_path / "x.json")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA device"):
+            ldr_delta.main(["--device", "cuda", "--out", str(tmp_path / "x.json")])
+    assert not list(tmp_path.iterdir())
 
 
 def test_ldr_delta_time_guard_writes_what_it_measured(tmp_path: Path) -> None:

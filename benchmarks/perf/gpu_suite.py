@@ -214,37 +214,32 @@ def reference_paths():
 
 
 @contextlib.contextmanager
-def run2_dense() -> Iterator[None]:
+def class_settings(cls: type, **values: Any) -> Iterator[None]:
+    """``cls``'s class attributes set to ``values`` for the block, restored afterwards (the rows' contexts)."""
+    previous = {name: getattr(cls, name) for name in values}
+    for name, value in values.items():
+        setattr(cls, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(cls, name, value)
+
+
+def run2_dense() -> contextlib.AbstractContextManager:
     """Every structured matrix forms its dense delta as in GPU run 2: FFT path on the identity, spectra kept."""
-    previous = StructuredMatrix.use_strided_dense, StructuredMatrix.recompute_dense
-    StructuredMatrix.use_strided_dense = StructuredMatrix.recompute_dense = False
-    try:
-        yield
-    finally:
-        StructuredMatrix.use_strided_dense, StructuredMatrix.recompute_dense = previous
+    return class_settings(StructuredMatrix, use_strided_dense=False, recompute_dense=False)
 
 
-@contextlib.contextmanager
-def run3_dense() -> Iterator[None]:
+def run3_dense() -> contextlib.AbstractContextManager:
     """SURM LDR forms its dense delta as in GPU run 3: the float32 matmul of its strided factors, checkpointed."""
-    previous = LDRMatrix.use_strided_matmul
-    LDRMatrix.use_strided_matmul = True
-    try:
-        yield
-    finally:
-        LDRMatrix.use_strided_matmul = previous
+    return class_settings(LDRMatrix, use_strided_matmul=True)
 
 
-@contextlib.contextmanager
-def extra_heads_in_training() -> Iterator[None]:
+def extra_heads_in_training() -> contextlib.AbstractContextManager:
     """Res-Attn's training steps with its branch as extra heads of the frozen attention (the
     :data:`EXTRA_HEADS_ROW`); the default restored afterwards."""
-    previous = ResTunerAttnProcessor.extra_heads_training
-    ResTunerAttnProcessor.extra_heads_training = True
-    try:
-        yield
-    finally:
-        ResTunerAttnProcessor.extra_heads_training = previous
+    return class_settings(ResTunerAttnProcessor, extra_heads_training=True)
 
 
 def fast_paths():

@@ -313,11 +313,7 @@ class _LDRDenseByFFT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        with float32_fft_region(grad.device):  # a backward run inside autocast: the FFTs stay float32 all the same
-            return _LDRDenseByFFT._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        # Only FFTs, pads, products and sums: none of them is one autocast would lower, so no float32 region here
         g_spectrum, diagonals = ctx.saved_tensors
         d_out, d_in, n = ctx.d_out, ctx.d_in, ctx.n
         rank = diagonals.shape[0]
@@ -347,7 +343,7 @@ def ldr_dense_by_fft(g: torch.Tensor, h: torch.Tensor, d_out: int, d_in: int) ->
     ``fold``, 29 ms of kernels per SD 1.5 step). ``g``, ``h``: (k, n). Returns a (d_out, d_in) view of a
     (d_in, d_out) tensor; its backward is :class:`_LDRDenseByFFT`'s.
     """
-    dtype = torch.promote_types(h.dtype, torch.float32)
+    dtype = fft_dtype(h)
     with float32_fft_region(h.device):
         return _LDRDenseByFFT.apply(g.to(dtype), h.to(dtype), d_out, d_in)
 
