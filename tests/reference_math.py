@@ -26,10 +26,13 @@ def softmax(scores: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=-1, keepdim=True)
 
 
-def mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``MHA_h``: per head ``softmax(q_h k_h^T / sqrt(dh)) v_h``, heads concatenated.
+def mha(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``MHA_h``: per head ``softmax(q_h k_h^T / sqrt(dh) + bias) v_h``, heads concatenated.
 
-    q (B, N, h dh), k (B or 1, M, h dh), v (B or 1, M, h dv) -> (B, N, h dv)."""
+    q (B, N, h dh), k (B or 1, M, h dh), v (B or 1, M, h dv) -> (B, N, h dv); ``bias`` (B, N or 1, M): the same
+    additive mask for every head (-inf or a large negative number on a masked key)."""
     head_dim = q.shape[-1] // heads
     value_dim = v.shape[-1] // heads
     outs = []
@@ -38,6 +41,8 @@ def mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.
         k_h = k[..., head * head_dim : (head + 1) * head_dim]
         v_h = v[..., head * value_dim : (head + 1) * value_dim]
         scores = q_h @ k_h.transpose(-1, -2) / math.sqrt(head_dim)
+        if bias is not None:
+            scores = scores + bias
         outs.append(softmax(scores) @ v_h)
     return torch.cat(outs, dim=-1)
 
@@ -98,14 +103,22 @@ def structured_dense(matrix: nn.Module, d_out: int, d_in: int) -> torch.Tensor:
     raise AssertionError(f"no reference for the structured family {kind}: write one before testing it")
 
 
-def res_attn_reference(tuner: nn.Module, x: torch.Tensor, c: torch.Tensor, heads: int, swap_kv: bool = False):
-    """``W_up MHA_h(x A_q, c A_k, c A_v)``; the k and v projections are the first and second r rows of kv_proj."""
+def res_attn_reference(
+    tuner: nn.Module,
+    x: torch.Tensor,
+    c: torch.Tensor,
+    heads: int,
+    swap_kv: bool = False,
+    bias: torch.Tensor | None = None,
+):
+    """``W_up MHA_h(x A_q, c A_k, c A_v)`` (keys masked by the additive ``bias``, as in :func:`mha`); the k and v
+    projections are the first and second r rows of kv_proj."""
     rank = tuner.q_proj.weight.shape[0]
     a_k, a_v = tuner.kv_proj.weight[:rank], tuner.kv_proj.weight[rank:]
     if swap_kv:
         a_k, a_v = a_v, a_k
     q, k, v = linear(x, tuner.q_proj.weight), linear(c, a_k), linear(c, a_v)
-    return linear(mha(q, k, v, heads), tuner.out_proj.weight)
+    return linear(mha(q, k, v, heads, bias), tuner.out_proj.weight)
 
 
 def glora_supports(tuner: nn.Module, config: dict[str, str], d_out: int, d_in: int) -> dict[str, torch.Tensor]:

@@ -410,7 +410,8 @@ def test_extra_heads_in_training_under_autocast_and_dropout(extra_heads_in_train
 
 
 def test_extra_heads_not_taken_with_an_attention_mask(monkeypatch):
-    """A mask applies to the frozen attention's keys only (the branch ignores it): with one, the branch path runs."""
+    """With a mask (here (B, N_k), as diffusers' processors also take it) the branch path runs, masking the keys the
+    frozen attention masks (tests/test_reference_processor.py checks that against a hand computation)."""
     unet = _unet("sd1")
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     x = torch.randn(2, 5, attn.to_q.in_features, dtype=torch.float64)

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from reference_math import (
     ACTIVATIONS,
     assert_same_function,
@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 import resattn_diffusion as rd
-from resattn_diffusion.testing import frozen_tiny_model, frozen_tiny_unet, unet_inputs
+from resattn_diffusion.testing import frozen_tiny_model, frozen_tiny_unet, randomize_tuner, unet_inputs
 from resattn_diffusion.tuners.fast_paths import forced_paths
 
 BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -141,6 +141,76 @@ def test_processor_adds_the_scaled_branch_at_its_placement(name, target, placeme
     if per_call is not None:
         with torch.no_grad():
             torch.testing.assert_close(per_call, frozen + 0.3 * (reference() - frozen) / SCALE)
+
+
+def key_masks(kind: str, queries: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mask given to the attention, the additive bias it means) for 2 samples: sample 0 masks keys 1 and 3,
+    sample 1 its last two; ``per query`` also masks key q mod M for query q (no query loses every key).
+    ``additive``: -10000 on a masked key, as the UNet makes ``encoder_attention_mask`` (B, 1, M), or given as
+    (B, M), which diffusers' processors take too; ``boolean``: True attends."""
+    masked = torch.zeros(2, 1, keys, dtype=torch.bool)
+    masked[0, 0, [1, 3]] = True
+    masked[1, 0, -2:] = True
+    if kind.endswith("per query"):
+        masked = masked.expand(2, queries, keys).clone()
+        masked[:, torch.arange(queries), torch.arange(queries) % keys] = True
+        masked[:, :, 0] = False  # every query keeps key 0
+    if kind.startswith("additive"):
+        bias = torch.where(masked, -10000.0, 0.0).to(torch.float64)
+        return (bias[:, 0] if kind.endswith("(B, M)") else bias), bias
+    return ~masked, torch.where(masked, -torch.inf, 0.0).to(torch.float64)
+
+
+@pytest.mark.parametrize("target", ["attn1", "attn2"])
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("mask_kind", ["additive", "additive (B, M)", "boolean per query"])
+def test_res_attn_masks_the_keys_the_frozen_attention_masks(target, placement, path, mask_kind):
+    """With an attention mask (a padded prompt's ``encoder_attention_mask``), Res-Attn's ``MHA_h`` masks the same
+    keys as the frozen attention: ``OP_m(x, c) + s W_up MHA_h,m(...)``, with and without gradients (the extra-heads
+    form steps aside for a mask) and on the few-keys path (7 context tokens)."""
+    unet, module, stock, tuners = tuned("res_attn", target, placement, rank=12, heads=3)
+    (tuner,) = tuners.values()
+    x, c = seeded(2, TOKENS, 32, seed=1), seeded(2, CONTEXT_TOKENS, 48, seed=2)
+    mask, bias = key_masks(mask_kind, TOKENS, CONTEXT_TOKENS if target == "attn2" else TOKENS)
+    with torch.no_grad():
+        frozen = call(stock, target, x, c, attention_mask=mask)
+    source = x if placement == "parallel" else frozen
+    context = c if target == "attn2" else source
+
+    def reference(key_bias=bias):
+        return frozen + SCALE * res_attn_reference(tuner, source, context, tuner.heads, bias=key_bias)
+
+    with forced_paths(path):
+        out = assert_same_function(
+            lambda: call(module, target, x, c, attention_mask=mask), reference, list(tuner.parameters())
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(call(module, target, x, c, attention_mask=mask), out, rtol=1e-9, atol=1e-10)
+    with torch.no_grad():
+        assert not torch.allclose(out, reference(None), atol=1e-4)  # the mask changes the branch here
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "wrapped"])
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_a_masked_prompt_token_changes_nothing_in_a_res_attn_unet(backend, path):
+    """``unet(..., encoder_attention_mask=m)``: what the masked prompt tokens hold does not reach the output, branch
+    included, whichever processor the tuner wraps (diffusers' SDPA one inline, or an older one called as it is)."""
+    unet = frozen_tiny_unet("sd1")
+    if backend == "wrapped":
+        unet.set_attn_processor(AttnProcessor())
+    rd.add_res_tuner(unet, rd.ResTunerConfig("res_attn", targets=["attn1", "attn2"]))
+    randomize_tuner(unet, std=0.3)
+    inputs = unet_inputs(unet, tokens=9)
+    mask = torch.ones(2, 9)
+    mask[0, [2, 5]] = 0
+    mask[1, -3:] = 0
+    changed = torch.where(mask.bool()[..., None], inputs["encoder_hidden_states"], 7.0)  # masked tokens rewritten
+    other = dict(inputs, encoder_hidden_states=changed)
+    with forced_paths(path), torch.no_grad():
+        out = unet(**inputs, encoder_attention_mask=mask).sample
+        torch.testing.assert_close(unet(**other, encoder_attention_mask=mask).sample, out, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(unet(**other).sample, unet(**inputs).sample, atol=1e-3)  # unmasked, they count
 
 
 # --- linear tuners beside the attention's projections -----------------------------------------------------------

@@ -169,7 +169,7 @@ class OperationBank(TunerBank):
                 if sequential_frozen is None and frozen is not None:
                     # The branch reads OP's output, so the frozen query of x does not apply to it.
                     sequential_frozen = FrozenAttention(
-                        frozen.to_q, frozen.to_k, frozen.to_v, frozen.out_weight, frozen.heads
+                        frozen.to_q, frozen.to_k, frozen.to_v, frozen.out_weight, frozen.heads, None, frozen.key_mask
                     )
                 branch = tuner(frozen_out, context, sequential_frozen)
             out = _add_scaled(out, branch, scale)
@@ -486,7 +486,8 @@ class ResTunerAttnProcessor(nn.Module):
         if not len(bank):
             return frozen_out
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
-        frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query)
+        key_mask = None if attention_mask is None else _branch_key_mask(attn, attention_mask, hidden_states, context)
+        frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query, key_mask)
         return bank.add_branches(frozen_out, hidden_states, context, frozen, res_tuner_scale)
 
     def _extra_heads_call(
@@ -614,6 +615,19 @@ class ResTunerAttnProcessor(nn.Module):
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
             out = out / attn.rescale_output_factor
         return out, shared_query, branch_context
+
+
+def _branch_key_mask(
+    attn: nn.Module, attention_mask: torch.Tensor, hidden_states: torch.Tensor, context: torch.Tensor | None
+) -> torch.Tensor:
+    """The mask the frozen attention applies, for a branch over the same keys (:attr:`FrozenAttention.key_mask`):
+    diffusers' own preparation (``prepare_attention_mask``: padded to the keys, one copy per head), then head 0's
+    copy, (B, 1, N_q or 1, N_k), which broadcasts over however many heads the branch has. A mask made per head
+    (batch ``B * heads``) gives every branch head the first head's: the branch's heads are not the frozen ones."""
+    batch = hidden_states.shape[0]
+    key_tokens = (hidden_states if context is None else context).shape[1]
+    prepared = attn.prepare_attention_mask(attention_mask, key_tokens, batch)  # (B heads, [N_q or 1,] N_k)
+    return prepared.view(batch, attn.heads, -1, prepared.shape[-1])[:, :1]  # as diffusers' SDPA processor views it
 
 
 def _plain_linear(module: nn.Module, bias: bool = True) -> bool:

@@ -71,6 +71,9 @@ class FrozenAttention:
     out_weight: torch.Tensor | None
     heads: int
     query: torch.Tensor | None = None
+    #: the frozen attention's mask over its keys, shaped for a branch attending over the same keys with any number
+    #: of heads: (B, 1, N_q or 1, N_k), additive (float) or boolean (True: attend); None: every key counts
+    key_mask: torch.Tensor | None = None
 
     def frozen_query(self, x: torch.Tensor) -> torch.Tensor:
         return self.query if self.query is not None else self.to_q(x)
@@ -147,11 +150,16 @@ def multi_head_attention(
 
 
 def packed_multi_head_attention(
-    packed: torch.Tensor, heads: int, kv: torch.Tensor | None = None, head_padding: str = "auto"
+    packed: torch.Tensor,
+    heads: int,
+    kv: torch.Tensor | None = None,
+    head_padding: str = "auto",
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`multi_head_attention` of projections packed along channels, as one GEMM leaves them: ``packed``
     (B, N, 3 h dh) holds ``q | k | v`` when ``kv`` is None (self-attention), else ``packed`` is q (B, N, h dh)
     and ``kv`` (B or 1, M, 2 h dh) holds ``k | v``. Same heads, same scale, same result (heads of equal width).
+    ``attn_mask`` (:attr:`FrozenAttention.key_mask`: broadcast to (B, h, N, M), additive or boolean) masks keys.
 
     Fewer ops per call than splitting first (a branch runs once per attention, and on a GPU every op is host
     time): the heads are viewed out of the packed tensor (``view``, ``permute``, ``unbind``: no copies, the same
@@ -161,7 +169,8 @@ def packed_multi_head_attention(
     batch, n_q, width = packed.shape
     if kv is None:
         width //= 3
-    if (packed if kv is None else kv).shape[1] <= FEW_KEYS:  # few keys (tiny feature maps): the bmm path
+    # few keys (tiny feature maps): the bmm path, which takes no mask
+    if attn_mask is None and (packed if kv is None else kv).shape[1] <= FEW_KEYS:
         q, k, v = packed.split(width, dim=-1) if kv is None else (packed, *kv.split(width, dim=-1))
         return _few_keys_attention(q, k, v, heads)
     head_dim = width // heads
@@ -176,7 +185,10 @@ def packed_multi_head_attention(
         if k.shape[0] != batch:
             k = k.expand(batch, -1, -1, -1)
             v = v.expand(batch, -1, -1, -1)
-    out = F.scaled_dot_product_attention(q, k, v, scale=None if padded == head_dim else head_dim**-0.5)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in the query's dtype (autocast: half)
+    scale = None if padded == head_dim else head_dim**-0.5
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if padded != head_dim:
         out = out[..., :head_dim]
     return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim)

@@ -47,7 +47,8 @@ class ResAttn(OperationTuner):
     ``A_q``: d x r, ``A_k``, ``A_v``: d_c x r (kaiming init), ``W_up``: r x d_out (zero init); ``MHA_h`` is
     scaled dot-product attention over ``h`` heads of ``r/h`` channels (softmax scale ``1/sqrt(r/h)``).
     On cross-attention the keys and values come from the text context, so the branch learns new text-to-image
-    correspondences at low rank; on self-attention and the feed-forward ``c = x``.
+    correspondences at low rank; on self-attention and the feed-forward ``c = x``. Keys the frozen attention masks
+    (``frozen.key_mask``: a padded prompt's ``encoder_attention_mask``) are masked in ``MHA_h`` too.
     ``T = 0`` at init, and ``dL/dW_up = g MHA(...)^T`` is non-zero on the first step.
     Trainable parameters: ``r (d + 2 d_c + d_out)``.
 
@@ -78,10 +79,11 @@ class ResAttn(OperationTuner):
         # projections stay packed -- q | k | v (self-attention: one GEMM) or k | v -- and the heads are viewed out
         # of them (packed_multi_head_attention); the weights are read directly instead of calling the Linear
         # modules, and dropout is only called when it can do something.
+        mask = None if frozen is None else frozen.key_mask  # the keys are the frozen attention's tokens
         if context is None and self._self_attention_ok:
             # Self-attention: q, k and v from the same input in a single matmul.
             qkv = F.linear(x, torch.cat([self.q_proj.weight, self.kv_proj.weight]))
-            attended = packed_multi_head_attention(qkv, self.heads, None, self.head_padding)
+            attended = packed_multi_head_attention(qkv, self.heads, None, self.head_padding, mask)
         else:
             if context is None:  # keys and values are read from a d_c-wide context, which x (d wide) is not
                 raise ConfigError(
@@ -90,7 +92,7 @@ class ResAttn(OperationTuner):
                 )
             q = F.linear(x, self.q_proj.weight)
             kv = F.linear(context, self.kv_proj.weight)
-            attended = packed_multi_head_attention(q, self.heads, kv, self.head_padding)
+            attended = packed_multi_head_attention(q, self.heads, kv, self.head_padding, mask)
         if self.dropout.p > 0 and self.dropout.training:
             attended = self.dropout(attended)
         return F.linear(attended, self.out_proj.weight)
