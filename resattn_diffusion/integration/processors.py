@@ -416,7 +416,10 @@ class ResTunerAttnProcessor(nn.Module):
     #: processor to measure it (``gpu_run5.sh``).
     extra_heads_compiled: bool = False
 
-    def __init__(self, base_processor: Any, layer_path: str):
+    def __init__(self, base_processor: Any = None, layer_path: str = ""):
+        # Built without arguments, it is what diffusers' loaders make of a processor they leave alone: they rebuild
+        # those as ``type(processor)()`` (IP-Adapter loading and unloading, motion modules). The attention's guard
+        # reads it as "keep this processor" (kinds.layers._set_processor_keeping_tuners); it is never installed.
         super().__init__()
         self.bank = OperationBank(layer_path)
         self.set_base_processor(base_processor)
@@ -476,7 +479,7 @@ class ResTunerAttnProcessor(nn.Module):
                 attention_mask=attention_mask,
                 **kwargs,
             )
-            query, context = None, encoder_hidden_states
+            query, context = None, _text_context(self.base_processor, encoder_hidden_states)
             if attn.norm_cross and context is not None:
                 context = attn.norm_encoder_hidden_states(context)
         else:
@@ -615,6 +618,18 @@ class ResTunerAttnProcessor(nn.Module):
         if attn.rescale_output_factor != 1.0:  # x / 1.0 == x exactly: skip a pass over the output (and its backward)
             out = out / attn.rescale_output_factor
         return out, shared_query, branch_context
+
+
+def _text_context(processor: Any, encoder_hidden_states: Any) -> torch.Tensor | None:
+    """The context the branches read: the text tokens. IP-Adapter's processors are given ``(text, [image tokens per
+    adapter])`` (or, in diffusers' deprecated form, the image tokens appended to the text) and attend to the image
+    tokens through their own ``to_k_ip`` / ``to_v_ip``; a branch, trained on the text, reads the text only."""
+    if isinstance(encoder_hidden_states, tuple):
+        return encoder_hidden_states[0]
+    image_tokens = getattr(processor, "num_tokens", None)  # an IP-Adapter processor (diffusers' attribute)
+    if encoder_hidden_states is not None and isinstance(image_tokens, (list, tuple)) and image_tokens:
+        return encoder_hidden_states[:, : encoder_hidden_states.shape[1] - image_tokens[0]]
+    return encoder_hidden_states
 
 
 def _branch_key_mask(

@@ -57,20 +57,37 @@ def layer_fingerprint(layers: list[Layer]) -> dict[str, dict[str, int]]:
 # --- processor guard: our tuners survive diffusers replacing processors ----------------------------------------
 def _set_processor_keeping_tuners(attn: nn.Module, processor) -> None:
     """Installed as ``attn.set_processor``: when diffusers installs another processor (xformers, sliced, the
-    default), our processor keeps its tuners and wraps the new one instead of being dropped with its weights."""
+    default, IP-Adapter's), our processor keeps its tuners and wraps the new one instead of being dropped with its
+    weights. diffusers' loaders rebuild the processors they leave alone as ``type(processor)()``; for ours that is an
+    empty ``ResTunerAttnProcessor()``, which means: keep this processor as it is."""
     current = attn.processor
-    if isinstance(current, ResTunerAttnProcessor) and not isinstance(processor, ResTunerAttnProcessor):
-        current.set_base_processor(processor)
-        return
+    if isinstance(current, ResTunerAttnProcessor):
+        if not isinstance(processor, ResTunerAttnProcessor):
+            current.set_base_processor(processor)
+            return
+        if processor.base_processor is None:
+            return
     type(attn).set_processor(attn, processor)
+
+
+def _get_processor_for_diffusers(attn: nn.Module, *args, **kwargs):
+    """Installed as ``attn.get_processor``, which ``model.attn_processors`` reads: diffusers finds its IP-Adapter
+    processors there by type (``set_ip_adapter_scale``, ``unload_ip_adapter``), so where ours wraps one, the wrapped
+    one is reported; otherwise ours (``attn.processor`` is ours either way)."""
+    processor = type(attn).get_processor(attn, *args, **kwargs)
+    if isinstance(processor, ResTunerAttnProcessor) and hasattr(processor.base_processor, "to_k_ip"):
+        return processor.base_processor  # every IP-Adapter processor of diffusers holds its to_k_ip projections
+    return processor
 
 
 def _install_guard(attn: nn.Module) -> None:
     attn.set_processor = functools.partial(_set_processor_keeping_tuners, attn)
+    attn.get_processor = functools.partial(_get_processor_for_diffusers, attn)
 
 
 def _remove_guard(attn: nn.Module) -> None:
     attn.__dict__.pop("set_processor", None)
+    attn.__dict__.pop("get_processor", None)
 
 
 # --- banks -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""Tuners beside diffusers' IP-Adapter, loaded through the pipeline's own ``load_ip_adapter`` from a file saved here
+(the tiny SD 1 pipeline; an IP-Adapter file in diffusers' safetensors layout, ``image_proj.*`` and ``ip_adapter.*``).
+
+What broke before: ``load_ip_adapter`` after tuners on ``attn1`` raised a TypeError inside diffusers (it rebuilds the
+processors it leaves alone as ``type(processor)()``), and Res-Attn on ``attn2`` beside an IP-Adapter raised one too
+(the processor is handed ``(text, [image tokens])``, which the branch read as its context).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from safetensors.torch import save_file
+
+import resattn_diffusion as rd
+from resattn_diffusion.testing import randomize_tuner, tiny_pipeline, unet_inputs
+
+#: width of the image embedding the tiny IP-Adapter projects (CLIP ViT-H's is 1024)
+IMAGE_EMBED_DIM = 12
+
+
+def save_ip_adapter(unet: torch.nn.Module, folder: Path, seed: int = 0) -> Path:
+    """A plain IP-Adapter (4 image tokens) for ``unet`` in diffusers' file layout: the image projection and, per
+    cross-attention in ``attn_processors`` order, ``<1, 3, 5, ...>.to_k_ip`` / ``to_v_ip`` weights."""
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    tensors = {
+        "image_proj.proj.weight": torch.randn(4 * cross, IMAGE_EMBED_DIM, generator=generator) * 0.3,
+        "image_proj.proj.bias": torch.zeros(4 * cross),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            width = unet.get_submodule(name.removesuffix(".processor")).to_out[0].out_features
+            tensors[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(width, cross, generator=generator) * 0.3
+            tensors[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(width, cross, generator=generator) * 0.3
+            key += 2
+    path = folder / "ip_adapter.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def load_ip_adapter(pipe, path: Path) -> None:
+    pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+
+
+def image_embeds(seed: int) -> list[torch.Tensor]:
+    return [torch.randn(2, 1, IMAGE_EMBED_DIM, generator=torch.Generator().manual_seed(seed))]
+
+
+def add_tuners(unet: torch.nn.Module) -> None:
+    rd.add_res_tuner(unet, rd.ResTunerConfig("res_attn", targets=["attn1", "attn2"]))
+    rd.add_res_tuner(unet, rd.ResTunerConfig("res_lora", rank=2), adapter_name="lora")
+    randomize_tuner(unet, std=0.3)
+    randomize_tuner(unet, "lora", seed=1, std=0.3)
+
+
+@pytest.mark.parametrize("order", ["tuners first", "ip-adapter first"])
+def test_tuners_and_an_ip_adapter_in_either_order(tmp_path, order):
+    """Both load in either order, the branches read the text only (at IP-Adapter scale 0 the tuned UNet's output is
+    exactly what it was without the adapter, whatever the image), and the image steers the output at scale 1."""
+    pipe = tiny_pipeline("sd1")
+    unet = pipe.unet
+    path = save_ip_adapter(unet, tmp_path)
+    inputs = unet_inputs(unet)
+    reference = tiny_pipeline("sd1").unet  # the same UNet and tuners, without the adapter
+    add_tuners(reference)
+    with torch.no_grad():
+        tuned = reference(**inputs).sample
+    if order == "tuners first":
+        add_tuners(unet)
+        parameters = {id(p) for p in rd.res_tuner_parameters(unet)}
+        load_ip_adapter(pipe, path)
+    else:
+        load_ip_adapter(pipe, path)
+        add_tuners(unet)
+        parameters = {id(p) for p in rd.res_tuner_parameters(unet)}
+    attentions = {
+        name.removesuffix(".processor"): unet.get_submodule(name.removesuffix(".processor"))
+        for name in unet.attn_processors
+    }
+    assert all(isinstance(attn.processor, rd.ResTunerAttnProcessor) for attn in attentions.values())
+    # diffusers finds its IP-Adapter processors by type in attn_processors: the wrapped ones are reported there
+    reported = {name: type(p) for name, p in unet.attn_processors.items()}
+    assert {name.rsplit(".", 2)[-2]: kind for name, kind in reported.items()} == {
+        "attn1": rd.ResTunerAttnProcessor,
+        "attn2": IPAdapterAttnProcessor2_0,
+    }
+    assert {id(p) for p in rd.res_tuner_parameters(unet)} == parameters  # every tuner still there
+
+    pipe.set_ip_adapter_scale(0.0)
+    with torch.no_grad():
+        for seed in (0, 1):
+            out = unet(**inputs, added_cond_kwargs={"image_embeds": image_embeds(seed)}).sample
+            torch.testing.assert_close(out, tuned, rtol=1e-6, atol=1e-6)
+        pipe.set_ip_adapter_scale(1.0)
+        first = unet(**inputs, added_cond_kwargs={"image_embeds": image_embeds(0)}).sample
+        second = unet(**inputs, added_cond_kwargs={"image_embeds": image_embeds(1)}).sample
+    assert not torch.allclose(first, tuned, atol=1e-4) and not torch.allclose(first, second, atol=1e-4)
+
+
+def test_unload_ip_adapter_keeps_the_tuners_and_drops_the_adapter(tmp_path):
+    """``pipe.unload_ip_adapter()`` puts diffusers' SDPA processor back under our tuners (before, the IP-Adapter
+    processor would have stayed wrapped, splitting the last 4 text tokens off as image tokens); removing the
+    tuners beside a loaded adapter leaves the adapter's processors installed."""
+    pipe = tiny_pipeline("sd1")
+    unet = pipe.unet
+    path = save_ip_adapter(unet, tmp_path)
+    inputs = unet_inputs(unet)
+    add_tuners(unet)
+    with torch.no_grad():
+        tuned = unet(**inputs).sample
+    load_ip_adapter(pipe, path)
+    pipe.unload_ip_adapter()
+    assert unet.encoder_hid_proj is None
+    processors = unet.attn_processors.values()
+    assert all(type(p) is rd.ResTunerAttnProcessor and type(p.base_processor) is AttnProcessor2_0 for p in processors)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, tuned, rtol=1e-6, atol=1e-6)
+
+    load_ip_adapter(pipe, path)
+    rd.remove_res_tuner(unet, "default")
+    rd.remove_res_tuner(unet, "lora")
+    kinds = {name.rsplit(".", 2)[-2]: type(p) for name, p in unet.attn_processors.items()}
+    assert kinds == {"attn1": AttnProcessor2_0, "attn2": IPAdapterAttnProcessor2_0}
+
+
+def test_a_sampling_call_with_an_image_prompt(tmp_path):
+    """The pipeline's own call with ``ip_adapter_image_embeds`` (classifier-free guidance: negative and positive
+    embeddings) runs with tuners loaded, and the image prompt changes the image."""
+    pipe = tiny_pipeline("sd1")
+    path = save_ip_adapter(pipe.unet, tmp_path)
+    add_tuners(pipe.unet)
+    load_ip_adapter(pipe, path)
+
+    def sample(seed: int):
+        embeds = [torch.cat([torch.zeros(1, 1, IMAGE_EMBED_DIM), image_embeds(seed)[0][:1]])]
+        generator = torch.Generator().manual_seed(0)
+        return pipe(
+            "a photo", num_inference_steps=2, ip_adapter_image_embeds=embeds, generator=generator, output_type="np"
+        ).images
+
+    first, second = sample(0), sample(1)
+    assert first.shape == second.shape and abs(first - second).max() > 1e-4
+
+
+def test_the_deprecated_tensor_form_reads_the_text_tokens_only():
+    """diffusers still accepts the image tokens appended to the text (deprecated): the branch reads the text part,
+    as the IP-Adapter processor splits it."""
+    pipe = tiny_pipeline("sd1")
+    unet = pipe.unet
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    processor = IPAdapterAttnProcessor2_0(
+        hidden_size=attn.to_out[0].out_features, cross_attention_dim=attn.to_k.in_features, num_tokens=(4,)
+    )
+    attn.set_processor(processor)
+    rd.add_res_tuner(unet, rd.ResTunerConfig("res_attn", targets=["attn2"]))
+    randomize_tuner(unet, std=0.3)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, attn.to_q.in_features, generator=generator)
+    text = torch.randn(2, 7, attn.to_k.in_features, generator=generator)
+    image = torch.randn(2, 4, attn.to_k.in_features, generator=generator)
+    with torch.no_grad():
+        as_tuple = attn(x, (text, [image]))
+        appended = attn(x, torch.cat([text, image], dim=1))
+    torch.testing.assert_close(appended, as_tuple, rtol=1e-6, atol=1e-6)
