@@ -169,3 +169,28 @@ def test_the_deprecated_tensor_form_reads_the_text_tokens_only():
         as_tuple = attn(x, (text, [image]))
         appended = attn(x, torch.cat([text, image], dim=1))
     torch.testing.assert_close(appended, as_tuple, rtol=1e-6, atol=1e-6)
+
+
+def test_switching_xformers_keeps_the_ip_adapter_and_the_tuners(tmp_path):
+    """``disable_xformers_memory_efficient_attention()`` rebuilds an IP-Adapter processor with its weights; with ours
+    around it, it used to install the plain default and drop the adapter silently. Enabling xformers where it cannot
+    run (here: not installed, no GPU) is refused by diffusers and changes nothing."""
+    pipe = tiny_pipeline("sd1")
+    unet = pipe.unet
+    add_tuners(unet)
+    load_ip_adapter(pipe, save_ip_adapter(unet, tmp_path))
+    inputs = dict(unet_inputs(unet), added_cond_kwargs={"image_embeds": image_embeds(0)})
+    with torch.no_grad():
+        before = unet(**inputs).sample
+    pipe.disable_xformers_memory_efficient_attention()
+    attn2 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    assert isinstance(attn2.processor, rd.ResTunerAttnProcessor)
+    assert isinstance(attn2.processor.base_processor, IPAdapterAttnProcessor2_0)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, before, rtol=1e-6, atol=1e-6)
+    processors = {name: (p, getattr(p, "base_processor", None)) for name, p in unet.attn_processors.items()}
+    with pytest.raises((ModuleNotFoundError, ValueError)):
+        pipe.enable_xformers_memory_efficient_attention()
+    assert {name: (p, getattr(p, "base_processor", None)) for name, p in unet.attn_processors.items()} == processors
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, before, rtol=1e-6, atol=1e-6)

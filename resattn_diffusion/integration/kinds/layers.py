@@ -80,14 +80,43 @@ def _get_processor_for_diffusers(attn: nn.Module, *args, **kwargs):
     return processor
 
 
+def _set_xformers_keeping_tuners(attn: nn.Module, *args, **kwargs) -> None:
+    """Installed as ``attn.set_use_memory_efficient_attention_xformers`` (what ``pipe.enable_`` /
+    ``disable_xformers_memory_efficient_attention()`` call). diffusers' ``Attention`` picks the new processor by the
+    type of ``attn.processor``: an IP-Adapter's is rebuilt with its weights, custom diffusion's, added-KV and joint
+    ones by their kind, anything else becomes the plain default. Shown ours, it dropped the IP-Adapter ours wraps.
+    So diffusers is shown the processor ours wraps for the call, and ours then wraps what diffusers made of it (or,
+    if diffusers refused -- no xformers, no GPU -- the processor it had)."""
+    ours = attn.processor
+    switch = type(attn).set_use_memory_efficient_attention_xformers
+    if not isinstance(ours, ResTunerAttnProcessor):
+        switch(attn, *args, **kwargs)
+        return
+    type(attn).set_processor(attn, ours.base_processor)
+    try:
+        switch(attn, *args, **kwargs)  # its set_processor call meets the guard with a processor not ours: installed
+    finally:
+        ours.set_base_processor(attn.processor)
+        type(attn).set_processor(attn, ours)
+
+
+#: The methods of a diffusers attention replaced on the instance while tuners sit on it (see the functions above).
+_GUARDS = {
+    "set_processor": _set_processor_keeping_tuners,
+    "get_processor": _get_processor_for_diffusers,
+    "set_use_memory_efficient_attention_xformers": _set_xformers_keeping_tuners,
+}
+
+
 def _install_guard(attn: nn.Module) -> None:
-    attn.set_processor = functools.partial(_set_processor_keeping_tuners, attn)
-    attn.get_processor = functools.partial(_get_processor_for_diffusers, attn)
+    for name, guard in _GUARDS.items():
+        if hasattr(type(attn), name):
+            setattr(attn, name, functools.partial(guard, attn))
 
 
 def _remove_guard(attn: nn.Module) -> None:
-    attn.__dict__.pop("set_processor", None)
-    attn.__dict__.pop("get_processor", None)
+    for name in _GUARDS:
+        attn.__dict__.pop(name, None)
 
 
 # --- banks -----------------------------------------------------------------------------------------------------
