@@ -37,6 +37,7 @@ from .api import (
 )
 from .families.base import save_pretrained_refusal
 from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner, res_tuner_state_dict, save_res_tuner
+from .processors import ResTunerAttnProcessor
 
 #: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
 HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
@@ -381,6 +382,30 @@ class ResTunerLoaderMixin:
                 "(SDPA attention is already memory-efficient)"
             )
         super().fuse_qkv_projections(*args, **kwargs)
+
+    def _set_pag_attn_processor(self, *args: Any, **kwargs: Any) -> None:
+        """Perturbed-attention guidance (diffusers' ``PAGMixin``, in its ``*PAGPipeline`` classes) with tuners.
+
+        diffusers installs its PAG processors as ``attention.processor = ...``. torch refuses that over a processor
+        that is a module, as ours is, so stock PAG pipelines raise a TypeError once a tuner sits on a perturbed
+        self-attention. Here ours step aside for diffusers' assignment, then each PAG processor runs inside a
+        processor of ours with the same tuners, so the tuners keep running on the perturbed layers. The pipeline's
+        call ends with ``set_attn_processor(<the processors it read before>)``, which puts ours back as they were."""
+        ours = {
+            module: module.processor
+            for module in self._res_tuner_denoiser.modules()
+            if isinstance(getattr(module, "processor", None), ResTunerAttnProcessor)
+        }
+        for module, processor in ours.items():
+            type(module).set_processor(module, processor.base_processor)  # not a module: assignable
+        try:
+            super()._set_pag_attn_processor(*args, **kwargs)
+        finally:
+            for module, processor in ours.items():
+                installed = module.processor
+                if installed is not processor.base_processor:
+                    processor = processor.sharing_tuners_around(installed)
+                type(module).set_processor(module, processor)
 
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_names(self, adapter_name: str | list[str] | None) -> list[str]:

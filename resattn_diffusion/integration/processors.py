@@ -424,6 +424,17 @@ class ResTunerAttnProcessor(nn.Module):
         self.bank = OperationBank(layer_path)
         self.set_base_processor(base_processor)
 
+    def sharing_tuners_around(self, processor: Any) -> ResTunerAttnProcessor:
+        """A processor of this class around ``processor`` that runs this one's tuners: the same bank (modules,
+        settings) and the same per-processor switches. For a caller that swaps ``processor`` in for a while and
+        then puts this one back (diffusers' PAG pipelines)."""
+        twin = type(self)(processor, self.bank.layer_path)
+        twin.bank = self.bank
+        for switch in ("extra_heads", "extra_heads_training", "extra_heads_compiled"):
+            if switch in self.__dict__:
+                setattr(twin, switch, self.__dict__[switch])
+        return twin
+
     def set_base_processor(self, processor: Any) -> None:
         if isinstance(processor, ResTunerAttnProcessor):
             processor = processor.base_processor
