@@ -194,3 +194,64 @@ def test_switching_xformers_keeps_the_ip_adapter_and_the_tuners(tmp_path):
     assert {name: (p, getattr(p, "base_processor", None)) for name, p in unet.attn_processors.items()} == processors
     with torch.no_grad():
         torch.testing.assert_close(unet(**inputs).sample, before, rtol=1e-6, atol=1e-6)
+
+
+def test_ip_adapter_masks_reach_the_wrapped_ip_adapter_processor(tmp_path):
+    """``cross_attention_kwargs={"ip_adapter_masks": ...}``: diffusers hands an attention processor only the keyword
+    arguments its ``__call__`` names, so with ours around the IP-Adapter's processor the masks were dropped silently.
+    A mask of zeros keeps the image out everywhere: the output is the one at adapter scale 0."""
+    pipe = tiny_pipeline("sd1")
+    unet = pipe.unet
+    add_tuners(unet)
+    load_ip_adapter(pipe, save_ip_adapter(unet, tmp_path))
+    inputs = dict(unet_inputs(unet), added_cond_kwargs={"image_embeds": image_embeds(0)})
+    masked = {"ip_adapter_masks": [torch.zeros(1, 1, 32, 32)]}
+    with torch.no_grad():
+        pipe.set_ip_adapter_scale(0.0)
+        without_image = unet(**inputs).sample
+        pipe.set_ip_adapter_scale(1.0)
+        with_image = unet(**inputs).sample
+        torch.testing.assert_close(unet(**inputs, cross_attention_kwargs=masked).sample, without_image)
+    assert not torch.allclose(with_image, without_image, atol=1e-4)
+
+
+def flux_ip_adapter_state_dict(transformer: torch.nn.Module, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """A Flux IP-Adapter (4 image tokens) as diffusers' ``load_ip_adapter`` hands it to the transformer: the image
+    projection and, per double-stream block, ``<i>.to_k_ip`` / ``to_v_ip`` with biases."""
+    generator = torch.Generator().manual_seed(seed)
+    cross, inner = transformer.config.joint_attention_dim, transformer.inner_dim
+    ip_adapter = {}
+    for block in range(transformer.config.num_layers):
+        for name in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{block}.{name}.weight"] = torch.randn(inner, cross, generator=generator) * 0.3
+            ip_adapter[f"{block}.{name}.bias"] = torch.zeros(inner)
+    image_proj = {
+        "proj.weight": torch.randn(4 * cross, IMAGE_EMBED_DIM, generator=generator) * 0.3,
+        "proj.bias": torch.zeros(4 * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def test_flux_ip_adapter_beside_tuners():
+    """Flux's IP-Adapter processor returns (image, text, its own output) and takes ``ip_hidden_states`` as a keyword:
+    ours passed neither on (a ValueError at the first call, after a None that diffusers' filter left). Now: at
+    adapter scale 0 the tuned transformer's output is the same tuners' output without the adapter; at 1 it moves."""
+    from resattn_diffusion.testing import flux_transformer_inputs, tiny_dit_pipeline
+
+    pipe = tiny_dit_pipeline("flux")
+    transformer = pipe.transformer
+    rd.add_res_tuner(transformer, rd.ResTunerConfig("res_attn"))
+    randomize_tuner(transformer, std=0.3)
+    inputs = flux_transformer_inputs(transformer)
+    with torch.no_grad():
+        tuned = transformer(**inputs).sample
+    transformer._load_ip_adapter_weights(flux_ip_adapter_state_dict(transformer), low_cpu_mem_usage=False)
+    image = {"ip_adapter_image_embeds": image_embeds(0)}
+    with torch.no_grad():
+        pipe.set_ip_adapter_scale(0.0)
+        torch.testing.assert_close(transformer(**inputs, joint_attention_kwargs=dict(image)).sample, tuned)
+        pipe.set_ip_adapter_scale(1.0)
+        guided = transformer(**inputs, joint_attention_kwargs=dict(image)).sample
+    assert not torch.allclose(guided, tuned, atol=1e-4)

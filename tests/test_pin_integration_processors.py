@@ -180,6 +180,8 @@ def test_the_wrapped_processor_gets_temb_only_when_given_and_a_sliced_one_runs_u
         reference = SlicedAttnProcessor(slice_size=1)(sliced, hidden, **kwargs)
         sliced.set_processor(ResTunerAttnProcessor(SlicedAttnProcessor(slice_size=1), "blocks.0.attn"))
         torch.testing.assert_close(sliced(hidden, **kwargs), reference, rtol=0, atol=0)
+        # a processor whose __call__ names no temb is not handed one (it raised a TypeError)
+        torch.testing.assert_close(sliced.processor(sliced, hidden, temb=temb, **kwargs), reference, rtol=0, atol=0)
 
 
 # --- the joint attention of SD3 / SD3.5 / Flux --------------------------------------------------------------------

@@ -19,6 +19,7 @@ UNet's state-dict keys do not change, and peft/diffusers LoRA can still find and
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -380,6 +381,25 @@ def ff_bank_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.
 
 
 # --- the attention processor -------------------------------------------------------------------------------
+#: Keyword arguments diffusers hands an attention processor for an IP-Adapter (its "quiet" attention parameters,
+#: and SD3's ``temb``), which diffusers drops unless the processor's ``__call__`` names them: ours name them and pass
+#: them on to the processor they wrap where that one names them too.
+PASSED_ON_KWARGS = ("ip_adapter_masks", "ip_hidden_states", "temb")
+
+
+def _passed_on(processor: Any) -> frozenset[str]:
+    """Which of :data:`PASSED_ON_KWARGS` ``processor.__call__`` takes (all of them if it takes ``**kwargs``)."""
+    if processor is None:
+        return frozenset()
+    try:
+        parameters = inspect.signature(processor.__call__).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: pass nothing extra
+        return frozenset()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return frozenset(PASSED_ON_KWARGS)
+    return frozenset(name for name in PASSED_ON_KWARGS if name in parameters)
+
+
 def _processor_backend(processor: Any) -> str:
     """How the frozen attention is computed: inline SDPA / xformers for diffusers' stock processors (so the
     branch can reuse the frozen query), or by calling the wrapped processor as it is."""
@@ -442,6 +462,7 @@ class ResTunerAttnProcessor(nn.Module):
         # owned by whoever installed it.
         self.__dict__["base_processor"] = processor
         self.backend = _processor_backend(processor)
+        self.base_kwargs = _passed_on(processor)
 
     # diffusers' set_attention_backend() / reset_attention_backend() (and FluxAttention.set_attention_backend) set
     # ``processor._attention_backend`` where the processor has one: passed to the wrapped processor, which runs the
@@ -463,6 +484,7 @@ class ResTunerAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         res_tuner_scale: float | dict[str, float] | None = None,
+        ip_adapter_masks: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         # A per-call scale passed to the attention itself (the UNet's pre-hook sets ``bank.call_scale`` instead) goes
@@ -481,8 +503,11 @@ class ResTunerAttnProcessor(nn.Module):
             if out is not None:
                 return out
         if self.backend == "wrapped":
-            if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
+            # not every processor takes temb (SlicedAttnProcessor does not) or IP-Adapter's masks
+            if temb is not None and "temb" in self.base_kwargs:
                 kwargs["temb"] = temb
+            if ip_adapter_masks is not None and "ip_adapter_masks" in self.base_kwargs:
+                kwargs["ip_adapter_masks"] = ip_adapter_masks
             frozen_out = self.base_processor(
                 attn,
                 hidden_states,
@@ -720,6 +745,7 @@ class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
             processor = processor.base_processor
         self.__dict__["base_processor"] = processor
         self.backend = "wrapped"  # always: the joint computation (rotary, masks, streams) stays diffusers' own
+        self.base_kwargs = _passed_on(processor)
 
     # FluxAttention passes (hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb) positionally and
     # forwards only the keyword arguments __call__ names: hence the explicit signature.
@@ -731,10 +757,20 @@ class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
         res_tuner_scale: float | dict[str, float] | None = None,
+        ip_hidden_states: Any = None,
+        ip_adapter_masks: Any = None,
+        temb: Any = None,
         **kwargs: Any,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if image_rotary_emb is not None:
             kwargs["image_rotary_emb"] = image_rotary_emb
+        for name, value in (
+            ("ip_hidden_states", ip_hidden_states),
+            ("ip_adapter_masks", ip_adapter_masks),
+            ("temb", temb),
+        ):
+            if value is not None and name in self.base_kwargs:
+                kwargs[name] = value
         frozen_out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         bank = self.bank
         if not len(bank):
@@ -755,8 +791,9 @@ class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
             None if to_out is None else to_out[0].weight,
             heads,
         )
-        if isinstance(frozen_out, tuple):  # joint: (image stream, text stream); only the image stream is tuned
-            image_out, text_out = frozen_out
+        # joint: (image stream, text stream[, IP-Adapter's output: Flux]); only the image stream is tuned
+        if isinstance(frozen_out, tuple):
+            image_out, text_out, *rest = frozen_out
             context = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-            return bank.add_branches(image_out, hidden_states, context, frozen, res_tuner_scale), text_out
+            return bank.add_branches(image_out, hidden_states, context, frozen, res_tuner_scale), text_out, *rest
         return bank.add_branches(frozen_out, hidden_states, None, frozen, res_tuner_scale)
