@@ -18,9 +18,10 @@ UNet's state-dict keys do not change, and peft/diffusers LoRA can still find and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,29 @@ def _add_scaled(out: torch.Tensor, branch: torch.Tensor, scale: float) -> torch.
     return out + branch if scale == 1.0 else out + scale * branch
 
 
+def has_accelerate_hook(modules: Sequence[nn.Module]) -> bool:
+    """Whether accelerate hooked any of ``modules``: with ``pipe.enable_sequential_cpu_offload()`` a module's weights
+    sit on the meta device except inside the module's own call (the hook loads them around it). A plain loop: this
+    runs once per call of every tuned layer."""
+    for module in modules:
+        if "_hf_hook" in module.__dict__:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def weights_on_device(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The weights of ``modules`` loaded (``accelerate.utils.align_module_device``: what each module's own offload
+    hook does around its call) for code that reads them without calling the module: a tuner's fused GEMMs and
+    merged deltas, the frozen ``W_o`` of Res-Prefix / Res-Prompt. Read them inside: outside, they are meta again."""
+    from accelerate.utils import align_module_device  # hooked modules mean accelerate is there
+
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(align_module_device(module))
+        yield
+
+
 class TunerBank(nn.Module):
     """The named tuners beside one frozen operation, and how each one's branch is added."""
 
@@ -96,16 +120,25 @@ class TunerBank(nn.Module):
         # computed when a tuner or a setting changes, not on every call (see ``active``).
         self._running: list[tuple[str, nn.Module, float, str]] | None = None
         self._nonzero: list[tuple[str, nn.Module, float, str]] = []
+        self._weight_holders: list[nn.Module] | None = None
 
     def add(self, name: str, tuner: nn.Module, scale: float, placement: str) -> None:
         self.tuners[name] = tuner
         self.settings[name] = TunerSetting(scale=scale, placement=placement, on_change=self._settings_changed)
         self._running = None
+        self._weight_holders = None
 
     def remove(self, name: str) -> None:
         del self.tuners[name]
         del self.settings[name]
         self._running = None
+        self._weight_holders = None
+
+    def weight_holders(self) -> list[nn.Module]:
+        """The tuners' submodules that hold parameters themselves (where accelerate puts its offload hooks)."""
+        if self._weight_holders is None:
+            self._weight_holders = [m for tuner in self.tuners.values() for m in tuner.modules() if m._parameters]
+        return self._weight_holders
 
     def _settings_changed(self) -> None:
         self._running = None
@@ -282,6 +315,12 @@ class LinearBank(TunerBank):
         """The linear's output with every active branch: merged into one GEMM or added branch by branch
         (:func:`select_linear_path`)."""
         branches = self.active()
+        if has_accelerate_hook(self.weight_holders()):  # sequential CPU offload: merged deltas read the weights
+            with weights_on_device(self.weight_holders()):
+                return self._forward_linear(x, linear, branches)
+        return self._forward_linear(x, linear, branches)
+
+    def _forward_linear(self, x: torch.Tensor, linear: nn.Linear, branches: list) -> torch.Tensor:
         if branches and select_linear_path(self, x, branches) == "merged":
             return self.merged_forward(x, linear, branches)
         return self.add_branches(F.linear(x, linear.weight, linear.bias), x, linear)
@@ -377,6 +416,9 @@ def ff_bank_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.
     bank: OperationBank = module.res_tuner_bank
     if not len(bank):
         return output
+    if has_accelerate_hook(bank.weight_holders()):  # sequential CPU offload: Res-Attn reads its weights directly
+        with weights_on_device(bank.weight_holders()):
+            return bank.add_branches(output, args[0], None, None)
     return bank.add_branches(output, args[0], None, None)
 
 
@@ -526,7 +568,12 @@ class ResTunerAttnProcessor(nn.Module):
             return frozen_out
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
         key_mask = None if attention_mask is None else _branch_key_mask(attn, attention_mask, hidden_states, context)
-        frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0].weight, attn.heads, query, key_mask)
+        holders, to_out = bank.weight_holders(), attn.to_out[0]
+        if has_accelerate_hook(holders) or "_hf_hook" in to_out.__dict__:  # sequential CPU offload
+            with weights_on_device([*holders, to_out]):  # W_o and Res-Attn's weights are read directly
+                frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, to_out.weight, attn.heads, query, key_mask)
+                return bank.add_branches(frozen_out, hidden_states, context, frozen, res_tuner_scale)
+        frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, to_out.weight, attn.heads, query, key_mask)
         return bank.add_branches(frozen_out, hidden_states, context, frozen, res_tuner_scale)
 
     def _extra_heads_call(
@@ -775,6 +822,23 @@ class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
         bank = self.bank
         if not len(bank):
             return frozen_out
+        holders = bank.weight_holders()
+        to_out = getattr(attn, "to_out", None)
+        out_projection = [] if to_out is None else [to_out[0]]
+        if has_accelerate_hook(holders) or has_accelerate_hook(out_projection):  # sequential CPU offload
+            with weights_on_device([*holders, *out_projection]):  # W_o and Res-Attn's weights are read directly
+                return self._add_branches(attn, frozen_out, hidden_states, encoder_hidden_states, res_tuner_scale)
+        return self._add_branches(attn, frozen_out, hidden_states, encoder_hidden_states, res_tuner_scale)
+
+    def _add_branches(
+        self,
+        attn: nn.Module,
+        frozen_out: torch.Tensor | tuple[torch.Tensor, ...],
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        res_tuner_scale: float | dict[str, float] | None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        bank = self.bank
         heads = attn.heads
         added_k = getattr(attn, "add_k_proj", None)
         if added_k is not None:  # prompt tokens stand in for text: read them through the text stream's projections
