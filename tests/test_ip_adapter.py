@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import cpu_offload
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from safetensors.torch import save_file
 
@@ -255,3 +256,35 @@ def test_flux_ip_adapter_beside_tuners():
         pipe.set_ip_adapter_scale(1.0)
         guided = transformer(**inputs, joint_attention_kwargs=dict(image)).sample
     assert not torch.allclose(guided, tuned, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["tuners first", "ip-adapter first"])
+def test_moving_the_pipeline_moves_the_wrapped_adapter(tmp_path, order):
+    """``pipe.to(dtype)`` (and so ``pipe.to("cuda")``) after both are loaded: the IP-Adapter processor ours wraps is
+    our child module, as it was the attention's, so its weights move with the model. Kept outside the module tree
+    before, they stayed float32 (on the CPU) and the first call raised a dtype (device) mismatch. Under
+    accelerate's sequential offload its weights are offloaded and loaded like every other module's."""
+    pipe = tiny_pipeline("sd1")
+    unet = pipe.unet
+    path = save_ip_adapter(unet, tmp_path)
+    if order == "tuners first":
+        add_tuners(unet)
+        load_ip_adapter(pipe, path)
+    else:
+        load_ip_adapter(pipe, path)
+        add_tuners(unet)
+    inputs = dict(unet_inputs(unet), added_cond_kwargs={"image_embeds": image_embeds(0)})
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+    pipe.to(torch.float64)
+    attn2 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    assert attn2.processor.base_processor.to_k_ip[0].weight.dtype == torch.float64
+    as_float64 = {key: value.double() if torch.is_tensor(value) else value for key, value in inputs.items()}
+    as_float64["added_cond_kwargs"] = {"image_embeds": [e.double() for e in image_embeds(0)]}
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**as_float64).sample.float(), expected, rtol=1e-4, atol=1e-4)
+    pipe.to(torch.float32)
+    cpu_offload(unet, execution_device=torch.device("cpu"))
+    assert attn2.processor.base_processor.to_k_ip[0].weight.device.type == "meta"
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, expected, rtol=1e-5, atol=1e-5)

@@ -498,13 +498,25 @@ class ResTunerAttnProcessor(nn.Module):
         return twin
 
     def set_base_processor(self, processor: Any) -> None:
+        processor = self._store_base_processor(processor)
+        self.backend = _processor_backend(processor)
+
+    def _store_base_processor(self, processor: Any) -> Any:
+        """Keep ``processor`` (ours unwrapped) as the one this processor runs. One that is a module (IP-Adapter's,
+        with its ``to_k_ip`` / ``to_v_ip``) becomes our child, as it was the attention's: ``model.to(...)``,
+        accelerate's offload hooks and ``state_dict()`` keep reaching its weights (it was kept outside the module
+        tree, so ``pipe.to("cuda")`` or ``pipe.to(torch.float16)`` left them behind). A stock one, a plain object,
+        is an attribute."""
         if isinstance(processor, ResTunerAttnProcessor):
             processor = processor.base_processor
-        # Kept outside the module tree: a stock processor has no weights, and one that has (IP-Adapter) stays
-        # owned by whoever installed it.
-        self.__dict__["base_processor"] = processor
-        self.backend = _processor_backend(processor)
+        self._modules.pop("base_processor", None)
+        self.__dict__.pop("base_processor", None)
+        if isinstance(processor, nn.Module):
+            self._modules["base_processor"] = processor
+        else:
+            self.__dict__["base_processor"] = processor
         self.base_kwargs = _passed_on(processor)
+        return processor
 
     # diffusers' set_attention_backend() / reset_attention_backend() (and FluxAttention.set_attention_backend) set
     # ``processor._attention_backend`` where the processor has one: passed to the wrapped processor, which runs the
@@ -788,11 +800,8 @@ class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
     """
 
     def set_base_processor(self, processor: Any) -> None:
-        if isinstance(processor, ResTunerAttnProcessor):
-            processor = processor.base_processor
-        self.__dict__["base_processor"] = processor
+        self._store_base_processor(processor)
         self.backend = "wrapped"  # always: the joint computation (rotary, masks, streams) stays diffusers' own
-        self.base_kwargs = _passed_on(processor)
 
     # FluxAttention passes (hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb) positionally and
     # forwards only the keyword arguments __call__ names: hence the explicit signature.
