@@ -150,9 +150,10 @@ class ResTunerLoaderMixin:
     ``fuse_qkv_projections`` (which cannot keep tuners) take effect.
 
     The tuners sit on ``pipe.unet`` and run inside any diffusers call; they survive ``enable_attention_slicing()``,
-    ``enable_xformers_memory_efficient_attention()``, ``unet.set_default_attn_processor()`` and ``load_lora_weights``
-    in either order. A per-call scale goes through ``cross_attention_kwargs={"res_tuner_scale": 0.5}`` (or a dict
-    ``{name: scale}``).
+    ``enable_xformers_memory_efficient_attention()``, ``unet.set_default_attn_processor()``, ``load_lora_weights``
+    and ``load_ip_adapter`` / ``unload_ip_adapter`` in either order, and run under ``enable_sequential_cpu_offload()``
+    and, with this mixin, in perturbed-attention guidance (``*PAGPipeline``). A per-call scale goes through
+    ``cross_attention_kwargs={"res_tuner_scale": 0.5}`` (or a dict ``{name: scale}``).
     """
 
     @property
