@@ -1,9 +1,11 @@
 """Tuners beside diffusers' IP-Adapter, loaded through the pipeline's own ``load_ip_adapter`` from a file saved here
 (the tiny SD 1 pipeline; an IP-Adapter file in diffusers' safetensors layout, ``image_proj.*`` and ``ip_adapter.*``).
 
-What broke before: ``load_ip_adapter`` after tuners on ``attn1`` raised a TypeError inside diffusers (it rebuilds the
-processors it leaves alone as ``type(processor)()``), and Res-Attn on ``attn2`` beside an IP-Adapter raised one too
-(the processor is handed ``(text, [image tokens])``, which the branch read as its context).
+What broke before (each test says which): ``load_ip_adapter`` after tuners on ``attn1`` raised a TypeError inside
+diffusers (it rebuilds the processors it leaves alone as ``type(processor)()``); Res-Attn on ``attn2`` raised one too
+(it read ``(text, [image tokens])`` as its context); ``set_ip_adapter_scale``, ``unload_ip_adapter``,
+``disable_xformers_memory_efficient_attention`` and ``ip_adapter_masks`` silently did nothing or dropped the adapter;
+``pipe.to(...)`` left the adapter's weights behind; Flux's adapter raised at the first call.
 """
 
 from __future__ import annotations
