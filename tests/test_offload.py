@@ -43,3 +43,20 @@ def test_the_bypass_under_sequential_cpu_offload():
     cpu_offload(unet, execution_device=torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(unet(**inputs).sample, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tuner", ["res_attn", "res_prefix", "res_prompt", "res_lora", "glora"])
+def test_a_flux_transformer_under_sequential_cpu_offload(tuner):
+    """The joint processor's branches (and Flux's single blocks, which have no output projection) likewise."""
+    from resattn_diffusion.testing import flux_transformer_inputs, frozen_tiny_model
+
+    model = frozen_tiny_model("flux")
+    rd.add_res_tuner(model, rd.ResTunerConfig(tuner))
+    randomize_tuner(model, std=0.2)
+    inputs = flux_transformer_inputs(model)
+    with forced_paths("fast"), torch.no_grad():
+        expected = model(**inputs).sample
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert {p.device.type for p in rd.res_tuner_parameters(model)} == {"meta"}
+    with forced_paths("fast"), torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, expected, rtol=1e-5, atol=1e-5)
