@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,27 +83,31 @@ def _add_scaled(out: torch.Tensor, branch: torch.Tensor, scale: float) -> torch.
     return out + branch if scale == 1.0 else out + scale * branch
 
 
-def has_accelerate_hook(modules: Sequence[nn.Module]) -> bool:
-    """Whether accelerate hooked any of ``modules``: with ``pipe.enable_sequential_cpu_offload()`` a module's weights
-    sit on the meta device except inside the module's own call (the hook loads them around it). A plain loop: this
-    runs once per call of every tuned layer."""
+def _has_accelerate_hook(modules: Sequence[nn.Module]) -> bool:
+    """Whether accelerate hooked any of ``modules`` (a plain loop: it runs once per call of every tuned layer)."""
     for module in modules:
         if "_hf_hook" in module.__dict__:
             return True
     return False
 
 
-@contextlib.contextmanager
-def weights_on_device(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """The weights of ``modules`` loaded (``accelerate.utils.align_module_device``: what each module's own offload
-    hook does around its call) for code that reads them without calling the module: a tuner's fused GEMMs and
-    merged deltas, the frozen ``W_o`` of Res-Prefix / Res-Prompt. Read them inside: outside, they are meta again."""
+def call_with_weights_loaded(
+    holders: Sequence[nn.Module], read: Sequence[nn.Module], function: Callable[..., Any], *args: Any
+) -> Any:
+    """``function(*args)``. Under ``pipe.enable_sequential_cpu_offload()`` accelerate keeps a module's weights on the
+    meta device except inside that module's own call; where it hooked ``holders`` (a bank's
+    :meth:`TunerBank.weight_holders`) or ``read`` (frozen modules whose weight the call reads, the attention's
+    ``W_o``), their weights are loaded for the call (``accelerate.utils.align_module_device``, what each module's hook
+    does around its own call): a tuner's fused GEMMs and merged deltas and ``W_o`` read weights without calling the
+    module. Otherwise one dictionary look-up per module."""
+    if not (_has_accelerate_hook(holders) or _has_accelerate_hook(read)):
+        return function(*args)
     from accelerate.utils import align_module_device  # hooked modules mean accelerate is there
 
     with contextlib.ExitStack() as stack:
-        for module in modules:
+        for module in (*holders, *read):
             stack.enter_context(align_module_device(module))
-        yield
+        return function(*args)
 
 
 class TunerBank(nn.Module):
@@ -314,11 +318,7 @@ class LinearBank(TunerBank):
     def forward_linear(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         """The linear's output with every active branch: merged into one GEMM or added branch by branch
         (:func:`select_linear_path`)."""
-        branches = self.active()
-        if has_accelerate_hook(self.weight_holders()):  # sequential CPU offload: merged deltas read the weights
-            with weights_on_device(self.weight_holders()):
-                return self._forward_linear(x, linear, branches)
-        return self._forward_linear(x, linear, branches)
+        return call_with_weights_loaded(self.weight_holders(), (), self._forward_linear, x, linear, self.active())
 
     def _forward_linear(self, x: torch.Tensor, linear: nn.Linear, branches: list) -> torch.Tensor:
         if branches and select_linear_path(self, x, branches) == "merged":
@@ -416,10 +416,7 @@ def ff_bank_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.
     bank: OperationBank = module.res_tuner_bank
     if not len(bank):
         return output
-    if has_accelerate_hook(bank.weight_holders()):  # sequential CPU offload: Res-Attn reads its weights directly
-        with weights_on_device(bank.weight_holders()):
-            return bank.add_branches(output, args[0], None, None)
-    return bank.add_branches(output, args[0], None, None)
+    return call_with_weights_loaded(bank.weight_holders(), (), bank.add_branches, output, args[0], None, None)
 
 
 # --- the attention processor -------------------------------------------------------------------------------
@@ -433,10 +430,7 @@ def _passed_on(processor: Any) -> frozenset[str]:
     """Which of :data:`PASSED_ON_KWARGS` ``processor.__call__`` takes (all of them if it takes ``**kwargs``)."""
     if processor is None:
         return frozenset()
-    try:
-        parameters = inspect.signature(processor.__call__).parameters
-    except (TypeError, ValueError):  # a builtin or C callable without a signature: pass nothing extra
-        return frozenset()
+    parameters = inspect.signature(processor.__call__).parameters
     if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
         return frozenset(PASSED_ON_KWARGS)
     return frozenset(name for name in PASSED_ON_KWARGS if name in parameters)
@@ -580,13 +574,35 @@ class ResTunerAttnProcessor(nn.Module):
             return frozen_out
         # Our processor sits only on the attentions of transformer blocks, whose input is always (B, N, d).
         key_mask = None if attention_mask is None else _branch_key_mask(attn, attention_mask, hidden_states, context)
-        holders, to_out = bank.weight_holders(), attn.to_out[0]
-        if has_accelerate_hook(holders) or "_hf_hook" in to_out.__dict__:  # sequential CPU offload
-            with weights_on_device([*holders, to_out]):  # W_o and Res-Attn's weights are read directly
-                frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, to_out.weight, attn.heads, query, key_mask)
-                return bank.add_branches(frozen_out, hidden_states, context, frozen, res_tuner_scale)
+        to_out = attn.to_out[0]
+        return call_with_weights_loaded(
+            bank.weight_holders(),
+            (to_out,),
+            self._add_branches,
+            attn,
+            to_out,
+            frozen_out,
+            hidden_states,
+            context,
+            query,
+            key_mask,
+            res_tuner_scale,
+        )
+
+    def _add_branches(
+        self,
+        attn: nn.Module,
+        to_out: nn.Linear,
+        frozen_out: torch.Tensor,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None,
+        query: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+        call_scale: float | dict[str, float] | None,
+    ) -> torch.Tensor:
+        # W_o is read here, inside call_with_weights_loaded (under offload it is meta outside)
         frozen = FrozenAttention(attn.to_q, attn.to_k, attn.to_v, to_out.weight, attn.heads, query, key_mask)
-        return bank.add_branches(frozen_out, hidden_states, context, frozen, res_tuner_scale)
+        return self.bank.add_branches(frozen_out, hidden_states, context, frozen, call_scale)
 
     def _extra_heads_call(
         self,
@@ -820,26 +836,26 @@ class ResTunerJointAttnProcessor(ResTunerAttnProcessor):
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if image_rotary_emb is not None:
             kwargs["image_rotary_emb"] = image_rotary_emb
-        for name, value in (
-            ("ip_hidden_states", ip_hidden_states),
-            ("ip_adapter_masks", ip_adapter_masks),
-            ("temb", temb),
-        ):
-            if value is not None and name in self.base_kwargs:
-                kwargs[name] = value
+        if self.base_kwargs:  # the wrapped processor takes IP-Adapter's arguments (or **kwargs)
+            passed = {"ip_hidden_states": ip_hidden_states, "ip_adapter_masks": ip_adapter_masks, "temb": temb}
+            kwargs.update((name, passed[name]) for name in self.base_kwargs if passed[name] is not None)
         frozen_out = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         bank = self.bank
         if not len(bank):
             return frozen_out
-        holders = bank.weight_holders()
         to_out = getattr(attn, "to_out", None)
-        out_projection = [] if to_out is None else [to_out[0]]
-        if has_accelerate_hook(holders) or has_accelerate_hook(out_projection):  # sequential CPU offload
-            with weights_on_device([*holders, *out_projection]):  # W_o and Res-Attn's weights are read directly
-                return self._add_branches(attn, frozen_out, hidden_states, encoder_hidden_states, res_tuner_scale)
-        return self._add_branches(attn, frozen_out, hidden_states, encoder_hidden_states, res_tuner_scale)
+        return call_with_weights_loaded(
+            bank.weight_holders(),
+            () if to_out is None else (to_out[0],),
+            self._add_joint_branches,
+            attn,
+            frozen_out,
+            hidden_states,
+            encoder_hidden_states,
+            res_tuner_scale,
+        )
 
-    def _add_branches(
+    def _add_joint_branches(
         self,
         attn: nn.Module,
         frozen_out: torch.Tensor | tuple[torch.Tensor, ...],
