@@ -10,10 +10,11 @@ import torch
 
 from benchmarks.digits import run_benchmark
 from benchmarks.digits.methods import (
+    ALTERNATIVE_SETTINGS,
     LARGER_SETTINGS,
     all_methods,
     default_methods,
-    is_larger_setting,
+    is_opt_in,
     method_by_name,
     select_methods,
 )
@@ -22,6 +23,7 @@ from benchmarks.digits.plan import (
     RESULT_VERSION,
     Case,
     estimate_seconds,
+    eval_seeds,
     make_plan,
     plan_seconds,
     remaining_summary,
@@ -36,10 +38,20 @@ def test_default_methods_are_the_tuners_at_their_default_size_the_peers_and_full
     names = [method.name for method in default_methods()]
     assert names == [method.name for method in select_methods(None)]
     assert names == [*resattn_diffusion.tuner_names(), "peft_lora", "peft_glora", "peft_c3a", "full_finetune"]
-    assert not any(is_larger_setting(name) for name in names)
+    assert not any(is_opt_in(name) for name in names)
     everything = [method.name for method in select_methods(["all"])]
     assert everything == [method.name for method in all_methods()]
-    assert {f"{tuner}-large" for tuner in LARGER_SETTINGS} == set(everything) - set(names)
+    assert {f"{tuner}-large" for tuner in LARGER_SETTINGS} | set(ALTERNATIVE_SETTINGS) == set(everything) - set(names)
+
+
+def test_alternative_settings_are_opt_in_by_name_and_measured_on_the_headline_seeds():
+    assert [m.name for m in select_methods(["res_attn-1head"])] == ["res_attn-1head"]
+    assert method_by_name("res_attn-1head").flags == ("--tuner", "res_attn", "--tuner_arg", "heads=1")
+    assert method_by_name("res_attn-1head").family == "operation"
+    # --with_large adds sizes, not alternatives
+    assert [m.name for m in select_methods(["res_attn"], with_large=True)] == ["res_attn", "res_attn-large"]
+    # a candidate default is compared with the default on the same seeds
+    assert eval_seeds("res_attn-1head", [0, 1, 2, 3], [4, 5]) == eval_seeds("res_attn", [0, 1, 2, 3], [4, 5])
 
 
 def test_larger_sizes_are_opt_in_by_name_or_flag():
@@ -50,7 +62,7 @@ def test_larger_sizes_are_opt_in_by_name_or_flag():
         "peft_lora",
     ]
     with_large = [m.name for m in select_methods(None, with_large=True)]
-    assert with_large == [m.name for m in all_methods()]
+    assert with_large == [m.name for m in all_methods() if m.name not in ALTERNATIVE_SETTINGS]
     # surm_circulant has no size hyperparameter: nothing to add
     assert [m.name for m in select_methods(["surm_circulant"], with_large=True)] == ["surm_circulant"]
     # a run names its method: the larger ones resolve whatever the selection
@@ -132,6 +144,9 @@ def test_status_prices_the_whole_plan_from_measured_runs():
     other = record("dreambooth", "res_attn-large", 0, 20.0)
     widened = make_plan(["dreambooth"], methods, [0, 1, 2], {**finished, "other": other}, extra_seeds=[3])
     assert plan_seconds(widened)["finished"] == pytest.approx(seconds["finished"])
+    # ... nor of its count: the summary and the report say how many of *this plan's* runs finished
+    assert len(widened.selected_finished()) == len(plan.selected_finished()) == len(plan.finished)
+    assert remaining_summary(widened).startswith(f"{len(plan.finished)} runs finished")
     in_flight = [ready[0].key]
     assert plan_seconds(plan, in_flight)["ready"] == pytest.approx(seconds["ready"] - 20.0)
     assert plan_seconds(plan, in_flight)["total"] == pytest.approx(seconds["total"])

@@ -68,6 +68,25 @@ def test_sampling_has_unfused_and_fused_rows(tiny_results):
         assert row["error"] is None and _positive(row["forward_s"]) and _positive(row["vs_base"]), name
 
 
+def test_sampling_one_head_row_is_res_attn_with_one_head_at_the_same_size(tmp_path):
+    """``python -m benchmarks.perf.sampling --one-head-row``: what the default's second head costs (README)."""
+    from benchmarks.perf import sampling
+
+    out = tmp_path / "sampling.json"
+    result = sampling.main(
+        ["--tiny", "--threads", "1", "--tuners", "res_attn", "--no-peers", "--one-head-row", "--out", str(out)]
+    )
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == {"base", "res_attn (unfused)", sampling.RES_ATTN_ONE_HEAD}
+    one_head = rows[sampling.RES_ATTN_ONE_HEAD]
+    assert one_head["error"] is None and _positive(one_head["vs_base"])
+    assert one_head["hyperparameters"]["heads"] == 1 and rows["res_attn (unfused)"]["hyperparameters"] is None
+    assert one_head["trainable_parameters"] == rows["res_attn (unfused)"]["trainable_parameters"]
+    assert json.loads(out.read_text())["rows"][-1]["name"] == sampling.RES_ATTN_ONE_HEAD
+    table = sampling.to_markdown(result)
+    assert "95% interval" in table and sampling.RES_ATTN_ONE_HEAD in table
+
+
 def test_fft_paths_rows(tiny_results):
     result = _load(tiny_results, "fft_paths")
     size = common.BenchmarkSize.tiny()

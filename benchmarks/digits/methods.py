@@ -5,6 +5,9 @@
   hyperparameter, so they have no larger setting). The default selection (:func:`default_methods`) leaves the larger
   settings out to keep the benchmark within its budget (~90 minutes on 2 cores); name them (``res_attn-large``) or
   pass ``with_large`` (``--with_large``) to add them, each with its own sweep;
+* opt-in alternative settings of the same size (:data:`ALTERNATIVE_SETTINGS`, named in ``--methods`` only), for a
+  default that speed asks to change: ``res_attn-1head`` is Res-Attn with one head of the same rank, whose branch
+  attends at half the cost of the default's two;
 * the peft peers on the same attention projections (to_q, to_k, to_v, to_out.0 of attn1 and attn2): LoRA at rank 4
   (23,296 parameters on the digits base, the closest rank to res_attn's default 24,064), peft's GLoRA at rank 4 and
   peft's block-circulant C3A at block size 8;
@@ -42,6 +45,10 @@ LARGER_SETTINGS: dict[str, tuple[str, ...]] = {
     "surm_kronecker": ("out_factor=2", "in_factor=2"),
     "surm_ldr": ("displacement_rank=4",),
     "surm_adapter": ("hidden_dim=128",),
+}
+#: opt-in alternatives at the default size: name -> (tuner, its --tuner_arg KEY=VALUE items)
+ALTERNATIVE_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "res_attn-1head": ("res_attn", ("heads=1",)),
 }
 MATCHED_LORA_RANK = 4
 PEFT_GLORA_RANK = 4
@@ -82,7 +89,8 @@ INITIAL_SWEEP: dict[tuple[str, str], tuple[float, ...]] = {
 }
 #: the methods the README's comparisons are made against, and the headline tuner: they get extra seeds
 REFERENCE_METHODS: tuple[str, ...] = ("peft_lora", "full_finetune")
-HEADLINE_METHODS: tuple[str, ...] = ("res_attn", *REFERENCE_METHODS)
+#: (res_attn-1head is a candidate for res_attn's default, so it is measured on the same seeds)
+HEADLINE_METHODS: tuple[str, ...] = ("res_attn", "res_attn-1head", *REFERENCE_METHODS)
 
 
 def tuner_family(tuner: str) -> str:
@@ -118,6 +126,10 @@ def all_methods() -> list[Method]:
                     f"{tuner}, {' '.join(larger)}",
                 )
             )
+        for name, (alternative_of, settings) in ALTERNATIVE_SETTINGS.items():
+            if alternative_of == tuner:
+                flags = ("--tuner", tuner, "--tuner_arg", *settings)
+                methods.append(Method(name, family, flags, f"{tuner}, {' '.join(settings)}"))
     methods += [
         Method(
             "peft_lora",
@@ -147,14 +159,20 @@ def is_larger_setting(name: str) -> bool:
     return name.endswith("-large") and name.removesuffix("-large") in LARGER_SETTINGS
 
 
+def is_opt_in(name: str) -> bool:
+    """Whether ``name`` runs only when asked for: a larger setting or an alternative one."""
+    return is_larger_setting(name) or name in ALTERNATIVE_SETTINGS
+
+
 def default_methods() -> list[Method]:
     """The default selection: every tuner at its default size, the peft peers and full fine-tuning."""
-    return [method for method in all_methods() if not is_larger_setting(method.name)]
+    return [method for method in all_methods() if not is_opt_in(method.name)]
 
 
 def select_methods(names: list[str] | None, with_large: bool = False) -> list[Method]:
     """The methods called ``names``, in the benchmark's order: None = :func:`default_methods`, ["all"] = every method
-    including the larger settings. ``with_large`` adds the larger setting of every selected tuner that has one."""
+    including the larger and alternative settings. ``with_large`` adds the larger setting of every selected tuner
+    that has one."""
     methods = all_methods()
     if names == ["all"]:
         return methods

@@ -186,6 +186,12 @@ class Plan:
     #: (task, method) -> its evaluation runs that will follow its sweep (the open sweeps only)
     unresolved: dict[tuple[str, str], int] = field(default_factory=dict)
 
+    def selected_finished(self) -> list[dict]:
+        """The finished runs of this plan's tasks and methods (and their base runs): the results folder may hold
+        others (another selection's, an opt-in setting's), which neither count nor cost here."""
+        selected = set(self.sweeps) | {(task, BASE) for task, _ in self.sweeps}
+        return [record for record in self.finished.values() if (record["task"], record["method"]) in selected]
+
     def eval_records(self, task: str, method: str) -> list[dict]:
         """The finished evaluation runs of a method at its chosen rate (the numbers the report shows)."""
         state = self.sweeps.get((task, method))
@@ -326,13 +332,7 @@ def plan_seconds(plan: Plan, in_flight: Iterable[str] = ()) -> dict[str, float]:
     ready = sum(estimate_seconds(s.task, s.method, measured) for s in plan.pending if s.key not in busy)
     flying = sum(estimate_seconds(s.task, s.method, measured) for s in plan.pending if s.key in busy)
     after = sum(count * estimate_seconds(task, method, measured) for (task, method), count in plan.unresolved.items())
-    # only the finished runs of this plan's methods: the folder may hold others (another selection's, --with_large)
-    selected = set(plan.sweeps) | {(task, BASE) for task, _ in plan.sweeps}
-    done = sum(
-        estimate_seconds(r["task"], r["method"], measured)
-        for r in plan.finished.values()
-        if (r["task"], r["method"]) in selected
-    )
+    done = sum(estimate_seconds(r["task"], r["method"], measured) for r in plan.selected_finished())
     return {"ready": ready, "after_sweeps": after, "finished": done, "total": done + flying + ready + after}
 
 
@@ -345,8 +345,8 @@ def remaining_summary(plan: Plan, in_flight: Iterable[str] = (), workers: int | 
     remaining = seconds["ready"] + seconds["after_sweeps"]
     wall = f", ~{remaining / 60 / workers:.0f} min on {workers} workers" if workers else ""
     return (
-        f"{len(plan.finished)} runs finished; {len(ready)} ready to run (~{seconds['ready'] / 60:.0f} core-minutes) "
-        "and "
+        f"{len(plan.selected_finished())} runs finished; {len(ready)} ready to run "
+        f"(~{seconds['ready'] / 60:.0f} core-minutes) and "
         f"{plan.unresolved_eval_runs} evaluation runs after the {sweeps_open} open sweeps "
         f"(~{seconds['after_sweeps'] / 60:.0f} core-minutes, more if a sweep widens): ~{remaining / 60:.0f} "
         f"core-minutes to go{wall}; the whole plan ~{seconds['total'] / 60:.0f} core-minutes (per-run times: the "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.digits.methods import PROMPT_BLIND, REFERENCE_METHODS
+from benchmarks.digits.methods import HEADLINE_METHODS, PROMPT_BLIND, REFERENCE_METHODS
 from benchmarks.digits.plan import BASE, Case, Plan, plan_seconds
 
 #: metric -> (column title, higher is better, format)
@@ -344,6 +344,11 @@ def plot_quality(plan: Plan, tasks: Sequence[str], methods: Sequence[str], path:
     return path
 
 
+def _and_list(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path) -> Path:
     """``benchmark.md`` and ``quality_vs_params.png`` in ``results_dir`` from the plan's finished runs."""
     from benchmarks.digits.methods import select_methods
@@ -367,7 +372,8 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
         "",
         f"Steps per run: DreamBooth {case.dreambooth_steps}, style {case.style_steps}. Learning rate: chosen per "
         f"method and task on seed {args.seeds[0]} (the sweeps below); reported seeds: {list(args.seeds[1:])}, plus "
-        f"{list(args.extra_seeds)} for res_attn, peft_lora and full_finetune. {case.samples} identifier-prompt "
+        f"{list(args.extra_seeds)} for {_and_list([m for m in HEADLINE_METHODS if m in methods])}. "
+        f"{case.samples} identifier-prompt "
         f"samples, {max(case.samples // 4, 2)} per seen digit and prompt, {case.sampling_steps} denoising steps each, "
         "samples seeded by the run's seed; one CPU "
         "thread per run. Written by `python -m benchmarks.digits.run_benchmark`; metrics are defined in "
@@ -378,7 +384,7 @@ def write_report(plan: Plan, case: Case, args, results_dir: Path, runs_dir: Path
         "direction; about 1 in 20 comparisons is marked by chance). `lr ... (edge)`: the chosen rate is still at an "
         "edge of its widened sweep. Frechet distances on tens of samples are biased upwards: compare within a column.",
         "",
-        f"Progress: {len(plan.finished)} runs finished, {remaining} to go; the whole plan costs "
+        f"Progress: {len(plan.selected_finished())} runs finished, {remaining} to go; the whole plan costs "
         f"~{plan_seconds(plan)['total'] / 60:.0f} core-minutes (one thread per run; each run priced at the fastest "
         "quarter of its method's finished runs, sweeps that still widen not counted). Finish and rebuild with "
         f"`{command}` (finished runs are skipped); `--status` prints what remains in core-minutes. Sample grids: "

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="method names (default: every tuner at its default size, the peft peers, full fine-tuning; 'all' adds "
-        "every larger setting); see methods.py",
+        "every larger and alternative setting, e.g. res_attn-large, res_attn-1head); see methods.py",
     )
     parser.add_argument(
         "--with_large",

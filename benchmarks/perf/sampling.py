@@ -29,6 +29,7 @@ from resattn_diffusion import (
     ResTunerConfig,
     add_res_tuner,
     fuse_res_tuner,
+    get_res_tuner_configs,
     get_tuner_spec,
     res_tuner_parameters,
     tuner_names,
@@ -51,6 +52,7 @@ from .common import (
     machine_info,
     markdown_table,
     paired_ratio,
+    paired_ratio_interval,
     ratio,
     size_from_args,
     synchronize,
@@ -122,9 +124,11 @@ def run(
     clock: str | None = None,
     deadline: float | None = None,
     separate_branch_row: bool = False,
+    one_head_row: bool = False,
 ) -> dict[str, Any]:
     """One no-grad forward of every case of :func:`build_cases` (and, with ``separate_branch_row``, of
-    :data:`RES_ATTN_SEPARATE_BRANCH`), interleaved; ratios paired per round against the base."""
+    :data:`RES_ATTN_SEPARATE_BRANCH`; with ``one_head_row``, of :data:`RES_ATTN_ONE_HEAD`), interleaved; ratios
+    paired per round against the base."""
     log(f"sampling: building cases on the {size.name} UNet ({size.device}, {size.dtype})")
     base = frozen_unet(size)
     inputs = benchmark_inputs(base, size)
@@ -132,6 +136,20 @@ def run(
     if separate_branch_row:
         res_attn = [case for case in cases if case["name"] == "res_attn (unfused)"]
         cases += [_res_attn_variant(case, RES_ATTN_SEPARATE_BRANCH, extra_heads="off") for case in res_attn]
+    if one_head_row:
+        unet = clone_unet(base)
+        add_res_tuner(unet, ResTunerConfig("res_attn", heads=1))
+        cases.append(
+            {
+                "name": RES_ATTN_ONE_HEAD,
+                "tuner": "res_attn",
+                "mode": "unfused",
+                "unet": unet,
+                "trainable_parameters": sum(p.numel() for p in res_tuner_parameters(unet)),
+                # read back from the attached tuner: the row says what it timed
+                "hyperparameters": get_res_tuner_configs(unet)["default"].hyperparameters,
+            }
+        )
     del base
     calls = {case["name"]: _forward(case["unet"], inputs) for case in cases if "unet" in case}
     # A forward is a third of a training step: twice the rounds for the same time, and the fused rows' target
@@ -160,6 +178,7 @@ def run(
                 "tuner": case["tuner"],
                 "mode": case["mode"],
                 "trainable_parameters": case.get("trainable_parameters"),
+                "hyperparameters": case.get("hyperparameters"),
                 "error": case.get("error") or errors.get(case["name"]),
                 "forward_s": None if timing is None else timing.median,
                 "forward_spread": None if timing is None else timing.spread,
@@ -187,6 +206,9 @@ RES_ATTN_EXTRA_HEADS_COMPILED = "res_attn (unfused) [extra heads]"
 #: the default on CUDA runs it as extra heads: at SDXL's 64-channel heads the extra heads are padded from 4 to 64
 #: channels, so which is faster there is measured (``gpu_suite sampling_sdxl``).
 RES_ATTN_SEPARATE_BRANCH = "res_attn (unfused) [separate branch]"
+#: Res-Attn unfused with one head of the same rank (half the branch's attention work): what the default's second
+#: head costs, beside the digits benchmark's ``res_attn-1head``, which measures what it learns (README, Performance).
+RES_ATTN_ONE_HEAD = "res_attn (unfused) [heads=1]"
 
 
 def run_compiled(
@@ -353,18 +375,21 @@ def compiled_to_markdown(result: dict[str, Any]) -> str:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    headers = ["row", "trainable params", "forward (s)", "× base", "spread"]
+    headers = ["row", "trainable params", "forward (s)", "× base", "95% interval", "spread"]
+    base_timing = next((row["timing"] for row in result["rows"] if row["name"] == BASE), None)
     table = []
     for row in result["rows"]:
         if row["forward_s"] is None:
-            table.append([row["name"], "–", f"error: {(row['error'] or 'not timed')[:100]}", "–", "–"])
+            table.append([row["name"], "–", f"error: {(row['error'] or 'not timed')[:100]}", "–", "–", "–"])
             continue
+        interval = None if row["name"] == BASE else paired_ratio_interval(row["timing"], base_timing)
         table.append(
             [
                 row["name"],
                 row["trainable_parameters"],
                 f"{row['forward_s']:.4f}",
                 row["vs_base"],
+                "–" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]",
                 row["forward_spread"],
             ]
         )
@@ -378,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tuners", nargs="*", default=None, help="only these of our tuners (default: all registered)")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--compiled", action="store_true", help="time the rows of COMPILED_ROWS under torch.compile")
+    parser.add_argument("--one-head-row", action="store_true", help=f"also time {RES_ATTN_ONE_HEAD!r}")
     parser.add_argument("--out", default=str(RESULTS_DIR / "sampling.json"))
     args = parser.parse_args(argv)
     configure_threads(args.threads)
@@ -387,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_json(args.out, result)
         print(compiled_to_markdown(result))
         return result
-    result = run(size, args.tuners, not args.no_peers, args.clock)
+    result = run(size, args.tuners, not args.no_peers, args.clock, one_head_row=args.one_head_row)
     write_json(args.out, result)
     print(to_markdown(result))
     return result
