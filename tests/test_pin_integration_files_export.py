@@ -178,7 +178,7 @@ def test_an_ambiguous_or_missing_base_is_refused_naming_what_was_found(tmp_path)
         save_file({"w": torch.zeros(1)}, str(two / name))
     with pytest.raises(rd.ResTunerFileError, match=r"holds 2 safetensors files \['x.safetensors', 'y.safetensors'\]"):
         export_lora(file, tmp_path / "out.safetensors", base=two)
-    with pytest.raises(TypeError, match="base must be a path or a UNet module, got int"):
+    with pytest.raises(TypeError, match="base must be a path, a pipeline or a UNet module, got int"):
         load_base_weights(3)
     assert not (tmp_path / "out.safetensors").exists()
 

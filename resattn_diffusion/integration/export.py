@@ -10,8 +10,8 @@ split ``U sqrt(S)``, ``sqrt(S) V^T``) and reports each layer's relative error ``
 Formats (both without alpha: every loader then scales by 1, and ``s`` is baked into ``up``; kohya files carry no
 ``.alpha`` key because diffusers 0.4x misreads per-layer alphas of mixed-rank kohya files):
 
-* ``"diffusers"``: peft keys ``unet.<layer path>.lora_A.weight`` / ``lora_B.weight`` (and ``lora_B.bias`` for
-  bias deltas, peft's ``lora_bias``), loaded by ``pipe.load_lora_weights(file)``.
+* ``"diffusers"``: peft keys ``unet.<layer path>.lora_A.weight`` / ``lora_B.weight`` (``transformer.`` for SD3 and
+  Flux; and ``lora_B.bias`` for bias deltas, peft's ``lora_bias``), loaded by ``pipe.load_lora_weights(file)``.
 * ``"kohya"``: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight``, the names kohya's
   sd-scripts give the layer in the UNet they train (the family's
   :meth:`~.families.base.ModelFamily.kohya_module_paths`): the diffusers path for SD 1.x/2.x, the SGM path
@@ -20,8 +20,8 @@ Formats (both without alpha: every loader then scales by 1, and ``s`` is baked i
   sequential tuner over a biased linear) is refused.
 
 GLoRA's ``dW = W0 ⊙ A + B`` and a sequential tuner's ``dW W0`` depend on the base weights: pass ``base`` (the base
-model's folder, its ``unet`` folder, a UNet weights file, or the UNet itself). Attention-side and UNet-level tuners
-are not weight deltas and are refused.
+pipeline's folder, whose ``unet`` or ``transformer`` folder is read, that folder, a weights file, the pipeline or the
+model itself). Attention-side and UNet-level tuners are not weight deltas and are refused.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from ..config import ResTunerConfig
 from ..tuners.base import ConfigError, OpShape
 from .api import ResTunerError, tuner_input_shape
 from .families import family_named
+from .families.base import ModelFamily
 from .io import (
     ResTunerFileError,
     check_path_characters,
@@ -107,11 +108,15 @@ class ExportReport:
         return "\n".join(lines)
 
 
+#: the family of tuner files that record none (older files), and of a bare ``load_base_*`` call
+UNET_FAMILY: ModelFamily = family_named("unet")
+
+
 # --- the base model's weights ----------------------------------------------------------------------------------
-def _module_base_weights(unet: nn.Module) -> BaseWeights:
+def _module_base_weights(model: nn.Module) -> BaseWeights:
     def read(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
-            module = unet.get_submodule(path)
+            module = model.get_submodule(path)
         except AttributeError:
             raise ResTunerFileError(
                 f"the base model has no layer {path!r}: it is not the model the tuner was trained on"
@@ -125,16 +130,23 @@ def _module_base_weights(unet: nn.Module) -> BaseWeights:
     return read
 
 
-def _unet_weights_location(base: Path) -> Path:
-    """The UNet's weights from a pipeline folder, a UNet folder or a weights file."""
+def _weights_location(base: Path, family: ModelFamily) -> Path:
+    """The model's weights from a pipeline folder (its ``unet/`` or ``transformer/`` folder), a model folder or a
+    weights file."""
     if base.is_file():
         return base
-    if (base / "unet").is_dir():
-        base = base / "unet"
+    if (base / family.component).is_dir():
+        return base / family.component
+    if (base / "model_index.json").is_file():  # a pipeline folder without the model: say so, not "no config.json"
+        raise ResTunerFileError(
+            f"base {str(base)!r} is a pipeline folder without a {family.component}/ folder, where a "
+            f"{family.model_word} tuner reads its base weights; pass the pipeline the tuner was trained on, or the "
+            f"{family.model_word}'s own folder or weights file"
+        )
     if not base.is_dir():
         raise ResTunerFileError(
             f"base {str(base)!r} is neither a folder nor a file; pass the base model's local folder (the one with "
-            "model_index.json), its unet folder, or its UNet .safetensors file"
+            f"model_index.json), its {family.component} folder, or its {family.model_word} .safetensors file"
         )
     return base
 
@@ -183,9 +195,9 @@ def _safetensors_base_weights(location: Path) -> BaseWeights:
     return read
 
 
-def _existing_base_path(base: str | os.PathLike) -> Path:
+def _existing_base_path(base: str | os.PathLike, family: ModelFamily) -> Path:
     if not isinstance(base, (str, os.PathLike)):
-        raise TypeError(f"base must be a path or a UNet module, got {type(base).__name__}")
+        raise TypeError(f"base must be a path, a pipeline or a {family.model_word} module, got {type(base).__name__}")
     path = Path(base)
     if not path.exists():
         raise ResTunerFileError(
@@ -196,13 +208,31 @@ def _existing_base_path(base: str | os.PathLike) -> Path:
     return path
 
 
-def load_base_config(base: str | os.PathLike | nn.Module) -> dict | None:
-    """The base UNet's config: a module's ``config``, or the ``config.json`` of a model folder's ``unet`` folder, of
-    a UNet folder, or beside a UNet weights file; None where there is none."""
+def _base_module(base: object, family: ModelFamily) -> nn.Module | None:
+    """``base`` itself where it is a module, the pipeline's model where it is a pipeline (``pipe.unet`` /
+    ``pipe.transformer``), else None (a path)."""
     if isinstance(base, nn.Module):
-        config = getattr(base, "config", None)
+        return base
+    component = getattr(base, family.component, None)
+    if isinstance(component, nn.Module):
+        return component
+    if hasattr(base, "components"):  # a pipeline of another family
+        raise ResTunerFileError(
+            f"base is a {type(base).__name__}, which has no pipe.{family.component}: a {family.model_word} tuner "
+            "reads its base weights there; pass the pipeline the tuner was trained on"
+        )
+    return None
+
+
+def load_base_config(base: str | os.PathLike | nn.Module | object, family: ModelFamily = UNET_FAMILY) -> dict | None:
+    """The base model's config: a module's (or a pipeline's model's) ``config``, or the ``config.json`` of a
+    pipeline folder's ``unet``/``transformer`` folder, of a model folder, or beside a weights file; None where
+    there is none."""
+    module = _base_module(base, family)
+    if module is not None:
+        config = getattr(module, "config", None)
         return None if config is None else dict(config)
-    location = _unet_weights_location(_existing_base_path(base))
+    location = _weights_location(_existing_base_path(base, family), family)
     file = (location.parent if location.is_file() else location) / "config.json"
     if not file.is_file():
         return None
@@ -212,17 +242,27 @@ def load_base_config(base: str | os.PathLike | nn.Module) -> dict | None:
         raise ResTunerFileError(f"the base's config {str(file)!r} is not readable JSON: {err}") from None
 
 
-def load_base_weights(base: str | os.PathLike | nn.Module) -> BaseWeights:
-    """A reader of ``(W0, b0)`` by layer path from a UNet module or a local model folder/file."""
-    if isinstance(base, nn.Module):
-        return _module_base_weights(base)
-    location = _unet_weights_location(_existing_base_path(base))
+def load_base_weights(base: str | os.PathLike | nn.Module | object, family: ModelFamily = UNET_FAMILY) -> BaseWeights:
+    """A reader of ``(W0, b0)`` by layer path from a model, a pipeline, or a local pipeline or model folder/file
+    (``family``: the model family the tuner sits on, which names the pipeline folder's model subfolder)."""
+    module = _base_module(base, family)
+    if module is not None:
+        return _module_base_weights(module)
+    location = _weights_location(_existing_base_path(base, family), family)
     if location.is_file() or any(location.glob("*.safetensors")):
         return _safetensors_base_weights(location)
-    from diffusers import UNet2DConditionModel  # .bin-only folders: let diffusers read them
+    import diffusers  # .bin-only folders: let diffusers read them, as the family's own model class
 
-    unet = UNet2DConditionModel.from_pretrained(str(location), local_files_only=True)
-    return _module_base_weights(unet)
+    model_class = getattr(diffusers, family.model_classes[0])
+    try:
+        model = model_class.from_pretrained(str(location), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ResTunerFileError(
+            f"base {str(location)!r} holds no {family.model_word} diffusers can read ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); pass the base model's local folder (the one with "
+            f"model_index.json), its {family.component} folder, or its {family.model_word} .safetensors file"
+        ) from None
+    return _module_base_weights(model)
 
 
 # --- factorisation -------------------------------------------------------------------------------------------
@@ -249,18 +289,23 @@ def _factor(
     return down, up, error
 
 
-def _layer_keys(
-    paths: list[str], format: str, prefix: str, base_info: dict, base: str | os.PathLike | nn.Module | None
-) -> dict[str, str]:
-    """Layer path -> the key its LoRA tensors are written under (without ``.lora_A.weight`` & co.)."""
-    if format == "diffusers":
-        return {path: f"{prefix}.{path}" for path in paths}
-    family = family_named(base_info.get("family", "unet"))  # a file without a base record: a UNet, as for prefix
+def _file_family(base_info: dict) -> ModelFamily:
+    """The model family a tuner file was made for (a file without a base record: a UNet)."""
+    family = family_named(base_info.get("family", UNET_FAMILY.name))
     if family is None:
         raise ResTunerFileError(
             f"the tuner file was made for a model family {base_info.get('family')!r} this version does not know"
         )
-    model_config = load_base_config(base) if base is not None else None
+    return family
+
+
+def _layer_keys(
+    paths: list[str], format: str, family: ModelFamily, base_info: dict, base: str | os.PathLike | nn.Module | None
+) -> dict[str, str]:
+    """Layer path -> the key its LoRA tensors are written under (without ``.lora_A.weight`` & co.)."""
+    if format == "diffusers":  # diffusers' LoRA loaders read unet.* / transformer.* keys
+        return {path: f"{family.component}.{path}" for path in paths}
+    model_config = load_base_config(base, family) if base is not None else None
     kohya_paths = family.kohya_module_paths(paths, base_info, model_config)
     return {path: "lora_unet_" + kohya_paths[path].replace(".", "_") for path in paths}
 
@@ -310,7 +355,8 @@ def export_lora(
         format: ``"diffusers"`` (``pipe.load_lora_weights``) or ``"kohya"`` (``lora_unet_*`` keys).
         rank: None for an exact export (full rank where the delta needs it); an int for a truncated SVD of each
             layer's delta, whose relative errors the report lists.
-        base: the base model (local folder, its ``unet`` folder, a UNet weights file, or the UNet module); needed
+        base: the base model: its local pipeline folder (the ``unet/`` or, for SD3 / Flux, ``transformer/``
+            folder in it is read), that model folder, its weights file, the pipeline, or the model module; needed
             when the delta depends on the base weights (GLoRA, sequential placement), and for ``"kohya"`` on SDXL
             (its SGM block numbers come from the UNet's config: a module's, or the folder's ``config.json``);
             otherwise unused.
@@ -347,10 +393,10 @@ def export_lora(
             f"{source!r} is a GLoRA supernet (every form of every support); pick its configuration with "
             "resattn-glora-search first and export the res_tuner.safetensors that search writes"
         )
-    prefix = "unet" if "UNet" in base_info.get("class", "UNet") else "transformer"
+    family = _file_family(base_info)
     if not layers:
         raise ResTunerFileError(f"{source!r} lists no layers in its metadata; re-save the tuner with save_res_tuner")
-    keys = _layer_keys(list(layers), format, prefix, base_info, base)  # a layout that cannot name them fails here
+    keys = _layer_keys(list(layers), format, family, base_info, base)  # a layout that cannot name them fails here
 
     modules = _rebuild_tuners(config, layers, tensors, source)
     needs_base = config.placement == "sequential" or any(type(m).fold_reads_base for m in modules.values())
@@ -362,9 +408,9 @@ def export_lora(
         )
         raise ResTunerError(
             f"exporting {source!r} needs the base model's weights ({why}); pass base= (the base model's local "
-            "folder, its unet folder or the UNet) or --base"
+            f"folder, its {family.component} folder, the pipeline or pipe.{family.component}) or --base"
         )
-    read_base = load_base_weights(base) if needs_base else None
+    read_base = load_base_weights(base, family) if needs_base else None
 
     scale = float(config.scale)
     report = ExportReport(out_file=out_file, format=format, tuner=config.tuner)

@@ -35,6 +35,7 @@ from .api import (
     set_res_tuner_scale,
     unfuse_res_tuner,
 )
+from .families import FAMILIES
 from .families.base import save_pretrained_refusal
 from .io import WEIGHT_NAME, ResTunerFileError, load_res_tuner, res_tuner_state_dict, save_res_tuner
 from .processors import ResTunerAttnProcessor
@@ -42,8 +43,9 @@ from .processors import ResTunerAttnProcessor
 #: Keyword arguments of :meth:`ResTunerLoaderMixin.load_res_tuner` passed on to ``huggingface_hub.hf_hub_download``.
 HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
-#: Pipeline attributes that hold the network the tuners sit on, in the order they are looked for.
-DENOISER_ATTRIBUTES: tuple[str, ...] = ("unet", "transformer")
+#: Pipeline attributes that hold the network the tuners sit on (each family's ``component``), in the order they are
+#: looked for: ``("unet", "transformer")``.
+DENOISER_ATTRIBUTES: tuple[str, ...] = tuple(dict.fromkeys(family.component for family in FAMILIES))
 
 
 def denoiser_attribute(pipeline: Any) -> str:

@@ -271,6 +271,8 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     #: what a user calls the model in messages ("UNet", "SD3 transformer", ...)
     model_word: ClassVar[str]
+    #: the pipeline's attribute holding the model, which is also its folder in a saved pipeline ("unet", "transformer")
+    component: ClassVar[str]
     #: diffusers class names of the models of this family (matched along the model's MRO)
     model_classes: ClassVar[tuple[str, ...]]
     #: every target name a block of this family may have, and the targets a config without ``targets`` gets

@@ -55,6 +55,7 @@ class JointTransformerFamily(ModelFamily):
     """A diffusion transformer of joint-attention blocks (SD3, Flux): joint attentions, feed-forwards and, where a
     family names them in :attr:`single_linears`, single linear projections as targets."""
 
+    component = "transformer"
     projections = JOINT_PROJECTIONS
     default_projections = JOINT_PROJECTIONS
     call_kwargs = "joint_attention_kwargs"

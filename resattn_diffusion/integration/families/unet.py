@@ -158,6 +158,7 @@ def _no_sgm_counterpart(path: str, why: str) -> ResTunerError:
 class UNetFamily(ModelFamily):
     name = "unet"
     model_word = "UNet"
+    component = "unet"
     model_classes = ("UNet2DConditionModel",)
     targets = ("attn1", "attn2", "ff")
     default_targets = ("attn1", "attn2")
