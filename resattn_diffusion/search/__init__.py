@@ -1,7 +1,8 @@
 """GLoRA's choice space, supernet sampling and evolutionary structure search (see :mod:`.glora_space`,
-:mod:`.supernet` and :mod:`.evolution`)."""
+:mod:`.supernet`, :mod:`.evolution` and, for SD3 / Flux, :mod:`.flow_fitness`)."""
 
-from .evolution import DenoisingFitness, LayerSpace, SearchResult, evolutionary_search, search_glora
+from .evolution import DenoisingFitness, LayerSpace, SearchResult, evolutionary_search, search_glora, search_supernet
+from .flow_fitness import FlowMatchingFitness
 from .glora_space import GLoRAChoiceSpace, sample_layer_config
 from .supernet import (
     fixed_glora_config,
@@ -17,6 +18,7 @@ from .supernet import (
 
 __all__ = [
     "DenoisingFitness",
+    "FlowMatchingFitness",
     "GLoRAChoiceSpace",
     "LayerSpace",
     "SearchResult",
@@ -28,6 +30,7 @@ __all__ = [
     "sample_subnet",
     "save_subnet",
     "search_glora",
+    "search_supernet",
     "set_subnet",
     "subnet_parameter_count",
     "subnet_spaces",

@@ -1,12 +1,16 @@
 """``resattn-glora-search`` / ``python -m resattn_diffusion.search``: pick a trained GLoRA supernet's configuration.
 
 Loads a diffusers pipeline folder and a supernet tuner file, encodes a held-out image folder (VAE latents and text
-embeddings, once), runs :func:`resattn_diffusion.search.evolution.search_glora` and writes to ``--output_dir``:
+embeddings, once), runs the search and writes to ``--output_dir``. SD 1.x/2.x/XL: the UNet, scored by
+:class:`~.evolution.DenoisingFitness` (:func:`~.evolution.search_glora`); SD3 and Flux: the transformer, loaded as
+the training scripts load it and scored by the rectified-flow loss (:class:`~.flow_fitness.FlowMatchingFitness`,
+:func:`~.evolution.search_supernet`). Both fitnesses are the held-out loss at fixed timesteps and noise. Output:
 
 * ``glora_search.json`` -- the chosen per-layer configuration, its parameter count and fitness, the fitness history
   and the search settings;
 * ``res_tuner.safetensors`` -- a fixed-configuration GLoRA tuner cut from the supernet, which loads like any other
-  tuner (``load_res_tuner(pipe.unet, output_dir)`` or ``pipe.load_res_tuner(output_dir)``) and fuses.
+  tuner (``load_res_tuner(pipe.unet, output_dir)`` -- ``pipe.transformer`` for SD3 / Flux -- or
+  ``pipe.load_res_tuner(output_dir)``) and fuses.
 
 Held-out folder: images with a ``metadata.jsonl`` (one JSON object per line with ``file_name`` and a caption column,
 ``text`` by default -- the Hugging Face imagefolder layout), or images with same-named ``.txt`` caption files.
@@ -18,6 +22,7 @@ import argparse
 import random
 import re
 import sys
+from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,10 +39,13 @@ from ..integration.io import (
 )
 from ..quiet import from_pretrained_dtype, quiet_libraries
 from ..training.data import ImageTransform, load_image, read_image_folder
-from ..training.errors import TrainingDataError
+from ..training.errors import TrainingDataError, TrainingError
+from ..training.families import family_of
+from ..training.flow import FlowMatchingBase
 from ..training.models import sdxl_time_ids
 from ..tuners.base import ConfigError
-from .evolution import DenoisingFitness, check_search_settings, search_glora
+from .evolution import DenoisingFitness, check_search_settings, search_glora, search_supernet
+from .flow_fitness import FlowMatchingFitness, encode_flow_held_out
 from .supernet import save_subnet
 
 RESULT_NAME = "glora_search.json"
@@ -144,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_samples", type=int, default=None, help="use at most this many held-out images (first by name)"
     )
     parser.add_argument(
-        "--resolution", type=int, default=None, help="image size (default: the UNet's sample size x the VAE factor)"
+        "--resolution",
+        type=int,
+        default=None,
+        help="image size (default: the model's native one: a UNet's sample size x the VAE factor, the transformer "
+        "pipeline's default)",
     )
     parser.add_argument("--output_dir", required=True, help="where glora_search.json and res_tuner.safetensors go")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --output_dir")
@@ -163,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a count of evenly spread timesteps (4), or a list (100,500,900; one timestep: 500,)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the evolution and the fixed noise")
-    parser.add_argument("--batch_size", type=int, default=8, help="UNet batch size while scoring")
+    parser.add_argument("--batch_size", type=int, default=8, help="denoiser batch size while scoring")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
         "--dtype",
@@ -236,6 +248,81 @@ def _load_noise_scheduler(name_or_path: str):
         raise SearchInputError(f"could not read the noise schedule of {name_or_path!r} (scheduler/): {err}") from None
 
 
+def _training_family(name_or_path: str) -> type:
+    """The training core's family class of the base model (reads ``model_index.json`` only)."""
+    try:
+        return family_of(Namespace(pretrained_model_name_or_path=name_or_path, revision=None, cache_dir=None))
+    except TrainingError as err:
+        raise SearchInputError(str(err)) from None
+
+
+def _resolution(args: argparse.Namespace, default: int, multiple: int, why: str) -> int:
+    resolution = default if args.resolution is None else args.resolution
+    if resolution % multiple:  # the VAE (and a transformer's patches) would drop pixels
+        raise SearchInputError(f"--resolution must be a multiple of {multiple} ({why}), got {resolution}")
+    return resolution
+
+
+def _search_unet(args, family, pairs, device, dtype, noise_scheduler, settings):
+    """SD 1.x/2.x/XL: the pipeline's UNet, scored by :class:`DenoisingFitness` on cached latents and embeddings."""
+    pipeline = _load_pipeline(args.pretrained_model_name_or_path, device, dtype)
+    unet = pipeline.unet
+    unet.requires_grad_(False)
+    load_res_tuner(unet, args.supernet, adapter_name=SUPERNET_NAME)
+    factor = pipeline.vae_scale_factor
+    resolution = _resolution(args, unet.config.sample_size * factor, factor, "the VAE's downscaling")
+    latents, embeddings, added = encode_held_out(pipeline, pairs, resolution, args.batch_size)
+    result = search_glora(
+        unet,
+        latents,
+        embeddings,
+        noise_scheduler,
+        added_cond_kwargs=added,
+        adapter_name=SUPERNET_NAME,
+        progress=not args.no_progress,
+        **settings,
+    )
+    return unet, result, resolution
+
+
+def _search_flow(args, family, pairs, device, dtype, noise_scheduler, settings):
+    """SD3 / Flux: the transformer loaded as the training scripts load it, scored by
+    :class:`~.flow_fitness.FlowMatchingFitness` (the rectified-flow loss at fixed timesteps and noise)."""
+    flags = Namespace(
+        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+        revision=None,
+        variant=None,
+        cache_dir=None,
+        pretrained_vae_model_name_or_path=None,
+        max_sequence_length=None,
+        guidance_scale=None,
+        weighting_scheme=None,
+    )
+    base = family.load(flags, dtype)
+    base.to(device, dtype)
+    transformer = base.denoiser
+    load_res_tuner(transformer, args.supernet, adapter_name=SUPERNET_NAME)
+    resolution = _resolution(
+        args, family.native_resolution(flags), base.resolution_multiple, "the VAE's downscaling times 2x2 patches"
+    )
+    pixels = torch.stack([load_image_tensor(path, resolution)[0] for path, _ in pairs])
+    captions = [caption for _, caption in pairs]
+    latents, conditioning = encode_flow_held_out(base, flags, pixels, captions, device, args.batch_size)
+    fitness = FlowMatchingFitness(
+        base, flags, latents, conditioning, timesteps=settings["timesteps"], seed=args.seed, batch_size=args.batch_size
+    )
+    evolution = {key: value for key, value in settings.items() if key not in ("timesteps", "batch_size")}
+    result = search_supernet(
+        transformer,
+        fitness,
+        adapter_name=SUPERNET_NAME,
+        progress=not args.no_progress,
+        settings={"timesteps": fitness.timesteps, "held_out_samples": len(pairs), "batch_size": args.batch_size},
+        **evolution,
+    )
+    return transformer, result, resolution
+
+
 def run(args: argparse.Namespace) -> Path:
     """The search as the CLI runs it; returns the result JSON's path. Every flag and output path is checked before
     the first model loads."""
@@ -267,34 +354,16 @@ def run(args: argparse.Namespace) -> Path:
     quiet_libraries()
     pairs = read_captioned_images(args.data_dir, args.caption_column, args.image_column)[: args.max_samples]
     check_pretrained_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    family = _training_family(args.pretrained_model_name_or_path)
+    # the UNet's training schedule; of a transformer's, only its length is read here (its family loads its own)
     noise_scheduler = _load_noise_scheduler(args.pretrained_model_name_or_path)
     DenoisingFitness.fixed_timesteps(timesteps, noise_scheduler.config.num_train_timesteps)
     _check_outputs(output_dir, args.overwrite)
     quiet_libraries(output_dir / "search.log")
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    pipeline = _load_pipeline(args.pretrained_model_name_or_path, device, dtype)
-    unet = pipeline.unet
-    unet.requires_grad_(False)
-    load_res_tuner(unet, args.supernet, adapter_name=SUPERNET_NAME)
-    factor = pipeline.vae_scale_factor
-    resolution = unet.config.sample_size * factor if args.resolution is None else args.resolution
-    if resolution % factor:  # the VAE would drop pixels: latents of another size than the images
-        raise SearchInputError(
-            f"--resolution must be a multiple of {factor} (the VAE's downscaling), got {resolution}"
-        )
-    latents, embeddings, added = encode_held_out(pipeline, pairs, resolution, args.batch_size)
-
-    result = search_glora(
-        unet,
-        latents,
-        embeddings,
-        noise_scheduler,
-        added_cond_kwargs=added,
-        adapter_name=SUPERNET_NAME,
-        progress=not args.no_progress,
-        **settings,
-    )
+    search = _search_flow if issubclass(family, FlowMatchingBase) else _search_unet
+    model, result, resolution = search(args, family, pairs, device, dtype, noise_scheduler, settings)
     result.settings.update(
         {
             "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
@@ -305,7 +374,7 @@ def run(args: argparse.Namespace) -> Path:
     )
     # never a new tuner beside an old result: the old one goes first, so an interrupted write leaves the tuner alone
     (output_dir / RESULT_NAME).unlink(missing_ok=True)
-    tuner_path = save_subnet(unet, result.configs, output_dir, adapter_name=SUPERNET_NAME, saved_name="default")
+    tuner_path = save_subnet(model, result.configs, output_dir, adapter_name=SUPERNET_NAME, saved_name="default")
     result.settings["tuner_file"] = str(tuner_path)
     result_path = result.save(output_dir / RESULT_NAME)
     print(
@@ -326,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ConfigError,
         ResTunerError,
         ResTunerFileError,
+        TrainingError,
         FileExistsError,
     ) as err:
         print(f"resattn-glora-search: error: {err}", file=sys.stderr)

@@ -536,7 +536,7 @@ def search_glora(
     seed gives the same result. Afterwards the supernet evaluates the chosen subnet; save it with
     :func:`resattn_diffusion.search.supernet.save_subnet` (``result.configs``).
     """
-    check_search_settings(
+    check_search_settings(  # all of them before any work, as the command line does
         population_size=population_size,
         iterations=iterations,
         mutation_rate=mutation_rate,
@@ -546,12 +546,6 @@ def search_glora(
         timesteps=timesteps,
         batch_size=batch_size,
     )
-    modules = list(supernet_layers(unet, adapter_name))
-    _require_unfused(unet, adapter_name)
-    layers = [
-        LayerSpace(path, GLoRAChoiceSpace.of_module(module), module.d_out, module.d_in, module.has_bias)
-        for path, module in modules
-    ]
     fitness = DenoisingFitness(
         unet,
         latents,
@@ -562,7 +556,54 @@ def search_glora(
         added_cond_kwargs=added_cond_kwargs,
         batch_size=batch_size,
     )
-    previous = get_subnet(unet, adapter_name)
+    return search_supernet(
+        unet,
+        fitness,
+        adapter_name=adapter_name,
+        population_size=population_size,
+        iterations=iterations,
+        mutation_rate=mutation_rate,
+        crossover_rate=crossover_rate,
+        budget=budget,
+        seed=seed,
+        progress=progress,
+        settings={"timesteps": fitness.timesteps, "held_out_samples": int(latents.shape[0])},
+    )
+
+
+def search_supernet(
+    model: nn.Module,
+    fitness: Callable[[], float],
+    *,
+    adapter_name: str = "default",
+    population_size: int = 16,
+    iterations: int = 10,
+    mutation_rate: float = 0.1,
+    crossover_rate: float = 0.5,
+    budget: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    settings: Mapping[str, Any] | None = None,
+) -> SearchResult:
+    """The evolutionary search of the GLoRA supernet ``adapter_name`` on any model (a UNet, a diffusion
+    transformer), scoring each configuration by ``fitness()`` -- the held-out loss with that configuration active,
+    lower is better (:class:`DenoisingFitness` for a UNet, :class:`~.flow_fitness.FlowMatchingFitness` for SD3 /
+    Flux). Afterwards the supernet evaluates the chosen subnet; ``settings`` are recorded in the result."""
+    check_search_settings(
+        population_size=population_size,
+        iterations=iterations,
+        mutation_rate=mutation_rate,
+        crossover_rate=crossover_rate,
+        budget=budget,
+        seed=seed,
+    )
+    modules = list(supernet_layers(model, adapter_name))
+    _require_unfused(model, adapter_name)
+    layers = [
+        LayerSpace(path, GLoRAChoiceSpace.of_module(module), module.d_out, module.d_in, module.has_bias)
+        for path, module in modules
+    ]
+    previous = get_subnet(model, adapter_name)
 
     def evaluate(genome: Genome) -> float:
         for (_, module), config in zip(modules, genome):
@@ -582,10 +623,8 @@ def search_glora(
             progress=progress,
         )
     except BaseException:
-        set_subnet(unet, previous, adapter_name)
+        set_subnet(model, previous, adapter_name)
         raise
-    set_subnet(unet, result.configs, adapter_name)
-    result.settings.update(
-        {"adapter_name": adapter_name, "timesteps": fitness.timesteps, "held_out_samples": int(latents.shape[0])}
-    )
+    set_subnet(model, result.configs, adapter_name)
+    result.settings.update({"adapter_name": adapter_name, **(settings or {})})
     return result
