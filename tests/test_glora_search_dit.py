@@ -8,7 +8,6 @@ training scripts allow) could be neither searched nor exported (export refuses a
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 
 import pytest
 import torch
@@ -17,21 +16,12 @@ from test_glora_search import write_held_out
 import resattn_diffusion as rd
 from resattn_diffusion.search.cli import main as search_main
 from resattn_diffusion.search.evolution import search_supernet
-from resattn_diffusion.search.flow_fitness import FlowMatchingFitness, encode_flow_held_out
+from resattn_diffusion.search.flow_fitness import FlowMatchingFitness, encode_flow_held_out, flow_flags
 from resattn_diffusion.search.supernet import get_subnet, set_subnet
 from resattn_diffusion.testing import model_inputs, save_tiny_dit_pipeline
 from resattn_diffusion.training.flow import FluxBase, SD3Base
 
 FAMILIES = {"sd3": SD3Base, "flux": FluxBase}
-FLAGS = dict(
-    revision=None,
-    variant=None,
-    cache_dir=None,
-    pretrained_vae_model_name_or_path=None,
-    max_sequence_length=None,
-    guidance_scale=None,
-    weighting_scheme=None,
-)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,7 @@ def folders(tmp_path_factory):
 
 def _supernet_file(folder, tmp_path, kind: str):
     """A GLoRA supernet on the pipeline's transformer, its parameters random (a trained one's are not zero)."""
-    base = FAMILIES[kind].load(Namespace(pretrained_model_name_or_path=str(folder), **FLAGS), torch.float32)
+    base = FAMILIES[kind].load(flow_flags(str(folder)), torch.float32)
     rd.add_res_tuner(base.denoiser, rd.ResTunerConfig("glora", supernet=True, rank=2))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -74,7 +64,7 @@ def test_the_command_searches_a_transformer_supernet_and_writes_a_loadable_fixed
     assert len(result["configs"]) == len(get_subnet(base.denoiser))
 
     # the fixed tuner written is the supernet with the chosen subnet active: same parameters, same output
-    fixed = FAMILIES[kind].load(Namespace(pretrained_model_name_or_path=str(folders[kind]), **FLAGS), torch.float32)
+    fixed = FAMILIES[kind].load(flow_flags(str(folders[kind])), torch.float32)
     rd.load_res_tuner(fixed.denoiser, tmp_path / "out")
     assert rd.res_tuner_summary(fixed.denoiser)["tuners"]["default"]["parameters"] == result["parameters"]
     set_subnet(base.denoiser, result["configs"])
@@ -92,7 +82,7 @@ def test_flow_fitness_is_deterministic_and_tells_configurations_apart(folders, t
     """One configuration always scores the same (fixed noise and timesteps); configurations score differently;
     the search picks the best it evaluated."""
     base, _ = _supernet_file(folders["flux"], tmp_path, "flux")
-    flags = Namespace(pretrained_model_name_or_path=str(folders["flux"]), **FLAGS)
+    flags = flow_flags(str(folders["flux"]))
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     latents, conditioning = encode_flow_held_out(base, flags, pixels, ["a dog", "a cat"], torch.device("cpu"), 1)
     assert latents.shape[0] == 2 and all(part.shape[0] == 2 for part in conditioning)

@@ -45,7 +45,7 @@ from ..training.flow import FlowMatchingBase
 from ..training.models import sdxl_time_ids
 from ..tuners.base import ConfigError
 from .evolution import DenoisingFitness, check_search_settings, search_glora, search_supernet
-from .flow_fitness import FlowMatchingFitness, encode_flow_held_out
+from .flow_fitness import FlowMatchingFitness, encode_flow_held_out, flow_flags
 from .supernet import save_subnet
 
 RESULT_NAME = "glora_search.json"
@@ -288,16 +288,7 @@ def _search_unet(args, family, pairs, device, dtype, noise_scheduler, settings):
 def _search_flow(args, family, pairs, device, dtype, noise_scheduler, settings):
     """SD3 / Flux: the transformer loaded as the training scripts load it, scored by
     :class:`~.flow_fitness.FlowMatchingFitness` (the rectified-flow loss at fixed timesteps and noise)."""
-    flags = Namespace(
-        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-        revision=None,
-        variant=None,
-        cache_dir=None,
-        pretrained_vae_model_name_or_path=None,
-        max_sequence_length=None,
-        guidance_scale=None,
-        weighting_scheme=None,
-    )
+    flags = flow_flags(args.pretrained_model_name_or_path)
     base = family.load(flags, dtype)
     base.to(device, dtype)
     transformer = base.denoiser

@@ -147,34 +147,47 @@ class DenoisingFitness:
     def __len__(self) -> int:
         return self.noisy_latents.shape[0]
 
-    @torch.no_grad()
     def __call__(self) -> float:
-        unet = self.unet
-        parameter = next(unet.parameters())
-        device, dtype = parameter.device, parameter.dtype
-        was_training = unet.training
-        unet.eval()
-        total = 0.0
-        try:
-            for start in range(0, len(self), self.batch_size):
-                stop = start + self.batch_size
-                kwargs = {}
-                if self.added_cond_kwargs:
-                    kwargs["added_cond_kwargs"] = {
-                        key: value[start:stop].to(device=device, dtype=dtype)
-                        for key, value in self.added_cond_kwargs.items()
-                    }
-                prediction = unet(
-                    self.noisy_latents[start:stop].to(device=device, dtype=dtype),
-                    self.steps[start:stop].to(device),
-                    encoder_hidden_states=self.encoder_hidden_states[start:stop].to(device=device, dtype=dtype),
-                    **kwargs,
-                ).sample
-                error = (prediction.float().cpu() - self.targets[start:stop]).pow(2)
-                total += error.mean(dim=tuple(range(1, error.ndim))).sum().item()
-        finally:
-            unet.train(was_training)
-        return total / len(self)
+        def predict(start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+            kwargs = {}
+            if self.added_cond_kwargs:
+                kwargs["added_cond_kwargs"] = {
+                    key: value[start:stop].to(device=device, dtype=dtype)
+                    for key, value in self.added_cond_kwargs.items()
+                }
+            return self.unet(
+                self.noisy_latents[start:stop].to(device=device, dtype=dtype),
+                self.steps[start:stop].to(device),
+                encoder_hidden_states=self.encoder_hidden_states[start:stop].to(device=device, dtype=dtype),
+                **kwargs,
+            ).sample
+
+        return held_out_mean_squared_error(self.unet, predict, self.targets, self.batch_size)
+
+
+@torch.no_grad()
+def held_out_mean_squared_error(
+    model: nn.Module,
+    predict: Callable[[int, int, torch.device, torch.dtype], torch.Tensor],
+    targets: torch.Tensor,
+    batch_size: int,
+) -> float:
+    """``mean_i ||predict(i) - targets[i]||^2 / numel`` over the rows of ``targets``, ``batch_size`` rows per call
+    of ``predict(start, stop, device, dtype)`` (inputs go to the model's device and dtype), with ``model`` in eval
+    mode for the calls (its mode restored after): the fitness of every held-out loss of the search."""
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for start in range(0, targets.shape[0], batch_size):
+            stop = start + batch_size
+            error = (predict(start, stop, device, dtype).float().cpu() - targets[start:stop]).pow(2)
+            total += error.mean(dim=tuple(range(1, error.ndim))).sum().item()
+    finally:
+        model.train(was_training)
+    return total / targets.shape[0]
 
 
 # --- the evolution (independent of the UNet) --------------------------------------------------------------------
@@ -536,16 +549,15 @@ def search_glora(
     seed gives the same result. Afterwards the supernet evaluates the chosen subnet; save it with
     :func:`resattn_diffusion.search.supernet.save_subnet` (``result.configs``).
     """
-    check_search_settings(  # all of them before any work, as the command line does
-        population_size=population_size,
-        iterations=iterations,
-        mutation_rate=mutation_rate,
-        crossover_rate=crossover_rate,
-        budget=budget,
-        seed=seed,
-        timesteps=timesteps,
-        batch_size=batch_size,
-    )
+    evolution = {
+        "population_size": population_size,
+        "iterations": iterations,
+        "mutation_rate": mutation_rate,
+        "crossover_rate": crossover_rate,
+        "budget": budget,
+        "seed": seed,
+    }
+    check_search_settings(**evolution, timesteps=timesteps, batch_size=batch_size)  # all before any work
     fitness = DenoisingFitness(
         unet,
         latents,
@@ -556,19 +568,8 @@ def search_glora(
         added_cond_kwargs=added_cond_kwargs,
         batch_size=batch_size,
     )
-    return search_supernet(
-        unet,
-        fitness,
-        adapter_name=adapter_name,
-        population_size=population_size,
-        iterations=iterations,
-        mutation_rate=mutation_rate,
-        crossover_rate=crossover_rate,
-        budget=budget,
-        seed=seed,
-        progress=progress,
-        settings={"timesteps": fitness.timesteps, "held_out_samples": int(latents.shape[0])},
-    )
+    settings = {"timesteps": fitness.timesteps, "held_out_samples": int(latents.shape[0])}
+    return search_supernet(unet, fitness, adapter_name=adapter_name, progress=progress, settings=settings, **evolution)
 
 
 def search_supernet(

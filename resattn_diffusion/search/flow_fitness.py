@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..training.flow import FlowMatchingBase
-from .evolution import DenoisingFitness, check_search_settings
+from .evolution import DenoisingFitness, check_search_settings, held_out_mean_squared_error
 
 
 class FlowMatchingFitness:
@@ -61,30 +62,32 @@ class FlowMatchingFitness:
     def __len__(self) -> int:
         return self.noisy.shape[0]
 
-    @torch.no_grad()
     def __call__(self) -> float:
-        denoiser = self.base.denoiser
-        parameter = next(denoiser.parameters())
-        device, dtype = parameter.device, parameter.dtype
-        was_training = denoiser.training
-        denoiser.eval()
-        total = 0.0
-        try:
-            for start in range(0, len(self), self.batch_size):
-                stop = start + self.batch_size
-                conditioning = [part[start:stop].to(device=device, dtype=dtype) for part in self.conditioning]
-                prediction = self.base.predict(
-                    denoiser,
-                    self.noisy[start:stop].to(device=device, dtype=dtype),
-                    self.steps[start:stop].to(device),
-                    conditioning,
-                    self.args,
-                )
-                error = (prediction.float().cpu() - self.targets[start:stop]).pow(2)
-                total += error.mean(dim=tuple(range(1, error.ndim))).sum().item()
-        finally:
-            denoiser.train(was_training)
-        return total / len(self)
+        def predict(start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+            return self.base.predict(
+                self.base.denoiser,
+                self.noisy[start:stop].to(device=device, dtype=dtype),
+                self.steps[start:stop].to(device),
+                [part[start:stop].to(device=device, dtype=dtype) for part in self.conditioning],
+                self.args,
+            )
+
+        return held_out_mean_squared_error(self.base.denoiser, predict, self.targets, self.batch_size)
+
+
+def flow_flags(pretrained_model_name_or_path: str, **flags: Any) -> Namespace:
+    """The training flags a flow family's ``load``, ``predict`` and text encoding read, at the training scripts'
+    defaults (T5's sequence length, Flux's guidance, ...), ``flags`` overriding them."""
+    defaults = dict(
+        revision=None,
+        variant=None,
+        cache_dir=None,
+        pretrained_vae_model_name_or_path=None,
+        max_sequence_length=None,
+        guidance_scale=None,
+        weighting_scheme=None,
+    )
+    return Namespace(pretrained_model_name_or_path=pretrained_model_name_or_path, **{**defaults, **flags})
 
 
 @torch.no_grad()
