@@ -203,6 +203,7 @@ def test_a_glora_supernet_trained_on_flux_is_searched_and_its_fixed_tuner_sample
     assert search_main(argv) == 0
     result = json.loads((tmp_path / "searched" / "glora_search.json").read_text())
     assert 0 < result["parameters"] <= 3000
+    assert result["settings"]["max_sequence_length"] == 16  # scored on the conditioning it trained on (args.json)
     pipeline = tuned_pipeline("flux", dit_dirs["flux"])
     before = generate(pipeline)
     pipeline.load_res_tuner(tmp_path / "searched")

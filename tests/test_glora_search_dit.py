@@ -110,3 +110,34 @@ def test_a_pipeline_the_training_core_does_not_know_is_refused_before_anything_i
     assert search_main(_argv(folders | {"other": folder}, "other", tmp_path / "none", tmp_path / "out")) == 2
     assert "the training scripts know" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("recorded", "message"),
+    [
+        ("{not json", "is not readable JSON"),
+        ("[16]", "is not a JSON object of training flags"),
+        ('{"max_sequence_length": "16"}', "records max_sequence_length='16'"),
+        ('{"max_sequence_length": true}', "records max_sequence_length=True"),
+        ('{"guidance_scale": NaN}', "records guidance_scale=nan"),
+        ('{"max_sequence_length": 9999}', "T5 takes 1 to 512 tokens"),
+    ],
+)
+def test_the_training_flags_beside_the_supernet_are_checked_before_anything_loads(
+    folders, tmp_path, capsys, recorded, message
+):
+    """The search reads T5's token count and Flux's guidance from the training run's ``args.json`` beside the
+    supernet (so subnets are scored on the conditioning they trained on); a crafted one is refused, naming it."""
+    _, supernet = _supernet_file(folders["flux"], tmp_path, "flux")
+    (supernet.parent / "args.json").write_text(recorded)
+    assert search_main(_argv(folders, "flux", supernet.parent, tmp_path / "out")) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "glora_search.json").exists()
+
+
+def test_a_valid_recorded_sequence_length_is_used_and_recorded(folders, tmp_path):
+    _, supernet = _supernet_file(folders["sd3"], tmp_path, "sd3")
+    (supernet.parent / "args.json").write_text('{"max_sequence_length": 8, "guidance_scale": null}')
+    assert search_main(_argv(folders, "sd3", supernet.parent, tmp_path / "out")) == 0
+    settings = json.loads((tmp_path / "out" / "glora_search.json").read_text())["settings"]
+    assert settings["max_sequence_length"] == 8 and "guidance_scale" not in settings

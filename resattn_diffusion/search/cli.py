@@ -19,6 +19,8 @@ Held-out folder: images with a ``metadata.jsonl`` (one JSON object per line with
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import random
 import re
 import sys
@@ -36,6 +38,7 @@ from ..integration.io import (
     check_path_characters,
     load_res_tuner,
     prepare_output_file,
+    resolve_tuner_file,
 )
 from ..quiet import from_pretrained_dtype, quiet_libraries
 from ..training.data import ImageTransform, load_image, read_image_folder
@@ -285,10 +288,45 @@ def _search_unet(args, family, pairs, device, dtype, noise_scheduler, settings):
     return unet, result, resolution
 
 
+#: training flags that change what a transformer is shown (T5's token count, Flux's guidance): read from the
+#: training run's ``args.json`` beside the supernet, so the search scores subnets on the conditioning they trained on
+CONDITIONING_FLAGS = ("max_sequence_length", "guidance_scale")
+
+
+def _trained_with(supernet: str) -> dict:
+    """The :data:`CONDITIONING_FLAGS` the supernet was trained with, from the ``args.json`` the training scripts
+    write beside it (none there: the scripts' defaults)."""
+    file = resolve_tuner_file(supernet).parent / "args.json"
+    if not file.is_file():
+        return {}
+    try:
+        recorded = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SearchInputError(
+            f"{str(file)!r} beside the supernet is not readable JSON ({err}); fix or remove it"
+        ) from None
+    if not isinstance(recorded, dict):
+        raise SearchInputError(f"{str(file)!r} beside the supernet is not a JSON object of training flags")
+    flags = {name: recorded[name] for name in CONDITIONING_FLAGS if recorded.get(name) is not None}
+    for name, value in flags.items():
+        whole = name == "max_sequence_length"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int if whole else (int, float))
+            or not math.isfinite(value)
+        ):
+            raise SearchInputError(
+                f"{str(file)!r} records {name}={value!r}; a training run writes "
+                f"{'a whole number' if whole else 'a number'} there: fix or remove the file"
+            )
+    return flags
+
+
 def _search_flow(args, family, pairs, device, dtype, noise_scheduler, settings):
     """SD3 / Flux: the transformer loaded as the training scripts load it, scored by
     :class:`~.flow_fitness.FlowMatchingFitness` (the rectified-flow loss at fixed timesteps and noise)."""
-    flags = flow_flags(args.pretrained_model_name_or_path)
+    flags = flow_flags(args.pretrained_model_name_or_path, **_trained_with(args.supernet))
+    family.check_args(flags)  # e.g. a sequence length T5 cannot take, before the models load
     base = family.load(flags, dtype)
     base.to(device, dtype)
     transformer = base.denoiser
@@ -308,7 +346,12 @@ def _search_flow(args, family, pairs, device, dtype, noise_scheduler, settings):
         fitness,
         adapter_name=SUPERNET_NAME,
         progress=not args.no_progress,
-        settings={"timesteps": fitness.timesteps, "held_out_samples": len(pairs), "batch_size": args.batch_size},
+        settings={
+            "timesteps": fitness.timesteps,
+            "held_out_samples": len(pairs),
+            "batch_size": args.batch_size,
+            **{name: getattr(flags, name) for name in CONDITIONING_FLAGS if getattr(flags, name) is not None},
+        },
         **evolution,
     )
     return transformer, result, resolution
