@@ -763,8 +763,17 @@ def unet_from_config(config: dict[str, Any], device: str | torch.device = "meta"
         raise TypeError(
             f"unet_from_config: config must be a dict (e.g. SD15_UNET_CONFIG), got {type(config).__name__}."
         )
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(copy.deepcopy(config))
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(copy.deepcopy(config))
+    except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as err:  # diffusers' and torch's, raw
+        from .tuners.base import ConfigError  # here, so that testing.py loads without the rest
+
+        raise ConfigError(
+            f"unet_from_config: this config does not build a UNet2DConditionModel ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no message'}); pass a UNet config.json as a dict, e.g. "
+            "SD15_UNET_CONFIG"
+        ) from None
     return unet.eval()
 
 

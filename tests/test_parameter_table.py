@@ -3,6 +3,8 @@ what peft itself adds)."""
 
 from __future__ import annotations
 
+import pytest
+
 import resattn_diffusion as rd
 from benchmarks.parameter_table import peft_lora_row, readme_table
 from resattn_diffusion.parameter_table import count_tuner_parameters, parameter_table
@@ -29,3 +31,17 @@ def test_the_peft_lora_row_counts_what_peft_adds():
     added = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
     assert peft_lora_row(config, 3)[-1] == added > 0
     assert "| peft LoRA (diffusers) | `B A x` | r=4 |" in readme_table(config)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"cross_attention_dim": -5}, {"block_out_channels": [3, 5, 7, 9]}, {"down_block_types": ["NoSuchBlock2D"] * 4}],
+    ids=["negative width", "groups do not divide", "unknown block"],
+)
+def test_a_config_that_builds_no_unet_is_a_config_error_naming_it(change):
+    """``count_tuner_parameters`` on a crafted config: the project's ConfigError, not diffusers' or torch's raw
+    ValueError / RuntimeError from inside the UNet's constructor."""
+    from resattn_diffusion.testing import SD15_UNET_CONFIG
+
+    with pytest.raises(rd.ConfigError, match="this config does not build a UNet2DConditionModel"):
+        count_tuner_parameters({**SD15_UNET_CONFIG, **change}, rd.ResTunerConfig("res_attn"))
