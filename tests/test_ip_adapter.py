@@ -5,7 +5,8 @@ What broke before (each test says which): ``load_ip_adapter`` after tuners on ``
 diffusers (it rebuilds the processors it leaves alone as ``type(processor)()``); Res-Attn on ``attn2`` raised one too
 (it read ``(text, [image tokens])`` as its context); ``set_ip_adapter_scale``, ``unload_ip_adapter``,
 ``disable_xformers_memory_efficient_attention`` and ``ip_adapter_masks`` silently did nothing or dropped the adapter;
-``pipe.to(...)`` left the adapter's weights behind; Flux's adapter raised at the first call.
+``pipe.to(...)`` left the adapter's weights behind; Flux's adapter raised at the first call. SD3's adapter (a
+timestep-conditioned resampler) is checked beside tuners in either order.
 """
 
 from __future__ import annotations
@@ -258,6 +259,64 @@ def test_flux_ip_adapter_beside_tuners():
         pipe.set_ip_adapter_scale(1.0)
         guided = transformer(**inputs, joint_attention_kwargs=dict(image)).sample
     assert not torch.allclose(guided, tuned, atol=1e-4)
+
+
+def sd3_ip_adapter_state_dict(transformer: torch.nn.Module, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """An SD3 IP-Adapter as diffusers' ``load_ip_adapter`` hands it to the transformer: its time-conditioned
+    resampler (``IPAdapterTimeImageProjection``, 4 image tokens) and, per joint attention, the adapter processor's
+    ``norm_ip`` / ``to_k_ip`` / ``to_v_ip``; every weight random (a fresh module's state, then redrawn)."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    generator = torch.Generator().manual_seed(seed)
+    config = transformer.config
+    hidden = config.attention_head_dim * config.num_attention_heads
+
+    def redrawn(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in module.state_dict().items()}
+
+    resampler_width = 64  # one 64-wide head; its timestep embedding, this wide too, conditions every processor
+    ip_adapter = {}
+    for index in range(len(transformer.attn_processors)):
+        processor = SD3IPAdapterJointAttnProcessor2_0(hidden, hidden, config.attention_head_dim, resampler_width)
+        ip_adapter.update({f"{index}.{key}": value for key, value in redrawn(processor).items()})
+    projection = IPAdapterTimeImageProjection(
+        embed_dim=IMAGE_EMBED_DIM, output_dim=hidden, hidden_dim=resampler_width, heads=1, num_queries=4
+    )
+    return {"image_proj": redrawn(projection), "ip_adapter": ip_adapter}
+
+
+@pytest.mark.parametrize("order", ["tuners first", "ip-adapter first"])
+def test_sd3_ip_adapter_beside_tuners(order):
+    """SD3's IP-Adapter (a resampler conditioned on the timestep, whose processor takes ``ip_hidden_states`` and
+    ``temb``): in either order, at adapter scale 0 the tuned transformer's output is exactly the same tuners' output
+    without the adapter, and at scale 1 the image moves it."""
+    from resattn_diffusion.testing import sd3_transformer_inputs, tiny_dit_pipeline
+
+    def add_res_attn(transformer: torch.nn.Module) -> None:
+        rd.add_res_tuner(transformer, rd.ResTunerConfig("res_attn"))
+        randomize_tuner(transformer, std=0.3)
+
+    reference = tiny_dit_pipeline("sd3").transformer
+    add_res_attn(reference)
+    inputs = sd3_transformer_inputs(reference)
+    with torch.no_grad():
+        tuned = reference(**inputs).sample
+    pipe = tiny_dit_pipeline("sd3")
+    transformer = pipe.transformer
+    if order == "tuners first":
+        add_res_attn(transformer)
+    transformer._load_ip_adapter_weights(sd3_ip_adapter_state_dict(transformer), low_cpu_mem_usage=False)
+    if order == "ip-adapter first":
+        add_res_attn(transformer)
+    image = torch.randn(2, 1, IMAGE_EMBED_DIM, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pipe.set_ip_adapter_scale(0.0)
+        at_zero = transformer(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": image}).sample
+        pipe.set_ip_adapter_scale(1.0)
+        guided = transformer(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": image}).sample
+    torch.testing.assert_close(at_zero, tuned, rtol=0, atol=1e-6)
+    assert (guided - tuned).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("order", ["tuners first", "ip-adapter first"])
