@@ -89,6 +89,10 @@ def test_flow_fitness_is_deterministic_and_tells_configurations_apart(folders, t
     assert base.text_encoders_freed and not base.text_encoders  # encoded once; the search never needs them again
     fitness = FlowMatchingFitness(base, flags, latents, conditioning, timesteps=[100, 900], seed=0, batch_size=3)
     assert len(fitness) == 4 and fitness.timesteps == [100, 900]
+    # timesteps mean noise levels, as on a UNet: 100 little noise, 900 much (the flow schedule runs downwards)
+    spacing = (base.noise_scheduler.timesteps[:-1] - base.noise_scheduler.timesteps[1:]).abs().max()
+    assert (fitness.steps[:2] - torch.tensor([100.0, 900.0])).abs().max() <= spacing
+    assert fitness.noisy[0].sub(latents[0]).abs().mean() < fitness.noisy[1].sub(latents[0]).abs().mean()
     first = fitness()
     assert first == fitness() and first > 0
     scores = set()

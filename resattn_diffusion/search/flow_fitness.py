@@ -2,7 +2,8 @@
 and noise, the counterpart of :class:`~.evolution.DenoisingFitness` for a UNet.
 
 For held-out latents ``x`` (the VAE posterior mean, shifted and scaled as in training), noise ``n`` drawn once from
-the seed and the training schedule's sigmas ``s`` at evenly spread (or given) timesteps, the fitness of the active
+the seed and the training schedule's sigmas ``s`` at evenly spread (or given) timesteps -- timesteps in [0, 1000)
+as on a UNet, each taken at the schedule's nearest entry --, the fitness of the active
 configuration is ``mean over (sample, timestep) of || v(x_s, t) - (n - x) ||^2`` with ``x_s = (1 - s) x + s n``:
 the training objective without its timestep weighting (the same for every configuration) and without randomness,
 so one configuration always scores the same. The transformer is called as the training scripts call it (the
@@ -52,7 +53,11 @@ class FlowMatchingFitness:
         pairs = len(self.timesteps)
         clean = latents.detach().float().cpu().repeat_interleave(pairs, dim=0)
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float32)
-        indices = torch.tensor(self.timesteps, dtype=torch.long).repeat(count)
+        # a timestep t means the same as on a UNet (the noise level grows with t in [0, 1000)): the training
+        # schedule's entry nearest t (the flow schedule runs downwards from 1000 and, shifted, is not linear)
+        schedule = scheduler.timesteps.float()
+        nearest = [int((schedule - t).abs().argmin()) for t in self.timesteps]
+        indices = torch.tensor(nearest, dtype=torch.long).repeat(count)
         sigmas = scheduler.sigmas[indices].float().view(-1, 1, 1, 1)
         self.noisy = (1.0 - sigmas) * clean + sigmas * noise
         self.targets = noise - clean
