@@ -1,7 +1,7 @@
 """Two-step training runs of both scripts on the tiny SD3 and Flux folders (issue 17's "done when"): the tuner they
 save loads into the SD3 / Flux pipelines and changes the images; resume is exact; prior preservation generates
 class images with the transformer pipeline; bf16 with gradient checkpointing trains fp32 tuner weights; a GLoRA
-supernet trained on Flux is searched and its fixed tuner samples.
+supernet trained on SD3 or Flux is searched and its fixed tuner samples.
 """
 
 from __future__ import annotations
@@ -184,19 +184,20 @@ def test_bf16_with_gradient_checkpointing_trains_fp32_tuner_weights(dit_dirs, da
     assert any(t.abs().sum() > 0 for t in tensors.values())  # gradients reached the tuner through checkpointing
 
 
-def test_a_glora_supernet_trained_on_flux_is_searched_and_its_fixed_tuner_samples(dit_dirs, data, tmp_path):
+@pytest.mark.parametrize("kind", DIT_KINDS)
+def test_a_glora_supernet_trained_on_a_transformer_is_searched_and_its_fixed_tuner_samples(
+    kind, dit_dirs, data, tmp_path
+):
     """The whole structure-search workflow on a diffusion transformer: train a supernet, search it on held-out
-    images, load the fixed tuner the search writes into the Flux pipeline (before, the search refused a pipeline
-    without a UNet, and export refuses a supernet: the trained supernet was a dead end)."""
+    images, load the fixed tuner the search writes into the SD3 / Flux pipeline (before, the search refused a
+    pipeline without a UNet, and export refuses a supernet: the trained supernet was a dead end)."""
     from resattn_diffusion import res_tuner_summary
     from resattn_diffusion.search.cli import main as search_main
 
     supernet = tmp_path / "supernet"
-    run(
-        "text2img", dit_dirs["flux"], supernet, data, "--tuner", "glora", "--rank", "2", "--tuner_arg", "supernet=true"
-    )
+    run("text2img", dit_dirs[kind], supernet, data, "--tuner", "glora", "--rank", "2", "--tuner_arg", "supernet=true")
     argv = [
-        "--pretrained_model_name_or_path", str(dit_dirs["flux"]), "--supernet", str(supernet),
+        "--pretrained_model_name_or_path", str(dit_dirs[kind]), "--supernet", str(supernet),
         "--data_dir", str(data["text2img"]), "--output_dir", str(tmp_path / "searched"), "--resolution", "32",
         "--population_size", "3", "--iterations", "1", "--timesteps", "2", "--budget", "3k", "--no_progress",
     ]  # fmt: skip
@@ -204,7 +205,7 @@ def test_a_glora_supernet_trained_on_flux_is_searched_and_its_fixed_tuner_sample
     result = json.loads((tmp_path / "searched" / "glora_search.json").read_text())
     assert 0 < result["parameters"] <= 3000
     assert result["settings"]["max_sequence_length"] == 16  # scored on the conditioning it trained on (args.json)
-    pipeline = tuned_pipeline("flux", dit_dirs["flux"])
+    pipeline = tuned_pipeline(kind, dit_dirs[kind])
     before = generate(pipeline)
     pipeline.load_res_tuner(tmp_path / "searched")
     summary = res_tuner_summary(pipeline.transformer)
